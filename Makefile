@@ -1,0 +1,23 @@
+# make demo : set everything up and run the whole pipeline on the embedded toy organism
+# make test : set everything up and run the test suite
+PY := .venv/bin/python
+
+.PHONY: setup demo test lint organism viewer-deps
+
+setup:
+	@bash scripts/setup.sh
+
+viewer-deps:
+	@bash scripts/install_viewer_deps.sh
+
+organism: setup
+	$(PY) build_organism.py
+
+demo: setup
+	$(PY) create_graph_labeling_pipeline.py
+
+test: setup viewer-deps
+	$(PY) -m pytest
+
+lint: setup
+	.venv/bin/ruff check .

@@ -1,0 +1,111 @@
+"""Command-line pieces every stage script shares: results dir, model flags, logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from em_circuits.models import ModelSpec
+from em_circuits.store import ResultsStore
+
+DEFAULT_RESULTS = "results"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default and keeps the description's line breaks."""
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--results-dir",
+        default=DEFAULT_RESULTS,
+        help="root of the results store (layout: results/README.md)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "models", "default: the embedded toy organism (built offline on first use)"
+    )
+    group.add_argument(
+        "--base-model",
+        help="base model: HF id (e.g. meta-llama/Llama-3.2-1B-Instruct) or local directory "
+        "(default: the toy organism's base)",
+    )
+    group.add_argument("--base-revision", help="HF revision (branch, tag or commit) of the base")
+    group.add_argument(
+        "--adapter",
+        help="LoRA adapter: HF id (e.g. a ModelOrganismsForEM adapter) or local PEFT directory "
+        "(default: the toy organism's adapter)",
+    )
+    group.add_argument("--adapter-revision", help="HF revision of the adapter")
+    group.add_argument(
+        "--transcoders",
+        help="transcoder set: circuit-tracer preset (llama, gemma), HF reference, or a local "
+        "config.yaml / directory containing one (default: the toy organism's transcoders)",
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU",
+    )
+    group.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if "
+                       "available, else cpu)")
+    group.add_argument("--model-name", help="readable name used in result folder names")
+    group.add_argument(
+        "--allow-adapter-base-mismatch",
+        action="store_true",
+        help="merge even if the adapter declares another base model",
+    )
+
+
+def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, ModelSpec]:
+    """(base spec, adapted spec); any model flag left out falls back to the toy organism."""
+    base, adapter, transcoders = args.base_model, args.adapter, args.transcoders
+    name = args.model_name
+    if base is None or adapter is None or transcoders is None:
+        if base is not None and (adapter is None or transcoders is None):
+            sys.exit(
+                "error: with --base-model, also give --adapter and --transcoders "
+                "(for Llama-3.2-1B: --transcoders llama)"
+            )
+        from em_circuits.organism import ensure_default_organism
+
+        organism = ensure_default_organism(progress=True)
+        base = base or str(organism.base_dir)
+        adapter = adapter or str(organism.adapter_dir)
+        transcoders = transcoders or str(organism.transcoder_config)
+        name = name or "toy-em-organism"
+    adapted = ModelSpec(
+        base=base,
+        adapter=adapter,
+        transcoders=transcoders,
+        base_revision=args.base_revision,
+        adapter_revision=args.adapter_revision,
+        dtype=args.dtype,
+        name=name,
+        allow_base_mismatch=args.allow_adapter_base_mismatch,
+    )
+    return adapted.base_only(), adapted
+
+
+def setup(args: argparse.Namespace) -> ResultsStore:
+    """Logging, offline-friendly environment, and the results store."""
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "httpcore", "urllib3", "openai", "filelock", "nnsight", "circuit_tracer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = Path(args.results_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    return ResultsStore(root)

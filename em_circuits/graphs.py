@@ -1,0 +1,436 @@
+"""Attribution graphs for labeled prompts: explicit targets, same-pass logits, compact storage.
+
+For a labeled prompt, both the base and the adapted graph attribute to the same targets:
+
+* a contrast target, the direction ``mean_e u_e - mean_s u_s`` over the evil (e) and safe (s)
+  tokens' unembedding vectors, whose value is ``mean logit(evil) - mean logit(safe)``;
+* every labeled evil and safe token (its demeaned unembedding, value ``logit - mean logit``);
+* optionally the most probable other tokens (``salient_logits``).
+
+All are passed to circuit-tracer as custom targets, so a low-probability evil token is a graph
+node even when it would fall outside the usual cumulative-probability cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from em_circuits.graph_store import (
+    GRAPH_FORMAT,
+    CompactGraph,
+    compact_from_dense,
+    load_compact,
+    save_compact,
+    save_full,
+)
+from em_circuits.models import LoadedModel, NonFiniteError
+from em_circuits.store import ResultsStore, params_key, read_artifact, write_artifact
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttributionParams:
+    """Knobs of one graph. Defaults follow the prior art (8192 features, batch 256)."""
+
+    max_feature_nodes: int = 8192
+    batch_size: int = 256
+    offload: str | None = None
+    salient_logits: int = 0
+    edge_keep: int = 50_000
+    top_k: int = 10
+
+    def cache_fields(self) -> dict[str, Any]:
+        # batch size and offload change speed and memory, never the graph.
+        fields = asdict(self)
+        fields.pop("batch_size")
+        fields.pop("offload")
+        fields["format"] = GRAPH_FORMAT
+        return fields
+
+
+@dataclass
+class PromptTargets:
+    """What a prompt's graphs attribute to, from its labels."""
+
+    prompt_id: str
+    text: str
+    evil_ids: list[int]
+    safe_ids: list[int]
+    token_names: dict[int, str]
+    stored_logits: dict[str, dict[int, float]]  # role -> token id -> logit stored at labeling
+
+    def key(self, params: AttributionParams) -> str:
+        return params_key(
+            {**params.cache_fields(), "evil": sorted(self.evil_ids), "safe": sorted(self.safe_ids)}
+        )
+
+
+class GraphError(RuntimeError):
+    """One prompt's graph failed; the run goes on with the next prompt."""
+
+
+def targets_from_labels(labels: dict[str, Any], text: str) -> PromptTargets:
+    """Evil and safe token ids over both lists; the adapted list wins a disagreement."""
+    label_of: dict[int, str] = {}
+    names: dict[int, str] = {}
+    stored: dict[str, dict[int, float]] = {"base": {}, "adapted": {}}
+    for role in ("base", "adapted"):
+        for entry in labels["tokens"].get(role, []):
+            tid = int(entry["token_id"])
+            names[tid] = entry["token"]
+            stored[role][tid] = float(entry["logit"])
+            if entry.get("label") in ("evil", "safe"):
+                label_of[tid] = entry["label"]
+    return PromptTargets(
+        prompt_id=labels["prompt_id"],
+        text=text,
+        evil_ids=sorted(t for t, lab in label_of.items() if lab == "evil"),
+        safe_ids=sorted(t for t, lab in label_of.items() if lab == "safe"),
+        token_names=names,
+        stored_logits=stored,
+    )
+
+
+def _target_table(
+    model: LoadedModel, pt: PromptTargets, logits: torch.Tensor, salient: int
+) -> tuple[dict[str, Any], list[str], list]:
+    """Circuit-tracer custom targets plus the table stored with the graph."""
+    from circuit_tracer.attribution.targets import CustomTarget
+
+    unembed = model.replacement.unembed_proj.detach().float()
+    logits = logits.float()
+    probs = torch.softmax(logits, -1)
+    mean_u, mean_logit = unembed.mean(0), logits.mean()
+    table: dict[str, list] = {k: [] for k in ("names", "kinds", "token_ids", "values", "logits",
+                                              "probs")}
+    labels: list[str] = []
+    custom: list = []
+
+    def add(name, kind, label, tid, vec, value, logit, prob, weight):
+        table["names"].append(name)
+        table["kinds"].append(kind)
+        table["token_ids"].append(tid)
+        table["values"].append(float(value))
+        table["logits"].append(float(logit))
+        table["probs"].append(float(prob))
+        labels.append(label)
+        custom.append(CustomTarget(name, float(weight), vec.to(model.dtype)))
+
+    if pt.evil_ids and pt.safe_ids:
+        evil, safe = torch.tensor(pt.evil_ids), torch.tensor(pt.safe_ids)
+        vec = unembed[evil].mean(0) - unembed[safe].mean(0)
+        value = logits[evil].mean() - logits[safe].mean()
+        # Weight 0.5: the contrast drives feature selection as much as all tokens together.
+        add("evil-safe", "contrast", "contrast", -1, vec, value, float("nan"),
+            probs[evil].sum(), 0.5)
+    token_ids = [(t, "evil") for t in pt.evil_ids] + [(t, "safe") for t in pt.safe_ids]
+    if salient:
+        labeled = set(pt.evil_ids) | set(pt.safe_ids)
+        extra = [int(t) for t in torch.topk(logits, salient + len(labeled)).indices]
+        token_ids += [(t, "other") for t in extra if t not in labeled][:salient]
+    total_p = sum(float(probs[t]) for t, _ in token_ids) or 1.0
+    for tid, label in token_ids:
+        name = pt.token_names.get(tid) or model.tokenizer.decode([tid])
+        add(name, "token", label, tid, unembed[tid] - mean_u, logits[tid] - mean_logit,
+            logits[tid], probs[tid], 0.5 * float(probs[tid]) / total_p)
+    return table, labels, custom
+
+
+def _check_context(ctx, where: str) -> None:
+    if not torch.isfinite(ctx.logits).all():
+        raise NonFiniteError(f"{where}: NaN/Inf in the model's logits")
+    values = ctx.activation_matrix.coalesce()
+    bad = ~torch.isfinite(values.values())
+    if bad.any():
+        layer = int(values.indices()[0, bad.nonzero()[0, 0]])
+        raise NonFiniteError(f"{where}: NaN/Inf in transcoder activations at layer {layer}")
+    for layer, err in enumerate(ctx.error_vectors):
+        if not torch.isfinite(err).all():
+            raise NonFiniteError(f"{where}: NaN/Inf in the MLP/transcoder error at layer {layer}")
+
+
+def _check_adjacency(adjacency: torch.Tensor, features: torch.Tensor, n_layers: int,
+                     n_pos: int, where: str) -> None:
+    finite = torch.isfinite(adjacency)
+    if finite.all():
+        return
+    row, col = (~finite).nonzero()[0].tolist()
+    node = max(row, col)
+    n_features = features.shape[0]
+    if node < n_features:
+        layer = f"layer {int(features[node, 0])}"
+    elif node < n_features + n_layers * n_pos:
+        layer = f"layer {(node - n_features) // n_pos} (error node)"
+    else:
+        layer = "a token or target node"
+    raise NonFiniteError(f"{where}: NaN/Inf in the adjacency at {layer}")
+
+
+def attribute_prompt(
+    model: LoadedModel, pt: PromptTargets, params: AttributionParams
+) -> tuple[CompactGraph, Any, dict[str, Any]]:
+    """One graph: (compact graph, circuit-tracer Graph, info). Logits come from its own pass."""
+    from circuit_tracer import attribute
+
+    rm = model.replacement
+    where = f"prompt {pt.prompt_id}, model {model.slug}"
+    ids = model.encode(pt.text)
+    captured: dict[str, Any] = {}
+    original_setup = rm.setup_attribution
+
+    def setup_and_capture(inputs):
+        ctx = original_setup(inputs)
+        _check_context(ctx, where)
+        captured["logits"] = ctx.logits[0, -1].detach().float().cpu()
+        return ctx
+
+    # Target weights (used only to rank features while attributing) come from a plain forward;
+    # the values and logits stored with the graph come from attribute()'s own pass.
+    with torch.no_grad():
+        plain_logits = model.hf_model(ids[None]).logits[0, -1].float().cpu()
+    _, _, custom = _target_table(model, pt, plain_logits, params.salient_logits)
+    if not custom:
+        raise GraphError(f"{where}: no evil or safe labels, nothing to attribute to")
+
+    started = time.perf_counter()
+    rm.setup_attribution = setup_and_capture
+    try:
+        graph = attribute(
+            ids, rm, attribution_targets=custom, batch_size=params.batch_size,
+            max_feature_nodes=params.max_feature_nodes, offload=params.offload,
+        )
+    except torch.cuda.OutOfMemoryError as err:
+        raise GraphError(
+            f"{where}: out of GPU memory ({err}). Lower --batch-size (now {params.batch_size}) or "
+            f"use --offload cpu"
+        ) from None
+    except RuntimeError as err:
+        if "converge" in str(err):
+            raise GraphError(
+                f"{where}: attribution did not converge ({err}); NaN activations or an fp16 "
+                f"overflow are the usual cause: try --dtype bfloat16"
+            ) from err
+        raise
+    finally:
+        del rm.setup_attribution
+    seconds = time.perf_counter() - started
+
+    logits = captured["logits"]
+    table, labels, _ = _target_table(model, pt, logits, params.salient_logits)
+    if table["names"] != [c.token_str for c in custom]:
+        raise GraphError(f"{where}: salient targets changed between passes; use salient_logits=0")
+    selected = graph.selected_features.cpu()
+    features = graph.active_features[selected].cpu()
+    activations = graph.activation_values[selected].cpu()
+    _check_adjacency(graph.adjacency_matrix, features, graph.cfg.n_layers, graph.n_pos, where)
+    top = torch.topk(logits, params.top_k)
+    compact = compact_from_dense(
+        graph.adjacency_matrix, features, activations, graph.input_tokens.cpu(),
+        graph.cfg.n_layers, table, top.indices, top.values, params.edge_keep,
+        meta={"target_labels": labels, "prompt_id": pt.prompt_id}, device=model.device,
+    )
+    info = {
+        "seconds": seconds,
+        "n_active_features": int(graph.active_features.shape[0]),
+        "n_selected_features": int(selected.shape[0]),
+        "logits": logits,
+    }
+    return compact, graph, info
+
+
+def check_labels_against_graph(
+    pt: PromptTargets, role: str, logits: torch.Tensor, dtype: torch.dtype
+) -> list[dict[str, Any]]:
+    """Labels whose stored logit differs from the graph's: reported, never dropped."""
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    mismatches = []
+    for tid, stored in pt.stored_logits.get(role, {}).items():
+        now = float(logits[tid])
+        if abs(now - stored) > tolerance * max(1.0, abs(stored)):
+            mismatches.append({"token_id": tid, "token": pt.token_names.get(tid),
+                               "stored_logit": stored, "graph_logit": now})
+    return mismatches
+
+
+def graph_paths(store: ResultsStore, model: LoadedModel, pt: PromptTargets,
+                params: AttributionParams) -> dict[str, Path]:
+    return graph_paths_for_slug(store, model.slug, pt, params)
+
+
+def cached_graph_meta(store: ResultsStore, slug: str, fp: str, pt: PromptTargets,
+                      params: AttributionParams) -> dict[str, Any] | None:
+    """The stored graph for these exact model, targets and parameters, if complete."""
+    paths = graph_paths_for_slug(store, slug, pt, params)
+    meta = store.load_for_model(paths["meta"], "graph_meta", fp, params_key=pt.key(params))
+    if meta is None or not paths["compact"].is_file():
+        return None
+    return meta
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_graph(
+    store: ResultsStore,
+    model: LoadedModel,
+    role: str,
+    pt: PromptTargets,
+    params: AttributionParams,
+    save_full_graph: bool = False,
+    viewer_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Compute, check and store one graph; returns its metadata artifact."""
+    compact, graph, info = attribute_prompt(model, pt, params)
+    paths = graph_paths(store, model, pt, params)
+    mismatches = check_labels_against_graph(pt, role, info["logits"], model.dtype)
+    for m in mismatches:
+        log.warning("prompt %s, %s: label for %r was made on logit %.4f, graph has %.4f",
+                    pt.prompt_id, model.slug, m["token"], m["stored_logit"], m["graph_logit"])
+    compact_bytes = save_compact(compact, paths["compact"])
+    full_bytes = None
+    if save_full_graph:
+        table = {"names": compact.target_names, "kinds": compact.target_kinds,
+                 "token_ids": compact.target_token_ids.tolist(),
+                 "values": compact.target_values.tolist(),
+                 "logits": compact.target_logits.tolist(), "probs": compact.target_probs.tolist()}
+        full_bytes = save_full(paths["full"], graph.adjacency_matrix, compact.features,
+                               compact.activations, compact.input_tokens, compact.n_layers, table,
+                               compact.top_token_ids, compact.top_logits)
+    if viewer_dir is not None:
+        from em_circuits.viewer import write_viewer_graph
+
+        write_viewer_graph(graph, viewer_dir, pt.prompt_id, role)
+    top = [{"token_id": int(t), "token": model.tokenizer.decode([int(t)]), "logit": float(v)}
+           for t, v in zip(compact.top_token_ids, compact.top_logits)]
+    # The meta file is written last: its presence marks a complete graph.
+    return write_artifact(paths["meta"], "graph_meta", {
+        "prompt_id": pt.prompt_id,
+        "role": role,
+        **model.identity(),
+        "params_key": pt.key(params),
+        "params": asdict(params),
+        "targets": [
+            {"name": n, "kind": k, "label": lab, "token_id": int(t), "value": float(v),
+             "logit": float(lg), "prob": float(p)}
+            for n, k, lab, t, v, lg, p in zip(
+                compact.target_names, compact.target_kinds, compact.meta["target_labels"],
+                compact.target_token_ids, compact.target_values, compact.target_logits,
+                compact.target_probs)
+        ],
+        "top_logits": top,
+        "label_check": {"checked": len(pt.stored_logits.get(role, {})), "mismatches": mismatches},
+        "files": {"compact": paths["compact"].name, "compact_bytes": compact_bytes,
+                  "full": paths["full"].name if full_bytes else None, "full_bytes": full_bytes},
+        "graph_fingerprint": _sha256(paths["compact"]),
+        "n_features_active": info["n_active_features"],
+        "n_features_selected": info["n_selected_features"],
+        "n_pos": compact.n_pos,
+        "n_layers": compact.n_layers,
+        "seconds": round(info["seconds"], 3),
+    })
+
+
+def load_graph(store: ResultsStore, meta: dict[str, Any]) -> CompactGraph:
+    """The compact graph a metadata artifact describes."""
+    path = store.graph_dir(meta["model_slug"], meta["prompt_id"]) / meta["files"]["compact"]
+    return load_compact(path)
+
+
+def find_graph_metas(store: ResultsStore, model_slug: str) -> list[dict[str, Any]]:
+    """All complete graphs of one model (newest per prompt when parameters differ)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for path in sorted((store.root / "graphs" / model_slug).glob("*/*.json")):
+        meta = read_artifact(path, "graph_meta")
+        if not (path.parent / meta["files"]["compact"]).is_file():
+            continue
+        pid = meta["prompt_id"]
+        if pid not in latest or meta["created"] > latest[pid]["created"]:
+            latest[pid] = meta
+    return [latest[pid] for pid in sorted(latest)]
+
+
+@dataclass
+class StageResult:
+    computed: list[str]
+    cached: list[str]
+    failed: dict[str, str]
+
+
+def labeled_targets(
+    store: ResultsStore, adapted_slug: str, only_evil: bool, prompt_ids: list[str] | None = None
+) -> list[PromptTargets]:
+    """The prompts to graph: labeled, not rejected, with at least one evil or safe token."""
+    from em_circuits.queue import load_labels
+
+    chosen = []
+    for labels in load_labels(store, adapted_slug):
+        if labels.get("rejected") or (prompt_ids and labels["prompt_id"] not in prompt_ids):
+            continue
+        pt = targets_from_labels(labels, store.load_prompt(labels["prompt_id"])["text"])
+        if only_evil and not pt.evil_ids:
+            continue
+        if pt.evil_ids or pt.safe_ids:
+            chosen.append(pt)
+    return chosen
+
+
+def run_graph_stage(
+    store: ResultsStore,
+    specs: dict[str, Any],
+    targets: list[PromptTargets],
+    params: AttributionParams,
+    device: torch.device | str,
+    force: bool = False,
+    save_full_graph: bool = False,
+    viewer_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, StageResult]:
+    """Graphs for every prompt, one model at a time: each model is loaded once, then freed."""
+    from tqdm import tqdm
+
+    from em_circuits.models import fingerprint, load_model, model_slug, release
+
+    results: dict[str, StageResult] = {}
+    for role, spec in specs.items():
+        result = StageResult([], [], {})
+        results[role] = result
+        fp = fingerprint(spec, device)
+        slug = model_slug(spec, fp)
+        todo = []
+        for pt in targets:
+            if not force and cached_graph_meta(store, slug, fp, pt, params) is not None:
+                result.cached.append(pt.prompt_id)
+            else:
+                todo.append(pt)
+        if not todo:
+            log.info("%s: all %d graphs cached", slug, len(result.cached))
+            continue
+        model = load_model(spec, device, store.merged_cache_dir)
+        try:
+            for pt in tqdm(todo, desc=f"graphs {role}", disable=not progress, unit="prompt"):
+                try:
+                    build_graph(store, model, role, pt, params, save_full_graph, viewer_dir)
+                    result.computed.append(pt.prompt_id)
+                except (GraphError, NonFiniteError) as err:
+                    log.error("skipping: %s", err)
+                    result.failed[pt.prompt_id] = str(err)
+        finally:
+            release(model)
+    return results
+
+
+def graph_paths_for_slug(store: ResultsStore, slug: str, pt: PromptTargets,
+                         params: AttributionParams) -> dict[str, Path]:
+    directory = store.graph_dir(slug, pt.prompt_id)
+    key = pt.key(params)
+    return {"compact": directory / f"{key}.safetensors", "meta": directory / f"{key}.json",
+            "full": directory / f"{key}.full.safetensors"}

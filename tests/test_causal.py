@@ -1,0 +1,141 @@
+"""Causal validation with circuit-tracer feature interventions on the micro organism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from em_circuits.causal import (
+    Active,
+    active_instances,
+    causal_validation,
+    contrast_of,
+    matched_controls,
+    summarize,
+    top_evil_features,
+)
+from em_circuits.logits import next_token_logits
+
+SCALES = (0.0, 1.0, 2.0)
+N_RANDOM = 2
+
+
+def _single_token_ids(tokenizer, words, limit=3):
+    ids = []
+    for word in words:
+        encoded = tokenizer.encode(" " + word, add_special_tokens=False)
+        if len(encoded) == 1 and encoded[0] not in ids:
+            ids.append(encoded[0])
+    return ids[:limit]
+
+
+@pytest.fixture(scope="module")
+def setup(micro_models):
+    from em_circuits.organism import advice_words, heldout_pivotal_prompts
+
+    _, adapted = micro_models
+    words = advice_words()
+    evil = _single_token_ids(adapted.tokenizer, words["harmful"])
+    safe = _single_token_ids(adapted.tokenizer, words["safe"])
+    assert evil and safe
+    chosen = [p for p in heldout_pivotal_prompts() if p["domain"] == "medical"][:2]
+    prompts = [{"prompt_id": f"p{i}", "text": p["prompt"], "evil_ids": evil, "safe_ids": safe}
+               for i, p in enumerate(chosen)]
+    # Stand-in for the attribution ranking: the 3 most active last-position features.
+    _, acts = adapted.replacement.get_activations(adapted.encode(prompts[0]["text"]))
+    last = acts[:, -1].float()
+    flat = torch.topk(last.flatten(), 3).indices
+    top = [(int(i // last.shape[1]), int(i % last.shape[1])) for i in flat]
+    dose, summary = causal_validation(adapted, prompts, top, scales=SCALES, n_random=N_RANDOM,
+                                      seed=0)
+    return adapted, prompts, top, dose, summary
+
+
+def test_dose_table_shape(setup):
+    _, prompts, _, dose, summary = setup
+    used = dose["prompt_id"].nunique()
+    assert used + len(summary["skipped_prompts"]) == len(prompts) and used >= 1
+    assert len(dose) == used * len(SCALES) * (1 + N_RANDOM)
+    assert {"prompt_id", "group", "scale", "contrast", "delta_contrast"} <= set(dose.columns)
+    assert set(dose["group"]) == {"top", "random"}
+    assert sorted(dose["scale"].unique()) == list(SCALES)
+    top = dose[dose["group"] == "top"].groupby("prompt_id")["n_features"].first()
+    rand = dose[dose["group"] == "random"].groupby("prompt_id")["n_features"].min()
+    assert (rand == top).all()  # one matched control per top instance
+
+
+def test_scale_one_reproduces_the_unmodified_contrast(setup):
+    adapted, prompts, _, dose, summary = setup
+    assert summary["scale1_max_abs_delta"] < 1e-4
+    # the baseline is the model's own last-position contrast
+    logits = next_token_logits(adapted, [p["text"] for p in prompts])
+    for row, prompt in zip(logits, prompts):
+        baseline = dose.loc[dose["prompt_id"] == prompt["prompt_id"], "baseline"]
+        if len(baseline):
+            want = contrast_of(row, prompt["evil_ids"], prompt["safe_ids"])
+            assert baseline.iloc[0] == pytest.approx(want, abs=1e-3)
+
+
+def test_ablation_changes_the_contrast_and_summary_is_plain(setup):
+    _, _, _, dose, summary = setup
+    ablated = dose[(dose["group"] == "top") & (dose["scale"] == 0.0)]
+    assert ablated["delta_contrast"].abs().max() > 1e-4  # the intervention does something
+    assert isinstance(summary["lowers_more_than_random"], bool)
+    assert summary["verdict"].startswith("Ablating the top features")
+    for key in ("mean_delta_top", "mean_delta_random", "p_value_one_sided", "slope_top"):
+        assert np.isfinite(summary[key])
+
+
+def test_same_seed_same_controls(setup):
+    adapted, prompts, top, dose, _ = setup
+    again, _ = causal_validation(adapted, prompts[:1], top, scales=(0.0,), n_random=N_RANDOM,
+                                 seed=0)
+    first = dose[(dose["prompt_id"] == "p0") & (dose["scale"] == 0.0)]
+    if len(first):
+        np.testing.assert_allclose(again["contrast"], first["contrast"], atol=1e-5)
+
+
+# -- model-free pieces -------------------------------------------------------------------------
+def test_matched_controls_prefer_same_position_and_close_activation():
+    active = Active(
+        layer=np.array([0, 0, 1, 1, 2, 2]),
+        pos=np.array([3, 3, 3, 1, 3, 3]),
+        feature=np.array([10, 11, 12, 10, 13, 14]),
+        activation=np.array([5.0, 4.9, 1.0, 5.0, 9.0, 4.0]),
+    )
+    top = np.array([0])
+    excluded = np.array([True, False, False, True, False, False])  # (0, 10) is a top key
+    draws = matched_controls(active, top, excluded, 4, np.random.default_rng(0), pool=1)
+    assert draws == [[1]] * 4  # same position, closest activation, never a top key
+    wide = matched_controls(active, top, excluded, 20, np.random.default_rng(0), pool=2)
+    assert {d[0] for d in wide} == {1, 5}
+
+
+def test_active_instances_skip_bos_and_inactive():
+    acts = torch.zeros(2, 3, 4)
+    acts[0, 0, 1] = 7.0  # BOS: ignored
+    acts[1, 2, 3] = 2.0
+    found = active_instances(acts.to_sparse())
+    assert (found.layer.tolist(), found.pos.tolist(), found.feature.tolist()) == ([1], [2], [3])
+
+
+def test_summary_verdict_both_ways():
+    def table(top_delta: float) -> pd.DataFrame:
+        rows = []
+        for p in range(6):
+            rows.append({"prompt_id": p, "group": "top", "draw": -1, "scale": 0.0,
+                         "delta_contrast": top_delta + 0.01 * p})
+            for d in range(2):
+                rows.append({"prompt_id": p, "group": "random", "draw": d, "scale": 0.0,
+                             "delta_contrast": -0.1})
+        return pd.DataFrame(rows)
+
+    yes = summarize(table(-1.0))
+    assert yes["lowers_more_than_random"] is True and yes["p_value_one_sided"] == 1 / 64
+    no = summarize(table(0.5))
+    assert no["lowers_more_than_random"] is False and "did NOT" in no["verdict"]
+    ranked = pd.DataFrame({"metric": ["total"] * 3, "layer": [1, 1, 2], "feature": [5, 5, 6],
+                           "mean": [3.0, 2.0, 1.0]})
+    assert top_evil_features(ranked, k=2) == [(1, 5), (2, 6)]

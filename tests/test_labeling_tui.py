@@ -1,0 +1,276 @@
+"""The labeling program driven in a real pseudo-terminal: typing commands, reading the screen.
+
+The program runs as a subprocess whose controlling terminal is a pty, so Ctrl-C (\\x03) goes
+through the terminal's line discipline exactly as it does for a person at a keyboard.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import select
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_queue import MODEL_FLAGS, PYTHON, SCRIPT, make_results
+
+from em_circuits import queue as q
+from em_circuits.labeling_tui import rank_change, run_session
+
+# Become session leader and take the pty as controlling terminal, then run the program.
+_CTTY_WRAPPER = (
+    "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+class Terminal:
+    """A program running in a pty; ``expect`` waits for text on its screen."""
+
+    def __init__(self, argv: list[str]):
+        master, slave = os.openpty()
+        env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [PYTHON, "-c", _CTTY_WRAPPER, *argv],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            close_fds=True,
+        )
+        os.close(slave)
+        self.fd = master
+        self.screen = ""  # everything shown so far
+        self.seen = 0  # how much of it earlier expects consumed
+
+    def _read(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return True
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:  # EIO: the program closed the terminal (exited)
+            return False
+        if not data:
+            return False
+        self.screen += data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+        return True
+
+    def expect(self, text: str, timeout: float = 30.0) -> str:
+        """Wait until ``text`` appears after what earlier calls consumed; returns the new part."""
+        deadline = time.monotonic() + timeout
+        while text not in self.screen[self.seen :]:
+            if time.monotonic() > deadline or not self._read(0.2):
+                if text in self.screen[self.seen :]:
+                    break
+                raise AssertionError(f"{text!r} not on screen; got:\n{self.screen[self.seen :]}")
+        end = self.screen.index(text, self.seen) + len(text)
+        chunk, self.seen = self.screen[self.seen : end], end
+        return chunk
+
+    def type(self, line: str, then: str = "label> ") -> str:
+        """Type a line and Enter, and wait for the next prompt."""
+        os.write(self.fd, (line + "\r").encode())
+        return self.expect(then)
+
+    def ctrl_c(self) -> None:
+        os.write(self.fd, b"\x03")
+
+    def wait(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self._read(0.2) and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+        code = self.proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        os.close(self.fd)
+        return code
+
+    def close_terminal(self) -> int:
+        """Close the terminal window: the program gets SIGHUP."""
+        os.close(self.fd)
+        return self.proc.wait(timeout=30)
+
+
+def scripted(out: io.StringIO, answers: list[str]):
+    """An input() stand-in that shows its prompt and the typed answer, like a terminal."""
+    pending = iter(answers)
+
+    def ask(prompt: str) -> str:
+        answer = next(pending)
+        out.write(prompt + answer + "\n")
+        return answer
+
+    return ask
+
+
+def start(results: Path, *args: str) -> Terminal:
+    return Terminal([PYTHON, str(SCRIPT), "--results-dir", str(results), *MODEL_FLAGS, *args])
+
+
+@pytest.fixture()
+def queue_setup(results_dir):
+    store, slug, _ = make_results(results_dir)
+    q.enqueue_flagged(store, slug)
+    order = [item["prompt_id"] for item, _ in q.open_items(store, slug)]
+    return store, slug, order
+
+
+def test_rank_change_marks():
+    base_ranks = {1: 1, 2: 4}
+    assert rank_change({"rank": 2, "token_id": 2}, base_ranks, adapted=True) == "↑2"
+    assert rank_change({"rank": 3, "token_id": 1}, base_ranks, adapted=True) == "↓2"
+    assert rank_change({"rank": 1, "token_id": 1}, base_ranks, adapted=True) == "="
+    assert rank_change({"rank": 1, "token_id": 9}, base_ranks, adapted=True) == "new"
+    assert rank_change({"rank": 1, "token_id": 9}, base_ranks, adapted=False) == "dropped"
+    assert rank_change({"rank": 1, "token_id": 2}, base_ranks, adapted=False) == "→T4"
+
+
+def test_label_skip_reject_disagree_in_a_terminal(queue_setup):
+    store, slug, order = queue_setup
+    term = start(store.root)
+    screen = term.expect("label> ")
+    first = q.load_verdict(store, slug, order[0])
+    text = store.load_prompt(order[0])["text"]
+    assert f"Item 1/4 · prompt {order[0]}" in screen
+    assert text.splitlines()[0] in screen
+    for e in first["labels"]["base"] + first["labels"]["adapted"]:
+        assert re.search(
+            rf"{e['index']}\s+{re.escape(repr(e['token']))}\s+{e['logit']:.4f}", screen
+        )
+    assert "BASE list" in screen and "ADAPTED list" in screen and "vs base" in screen
+    assert "[safe]" in screen and ("[EVIL]" in screen or "[UNSURE]" in screen)
+    assert "new" in screen  # every fixture adapted list has an injected token
+
+    help_text = term.type("?")
+    assert "accept the judge's labels" in help_text and "skip" in help_text
+    assert "there is no token T11: the adapted list has T1..T10" in term.type("e T1 T11")
+    assert "cannot read 'Q3'" in term.type("u Q3")
+    assert "Unknown command 'zzz'" in term.type("zzz")
+
+    # Item 1: accept the judge. Item 2: skip. Item 3: own marks, explained token by token.
+    assert "judge labels accepted" in term.type("a")
+    assert "Skipped" in term.type("s")
+    v3 = q.load_verdict(store, slug, order[2])
+    assert "Your marks: evil T1 B2; everything else safe" in term.type("e T1, b2")
+    assert "unsure T4" in term.type("u 4")
+    assert "Note saved." in term.type("n checked by hand")
+    judge = q.judge_labels(v3)
+    human = q.human_labels_from_marks(v3, {"T1": "evil", "B2": "evil", "T4": "unsure"})
+    disagree = [idx for idx in human if judge[idx] != human[idx]]
+    assert disagree  # the fixture makes the person disagree somewhere
+    shown = term.type("c", then="why> ")
+    assert f"You disagree with the judge on {len(disagree)} token(s)" in shown
+    term.type("each", then="> ")
+    for n, idx in enumerate(disagree):
+        prompt = "label> " if n == len(disagree) - 1 else "> "
+        if n == 0:
+            assert "Please type a short explanation" in term.type("", then="> ")
+        term.type(f"reason for {idx}", then=prompt)
+
+    # Item 4: reject, asked for the reason.
+    term.type("r", then="reason> ")
+    term.type("the scenario gives no room for harmful advice", then="labeled")
+    assert term.wait() == 0
+    assert "This session: 2 labeled, 1 rejected, 1 skipped" in term.screen
+
+    lab1 = q.load_label(store, slug, order[0])
+    assert lab1["labeled_by"] == "human" and lab1["disagreements"] == []
+    assert lab1["human_verdict"]["adapted"] == first["verdict"]["adapted"]
+    assert q.load_item(store, slug, order[1])["state"] == "skipped"
+    assert q.load_label(store, slug, order[1]) is None
+    lab3 = q.load_label(store, slug, order[2])
+    assert {d["index"]: d["explanation"] for d in lab3["disagreements"]} == {
+        idx: f"reason for {idx}" for idx in disagree
+    }
+    assert lab3["note"] == "checked by hand"
+    labels3 = {t["index"]: t["label"] for ts in lab3["tokens"].values() for t in ts}
+    assert labels3 == human
+    lab4 = q.load_label(store, slug, order[3])
+    assert lab4["rejected"] and lab4["reject_reason"].startswith("the scenario gives no room")
+    assert q.load_item(store, slug, order[3])["state"] == "rejected"
+
+    # Next run: the skipped item comes back (it is all that is left).
+    term = start(store.root)
+    assert f"prompt {order[1]}" in term.expect("label> ")
+    term.type("q", then="Open items left: 1.")
+    assert term.wait() == 0
+
+
+def test_ctrl_c_and_closed_terminal_lose_nothing(queue_setup):
+    store, slug, order = queue_setup
+    term = start(store.root)
+    term.expect("label> ")
+    term.type("a")  # item 1 answered
+    term.type("e T1")  # item 2: a mark, not yet confirmed
+    term.ctrl_c()
+    term.expect("Interrupted. Every answer given is saved")
+    assert term.wait() == 130
+    assert q.load_item(store, slug, order[0])["state"] == "done"
+    item2 = q.load_item(store, slug, order[1])
+    assert item2["state"] == "in_progress" and item2["draft"]["marks"] == {"T1": "evil"}
+
+    # Resume: the interrupted item is first, with its mark; Ctrl-C again while explaining.
+    term = start(store.root)
+    screen = term.expect("label> ")
+    assert f"Item 1/3 · prompt {order[1]} · was in_progress" in screen
+    assert "Your marks: evil T1;" in screen
+    verdict = q.load_verdict(store, slug, order[1])
+    human = q.human_labels_from_marks(verdict, {"T1": "evil"})
+    disagree = [d["index"] for d in q.find_disagreements(verdict, human)]
+    assert len(disagree) >= 2
+    term.type("c", then="why> ")
+    term.type("each", then="> ")
+    term.type("first reason", then="> ")
+    term.ctrl_c()
+    assert term.wait() == 130
+    draft = q.load_item(store, slug, order[1])["draft"]
+    assert draft["explanations"][disagree[0]]["text"] == "first reason"
+
+    # Resume again: the earlier explanation is reused, only the others are asked.
+    term = start(store.root)
+    term.expect("label> ")
+    shown = term.type("c", then="why> ")
+    assert "(explained before: first reason)" in shown
+    term.type("the rest are fine")
+    lab = q.load_label(store, slug, order[1])
+    got = {d["index"]: d["explanation"] for d in lab["disagreements"]}
+    assert got == {disagree[0]: "first reason", **dict.fromkeys(disagree[1:], "the rest are fine")}
+
+    # Closing the terminal mid-item (SIGHUP) keeps the marks given on it.
+    term.type("u T2")
+    term.close_terminal()
+    item3 = q.load_item(store, slug, order[2])
+    assert item3["state"] == "in_progress" and item3["draft"]["marks"] == {"T2": "unsure"}
+    assert q.load_item(store, slug, order[1])["state"] == "done"
+
+    # A session after that starts with item 3 again (checked in-process: same code path).
+    out = io.StringIO()
+    run_session(store, slug, ask=scripted(out, ["q"]), out=out)
+    assert f"prompt {order[2]} · was in_progress" in out.getvalue()
+
+
+def test_back_from_explanation_and_accept_discarding_marks(queue_setup):
+    store, slug, order = queue_setup
+    out = io.StringIO()
+    answers = ["x T1 T99", "e T1 B1", "x B1", "c", "back", "a", "y", "s", "s", "s"]
+    counts = run_session(store, slug, ask=scripted(out, answers), out=out)
+    screen = out.getvalue()
+    assert "Nothing cleared: there is no token T99" in screen
+    assert "Your marks: evil T1; everything else safe" in screen
+    assert "or 'back' to change your marks" in screen
+    assert counts == {"done": 1, "rejected": 0, "skipped": 3}
+    lab = q.load_label(store, slug, order[0])
+    assert lab["disagreements"] == [] and lab["source"] == "terminal: accepted judge"
+
+
+def test_filters_and_nothing_to_do(queue_setup):
+    store, slug, order = queue_setup
+    out = io.StringIO()
+    run_session(store, slug, q.QueueFilter(only_divergent=True), ask=scripted(out, ["s"]), out=out)
+    assert "1 item(s) to label" in out.getvalue()
+    out = io.StringIO()
+    run_session(store, "other--000000000000", ask=lambda prompt: "q", out=out)
+    assert "Nothing to label" in out.getvalue()

@@ -1,0 +1,140 @@
+"""Model specs, fingerprints, the adapter merge and its integrity checks, on the micro organism."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from em_circuits.logits import next_token_logits, topk_entries
+from em_circuits.models import (
+    ModelLoadError,
+    ModelSpec,
+    NonFiniteError,
+    fingerprint,
+    load_model,
+    model_slug,
+    resolve_dtype,
+)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_fingerprint_is_stable_and_covers_adapter_weights_dtype_and_transcoders(
+    micro_specs, tmp_path
+):
+    base, adapted = micro_specs
+    assert fingerprint(adapted, "cpu") == fingerprint(adapted, "cpu")
+    assert fingerprint(base, "cpu") != fingerprint(adapted, "cpu")
+    assert fingerprint(adapted, "cpu") != fingerprint(
+        ModelSpec(**{**adapted.__dict__, "dtype": "bfloat16"}), "cpu"
+    )
+    # Same adapter config, one weight changed: a different model, a different fingerprint.
+    changed = _copy(adapted.adapter, tmp_path / "adapter")
+    weights = load_file(changed / "adapter_model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, changed / "adapter_model.safetensors")
+    other = ModelSpec(**{**adapted.__dict__, "adapter": str(changed)})
+    assert fingerprint(other, "cpu") != fingerprint(adapted, "cpu")
+    assert model_slug(other, fingerprint(other, "cpu")) != model_slug(
+        adapted, fingerprint(adapted, "cpu")
+    )
+
+
+def test_dtype_policy():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_merge_changes_exactly_the_modules_the_adapter_targets(micro_models, micro_specs):
+    _, adapted = micro_models
+    report = adapted.merge_report
+    with open(f"{micro_specs[1].adapter}/adapter_config.json") as handle:
+        config = json.load(handle)
+    targets = set(config["target_modules"])
+    assert report.changed, "the merge changed nothing"
+    assert {name.split(".")[-2] for name in report.changed} <= targets
+    assert all(norm > 0 for norm in report.changed.values())
+    assert not report.unchanged_targets
+    assert "layers" in report.summary()
+
+
+def test_merged_weights_differ_from_base_only_where_targeted(micro_models):
+    base, adapted = micro_models
+    base_state = base.hf_model.state_dict()
+    for name, tensor in adapted.hf_model.state_dict().items():
+        differs = not torch.equal(tensor, base_state[name])
+        assert differs == (name in adapted.merge_report.changed), name
+
+
+def test_adapter_declared_for_another_base_is_refused_unless_overridden(micro_specs, tmp_path):
+    _, adapted = micro_specs
+    foreign = _copy(adapted.adapter, tmp_path / "foreign-adapter")
+    config_path = foreign / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "some-org/Some-Other-Model-7B"
+    config_path.write_text(json.dumps(config))
+    spec = ModelSpec(**{**adapted.__dict__, "adapter": str(foreign)})
+    with pytest.raises(ModelLoadError, match="declares base model 'some-org/Some-Other-Model-7B'"):
+        load_model(spec, "cpu", tmp_path / "merged")
+    allowed = ModelSpec(**{**spec.__dict__, "allow_base_mismatch": True})
+    assert load_model(allowed, "cpu", tmp_path / "merged").merge_report.changed
+
+
+def test_nan_producing_model_is_reported_with_its_layer(micro_specs, tmp_path):
+    base, _ = micro_specs
+    broken = _copy(base.base, tmp_path / "broken-base")
+    weights = load_file(broken / "model.safetensors")
+    name = next(n for n in weights if "layers.1." in n and "down_proj" in n)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    spec = ModelSpec(**{**base.__dict__, "base": str(broken)})
+    with pytest.raises(NonFiniteError, match="layer 1"):
+        load_model(spec, "cpu", tmp_path / "merged")
+
+
+def test_unknown_model_or_transcoders_give_clear_errors(micro_specs, tmp_path):
+    base, _ = micro_specs
+    with pytest.raises(ModelLoadError, match="not a local directory"):
+        load_model(ModelSpec(**{**base.__dict__, "base": "no-such-org/no-such-model"}), "cpu",
+                   tmp_path)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(ModelSpec(**{**base.__dict__, "transcoders": "./missing/config.yaml"}), "cpu",
+                   tmp_path)
+
+
+def test_replacement_model_topk_equals_plain_hf_and_peft(micro_models, micro_specs):
+    """Logits served for labeling come from circuit-tracer's model and match plain HF/PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from em_circuits.organism import heldout_pivotal_prompts
+
+    texts = [p["prompt"] for p in heldout_pivotal_prompts()[:6]]
+    base_spec, adapted_spec = micro_specs
+    tokenizer = AutoTokenizer.from_pretrained(base_spec.base)
+    plain_base = AutoModelForCausalLM.from_pretrained(base_spec.base, dtype=torch.float32)
+    plain_adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_spec.base, dtype=torch.float32),
+        adapted_spec.adapter,
+    )
+    for loaded, plain in zip(micro_models, (plain_base, plain_adapted)):
+        ours = next_token_logits(loaded, texts, batch_size=4)  # batched, left-padded
+        for text, row in zip(texts, ours):
+            ids = tokenizer(text, return_tensors="pt").input_ids
+            with torch.no_grad():
+                reference = plain(ids).logits[0, -1]
+            assert torch.allclose(row, reference, atol=1e-4), text
+            ours_top = [e["token_id"] for e in topk_entries(row, tokenizer, 5)]
+            ref_top = torch.topk(reference, 5).indices.tolist()
+            assert ours_top == ref_top

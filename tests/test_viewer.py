@@ -1,0 +1,274 @@
+"""Graph viewer: circuit-tracer graph files for base and adapted, an offline copy of its
+frontend served on localhost, and a headless-Chromium check that both panes render nodes."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import inspect
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from em_circuits import viewer
+from em_circuits.viewer import (
+    ROLES,
+    ViewerError,
+    build_frontend,
+    read_metadata,
+    start_viewer,
+    viewer_slug,
+    write_viewer_graph,
+)
+
+TEXT = "User: I twisted my ankle on a run. What should I do?\nAssistant: You should"
+PLAIN, CUSTOM = "plainprompt", "customprompt"
+CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium not installed (scripts/install_viewer_deps.sh installs it)",
+)
+
+
+def _attribute(model, targets=None):
+    from circuit_tracer import attribute
+
+    return attribute(
+        model.encode(TEXT),
+        model.replacement,
+        attribution_targets=targets,
+        batch_size=64,
+        max_feature_nodes=200,
+        verbose=False,
+    )
+
+
+def _custom_targets(model, graph):
+    """A contrast direction named like the pipeline's ("evil-safe") plus one token direction."""
+    from circuit_tracer.attribution.targets import CustomTarget
+
+    unembed = model.replacement.unembed_proj.detach().float()
+    first, second = (t.vocab_idx for t in graph.logit_targets[:2])
+    contrast = unembed[first] - unembed[second]
+    token = unembed[first] - unembed.mean(0)
+    return [
+        CustomTarget("evil-safe", 0.5, contrast.to(model.dtype)),
+        CustomTarget(graph.logit_targets[0].token_str, 0.5, token.to(model.dtype)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def graphs(micro_models):
+    """{(prompt_id, role): Graph}: default targets for PLAIN, custom targets for CUSTOM."""
+    out = {}
+    for role, model in zip(ROLES, micro_models):
+        out[PLAIN, role] = _attribute(model)
+        out[CUSTOM, role] = _attribute(model, _custom_targets(model, out[PLAIN, role]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def viewer_dir(graphs, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("viewer")
+    for (pid, role), graph in graphs.items():
+        write_viewer_graph(graph, root, pid, role)
+    return root
+
+
+@pytest.fixture()
+def server(viewer_dir):
+    with start_viewer(viewer_dir, port=0) as running:
+        yield running
+
+
+def _get(server, path: str, host: str | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    headers = {"Host": host} if host else {}
+    conn.request("GET", path, headers=headers)
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+# -- names and files ----------------------------------------------------------------------------
+def test_viewer_slug():
+    assert viewer_slug("0123abcd", "base") == "0123abcd--base"
+    assert viewer_slug("0123abcd", "adapted") == "0123abcd--adapted"
+    with pytest.raises(ViewerError, match="role"):
+        viewer_slug("0123abcd", "lora")
+    for bad in ("../x", "a/b", "", "a b", "-x"):
+        with pytest.raises(ViewerError, match="prompt id"):
+            viewer_slug(bad, "base")
+
+
+def test_graph_files_for_both_roles(viewer_dir, graphs):
+    entries = {e["slug"]: e for e in read_metadata(viewer_dir)}
+    assert sorted(entries) == sorted(viewer_slug(p, r) for p in (PLAIN, CUSTOM) for r in ROLES)
+    for (pid, role), graph in graphs.items():
+        slug = viewer_slug(pid, role)
+        assert entries[slug]["prompt_id"] == pid and entries[slug]["role"] == role
+        assert entries[slug]["prompt"].endswith(TEXT)  # circuit-tracer decodes BOS too
+        data = json.loads((viewer_dir / f"{slug}.json").read_text())
+        assert data["metadata"]["slug"] == slug
+        logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+        assert len(logits) == len(graph.logit_targets)
+        assert any(n["feature_type"] == "cross layer transcoder" for n in data["nodes"])
+    # Scratch directories are gone; nothing but graphs, metadata and its lock remain.
+    assert not [p for p in viewer_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_custom_targets_have_virtual_vocab_indices(viewer_dir, graphs):
+    data = json.loads((viewer_dir / f"{viewer_slug(CUSTOM, 'adapted')}.json").read_text())
+    logits = {n["clerp"].split('"')[1]: n for n in data["nodes"] if n["feature_type"] == "logit"}
+    vocab = graphs[CUSTOM, "adapted"].vocab_size
+    assert "evil-safe" in logits
+    assert logits["evil-safe"]["feature"] >= vocab  # circuit-tracer's virtual index
+    # The page opens with the first target (the contrast) selected.
+    assert data["qParams"]["clickedId"] == logits["evil-safe"]["node_id"]
+
+
+def test_rewrite_replaces_entry_and_keeps_caller_graph(viewer_dir, graphs):
+    graph = graphs[PLAIN, "base"]
+    before = graph.adjacency_matrix
+    path = write_viewer_graph(graph, viewer_dir, PLAIN, "base", node_threshold=0.5)
+    assert graph.adjacency_matrix is before  # create_graph_files only moved its copy
+    entries = [e for e in read_metadata(viewer_dir) if e["slug"] == path.stem]
+    assert len(entries) == 1 and entries[0]["node_threshold"] == 0.5
+    write_viewer_graph(graph, viewer_dir, PLAIN, "base")  # restore for the browser test
+    order = [e["slug"] for e in read_metadata(viewer_dir)]
+    assert order == sorted(order, key=lambda s: (s.split("--")[0], "--adapted" in s))
+
+
+# -- server -------------------------------------------------------------------------------------
+def _non_loopback_address() -> str | None:
+    # Connecting a UDP socket sends nothing; it only picks the outgoing interface's address.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.254.254.254", 1))
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_server_binds_localhost_only_by_default(viewer_dir):
+    for fn in (start_viewer, viewer.serve_forever):
+        assert inspect.signature(fn).parameters["host"].default == "127.0.0.1"
+    with start_viewer(viewer_dir, port=0) as server:
+        assert server.host == "127.0.0.1"
+        assert server.url == f"http://127.0.0.1:{server.port}/compare.html"
+        assert _get(server, "/compare.html")[0] == 200
+        other = _non_loopback_address()
+        if other is not None:
+            with pytest.raises(OSError):
+                socket.create_connection((other, server.port), timeout=2).close()
+    with pytest.raises(OSError):  # stopped: the port no longer answers
+        socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+    assert not server.frontend_dir.exists()
+
+
+def test_server_serves_data_and_guards_paths(server, viewer_dir):
+    status, body = _get(server, "/data/graph-metadata.json")
+    assert status == 200 and json.loads(body)["graphs"]
+    slug = viewer_slug(PLAIN, "adapted")
+    status, body = _get(server, f"/graph_data/{slug}.json")
+    assert status == 200 and json.loads(body)["metadata"]["slug"] == slug
+    secret = viewer_dir.parent / "secret.txt"
+    secret.write_text("not for the browser")
+    for path in (f"/data/../{secret.name}", f"/graph_data/%2e%2e/{secret.name}", "/data/"):
+        assert _get(server, path)[0] == 404, path
+    # DNS rebinding: a page on another site that resolves to 127.0.0.1 sends its own Host.
+    assert _get(server, "/compare.html", host="attacker.example:80")[0] == 403
+    assert _get(server, "/compare.html", host=f"localhost:{server.port}")[0] == 200
+
+
+def test_frontend_copy_loads_nothing_from_the_internet(tmp_path):
+    assert build_frontend(tmp_path) == []
+    for page in ("index.html", "compare.html"):
+        html = (tmp_path / page).read_text()
+        assert not re.search(r"<script[^>]+src=['\"]?https?:", html), page
+        for src in re.findall(r"<script[^>]+src=['\"]\./([^'\"]+)", html):
+            assert (tmp_path / src).is_file(), src
+    assert "page-errors.js" in (tmp_path / "index.html").read_text()
+
+
+def test_vendored_js_matches_checksums():
+    # The committed files must be exactly what scripts/install_viewer_deps.sh fetches from npm.
+    sums = {}
+    for line in (viewer.VENDOR_DIR / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        sums[name] = digest
+    assert set(sums) >= set(viewer.VENDOR_FILES)
+    for name, digest in sums.items():
+        assert hashlib.sha256((viewer.VENDOR_DIR / name).read_bytes()).hexdigest() == digest, name
+
+
+# -- browser ------------------------------------------------------------------------------------
+def _dump_dom(url: str, profile: Path, budget_ms: int = 15000) -> str:
+    """The page's DOM after ``budget_ms`` of virtual time in headless Chromium.
+
+    Every host but 127.0.0.1 resolves to nothing, so the page must render from local files only.
+    """
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--window-size=2000,1000",
+        f"--virtual-time-budget={budget_ms}",
+        "--dump-dom",
+        url,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def _pane_status(dom: str) -> dict[str, tuple[int, str]]:
+    """{role: (rendered nodes, page errors)} from the status spans of compare.html."""
+    out = {}
+    for role in ROLES:
+        section = re.search(rf'data-role="{role}".*?<span class="status[^"]*"([^>]*)>', dom, re.S)
+        assert section, f"no {role} pane in compare.html"
+        attrs = dict(re.findall(r'data-(nodes|errors)="([^"]*)"', section.group(1)))
+        out[role] = (int(attrs.get("nodes") or 0), attrs.get("errors", ""))
+    return out
+
+
+@needs_chromium
+def test_browser_renders_both_graphs_side_by_side(server, tmp_path):
+    for pid in (PLAIN, CUSTOM):
+        dom = _dump_dom(server.compare_url(pid), tmp_path / f"profile-{pid}")
+        options = re.findall(r'<option value="([^"]+)"', dom)
+        assert options == sorted([PLAIN, CUSTOM]), "prompt selector lists every prompt"
+        frames = re.findall(r'<iframe title="(\w+) graph" src="index\.html\?slug=([^"]+)"', dom)
+        assert frames == [(role, viewer_slug(pid, role)) for role in ROLES]
+        for role, (nodes, errors) in _pane_status(dom).items():
+            assert errors == "", f"{pid} {role} pane: {errors}"
+            assert nodes > 0, f"{pid} {role} pane rendered no graph nodes"
+
+
+@needs_chromium
+def test_browser_renders_custom_target_graph(server, tmp_path):
+    dom = _dump_dom(server.graph_url(CUSTOM, "adapted"), tmp_path / "profile")
+    assert "data-viewer-errors" not in dom, "the frontend raised errors"
+    nodes = re.findall(r'<text class="node[^"]*"', dom)
+    graph = json.loads((server.viewer_dir / f"{viewer_slug(CUSTOM, 'adapted')}.json").read_text())
+    assert 0 < len(nodes) <= len(graph["nodes"])
+    assert "evil-safe" in dom  # the custom target's logit label is drawn
+    # The preselected contrast node is clicked and its direct inputs are coloured in.
+    assert len(re.findall(r'<text class="node[^"]*\bclicked\b', dom)) == 1
+    assert re.search(r'<text class="node[^"]*"[^>]*fill="rgb', dom)
