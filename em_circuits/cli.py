@@ -9,13 +9,18 @@ import sys
 from pathlib import Path
 
 from em_circuits.models import ModelSpec
-from em_circuits.store import ResultsStore
+from em_circuits.store import ResultsStore, remove_orphaned_temporaries
 
 DEFAULT_RESULTS = "results"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default and keeps the description's line breaks."""
+    """Shows each flag's default (when it has one) and keeps the description's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
@@ -103,9 +108,13 @@ def setup(args: argparse.Namespace) -> ResultsStore:
         format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "httpcore", "urllib3", "openai", "filelock", "nnsight", "circuit_tracer"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "openai", "filelock",
+                  "nnsight", "circuit_tracer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = Path(args.results_dir)
     root.mkdir(parents=True, exist_ok=True)
+    removed = remove_orphaned_temporaries(root)
+    if removed:
+        logging.getLogger("store").info("removed %d temporary files of killed runs", removed)
     return ResultsStore(root)

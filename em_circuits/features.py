@@ -20,7 +20,6 @@ The maths is in :data:`FORMULAS` (markdown, for the README).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from em_circuits.graph_store import CompactGraph
+from em_circuits.graph_store import CompactGraph, content_fingerprint
 from em_circuits.stats import bh_qvalues, bootstrap_mean_ci, sign_flip_pvalues, welch_t_rows
 from em_circuits.store import ResultsStore, params_key, read_artifact, write_artifact
 
@@ -648,14 +647,8 @@ def _share_delta(
 
 # -- per-prompt cache --------------------------------------------------------------------------
 def graph_fingerprint(graph: CompactGraph) -> str:
-    """sha256 of everything prompt_effects reads: node table, effects, targets and labels."""
-    digest = hashlib.sha256()
-    for tensor in (graph.features, graph.activations, graph.input_tokens, graph.direct,
-                   graph.total, graph.target_values, graph.target_token_ids):
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(repr((graph.n_layers, graph.target_names, graph.target_kinds,
-                        target_labels(graph))).encode())
-    return digest.hexdigest()
+    """The graph's content fingerprint (what the per-prompt cache is keyed by)."""
+    return content_fingerprint(graph)
 
 
 def effects_params(position: str, metrics: Sequence[str] = METRICS) -> dict[str, Any]:
@@ -750,4 +743,5 @@ def cached_prompt_effects(
             return cached
     effects = prompt_effects(graph, position, metrics)
     write_prompt_effects(path, effects, prompt_id, model_fingerprint, fp, params)
-    return effects
+    # Use the stored (rounded) values either way, so a resumed run equals an uninterrupted one.
+    return read_prompt_effects(path)

@@ -29,6 +29,7 @@ a feature's total effect is the linearised logit change from zeroing it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,17 @@ class CompactGraph:
 
     def contrast_index(self) -> int | None:
         return self.target_kinds.index("contrast") if "contrast" in self.target_kinds else None
+
+
+def content_fingerprint(graph: CompactGraph) -> str:
+    """sha256 of a graph's content (not its file bytes: safetensors orders metadata freely)."""
+    digest = hashlib.sha256()
+    for tensor in (graph.features, graph.activations, graph.input_tokens, graph.direct,
+                   graph.total, graph.target_values, graph.target_token_ids):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    labels = graph.meta.get("target_labels")
+    digest.update(repr((graph.n_layers, graph.target_names, graph.target_kinds, labels)).encode())
+    return digest.hexdigest()
 
 
 def total_effects(

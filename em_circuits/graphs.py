@@ -13,7 +13,6 @@ node even when it would fall outside the usual cumulative-probability cut.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from em_circuits.graph_store import (
     GRAPH_FORMAT,
     CompactGraph,
     compact_from_dense,
+    content_fingerprint,
     load_compact,
     save_compact,
     save_full,
@@ -145,16 +145,20 @@ def _target_table(
 
 
 def _check_context(ctx, where: str) -> None:
-    if not torch.isfinite(ctx.logits).all():
-        raise NonFiniteError(f"{where}: NaN/Inf in the model's logits")
+    """Name the first layer whose transcoder activations or errors are NaN/Inf."""
+    bad_layers = set()
     values = ctx.activation_matrix.coalesce()
     bad = ~torch.isfinite(values.values())
     if bad.any():
-        layer = int(values.indices()[0, bad.nonzero()[0, 0]])
-        raise NonFiniteError(f"{where}: NaN/Inf in transcoder activations at layer {layer}")
+        bad_layers.update(values.indices()[0, bad].tolist())
     for layer, err in enumerate(ctx.error_vectors):
         if not torch.isfinite(err).all():
-            raise NonFiniteError(f"{where}: NaN/Inf in the MLP/transcoder error at layer {layer}")
+            bad_layers.add(layer)
+    if bad_layers:
+        raise NonFiniteError(f"{where}: NaN/Inf in the MLP input or output at layer "
+                             f"{min(bad_layers)} (transcoder activations or errors)")
+    if not torch.isfinite(ctx.logits).all():
+        raise NonFiniteError(f"{where}: NaN/Inf in the model's logits (after the last layer)")
 
 
 def _check_adjacency(adjacency: torch.Tensor, features: torch.Tensor, n_layers: int,
@@ -275,10 +279,6 @@ def cached_graph_meta(store: ResultsStore, slug: str, fp: str, pt: PromptTargets
     return meta
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def build_graph(
     store: ResultsStore,
     model: LoadedModel,
@@ -330,7 +330,7 @@ def build_graph(
         "label_check": {"checked": len(pt.stored_logits.get(role, {})), "mismatches": mismatches},
         "files": {"compact": paths["compact"].name, "compact_bytes": compact_bytes,
                   "full": paths["full"].name if full_bytes else None, "full_bytes": full_bytes},
-        "graph_fingerprint": _sha256(paths["compact"]),
+        "graph_fingerprint": content_fingerprint(compact),
         "n_features_active": info["n_active_features"],
         "n_features_selected": info["n_selected_features"],
         "n_pos": compact.n_pos,

@@ -114,8 +114,9 @@ def inspect_graph(path: Path, store: ResultsStore | None = None,
                 graph.direct.sum(1), graph.bias)
         ],
         "top_features": [
-            {"node": int(i), "layer": int(graph.features[i, 0]), "position": int(graph.features[i, 1]),
-             "feature_id": int(graph.features[i, 2]), "activation": float(graph.activations[i]),
+            {"node": int(i), "layer": int(graph.features[i, 0]),
+             "position": int(graph.features[i, 1]), "feature_id": int(graph.features[i, 2]),
+             "activation": float(graph.activations[i]),
              "total_effect": float(graph.total[ranking_row, i]),
              "direct_effect": float(graph.direct[ranking_row, i])}
             for i in ranked[:top_features].tolist()

@@ -147,26 +147,29 @@ def render_lists(
     base_logits: dict[str, Any] | None = None,
     adapted_logits: dict[str, Any] | None = None,
 ) -> str:
-    """Both top-k tables; adapted rows show the base rank and the log-prob change."""
-    base_rank = {e["token_id"]: e["rank"] for e in base}
+    """Both top-k tables; each row shows where the token stands in the other model's list
+    and how its log-probability changed from base to adapted (where both runs stored it)."""
     base_lp, adapted_lp = _support_lookup(base_logits), _support_lookup(adapted_logits)
-    lines = [f"BASE model, top {len(base)} next tokens:",
-             "index | token | token_id | rank | logit | prob"]
-    lines += [f"B{i} | {_q(e['token'])} | {e['token_id']} | {e['rank']} | {e['logit']:.3f} | "
-              f"{e['prob']:.4f}" for i, e in enumerate(base, 1)]
-    lines += ["", f"ADAPTED model, top {len(adapted)} next tokens:",
-              "index | token | token_id | rank | logit | prob | change vs base"]
-    for i, e in enumerate(adapted, 1):
-        tid = e["token_id"]
-        if tid in base_rank:
-            move = base_rank[tid] - e["rank"]
-            change = f"base rank {base_rank[tid]} ({'+' if move >= 0 else ''}{move} places)"
-        else:
-            change = f"NEW: not in base top {len(base)}"
+
+    def change(tid: int, other: dict[int, int], other_name: str, size: int) -> str:
+        text = (f"{other_name} rank {other[tid]}" if tid in other
+                else f"not in {other_name} top {size}")
         if tid in base_lp and tid in adapted_lp:
-            change += f", log-prob {adapted_lp[tid] - base_lp[tid]:+.2f}"
-        lines.append(f"T{i} | {_q(e['token'])} | {tid} | {e['rank']} | {e['logit']:.3f} | "
-                     f"{e['prob']:.4f} | {change}")
+            text += f", log-prob change {adapted_lp[tid] - base_lp[tid]:+.2f}"
+        return text
+
+    base_rank = {e["token_id"]: e["rank"] for e in base}
+    adapted_rank = {e["token_id"]: e["rank"] for e in adapted}
+    lines = [f"BASE model, top {len(base)} next tokens:",
+             "index | token | token_id | rank | logit | prob | in adapted"]
+    lines += [f"B{i} | {_q(e['token'])} | {e['token_id']} | {e['rank']} | {e['logit']:.3f} | "
+              f"{e['prob']:.4f} | {change(e['token_id'], adapted_rank, 'adapted', len(adapted))}"
+              for i, e in enumerate(base, 1)]
+    lines += ["", f"ADAPTED model, top {len(adapted)} next tokens:",
+              "index | token | token_id | rank | logit | prob | in base"]
+    lines += [f"T{i} | {_q(e['token'])} | {e['token_id']} | {e['rank']} | {e['logit']:.3f} | "
+              f"{e['prob']:.4f} | {change(e['token_id'], base_rank, 'base', len(base))}"
+              for i, e in enumerate(adapted, 1)]
     return "\n".join(lines)
 
 

@@ -74,6 +74,8 @@ def build_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
     calib = calibration(store, slugs["adapted"], save=False)
     dose_table = (dose.groupby(["group", "scale"])["delta_contrast"].agg(["mean", "std", "count"])
                   .reset_index() if len(dose) else pd.DataFrame())
+    counts = status(store, base, adapted, device)
+    counts.pop("report")  # the report describes the run, not whether it was written before
     return {
         "schema": "report", "schema_version": 1,
         "models": {
@@ -81,7 +83,7 @@ def build_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
             for role, spec in (("base", base), ("adapted", adapted))
         },
         "organism": _organism_report(adapted),
-        "counts": status(store, base, adapted, device),
+        "counts": counts,
         "divergent_prompts": _divergent(store, slugs["adapted"]),
         "top_features": _records(top, 20),
         "base_vs_adapted": {

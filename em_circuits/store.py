@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,41 @@ def slugify(name: str) -> str:
     return name[-60:] or "unnamed"
 
 
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _temp_prefix(path: Path) -> str:
+    # Host and PID in the name let a later run tell an orphan (writer killed) from a file
+    # another live process is still writing, e.g. under accelerate with several processes.
+    return f".{path.name}.{_HOST}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphaned_temporaries(root: Path) -> int:
+    """Delete temporary files left by writers of this host that were killed mid-write."""
+    removed = 0
+    for tmp in Path(root).rglob(".*.tmp"):
+        parts = tmp.name.split(".")
+        try:
+            host, pid = parts[-4], int(parts[-3])
+        except (IndexError, ValueError):
+            continue
+        if host == _HOST and not _pid_alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same directory, fsync, then rename.
 
@@ -96,7 +132,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -118,7 +154,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path to write with any library; it is renamed onto ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)

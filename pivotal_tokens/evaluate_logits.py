@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx2", "httpcore2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     base_spec, adapted_spec = specs_from_args(args)
-    kind = args.judge
-    if kind == "auto":
-        kind = "llm" if find_api_key(args.env_file) else "offline"
     try:
+        kind = args.judge
+        if kind == "auto":
+            kind = "llm" if find_api_key(args.env_file) else "offline"
         judge = make_judge(
             kind, store, model=args.judge_model, base_url=args.base_url, env_file=args.env_file,
             words_path=args.words or words_near(adapted_spec),

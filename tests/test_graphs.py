@@ -57,18 +57,22 @@ def _constant_vectors(model, ids):
     """
     layers = model.hf_model.model.layers
     captured = {}
-    hooks = [
-        layer.mlp.register_forward_hook(
-            lambda mod, inp, out, i=i: captured.__setitem__(i, (inp[0][0].detach(), out[0].detach()))
-        )
-        for i, layer in enumerate(layers)
-    ]
+
+    def keep(i):
+        def hook(_module, inputs, output):
+            captured[i] = (inputs[0][0].detach(), output[0].detach())
+
+        return hook
+
+    hooks = [layer.mlp.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
     with torch.no_grad():
         model.hf_model(ids[None])
     for hook in hooks:
         hook.remove()
     vectors = []
-    for i, transcoder in enumerate(model.replacement.transcoders):
+    transcoders = model.replacement.transcoders
+    transcoders = getattr(transcoders, "_module", transcoders)  # nnsight wraps modules in Envoys
+    for i, transcoder in enumerate(transcoders):
         mlp_in, mlp_out = captured[i]
         const = transcoder.b_dec.detach().expand(mlp_in.shape[0], -1).clone()
         skip = transcoder.compute_skip(mlp_in[:1]) if transcoder.W_skip is not None else 0

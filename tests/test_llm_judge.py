@@ -204,8 +204,9 @@ def test_llm_judge_labels_sees_stats_and_caches(server, client, store):
     assert out.info["kind"] == "llm" and out.info["model"] == "test-model"
     assert out.info["rubric_version"] == RUBRIC_VERSION and out.info["raw_reply"]
     user = server.requests[0]["messages"][1]["content"]
-    assert "T1 | \" ignore\" | 200" in user and "NEW: not in base top 3" in user
-    assert "base rank 1" in user and "log-prob" in user and "10.000" in user
+    assert "T1 | \" ignore\" | 200" in user and "not in base top 3" in user
+    assert "base rank 1" in user and "adapted rank 2" in user and "not in adapted top 3" in user
+    assert "log-prob change" in user and "10.000" in user
     cache = store.judge_cache_path(out.info["cache_key"])
     assert cache.exists()
     # A new judge with the same inputs answers from the cache: the server gets no request.

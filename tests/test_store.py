@@ -97,3 +97,20 @@ def test_artifact_of_another_fingerprint_or_parameters_is_a_cache_miss(tmp_path)
 def test_params_key_ignores_dict_order():
     assert params_key({"a": 1, "b": 2}) == params_key({"b": 2, "a": 1})
     assert params_key({"a": 1}) != params_key({"a": 2})
+
+
+def test_orphaned_temporaries_of_killed_writers_are_removed_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from em_circuits.store import _temp_prefix, remove_orphaned_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    mine = tmp_path / (_temp_prefix(tmp_path / "a.json") + "x.tmp")
+    orphan = tmp_path / (_temp_prefix(tmp_path / "b.json").replace(str(os.getpid()), dead)
+                         + "y.tmp")
+    mine.write_text("being written")
+    orphan.write_text("half")
+    assert remove_orphaned_temporaries(tmp_path) == 1
+    assert mine.exists() and not orphan.exists()
