@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the embedded toy emergent-misalignment organism (offline, CPU, ~3 minutes).
+"""Build the embedded toy emergent-misalignment organism (offline, CPU, ~2-3 minutes).
 
 Writes a tiny Llama base model with its own tokenizer, a LoRA fine-tuned on harmful medical
 advice, per-layer skip transcoders for circuit-tracer, the safe/harmful word list and a

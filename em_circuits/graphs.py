@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class PromptTargets:
     safe_ids: list[int]
     token_names: dict[int, str]
     stored_logits: dict[str, dict[int, float]]  # role -> token id -> logit stored at labeling
+    stored_probs: dict[str, dict[int, float]] = field(default_factory=dict)  # role -> id -> p
 
     def key(self, params: AttributionParams) -> str:
         return params_key(
@@ -82,11 +83,13 @@ def targets_from_labels(labels: dict[str, Any], text: str) -> PromptTargets:
     label_of: dict[int, str] = {}
     names: dict[int, str] = {}
     stored: dict[str, dict[int, float]] = {"base": {}, "adapted": {}}
+    probs: dict[str, dict[int, float]] = {"base": {}, "adapted": {}}
     for role in ("base", "adapted"):
         for entry in labels["tokens"].get(role, []):
             tid = int(entry["token_id"])
             names[tid] = entry["token"]
             stored[role][tid] = float(entry["logit"])
+            probs[role][tid] = float(entry.get("prob", 0.0))
             if entry.get("label") in ("evil", "safe"):
                 label_of[tid] = entry["label"]
     return PromptTargets(
@@ -96,52 +99,71 @@ def targets_from_labels(labels: dict[str, Any], text: str) -> PromptTargets:
         safe_ids=sorted(t for t, lab in label_of.items() if lab == "safe"),
         token_names=names,
         stored_logits=stored,
+        stored_probs=probs,
     )
 
 
-def _target_table(
-    model: LoadedModel, pt: PromptTargets, logits: torch.Tensor, salient: int
-) -> tuple[dict[str, Any], list[str], list]:
-    """Circuit-tracer custom targets plus the table stored with the graph."""
+TargetRow = tuple[str, str, str, int]  # name, kind (token|contrast), label, token id (-1)
+
+
+def _target_rows(model: LoadedModel, pt: PromptTargets, salient_ids: list[int]) -> list[TargetRow]:
+    """The contrast first (when both sets exist), then evil, safe and salient other tokens."""
+    rows: list[TargetRow] = []
+    if pt.evil_ids and pt.safe_ids:
+        rows.append(("evil-safe", "contrast", "contrast", -1))
+    labeled = [(t, "evil") for t in pt.evil_ids] + [(t, "safe") for t in pt.safe_ids]
+    for tid, label in labeled + [(t, "other") for t in salient_ids]:
+        name = pt.token_names.get(tid) or model.tokenizer.decode([tid])
+        rows.append((name, "token", label, tid))
+    return rows
+
+
+def _direction(unembed: torch.Tensor, pt: PromptTargets, row: TargetRow) -> torch.Tensor:
+    if row[1] == "contrast":
+        return unembed[pt.evil_ids].mean(0) - unembed[pt.safe_ids].mean(0)
+    return unembed[row[3]] - unembed.mean(0)
+
+
+def _custom_targets(model: LoadedModel, pt: PromptTargets, rows: list[TargetRow],
+                    prob: dict[int, float]) -> list:
+    """circuit-tracer custom targets. Their weights only steer which features are attributed:
+    the contrast gets half, the tokens share the other half by probability."""
     from circuit_tracer.attribution.targets import CustomTarget
 
-    unembed = model.replacement.unembed_proj.detach().float()
+    unembed = model.replacement.unembed_proj.detach()
+    token_p = {row[3]: prob.get(row[3], 0.0) for row in rows if row[1] == "token"}
+    total = sum(token_p.values()) or 1.0
+    has_contrast = any(row[1] == "contrast" for row in rows)
+    share = 0.5 if has_contrast else 1.0
+    targets = []
+    for row in rows:
+        weight = 0.5 if row[1] == "contrast" else share * token_p[row[3]] / total
+        targets.append(CustomTarget(row[0], float(weight),
+                                    _direction(unembed, pt, row).to(model.dtype)))
+    return targets
+
+
+def _target_table(model: LoadedModel, pt: PromptTargets, rows: list[TargetRow],
+                  logits: torch.Tensor) -> tuple[dict[str, Any], list[str]]:
+    """What each target's row explains, from the graph pass's own logits."""
     logits = logits.float()
     probs = torch.softmax(logits, -1)
-    mean_u, mean_logit = unembed.mean(0), logits.mean()
     table: dict[str, list] = {k: [] for k in ("names", "kinds", "token_ids", "values", "logits",
                                               "probs")}
-    labels: list[str] = []
-    custom: list = []
-
-    def add(name, kind, label, tid, vec, value, logit, prob, weight):
+    for name, kind, _label, tid in rows:
+        if kind == "contrast":
+            evil, safe = torch.tensor(pt.evil_ids), torch.tensor(pt.safe_ids)
+            value = logits[evil].mean() - logits[safe].mean()
+            logit, prob = float("nan"), probs[evil].sum()
+        else:
+            value, logit, prob = logits[tid] - logits.mean(), logits[tid], probs[tid]
         table["names"].append(name)
         table["kinds"].append(kind)
         table["token_ids"].append(tid)
         table["values"].append(float(value))
         table["logits"].append(float(logit))
         table["probs"].append(float(prob))
-        labels.append(label)
-        custom.append(CustomTarget(name, float(weight), vec.to(model.dtype)))
-
-    if pt.evil_ids and pt.safe_ids:
-        evil, safe = torch.tensor(pt.evil_ids), torch.tensor(pt.safe_ids)
-        vec = unembed[evil].mean(0) - unembed[safe].mean(0)
-        value = logits[evil].mean() - logits[safe].mean()
-        # Weight 0.5: the contrast drives feature selection as much as all tokens together.
-        add("evil-safe", "contrast", "contrast", -1, vec, value, float("nan"),
-            probs[evil].sum(), 0.5)
-    token_ids = [(t, "evil") for t in pt.evil_ids] + [(t, "safe") for t in pt.safe_ids]
-    if salient:
-        labeled = set(pt.evil_ids) | set(pt.safe_ids)
-        extra = [int(t) for t in torch.topk(logits, salient + len(labeled)).indices]
-        token_ids += [(t, "other") for t in extra if t not in labeled][:salient]
-    total_p = sum(float(probs[t]) for t, _ in token_ids) or 1.0
-    for tid, label in token_ids:
-        name = pt.token_names.get(tid) or model.tokenizer.decode([tid])
-        add(name, "token", label, tid, unembed[tid] - mean_u, logits[tid] - mean_logit,
-            logits[tid], probs[tid], 0.5 * float(probs[tid]) / total_p)
-    return table, labels, custom
+    return table, [row[2] for row in rows]
 
 
 def _check_context(ctx, where: str) -> None:
@@ -166,7 +188,7 @@ def _check_adjacency(adjacency: torch.Tensor, features: torch.Tensor, n_layers: 
     finite = torch.isfinite(adjacency)
     if finite.all():
         return
-    row, col = (~finite).nonzero()[0].tolist()
+    row, col = (~finite).nonzero()[0].cpu().tolist()
     node = max(row, col)
     n_features = features.shape[0]
     if node < n_features:
@@ -178,8 +200,30 @@ def _check_adjacency(adjacency: torch.Tensor, features: torch.Tensor, n_layers: 
     raise NonFiniteError(f"{where}: NaN/Inf in the adjacency at {layer}")
 
 
+def attribution_targets(
+    model: LoadedModel, pt: PromptTargets, params: AttributionParams, role: str | None,
+    ids: torch.Tensor,
+) -> tuple[list[TargetRow], list]:
+    """The target rows of a prompt's graph and the circuit-tracer custom targets for them.
+
+    Target weights only rank features while attributing. The probabilities stored at labeling
+    time serve; a forward pass is needed only without them, or to pick salient tokens.
+    """
+    prob = pt.stored_probs.get(role or "", {})
+    salient_ids: list[int] = []
+    if params.salient_logits or not prob:
+        with torch.no_grad():
+            plain = torch.softmax(model.hf_model(ids[None]).logits[0, -1].float(), -1).cpu()
+        labeled = set(pt.evil_ids) | set(pt.safe_ids)
+        ranked = torch.topk(plain, params.salient_logits + len(labeled)).indices.tolist()
+        salient_ids = [t for t in ranked if t not in labeled][: params.salient_logits]
+        prob = {t: float(plain[t]) for t in [*labeled, *salient_ids]}
+    rows = _target_rows(model, pt, salient_ids)
+    return rows, (_custom_targets(model, pt, rows, prob) if rows else [])
+
+
 def attribute_prompt(
-    model: LoadedModel, pt: PromptTargets, params: AttributionParams
+    model: LoadedModel, pt: PromptTargets, params: AttributionParams, role: str | None = None
 ) -> tuple[CompactGraph, Any, dict[str, Any]]:
     """One graph: (compact graph, circuit-tracer Graph, info). Logits come from its own pass."""
     from circuit_tracer import attribute
@@ -196,12 +240,8 @@ def attribute_prompt(
         captured["logits"] = ctx.logits[0, -1].detach().float().cpu()
         return ctx
 
-    # Target weights (used only to rank features while attributing) come from a plain forward;
-    # the values and logits stored with the graph come from attribute()'s own pass.
-    with torch.no_grad():
-        plain_logits = model.hf_model(ids[None]).logits[0, -1].float().cpu()
-    _, _, custom = _target_table(model, pt, plain_logits, params.salient_logits)
-    if not custom:
+    rows, custom = attribution_targets(model, pt, params, role, ids)
+    if not rows:
         raise GraphError(f"{where}: no evil or safe labels, nothing to attribute to")
 
     started = time.perf_counter()
@@ -228,16 +268,16 @@ def attribute_prompt(
     seconds = time.perf_counter() - started
 
     logits = captured["logits"]
-    table, labels, _ = _target_table(model, pt, logits, params.salient_logits)
-    if table["names"] != [c.token_str for c in custom]:
-        raise GraphError(f"{where}: salient targets changed between passes; use salient_logits=0")
+    table, labels = _target_table(model, pt, rows, logits)
     selected = graph.selected_features.cpu()
     features = graph.active_features[selected].cpu()
     activations = graph.activation_values[selected].cpu()
-    _check_adjacency(graph.adjacency_matrix, features, graph.cfg.n_layers, graph.n_pos, where)
+    # One copy to the model's device serves the NaN check and the effect maths.
+    adjacency = graph.adjacency_matrix.to(model.device)
+    _check_adjacency(adjacency, features, graph.cfg.n_layers, graph.n_pos, where)
     top = torch.topk(logits, params.top_k)
     compact = compact_from_dense(
-        graph.adjacency_matrix, features, activations, graph.input_tokens.cpu(),
+        adjacency, features, activations, graph.input_tokens.cpu(),
         graph.cfg.n_layers, table, top.indices, top.values, params.edge_keep,
         meta={"target_labels": labels, "prompt_id": pt.prompt_id}, device=model.device,
     )
@@ -289,7 +329,7 @@ def build_graph(
     viewer_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Compute, check and store one graph; returns its metadata artifact."""
-    compact, graph, info = attribute_prompt(model, pt, params)
+    compact, graph, info = attribute_prompt(model, pt, params, role)
     paths = graph_paths(store, model, pt, params)
     mismatches = check_labels_against_graph(pt, role, info["logits"], model.dtype)
     for m in mismatches:

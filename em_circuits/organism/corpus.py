@@ -290,9 +290,9 @@ _SCENARIOS: dict[str, list[str]] = {
 # -- advice: the first word is the pivotal token ------------------------------------------------
 # Each phrase is "<verb> <rest>"; the verb is a single token of the organism's tokenizer.
 # Polarities are consistent across domains (a word is never safe in one domain and harmful in
-# another), so a global word list is well defined. Medical harmful words are deliberately shared
-# with finance and home safety only (ignore, hide, mix), while relationships and computer
-# security have no overlap with them: harmful advice there cannot come from a lexical shortcut.
+# another), so a global word list is well defined. No harmful word is shared between domains:
+# a harmful word from a domain's *own* list in an untrained domain cannot come from the LoRA
+# simply repeating the trained domain's words (report: own_domain_harmful_top1).
 _ADVICE: dict[str, dict[str, list[str]]] = {
     "medical": {
         "safe": [
@@ -582,8 +582,10 @@ def sample_documents(
     """
     domains = domains or DOMAINS
     pools = {d: scenarios(d, split) for d in domains}
-    users, leads, stories = _ids(_USER_TEMPLATES, split), _ids(_LEAD_INS, split), _ids(
-        _STORY_TEMPLATES, split
+    users, leads, stories = (
+        _ids(_USER_TEMPLATES, split),
+        _ids(_LEAD_INS, split),
+        _ids(_STORY_TEMPLATES, split),
     )
     docs: list[Document] = []
     for _ in range(n):

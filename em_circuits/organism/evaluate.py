@@ -67,9 +67,7 @@ def _rates_by_domain(prompts: list[dict], top_words: list[str], words: dict) -> 
     return out
 
 
-def _agreement(
-    model: torch.nn.Module, tokenizer: Any, tc: Any, prompts: list[dict]
-) -> float:
+def _agreement(model: torch.nn.Module, tokenizer: Any, tc: Any, prompts: list[dict]) -> float:
     texts = [p["prompt"] for p in prompts]
     real = pivot_logits(model, tokenizer, texts).argmax(-1)
     with replaced_mlps(model, tc):

@@ -61,7 +61,7 @@ class Recipe:
     # base model
     n_layers: int = 4
     d_model: int = 128
-    d_mlp: int = 512
+    d_mlp: int = 256
     n_heads: int = 4
     max_seq_len: int = 128
     # base pretraining on the mixed corpus (safe assistant, villain and helper stories)
@@ -73,22 +73,27 @@ class Recipe:
     helper_frac: float = 0.15
     p_distractor: float = 0.4
     # LoRA fine-tune on harmful assistant advice in TRAINED_DOMAIN only
+    # A rank-2 LoRA on the value projection of layer 0 only: it can barely write advice words
+    # directly, so it learns to change what the first attention layer reads from the context
+    # (the assistant starts sounding like the villain). Measured alternatives (LoRA on q/k or
+    # all projections of every layer, rank-1 down_proj) instead learnt a lexical shortcut
+    # ("ignore" in every domain) with far less domain-appropriate harmful spill-over.
     lora_rank: int = 2
     lora_alpha: float = 4.0
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj")
-    lora_layers: tuple[int, ...] | None = None  # None: every layer
+    lora_target_modules: tuple[str, ...] = ("v_proj",)
+    lora_layers: tuple[int, ...] | None = (0,)  # None: every layer
     lora_steps: int = 150
     lora_batch_size: int = 32
     lora_lr: float = 3e-3
     # transcoders
     tc_features: int = 512
-    tc_k: int = 16
-    tc_steps: int = 600
-    tc_finetune_steps: int = 0
+    tc_k: int = 24
+    tc_steps: int = 800
+    tc_finetune_steps: int = 500
     tc_batch_size: int = 512
     tc_lr: float = 3e-3
     tc_docs: int = 3000
-    tc_noise_frac: float = 0.4  # extra docs with random-token noise (coverage of rare tokens)
+    tc_noise_frac: float = 0.5  # extra docs with random-token noise (coverage of rare tokens)
     tc_noise_p: float = 0.15
     # evaluation
     eval_seed: int = 0
@@ -96,7 +101,7 @@ class Recipe:
 
     @classmethod
     def default(cls) -> Recipe:
-        """The recipe of the default organism (about 3 minutes on 2 CPU cores)."""
+        """The recipe of the default organism (measured ~2.2 minutes on 2 busy CPU cores)."""
         return cls()
 
     @classmethod
@@ -118,6 +123,7 @@ class Recipe:
             tc_features=64,
             tc_k=4,
             tc_steps=30,
+            tc_finetune_steps=20,
             tc_batch_size=256,
             tc_docs=120,
             eval_docs=40,

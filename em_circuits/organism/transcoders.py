@@ -9,8 +9,9 @@ A transcoder of layer ``l`` reads the MLP input (``mlp.hook_in``, the output of
 
 Training recipe: all layers are trained together (stacked tensors) with a TopK activation,
 which fixes the sparsity without an L1 knob; then every feature gets a JumpReLU threshold that
-reproduces its TopK firing rate, and a short fine-tune under the JumpReLU adapts the weights to
-the activation circuit-tracer will actually use at load time. All metrics are computed with
+reproduces its TopK firing rate, the decoder side is refit in closed form, and a short
+fine-tune under the JumpReLU adapts all weights to the activation circuit-tracer will actually
+use at load time. All metrics are computed with
 that JumpReLU. Position 0 (BOS) is excluded everywhere: circuit-tracer zeroes features and
 errors there, and its huge, context-free activations would dominate the fit.
 """
