@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     report = run_pipeline(store, base, adapted, cfg)
-    print(f"\nreport: {report}\n        {report.with_suffix('.json')}")
+    if report is not None:  # None on the non-main processes of a multi-process launch
+        print(f"\nreport: {report}\n        {report.with_suffix('.json')}")
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from em_circuits.distributed import current_shard
 from em_circuits.judge import JudgeError, JudgeOutcome, verdict_of
 from em_circuits.logits import divergence, next_token_logits, support, topk_entries
 from em_circuits.models import LoadedModel, ModelSpec, fingerprint, load_model, model_slug, release
@@ -284,6 +285,19 @@ def evaluate(
                     store.root / "prompts")
         return summary
     opts = {"device": device, "k": k, "batch_size": batch_size, "force": force, "loader": loader}
+    shard = current_shard()
+    if shard.count > 1:
+        # Under accelerate launch every process computes its share of the logits; then the
+        # main process alone reads them all back (no model loaded) and runs the judge.
+        mine = shard.take(records)
+        logits_for_spec(base_spec, store, mine, **opts)
+        logits_for_spec(adapted_spec, store, mine, **opts)
+        shard.wait()
+        if not shard.is_main:
+            log.info("process %d: logits for %d prompts done; the main process judges",
+                     shard.index, len(mine))
+            return summary
+        opts["force"] = False
     summary.base = logits_for_spec(base_spec, store, records, **opts)
     summary.adapted = logits_for_spec(adapted_spec, store, records, **opts)
     judge_all(store, records, summary, judge, force=force)

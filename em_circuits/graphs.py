@@ -434,11 +434,18 @@ def run_graph_stage(
     viewer_dir: Path | None = None,
     progress: bool = True,
 ) -> dict[str, StageResult]:
-    """Graphs for every prompt, one model at a time: each model is loaded once, then freed."""
+    """Graphs for every prompt, one model at a time: each model is loaded once, then freed.
+
+    Under ``accelerate launch`` each process takes every n-th prompt and the call returns when
+    all processes are done; each result then lists that process's prompts only.
+    """
     from tqdm import tqdm
 
+    from em_circuits.distributed import current_shard
     from em_circuits.models import fingerprint, load_model, model_slug, release
 
+    shard = current_shard()
+    targets = shard.take(targets)
     results: dict[str, StageResult] = {}
     for role, spec in specs.items():
         result = StageResult([], [], {})
@@ -465,6 +472,7 @@ def run_graph_stage(
                     result.failed[pt.prompt_id] = str(err)
         finally:
             release(model)
+    shard.wait()
     return results
 
 

@@ -85,7 +85,10 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The GPU of this process (its local rank under a launcher), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return torch.device("cpu")
 
 
 # -- locating weights -------------------------------------------------------------------------
@@ -424,6 +427,20 @@ class LoadedModel:
         }
 
 
+def _merged_once(spec: ModelSpec, weights_dir: Path, dtype: torch.dtype) -> MergeReport:
+    """The cached merge, made by whichever process gets the lock first (others wait)."""
+    import fcntl
+
+    weights_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(weights_dir.parent / f".{weights_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (weights_dir / "merge_report.json").is_file():
+            return load_merge_report(weights_dir)
+        log.info("merging adapter %s onto %s (once; cached in %s)", spec.adapter, spec.base,
+                 weights_dir)
+        return merge_adapter(spec, weights_dir, dtype)
+
+
 def merged_model_dir(spec: ModelSpec, cache_root: Path, device: torch.device | str) -> Path:
     fp = fingerprint(spec, device)
     return Path(cache_root) / model_slug(spec, fp)
@@ -454,12 +471,7 @@ def load_model(
         weights_dir = resolve_model_dir(spec.base, spec.base_revision, "base model")
     else:
         weights_dir = Path(merged_cache) / slug
-        if (weights_dir / "merge_report.json").is_file():
-            report = load_merge_report(weights_dir)
-        else:
-            log.info("merging adapter %s onto %s (once; cached in %s)", spec.adapter, spec.base,
-                     weights_dir)
-            report = merge_adapter(spec, weights_dir, dtype)
+        report = _merged_once(spec, weights_dir, dtype)
         log.info("%s: %s", spec.display_name, report.summary())
         for warning in report.warnings:
             log.warning("%s: %s", spec.display_name, warning)

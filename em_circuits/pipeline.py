@@ -131,22 +131,34 @@ def run_graphs(store: ResultsStore, base: ModelSpec, adapted: ModelSpec, adapted
 
 
 def run_pipeline(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
-                 cfg: PipelineConfig) -> Path:
-    """Every stage in order; returns the report's path."""
+                 cfg: PipelineConfig) -> Path | None:
+    """Every stage in order; returns the report's path (None on non-main processes).
+
+    Under ``accelerate launch`` the logits and graph stages are split across processes; the
+    prompts, judge, labels, analysis and report run on the main process while the others wait.
+    """
     from em_circuits.analysis import run_analysis
+    from em_circuits.distributed import current_shard
     from em_circuits.report import write_report
 
+    shard = current_shard()
     device = str(cfg.device or default_device())
     cfg.device = device
     adapted_slug = model_slug(adapted, fingerprint(adapted, device))
     with stage("prompts"):
-        run_prompts(store, adapted, cfg)
+        if shard.is_main:
+            run_prompts(store, adapted, cfg)
+        shard.wait()
     with stage("logits"):
         run_logits(store, base, adapted, cfg)
     with stage("labels"):
-        run_labels(store, adapted_slug, cfg)
+        if shard.is_main:
+            run_labels(store, adapted_slug, cfg)
+        shard.wait()
     with stage("graphs"):
         run_graphs(store, base, adapted, adapted_slug, cfg, device)
+    if not shard.is_main:
+        return None
     with stage("features"):
         run_analysis(store, base, adapted, cfg.analysis, device, progress=cfg.progress)
     with stage("report"):

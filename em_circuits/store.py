@@ -30,6 +30,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -173,6 +174,17 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _finite_json(value: Any) -> Any:
+    """NaN/Inf become null: JSON has no such numbers, and jq or a browser can't read them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
 def write_artifact(path: Path, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
     """Validate and atomically write one JSON artifact; returns the full envelope."""
     if kind not in ARTIFACT_KEYS:
@@ -182,7 +194,8 @@ def write_artifact(path: Path, kind: str, payload: dict[str, Any]) -> dict[str, 
     missing = [key for key in ARTIFACT_KEYS[kind] if key not in envelope]
     if missing:
         raise ValueError(f"{kind} artifact for {path} lacks {missing}")
-    text = json.dumps(envelope, indent=1, ensure_ascii=False, default=_json_default)
+    text = json.dumps(_finite_json(envelope), indent=1, ensure_ascii=False, default=_json_default,
+                      allow_nan=False)
     atomic_write_text(path, text + "\n")
     return envelope
 
