@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="top evil features to intervene on (0 = no causal check)")
     parser.add_argument("--scales", type=float, nargs="+", default=[0, 0.5, 1, 1.5, 2, 3],
                         help="activation multipliers of the dose-response (0 = ablation)")
-    parser.add_argument("--n-random", type=int, default=5,
+    parser.add_argument("--n-random", type=int, default=3,
                         help="random matched-activation control draws per prompt")
+    parser.add_argument("--causal-prompts", type=int, default=20,
+                        help="prompts (by id order) the interventions run on")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap, permutations, controls")
     args = parser.parse_args(argv)
     store = setup(args)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         position=args.position, min_support=args.min_support, absent=args.absent,
         n_boot=args.n_boot, n_perm=args.n_perm, compare_threshold=args.threshold,
         causal_top_k=args.causal_top_k, scales=tuple(args.scales), n_random=args.n_random,
-        seed=args.seed,
+        causal_prompts=args.causal_prompts, seed=args.seed,
     )
     summary = run_analysis(store, base, adapted, params, str(args.device or default_device()))
     counts = summary["prompts"]

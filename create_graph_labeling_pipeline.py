@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="top evil features intervened on (0 skips the causal check)")
     a.add_argument("--scales", type=float, nargs="+", default=[0, 0.5, 1, 1.5, 2, 3],
                    help="activation multipliers of the causal dose-response (0 = ablation)")
-    a.add_argument("--n-random", type=int, default=5,
+    a.add_argument("--n-random", type=int, default=3,
                    help="random matched-activation control draws per prompt")
+    a.add_argument("--causal-prompts", type=int, default=20,
+                   help="prompts (by id order) the interventions run on")
     a.add_argument("--seed", type=int, default=0, help="prompt sampling, bootstrap, controls")
     args = parser.parse_args(argv)
     store = setup(args)
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                                 offload=None if args.offload == "none" else args.offload),
         analysis=AnalysisParams(position=args.position, min_support=args.min_support,
                                 causal_top_k=args.causal_top_k, scales=tuple(args.scales),
-                                n_random=args.n_random, seed=args.seed),
+                                n_random=args.n_random, causal_prompts=args.causal_prompts,
+                                seed=args.seed),
         device=args.device,
         seed=args.seed,
     )

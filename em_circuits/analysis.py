@@ -35,7 +35,8 @@ class AnalysisParams:
     compare_threshold: float = 0.05
     causal_top_k: int = 5
     scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
-    n_random: int = 5
+    n_random: int = 3
+    causal_prompts: int = 20
     seed: int = 0
 
 
@@ -89,6 +90,7 @@ def run_causal(store: ResultsStore, adapted: ModelSpec, directory: Path,
 
     key = params_key({"fp": fingerprint(adapted, device), "top": top, "prompts": sorted(metas),
                       "scales": params.scales, "n_random": params.n_random, "seed": params.seed,
+                      "n_prompts": params.causal_prompts,
                       "position": params.position})
     summary_path = directory / "causal_summary.json"
     if summary_path.is_file() and (directory / "dose_response.csv").is_file():
@@ -98,7 +100,8 @@ def run_causal(store: ResultsStore, adapted: ModelSpec, directory: Path,
     model = load_model(adapted, device, store.merged_cache_dir)
     try:
         dose, summary = causal_validation(
-            model, _causal_prompts(store, metas), top, scales=params.scales,
+            model, _causal_prompts(store, metas)[: params.causal_prompts], top,
+            scales=params.scales,
             n_random=params.n_random, seed=params.seed, position=params.position,
         )
     finally:
