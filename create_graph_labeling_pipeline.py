@@ -24,7 +24,16 @@ import json
 import sys
 from pathlib import Path
 
-from em_circuits.cli import add_model_args, make_parser, setup, specs_from_args
+from em_circuits.cli import (
+    add_analysis_args,
+    add_graph_args,
+    add_model_args,
+    analysis_params,
+    graph_params,
+    make_parser,
+    setup,
+    specs_from_args,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,29 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--labels-file", type=Path, help="CSV/JSONL labels for --labels import")
     g.add_argument("--all-labeled", action="store_true",
                    help="graph every labeled prompt, not only those with evil tokens")
-    a = parser.add_argument_group("graphs and analysis")
-    a.add_argument("--max-feature-nodes", type=int, default=8192, help="per graph")
-    a.add_argument("--batch-size", type=int, default=256, help="attribution batch size")
-    a.add_argument("--offload", choices=["none", "cpu", "disk"], default="none",
-                   help="offload idle model parts during attribution")
-    a.add_argument("--position", default="any",
-                   help="feature identity: any (sum over positions), last, or rel:-k")
-    a.add_argument("--min-support", type=int, default=2,
-                   help="prompts a feature must appear in to be ranked")
-    a.add_argument("--causal-top-k", type=int, default=5,
-                   help="top evil features intervened on (0 skips the causal check)")
-    a.add_argument("--scales", type=float, nargs="+", default=[0, 0.5, 1, 1.5, 2, 3],
-                   help="activation multipliers of the causal dose-response (0 = ablation)")
-    a.add_argument("--n-random", type=int, default=3,
-                   help="random matched-activation control draws per prompt")
-    a.add_argument("--causal-prompts", type=int, default=20,
-                   help="prompts (by id order) the interventions run on")
-    a.add_argument("--seed", type=int, default=0, help="prompt sampling, bootstrap, controls")
+    add_graph_args(parser)
+    add_analysis_args(parser)
     args = parser.parse_args(argv)
     store = setup(args)
 
-    from em_circuits.analysis import AnalysisParams
-    from em_circuits.graphs import AttributionParams
     from em_circuits.pipeline import PipelineConfig, format_status, run_pipeline, status
 
     base, adapted = specs_from_args(args)
@@ -91,13 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         labels=args.labels,
         labels_file=args.labels_file,
         only_evil=not args.all_labeled,
-        graph=AttributionParams(max_feature_nodes=args.max_feature_nodes,
-                                batch_size=args.batch_size,
-                                offload=None if args.offload == "none" else args.offload),
-        analysis=AnalysisParams(position=args.position, min_support=args.min_support,
-                                causal_top_k=args.causal_top_k, scales=tuple(args.scales),
-                                n_random=args.n_random, causal_prompts=args.causal_prompts,
-                                seed=args.seed),
+        graph=graph_params(args),
+        analysis=analysis_params(args),
         device=args.device,
         seed=args.seed,
     )

@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import sys
 
-from em_circuits.cli import add_model_args, make_parser, setup, specs_from_args
+from em_circuits.cli import (
+    add_graph_args,
+    add_model_args,
+    graph_params,
+    make_parser,
+    setup,
+    specs_from_args,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,16 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("prompt_ids", nargs="*", help="only these prompt ids (default: all)")
     parser.add_argument("--only-evil", action="store_true",
                         help="only prompts with at least one token labeled evil")
-    parser.add_argument("--max-feature-nodes", type=int, default=8192,
-                        help="most feature nodes kept per graph (circuit-tracer)")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="source nodes per backward pass; lower it on out-of-memory")
-    parser.add_argument("--offload", choices=["none", "cpu", "disk"], default="none",
-                        help="move idle model parts off the GPU during attribution")
-    parser.add_argument("--salient-logits", type=int, default=0,
-                        help="also attribute to this many most probable unlabeled tokens")
-    parser.add_argument("--edge-keep", type=int, default=50_000,
-                        help="strongest edges kept (fp16) in the compact file for inspection")
+    add_graph_args(parser)
     parser.add_argument("--force", action="store_true", help="recompute cached graphs")
     parser.add_argument("--save-full", action="store_true",
                         help="also store the dense adjacency (large: ~290 MB at 1B scale)")
@@ -50,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     store = setup(args)
 
-    from em_circuits.graphs import AttributionParams, labeled_targets, run_graph_stage
+    from em_circuits.graphs import labeled_targets, run_graph_stage
     from em_circuits.models import default_device, fingerprint, model_slug
 
     base_spec, adapted_spec = specs_from_args(args)
@@ -62,13 +60,7 @@ def main(argv: list[str] | None = None) -> int:
               f"pivotal_tokens/evaluate_logits.py and process_manual_queue.py first",
               file=sys.stderr)
         return 1
-    params = AttributionParams(
-        max_feature_nodes=args.max_feature_nodes,
-        batch_size=args.batch_size,
-        offload=None if args.offload == "none" else args.offload,
-        salient_logits=args.salient_logits,
-        edge_keep=args.edge_keep,
-    )
+    params = graph_params(args)
     viewer_dir = None if args.no_viewer else store.root / "viewer" / adapted_slug
     results = run_graph_stage(
         store, {"base": base_spec, "adapted": adapted_spec}, targets, params, device,

@@ -834,18 +834,10 @@ class Bench:
         for pt in w.prompts[1: 1 + self.args.analysis_graphs]:
             if rows and not self.budget_allows(2 * self.graph_s() + 10, "(d)", notes):
                 break
-            (compact, graph, _info), _ = measure(
+            (compact, graph, info), _ = measure(
                 lambda pt=pt: attribute_prompt(base, pt, self.params))
-            table = {"names": compact.target_names, "kinds": compact.target_kinds,
-                     "token_ids": compact.target_token_ids.tolist(),
-                     "values": compact.target_values.tolist(),
-                     "logits": compact.target_logits.tolist(),
-                     "probs": compact.target_probs.tolist()}
-            _, m_total = measure(lambda graph=graph, compact=compact, table=table: (
-                compact_from_dense(
-                    graph.adjacency_matrix, compact.features, compact.activations,
-                    compact.input_tokens, compact.n_layers, table, compact.top_token_ids,
-                    compact.top_logits, self.params.edge_keep, device=base.device)))
+            _, m_total = measure(lambda info=info: compact_from_dense(
+                info["dense"], self.params.edge_keep, device=base.device))
             save_compact(compact, path)
             _, m_an = measure(lambda: analyse(load_compact(path)))
             _, m_prune = measure(lambda graph=graph: prune_graph(graph))

@@ -118,3 +118,68 @@ def setup(args: argparse.Namespace) -> ResultsStore:
     if removed:
         logging.getLogger("store").info("removed %d temporary files of killed runs", removed)
     return ResultsStore(root)
+
+
+def add_graph_args(parser: argparse.ArgumentParser) -> None:
+    """Attribution flags, shared by generate_graphs.py and the pipeline."""
+    g = parser.add_argument_group("attribution graphs")
+    g.add_argument("--max-feature-nodes", type=int, default=8192,
+                   help="most feature nodes kept per graph (circuit-tracer)")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="source nodes per backward pass; lower it on out-of-memory")
+    g.add_argument("--offload", choices=["none", "cpu", "disk"], default="none",
+                   help="move idle model parts off the GPU during attribution")
+    g.add_argument("--salient-logits", type=int, default=0,
+                   help="also attribute to this many most probable unlabeled tokens")
+    g.add_argument("--edge-keep", type=int, default=50_000,
+                   help="strongest edges kept (fp16) in the compact file for inspection")
+
+
+def graph_params(args: argparse.Namespace):
+    from em_circuits.graphs import AttributionParams
+
+    return AttributionParams(
+        max_feature_nodes=args.max_feature_nodes,
+        batch_size=args.batch_size,
+        offload=None if args.offload == "none" else args.offload,
+        salient_logits=args.salient_logits,
+        edge_keep=args.edge_keep,
+    )
+
+
+def add_analysis_args(parser: argparse.ArgumentParser) -> None:
+    """Feature-analysis flags, shared by analyze_evil_features.py and the pipeline."""
+    a = parser.add_argument_group("feature analysis")
+    a.add_argument("--position", default="any",
+                   help="feature identity: any (summed over positions), last, or rel:-k "
+                   "(k-th position from the end); features are never matched by graph index")
+    a.add_argument("--min-support", type=int, default=2,
+                   help="prompts a feature must appear in to be ranked")
+    a.add_argument("--absent", choices=["zero", "missing"], default="zero",
+                   help="a feature absent from a prompt's graph counts as 0, or is left out")
+    a.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for CIs")
+    a.add_argument("--n-perm", type=int, default=9999,
+                   help="sign-flip permutations (exact up to 12 prompts)")
+    a.add_argument("--threshold", type=float, default=0.05,
+                   help="|adapted - base| mean contrast effect that counts as a change")
+    a.add_argument("--causal-top-k", type=int, default=5,
+                   help="top evil features to intervene on (0 = no causal check)")
+    a.add_argument("--scales", type=float, nargs="+", default=[0, 0.5, 1, 1.5, 2, 3],
+                   help="activation multipliers of the dose-response (0 = ablation)")
+    a.add_argument("--n-random", type=int, default=3,
+                   help="random matched-activation control draws per prompt")
+    a.add_argument("--causal-prompts", type=int, default=20,
+                   help="prompts (by id order) the interventions run on")
+    a.add_argument("--seed", type=int, default=0,
+                   help="prompt sampling, bootstrap, permutations, controls")
+
+
+def analysis_params(args: argparse.Namespace):
+    from em_circuits.analysis import AnalysisParams
+
+    return AnalysisParams(
+        position=args.position, min_support=args.min_support, absent=args.absent,
+        n_boot=args.n_boot, n_perm=args.n_perm, compare_threshold=args.threshold,
+        causal_top_k=args.causal_top_k, scales=tuple(args.scales), n_random=args.n_random,
+        causal_prompts=args.causal_prompts, seed=args.seed,
+    )

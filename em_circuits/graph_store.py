@@ -231,43 +231,53 @@ def load_compact(path: Path) -> CompactGraph:
     )
 
 
+@dataclass
+class DenseGraph:
+    """What a CompactGraph is made from: circuit-tracer's dense adjacency, the selected
+    features, and the target table (lists ``names``, ``kinds``, ``token_ids``, ``values``,
+    ``logits``, ``probs``) with the graph pass's own top logits."""
+
+    adjacency: torch.Tensor
+    features: torch.Tensor
+    activations: torch.Tensor
+    input_tokens: torch.Tensor
+    n_layers: int
+    targets: dict[str, Any]
+    top_token_ids: torch.Tensor
+    top_logits: torch.Tensor
+
+
 def compact_from_dense(
-    adjacency: torch.Tensor,
-    features: torch.Tensor,
-    activations: torch.Tensor,
-    input_tokens: torch.Tensor,
-    n_layers: int,
-    targets: dict[str, Any],
-    top_token_ids: torch.Tensor,
-    top_logits: torch.Tensor,
+    dense: DenseGraph,
     edge_keep: int,
     meta: dict[str, Any] | None = None,
     device: torch.device | str = "cpu",
 ) -> CompactGraph:
-    """Reduce a dense circuit-tracer adjacency to a CompactGraph (maths on ``device``).
+    """Reduce a dense graph to a CompactGraph (maths on ``device``).
 
     The one conversion used both at graph time and when reading a ``--save-full`` file, so
     the compact and full formats give identical analysis inputs.
-    ``targets`` holds lists ``names``, ``kinds``, ``token_ids``, ``values``, ``logits``, ``probs``.
     """
-    n_features = int(features.shape[0])
-    n_pos = int(input_tokens.shape[0])
-    n_sources = n_features + (n_layers + 1) * n_pos
+    n_features = int(dense.features.shape[0])
+    n_pos = int(dense.input_tokens.shape[0])
+    n_sources = n_features + (dense.n_layers + 1) * n_pos
+    targets = dense.targets
     n_targets = len(targets["names"])
-    if adjacency.shape != (n_sources + n_targets, n_sources + n_targets):
+    if dense.adjacency.shape != (n_sources + n_targets, n_sources + n_targets):
         raise ValueError(
-            f"adjacency shape {tuple(adjacency.shape)} does not match {n_features} features, "
-            f"{n_layers} layers x {n_pos} positions and {n_targets} targets"
+            f"adjacency shape {tuple(dense.adjacency.shape)} does not match {n_features} "
+            f"features, {dense.n_layers} layers x {n_pos} positions and {n_targets} targets"
         )
     rows = torch.arange(n_sources, n_sources + n_targets, device=device)
-    a = adjacency.to(device=device, dtype=torch.float32)
+    a = dense.adjacency.to(device=device, dtype=torch.float32)
     edge_index, edge_weight = prune_edges(a[:, :n_sources], edge_keep)
-    total = total_effects(a, n_features, n_sources, activations.to(device), n_layers, rows)
+    total = total_effects(a, n_features, n_sources, dense.activations.to(device), dense.n_layers,
+                          rows)
     return CompactGraph(
-        features=features.long().cpu(),
-        activations=activations.float().cpu(),
-        input_tokens=input_tokens.long().cpu(),
-        n_layers=n_layers,
+        features=dense.features.long().cpu(),
+        activations=dense.activations.float().cpu(),
+        input_tokens=dense.input_tokens.long().cpu(),
+        n_layers=dense.n_layers,
         direct=a[rows, :n_sources].cpu(),
         total=total.cpu(),
         target_values=torch.tensor(targets["values"], dtype=torch.float32),
@@ -276,8 +286,8 @@ def compact_from_dense(
         target_probs=torch.tensor(targets["probs"], dtype=torch.float32),
         target_names=list(targets["names"]),
         target_kinds=list(targets["kinds"]),
-        top_token_ids=top_token_ids.long().cpu(),
-        top_logits=top_logits.float().cpu(),
+        top_token_ids=dense.top_token_ids.long().cpu(),
+        top_logits=dense.top_logits.float().cpu(),
         edge_index=edge_index,
         edge_weight=edge_weight,
         meta=dict(meta or {}),
@@ -285,32 +295,17 @@ def compact_from_dense(
 
 
 FULL_FORMAT = "em_circuits.full_graph/1"
+_FULL_TENSORS = ("adjacency", "features", "activations", "input_tokens", "top_token_ids",
+                 "top_logits")
 
 
-def save_full(
-    path: Path,
-    adjacency: torch.Tensor,
-    features: torch.Tensor,
-    activations: torch.Tensor,
-    input_tokens: torch.Tensor,
-    n_layers: int,
-    targets: dict[str, Any],
-    top_token_ids: torch.Tensor,
-    top_logits: torch.Tensor,
-) -> int:
+def save_full(path: Path, dense: DenseGraph) -> int:
     """The dense graph, as safetensors (never pickle), for ``--save-full``."""
-    tensors = {
-        "adjacency": adjacency.float().contiguous().cpu(),
-        "features": features.long().contiguous().cpu(),
-        "activations": activations.float().contiguous().cpu(),
-        "input_tokens": input_tokens.long().contiguous().cpu(),
-        "top_token_ids": top_token_ids.long().contiguous().cpu(),
-        "top_logits": top_logits.float().contiguous().cpu(),
-    }
+    tensors = {name: getattr(dense, name).contiguous().cpu() for name in _FULL_TENSORS}
     header = {
         "format": FULL_FORMAT,
-        "n_layers": str(n_layers),
-        "targets": json.dumps(targets, ensure_ascii=False, default=float),
+        "n_layers": str(dense.n_layers),
+        "targets": json.dumps(dense.targets, ensure_ascii=False, default=float),
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
@@ -328,12 +323,10 @@ def load_full(path: Path, edge_keep: int, meta: dict[str, Any] | None = None) ->
         header = handle.metadata() or {}
     if header.get("format") != FULL_FORMAT:
         raise ArtifactError(path, f"unknown full-graph format {header.get('format')!r}")
-    t = load_file(str(path))
-    return compact_from_dense(
-        t["adjacency"], t["features"], t["activations"], t["input_tokens"],
-        int(header["n_layers"]), json.loads(header["targets"]), t["top_token_ids"],
-        t["top_logits"], edge_keep, meta,
-    )
+    tensors = load_file(str(path))
+    dense = DenseGraph(n_layers=int(header["n_layers"]), targets=json.loads(header["targets"]),
+                       **{name: tensors[name] for name in _FULL_TENSORS})
+    return compact_from_dense(dense, edge_keep, meta)
 
 
 def load_any(path: Path, edge_keep: int = 50_000) -> CompactGraph:

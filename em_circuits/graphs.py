@@ -24,6 +24,7 @@ import torch
 from em_circuits.graph_store import (
     GRAPH_FORMAT,
     CompactGraph,
+    DenseGraph,
     compact_from_dense,
     content_fingerprint,
     load_compact,
@@ -276,12 +277,12 @@ def attribute_prompt(
     adjacency = graph.adjacency_matrix.to(model.device)
     _check_adjacency(adjacency, features, graph.cfg.n_layers, graph.n_pos, where)
     top = torch.topk(logits, params.top_k)
-    compact = compact_from_dense(
-        adjacency, features, activations, graph.input_tokens.cpu(),
-        graph.cfg.n_layers, table, top.indices, top.values, params.edge_keep,
-        meta={"target_labels": labels, "prompt_id": pt.prompt_id}, device=model.device,
-    )
+    dense = DenseGraph(adjacency, features, activations, graph.input_tokens.cpu(),
+                       graph.cfg.n_layers, table, top.indices, top.values)
+    compact = compact_from_dense(dense, params.edge_keep, device=model.device,
+                                 meta={"target_labels": labels, "prompt_id": pt.prompt_id})
     info = {
+        "dense": dense,
         "seconds": seconds,
         "n_active_features": int(graph.active_features.shape[0]),
         "n_selected_features": int(selected.shape[0]),
@@ -338,13 +339,7 @@ def build_graph(
     compact_bytes = save_compact(compact, paths["compact"])
     full_bytes = None
     if save_full_graph:
-        table = {"names": compact.target_names, "kinds": compact.target_kinds,
-                 "token_ids": compact.target_token_ids.tolist(),
-                 "values": compact.target_values.tolist(),
-                 "logits": compact.target_logits.tolist(), "probs": compact.target_probs.tolist()}
-        full_bytes = save_full(paths["full"], graph.adjacency_matrix, compact.features,
-                               compact.activations, compact.input_tokens, compact.n_layers, table,
-                               compact.top_token_ids, compact.top_logits)
+        full_bytes = save_full(paths["full"], info["dense"])
     if viewer_dir is not None:
         from em_circuits.viewer import write_viewer_graph
 
