@@ -185,3 +185,36 @@ def test_compact_graph_is_small_and_loads_without_pickle(micro_models, prompt_ta
     loaded = load_compact(tmp_path / "g.safetensors")  # safetensors: no code execution on load
     assert torch.equal(loaded.total, compact.total)
     assert loaded.meta["target_labels"][0] == "contrast"
+
+
+def test_inspect_graph_tensors_reports_a_stored_graph(micro_specs, prompt_targets, tmp_path,
+                                                      capsys):
+    import json
+
+    import inspect_graph_tensors
+    from em_circuits.logits import next_token_logits, support, topk_entries
+    from em_circuits.models import load_model
+    from em_circuits.store import write_artifact
+
+    store = ResultsStore(tmp_path / "results")
+    pt = prompt_targets[0]
+    run_graph_stage(store, {"adapted": micro_specs[1]}, [pt], PARAMS, "cpu", progress=False)
+    model = load_model(micro_specs[1], "cpu", store.merged_cache_dir)
+    row = next_token_logits(model, [pt.text])[0]  # the labeling logits, as evaluate stores them
+    write_artifact(store.logits_path(model.slug, pt.prompt_id), "logits", {
+        "prompt_id": pt.prompt_id, "model_fingerprint": model.fingerprint,
+        "top_k": topk_entries(row, model.tokenizer, 10), "support": support(row)})
+    code = inspect_graph_tensors.main(["--results-dir", str(store.root), "--prompt-id",
+                                       pt.prompt_id, "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert code == 0 and info["finite"] and info["format"] == "compact"
+    assert info["nodes"]["tokens"] == len(model.encode(pt.text))
+    assert {t["token_id"] for t in info["targets"] if t["kind"] == "token"} == set(
+        pt.evil_ids + pt.safe_ids)
+    assert info["logits_check"]["compared"] == 10
+    assert info["logits_check"]["max_abs_diff"] < 1e-4  # labeling logits == graph logits
+    assert any(pair.startswith("feature ->") for pair in info["top_edges"])
+    assert all({"layer", "feature_id", "position"} <= set(f) for f in info["top_features"])
+    inspect_graph_tensors.main(["--results-dir", str(store.root), "--prompt-id", pt.prompt_id])
+    text = capsys.readouterr().out
+    assert "targets" in text and "top edges by node-type pair" in text
