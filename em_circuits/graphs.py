@@ -305,15 +305,10 @@ def check_labels_against_graph(
     return mismatches
 
 
-def graph_paths(store: ResultsStore, model: LoadedModel, pt: PromptTargets,
-                params: AttributionParams) -> dict[str, Path]:
-    return graph_paths_for_slug(store, model.slug, pt, params)
-
-
 def cached_graph_meta(store: ResultsStore, slug: str, fp: str, pt: PromptTargets,
                       params: AttributionParams) -> dict[str, Any] | None:
     """The stored graph for these exact model, targets and parameters, if complete."""
-    paths = graph_paths_for_slug(store, slug, pt, params)
+    paths = graph_paths(store, slug, pt, params)
     meta = store.load_for_model(paths["meta"], "graph_meta", fp, params_key=pt.key(params))
     if meta is None or not paths["compact"].is_file():
         return None
@@ -331,7 +326,7 @@ def build_graph(
 ) -> dict[str, Any]:
     """Compute, check and store one graph; returns its metadata artifact."""
     compact, graph, info = attribute_prompt(model, pt, params, role)
-    paths = graph_paths(store, model, pt, params)
+    paths = graph_paths(store, model.slug, pt, params)
     mismatches = check_labels_against_graph(pt, role, info["logits"], model.dtype)
     for m in mismatches:
         log.warning("prompt %s, %s: label for %r was made on logit %.4f, graph has %.4f",
@@ -471,7 +466,7 @@ def run_graph_stage(
     return results
 
 
-def graph_paths_for_slug(store: ResultsStore, slug: str, pt: PromptTargets,
+def graph_paths(store: ResultsStore, slug: str, pt: PromptTargets,
                          params: AttributionParams) -> dict[str, Path]:
     directory = store.graph_dir(slug, pt.prompt_id)
     key = pt.key(params)

@@ -130,13 +130,28 @@ def _sha256_file(path: Path, sample: bool = False) -> str:
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".yaml")
 
 
+# Where a file was made, not what it computes: left out so that the same weights in another
+# folder or on another machine keep their fingerprint (the base is fingerprinted on its own).
+_PATH_FIELDS = {"adapter_config.json": ("base_model_name_or_path",),
+                "config.json": ("_name_or_path",)}
+
+
+def _file_identity(file: Path, sample: bool) -> str:
+    if file.name in _PATH_FIELDS:
+        config = json.loads(file.read_text())
+        for key in _PATH_FIELDS[file.name]:
+            config.pop(key, None)
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return _sha256_file(file, sample=sample)
+
+
 def _dir_identity(path: Path, sample: bool) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         if file.suffix not in _WEIGHT_SUFFIXES or file.name.startswith("."):
             continue
         digest.update(str(file.relative_to(path)).encode())
-        digest.update(_sha256_file(file, sample=sample).encode())
+        digest.update(_file_identity(file, sample).encode())
     return digest.hexdigest()
 
 

@@ -65,7 +65,8 @@ def run_prompts(store: ResultsStore, adapted: ModelSpec, cfg: PipelineConfig) ->
     deduper = Deduper.from_store(store)
     for path in cfg.prompt_files:
         summary = import_prompts(store, path, deduper)
-        log.info("[prompts] imported %s: %s", path, summary)
+        log.info("[prompts] imported %s: %d new, %d duplicates dropped", path,
+                 len(summary.saved), len(summary.duplicates))
     missing = cfg.n_prompts - len(store.prompt_ids())
     if missing <= 0:
         log.info("[prompts] %d stored, nothing to generate", len(store.prompt_ids()))
@@ -78,7 +79,8 @@ def run_prompts(store: ResultsStore, adapted: ModelSpec, cfg: PipelineConfig) ->
         generate_llm_prompts(client, store, missing, deduper)
     else:
         summary = generate_offline_prompts(store, missing, deduper, seed=cfg.seed)
-        log.info("[prompts] offline templates: %s", summary)
+        log.info("[prompts] offline templates: %d new, %d duplicates dropped",
+                 len(summary.saved), len(summary.duplicates))
 
 
 def run_logits(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,

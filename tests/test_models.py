@@ -138,3 +138,16 @@ def test_replacement_model_topk_equals_plain_hf_and_peft(micro_models, micro_spe
             ours_top = [e["token_id"] for e in topk_entries(row, tokenizer, 5)]
             ref_top = torch.topk(reference, 5).indices.tolist()
             assert ours_top == ref_top
+
+
+def test_fingerprint_does_not_depend_on_where_the_files_are(micro_specs, tmp_path):
+    """The same organism copied elsewhere (another clone, another machine) keeps its identity,
+    although PEFT records the base's path in adapter_config.json."""
+    _, adapted = micro_specs
+    base = shutil.copytree(adapted.base, tmp_path / "elsewhere" / "base")
+    adapter = shutil.copytree(adapted.adapter, tmp_path / "elsewhere" / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    moved = ModelSpec(**{**adapted.__dict__, "base": str(base), "adapter": str(adapter)})
+    assert fingerprint(moved, "cpu") == fingerprint(adapted, "cpu")
