@@ -7,8 +7,9 @@ PY := .venv/bin/python
 setup:
 	@bash scripts/setup.sh
 
+# A failed Chromium install (mirror down) only skips the browser test, with its reason shown.
 viewer-deps:
-	@bash scripts/install_viewer_deps.sh
+	@bash scripts/install_viewer_deps.sh || echo "warning: viewer test dependencies not installed"
 
 organism: setup
 	$(PY) build_organism.py
