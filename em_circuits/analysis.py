@@ -9,7 +9,6 @@ in the adapted model against matched random controls, and writes everything to
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -164,4 +163,4 @@ def run_analysis(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
     summary["tables"] = sorted(f"{name}.csv" for name in tables)
     write_artifact(directory / "summary.json", "table", summary)
     log.info("analysis written to %s", directory)
-    return json.loads((directory / "summary.json").read_text())
+    return read_json(directory / "summary.json")

@@ -182,13 +182,11 @@ def status(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
     """Counts per stage, queue depth, judge-human agreement, flagged/divergent, disk use."""
     from em_circuits import queue
     from em_circuits.graphs import find_graph_metas
-    from em_circuits.store import read_artifact
 
     device = str(device or default_device())
     slugs = {role: model_slug(spec, fingerprint(spec, device))
              for role, spec in (("base", base), ("adapted", adapted))}
-    verdicts = [read_artifact(p, "verdict")
-                for p in sorted((store.root / "verdicts" / slugs["adapted"]).glob("*.json"))]
+    verdicts = queue.load_verdicts(store, slugs["adapted"])
     labels = queue.load_labels(store, slugs["adapted"])
     calib = queue.calibration(store, slugs["adapted"], save=False)
     analysis_dir = store.analysis_dir / slugs["adapted"]

@@ -143,6 +143,12 @@ def load_label(store: ResultsStore, adapted_slug: str, pid: str) -> dict[str, An
     return read_artifact(path, "labels") if path.exists() else None
 
 
+def load_verdicts(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
+    """Every verdict artifact of one adapted model, by prompt id."""
+    return [read_artifact(p, "verdict")
+            for p in _json_files(store.root / "verdicts" / adapted_slug)]
+
+
 def load_labels(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
     """Every labels artifact of one adapted model (human and judge-made), by prompt id."""
     return [read_artifact(p, "labels") for p in _json_files(labels_dir(store, adapted_slug))]
@@ -286,8 +292,7 @@ def enqueue_flagged(store: ResultsStore, adapted_slug: str) -> int:
     the verdict's belongs to another model; it is moved to ``stale/`` and never mixed in.
     """
     added = 0
-    for path in _json_files(store.root / "verdicts" / adapted_slug):
-        verdict = read_artifact(path, "verdict")
+    for verdict in load_verdicts(store, adapted_slug):
         pid = verdict["prompt_id"]
         item = load_item(store, adapted_slug, pid)
         if item is not None and item["model_fingerprint"] != verdict["model_fingerprint"]:

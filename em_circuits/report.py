@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from em_circuits.models import ModelSpec, fingerprint, model_slug
-from em_circuits.store import ResultsStore, atomic_write_text, read_artifact, read_json
+from em_circuits.store import ResultsStore, atomic_write_text, read_json
 
 
 def _read_table(directory: Path, name: str) -> pd.DataFrame:
@@ -30,9 +30,10 @@ def _organism_report(spec: ModelSpec) -> dict[str, Any] | None:
 
 
 def _divergent(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
+    from em_circuits.queue import load_verdicts
+
     rows = []
-    for path in sorted((store.root / "verdicts" / adapted_slug).glob("*.json")):
-        v = read_artifact(path, "verdict")
+    for v in load_verdicts(store, adapted_slug):
         if not v["divergent"]:
             continue
         base_top = v["labels"]["base"][0]
