@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -185,6 +186,47 @@ def _finite_json(value: Any) -> Any:
     return value
 
 
+#: Test hook: ``KIND[/FILE_NAME]:N`` kills this process with SIGKILL right after the N-th
+#: artifact of that kind is written, so crash-and-resume tests stop at the same place on any
+#: machine speed. With ``EM_CIRCUITS_CRASH_GROUP=<token>`` it kills every process whose
+#: environment carries the same token (a launcher and all its workers: a lost node).
+CRASH_AFTER_ENV = "EM_CIRCUITS_CRASH_AFTER"
+CRASH_GROUP_ENV = "EM_CIRCUITS_CRASH_GROUP"
+_crash_counts: dict[str, int] = {}
+
+
+def _processes_with_env(entry: bytes) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if entry in environ.split(b"\0"):
+            found.append(int(proc.name))
+    return found
+
+
+def _crash_point(path: Path, kind: str) -> None:
+    spec = os.environ.get(CRASH_AFTER_ENV)
+    if not spec:
+        return
+    target, _, count = spec.rpartition(":")
+    if target not in (kind, f"{kind}/{Path(path).name}"):
+        return
+    _crash_counts[target] = _crash_counts.get(target, 0) + 1
+    if _crash_counts[target] >= int(count):
+        token = os.environ.get(CRASH_GROUP_ENV)
+        if token:
+            for pid in _processes_with_env(f"{CRASH_GROUP_ENV}={token}".encode()):
+                if pid != os.getpid():
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_artifact(path: Path, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
     """Validate and atomically write one JSON artifact; returns the full envelope."""
     if kind not in ARTIFACT_KEYS:
@@ -197,6 +239,7 @@ def write_artifact(path: Path, kind: str, payload: dict[str, Any]) -> dict[str, 
     text = json.dumps(_finite_json(envelope), indent=1, ensure_ascii=False, default=_json_default,
                       allow_nan=False)
     atomic_write_text(path, text + "\n")
+    _crash_point(path, kind)
     return envelope
 
 

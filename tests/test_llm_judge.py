@@ -86,18 +86,23 @@ def test_server_errors_exhaust_tries_with_clear_error(server, client, sleeps):
     assert sleeps[1] > sleeps[0]  # exponential
 
 
+# A slow reply outlasts the client's 2 s timeout by far, and a prompt one fits well inside it,
+# even on a loaded machine.
+SLOW = 6.0
+
+
 def test_timeout_then_success(server, sleeps):
-    fast = LLMClient(model="m", api_key=KEY, base_url=server.base_url, timeout=0.3,
+    fast = LLMClient(model="m", api_key=KEY, base_url=server.base_url, timeout=2.0,
                      max_tries=2, backoff_base=0.01, sleep=sleeps.append)
-    server.push(reply_slow(1.0, reply_json({"late": True})), reply_json({"ok": 1}))
+    server.push(reply_slow(SLOW, reply_json({"late": True})), reply_json({"ok": 1}))
     value, _, _ = ask(fast)
     assert value == {"ok": 1} and len(server.requests) == 2
 
 
 def test_persistent_timeout_is_a_clear_error(server, sleeps):
-    fast = LLMClient(model="m", api_key=KEY, base_url=server.base_url, timeout=0.3,
+    fast = LLMClient(model="m", api_key=KEY, base_url=server.base_url, timeout=2.0,
                      max_tries=2, backoff_base=0.01, sleep=sleeps.append)
-    server.push(*[reply_slow(1.0, reply_json({}))] * 2)
+    server.push(*[reply_slow(SLOW, reply_json({}))] * 2)
     with pytest.raises(LLMError, match=r"gave up after 2 tries.*timeout"):
         ask(fast)
 

@@ -292,11 +292,11 @@ def test_cli_llm_with_dotenv_key_never_writes_the_key(server, tmp_path, monkeypa
     (tmp_path / ".env").write_text(f"OPENAI_API_KEY={KEY}\nOPENAI_BASE_URL={server.base_url}\n")
     results = tmp_path / "results"
     server.push(reply_error(429, "slow down", retry_after=0.01), reply_json(generated()),
-                reply_slow(0.5, reply_json(generated("late", "Too late, I will"))),
+                reply_slow(6.0, reply_json(generated("late", "Too late, I will"))),
                 reply_json(generated("second", "My bank texted me a link. I will")))
     caplog.set_level(logging.DEBUG)
     code = load_script().main(["--results-dir", str(results), "-n", "2", "--format", "raw",
-                               "--timeout", "0.25", "--max-tries", "3", "-v"])
+                               "--timeout", "2", "--max-tries", "3", "-v"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "saved 2 new prompt(s)" in out
