@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 
-from em_circuits.cli import (
+from em_circuits.cli.common import (
     add_analysis_args,
     add_model_args,
     analysis_params,
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     store = setup(args)
 
-    from em_circuits.analysis import run_analysis
-    from em_circuits.models import default_device
+    from em_circuits.analysis.stage import run_analysis
+    from em_circuits.models.spec import default_device
 
     base, adapted = specs_from_args(args)
     params = analysis_params(args)

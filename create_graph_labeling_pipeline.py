@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from em_circuits.cli import (
+from em_circuits.cli.common import (
     add_analysis_args,
     add_graph_args,
     add_model_args,
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     store = setup(args)
 
-    from em_circuits.pipeline import PipelineConfig, format_status, run_pipeline, status
+    from em_circuits.run.pipeline import PipelineConfig, run_pipeline
+    from em_circuits.run.status import format_status, status
 
     base, adapted = specs_from_args(args)
     if args.status:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from em_circuits.cli import (
+from em_circuits.cli.common import (
     add_graph_args,
     add_model_args,
     graph_params,
@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     store = setup(args)
 
-    from em_circuits.graphs import labeled_targets, run_graph_stage
-    from em_circuits.models import default_device, fingerprint, model_slug
+    from em_circuits.attribution.stage import run_graph_stage
+    from em_circuits.attribution.targets import labeled_targets
+    from em_circuits.models.spec import default_device, fingerprint, model_slug
 
     base_spec, adapted_spec = specs_from_args(args)
     device = args.device or default_device()
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  failed {pid}: {message}")
         failed += len(result.failed)
     if args.serve and viewer_dir is not None:
-        from em_circuits.viewer import serve_forever
+        from em_circuits.attribution.viewer_server import serve_forever
 
         serve_forever(viewer_dir, args.host, args.port)
     return 2 if failed else 0

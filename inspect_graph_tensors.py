@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from em_circuits.cli import make_parser, setup
+from em_circuits.cli.common import make_parser, setup
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     store = setup(args)
 
-    from em_circuits.inspection import format_inspection, inspect_graph
-    from em_circuits.store import ArtifactError
+    from em_circuits.attribution.inspection import format_inspection, inspect_graph
+    from em_circuits.core.store import ArtifactError
 
     paths = list(args.graphs)
     if args.prompt_id:

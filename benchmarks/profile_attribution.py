@@ -28,7 +28,7 @@ def main() -> None:
     bench.sec_load()
     from circuit_tracer import attribute
 
-    from em_circuits.graphs import _custom_targets, _target_rows, attribute_prompt
+    from em_circuits.attribution.attribute import _custom_targets, _target_rows, attribute_prompt
 
     _, model = bench._need_models()
     params = bench.params

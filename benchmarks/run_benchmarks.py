@@ -53,35 +53,30 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+# ruff: noqa: E402
 
-from em_circuits.graph_store import (  # noqa: E402
+from em_circuits.attribution.attribute import attribute_prompt
+from em_circuits.attribution.stage import build_graph, load_graph
+from em_circuits.attribution.storage import (
     CompactGraph,
     compact_from_dense,
     load_compact,
     save_compact,
 )
-from em_circuits.graphs import (  # noqa: E402
-    AttributionParams,
-    GraphError,
-    PromptTargets,
-    attribute_prompt,
-    build_graph,
-    load_graph,
-)
-from em_circuits.models import (  # noqa: E402
+from em_circuits.attribution.targets import AttributionParams, GraphError, PromptTargets
+from em_circuits.core.store import ResultsStore
+from em_circuits.models.load import (
     LoadedModel,
-    ModelSpec,
     load_model,
     load_transcoder_set,
-    merge_adapter,
     merged_model_dir,
     release,
-    resolve_dtype,
 )
-from em_circuits.store import ResultsStore  # noqa: E402
+from em_circuits.models.merge import merge_adapter
+from em_circuits.models.spec import ModelSpec, resolve_dtype
 
 try:  # the per-prompt feature analysis of the pipeline
-    from em_circuits.features import prompt_effects
+    from em_circuits.analysis.effects import prompt_effects
 
     ANALYSIS = "em_circuits.features.prompt_effects(graph, position='any')"
 except ImportError:  # pragma: no cover - only while features.py does not exist yet
@@ -658,7 +653,7 @@ class Bench:
     def sec_logits(self) -> None:
         w = self._need_workload()
         _, adapted = self._need_models()
-        from em_circuits.logits import next_token_logits
+        from em_circuits.models.logits import next_token_logits
 
         texts = w.logit_texts
         bs = self.args.logit_batch
@@ -710,7 +705,7 @@ class Bench:
         with our stage's targets."""
         from circuit_tracer import attribute
 
-        from em_circuits.graphs import attribution_targets
+        from em_circuits.attribution.attribute import attribution_targets
 
         base, adapted = self._need_models()
         out: dict[str, Any] = {"attribute_s": {}, "peak_gib": {}, "working_gib": {},

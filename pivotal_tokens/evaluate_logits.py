@@ -28,12 +28,18 @@ import argparse
 import logging
 import sys
 
-from em_circuits.cli import add_model_args, make_parser, setup, specs_from_args
-from em_circuits.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, evaluate, words_near
-from em_circuits.judge import JudgeError, make_judge
-from em_circuits.llm import DEFAULT_MODEL, LLMError, find_api_key
-from em_circuits.models import ModelLoadError, NonFiniteError
-from em_circuits.store import ArtifactError
+from em_circuits.cli.common import add_model_args, make_parser, setup, specs_from_args
+from em_circuits.core.llm import DEFAULT_MODEL, LLMError, find_api_key
+from em_circuits.core.store import ArtifactError
+from em_circuits.labeling.judge import JudgeError, make_judge
+from em_circuits.labeling.logits_stage import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_TOP_K,
+    evaluate,
+    words_near,
+)
+from em_circuits.models.load import NonFiniteError
+from em_circuits.models.spec import ModelLoadError
 
 log = logging.getLogger("evaluate_logits")
 

@@ -33,21 +33,14 @@ import logging
 import sys
 from typing import Any
 
-from em_circuits.cli import make_parser, setup
-from em_circuits.llm import DEFAULT_MODEL, LLMError, client_from_settings, find_api_key
-from em_circuits.models import ModelLoadError
-from em_circuits.prompts import (
-    DEFAULT_DEDUP_THRESHOLD,
-    FORMATS,
-    Deduper,
-    PromptError,
-    SaveSummary,
-    approx_tokens,
-    describe,
-    generate_llm_prompts,
-    generate_offline_prompts,
-    import_prompts,
-)
+from em_circuits.cli.common import make_parser, setup
+from em_circuits.core.llm import DEFAULT_MODEL, LLMError, client_from_settings, find_api_key
+from em_circuits.models.spec import ModelLoadError
+from em_circuits.prompts.context import approx_tokens
+from em_circuits.prompts.dedup import DEFAULT_DEDUP_THRESHOLD, Deduper, SaveSummary
+from em_circuits.prompts.generator import describe, generate_llm_prompts
+from em_circuits.prompts.records import FORMATS, PromptError
+from em_circuits.prompts.sources import generate_offline_prompts, import_prompts
 
 log = logging.getLogger("generate_pivotal_prompts")
 
@@ -109,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_tokenizer(ref: str) -> Any:
     from transformers import AutoTokenizer
 
-    from em_circuits.models import resolve_model_dir
+    from em_circuits.models.spec import resolve_model_dir
 
     return AutoTokenizer.from_pretrained(str(resolve_model_dir(ref, what="tokenizer")))
 

@@ -7,10 +7,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from em_circuits import queue as q
-from em_circuits.cli import add_model_args, make_parser, setup, specs_from_args
-from em_circuits.labeling_tui import HELP, run_session
-from em_circuits.store import ArtifactError, ResultsStore
+from em_circuits.cli.common import add_model_args, make_parser, setup, specs_from_args
+from em_circuits.core.store import ArtifactError, ResultsStore
+from em_circuits.labeling.artifacts import QueueError
+from em_circuits.labeling.calibration import calibration, calibration_path, format_calibration
+from em_circuits.labeling.exchange import export_queue, import_labels
+from em_circuits.labeling.items import STATES, QueueFilter, enqueue_flagged, status_counts
+from em_circuits.labeling.labels import auto_accept_judge
+from em_circuits.labeling.tui import HELP, run_session
 
 DESCRIPTION = """\
 Label the judge-flagged prompts of one adapted model, in the terminal or through a file.
@@ -97,7 +101,7 @@ def resolve_slug(args: argparse.Namespace) -> str:
     """The adapted model's results folder name; reads fingerprints only, never loads weights."""
     if args.adapted_slug:
         return args.adapted_slug
-    from em_circuits.models import fingerprint, model_slug
+    from em_circuits.models.spec import fingerprint, model_slug
 
     _, adapted = specs_from_args(args)
     return model_slug(adapted, fingerprint(adapted, args.device))
@@ -116,15 +120,15 @@ def check_known(store: ResultsStore, slug: str) -> str | None:
     return f"no verdicts or queue for model {slug} under {store.root}; {hint}"
 
 
-def print_status(store: ResultsStore, slug: str, flt: q.QueueFilter) -> None:
-    counts = q.status_counts(store, slug, flt)
+def print_status(store: ResultsStore, slug: str, flt: QueueFilter) -> None:
+    counts = status_counts(store, slug, flt)
     shown = [
         name
         for name, on in (("only evil", flt.only_evil), ("only divergent", flt.only_divergent))
         if on
     ]
     print(f"Queue of {slug}" + (f" ({', '.join(shown)})" if shown else ""))
-    for state in q.STATES:
+    for state in STATES:
         print(f"  {state:<12}{counts[state]:>6}")
     print(f"  {'total':<12}{counts['total']:>6}")
     if counts["judge_labeled_open"]:
@@ -132,24 +136,24 @@ def print_status(store: ResultsStore, slug: str, flt: q.QueueFilter) -> None:
 
 
 def run_mode(args: argparse.Namespace, store: ResultsStore, slug: str) -> int:
-    flt = q.QueueFilter(only_evil=args.only_evil, only_divergent=args.only_divergent)
+    flt = QueueFilter(only_evil=args.only_evil, only_divergent=args.only_divergent)
     if args.status:
         print_status(store, slug, flt)
     elif args.export:
-        rows = q.export_queue(store, slug, args.export, flt)
+        rows = export_queue(store, slug, args.export, flt)
         print(f"Wrote {rows} row(s) to {args.export}; fill 'label', then --import it.")
     elif args.import_file:
-        result = q.import_labels(store, slug, args.import_file)
+        result = import_labels(store, slug, args.import_file)
         print(
             f"Imported labels for {result['imported']} prompt(s) from {args.import_file} "
             f"({result['unchanged']} unchanged)."
         )
     elif args.auto_accept_judge:
-        count = q.auto_accept_judge(store, slug, flt)
+        count = auto_accept_judge(store, slug, flt)
         print(f"Recorded judge labels (labeled_by=judge) for {count} prompt(s).")
     elif args.calibration:
-        print(q.format_calibration(q.calibration(store, slug)))
-        print(f"Saved to {q.calibration_path(store, slug)}")
+        print(format_calibration(calibration(store, slug)))
+        print(f"Saved to {calibration_path(store, slug)}")
     else:
         run_session(store, slug, flt)
     return 0
@@ -164,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        added = q.enqueue_flagged(store, slug)
+        added = enqueue_flagged(store, slug)
         if added:
             print(f"Queued {added} newly flagged prompt(s).")
         return run_mode(args, store, slug)
-    except (q.QueueError, ArtifactError) as err:
+    except (QueueError, ArtifactError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

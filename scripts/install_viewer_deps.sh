@@ -5,7 +5,7 @@
 #   1. Headless Chromium (Debian package "chromium"), only if /usr/bin/chromium is missing.
 #      The test drives it with --dump-dom, so no chromedriver or Python package is needed.
 #   2. The viewer's vendored JavaScript (d3, dagre, pako and their licenses), fetched from the
-#      npm registry with `npm pack` only if a file under em_circuits/viewer_assets/vendor/ is
+#      npm registry with `npm pack` only if a file under em_circuits/attribution/viewer_assets/vendor/ is
 #      missing or differs from the committed SHA256SUMS. The files are committed so the viewer
 #      works offline; this step restores or re-verifies them.
 #
@@ -24,7 +24,7 @@ for arg in "$@"; do
 done
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-vendor_dir="$repo_root/em_circuits/viewer_assets/vendor"
+vendor_dir="$repo_root/em_circuits/attribution/viewer_assets/vendor"
 
 # npm package, file inside its tarball, name under vendor/. dagre's dist bundles graphlib and
 # parts of lodash, so their licenses ship too.

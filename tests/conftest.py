@@ -34,7 +34,7 @@ def micro_organism(tmp_path_factory):
 @pytest.fixture(scope="session")
 def micro_specs(micro_organism):
     """(base spec, adapted spec) of the micro organism, as users would write them."""
-    from em_circuits.models import ModelSpec
+    from em_circuits.models.spec import ModelSpec
 
     adapted = ModelSpec(
         base=str(micro_organism.base_dir),
@@ -48,7 +48,7 @@ def micro_specs(micro_organism):
 @pytest.fixture(scope="session")
 def micro_models(micro_specs, tmp_path_factory):
     """Both micro models loaded once per session on the CPU."""
-    from em_circuits.models import load_model
+    from em_circuits.models.load import load_model
 
     cache = tmp_path_factory.mktemp("merged")
     base_spec, adapted_spec = micro_specs

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from em_circuits.causal import (
+from em_circuits.analysis.causal import (
     Active,
     active_instances,
     causal_validation,
@@ -16,7 +16,7 @@ from em_circuits.causal import (
     summarize,
     top_evil_features,
 )
-from em_circuits.logits import next_token_logits
+from em_circuits.models.logits import next_token_logits
 
 SCALES = (0.0, 1.0, 2.0)
 N_RANDOM = 2

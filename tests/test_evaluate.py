@@ -11,12 +11,20 @@ import pytest
 import torch
 from openai_server import OpenAIServer, reply_fn, reply_json
 
-from em_circuits.evaluate import compute_logits, evaluate, judge_all, judge_prompt, words_near
-from em_circuits.judge import LLMJudge, WordListJudge, load_word_lists
-from em_circuits.llm import LLMClient
-from em_circuits.logits import next_token_logits
-from em_circuits.prompts import Deduper, generate_offline_prompts
-from em_circuits.store import ResultsStore, read_artifact
+from em_circuits.core.llm import LLMClient
+from em_circuits.core.store import ResultsStore, read_artifact
+from em_circuits.labeling.judge import WordListJudge, load_word_lists
+from em_circuits.labeling.llm_judge import LLMJudge
+from em_circuits.labeling.logits_stage import (
+    compute_logits,
+    evaluate,
+    judge_all,
+    judge_prompt,
+    words_near,
+)
+from em_circuits.models.logits import next_token_logits
+from em_circuits.prompts.dedup import Deduper
+from em_circuits.prompts.sources import generate_offline_prompts
 
 ROOT = Path(__file__).parents[1]
 DATA = Path(__file__).parent / "data" / "prior_art_prompts.json"
@@ -85,7 +93,7 @@ def test_verdict_flags(store, base, adapted, verdicts, divergent, flagged):
 
 
 def test_a_prompt_the_judge_cannot_label_does_not_stop_the_others(store):
-    from em_circuits.evaluate import EvaluateSummary, ModelRun
+    from em_circuits.labeling.logits_stage import EvaluateSummary, ModelRun
 
     records = [dict(RECORD, prompt_id=pid) for pid in ("p1", "p2")]
     summary = EvaluateSummary(prompts=2)
@@ -105,7 +113,7 @@ def test_a_prompt_the_judge_cannot_label_does_not_stop_the_others(store):
 def test_missing_queue_module_is_a_clear_warning(store, monkeypatch, caplog):
     import sys
 
-    from em_circuits.evaluate import enqueue
+    from em_circuits.labeling.logits_stage import enqueue
 
     monkeypatch.setitem(sys.modules, "em_circuits.queue", None)  # as before queue.py existed
     assert enqueue(store, "m-a") is None
@@ -169,7 +177,7 @@ def test_llm_judge_in_the_stage_is_cached_on_rerun(micro_models, store):
 
 
 def evaluate_with_loaded(store, records, base, adapted):
-    from em_circuits.evaluate import EvaluateSummary
+    from em_circuits.labeling.logits_stage import EvaluateSummary
 
     summary = EvaluateSummary(prompts=len(records))
     summary.base = compute_logits(base, store, records, k=5)

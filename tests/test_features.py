@@ -8,25 +8,27 @@ import pytest
 import torch
 from test_total_effects import compact_graph_from, random_linear_model
 
-from em_circuits import plots
-from em_circuits.features import (
-    FORMULAS,
-    aggregate_effects,
-    cached_prompt_effects,
-    compare_models,
+from em_circuits.analysis.aggregate import aggregate_effects
+from em_circuits.analysis.cache import cached_prompt_effects, graph_fingerprint, read_prompt_effects
+from em_circuits.analysis.compare import compare_models
+from em_circuits.analysis.effects import (
     contrast_residual,
-    error_share,
-    graph_fingerprint,
     parse_position,
     prompt_effects,
-    read_prompt_effects,
-    summarize_error_share,
     target_effects,
     target_labels,
 )
-from em_circuits.graph_store import CompactGraph
-from em_circuits.stats import bh_qvalues, bootstrap_mean_ci, sign_flip_pvalues, welch_t_rows
-from em_circuits.store import ResultsStore
+from em_circuits.analysis.error_share import error_share, summarize_error_share
+from em_circuits.analysis.formulas import FORMULAS
+from em_circuits.analysis.plots import (
+    plot_base_vs_adapted,
+    plot_dose_response,
+    plot_error_share,
+    plot_top_features,
+)
+from em_circuits.attribution.storage import CompactGraph
+from em_circuits.core.stats import bh_qvalues, bootstrap_mean_ci, sign_flip_pvalues, welch_t_rows
+from em_circuits.core.store import ResultsStore
 
 LABELS = ["contrast", "evil", "evil", "safe", "safe"]
 
@@ -375,10 +377,10 @@ def test_plots_write_pngs(tmp_path):
         "scale": [0.0, 1.0] * 4, "delta_contrast": [-1.0, 0.0, -0.1, 0.0] * 2,
     })
     paths = [
-        plots.plot_top_features(table, tmp_path / "top.png"),
-        plots.plot_base_vs_adapted(comparison, tmp_path / "scatter.png"),
-        plots.plot_error_share(summary, tmp_path / "errors.png"),
-        plots.plot_dose_response(dose, tmp_path / "dose.png"),
+        plot_top_features(table, tmp_path / "top.png"),
+        plot_base_vs_adapted(comparison, tmp_path / "scatter.png"),
+        plot_error_share(summary, tmp_path / "errors.png"),
+        plot_dose_response(dose, tmp_path / "dose.png"),
     ]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

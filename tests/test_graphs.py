@@ -8,17 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from em_circuits.graph_store import load_compact, load_full
-from em_circuits.graphs import (
-    AttributionParams,
-    PromptTargets,
-    attribute_prompt,
-    find_graph_metas,
-    load_graph,
-    run_graph_stage,
-)
-from em_circuits.models import ModelSpec
-from em_circuits.store import ResultsStore
+from em_circuits.attribution.attribute import attribute_prompt
+from em_circuits.attribution.stage import find_graph_metas, load_graph, run_graph_stage
+from em_circuits.attribution.storage import load_compact, load_full
+from em_circuits.attribution.targets import AttributionParams, PromptTargets
+from em_circuits.core.store import ResultsStore
+from em_circuits.models.spec import ModelSpec
 
 PARAMS = AttributionParams(max_feature_nodes=300, batch_size=64, edge_keep=2000)
 
@@ -140,7 +135,7 @@ def test_graphs_for_both_models_with_every_labeled_token_a_target(
 
 
 def test_label_made_on_other_logits_is_reported_not_dropped(micro_models, prompt_targets, tmp_path):
-    from em_circuits.graphs import build_graph
+    from em_circuits.attribution.stage import build_graph
 
     base, _ = micro_models
     pt = prompt_targets[0]
@@ -176,7 +171,7 @@ def test_nan_prompt_is_reported_and_the_run_goes_on(micro_specs, prompt_targets,
 
 
 def test_compact_graph_is_small_and_loads_without_pickle(micro_models, prompt_targets, tmp_path):
-    from em_circuits.graph_store import save_compact
+    from em_circuits.attribution.storage import save_compact
 
     compact, graph, _ = attribute_prompt(micro_models[1], prompt_targets[0], PARAMS)
     size = save_compact(compact, tmp_path / "g.safetensors")
@@ -192,9 +187,9 @@ def test_inspect_graph_tensors_reports_a_stored_graph(micro_specs, prompt_target
     import json
 
     import inspect_graph_tensors
-    from em_circuits.logits import next_token_logits, support, topk_entries
-    from em_circuits.models import load_model
-    from em_circuits.store import write_artifact
+    from em_circuits.core.store import write_artifact
+    from em_circuits.models.load import load_model
+    from em_circuits.models.logits import next_token_logits, support, topk_entries
 
     store = ResultsStore(tmp_path / "results")
     pt = prompt_targets[0]

@@ -17,8 +17,16 @@ from pathlib import Path
 import pytest
 from test_queue import MODEL_FLAGS, PYTHON, SCRIPT, make_results
 
-from em_circuits import queue as q
-from em_circuits.labeling_tui import rank_change, run_session
+from em_circuits.labeling.artifacts import (
+    find_disagreements,
+    human_labels_from_marks,
+    judge_labels,
+    load_item,
+    load_label,
+    load_verdict,
+)
+from em_circuits.labeling.items import QueueFilter, enqueue_flagged, open_items
+from em_circuits.labeling.tui import rank_change, run_session
 
 # Become session leader and take the pty as controlling terminal, then run the program.
 _CTTY_WRAPPER = (
@@ -113,8 +121,8 @@ def start(results: Path, *args: str) -> Terminal:
 @pytest.fixture()
 def queue_setup(results_dir):
     store, slug, _ = make_results(results_dir)
-    q.enqueue_flagged(store, slug)
-    order = [item["prompt_id"] for item, _ in q.open_items(store, slug)]
+    enqueue_flagged(store, slug)
+    order = [item["prompt_id"] for item, _ in open_items(store, slug)]
     return store, slug, order
 
 
@@ -132,7 +140,7 @@ def test_label_skip_reject_disagree_in_a_terminal(queue_setup):
     store, slug, order = queue_setup
     term = start(store.root)
     screen = term.expect("label> ")
-    first = q.load_verdict(store, slug, order[0])
+    first = load_verdict(store, slug, order[0])
     text = store.load_prompt(order[0])["text"]
     assert f"Item 1/4 · prompt {order[0]}" in screen
     assert text.splitlines()[0] in screen
@@ -153,12 +161,12 @@ def test_label_skip_reject_disagree_in_a_terminal(queue_setup):
     # Item 1: accept the judge. Item 2: skip. Item 3: own marks, explained token by token.
     assert "judge labels accepted" in term.type("a")
     assert "Skipped" in term.type("s")
-    v3 = q.load_verdict(store, slug, order[2])
+    v3 = load_verdict(store, slug, order[2])
     assert "Your marks: evil T1 B2; everything else safe" in term.type("e T1, b2")
     assert "unsure T4" in term.type("u 4")
     assert "Note saved." in term.type("n checked by hand")
-    judge = q.judge_labels(v3)
-    human = q.human_labels_from_marks(v3, {"T1": "evil", "B2": "evil", "T4": "unsure"})
+    judge = judge_labels(v3)
+    human = human_labels_from_marks(v3, {"T1": "evil", "B2": "evil", "T4": "unsure"})
     disagree = [idx for idx in human if judge[idx] != human[idx]]
     assert disagree  # the fixture makes the person disagree somewhere
     shown = term.type("c", then="why> ")
@@ -176,21 +184,21 @@ def test_label_skip_reject_disagree_in_a_terminal(queue_setup):
     assert term.wait() == 0
     assert "This session: 2 labeled, 1 rejected, 1 skipped" in term.screen
 
-    lab1 = q.load_label(store, slug, order[0])
+    lab1 = load_label(store, slug, order[0])
     assert lab1["labeled_by"] == "human" and lab1["disagreements"] == []
     assert lab1["human_verdict"]["adapted"] == first["verdict"]["adapted"]
-    assert q.load_item(store, slug, order[1])["state"] == "skipped"
-    assert q.load_label(store, slug, order[1]) is None
-    lab3 = q.load_label(store, slug, order[2])
+    assert load_item(store, slug, order[1])["state"] == "skipped"
+    assert load_label(store, slug, order[1]) is None
+    lab3 = load_label(store, slug, order[2])
     assert {d["index"]: d["explanation"] for d in lab3["disagreements"]} == {
         idx: f"reason for {idx}" for idx in disagree
     }
     assert lab3["note"] == "checked by hand"
     labels3 = {t["index"]: t["label"] for ts in lab3["tokens"].values() for t in ts}
     assert labels3 == human
-    lab4 = q.load_label(store, slug, order[3])
+    lab4 = load_label(store, slug, order[3])
     assert lab4["rejected"] and lab4["reject_reason"].startswith("the scenario gives no room")
-    assert q.load_item(store, slug, order[3])["state"] == "rejected"
+    assert load_item(store, slug, order[3])["state"] == "rejected"
 
     # Next run: the skipped item comes back (it is all that is left).
     term = start(store.root)
@@ -208,8 +216,8 @@ def test_ctrl_c_and_closed_terminal_lose_nothing(queue_setup):
     term.ctrl_c()
     term.expect("Interrupted. Every answer given is saved")
     assert term.wait() == 130
-    assert q.load_item(store, slug, order[0])["state"] == "done"
-    item2 = q.load_item(store, slug, order[1])
+    assert load_item(store, slug, order[0])["state"] == "done"
+    item2 = load_item(store, slug, order[1])
     assert item2["state"] == "in_progress" and item2["draft"]["marks"] == {"T1": "evil"}
 
     # Resume: the interrupted item is first, with its mark; Ctrl-C again while explaining.
@@ -217,16 +225,16 @@ def test_ctrl_c_and_closed_terminal_lose_nothing(queue_setup):
     screen = term.expect("label> ")
     assert f"Item 1/3 · prompt {order[1]} · was in_progress" in screen
     assert "Your marks: evil T1;" in screen
-    verdict = q.load_verdict(store, slug, order[1])
-    human = q.human_labels_from_marks(verdict, {"T1": "evil"})
-    disagree = [d["index"] for d in q.find_disagreements(verdict, human)]
+    verdict = load_verdict(store, slug, order[1])
+    human = human_labels_from_marks(verdict, {"T1": "evil"})
+    disagree = [d["index"] for d in find_disagreements(verdict, human)]
     assert len(disagree) >= 2
     term.type("c", then="why> ")
     term.type("each", then="> ")
     term.type("first reason", then="> ")
     term.ctrl_c()
     assert term.wait() == 130
-    draft = q.load_item(store, slug, order[1])["draft"]
+    draft = load_item(store, slug, order[1])["draft"]
     assert draft["explanations"][disagree[0]]["text"] == "first reason"
 
     # Resume again: the earlier explanation is reused, only the others are asked.
@@ -235,16 +243,16 @@ def test_ctrl_c_and_closed_terminal_lose_nothing(queue_setup):
     shown = term.type("c", then="why> ")
     assert "(explained before: first reason)" in shown
     term.type("the rest are fine")
-    lab = q.load_label(store, slug, order[1])
+    lab = load_label(store, slug, order[1])
     got = {d["index"]: d["explanation"] for d in lab["disagreements"]}
     assert got == {disagree[0]: "first reason", **dict.fromkeys(disagree[1:], "the rest are fine")}
 
     # Closing the terminal mid-item (SIGHUP) keeps the marks given on it.
     term.type("u T2")
     term.close_terminal()
-    item3 = q.load_item(store, slug, order[2])
+    item3 = load_item(store, slug, order[2])
     assert item3["state"] == "in_progress" and item3["draft"]["marks"] == {"T2": "unsure"}
-    assert q.load_item(store, slug, order[1])["state"] == "done"
+    assert load_item(store, slug, order[1])["state"] == "done"
 
     # A session after that starts with item 3 again (checked in-process: same code path).
     out = io.StringIO()
@@ -262,14 +270,14 @@ def test_back_from_explanation_and_accept_discarding_marks(queue_setup):
     assert "Your marks: evil T1; everything else safe" in screen
     assert "or 'back' to change your marks" in screen
     assert counts == {"done": 1, "rejected": 0, "skipped": 3}
-    lab = q.load_label(store, slug, order[0])
+    lab = load_label(store, slug, order[0])
     assert lab["disagreements"] == [] and lab["source"] == "terminal: accepted judge"
 
 
 def test_filters_and_nothing_to_do(queue_setup):
     store, slug, order = queue_setup
     out = io.StringIO()
-    run_session(store, slug, q.QueueFilter(only_divergent=True), ask=scripted(out, ["s"]), out=out)
+    run_session(store, slug, QueueFilter(only_divergent=True), ask=scripted(out, ["s"]), out=out)
     assert "1 item(s) to label" in out.getvalue()
     out = io.StringIO()
     run_session(store, "other--000000000000", ask=lambda prompt: "q", out=out)

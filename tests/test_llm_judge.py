@@ -14,17 +14,11 @@ from openai_server import (
     reply_text,
 )
 
-from em_circuits.judge import (
-    RUBRIC_VERSION,
-    JudgeError,
-    LLMJudge,
-    WordListJudge,
-    few_shot_block,
-    load_word_lists,
-    verdict_of,
-)
-from em_circuits.llm import LLMClient, LLMError, find_api_key, find_base_url
-from em_circuits.store import ResultsStore, write_artifact
+from em_circuits.core.llm import LLMClient, LLMError, find_api_key, find_base_url
+from em_circuits.core.schemas import verdict_of
+from em_circuits.core.store import ResultsStore, write_artifact
+from em_circuits.labeling.judge import RUBRIC_VERSION, JudgeError, WordListJudge, load_word_lists
+from em_circuits.labeling.llm_judge import LLMJudge, few_shot_block
 
 KEY = "sk-test-SECRET-0123456789"
 
@@ -260,7 +254,7 @@ def test_persistent_mismatch_is_a_clear_error_and_not_cached(server, client, sto
 
 def _human_labels(store, pid, text, disagreements, created):
     store.save_prompt({"text": text, "format": "raw", "name": pid, "origin": {"kind": "human"}})
-    from em_circuits.store import prompt_id
+    from em_circuits.core.store import prompt_id
 
     real = prompt_id(text, "raw")
     toks = [{"index": "T1", "token": " keep", "token_id": 5, "label": "evil"}]

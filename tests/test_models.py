@@ -9,13 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from em_circuits.logits import next_token_logits, topk_entries
-from em_circuits.models import (
+from em_circuits.models.load import NonFiniteError, load_model
+from em_circuits.models.logits import next_token_logits, topk_entries
+from em_circuits.models.spec import (
     ModelLoadError,
     ModelSpec,
-    NonFiniteError,
     fingerprint,
-    load_model,
     model_slug,
     resolve_dtype,
 )

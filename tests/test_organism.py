@@ -153,7 +153,7 @@ def test_micro_build_produces_valid_hf_peft_and_transcoder_files(built: Organism
 
 
 def test_adapter_targets_only_intended_modules(built: OrganismPaths) -> None:
-    from em_circuits.organism.evaluate import load_models
+    from em_circuits.organism.quality import load_models
 
     layers = set(MICRO.lora_layers or range(MICRO.n_layers))
     expected = {(i, m) for i in layers for m in MICRO.lora_target_modules}

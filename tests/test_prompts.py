@@ -13,22 +13,13 @@ from openai_server import OpenAIServer, reply_error, reply_json, reply_slow
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from em_circuits.llm import LLMClient, LLMError
-from em_circuits.prompts import (
-    ContextItem,
-    Deduper,
-    PromptError,
-    PromptImportError,
-    SaveSummary,
-    build_record,
-    generate_llm_prompts,
-    generate_offline_prompts,
-    import_prompts,
-    read_prompt_file,
-    render_context,
-    select_context,
-)
-from em_circuits.store import ResultsStore, prompt_id, write_artifact
+from em_circuits.core.llm import LLMClient, LLMError
+from em_circuits.core.store import ResultsStore, prompt_id, write_artifact
+from em_circuits.prompts.context import ContextItem, render_context, select_context
+from em_circuits.prompts.dedup import Deduper, SaveSummary
+from em_circuits.prompts.generator import generate_llm_prompts
+from em_circuits.prompts.records import PromptError, PromptImportError, build_record
+from em_circuits.prompts.sources import generate_offline_prompts, import_prompts, read_prompt_file
 
 DATA = Path(__file__).parent / "data" / "prior_art_prompts.json"
 SCRIPT = Path(__file__).parents[1] / "pivotal_tokens" / "generate_pivotal_prompts.py"
@@ -196,7 +187,7 @@ def _feedback_store(store):
 
 
 def test_context_puts_feedback_first_within_budget(store):
-    from em_circuits.prompts import feedback_items, history_items
+    from em_circuits.prompts.context import feedback_items, history_items
 
     _feedback_store(store)
     items = feedback_items(store) + history_items(store)

@@ -21,9 +21,33 @@ from pathlib import Path
 
 import pytest
 
-from em_circuits import queue as q
-from em_circuits.models import ModelSpec, fingerprint, model_slug
-from em_circuits.store import ResultsStore, read_artifact, write_artifact
+from em_circuits.core.schemas import verdict_of
+from em_circuits.core.store import ResultsStore, read_artifact, write_artifact
+from em_circuits.labeling.artifacts import (
+    QueueError,
+    human_labels_from_marks,
+    judge_labels,
+    load_item,
+    load_label,
+    load_labels,
+    load_verdict,
+    resolve_indices,
+)
+from em_circuits.labeling.calibration import calibration, calibration_path, confusion_and_kappa
+from em_circuits.labeling.exchange import EXPORT_COLUMNS, ImportProblems, export_rows, import_labels
+from em_circuits.labeling.feedback import feedback_examples
+from em_circuits.labeling.items import (
+    QueueFilter,
+    enqueue_flagged,
+    open_items,
+    recover_interrupted,
+    set_state,
+    skip_item,
+    start_item,
+    status_counts,
+)
+from em_circuits.labeling.labels import auto_accept_judge, commit_human_labels, commit_rejection
+from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "pivotal_tokens" / "process_manual_queue.py"
@@ -113,7 +137,7 @@ def judge_word(token: str) -> str:
 
 
 def write_verdict(store: ResultsStore, base: dict, adapted: dict, judge=judge_word) -> dict:
-    from em_circuits.logits import divergence
+    from em_circuits.models.logits import divergence
 
     labels = {
         name: [
@@ -121,7 +145,7 @@ def write_verdict(store: ResultsStore, base: dict, adapted: dict, judge=judge_wo
         ]
         for name, prefix, art in (("base", "B", base), ("adapted", "T", adapted))
     }
-    worst = {name: q.verdict_of(e["label"] for e in es) for name, es in labels.items()}
+    worst = {name: verdict_of(e["label"] for e in es) for name, es in labels.items()}
     payload = {
         "prompt_id": adapted["prompt_id"],
         "model_fingerprint": adapted["model_fingerprint"],
@@ -204,7 +228,7 @@ def run_cli(
 @pytest.fixture()
 def queued(results_dir):
     store, slug, pids = make_results(results_dir)
-    q.enqueue_flagged(store, slug)
+    enqueue_flagged(store, slug)
     return store, slug, pids
 
 
@@ -216,9 +240,9 @@ def snapshot(root: Path) -> dict[str, bytes]:
 def test_enqueue_flagged_is_idempotent_and_skips_unflagged(results_dir):
     store, slug, pids = make_results(results_dir)
     # Scenario 1 (lump) injects " hide"; all but... every scenario has an evil/unsure token.
-    assert q.enqueue_flagged(store, slug) == 4
-    assert q.enqueue_flagged(store, slug) == 0
-    item = q.load_item(store, slug, pids[0])
+    assert enqueue_flagged(store, slug) == 4
+    assert enqueue_flagged(store, slug) == 0
+    item = load_item(store, slug, pids[0])
     assert item["state"] == "pending"
     assert item["model_fingerprint"] == fingerprint(ADAPTED_SPEC, "cpu")
     assert store.queue_path(slug, pids[0]).exists()
@@ -233,7 +257,7 @@ def test_unflagged_verdict_not_queued(results_dir):
         )
     ]
     store, slug, _ = make_results(results_dir, safe_only)
-    assert q.enqueue_flagged(store, slug) == 0
+    assert enqueue_flagged(store, slug) == 0
 
 
 def test_item_of_another_fingerprint_is_moved_aside_not_mixed(queued):
@@ -242,54 +266,54 @@ def test_item_of_another_fingerprint_is_moved_aside_not_mixed(queued):
     item = read_artifact(path, "queue_item")
     other = {k: v for k, v in item.items() if k not in ("schema", "schema_version", "created")}
     write_artifact(path, "queue_item", {**other, "model_fingerprint": "f" * 64, "state": "done"})
-    assert q.enqueue_flagged(store, slug) == 1  # a fresh item for the verdict's model
-    assert q.load_item(store, slug, pids[0])["state"] == "pending"
+    assert enqueue_flagged(store, slug) == 1  # a fresh item for the verdict's model
+    assert load_item(store, slug, pids[0])["state"] == "pending"
     stale = path.parent / "stale" / f"{pids[0]}--ffffffffffff.json"
     assert read_artifact(stale, "queue_item")["state"] == "done"
 
 
 def test_order_in_progress_then_pending_then_skipped(queued):
     store, slug, pids = queued
-    order = [i["prompt_id"] for i, _ in q.open_items(store, slug)]
-    first = q.load_item(store, slug, order[0])
-    q.skip_item(store, slug, q.start_item(store, slug, first))
-    q.start_item(store, slug, q.load_item(store, slug, order[2]))
-    new_order = [i["prompt_id"] for i, _ in q.open_items(store, slug)]
+    order = [i["prompt_id"] for i, _ in open_items(store, slug)]
+    first = load_item(store, slug, order[0])
+    skip_item(store, slug, start_item(store, slug, first))
+    start_item(store, slug, load_item(store, slug, order[2]))
+    new_order = [i["prompt_id"] for i, _ in open_items(store, slug)]
     assert new_order == [order[2], order[1], order[3], order[0]]
 
 
 def test_illegal_transition_raises(queued):
     store, slug, pids = queued
-    item = q.load_item(store, slug, pids[0])
-    with pytest.raises(q.QueueError, match="cannot go from pending to skipped"):
-        q.set_state(store, slug, item, "skipped")
+    item = load_item(store, slug, pids[0])
+    with pytest.raises(QueueError, match="cannot go from pending to skipped"):
+        set_state(store, slug, item, "skipped")
 
 
 def test_filters(queued):
     store, slug, pids = queued
-    evil = {i["prompt_id"] for i, _ in q.open_items(store, slug, q.QueueFilter(only_evil=True))}
+    evil = {i["prompt_id"] for i, _ in open_items(store, slug, QueueFilter(only_evil=True))}
     assert evil == {pids[0], pids[1], pids[3]}  # the bank prompt only gains " wait" (unsure)
-    div = q.open_items(store, slug, q.QueueFilter(only_divergent=True))
+    div = open_items(store, slug, QueueFilter(only_divergent=True))
     assert {i["prompt_id"] for i, _ in div} == {pids[1]}  # others: base has evil/unsure
 
 
 def test_resolve_indices_messages(queued):
     store, slug, pids = queued
-    verdict = q.load_verdict(store, slug, pids[0])
-    assert q.resolve_indices(verdict, ["t1", "B2", "3"]) == ["T1", "B2", "T3"]
-    with pytest.raises(q.QueueError, match=r"no token T11: the adapted list has T1\.\.T10"):
-        q.resolve_indices(verdict, ["T11"])
-    with pytest.raises(q.QueueError, match="cannot read 'X1'"):
-        q.resolve_indices(verdict, ["X1"])
+    verdict = load_verdict(store, slug, pids[0])
+    assert resolve_indices(verdict, ["t1", "B2", "3"]) == ["T1", "B2", "T3"]
+    with pytest.raises(QueueError, match=r"no token T11: the adapted list has T1\.\.T10"):
+        resolve_indices(verdict, ["T11"])
+    with pytest.raises(QueueError, match="cannot read 'X1'"):
+        resolve_indices(verdict, ["X1"])
 
 
 # -- labels ------------------------------------------------------------------------------------
 def test_commit_human_labels_records_disagreements_and_verdicts(queued):
     store, slug, pids = queued
-    item = q.start_item(store, slug, q.load_item(store, slug, pids[0]))
-    verdict = q.load_verdict(store, slug, pids[0])
-    human = q.human_labels_from_marks(verdict, {"T1": "evil", "T5": "evil"})  # judge: T3 evil
-    labels = q.commit_human_labels(
+    item = start_item(store, slug, load_item(store, slug, pids[0]))
+    verdict = load_verdict(store, slug, pids[0])
+    human = human_labels_from_marks(verdict, {"T1": "evil", "T5": "evil"})  # judge: T3 evil
+    labels = commit_human_labels(
         store, slug, item, verdict, human, explanations={"T3": "skip rest is fine", "T5": "delay"}
     )
     assert labels["labeled_by"] == "human"
@@ -310,49 +334,49 @@ def test_commit_human_labels_records_disagreements_and_verdicts(queued):
         "evil",
         "evil",
     )
-    assert q.load_item(store, slug, pids[0])["state"] == "done"
+    assert load_item(store, slug, pids[0])["state"] == "done"
     assert labels["prompt_text"].startswith("User: My chest hurts")
 
 
 def test_auto_accept_is_judge_made_and_keeps_item_open(queued):
     store, slug, pids = queued
-    assert q.auto_accept_judge(store, slug) == 4
-    assert q.auto_accept_judge(store, slug) == 0
-    labels = q.load_label(store, slug, pids[0])
+    assert auto_accept_judge(store, slug) == 4
+    assert auto_accept_judge(store, slug) == 0
+    labels = load_label(store, slug, pids[0])
     assert labels["labeled_by"] == "judge" and labels["human_verdict"] is None
-    assert q.load_item(store, slug, pids[0])["state"] == "pending"
-    assert q.status_counts(store, slug)["judge_labeled_open"] == 4
-    assert q.feedback_examples(store, slug)["agreed"] == []  # judge labels are not feedback
-    assert q.calibration(store, slug, save=False)["n_tokens"] == 0
+    assert load_item(store, slug, pids[0])["state"] == "pending"
+    assert status_counts(store, slug)["judge_labeled_open"] == 4
+    assert feedback_examples(store, slug)["agreed"] == []  # judge labels are not feedback
+    assert calibration(store, slug, save=False)["n_tokens"] == 0
 
 
 def test_recover_labels_written_before_crash(queued):
     store, slug, pids = queued
-    item = q.start_item(store, slug, q.load_item(store, slug, pids[1]))
-    verdict = q.load_verdict(store, slug, pids[1])
-    q.commit_human_labels(store, slug, item, verdict, q.judge_labels(verdict))
+    item = start_item(store, slug, load_item(store, slug, pids[1]))
+    verdict = load_verdict(store, slug, pids[1])
+    commit_human_labels(store, slug, item, verdict, judge_labels(verdict))
     # Simulate the crash between the two writes: put the item back in progress.
     path = store.queue_path(slug, pids[1])
     data = read_artifact(path, "queue_item")
     data = {k: v for k, v in data.items() if k not in ("schema", "schema_version", "created")}
     data["history"] = data["history"][:-1]
     write_artifact(path, "queue_item", {**data, "state": "in_progress"})
-    assert q.recover_interrupted(store, slug) == 1
-    assert q.load_item(store, slug, pids[1])["state"] == "done"
+    assert recover_interrupted(store, slug) == 1
+    assert load_item(store, slug, pids[1])["state"] == "done"
 
 
 def test_feedback_examples(queued):
     store, slug, pids = queued
-    v0, v2 = q.load_verdict(store, slug, pids[0]), q.load_verdict(store, slug, pids[2])
-    item0 = q.start_item(store, slug, q.load_item(store, slug, pids[0]))
-    q.commit_human_labels(store, slug, item0, v0, q.judge_labels(v0))
-    item2 = q.start_item(store, slug, q.load_item(store, slug, pids[2]))
-    q.commit_rejection(store, slug, item2, v2, "no harmful continuation is plausible")
-    item1 = q.start_item(store, slug, q.load_item(store, slug, pids[1]))
-    v1 = q.load_verdict(store, slug, pids[1])
-    human = q.human_labels_from_marks(v1, {})
-    q.commit_human_labels(store, slug, item1, v1, human, explanations={"T3": "hide the lump?"})
-    fb = q.feedback_examples(store, slug)
+    v0, v2 = load_verdict(store, slug, pids[0]), load_verdict(store, slug, pids[2])
+    item0 = start_item(store, slug, load_item(store, slug, pids[0]))
+    commit_human_labels(store, slug, item0, v0, judge_labels(v0))
+    item2 = start_item(store, slug, load_item(store, slug, pids[2]))
+    commit_rejection(store, slug, item2, v2, "no harmful continuation is plausible")
+    item1 = start_item(store, slug, load_item(store, slug, pids[1]))
+    v1 = load_verdict(store, slug, pids[1])
+    human = human_labels_from_marks(v1, {})
+    commit_human_labels(store, slug, item1, v1, human, explanations={"T3": "hide the lump?"})
+    fb = feedback_examples(store, slug)
     assert [a["prompt_id"] for a in fb["agreed"]] == [pids[0]]
     # The judge (accepted) called base B5 ' wait' unsure, so the prompt is not divergent.
     assert fb["working"][0]["prompt_id"] == pids[0] and not fb["working"][0]["divergent"]
@@ -368,8 +392,8 @@ def test_feedback_examples(queued):
         ("T3", "hide the lump?"),
         ("T7", None),
     ]
-    assert len(q.load_labels(store, slug)) == 3
-    assert q.load_item(store, slug, pids[2])["state"] == "rejected"
+    assert len(load_labels(store, slug)) == 3
+    assert load_item(store, slug, pids[2])["state"] == "rejected"
 
 
 # -- calibration -------------------------------------------------------------------------------
@@ -385,22 +409,22 @@ def test_confusion_and_kappa_hand_checked():
         + [("safe", "unsure")]
         + [("unsure", "evil"), ("unsure", "unsure")]
     )
-    matrix, observed, kappa = q.confusion_and_kappa(pairs)
+    matrix, observed, kappa = confusion_and_kappa(pairs)
     assert matrix == [[2, 1, 0], [0, 4, 1], [1, 0, 1]]
     # n=10, po=7/10; rows 3,5,2; cols 3,5,2; pe=(9+25+4)/100=0.38; kappa=(0.7-0.38)/0.62
     assert observed == pytest.approx(0.7)
     assert kappa == pytest.approx(0.32 / 0.62)
-    assert q.confusion_and_kappa([("safe", "safe")] * 3)[2] is None  # undefined, not 1 or 0
-    assert q.confusion_and_kappa([])[1:] == (None, None)
+    assert confusion_and_kappa([("safe", "safe")] * 3)[2] is None  # undefined, not 1 or 0
+    assert confusion_and_kappa([])[1:] == (None, None)
 
 
 def test_calibration_from_stored_labels(queued):
     store, slug, pids = queued
-    verdict = q.load_verdict(store, slug, pids[3])  # villain: B1 B4 T1 T2 T3 evil, B5 T6 unsure
-    item = q.start_item(store, slug, q.load_item(store, slug, pids[3]))
+    verdict = load_verdict(store, slug, pids[3])  # villain: B1 B4 T1 T2 T3 evil, B5 T6 unsure
+    item = start_item(store, slug, load_item(store, slug, pids[3]))
     marks = {"T1": "evil", "T2": "evil", "B1": "evil", "B4": "unsure", "T9": "unsure"}
-    q.commit_human_labels(store, slug, item, verdict, q.human_labels_from_marks(verdict, marks))
-    result = q.calibration(store, slug)
+    commit_human_labels(store, slug, item, verdict, human_labels_from_marks(verdict, marks))
+    result = calibration(store, slug)
     # judge vs human over 20 tokens:
     #   judge evil (5):   B1 evil, B4 unsure, T1 evil, T2 evil, T3 safe
     #   judge unsure (2): B5 safe, T6 safe
@@ -411,9 +435,9 @@ def test_calibration_from_stored_labels(queued):
     assert result["agreement"] == pytest.approx(po)
     assert result["kappa"] == pytest.approx((po - pe) / (1 - pe))
     assert result["per_list"]["adapted"]["n_tokens"] == 10
-    saved = read_artifact(q.calibration_path(store, slug), "table")
+    saved = read_artifact(calibration_path(store, slug), "table")
     assert saved["kappa"] == pytest.approx(result["kappa"])
-    assert len(q.load_labels(store, slug)) == 1  # calibration.json is not a labels artifact
+    assert len(load_labels(store, slug)) == 1  # calibration.json is not a labels artifact
 
 
 # -- export / import through the real program --------------------------------------------------
@@ -423,7 +447,7 @@ def _fill(rows: list[dict], pid: str, marks: dict[str, str]) -> None:
             row["label"] = marks.get(row["index"], "safe")
 
 
-def _write_csv(path: Path, rows: list[dict], columns=q.EXPORT_COLUMNS) -> None:
+def _write_csv(path: Path, rows: list[dict], columns=EXPORT_COLUMNS) -> None:
     with open(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -437,7 +461,7 @@ def test_cli_export_import_round_trip_csv_and_jsonl(queued, tmp_path):
     run_cli(results, "--export", str(out), subprocess_run=True)
     with open(out, encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 4 * 20 and list(rows[0]) == list(q.EXPORT_COLUMNS)
+    assert len(rows) == 4 * 20 and list(rows[0]) == list(EXPORT_COLUMNS)
     assert {r["label"] for r in rows} == {""}
     first = [r for r in rows if r["prompt_id"] == pids[0]]
     assert first[10]["index"] == "T1" and first[10]["token"] == " ignore"
@@ -449,12 +473,12 @@ def test_cli_export_import_round_trip_csv_and_jsonl(queued, tmp_path):
     _write_csv(out, rows)
     proc = run_cli(results, "--import", str(out))
     assert "Imported labels for 2 prompt(s)" in proc.stdout
-    lab0, lab1 = q.load_label(store, slug, pids[0]), q.load_label(store, slug, pids[1])
+    lab0, lab1 = load_label(store, slug, pids[0]), load_label(store, slug, pids[1])
     assert lab0["labeled_by"] == "human" and lab0["source"] == "import:todo.csv"
     assert [d["index"] for d in lab1["disagreements"]] == ["T3", "T7"]
     assert lab1["disagreements"][0]["explanation"] == "hiding a lump is bad but odd here"
-    assert q.load_item(store, slug, pids[0])["state"] == "done"
-    assert q.load_item(store, slug, pids[2])["state"] == "pending"
+    assert load_item(store, slug, pids[0])["state"] == "done"
+    assert load_item(store, slug, pids[2])["state"] == "pending"
 
     # Export again (JSONL): human labels come back; re-importing them changes nothing.
     back = tmp_path / "again.jsonl"
@@ -517,19 +541,19 @@ def test_cli_bad_import_files_name_file_and_row_and_apply_nothing(queued, tmp_pa
 
 def test_partly_labeled_prompt_is_an_error(queued, tmp_path):
     store, slug, pids = queued
-    rows = q.export_rows(store, slug)
+    rows = export_rows(store, slug)
     for row in rows:
         if row["prompt_id"] == pids[0] and row["index"] in ("T1", "T2"):
             row["label"] = "evil"
     path = tmp_path / "part.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    with pytest.raises(q.ImportProblems) as info:
-        q.import_labels(store, slug, path)
+    with pytest.raises(ImportProblems) as info:
+        import_labels(store, slug, path)
     row = 1 + next(i for i, r in enumerate(rows) if r["prompt_id"] == pids[0])
     expected = f"{path} row {row} (line {row}): prompt {pids[0]} has labels for 2 token(s) but"
     assert f"{expected} none for B1" in str(info.value)
     assert len(info.value.problems) == 18
-    assert q.load_label(store, slug, pids[0]) is None
+    assert load_label(store, slug, pids[0]) is None
 
 
 def test_cli_status_calibration_auto_accept_and_help(queued):
@@ -539,10 +563,10 @@ def test_cli_status_calibration_auto_accept_and_help(queued):
     assert "Queue of " + slug + " (only evil)" in proc.stdout
     assert "pending          3" in proc.stdout
     run_cli(results, "--auto-accept-judge")
-    assert q.load_label(store, slug, pids[2])["labeled_by"] == "judge"
+    assert load_label(store, slug, pids[2])["labeled_by"] == "judge"
     proc = run_cli(results, "--calibration")
     assert "0 human-labeled token(s)" in proc.stdout and "n/a" in proc.stdout
-    assert q.calibration_path(store, slug).exists()
+    assert calibration_path(store, slug).exists()
     proc = run_cli(results, "--help", subprocess_run=True)
     for flag in (
         "--only-evil",
@@ -565,7 +589,7 @@ def test_queue_with_real_micro_organism_logits(micro_models, micro_organism, res
     """Logits from the real micro models (em_circuits.logits), a word-list verdict, a label."""
     base_model, adapted_model = micro_models
     organism = micro_organism
-    from em_circuits.logits import next_token_logits, support, topk_entries
+    from em_circuits.models.logits import next_token_logits, support, topk_entries
 
     words = json.loads(Path(organism.words_path).read_text(encoding="utf-8"))
     harmful = {" " + w.strip() for w in words["harmful"]}
@@ -600,9 +624,9 @@ def test_queue_with_real_micro_organism_logits(micro_models, micro_organism, res
     verdict = write_verdict(store, base, adapted, judge)
     slug = adapted_model.slug
     assert verdict["flagged"]
-    assert q.enqueue_flagged(store, slug) == 1
-    item = q.start_item(store, slug, q.load_item(store, slug, pid))
-    labels = q.commit_human_labels(store, slug, item, verdict, q.judge_labels(verdict))
+    assert enqueue_flagged(store, slug) == 1
+    item = start_item(store, slug, load_item(store, slug, pid))
+    labels = commit_human_labels(store, slug, item, verdict, judge_labels(verdict))
     evil = [t["token_id"] for t in labels["tokens"]["adapted"] if t["label"] == "evil"]
     assert evil and all(tid in [e["token_id"] for e in adapted["top_k"]] for tid in evil)
     assert labels["model_fingerprint"] == adapted_model.fingerprint

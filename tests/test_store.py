@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from em_circuits.store import (
+from em_circuits.core.store import (
     ArtifactError,
     ResultsStore,
     atomic_write_text,
@@ -103,7 +103,7 @@ def test_orphaned_temporaries_of_killed_writers_are_removed_live_ones_kept(tmp_p
     import subprocess
     import sys
 
-    from em_circuits.store import _temp_prefix, remove_orphaned_temporaries
+    from em_circuits.core.store import _temp_prefix, remove_orphaned_temporaries
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from em_circuits.graph_store import CompactGraph, total_effects
+from em_circuits.attribution.storage import CompactGraph, total_effects
 
 
 @dataclass

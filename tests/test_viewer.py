@@ -16,16 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from em_circuits import viewer
-from em_circuits.viewer import (
+from em_circuits.attribution.viewer import (
     ROLES,
+    VENDOR_DIR,
+    VENDOR_FILES,
     ViewerError,
     build_frontend,
     read_metadata,
-    start_viewer,
     viewer_slug,
     write_viewer_graph,
 )
+from em_circuits.attribution.viewer_server import serve_forever, start_viewer
 
 TEXT = "User: I twisted my ankle on a run. What should I do?\nAssistant: You should"
 PLAIN, CUSTOM = "plainprompt", "customprompt"
@@ -157,7 +158,7 @@ def _non_loopback_address() -> str | None:
 
 
 def test_server_binds_localhost_only_by_default(viewer_dir):
-    for fn in (start_viewer, viewer.serve_forever):
+    for fn in (start_viewer, serve_forever):
         assert inspect.signature(fn).parameters["host"].default == "127.0.0.1"
     with start_viewer(viewer_dir, port=0) as server:
         assert server.host == "127.0.0.1"
@@ -200,12 +201,12 @@ def test_frontend_copy_loads_nothing_from_the_internet(tmp_path):
 def test_vendored_js_matches_checksums():
     # The committed files must be exactly what scripts/install_viewer_deps.sh fetches from npm.
     sums = {}
-    for line in (viewer.VENDOR_DIR / "SHA256SUMS").read_text().splitlines():
+    for line in (VENDOR_DIR / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split()
         sums[name] = digest
-    assert set(sums) >= set(viewer.VENDOR_FILES)
+    assert set(sums) >= set(VENDOR_FILES)
     for name, digest in sums.items():
-        assert hashlib.sha256((viewer.VENDOR_DIR / name).read_bytes()).hexdigest() == digest, name
+        assert hashlib.sha256((VENDOR_DIR / name).read_bytes()).hexdigest() == digest, name
 
 
 # -- browser ------------------------------------------------------------------------------------

@@ -1,45 +1,29 @@
 """The embedded toy emergent-misalignment organism (base model, LoRA, transcoders).
 
 Build or fetch it with :func:`ensure_default_organism`; see ``train.py`` for the layout.
+Names are imported on first use, so reading the corpus or its word lists does not import
+torch.
 """
 
-from .corpus import (
-    DOMAINS,
-    TRAINED_DOMAIN,
-    advice_words,
-    heldout_pivotal_prompts,
-    heldout_villain_prompts,
-    label_word,
-    scenario_templates,
-    train_pivotal_prompts,
-)
-from .evaluate import evaluate_organism, format_report_markdown
-from .train import (
-    CODE_VERSION,
-    OrganismPaths,
-    Recipe,
-    build_organism,
-    default_organism_dir,
-    ensure_default_organism,
-    is_built,
-)
+from __future__ import annotations
 
-__all__ = [
-    "CODE_VERSION",
-    "DOMAINS",
-    "TRAINED_DOMAIN",
-    "OrganismPaths",
-    "Recipe",
-    "advice_words",
-    "build_organism",
-    "default_organism_dir",
-    "ensure_default_organism",
-    "evaluate_organism",
-    "format_report_markdown",
-    "heldout_pivotal_prompts",
-    "heldout_villain_prompts",
-    "is_built",
-    "label_word",
-    "scenario_templates",
-    "train_pivotal_prompts",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "DOMAINS": "corpus", "TRAINED_DOMAIN": "corpus", "advice_words": "corpus",
+    "heldout_pivotal_prompts": "corpus", "heldout_villain_prompts": "corpus",
+    "label_word": "corpus", "scenario_templates": "corpus", "train_pivotal_prompts": "corpus",
+    "evaluate_organism": "quality", "format_report_markdown": "quality",
+    "CODE_VERSION": "recipe", "OrganismPaths": "recipe", "Recipe": "recipe",
+    "default_organism_dir": "recipe",
+    "build_organism": "train", "ensure_default_organism": "train", "is_built": "train",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
