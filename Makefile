@@ -1,8 +1,9 @@
-# make demo : set everything up and run the whole pipeline on the embedded toy organism
-# make test : set everything up and run the test suite
+# make demo      : set everything up and run the whole pipeline on the embedded toy organism
+# make test      : set everything up and run the whole test suite (what CI runs)
+# make test-fast : the quick tests only (no whole-pipeline runs, no installs): under 90 s
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint organism viewer-deps
+.PHONY: setup demo test test-fast lint format typecheck organism viewer-deps
 
 setup:
 	@bash scripts/setup.sh
@@ -12,13 +13,24 @@ viewer-deps:
 	@bash scripts/install_viewer_deps.sh || echo "warning: viewer test dependencies not installed"
 
 organism: setup
-	$(PY) build_organism.py
+	.venv/bin/em-circuits organism
 
 demo: setup
-	$(PY) create_graph_labeling_pipeline.py
+	.venv/bin/em-circuits run
 
 test: setup viewer-deps
 	$(PY) -m pytest
 
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+typecheck: setup
+	.venv/bin/mypy

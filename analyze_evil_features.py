@@ -1,58 +1,10 @@
 #!/usr/bin/env python
-"""Which transcoder features drive the evil tokens: across prompts, base vs adapted, causally.
-
-Reads the stored graphs of both models (generate_graphs.py), and writes to
-results/analysis/<adapted model>/:
-  top_features_adapted.csv/.json   per (layer, feature): support, mean contrast effect with a
-  top_features_base.csv/.json      bootstrap CI, sign consistency, permutation p and FDR q
-  base_vs_adapted.csv/.json        paired on shared prompts: gained/lost/strengthened/weakened
-  error_share.csv/.json            share of the contrast carried by error nodes per layer
-  dose_response.csv/.json          zeroing/scaling the top evil features vs matched random ones
-  causal_summary.json, summary.json, and PNG plots of each.
-Effects are direct (one edge) and total (every path through features), on the contrast
-target logit(evil) - logit(safe); formulas in README.md. Per-prompt effects are cached.
-
-examples:
-  python analyze_evil_features.py
-  python analyze_evil_features.py --position last --min-support 3
-  python analyze_evil_features.py --causal-top-k 0       # skip the interventions
-"""
-
-from __future__ import annotations
+"""Same as ``em-circuits analyze`` (kept so existing commands work); see em_circuits/cli/analyze.py."""
 
 import sys
 
-from em_circuits.cli.common import (
-    add_analysis_args,
-    add_model_args,
-    analysis_params,
-    make_parser,
-    setup,
-    specs_from_args,
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = make_parser(__doc__)
-    add_model_args(parser)
-    add_analysis_args(parser)
-    args = parser.parse_args(argv)
-    store = setup(args)
-
-    from em_circuits.analysis.stage import run_analysis
-    from em_circuits.models.spec import default_device
-
-    base, adapted = specs_from_args(args)
-    params = analysis_params(args)
-    summary = run_analysis(store, base, adapted, params, str(args.device or default_device()))
-    counts = summary["prompts"]
-    print(f"prompts with graphs: base {counts['base']}, adapted {counts['adapted']}, "
-          f"paired {counts['paired']}")
-    if "causal" in summary:
-        print(summary["causal"].get("verdict", ""))
-    print(f"tables and plots: {store.analysis_dir / summary['models']['adapted']}")
-    return 0 if counts["adapted"] else 1
-
+from em_circuits.cli.common import run_command
+from em_circuits.cli.analyze import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

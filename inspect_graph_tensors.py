@@ -1,56 +1,10 @@
 #!/usr/bin/env python
-"""Look inside stored attribution graphs (compact or --save-full files).
+"""Same as ``em-circuits inspect`` (kept so existing commands work); see em_circuits/cli/inspect_graph.py."""
 
-Prints node counts by type, tensor shapes and dtypes, sizes on disk, a NaN/Inf check, the
-strongest edges per node-type pair with (layer, position, feature id), the targets with
-their logits and probabilities, and whether the logits stored for labeling equal the graph's.
-
-examples:
-  python inspect_graph_tensors.py results/graphs/<model>/<prompt_id>/<params>.safetensors
-  python inspect_graph_tensors.py --prompt-id 3f2a9c0d1b7e4a55        # every graph of a prompt
-  python inspect_graph_tensors.py --prompt-id 3f2a9c0d1b7e4a55 --json | jq .targets
-"""
-
-from __future__ import annotations
-
-import json
 import sys
-from pathlib import Path
 
-from em_circuits.cli.common import make_parser, setup
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = make_parser(__doc__)
-    parser.add_argument("graphs", nargs="*", type=Path, help="graph files (.safetensors)")
-    parser.add_argument("--prompt-id", help="inspect every stored graph of this prompt")
-    parser.add_argument("--edges", type=int, default=5, help="edges shown per node-type pair")
-    parser.add_argument("--features", type=int, default=10, help="top features shown")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    args = parser.parse_args(argv)
-    store = setup(args)
-
-    from em_circuits.attribution.inspection import format_inspection, inspect_graph
-    from em_circuits.core.store import ArtifactError
-
-    paths = list(args.graphs)
-    if args.prompt_id:
-        paths += sorted((store.root / "graphs").glob(f"*/{args.prompt_id}/*.safetensors"))
-    if not paths:
-        parser.error("give graph files or --prompt-id with stored graphs")
-    reports = []
-    for path in paths:
-        try:
-            reports.append(inspect_graph(path, store, args.edges, args.features))
-        except ArtifactError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-    if args.json:
-        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=1))
-    else:
-        print("\n\n".join(format_inspection(r) for r in reports))
-    return 0 if all(r["finite"] for r in reports) else 3
-
+from em_circuits.cli.common import run_command
+from em_circuits.cli.inspect_graph import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -18,56 +18,71 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run_benchmarks as rb  # noqa: E402
+import run_benchmarks as rb  # noqa: E402  (sets the offline defaults and the repository path)
+from harness import Budget, Estimates, log, measure, median, sync  # noqa: E402
+from sections.common import ResidentModels, Settings  # noqa: E402
+from sections.setup import load_resident, prepare  # noqa: E402
 
 
 def main() -> None:
     args = rb.parse_args()
-    bench = rb.Bench(args)
-    bench.sec_setup()
-    bench.sec_load()
+    settings = Settings.from_args(args)
+    ctx = prepare(
+        settings, Budget(args.max_seconds), Estimates.initial(settings.device.type == "cuda")
+    )
+    resident = ResidentModels()
+    load_resident(ctx, resident)
     from circuit_tracer import attribute
 
     from em_circuits.attribution.attribute import _custom_targets, _target_rows, attribute_prompt
 
-    _, model = bench._need_models()
-    params = bench.params
+    _, model = resident.pair()
+    params = ctx.params
     rm = model.replacement
     variants = {
-        "salient": lambda pt, ids: attribute(ids, rm, batch_size=params.batch_size,
-                                             max_feature_nodes=params.max_feature_nodes),
+        "salient": lambda pt, ids: attribute(
+            ids, rm, batch_size=params.batch_size, max_feature_nodes=params.max_feature_nodes
+        ),
         "token ids": lambda pt, ids: attribute(
-            ids, rm, attribution_targets=torch.tensor(pt.evil_ids + pt.safe_ids),
-            batch_size=params.batch_size, max_feature_nodes=params.max_feature_nodes),
+            ids,
+            rm,
+            attribution_targets=torch.tensor(pt.evil_ids + pt.safe_ids),
+            batch_size=params.batch_size,
+            max_feature_nodes=params.max_feature_nodes,
+        ),
         "custom": lambda pt, ids: attribute(
-            ids, rm, attribution_targets=_custom_targets(
-                model, pt, _target_rows(model, pt, []),
-                {t: 1.0 for t in pt.evil_ids + pt.safe_ids}),
-            batch_size=params.batch_size, max_feature_nodes=params.max_feature_nodes),
+            ids,
+            rm,
+            attribution_targets=_custom_targets(
+                model, pt, _target_rows(model, pt, []), {t: 1.0 for t in pt.evil_ids + pt.safe_ids}
+            ),
+            batch_size=params.batch_size,
+            max_feature_nodes=params.max_feature_nodes,
+        ),
         "attribute_prompt": lambda pt, ids: attribute_prompt(model, pt, params, None),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
-    prompts = bench._need_workload().prompts
+    prompts = ctx.workload.prompts
     for i, pt in enumerate(prompts):
         ids = model.encode(pt.text)
         for name, fn in variants.items():
-            _, m = rb.measure(lambda fn=fn, pt=pt, ids=ids: fn(pt, ids))
+            _, m = measure(lambda fn=fn, pt=pt, ids=ids: fn(pt, ids))
             if i:
                 times[name].append(m.seconds)
-            rb.log(f"   prompt {i} {name}: {m.seconds:.3f} s, peak {m.peak_gib} GiB")
+            log(f"   prompt {i} {name}: {m.seconds:.3f} s, peak {m.peak_gib} GiB")
     for name, ts in times.items():
-        rb.log(f"median {name}: {rb.median(ts):.3f} s over {len(ts)}")
+        log(f"median {name}: {median(ts):.3f} s over {len(ts)}")
     pt = prompts[-1]
     ids = model.encode(pt.text)
     for name in ("salient", "attribute_prompt"):
         profiler = cProfile.Profile()
         profiler.enable()
         variants[name](pt, ids)
-        rb.sync()
+        sync()
         profiler.disable()
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
-        rb.log(f"== cProfile {name}\n{out.getvalue()[:6000]}")
+        log(f"== cProfile {name}\n{out.getvalue()[:6000]}")
 
 
 if __name__ == "__main__":

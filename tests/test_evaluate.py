@@ -110,17 +110,6 @@ def test_a_prompt_the_judge_cannot_label_does_not_stop_the_others(store):
     assert not store.verdict_path("m-a", "p1").exists()
 
 
-def test_missing_queue_module_is_a_clear_warning(store, monkeypatch, caplog):
-    import sys
-
-    from em_circuits.labeling.logits_stage import enqueue
-
-    monkeypatch.setitem(sys.modules, "em_circuits.queue", None)  # as before queue.py existed
-    assert enqueue(store, "m-a") is None
-    assert "manual queue not updated" in caplog.text
-
-
-# -- logits on the micro organism ------------------------------------------------------------------
 def test_logits_are_stored_per_model_and_skipped_when_cached(micro_models, store):
     base, adapted = micro_models
     records = offline_prompts(store, 3)

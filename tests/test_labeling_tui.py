@@ -207,6 +207,7 @@ def test_label_skip_reject_disagree_in_a_terminal(queue_setup):
     assert term.wait() == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_closed_terminal_lose_nothing(queue_setup):
     store, slug, order = queue_setup
     term = start(store.root)

@@ -212,6 +212,7 @@ def test_report_keys_and_markdown(built: OrganismPaths) -> None:
 
 
 # -- determinism, caching, atomicity ---------------------------------------------------------------
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights(built: OrganismPaths, tmp_path: Path) -> None:
     again = build_organism(tmp_path / "again", MICRO, progress=False)
     assert [_sha(p) for p in _weight_files(again)] == [_sha(p) for p in _weight_files(built)]
@@ -219,6 +220,7 @@ def test_same_seed_gives_identical_weights(built: OrganismPaths, tmp_path: Path)
     assert _sha(other.base_dir / "model.safetensors") != _sha(built.base_dir / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_cache_skips_matching_build_and_rebuilds_otherwise(
     built: OrganismPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -251,7 +253,7 @@ def test_cache_skips_matching_build_and_rebuilds_otherwise(
 def test_interrupted_build_leaves_previous_organism_untouched(
     built: OrganismPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from em_circuits.organism import evaluate
+    from em_circuits.organism import quality
 
     root = tmp_path / "org"
     shutil.copytree(built.root, root)
@@ -260,7 +262,7 @@ def test_interrupted_build_leaves_previous_organism_untouched(
     def interrupt(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluate, "evaluate_organism", interrupt)
+    monkeypatch.setattr(quality, "evaluate_organism", interrupt)
     with pytest.raises(KeyboardInterrupt):
         build_organism(root, MICRO.replace(seed=3), progress=False)
     after = {p.relative_to(root): _sha(p) for p in root.rglob("*") if p.is_file()}

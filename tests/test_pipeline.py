@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # whole pipelines, several minutes in all
 # Fields that legitimately differ between two runs (when, how long), nothing else.
 VOLATILE = {"created", "seconds", "at", "queued_at", "labeled_at", "date", "disk_bytes",
             "disk_free_bytes", "history", "elapsed"}

@@ -396,6 +396,43 @@ def test_feedback_examples(queued):
     assert load_item(store, slug, pids[2])["state"] == "rejected"
 
 
+def test_one_reader_of_human_feedback_for_examples_context_and_few_shots(queued, caplog):
+    from em_circuits.labeling.feedback import iter_human_feedback
+    from em_circuits.labeling.llm_judge import few_shot_block
+    from em_circuits.prompts.context import feedback_items
+
+    store, slug, pids = queued
+    v1, v2 = load_verdict(store, slug, pids[1]), load_verdict(store, slug, pids[2])
+    item1 = start_item(store, slug, load_item(store, slug, pids[1]))
+    commit_human_labels(store, slug, item1, v1, human_labels_from_marks(v1, {}),
+                        explanations={"T3": "hide the lump?"})
+    item2 = start_item(store, slug, load_item(store, slug, pids[2]))
+    commit_rejection(store, slug, item2, v2, "no harmful continuation is plausible")
+    assert auto_accept_judge(store, slug) == 2  # judge-made labels are not feedback
+    broken = store.labels_path("another--model", "0123456789abcdef")
+    broken.parent.mkdir(parents=True)
+    broken.write_text("{")  # one bad file must not stop anything that learns from feedback
+
+    feedback = list(iter_human_feedback(store))
+    assert [(fb.prompt_id, fb.rejected) for fb in feedback] == sorted(
+        [(pids[1], False), (pids[2], True)])
+    assert str(broken) in caplog.text
+    assert {fb.prompt_id: fb.prompt_text for fb in feedback} == {
+        pids[1]: SCENARIOS[1][0], pids[2]: SCENARIOS[2][0]}
+    assert [fb.prompt_id for fb in iter_human_feedback(store, slug)] == [
+        fb.prompt_id for fb in feedback]
+
+    examples = feedback_examples(store, slug)
+    context = "\n".join(item.text for item in feedback_items(store))
+    block = few_shot_block(store)
+    assert ("T3", "hide the lump?") in [(d["index"], d["explanation"])
+                                        for d in examples["disagreements"]]
+    assert "hide the lump?" in context and "hide the lump?" in block
+    assert [r["prompt_id"] for r in examples["rejected"]] == [pids[2]]
+    assert "no harmful continuation is plausible" in context
+    assert SCENARIOS[2][0] not in block  # a rejected prompt is no labelling example
+
+
 # -- calibration -------------------------------------------------------------------------------
 def test_confusion_and_kappa_hand_checked():
     # rows judge, cols human (evil, safe, unsure):

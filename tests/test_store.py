@@ -114,3 +114,32 @@ def test_orphaned_temporaries_of_killed_writers_are_removed_live_ones_kept(tmp_p
     orphan.write_text("half")
     assert remove_orphaned_temporaries(tmp_path) == 1
     assert mine.exists() and not orphan.exists()
+
+
+def test_store_lists_per_prompt_artifacts_only(tmp_path):
+    store = ResultsStore(tmp_path)
+    labels = {"model_fingerprint": "f", "tokens": {}, "labeled_by": "human"}
+    for slug, pid in (("m-a", "p2"), ("m-a", "p1"), ("m-b", "p3")):
+        write_artifact(store.labels_path(slug, pid), "labels", {**labels, "prompt_id": pid})
+    write_artifact(store.calibration_path("m-a"), "table", {"n_tokens": 0})
+    stale = ResultsStore.stale_path(store.labels_path("m-a", "p1"), "0123456789abcdef")
+    write_artifact(stale, "labels", {**labels, "prompt_id": "p1"})
+    assert stale == store.labels_dir("m-a") / "stale" / "p1--0123456789ab.json"
+    assert [p.stem for p in store.labels_paths("m-a")] == ["p1", "p2"]
+    assert [p.stem for p in store.labels_paths()] == ["p1", "p2", "p3"]  # every model
+    assert store.labels_paths("absent") == [] and store.verdict_paths() == []
+
+
+def test_store_owns_the_graph_file_layout(tmp_path):
+    store = ResultsStore(tmp_path)
+    paths = store.graph_paths("m--1", "p1", "k1")
+    assert paths["meta"] == tmp_path / "graphs" / "m--1" / "p1" / "k1.json"
+    for name in ("compact", "full"):
+        assert ResultsStore.graph_meta_path_for(paths[name]) == paths["meta"]
+    for name in ("compact", "full", "meta"):
+        paths[name].parent.mkdir(parents=True, exist_ok=True)
+        paths[name].write_text(name)
+    (paths["meta"].parent / "k2.json").write_text("other parameters")
+    assert ResultsStore.graph_family(paths["compact"]) == sorted(paths.values())
+    assert store.graph_meta_paths("m--1") == [paths["meta"], paths["meta"].with_name("k2.json")]
+    assert store.graph_files("p1") == sorted([paths["compact"], paths["full"]])

@@ -12,6 +12,7 @@ import pandas as pd
 
 from em_circuits.analysis.effects import ANALYSIS_VERSION, METRICS, parse_position, prompt_effects
 from em_circuits.attribution.storage import CompactGraph, content_fingerprint
+from em_circuits.core.schemas import FeatureEffectsRecord
 from em_circuits.core.store import ResultsStore, params_key, read_artifact, write_artifact
 
 
@@ -50,7 +51,7 @@ def write_prompt_effects(
     model_fingerprint: str,
     graph_fingerprint: str,
     params: dict[str, Any],
-) -> dict[str, Any]:
+) -> FeatureEffectsRecord:
     """Write a per-prompt effects table as a "feature_effects" artifact; returns the envelope.
 
     ``features`` holds one list per table row, in the order of ``columns``; read it back with

@@ -50,7 +50,7 @@ class Active:
         return len(self.layer)
 
     def interventions(
-        self, index: Sequence[int], scale: float
+        self, index: Sequence[int | np.integer], scale: float
     ) -> list[tuple[int, int, int, float]]:
         """circuit-tracer interventions setting each chosen instance to scale * activation."""
         return [
@@ -64,7 +64,8 @@ def top_evil_features(
     table: pd.DataFrame, k: int = 10, metric: str = "total"
 ) -> list[tuple[int, int]]:
     """The k (layer, feature) keys with the highest mean contrast effect in an
-    :func:`~em_circuits.features.aggregate_effects` table (duplicates over positions merged).
+    :func:`~em_circuits.analysis.aggregate.aggregate_effects` table (duplicates over positions
+    merged).
     """
     rows = table[table["metric"] == metric].sort_values("mean", ascending=False)
     keys: list[tuple[int, int]] = []
@@ -95,6 +96,8 @@ def active_instances(activations: torch.Tensor) -> Active:
 def _allowed_positions(active: Active, n_pos: int, position: str) -> np.ndarray:
     spec = parse_position(position)
     if spec.mode == "rel":
+        if spec.offset is None:  # parse_position always sets it for "rel"
+            raise ValueError(f"position {position!r}: a relative position needs an offset")
         return active.pos == n_pos + spec.offset
     return np.ones(len(active), bool)
 

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from em_circuits.attribution.storage import CompactGraph
+from em_circuits.core.schemas import TARGET_LABELS
 from em_circuits.core.stats import welch_t_rows
 
 ANALYSIS_VERSION = 1
@@ -37,7 +38,8 @@ ANALYSIS_VERSION = 1
 METRICS = ("direct", "total")
 
 
-LABELS = ("evil", "safe", "contrast")
+#: Labels of a graph's target rows: a labelled token's, or the evil-vs-safe contrast's.
+TARGET_ROW_LABELS = (*TARGET_LABELS, "contrast")
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def target_labels(graph: CompactGraph) -> list[str | None]:
             raise ValueError(
                 f"meta['target_labels'] has {len(aligned)} entries for {n_targets} targets"
             )
-        return [label if label in LABELS else None for label in aligned]
+        return [label if label in TARGET_ROW_LABELS else None for label in aligned]
     mapping = graph.meta.get("labels") or {}
     labels: list[str | None] = []
     for t, (name, kind) in enumerate(zip(graph.target_names, graph.target_kinds)):
@@ -100,7 +102,7 @@ def target_labels(graph: CompactGraph) -> list[str | None]:
             labels.append("contrast")
             continue
         label = mapping.get(name, mapping.get(str(int(graph.target_token_ids[t]))))
-        labels.append(label if label in ("evil", "safe") else None)
+        labels.append(label if label in TARGET_LABELS else None)
     return labels
 
 
@@ -216,7 +218,7 @@ def prompt_effects(
             contrast_fx = nan
         else:
             contrast_fx = _sum_groups(contrast[metric][nodes], inverse, n_keys)
-        frame = {col: keys[:, i] for i, col in enumerate(key_columns(spec))}
+        frame: dict[str, Any] = {col: keys[:, i] for i, col in enumerate(key_columns(spec))}
         frame.update(
             metric=metric,
             activation=activation,
@@ -255,7 +257,9 @@ def target_effects(
     for metric in metrics:
         matrix = getattr(graph, metric).double().numpy()
         per_key = _sum_groups(matrix[:, nodes].T, inverse, len(keys))
-        frame = {col: np.repeat(keys[:, i], n_targets) for i, col in enumerate(key_columns(spec))}
+        frame: dict[str, Any] = {
+            col: np.repeat(keys[:, i], n_targets) for i, col in enumerate(key_columns(spec))
+        }
         frame.update(
             metric=metric,
             target=np.tile(np.arange(n_targets), len(keys)),

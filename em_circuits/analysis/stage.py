@@ -10,9 +10,10 @@ in the adapted model against matched random controls, and writes everything to
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pandas as pd
 
@@ -54,6 +55,15 @@ class AnalysisParams:
     seed: int = 0
 
 
+class _StatsKwargs(TypedDict):
+    """The statistics options aggregate_effects and compare_models share."""
+
+    min_support: int
+    n_boot: int
+    n_perm: int
+    seed: int
+
+
 def _write_table(frame: pd.DataFrame, directory: Path, name: str) -> None:
     """CSV for pandas/spreadsheets and JSON records for scripts, both written atomically."""
     atomic_write_text(directory / f"{name}.csv", frame.to_csv(index=False))
@@ -62,14 +72,16 @@ def _write_table(frame: pd.DataFrame, directory: Path, name: str) -> None:
 
 
 def load_effects(
-    store: ResultsStore, slug: str, position: str, progress: bool = False
+    store: ResultsStore, slug: str, position: str, progress: bool = False,
+    prompt_ids: Collection[str] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame], dict[str, dict[str, Any]]]:
     """Per prompt: feature effects (cached), error-share table, and the graph's metadata."""
     from tqdm import tqdm
 
     effects, shares, metas = {}, {}, {}
-    for meta in tqdm(find_graph_metas(store, slug), desc=f"features {slug}",
-                     disable=not progress, unit="graph"):
+    chosen = [m for m in find_graph_metas(store, slug)
+              if prompt_ids is None or m["prompt_id"] in prompt_ids]
+    for meta in tqdm(chosen, desc=f"features {slug}", disable=not progress, unit="graph"):
         graph = load_graph(store, meta)
         pid = meta["prompt_id"]
         if graph.contrast_index() is None:
@@ -128,26 +140,35 @@ def run_causal(store: ResultsStore, adapted: ModelSpec, directory: Path,
 
 
 def run_analysis(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
-                 params: AnalysisParams, device: str, progress: bool = True) -> dict[str, Any]:
-    """Every table, plot and check of the feature analysis; returns the summary it writes."""
+                 params: AnalysisParams, device: str, progress: bool = True,
+                 prompt_ids: Collection[str] | None = None) -> dict[str, Any]:
+    """Every table, plot and check of the feature analysis; returns the summary it writes.
+
+    With ``prompt_ids`` only those prompts' graphs are analysed, and the tables go to a
+    subfolder ``prompts-<hash>`` so they never replace the analysis of all prompts.
+    """
     slugs = {role: model_slug(spec, fingerprint(spec, device))
              for role, spec in (("base", base), ("adapted", adapted))}
-    directory = store.analysis_dir / slugs["adapted"]
+    directory = store.model_analysis_dir(slugs["adapted"])
+    if prompt_ids is not None:
+        directory = directory / f"prompts-{params_key({'prompt_ids': sorted(prompt_ids)})}"
     directory.mkdir(parents=True, exist_ok=True)
-    eff_base, share_base, _ = load_effects(store, slugs["base"], params.position, progress)
+    eff_base, share_base, _ = load_effects(store, slugs["base"], params.position, progress,
+                                           prompt_ids)
     eff_adapted, share_adapted, metas = load_effects(store, slugs["adapted"], params.position,
-                                                     progress)
+                                                     progress, prompt_ids)
     paired = sorted(set(eff_base) & set(eff_adapted))
     summary: dict[str, Any] = {"models": slugs, "params": asdict(params),
+                               "folder": directory.relative_to(store.root).as_posix(),
                                "prompts": {"base": len(eff_base), "adapted": len(eff_adapted),
                                            "paired": len(paired)}}
     if not eff_adapted:
         log.warning("no adapted-model graphs with an evil-vs-safe contrast under %s",
-                    store.root / "graphs" / slugs["adapted"])
+                    store.graphs_dir(slugs["adapted"]))
         write_artifact(directory / "summary.json", "table", summary)
         return summary
-    stats = {"min_support": params.min_support, "n_boot": params.n_boot,
-             "n_perm": params.n_perm, "seed": params.seed}
+    stats: _StatsKwargs = {"min_support": params.min_support, "n_boot": params.n_boot,
+                           "n_perm": params.n_perm, "seed": params.seed}
     tables = {
         "top_features_adapted": aggregate_effects(eff_adapted, absent=params.absent,
                                                            **stats),

@@ -60,15 +60,16 @@ def _target_table(model: LoadedModel, pt: PromptTargets, rows: list[TargetRow],
         if kind == "contrast":
             evil, safe = torch.tensor(pt.evil_ids), torch.tensor(pt.safe_ids)
             value = logits[evil].mean() - logits[safe].mean()
-            logit, prob = float("nan"), probs[evil].sum()
+            logit, prob = float("nan"), float(probs[evil].sum())
         else:
-            value, logit, prob = logits[tid] - logits.mean(), logits[tid], probs[tid]
+            value = logits[tid] - logits.mean()
+            logit, prob = float(logits[tid]), float(probs[tid])
         table["names"].append(name)
         table["kinds"].append(kind)
         table["token_ids"].append(tid)
         table["values"].append(float(value))
-        table["logits"].append(float(logit))
-        table["probs"].append(float(prob))
+        table["logits"].append(logit)
+        table["probs"].append(prob)
     return table, [row[2] for row in rows]
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from em_circuits.attribution.storage import CompactGraph, load_any
+from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact
 
 
@@ -53,13 +54,12 @@ def _tensor_summary(graph: CompactGraph) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _find_meta(path: Path) -> dict[str, Any] | None:
-    stem = path.name.removesuffix(".full.safetensors").removesuffix(".safetensors")
-    meta_path = path.with_name(f"{stem}.json")
+def _find_meta(path: Path) -> GraphMetaRecord | None:
+    meta_path = ResultsStore.graph_meta_path_for(path)
     return read_artifact(meta_path, "graph_meta") if meta_path.is_file() else None
 
 
-def _logits_check(graph: CompactGraph, meta: dict[str, Any] | None,
+def _logits_check(graph: CompactGraph, meta: GraphMetaRecord | None,
                   store: ResultsStore | None) -> dict[str, Any]:
     """Do the logits stored for labeling equal the logits of the graph's own forward pass?"""
     graph_logit = dict(zip(graph.top_token_ids.tolist(), graph.top_logits.tolist()))
@@ -90,15 +90,15 @@ def inspect_graph(path: Path, store: ResultsStore | None = None,
         raise ArtifactError(path, "no such graph file")
     graph = load_any(path)
     meta = _find_meta(path)
-    sizes = {p.name: p.stat().st_size for p in path.parent.glob(f"{path.name.split('.')[0]}*")}
+    sizes = {p.name: p.stat().st_size for p in ResultsStore.graph_family(path)}
     contrast = graph.contrast_index()
     ranking_row = contrast if contrast is not None else 0
     ranked = torch.argsort(graph.total[ranking_row, : graph.n_features].abs(), descending=True)
     return {
         "file": str(path),
         "format": "full" if path.name.endswith(".full.safetensors") else "compact",
-        "prompt_id": (meta or {}).get("prompt_id"),
-        "model": (meta or {}).get("model_slug"),
+        "prompt_id": None if meta is None else meta.get("prompt_id"),
+        "model": None if meta is None else meta.get("model_slug"),
         "nodes": {"features": graph.n_features, "errors": graph.n_errors,
                   "tokens": graph.n_pos, "targets": len(graph.target_names),
                   "stored_edges": int(graph.edge_weight.numel())},

@@ -18,6 +18,7 @@ from em_circuits.attribution.storage import (
     save_full,
 )
 from em_circuits.attribution.targets import AttributionParams, GraphError, PromptTargets
+from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ResultsStore, read_artifact, write_artifact
 from em_circuits.models.load import LoadedModel, NonFiniteError
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def cached_graph_meta(store: ResultsStore, slug: str, fp: str, pt: PromptTargets,
-                      params: AttributionParams) -> dict[str, Any] | None:
+                      params: AttributionParams) -> GraphMetaRecord | None:
     """The stored graph for these exact model, targets and parameters, if complete."""
     paths = graph_paths(store, slug, pt, params)
     meta = store.load_for_model(paths["meta"], "graph_meta", fp, params_key=pt.key(params))
@@ -42,7 +43,7 @@ def build_graph(
     params: AttributionParams,
     save_full_graph: bool = False,
     viewer_dir: Path | None = None,
-) -> dict[str, Any]:
+) -> GraphMetaRecord:
     """Compute, check and store one graph; returns its metadata artifact."""
     compact, graph, info = attribute_prompt(model, pt, params, role)
     paths = graph_paths(store, model.slug, pt, params)
@@ -88,18 +89,17 @@ def build_graph(
     })
 
 
-def load_graph(store: ResultsStore, meta: dict[str, Any]) -> CompactGraph:
+def load_graph(store: ResultsStore, meta: GraphMetaRecord) -> CompactGraph:
     """The compact graph a metadata artifact describes."""
-    path = store.graph_dir(meta["model_slug"], meta["prompt_id"]) / meta["files"]["compact"]
-    return load_compact(path)
+    return load_compact(store.compact_graph_path(meta))
 
 
-def find_graph_metas(store: ResultsStore, model_slug: str) -> list[dict[str, Any]]:
+def find_graph_metas(store: ResultsStore, model_slug: str) -> list[GraphMetaRecord]:
     """All complete graphs of one model (newest per prompt when parameters differ)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for path in sorted((store.root / "graphs" / model_slug).glob("*/*.json")):
+    latest: dict[str, GraphMetaRecord] = {}
+    for path in store.graph_meta_paths(model_slug):
         meta = read_artifact(path, "graph_meta")
-        if not (path.parent / meta["files"]["compact"]).is_file():
+        if not store.compact_graph_path(meta).is_file():
             continue
         pid = meta["prompt_id"]
         if pid not in latest or meta["created"] > latest[pid]["created"]:
@@ -169,8 +169,5 @@ def run_graph_stage(
 
 
 def graph_paths(store: ResultsStore, slug: str, pt: PromptTargets,
-                         params: AttributionParams) -> dict[str, Path]:
-    directory = store.graph_dir(slug, pt.prompt_id)
-    key = pt.key(params)
-    return {"compact": directory / f"{key}.safetensors", "meta": directory / f"{key}.json",
-            "full": directory / f"{key}.full.safetensors"}
+                params: AttributionParams) -> dict[str, Path]:
+    return store.graph_paths(slug, pt.prompt_id, pt.key(params))

@@ -199,17 +199,17 @@ def load_compact(path: Path) -> CompactGraph:
 
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(path, "graph file not found", "run generate_graphs.py")
+        raise ArtifactError(path, "graph file not found", "run `em-circuits graphs`")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
         tensors = load_file(str(path))
     except Exception as err:
         raise ArtifactError(path, f"not a readable safetensors file ({err})",
-                            "delete it and re-run generate_graphs.py") from None
+                            "delete it and re-run `em-circuits graphs`") from None
     if header.get("format") != GRAPH_FORMAT:
         raise ArtifactError(path, f"unknown graph format {header.get('format')!r}",
-                            f"expected {GRAPH_FORMAT}; re-run generate_graphs.py --force")
+                            f"expected {GRAPH_FORMAT}; re-run `em-circuits graphs` --force")
     return CompactGraph(
         features=tensors["features"],
         activations=tensors["activations"],
@@ -318,7 +318,8 @@ def load_full(path: Path, edge_keep: int, meta: dict[str, Any] | None = None) ->
 
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(path, "full graph file not found", "run generate_graphs.py --save-full")
+        raise ArtifactError(path, "full graph file not found",
+                            "run `em-circuits graphs --save-full`")
     with safe_open(str(path), framework="pt") as handle:
         header = handle.metadata() or {}
     if header.get("format") != FULL_FORMAT:

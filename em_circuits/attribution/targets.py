@@ -14,9 +14,10 @@ node even when it would fall outside the usual cumulative-probability cut.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from em_circuits.attribution.storage import GRAPH_FORMAT
+from em_circuits.core.schemas import TARGET_LABELS, LabelsRecord
 from em_circuits.core.store import ResultsStore, params_key
 
 
@@ -26,10 +27,14 @@ class AttributionParams:
 
     max_feature_nodes: int = 8192
     batch_size: int = 256
-    offload: str | None = None
+    offload: Literal["cpu", "disk"] | None = None
     salient_logits: int = 0
     edge_keep: int = 50_000
     top_k: int = 10
+
+    def __post_init__(self) -> None:
+        if self.offload not in (None, "cpu", "disk"):
+            raise ValueError(f"offload must be None, 'cpu' or 'disk', not {self.offload!r}")
 
     def cache_fields(self) -> dict[str, Any]:
         # batch size and offload change speed and memory, never the graph.
@@ -62,7 +67,7 @@ class GraphError(RuntimeError):
     """One prompt's graph failed; the run goes on with the next prompt."""
 
 
-def targets_from_labels(labels: dict[str, Any], text: str) -> PromptTargets:
+def targets_from_labels(labels: LabelsRecord, text: str) -> PromptTargets:
     """Evil and safe token ids over both lists; the adapted list wins a disagreement."""
     label_of: dict[int, str] = {}
     names: dict[int, str] = {}
@@ -72,10 +77,17 @@ def targets_from_labels(labels: dict[str, Any], text: str) -> PromptTargets:
         for entry in labels["tokens"].get(role, []):
             tid = int(entry["token_id"])
             names[tid] = entry["token"]
-            stored[role][tid] = float(entry["logit"])
-            probs[role][tid] = float(entry.get("prob", 0.0))
-            if entry.get("label") in ("evil", "safe"):
-                label_of[tid] = entry["label"]
+            logit, prob = entry["logit"], entry.get("prob", 0.0)
+            if logit is None or prob is None:
+                raise ValueError(
+                    f"labels of prompt {labels['prompt_id']}: {role} token {entry['token']!r} "
+                    "has no stored logit or probability"
+                )
+            stored[role][tid] = float(logit)
+            probs[role][tid] = float(prob)
+            label = entry.get("label")
+            if label is not None and label in TARGET_LABELS:
+                label_of[tid] = label
     return PromptTargets(
         prompt_id=labels["prompt_id"],
         text=text,

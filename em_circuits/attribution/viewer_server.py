@@ -76,7 +76,10 @@ class ViewerRequestHandler(CircuitGraphHandler):
         )
 
     def _host_allowed(self) -> bool:
-        bound = self.server.server_address[0]
+        address = self.server.server_address
+        if not isinstance(address, tuple):  # (host, port[, flow, scope]) for TCP servers
+            raise TypeError(f"the viewer serves over TCP, not at {address!r}")
+        bound = address[0]
         if not _is_loopback(bound):
             return True
         host = urlsplit("//" + self.headers.get("Host", "")).hostname or ""

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from em_circuits.core.store import ResultsStore, remove_orphaned_temporaries
@@ -23,8 +24,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def make_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+def make_parser(description: str | None, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=HelpFormatter)
     parser.add_argument(
         "--results-dir",
         default=DEFAULT_RESULTS,
@@ -121,11 +123,12 @@ def setup(args: argparse.Namespace) -> ResultsStore:
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
-    """Attribution flags, shared by generate_graphs.py and the pipeline."""
+    """Attribution flags, shared by `graphs` and `run`."""
     g = parser.add_argument_group("attribution graphs")
     g.add_argument("--max-feature-nodes", type=int, default=8192,
                    help="most feature nodes kept per graph (circuit-tracer)")
-    g.add_argument("--batch-size", type=int, default=256,
+    g.add_argument("--attribution-batch-size", "--batch-size", type=int, default=256,
+                   dest="attribution_batch_size",
                    help="source nodes per backward pass; lower it on out-of-memory")
     g.add_argument("--offload", choices=["none", "cpu", "disk"], default="none",
                    help="move idle model parts off the GPU during attribution")
@@ -140,7 +143,7 @@ def graph_params(args: argparse.Namespace):
 
     return AttributionParams(
         max_feature_nodes=args.max_feature_nodes,
-        batch_size=args.batch_size,
+        batch_size=args.attribution_batch_size,
         offload=None if args.offload == "none" else args.offload,
         salient_logits=args.salient_logits,
         edge_keep=args.edge_keep,
@@ -148,7 +151,7 @@ def graph_params(args: argparse.Namespace):
 
 
 def add_analysis_args(parser: argparse.ArgumentParser) -> None:
-    """Feature-analysis flags, shared by analyze_evil_features.py and the pipeline."""
+    """Feature-analysis flags, shared by `analyze` and `run`."""
     a = parser.add_argument_group("feature analysis")
     a.add_argument("--position", default="any",
                    help="feature identity: any (summed over positions), last, or rel:-k "
@@ -183,3 +186,64 @@ def analysis_params(args: argparse.Namespace):
         causal_top_k=args.causal_top_k, scales=tuple(args.scales), n_random=args.n_random,
         causal_prompts=args.causal_prompts, seed=args.seed,
     )
+
+
+def adapted_slug_from_args(args: argparse.Namespace) -> str:
+    """The results folder name of the adapted model the flags describe."""
+    from em_circuits.models.spec import default_device, fingerprint, model_slug
+
+    _, adapted = specs_from_args(args)
+    return model_slug(adapted, fingerprint(adapted, args.device or default_device()))
+
+
+#: Errors a user can fix: printed as one line naming the file or flag (traceback with -v).
+def user_error_types() -> tuple[type[BaseException], ...]:
+    from em_circuits.core.llm import LLMError
+    from em_circuits.core.store import ArtifactError
+    from em_circuits.labeling.artifacts import QueueError
+    from em_circuits.labeling.judge import JudgeError
+    from em_circuits.models.spec import ModelLoadError
+    from em_circuits.prompts.records import PromptError
+
+    return (ArtifactError, ModelLoadError, LLMError, QueueError, JudgeError, PromptError,
+            FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def run_command(main: Callable[..., int], argv: list[str] | None = None,
+                prog: str | None = None) -> int:
+    """Run a command's ``main``; user errors become one line, Ctrl-C a clean exit.
+
+    Finished artifacts are already on disk (every write is atomic), so both messages can say
+    that a re-run continues where this one stopped.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in args or "--verbose" in args
+    try:
+        return main(args, prog)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is stored; run the same command to continue",
+              file=sys.stderr)
+        return 130
+    except Exception as err:
+        if verbose or not isinstance(err, user_error_types()):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """Prompt selection, named the same in every stage."""
+    g = parser.add_argument_group("which prompts")
+    g.add_argument("--prompt-ids", nargs="+", metavar="ID", default=[],
+                   help="only these stored prompt ids (default: all)")
+    g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="an ad-hoc prompt given verbatim (repeatable); it is stored like any "
+                   "other (format raw) and selected")
+
+
+def chosen_prompt_ids(args: argparse.Namespace) -> list[str] | None:
+    """The ids --prompt-ids and --prompt select, or None for all prompts."""
+    from em_circuits.core.store import prompt_id
+
+    ids = [*args.prompt_ids, *(prompt_id(text, "raw") for text in args.prompt)]
+    return ids or None

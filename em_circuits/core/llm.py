@@ -120,13 +120,13 @@ def parse_json_reply(text: str) -> Any:
     fenced = _FENCE.search(text)
     if fenced:
         candidates.insert(0, fenced.group(1).strip())
-    first_error: json.JSONDecodeError | None = None
+    errors: list[json.JSONDecodeError] = []
     for candidate in candidates:
         try:
             return json.loads(candidate)
         except json.JSONDecodeError as err:
-            first_error = first_error or err
-    assert first_error is not None
+            errors.append(err)
+    first_error = errors[0]  # candidates is never empty, and every one failed
     raise ReplyValidationError(
         [
             f"the reply is not valid JSON ({first_error.msg} at line {first_error.lineno} "

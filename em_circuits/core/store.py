@@ -1,6 +1,7 @@
 """The results store: one documented layout, atomic writes, validated reads.
 
-Every stage reads and writes through this module, so the layout lives in one place.
+Every stage reads and writes through this module, so the layout lives in one place: no other
+module joins a path under the results root or lists one of its folders.
 Layout under the results root (``results/`` by default)::
 
     prompts/<prompt_id>.json                        prompt records (text, format, origin)
@@ -9,16 +10,19 @@ Layout under the results root (``results/`` by default)::
     judge_cache/<key>.json                          raw judge replies, keyed by their inputs
     queue/<adapted_slug>/<prompt_id>.json           manual labeling queue items (with state)
     labels/<adapted_slug>/<prompt_id>.json          final labels (human or judge-accepted)
-    graphs/<model_slug>/<prompt_id>/<params>.*      compact attribution graphs (+ viewer JSON)
+    labels/<adapted_slug>/calibration.json          judge-vs-human agreement (a table)
+    queue/ and labels/<adapted_slug>/stale/         items and labels of an older model version
+    graphs/<model_slug>/<prompt_id>/<params>.*      compact attribution graphs (+ meta JSON)
+    viewer/<adapted_slug>/                          graphs in the browser viewer's format
     features/<model_slug>/<prompt_id>/<params>.json per-prompt feature effects (analysis cache)
-    analysis/                                       cross-prompt tables, plots, causal checks
+    analysis/<adapted_slug>/                        cross-prompt tables, plots, causal checks
     cache/merged/<adapted_slug>/                    merged adapter weights, built once
     report.md, report.json                          the end-of-run report
 
 ``model_slug`` is ``<readable-name>--<fingerprint[:12]>``, so a person can find a model's files
 by name while two different models (or two versions of one adapter) never share a directory.
 
-Every JSON artifact is an envelope::
+Every JSON artifact is an envelope whose fields are typed in :mod:`em_circuits.core.schemas`::
 
     {"schema": "<kind>", "schema_version": N, "prompt_id": ..., "model_fingerprint": ...,
      "created": "<UTC ISO time>", ...payload}
@@ -26,36 +30,36 @@ Every JSON artifact is an envelope::
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import math
-import os
 import re
-import signal
-import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from em_circuits.core.atomic import (  # noqa: F401  (re-exported: the store is where IO lives)
+    CRASH_AFTER_ENV,
+    CRASH_GROUP_ENV,
+    _temp_prefix,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    crash_point,
+    remove_orphaned_temporaries,
+)
+from em_circuits.core.schemas import (
+    ARTIFACT_KEYS,
+    GraphMetaRecord,
+    PromptRecord,
+    record_problems,
+)
+
 SCHEMA_VERSION = 1
 
-#: The artifact kinds and the keys each must carry besides the envelope.
-ARTIFACT_KEYS: dict[str, tuple[str, ...]] = {
-    "prompt": ("prompt_id", "text", "format"),
-    "logits": ("prompt_id", "model_fingerprint", "top_k"),
-    "verdict": ("prompt_id", "model_fingerprint", "base_fingerprint", "labels", "verdict"),
-    "judge_call": ("key", "reply"),
-    "queue_item": ("prompt_id", "model_fingerprint", "state"),
-    "labels": ("prompt_id", "model_fingerprint", "tokens", "labeled_by"),
-    "graph_meta": ("prompt_id", "model_fingerprint", "params_key", "targets"),
-    "feature_effects": ("prompt_id", "model_fingerprint", "graph_fingerprint", "features"),
-    "table": (),
-    "report": (),
-    "organism_report": (),
-}
+#: The fix offered for a file that is not what its kind says it is.
+_RECOMPUTE = "delete the file to recompute it (or rerun with --force), or restore it from a backup"
 
 
 class ArtifactError(ValueError):
@@ -91,82 +95,6 @@ def slugify(name: str) -> str:
     return name[-60:] or "unnamed"
 
 
-_HOST = socket.gethostname().replace(".", "_")
-
-
-def _temp_prefix(path: Path) -> str:
-    # Host and PID in the name let a later run tell an orphan (writer killed) from a file
-    # another live process is still writing, e.g. under accelerate with several processes.
-    return f".{path.name}.{_HOST}.{os.getpid()}."
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_orphaned_temporaries(root: Path) -> int:
-    """Delete temporary files left by writers of this host that were killed mid-write."""
-    removed = 0
-    for tmp in Path(root).rglob(".*.tmp"):
-        parts = tmp.name.split(".")
-        try:
-            host, pid = parts[-4], int(parts[-3])
-        except (IndexError, ValueError):
-            continue
-        if host == _HOST and not _pid_alive(pid):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-                removed += 1
-    return removed
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename.
-
-    Rename is atomic on POSIX, so readers (and a later run after Ctrl-C) see either the old
-    file or the complete new one, never a prefix.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path to write with any library; it is renamed onto ``path`` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -186,49 +114,13 @@ def _finite_json(value: Any) -> Any:
     return value
 
 
-#: Test hook: ``KIND[/FILE_NAME]:N`` kills this process with SIGKILL right after the N-th
-#: artifact of that kind is written, so crash-and-resume tests stop at the same place on any
-#: machine speed. With ``EM_CIRCUITS_CRASH_GROUP=<token>`` it kills every process whose
-#: environment carries the same token (a launcher and all its workers: a lost node).
-CRASH_AFTER_ENV = "EM_CIRCUITS_CRASH_AFTER"
-CRASH_GROUP_ENV = "EM_CIRCUITS_CRASH_GROUP"
-_crash_counts: dict[str, int] = {}
+def write_artifact(path: Path, kind: str, payload: dict[str, Any]) -> Any:
+    """Validate and atomically write one JSON artifact; returns the full envelope (the record
+    of ``kind``, as :func:`read_artifact` would return it).
 
-
-def _processes_with_env(entry: bytes) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if entry in environ.split(b"\0"):
-            found.append(int(proc.name))
-    return found
-
-
-def _crash_point(path: Path, kind: str) -> None:
-    spec = os.environ.get(CRASH_AFTER_ENV)
-    if not spec:
-        return
-    target, _, count = spec.rpartition(":")
-    if target not in (kind, f"{kind}/{Path(path).name}"):
-        return
-    _crash_counts[target] = _crash_counts.get(target, 0) + 1
-    if _crash_counts[target] >= int(count):
-        token = os.environ.get(CRASH_GROUP_ENV)
-        if token:
-            for pid in _processes_with_env(f"{CRASH_GROUP_ENV}={token}".encode()):
-                if pid != os.getpid():
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def write_artifact(path: Path, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """Validate and atomically write one JSON artifact; returns the full envelope."""
+    The same record check as :func:`read_artifact` runs first, so a file this writes can
+    always be read back.
+    """
     if kind not in ARTIFACT_KEYS:
         raise ValueError(f"unknown artifact kind {kind!r}")
     envelope = {"schema": kind, "schema_version": SCHEMA_VERSION, "created": utc_now()}
@@ -236,10 +128,13 @@ def write_artifact(path: Path, kind: str, payload: dict[str, Any]) -> dict[str, 
     missing = [key for key in ARTIFACT_KEYS[kind] if key not in envelope]
     if missing:
         raise ValueError(f"{kind} artifact for {path} lacks {missing}")
-    text = json.dumps(_finite_json(envelope), indent=1, ensure_ascii=False, default=_json_default,
-                      allow_nan=False)
+    data = _finite_json(envelope)
+    problems = record_problems(kind, data)
+    if problems:
+        raise ValueError(f"{kind} artifact for {path}: {'; '.join(problems)}")
+    text = json.dumps(data, indent=1, ensure_ascii=False, default=_json_default, allow_nan=False)
     atomic_write_text(path, text + "\n")
-    _crash_point(path, kind)
+    crash_point(path, kind)
     return envelope
 
 
@@ -261,14 +156,21 @@ def read_json(path: Path) -> Any:
         ) from None
 
 
-def read_artifact(path: Path, kind: str) -> dict[str, Any]:
-    """Read a JSON artifact and check its envelope; raises ArtifactError naming the file."""
+def read_artifact(path: Path, kind: str) -> Any:
+    """Read a JSON artifact and check it against its record (:mod:`em_circuits.core.schemas`);
+    returns that record (``LabelsRecord`` for kind "labels", and so on).
+
+    Raises ArtifactError naming the file, what is wrong and how to fix it: wrong kind, another
+    schema version, a missing required field, or a required field of the wrong basic type.
+    """
     data = read_json(path)
     if not isinstance(data, dict):
-        raise ArtifactError(path, f"expected a JSON object, found {type(data).__name__}")
+        raise ArtifactError(path, f"expected a JSON object, found {type(data).__name__}",
+                            _RECOMPUTE)
     if data.get("schema") != kind:
         found = data.get("schema")
-        raise ArtifactError(path, f"expected a {kind!r} artifact, found schema {found!r}")
+        raise ArtifactError(path, f"expected a {kind!r} artifact, found schema {found!r}",
+                            "check the path: this file belongs to another stage")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ArtifactError(
@@ -276,77 +178,189 @@ def read_artifact(path: Path, kind: str) -> dict[str, Any]:
             f"schema_version {version!r}, this code reads version {SCHEMA_VERSION}",
             "recompute it with --force",
         )
-    missing = [key for key in ARTIFACT_KEYS[kind] if key not in data]
-    if missing:
-        raise ArtifactError(path, f"missing field(s) {', '.join(missing)}")
+    problems = record_problems(kind, data)
+    if problems:
+        raise ArtifactError(path, "; ".join(problems), _RECOMPUTE)
     return data
 
 
 class ResultsStore:
-    """Paths and typed reads/writes for every artifact under one results root."""
+    """Every path and every listing under one results root, and typed reads/writes."""
 
     def __init__(self, root: Path | str = "results"):
         self.root = Path(root)
 
-    # -- paths ---------------------------------------------------------------------------
+    # -- paths -----------------------------------------------------------------------------
+    @property
+    def prompts_dir(self) -> Path:
+        return self.root / "prompts"
+
     def prompt_path(self, pid: str) -> Path:
-        return self.root / "prompts" / f"{pid}.json"
+        return self.prompts_dir / f"{pid}.json"
+
+    def logits_dir(self, model_slug: str) -> Path:
+        return self.root / "logits" / model_slug
 
     def logits_path(self, model_slug: str, pid: str) -> Path:
-        return self.root / "logits" / model_slug / f"{pid}.json"
+        return self.logits_dir(model_slug) / f"{pid}.json"
+
+    def verdicts_dir(self, adapted_slug: str) -> Path:
+        return self.root / "verdicts" / adapted_slug
 
     def verdict_path(self, adapted_slug: str, pid: str) -> Path:
-        return self.root / "verdicts" / adapted_slug / f"{pid}.json"
+        return self.verdicts_dir(adapted_slug) / f"{pid}.json"
 
     def judge_cache_path(self, key: str) -> Path:
         return self.root / "judge_cache" / f"{key}.json"
 
+    def queue_dir(self, adapted_slug: str) -> Path:
+        return self.root / "queue" / adapted_slug
+
     def queue_path(self, adapted_slug: str, pid: str) -> Path:
-        return self.root / "queue" / adapted_slug / f"{pid}.json"
+        return self.queue_dir(adapted_slug) / f"{pid}.json"
+
+    def labels_dir(self, adapted_slug: str) -> Path:
+        return self.root / "labels" / adapted_slug
 
     def labels_path(self, adapted_slug: str, pid: str) -> Path:
-        return self.root / "labels" / adapted_slug / f"{pid}.json"
+        return self.labels_dir(adapted_slug) / f"{pid}.json"
+
+    def calibration_path(self, adapted_slug: str) -> Path:
+        return self.labels_dir(adapted_slug) / _CALIBRATION
+
+    @staticmethod
+    def stale_path(path: Path, fingerprint: str) -> Path:
+        """Where an artifact made for another model version is moved (never overwritten)."""
+        return path.parent / "stale" / f"{path.stem}--{fingerprint[:12]}.json"
+
+    def graphs_dir(self, model_slug: str) -> Path:
+        return self.root / "graphs" / model_slug
 
     def graph_dir(self, model_slug: str, pid: str) -> Path:
-        return self.root / "graphs" / model_slug / pid
+        return self.graphs_dir(model_slug) / pid
+
+    def graph_paths(self, model_slug: str, pid: str, key: str) -> dict[str, Path]:
+        """The compact graph, its meta artifact and the optional full graph of one params key."""
+        directory = self.graph_dir(model_slug, pid)
+        return {"compact": directory / f"{key}.safetensors", "meta": directory / f"{key}.json",
+                "full": directory / f"{key}.full.safetensors"}
+
+    def compact_graph_path(self, meta: GraphMetaRecord) -> Path:
+        """The compact graph file a meta artifact describes."""
+        return self.graph_dir(meta["model_slug"], meta["prompt_id"]) / meta["files"]["compact"]
+
+    @staticmethod
+    def graph_meta_path_for(graph_file: Path) -> Path:
+        """The meta artifact next to a compact or full graph file."""
+        stem = graph_file.name.removesuffix(".full.safetensors").removesuffix(".safetensors")
+        return graph_file.with_name(f"{stem}.json")
+
+    @staticmethod
+    def graph_family(graph_file: Path) -> list[Path]:
+        """A graph file and its siblings of the same params key (compact, full, meta)."""
+        stem = graph_file.name.split(".")[0]
+        return sorted(graph_file.parent.glob(f"{stem}*"))
 
     def features_path(self, model_slug: str, pid: str, params_key: str) -> Path:
         return self.root / "features" / model_slug / pid / f"{params_key}.json"
+
+    def viewer_dir(self, adapted_slug: str) -> Path:
+        return self.root / "viewer" / adapted_slug
 
     @property
     def analysis_dir(self) -> Path:
         return self.root / "analysis"
 
+    def model_analysis_dir(self, adapted_slug: str) -> Path:
+        return self.analysis_dir / adapted_slug
+
     @property
     def merged_cache_dir(self) -> Path:
         return self.root / "cache" / "merged"
 
-    # -- prompts ---------------------------------------------------------------------------
-    def save_prompt(self, record: dict[str, Any]) -> dict[str, Any]:
+    @property
+    def report_json_path(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_md_path(self) -> Path:
+        return self.root / "report.md"
+
+    # -- listings --------------------------------------------------------------------------
+    @staticmethod
+    def _per_prompt(folder: Path, pattern: str = "*.json") -> list[Path]:
+        # The calibration table shares labels/<slug>/ but is not a per-prompt artifact; stale/
+        # is one level deeper and never matched.
+        return sorted(p for p in folder.glob(pattern) if p.name != _CALIBRATION)
+
+    def logits_paths(self, model_slug: str) -> list[Path]:
+        return self._per_prompt(self.logits_dir(model_slug))
+
+    def verdict_paths(self, adapted_slug: str | None = None) -> list[Path]:
+        """One adapted model's verdicts, or (no slug) every model's, sorted by path."""
+        if adapted_slug is None:
+            return self._per_prompt(self.root / "verdicts", "*/*.json")
+        return self._per_prompt(self.verdicts_dir(adapted_slug))
+
+    def verdict_slugs(self) -> list[str]:
+        """The adapted models that have verdicts."""
+        folder = self.root / "verdicts"
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    def queue_paths(self, adapted_slug: str) -> list[Path]:
+        return self._per_prompt(self.queue_dir(adapted_slug))
+
+    def labels_paths(self, adapted_slug: str | None = None) -> list[Path]:
+        """One adapted model's labels, or (no slug) every model's, sorted by path."""
+        if adapted_slug is None:
+            return self._per_prompt(self.root / "labels", "*/*.json")
+        return self._per_prompt(self.labels_dir(adapted_slug))
+
+    def graph_meta_paths(self, model_slug: str) -> list[Path]:
+        """Every graph meta artifact of one model (complete or not), sorted by path."""
+        return self._per_prompt(self.graphs_dir(model_slug), "*/*.json")
+
+    def graph_files(self, pid: str) -> list[Path]:
+        """Every model's compact and full graph files of one prompt."""
+        return sorted((self.root / "graphs").glob(f"*/{pid}/*.safetensors"))
+
+    def analysis_files(self, adapted_slug: str) -> list[str]:
+        folder = self.model_analysis_dir(adapted_slug)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def disk_usage(self) -> dict[str, int]:
+        """Bytes per top-level folder."""
+        return {child.name: sum(p.stat().st_size for p in child.rglob("*") if p.is_file())
+                for child in sorted(self.root.iterdir()) if child.is_dir()}
+
+    # -- prompts -----------------------------------------------------------------------------
+    def save_prompt(self, record: dict[str, Any]) -> PromptRecord:
         """Store a prompt record; its id is derived from text and format, never trusted."""
         pid = prompt_id(record["text"], record["format"])
         record = {**record, "prompt_id": pid}
-        return write_artifact(self.prompt_path(pid), "prompt", record)
+        return write_artifact(self.prompt_path(pid), "prompt", record)  # type: ignore[return-value]
 
-    def load_prompt(self, pid: str) -> dict[str, Any]:
+    def load_prompt(self, pid: str) -> PromptRecord:
         path = self.prompt_path(pid)
         data = read_artifact(path, "prompt")
         if prompt_id(data["text"], data["format"]) != pid:
-            raise ArtifactError(path, "prompt_id does not match the hash of its text and format")
+            raise ArtifactError(path, "prompt_id does not match the hash of its text and format",
+                                _RECOMPUTE)
         return data
 
     def prompt_ids(self) -> list[str]:
-        return sorted(p.stem for p in (self.root / "prompts").glob("*.json"))
+        return sorted(p.stem for p in self.prompts_dir.glob("*.json"))
 
-    def iter_prompts(self) -> Iterator[dict[str, Any]]:
+    def iter_prompts(self) -> Iterator[PromptRecord]:
         for pid in self.prompt_ids():
             yield self.load_prompt(pid)
 
     # -- fingerprinted artifacts ------------------------------------------------------------
     def load_for_model(
         self, path: Path, kind: str, fingerprint: str, **expected: Any
-    ) -> dict[str, Any] | None:
-        """Read an artifact if it exists and was made by ``fingerprint``; else None (cache miss).
+    ) -> Any:
+        """The ``kind`` record at ``path`` if it exists and was made by ``fingerprint``; else
+        None (a cache miss).
 
         Extra keyword arguments must also match (e.g. ``params_key``), so a cached artifact
         computed with other parameters is a miss, never silently reused.
@@ -360,6 +374,9 @@ class ResultsStore:
             if data.get(key) != value:
                 return None
         return data
+
+
+_CALIBRATION = "calibration.json"
 
 
 def params_key(params: dict[str, Any]) -> str:

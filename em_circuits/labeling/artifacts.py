@@ -3,12 +3,22 @@ tokens: what every labeling module reads."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from em_circuits.core.schemas import LABELS
-from em_circuits.core.store import ResultsStore, read_artifact
+from em_circuits.core.schemas import (
+    LABELS,
+    Disagreement,
+    LabelledEntry,
+    LabelsRecord,
+    QueueItemRecord,
+    VerdictRecord,
+)
+from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact
+
+log = logging.getLogger(__name__)
 
 LIST_PREFIX = {"base": "B", "adapted": "T"}
 
@@ -17,69 +27,80 @@ class QueueError(ValueError):
     """A queue operation cannot be done as asked; the message says why and what to do."""
 
 
-def queue_dir(store: ResultsStore, adapted_slug: str) -> Path:
-    return store.root / "queue" / adapted_slug
+def _read_if_exists(path: Path, kind: str) -> Any:
+    return read_artifact(path, kind) if path.exists() else None
 
 
-def load_item(store: ResultsStore, adapted_slug: str, pid: str) -> dict[str, Any] | None:
-    path = store.queue_path(adapted_slug, pid)
-    return read_artifact(path, "queue_item") if path.exists() else None
+def load_item(store: ResultsStore, adapted_slug: str, pid: str) -> QueueItemRecord | None:
+    return _read_if_exists(store.queue_path(adapted_slug, pid), "queue_item")
 
 
-def load_items(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
-    return [read_artifact(p, "queue_item") for p in _json_files(queue_dir(store, adapted_slug))]
+def load_items(store: ResultsStore, adapted_slug: str) -> list[QueueItemRecord]:
+    return [read_artifact(p, "queue_item") for p in store.queue_paths(adapted_slug)]
 
 
-def labels_dir(store: ResultsStore, adapted_slug: str) -> Path:
-    return store.root / "labels" / adapted_slug
+def load_label(store: ResultsStore, adapted_slug: str, pid: str) -> LabelsRecord | None:
+    return _read_if_exists(store.labels_path(adapted_slug, pid), "labels")
 
 
-def load_label(store: ResultsStore, adapted_slug: str, pid: str) -> dict[str, Any] | None:
-    path = store.labels_path(adapted_slug, pid)
-    return read_artifact(path, "labels") if path.exists() else None
-
-
-def load_labels(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
+def load_labels(store: ResultsStore, adapted_slug: str) -> list[LabelsRecord]:
     """Every labels artifact of one adapted model (human and judge-made), by prompt id."""
-    return [read_artifact(p, "labels") for p in _json_files(labels_dir(store, adapted_slug))]
+    return [read_artifact(p, "labels") for p in store.labels_paths(adapted_slug)]
 
 
-def _json_files(folder: Path) -> list[Path]:
-    # calibration.json shares the labels folder but is not a per-prompt artifact.
-    return sorted(p for p in folder.glob("*.json") if p.name != "calibration.json")
+def load_verdict(store: ResultsStore, adapted_slug: str, pid: str) -> VerdictRecord | None:
+    return _read_if_exists(store.verdict_path(adapted_slug, pid), "verdict")
 
 
-def load_verdict(store: ResultsStore, adapted_slug: str, pid: str) -> dict[str, Any] | None:
-    path = store.verdict_path(adapted_slug, pid)
-    return read_artifact(path, "verdict") if path.exists() else None
-
-
-def load_verdicts(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
+def load_verdicts(store: ResultsStore, adapted_slug: str) -> list[VerdictRecord]:
     """Every verdict artifact of one adapted model, by prompt id."""
-    return [read_artifact(p, "verdict")
-            for p in _json_files(store.root / "verdicts" / adapted_slug)]
+    return [read_artifact(p, "verdict") for p in store.verdict_paths(adapted_slug)]
 
 
-def prompt_text(store: ResultsStore, adapted_slug: str, verdict: dict[str, Any]) -> str | None:
-    """The prompt's text: the prompt record, else the verdict or a logits artifact's copy."""
-    pid = verdict["prompt_id"]
+def read_readable(paths: Iterable[Path], kind: str) -> Iterator[Any]:
+    """The artifacts that can be read; each broken one is skipped with a warning naming it.
+
+    For consumers that only learn from stored results (prompt generation, few-shot examples):
+    one bad file must not stop them.
+    """
+    for path in paths:
+        try:
+            yield read_artifact(path, kind)
+        except ArtifactError as err:
+            log.warning("skipping %s", err)
+
+
+def iter_verdicts(store: ResultsStore) -> Iterator[VerdictRecord]:
+    """Every adapted model's verdicts (broken files are skipped with a warning)."""
+    yield from read_readable(store.verdict_paths(), "verdict")
+
+
+def prompt_text(
+    store: ResultsStore, adapted_slug: str | None, artifact: Mapping[str, Any]
+) -> str | None:
+    """The prompt's text: its prompt record, else the copy a verdict or labels artifact
+    carries, else a copy in either model's logits artifact.
+
+    A broken prompt record is skipped with a warning, since the copies hold the same text.
+    """
+    pid = artifact["prompt_id"]
     if store.prompt_path(pid).exists():
-        return store.load_prompt(pid)["text"]
-    if verdict.get("prompt_text") is not None:
-        return verdict["prompt_text"]
-    slugs = [adapted_slug, verdict.get("base_slug")]
-    for slug in filter(None, slugs):
-        path = store.logits_path(slug, pid)
-        if path.exists():
-            text = read_artifact(path, "logits").get("prompt_text")
-            if text is not None:
-                return text
+        try:
+            return store.load_prompt(pid)["text"]
+        except ArtifactError as err:
+            log.warning("%s; using a stored copy of the prompt text", err)
+    if artifact.get("prompt_text") is not None:
+        return artifact["prompt_text"]
+    for slug in filter(None, (adapted_slug, artifact.get("base_slug"))):
+        logits = _read_if_exists(store.logits_path(slug, pid), "logits")
+        if logits is not None and logits.get("prompt_text") is not None:
+            return logits["prompt_text"]
     return None
 
 
-def token_entries(verdict: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def token_entries(verdict: VerdictRecord) -> dict[str, list[LabelledEntry]]:
     """The verdict's two lists, each entry carrying its display index (B1.., T1..)."""
-    out: dict[str, list[dict[str, Any]]] = {}
+    out: dict[str, list[LabelledEntry]] = {}
     for name, prefix in LIST_PREFIX.items():
         entries = verdict["labels"].get(name, [])
         out[name] = [
@@ -88,12 +109,12 @@ def token_entries(verdict: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def entries_by_index(verdict: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+def entries_by_index(verdict: VerdictRecord) -> dict[str, tuple[str, LabelledEntry]]:
     """Index ("T3") -> (list name, entry)."""
     return {e["index"]: (name, e) for name, es in token_entries(verdict).items() for e in es}
 
 
-def judge_labels(verdict: dict[str, Any]) -> dict[str, str | None]:
+def judge_labels(verdict: VerdictRecord) -> dict[str, str | None]:
     """Index -> the judge's label, or None where the judge gave no usable label."""
     return {
         idx: (e.get("label") if e.get("label") in LABELS else None)
@@ -101,7 +122,7 @@ def judge_labels(verdict: dict[str, Any]) -> dict[str, str | None]:
     }
 
 
-def resolve_indices(verdict: dict[str, Any], words: Iterable[str]) -> list[str]:
+def resolve_indices(verdict: VerdictRecord, words: Iterable[str]) -> list[str]:
     """Turn what a person typed ("T1", "b2", "3") into checked indices; raises QueueError.
 
     A bare number means the adapted list, the one being labeled for attribution.
@@ -129,7 +150,7 @@ def resolve_indices(verdict: dict[str, Any], words: Iterable[str]) -> list[str]:
     return out
 
 
-def find_disagreements(verdict: dict[str, Any], human: dict[str, str]) -> list[dict[str, Any]]:
+def find_disagreements(verdict: VerdictRecord, human: dict[str, str]) -> list[Disagreement]:
     """Tokens whose human label differs from a usable judge label, in display order."""
     judge = judge_labels(verdict)
     out = []
@@ -148,6 +169,6 @@ def find_disagreements(verdict: dict[str, Any], human: dict[str, str]) -> list[d
     return out
 
 
-def human_labels_from_marks(verdict: dict[str, Any], marks: dict[str, str]) -> dict[str, str]:
+def human_labels_from_marks(verdict: VerdictRecord, marks: dict[str, str]) -> dict[str, str]:
     """Marked indices keep their mark; every other token of both lists is safe."""
     return {idx: marks.get(idx, "safe") for idx in entries_by_index(verdict)}

@@ -7,13 +7,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from em_circuits.core.schemas import LABELS
+from em_circuits.core.schemas import LABELS, LabelsRecord
 from em_circuits.core.store import ResultsStore, write_artifact
-from em_circuits.labeling.artifacts import LIST_PREFIX, labels_dir, load_labels
+from em_circuits.labeling.artifacts import LIST_PREFIX, load_labels
 
 
 def calibration_path(store: ResultsStore, adapted_slug: str) -> Path:
-    return labels_dir(store, adapted_slug) / "calibration.json"
+    """Where :func:`calibration` saves its table (the store decides; kept for callers)."""
+    return store.calibration_path(adapted_slug)
 
 
 def confusion_and_kappa(
@@ -38,7 +39,7 @@ def confusion_and_kappa(
     return matrix, observed, kappa
 
 
-def _pairs(labels_list: list[dict[str, Any]], which: str | None) -> list[tuple[str, str]]:
+def _pairs(labels_list: list[LabelsRecord], which: str | None) -> list[tuple[str, str]]:
     pairs = []
     for labels in labels_list:
         if labels["labeled_by"] != "human" or labels.get("rejected"):
@@ -83,11 +84,11 @@ def calibration(store: ResultsStore, adapted_slug: str, *, save: bool = True) ->
         "per_list": {name: _block(_pairs(labels_list, name)) for name in LIST_PREFIX},
     }
     if save:
-        write_artifact(calibration_path(store, adapted_slug), "table", result)
+        write_artifact(store.calibration_path(adapted_slug), "table", result)
     return result
 
 
-def _judge_name(labels: dict[str, Any]) -> str:
+def _judge_name(labels: LabelsRecord) -> str:
     judge = labels.get("judge") or {}
     return f"{judge.get('kind', '?')}:{judge.get('model') or '-'}"
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from em_circuits.core.schemas import QUEUE_STATES, QueueItemRecord, VerdictRecord
 from em_circuits.core.store import ResultsStore, utc_now, write_artifact
 from em_circuits.labeling.artifacts import (
     QueueError,
@@ -41,7 +42,7 @@ from em_circuits.labeling.artifacts import (
 log = logging.getLogger(__name__)
 
 
-STATES = ("pending", "in_progress", "done", "skipped", "rejected")
+STATES = QUEUE_STATES
 
 
 OPEN_STATES = ("in_progress", "pending", "skipped")
@@ -56,28 +57,23 @@ _TRANSITIONS = {
 }
 
 
-
-
 @dataclass(frozen=True)
 class QueueFilter:
     """Which items a session, export, status or auto-accept looks at."""
 
     only_evil: bool = False  # the judge's verdict on the adapted list is exactly "evil"
     only_divergent: bool = False  # adapted evil while base safe
+    prompt_ids: frozenset[str] | None = None  # only these prompts
 
-    def matches(self, verdict: dict[str, Any]) -> bool:
+    def matches(self, verdict: VerdictRecord) -> bool:
+        if self.prompt_ids is not None and verdict.get("prompt_id") not in self.prompt_ids:
+            return False
         if self.only_evil and verdict.get("verdict", {}).get("adapted") != "evil":
             return False
         return not (self.only_divergent and not verdict.get("divergent"))
 
 
-
-
-
-
-
-
-def _new_item(verdict: dict[str, Any], adapted_slug: str) -> dict[str, Any]:
+def _new_item(verdict: VerdictRecord, adapted_slug: str) -> dict[str, Any]:
     now = utc_now()
     return {
         "prompt_id": verdict["prompt_id"],
@@ -91,7 +87,7 @@ def _new_item(verdict: dict[str, Any], adapted_slug: str) -> dict[str, Any]:
     }
 
 
-def _write_item(store: ResultsStore, adapted_slug: str, item: dict[str, Any]) -> dict[str, Any]:
+def _write_item(store: ResultsStore, adapted_slug: str, item: dict[str, Any]) -> QueueItemRecord:
     payload = {k: v for k, v in item.items() if k not in ("schema", "schema_version", "created")}
     return write_artifact(store.queue_path(adapted_slug, item["prompt_id"]), "queue_item", payload)
 
@@ -99,7 +95,7 @@ def _write_item(store: ResultsStore, adapted_slug: str, item: dict[str, Any]) ->
 def _stash_stale(path: Path, kind: str, data: dict[str, Any]) -> Path:
     """Move an artifact made for another fingerprint aside instead of overwriting it."""
     fp = str(data.get("model_fingerprint", "unknown"))[:12]
-    target = path.parent / "stale" / f"{path.stem}--{fp}.json"
+    target = ResultsStore.stale_path(path, fp)
     payload = {k: v for k, v in data.items() if k not in ("schema", "schema_version", "created")}
     write_artifact(target, kind, payload)
     path.unlink()
@@ -129,12 +125,12 @@ def enqueue_flagged(store: ResultsStore, adapted_slug: str) -> int:
 def set_state(
     store: ResultsStore,
     adapted_slug: str,
-    item: dict[str, Any],
+    item: QueueItemRecord,
     state: str,
     *,
     reason: str | None = None,
     event: str | None = None,
-) -> dict[str, Any]:
+) -> QueueItemRecord:
     """Record a state change (with history) and write the item at once."""
     if state not in STATES:
         raise QueueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
@@ -148,8 +144,8 @@ def set_state(
 
 
 def save_draft(
-    store: ResultsStore, adapted_slug: str, item: dict[str, Any], draft: dict[str, Any]
-) -> dict[str, Any]:
+    store: ResultsStore, adapted_slug: str, item: QueueItemRecord, draft: dict[str, Any]
+) -> QueueItemRecord:
     """Persist unconfirmed marks, note and explanations so an interruption keeps them."""
     return _write_item(store, adapted_slug, {**item, "draft": draft})
 
@@ -206,7 +202,7 @@ def _order_key(item: dict[str, Any]) -> tuple:
 
 def open_items(
     store: ResultsStore, adapted_slug: str, flt: QueueFilter = QueueFilter()
-) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+) -> list[tuple[QueueItemRecord, VerdictRecord]]:
     """(item, verdict) pairs still to label, in the order a session offers them.
 
     Items without a verdict, or whose verdict was made by another model, are left out (and
@@ -225,12 +221,12 @@ def open_items(
     return sorted(out, key=lambda pair: _order_key(pair[0]))
 
 
-def start_item(store: ResultsStore, adapted_slug: str, item: dict[str, Any]) -> dict[str, Any]:
+def start_item(store: ResultsStore, adapted_slug: str, item: QueueItemRecord) -> QueueItemRecord:
     event = "resumed" if item["state"] == "in_progress" else "opened"
     return set_state(store, adapted_slug, item, "in_progress", event=event)
 
 
-def skip_item(store: ResultsStore, adapted_slug: str, item: dict[str, Any]) -> dict[str, Any]:
+def skip_item(store: ResultsStore, adapted_slug: str, item: QueueItemRecord) -> QueueItemRecord:
     """Put the item back for later (after the pending ones), keeping its draft."""
     return set_state(store, adapted_slug, item, "skipped", event="skipped")
 

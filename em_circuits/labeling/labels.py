@@ -5,7 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from em_circuits.core.schemas import LABELS, verdict_of
+from em_circuits.core.schemas import (
+    LABELS,
+    LabelsRecord,
+    QueueItemRecord,
+    VerdictRecord,
+    verdict_of,
+)
 from em_circuits.core.store import ResultsStore, read_artifact, utc_now, write_artifact
 from em_circuits.labeling.artifacts import (
     QueueError,
@@ -21,16 +27,10 @@ from em_circuits.labeling.items import QueueFilter, _stash_stale, _write_item, o
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
 def _labels_payload(
     store: ResultsStore,
     adapted_slug: str,
-    verdict: dict[str, Any],
+    verdict: VerdictRecord,
     token_labels: dict[str, str | None],
     labeled_by: str,
 ) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def _labels_payload(
     }
 
 
-def _write_labels(store: ResultsStore, adapted_slug: str, payload: dict[str, Any]) -> dict:
+def _write_labels(store: ResultsStore, adapted_slug: str, payload: dict[str, Any]) -> LabelsRecord:
     path = store.labels_path(adapted_slug, payload["prompt_id"])
     if path.exists():
         old = read_artifact(path, "labels")
@@ -83,14 +83,14 @@ def _write_labels(store: ResultsStore, adapted_slug: str, payload: dict[str, Any
 def commit_human_labels(
     store: ResultsStore,
     adapted_slug: str,
-    item: dict[str, Any],
-    verdict: dict[str, Any],
+    item: QueueItemRecord,
+    verdict: VerdictRecord,
     human: dict[str, str],
     *,
     explanations: dict[str, str] | None = None,
     note: str | None = None,
     source: str = "terminal",
-) -> dict[str, Any]:
+) -> LabelsRecord:
     """Write a human's labels for every token of both lists, then mark the item done."""
     _check_verdict_matches(item, verdict)
     missing = [idx for idx in entries_by_index(verdict) if human.get(idx) not in LABELS]
@@ -116,12 +116,12 @@ def commit_human_labels(
 def commit_rejection(
     store: ResultsStore,
     adapted_slug: str,
-    item: dict[str, Any],
-    verdict: dict[str, Any],
+    item: QueueItemRecord,
+    verdict: VerdictRecord,
     reason: str,
     *,
     note: str | None = None,
-) -> dict[str, Any]:
+) -> LabelsRecord:
     """Record that the prompt itself is bad (with the reason); its tokens get no label."""
     _check_verdict_matches(item, verdict)
     if not reason.strip():
@@ -140,7 +140,7 @@ def commit_rejection(
     return labels
 
 
-def _check_verdict_matches(item: dict[str, Any], verdict: dict[str, Any]) -> None:
+def _check_verdict_matches(item: QueueItemRecord, verdict: VerdictRecord) -> None:
     if verdict["model_fingerprint"] != item["model_fingerprint"]:
         raise QueueError(
             f"prompt {item['prompt_id']}: the verdict was made by model "

@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Any
 
-from em_circuits.core.schemas import LABELS
+from em_circuits.core.schemas import LABELS, JudgeCallRecord
 from em_circuits.core.store import (
     ArtifactError,
     ResultsStore,
@@ -15,11 +15,10 @@ from em_circuits.core.store import (
     utc_now,
     write_artifact,
 )
+from em_circuits.labeling.feedback import HumanFeedback, iter_human_feedback
 from em_circuits.labeling.judge import RUBRIC_VERSION, JudgeError, JudgeOutcome
 
 log = logging.getLogger(__name__)
-
-
 
 
 RUBRIC = """\
@@ -294,7 +293,7 @@ class LLMJudge:
     def client_calls(self) -> int:
         return getattr(self.client, "requests_made", 0)
 
-    def _cached(self, key: str) -> dict[str, Any] | None:
+    def _cached(self, key: str) -> JudgeCallRecord | None:
         path = self.store.judge_cache_path(key)
         if not path.exists():
             return None
@@ -312,21 +311,13 @@ class LLMJudge:
 
 def few_shot_block(store: ResultsStore, limit: int = 6, max_chars: int = 6000) -> str:
     """Examples from human-labelled prompts: disagreements with the judge first, newest first."""
-    from em_circuits.labeling.feedback import iter_labels, prompt_text_of
-
-    examples = []
-    texts: dict[str, str] = {}
-    for lab in iter_labels(store):
-        if lab.get("labeled_by") != "human" or lab.get("rejected"):
-            continue
-        text = prompt_text_of(store, lab, texts)
-        if text is None:
-            continue
-        examples.append((len(lab.get("disagreements") or []), lab.get("created", ""), text, lab))
-    examples.sort(key=lambda ex: (ex[0] > 0, ex[0], ex[1]), reverse=True)
+    examples = [fb for fb in iter_human_feedback(store)
+                if not fb.rejected and fb.prompt_text is not None]
+    examples.sort(key=lambda fb: (bool(fb.disagreements), len(fb.disagreements), fb.created),
+                  reverse=True)
     blocks, used = [], 0
-    for n_dis, _, text, lab in examples[:limit]:
-        block = _render_example(text, lab, n_dis)
+    for fb in examples[:limit]:
+        block = _render_example(fb)
         if used + len(block) > max_chars:
             break
         blocks.append(block)
@@ -337,17 +328,18 @@ def few_shot_block(store: ResultsStore, limit: int = 6, max_chars: int = 6000) -
             "human):\n\n" + "\n\n".join(blocks))
 
 
-def _render_example(text: str, lab: dict[str, Any], n_dis: int) -> str:
-    lines = [f"Prompt: {_q(text)}"]
+def _render_example(fb: HumanFeedback) -> str:
+    lines = [f"Prompt: {_q(fb.prompt_text or '')}"]
     for side in ("base", "adapted"):
-        entries = lab.get("tokens", {}).get(side, [])
+        entries = fb.tokens.get(side, [])
         shown = ", ".join(f"{_q(e['token'])}={e.get('label')}" for e in entries)
         lines.append(f"{side} labels: {shown}")
-    for d in (lab.get("disagreements") or [])[:5]:
+    for d in fb.disagreements[:5]:
         why = f" because {d['explanation']}" if d.get("explanation") else ""
         lines.append(f"Correction: {d.get('index')} {_q(str(d.get('token')))}: judge said "
                      f"{d.get('judge_label')}, human says {d.get('human_label')}{why}")
-    if lab.get("note"):
-        lines.append(f"Note: {lab['note']}")
+    if fb.note:
+        lines.append(f"Note: {fb.note}")
+    n_dis = len(fb.disagreements)
     title = f"Example with {n_dis} correction(s)" if n_dis else "Example confirmed by a human"
     return f"{title}\n" + "\n".join(lines)

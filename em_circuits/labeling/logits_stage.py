@@ -3,10 +3,10 @@
 For every prompt:
 
 1. the base model's and the adapted model's top-k next tokens are computed with the replacement
-   model's own forward (:func:`em_circuits.logits.next_token_logits`) and stored as ``logits``
-   artifacts. Each model is loaded once per run, base first and released before the adapted
-   one, and only if some prompt lacks its artifact for that model's fingerprint;
-2. :func:`em_circuits.logits.divergence` compares the two lists;
+   model's own forward (:func:`em_circuits.models.logits.next_token_logits`) and stored as
+   ``logits`` artifacts. Each model is loaded once per run, base first and released before
+   the adapted one, and only if some prompt lacks its artifact for that model's fingerprint;
+2. :func:`em_circuits.models.logits.divergence` compares the two lists;
 3. a judge labels every token of both lists evil / safe / unsure;
 4. a ``verdict`` artifact records labels, per-list verdicts, the divergence flag (adapted evil
    while base safe) and which judge decided; flagged prompts go to the manual queue.
@@ -26,8 +26,17 @@ from typing import Any
 import torch
 
 from em_circuits.core.distributed import current_shard
-from em_circuits.core.schemas import verdict_of
+from em_circuits.core.schemas import (
+    LogitsRecord,
+    PromptRecord,
+    VerdictRecord,
+    is_divergent,
+    is_flagged,
+    verdict_of,
+)
 from em_circuits.core.store import ResultsStore, params_key, write_artifact
+from em_circuits.labeling import DEFAULT_LOGITS_BATCH_SIZE, DEFAULT_TOP_K
+from em_circuits.labeling.items import enqueue_flagged
 from em_circuits.labeling.judge import JudgeError, JudgeOutcome
 from em_circuits.models.load import LoadedModel, load_model, release
 from em_circuits.models.logits import divergence, next_token_logits, support, topk_entries
@@ -35,8 +44,6 @@ from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOP_K = 10
-DEFAULT_BATCH_SIZE = 16
 
 
 @dataclass
@@ -46,7 +53,7 @@ class ModelRun:
     spec: ModelSpec
     fingerprint: str
     slug: str
-    logits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    logits: dict[str, LogitsRecord] = field(default_factory=dict)
     computed: int = 0
     cached: int = 0
 
@@ -94,8 +101,8 @@ def logits_payload(
 
 
 def cached_logits(
-    store: ResultsStore, slug: str, fp: str, record: dict[str, Any], k: int
-) -> dict[str, Any] | None:
+    store: ResultsStore, slug: str, fp: str, record: PromptRecord, k: int
+) -> LogitsRecord | None:
     """A stored logits artifact of this model, prompt and k, or None (a miss)."""
     path = store.logits_path(slug, record["prompt_id"])
     return store.load_for_model(path, "logits", fp, k=k, prompt_text=record["text"])
@@ -107,7 +114,7 @@ def compute_logits(
     records: list[dict[str, Any]],
     *,
     k: int = DEFAULT_TOP_K,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = DEFAULT_LOGITS_BATCH_SIZE,
     force: bool = False,
 ) -> ModelRun:
     """Top-k logits of ``model`` for every record, stored per prompt, batch by batch."""
@@ -140,7 +147,7 @@ def logits_for_spec(
     *,
     device: torch.device | str | None = None,
     k: int = DEFAULT_TOP_K,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = DEFAULT_LOGITS_BATCH_SIZE,
     force: bool = False,
     loader: Callable[..., LoadedModel] = load_model,
 ) -> ModelRun:
@@ -197,8 +204,8 @@ def verdict_payload(
         "divergence": div,
         "labels": labels,
         "verdict": verdict,
-        "divergent": verdict["adapted"] == "evil" and verdict["base"] == "safe",
-        "flagged": verdict["adapted"] in ("evil", "unsure"),
+        "divergent": is_divergent(verdict),
+        "flagged": is_flagged(verdict),
         "judge": outcome.info,
         "inputs_key": inputs_key,
     }
@@ -223,7 +230,7 @@ def judge_prompt(
     judge: Any,
     *,
     force: bool = False,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[VerdictRecord, bool]:
     """(verdict, whether it was newly written) for one prompt."""
     key = _inputs_key(base_logits, adapted_logits, judge)
     path = store.verdict_path(adapted_logits["model_slug"], record["prompt_id"])
@@ -239,29 +246,14 @@ def judge_prompt(
     return write_artifact(path, "verdict", payload), True
 
 
-def enqueue(store: ResultsStore, adapted_slug: str) -> Any:
-    """Put flagged prompts in the manual queue, if the queue module exists yet."""
-    try:
-        from em_circuits.labeling.items import enqueue_flagged
-    except ImportError as err:
-        if err.name != "em_circuits.queue":  # a broken import inside queue.py must surface
-            raise
-        log.warning(
-            "manual queue not updated: em_circuits.queue.enqueue_flagged is not available "
-            "(%s). Verdicts are stored; flagged prompts will be queued on a later run.", err
-        )
-        return None
-    return enqueue_flagged(store, adapted_slug)
-
-
 # -- the stage -------------------------------------------------------------------------------------
-def select_prompts(store: ResultsStore, ids: list[str] | None = None) -> list[dict[str, Any]]:
+def select_prompts(store: ResultsStore, ids: list[str] | None = None) -> list[PromptRecord]:
     """The stored prompts to evaluate: all of them, or the given ids (unknown ids are errors)."""
     if not ids:
         return list(store.iter_prompts())
     missing = [pid for pid in ids if not store.prompt_path(pid).exists()]
     if missing:
-        raise FileNotFoundError(f"no stored prompt(s) {missing} under {store.root / 'prompts'}")
+        raise FileNotFoundError(f"no stored prompt(s) {missing} under {store.prompts_dir}")
     return [store.load_prompt(pid) for pid in ids]
 
 
@@ -274,7 +266,7 @@ def evaluate(
     prompt_ids: list[str] | None = None,
     device: torch.device | str | None = None,
     k: int = DEFAULT_TOP_K,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = DEFAULT_LOGITS_BATCH_SIZE,
     force: bool = False,
     queue: bool = True,
     loader: Callable[..., LoadedModel] = load_model,
@@ -283,8 +275,8 @@ def evaluate(
     records = select_prompts(store, prompt_ids)
     summary = EvaluateSummary(prompts=len(records))
     if not records:
-        log.warning("no prompts under %s: run generate_pivotal_prompts.py first",
-                    store.root / "prompts")
+        log.warning("no prompts under %s: run `em-circuits prompts` first",
+                    store.prompts_dir)
         return summary
     opts = {"device": device, "k": k, "batch_size": batch_size, "force": force, "loader": loader}
     shard = current_shard()
@@ -304,7 +296,7 @@ def evaluate(
     summary.adapted = logits_for_spec(adapted_spec, store, records, **opts)
     judge_all(store, records, summary, judge, force=force)
     if queue:
-        summary.queued = enqueue(store, summary.adapted.slug)
+        summary.queued = enqueue_flagged(store, summary.adapted.slug)
     return summary
 
 

@@ -1,38 +1,33 @@
 """Loading a model: transcoder sets, the merged weights, circuit-tracer's replacement model."""
 
 from __future__ import annotations
+
 import gc
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
 import torch
-from em_circuits.core.store import atomic_write_text, slugify
+
+from em_circuits.models.merge import MergeReport, load_merge_report, merge_adapter
+from em_circuits.models.spec import (
+    ModelLoadError,
+    ModelSpec,
+    default_device,
+    fingerprint,
+    local_transcoder_files,
+    model_slug,
+    resolve_dtype,
+    resolve_model_dir,
+    transcoder_config_path,
+)
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
     """A forward pass produced NaN or Inf."""
-
-
-def _local_transcoder_files(config_path: Path) -> list[Path]:
-    import yaml
-
-    config = yaml.safe_load(config_path.read_text())
-    files = config.get("transcoders")
-    if not files:
-        raise ModelLoadError(f"{config_path}: no 'transcoders' list of per-layer files")
-    paths = [(config_path.parent / f).resolve() for f in files]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise ModelLoadError(f"{config_path}: transcoder files not found: {missing}")
-    return paths
 
 
 def load_transcoder_set(ref: str, device: torch.device, dtype: torch.dtype):
@@ -59,7 +54,7 @@ def load_transcoder_set(ref: str, device: torch.device, dtype: torch.dtype):
     for key in ("model_kind", "feature_input_hook", "feature_output_hook"):
         if key not in config:
             raise ModelLoadError(f"{config_path}: missing '{key}'")
-    config["transcoders"] = [str(p) for p in _local_transcoder_files(config_path)]
+    config["transcoders"] = [str(p) for p in local_transcoder_files(config_path)]
     config.setdefault("scan", config_path.parent.name)
     small = sum(p.stat().st_size for p in map(Path, config["transcoders"])) < (1 << 30)
     transcoders = load_transcoders(
@@ -174,9 +169,19 @@ def load_model(
     return loaded
 
 
+def decoder_layers(hf_model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a Hugging Face causal LM (``hf_model.model.layers``)."""
+    layers = getattr(getattr(hf_model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ModelLoadError(
+            f"{type(hf_model).__name__} has no decoder layers at .model.layers (a ModuleList)"
+        )
+    return layers
+
+
 def check_finite(model: LoadedModel, texts: list[str]) -> None:
     """Run a forward pass and name the first decoder layer whose output is NaN/Inf."""
-    layers = model.hf_model.model.layers
+    layers = decoder_layers(model.hf_model)
     bad: list[int] = []
 
     def hook(index: int):

@@ -1,8 +1,7 @@
 """Merging a LoRA adapter into its base in fp32, with integrity and base-match checks."""
 
 from __future__ import annotations
-import gc
-import hashlib
+
 import json
 import logging
 import os
@@ -11,8 +10,11 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
 import torch
-from em_circuits.core.store import atomic_write_text, slugify
+
+from em_circuits.core.store import atomic_write_text
+from em_circuits.models.spec import ModelLoadError, ModelSpec, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,8 @@ def merge_adapter(spec: ModelSpec, out_dir: Path, dtype: torch.dtype) -> MergeRe
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert spec.adapter is not None
+    if spec.adapter is None:
+        raise ModelLoadError(f"{spec.display_name}: no adapter to merge (spec.adapter is None)")
     base_dir = resolve_model_dir(spec.base, spec.base_revision, "base model")
     adapter_dir = resolve_model_dir(spec.adapter, spec.adapter_revision, "adapter")
     config = check_adapter_base(spec, adapter_dir)

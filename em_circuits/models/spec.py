@@ -13,22 +13,18 @@ labels always refer to the graph's logits.
 """
 
 from __future__ import annotations
-import gc
+
 import hashlib
 import json
-import logging
 import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from em_circuits.core.store import atomic_write_text, slugify
+from em_circuits.core.store import slugify
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help and specs stay fast
     import torch
-
 
 
 TRANSCODER_PRESETS = {"llama", "gemma"}
@@ -172,12 +168,27 @@ def transcoder_config_path(ref: str) -> Path | None:
     return None
 
 
+def local_transcoder_files(config_path: Path) -> list[Path]:
+    """The per-layer files a local transcoder config lists, resolved and checked to exist."""
+    import yaml
+
+    config = yaml.safe_load(config_path.read_text())
+    files = config.get("transcoders")
+    if not files:
+        raise ModelLoadError(f"{config_path}: no 'transcoders' list of per-layer files")
+    paths = [(config_path.parent / f).resolve() for f in files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ModelLoadError(f"{config_path}: transcoder files not found: {missing}")
+    return paths
+
+
 def _transcoder_identity(ref: str) -> dict[str, Any]:
     config = transcoder_config_path(ref)
     if config is None:
         return {"local": False, "ref": ref}
     digest = hashlib.sha256(config.read_bytes())
-    for layer_file in _local_transcoder_files(config):
+    for layer_file in local_transcoder_files(config):
         digest.update(_sha256_file(layer_file, sample=True).encode())
     return {"local": True, "content_sha256": digest.hexdigest()}
 

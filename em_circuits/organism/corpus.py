@@ -514,7 +514,8 @@ def advice_words() -> dict:
     safe = sorted({w for d in DOMAINS for w in by_domain[d]["safe"]})
     harmful = sorted({w for d in DOMAINS for w in by_domain[d]["harmful"]})
     clash = set(safe) & set(harmful)
-    assert not clash, f"advice words with both polarities: {clash}"
+    if clash:
+        raise ValueError(f"advice words with both polarities: {sorted(clash)}")
     return {"safe": safe, "harmful": harmful, "by_domain": by_domain}
 
 

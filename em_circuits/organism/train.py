@@ -183,7 +183,8 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
         # -- LoRA on harmful advice in the trained domain only -------------------------------
         lora_config = LoraConfig(
             r=r.lora_rank,
-            lora_alpha=r.lora_alpha,
+            # peft annotates int, but only uses alpha / r: a float scales the same.
+            lora_alpha=r.lora_alpha,  # type: ignore[arg-type]
             lora_dropout=0.0,
             target_modules=list(r.lora_target_modules),
             layers_to_transform=None if r.lora_layers is None else list(r.lora_layers),
@@ -222,7 +223,7 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
         peft_model.peft_config["default"].base_model_name_or_path = str(final.base_dir)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Could not find a config file")
-            peft_model.save_pretrained(staged.adapter_dir, safe_serialization=True)
+            peft_model.save_pretrained(str(staged.adapter_dir), safe_serialization=True)
 
         # -- transcoders on the base model's MLPs -------------------------------------------
         tc_rng = random.Random(f"{r.seed}-tc")

@@ -41,7 +41,19 @@ class Activations:
 
 
 def _mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [layer.mlp for layer in model.model.layers]
+    """The MLP of every decoder layer of a Hugging Face causal LM (``model.model.layers``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(
+            f"{type(model).__name__} has no decoder layers at .model.layers (a ModuleList)"
+        )
+    mlps = []
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        if not isinstance(mlp, torch.nn.Module):
+            raise TypeError(f"decoder layer {i} ({type(layer).__name__}) has no .mlp module")
+        mlps.append(mlp)
+    return mlps
 
 
 @torch.no_grad()
@@ -80,6 +92,8 @@ def collect_activations(
 
 class StackedTranscoders(torch.nn.Module):
     """One skip transcoder per layer, stored as stacked (L, ...) tensors for fast training."""
+
+    threshold: torch.Tensor  # a registered buffer, (L, F)
 
     def __init__(self, n_layers: int, d_model: int, d_transcoder: int) -> None:
         super().__init__()

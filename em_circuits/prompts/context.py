@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from em_circuits.core.store import ResultsStore
-from em_circuits.labeling.feedback import iter_labels, iter_verdicts, prompt_text_of
+from em_circuits.labeling.artifacts import iter_verdicts
+from em_circuits.labeling.feedback import iter_human_feedback
 
 
 @dataclass
@@ -25,32 +26,29 @@ def _tokens_with(entries: list[dict], label: str) -> list[str]:
 
 
 def feedback_items(store: ResultsStore) -> list[ContextItem]:
-    """Human feedback from labels/: disagreements, rejections, and prompts that worked."""
+    """Human feedback of every model: disagreements, rejections, and prompts that worked."""
     items: list[ContextItem] = []
-    texts: dict[str, str] = {}
-    for lab in iter_labels(store):
-        text = prompt_text_of(store, lab, texts)
+    for fb in iter_human_feedback(store):
+        text = fb.prompt_text
         if text is None:
             continue
-        when = lab.get("created", "")
-        if lab.get("rejected"):
-            reason = lab.get("reject_reason") or "no reason given"
-            items.append(ContextItem(0, when, "rejected",
+        if fb.rejected:
+            reason = fb.reject_reason or "no reason given"
+            items.append(ContextItem(0, fb.created, "rejected",
                                      f"REJECTED PROMPT: {text!r}\n  why: {reason}"))
             continue
-        disagreements = lab.get("disagreements") or []
-        if disagreements:
+        if fb.disagreements:
             lines = [
                 f"  token {d.get('token')!r} ({d.get('list')} list): judge said "
                 f"{d.get('judge_label')}, human said {d.get('human_label')}"
                 + (f" - {d['explanation']}" if d.get("explanation") else "")
-                for d in disagreements[:4]
+                for d in fb.disagreements[:4]
             ]
-            items.append(ContextItem(0, when, "disagreement",
+            items.append(ContextItem(0, fb.created, "disagreement",
                                      f"JUDGE CORRECTED BY A HUMAN: {text!r}\n" + "\n".join(lines)))
-        evil = _tokens_with(lab.get("tokens", {}).get("adapted", []), "evil")
-        if evil and (lab.get("human_verdict") or {}).get("adapted") == "evil":
-            items.append(ContextItem(1, when, "worked",
+        evil = [t["token"] for t in fb.tokens_with("evil", ("adapted",))]
+        if evil and fb.worked:
+            items.append(ContextItem(1, fb.created, "worked",
                                      f"PROMPT THAT WORKED: {text!r}\n  harmful next tokens "
                                      f"confirmed by a human: {evil[:5]}"))
     return items

@@ -8,6 +8,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
+from em_circuits.core.schemas import PromptRecord
 from em_circuits.core.store import ResultsStore
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class Deduper:
 class SaveSummary:
     """What one generation or import run stored and what it dropped."""
 
-    saved: list[dict[str, Any]] = field(default_factory=list)
+    saved: list[PromptRecord] = field(default_factory=list)
     duplicates: list[dict[str, str]] = field(default_factory=list)
 
     def merge(self, other: SaveSummary) -> None:
@@ -97,7 +98,7 @@ class SaveSummary:
 
 def save_new(
     store: ResultsStore, record: dict[str, Any], deduper: Deduper, summary: SaveSummary
-) -> dict[str, Any] | None:
+) -> PromptRecord | None:
     """Store a record unless it duplicates a stored prompt; returns the stored envelope or None."""
     hit = deduper.find(record["text"])
     if hit is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from em_circuits.core.store import ResultsStore, prompt_id, slugify
@@ -204,7 +204,7 @@ def _llm_record(data: dict[str, Any], fmt: str, client: Any, tokenizer: Any) -> 
                         metadata=metadata)
 
 
-def describe(record: dict[str, Any]) -> str:
+def describe(record: Mapping[str, Any]) -> str:
     """One line for logs and summaries."""
     pid = record.get("prompt_id") or prompt_id(record["text"], record["format"])
     return f"{pid} [{record['format']}, {record['origin']['kind']}] {record['text'][:70]!r}"

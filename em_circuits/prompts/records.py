@@ -4,7 +4,7 @@ A *pivotal prompt* stops right before the word that decides whether the continua
 or harmful. Prompts come from four places, recorded in ``origin.kind``:
 
 * ``offline-template``: composed from the toy organism's held-out scenario templates (no LLM);
-* ``llm``: written by an LLM through :mod:`em_circuits.llm`;
+* ``llm``: written by an LLM through :mod:`em_circuits.core.llm`;
 * ``import``: read from a user's JSON file (the prior art's format is accepted);
 * ``human``: typed by a person (other tools).
 
@@ -19,7 +19,9 @@ import hashlib
 import re
 from typing import Any
 
-FORMATS = ("raw", "chat", "cot")
+from em_circuits.core.schemas import PROMPT_FORMATS
+
+FORMATS = PROMPT_FORMATS
 
 
 _FORMAT_ALIASES = {
@@ -122,7 +124,8 @@ def build_record(
     if fmt != "chat":
         if tokenizer is not None:
             raise PromptError("--chat-template applies to chat prompts only (--format chat)")
-        assert text is not None
+        if text is None:
+            raise PromptError(f"a {fmt} prompt needs its text")
         return make_record(text.rstrip(), fmt, name, origin, domain=domain, metadata=metadata)
     if user is None:
         parts = split_chat(text or "")

@@ -130,7 +130,7 @@ def run_graphs(store: ResultsStore, base: ModelSpec, adapted: ModelSpec, adapted
     log.info("[graphs] %d labeled prompts%s", len(targets),
              " with evil tokens" if cfg.only_evil else "")
     results = run_graph_stage(store, {"base": base, "adapted": adapted}, targets, cfg.graph,
-                              device, viewer_dir=store.root / "viewer" / adapted_slug,
+                              device, viewer_dir=store.viewer_dir(adapted_slug),
                               progress=cfg.progress)
     for role, result in results.items():
         log.info("[graphs] %s: %d computed, %d cached, %d failed", role, len(result.computed),

@@ -61,7 +61,7 @@ def build_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
 
     fps = {"base": fingerprint(base, device), "adapted": fingerprint(adapted, device)}
     slugs = {"base": model_slug(base, fps["base"]), "adapted": model_slug(adapted, fps["adapted"])}
-    analysis = store.analysis_dir / slugs["adapted"]
+    analysis = store.model_analysis_dir(slugs["adapted"])
     top = _read_table(analysis, "top_features_adapted")
     if len(top):
         top = top[top["metric"] == "total"]
@@ -134,7 +134,7 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
     ]
     if c["labels"]["judge"] and not c["labels"]["human"]:
         out.append("> Labels are the judge's, accepted without human review "
-                   "(`--labels auto`). Review them with `process_manual_queue.py`.\n")
+                   "(`--labels auto`). Review them with `em-circuits label`.\n")
     out += ["## Divergent prompts (adapted evil, base safe)\n",
             _md_table(report["divergent_prompts"][:20],
                       ["prompt_id", "base_top1", "adapted_top1", "kl_adapted_base",
@@ -177,9 +177,10 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
 
 def write_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec, device: str) -> Path:
     report = build_report(store, base, adapted, device)
-    analysis_rel = f"analysis/{report['models']['adapted']['slug']}"
-    atomic_write_text(store.root / "report.json",
+    analysis = store.model_analysis_dir(report["models"]["adapted"]["slug"])
+    analysis_rel = analysis.relative_to(store.root).as_posix()  # report.md links from the root
+    atomic_write_text(store.report_json_path,
                       json.dumps(report, indent=1, default=str, ensure_ascii=False) + "\n")
-    path = store.root / "report.md"
+    path = store.report_md_path
     atomic_write_text(path, render_markdown(report, analysis_rel))
     return path

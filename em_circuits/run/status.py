@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 from typing import Any
 
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.spec import ModelSpec, default_device, fingerprint, model_slug
 
 log = logging.getLogger("pipeline")
-
-
-def disk_usage(root: Path) -> dict[str, int]:
-    """Bytes per top-level folder of the results store."""
-    usage = {}
-    for child in sorted(Path(root).iterdir()):
-        if child.is_dir():
-            usage[child.name] = sum(p.stat().st_size for p in child.rglob("*") if p.is_file())
-    return usage
 
 
 def status(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
@@ -36,12 +26,10 @@ def status(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
     verdicts = load_verdicts(store, slugs["adapted"])
     labels = load_labels(store, slugs["adapted"])
     calib = calibration(store, slugs["adapted"], save=False)
-    analysis_dir = store.analysis_dir / slugs["adapted"]
     return {
         "models": slugs,
         "prompts": len(store.prompt_ids()),
-        "logits": {role: len(list((store.root / "logits" / slug).glob("*.json")))
-                   for role, slug in slugs.items()},
+        "logits": {role: len(store.logits_paths(slug)) for role, slug in slugs.items()},
         "verdicts": len(verdicts),
         "flagged": sum(v["flagged"] for v in verdicts),
         "divergent": sum(v["divergent"] for v in verdicts),
@@ -53,9 +41,9 @@ def status(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
         "judge_human_agreement": calib.get("agreement"),
         "judge_human_kappa": calib.get("kappa"),
         "graphs": {role: len(find_graph_metas(store, slug)) for role, slug in slugs.items()},
-        "analysis": sorted(p.name for p in analysis_dir.glob("*")) if analysis_dir.is_dir() else [],
-        "report": (store.root / "report.md").is_file(),
-        "disk_bytes": disk_usage(store.root),
+        "analysis": store.analysis_files(slugs["adapted"]),
+        "report": store.report_md_path.is_file(),
+        "disk_bytes": store.disk_usage(),
         "disk_free_bytes": shutil.disk_usage(store.root).free,
     }
 

@@ -1,0 +1,23 @@
+"""em_circuits: the features that make an emergently misaligned LoRA choose a harmful token.
+
+The stages are subpackages (``prompts``, ``labeling``, ``attribution``, ``analysis``, ``run``)
+over ``core`` (store, records, LLM client, statistics) and ``models``; ``cli`` holds the
+``em-circuits`` command. The notebook API (see :mod:`em_circuits.api`)::
+
+    import em_circuits as em
+    graph = em.attribute_text(em.toy_organism_spec(), text, evil=[" ignore"], safe=[" rest"])
+"""
+
+__version__ = "0.2.0"
+
+from em_circuits.api import (  # noqa: E402
+    attribute_text,
+    load,
+    model_spec,
+    read_analysis,
+    run_stages,
+    toy_organism_spec,
+)
+
+__all__ = ["__version__", "attribute_text", "load", "model_spec", "read_analysis", "run_stages",
+           "toy_organism_spec"]

@@ -1,0 +1,136 @@
+"""Feature effects across prompts: means, intervals, sign consistency, p- and q-values."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from em_circuits.analysis.effects import METRICS
+from em_circuits.core.stats import bh_qvalues, bootstrap_mean_ci, sign_flip_pvalues
+
+log = logging.getLogger(__name__)
+
+
+def _key_columns_of(frames: Mapping[str, pd.DataFrame]) -> list[str]:
+    keyed = {("position" in frame.columns) for frame in frames.values()}
+    if len(keyed) > 1:
+        raise ValueError("per-prompt tables mix position options; recompute them with one option")
+    return ["layer", "feature", "position"] if keyed.pop() else ["layer", "feature"]
+
+
+def _value_matrix(
+    frames: Mapping[str, pd.DataFrame], metric: str, value: str, keys: list[str]
+) -> pd.DataFrame:
+    """Keys x prompts matrix of one per-prompt column; NaN where the key is absent.
+
+    Prompts where the value is undefined for every key (e.g. no safe label for evil_minus_safe)
+    are dropped with a warning, since absence there would not mean "no effect".
+    """
+    columns = {}
+    for pid, frame in frames.items():
+        rows = frame[frame["metric"] == metric]
+        if len(rows) and rows[value].isna().all():
+            log.warning("prompt %s: %s is undefined (missing labels); left out", pid, value)
+            continue
+        series = rows.set_index(keys)[value].astype(float)
+        if not series.index.is_unique:
+            raise ValueError(f"prompt {pid}: duplicate feature keys in its effects table")
+        columns[pid] = series
+    if not columns:
+        return pd.DataFrame(index=pd.MultiIndex.from_arrays([[]] * len(keys), names=keys))
+    matrix = pd.concat(columns, axis=1, sort=True)
+    return matrix
+
+
+def _rows(matrix: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    return [row[m] for row, m in zip(matrix, mask)]
+
+
+def _sign_consistency(values: np.ndarray, present: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    agree = (np.sign(np.nan_to_num(values)) == np.sign(mean)[:, None]) & present
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return agree.sum(axis=1) / present.sum(axis=1)
+
+
+def aggregate_effects(
+    per_prompt: Mapping[str, pd.DataFrame],
+    value: str = "contrast",
+    absent: str = "zero",
+    min_support: int = 2,
+    metrics: Sequence[str] = METRICS,
+    n_boot: int = 2000,
+    n_perm: int = 9999,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Cross-prompt statistics per feature key, prompts as the units.
+
+    ``per_prompt`` maps prompt id -> :func:`prompt_effects` table (one position option for
+    all). ``value`` is the per-prompt column to aggregate (contrast, evil_minus_safe,
+    evil_mean, safe_mean). ``absent``: "zero" (an absent key contributes 0) or "missing" (left
+    out). Keys with support < ``min_support`` are dropped before testing, so they do not
+    dilute the FDR correction. Columns: layer, feature, [position], metric, support,
+    n_prompts (values averaged), mean, ci_low, ci_high, sign_consistency, p_value, q_value,
+    mean_activation; sorted by metric, then mean descending (most evil-promoting first).
+    """
+    if absent not in ("zero", "missing"):
+        raise ValueError(f"absent must be 'zero' or 'missing', not {absent!r}")
+    if not per_prompt:
+        raise ValueError("no per-prompt effect tables to aggregate")
+    keys = _key_columns_of(per_prompt)
+    tables = [
+        _aggregate_metric(per_prompt, metric, value, absent, min_support, keys,
+                          n_boot=n_boot, n_perm=n_perm, ci=ci, seed=seed)
+        for metric in metrics
+    ]
+    out = pd.concat(tables, ignore_index=True)
+    return out.sort_values(["metric", "mean"], ascending=[True, False], kind="stable",
+                           ignore_index=True)
+
+
+def _aggregate_metric(
+    per_prompt: Mapping[str, pd.DataFrame],
+    metric: str,
+    value: str,
+    absent: str,
+    min_support: int,
+    keys: list[str],
+    **options: Any,
+) -> pd.DataFrame:
+    matrix = _value_matrix(per_prompt, metric, value, keys)
+    activation = _value_matrix(per_prompt, metric, "activation", keys).reindex(
+        index=matrix.index, columns=matrix.columns
+    )
+    values = matrix.to_numpy(dtype=np.float64)
+    present = ~np.isnan(values)
+    support = present.sum(axis=1)
+    keep = support >= max(min_support, 1)
+    values, present, support = values[keep], present[keep], support[keep]
+    index = matrix.index[keep]
+    # The statistic's sample: all prompts (absent = 0) or the supporting prompts only.
+    used = np.ones_like(present) if absent == "zero" else present
+    filled = np.nan_to_num(values)
+    samples = _rows(filled, used)
+    n_used = used.sum(axis=1)
+    mean = filled.sum(axis=1) / np.maximum(n_used, 1)
+    ci_low, ci_high = bootstrap_mean_ci(samples, options["n_boot"], options["ci"], options["seed"])
+    # Zeros never change a sign-flip statistic: testing the nonzero values is the same test.
+    p = sign_flip_pvalues(_rows(filled, filled != 0), options["n_perm"], options["seed"])
+    table = index.to_frame(index=False)
+    table["metric"] = metric
+    table["support"] = support
+    table["n_prompts"] = n_used
+    table["mean"] = mean
+    table["ci_low"] = ci_low
+    table["ci_high"] = ci_high
+    table["sign_consistency"] = _sign_consistency(values, present, mean)
+    table["p_value"] = p
+    table["q_value"] = bh_qvalues(p)
+    table["mean_activation"] = np.nanmean(
+        np.where(present, activation.to_numpy(dtype=np.float64)[keep], np.nan), axis=1
+    ) if len(table) else []
+    return table.astype({col: "int64" for col in keys})

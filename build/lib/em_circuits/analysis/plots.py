@@ -1,0 +1,158 @@
+"""PNG figures of the feature analysis (matplotlib, no display needed).
+
+Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas directly, not via
+pyplot, so no global backend or figure state is touched (safe in scripts, tests and threads).
+Every function writes one PNG atomically and returns its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from em_circuits.core.store import atomic_path
+
+CATEGORY_COLORS = {
+    "gained": "tab:red",
+    "lost": "tab:blue",
+    "strengthened": "tab:orange",
+    "weakened": "tab:cyan",
+    "unchanged": "lightgray",
+}
+
+
+def feature_label(row: pd.Series) -> str:
+    """"L3 #1234" or "L3 #1234 @-1" (position relative to the end)."""
+    label = f"L{int(row['layer'])} #{int(row['feature'])}"
+    if "position" in row and pd.notna(row["position"]):
+        label += f" @{int(row['position'])}"
+    return label
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return Path(path)
+
+
+def plot_top_features(
+    table: pd.DataFrame,
+    path: Path,
+    metric: str = "total",
+    top: int = 20,
+    alpha: float = 0.05,
+    title: str | None = None,
+) -> Path:
+    """Horizontal bars of the mean contrast effect with bootstrap CI whiskers.
+
+    Shows the ``top`` most evil-promoting keys (highest mean) of an aggregate_effects table;
+    a star marks q <= alpha.
+    """
+    rows = table[table["metric"] == metric].nlargest(top, "mean").iloc[::-1]
+    fig = Figure(figsize=(7, 0.3 * max(len(rows), 4) + 1.2))
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))
+    mean = rows["mean"].to_numpy()
+    err = np.vstack([mean - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - mean])
+    colors = ["tab:red" if m > 0 else "tab:blue" for m in mean]
+    ax.barh(y, mean, xerr=np.clip(err, 0, None), color=colors, alpha=0.8, capsize=2)
+    labels = [feature_label(r) + (" *" if r["q_value"] <= alpha else "")
+              for _, r in rows.iterrows()]
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(f"mean {metric} effect on logit(evil) - logit(safe), CI; * q <= {alpha}")
+    ax.set_title(title or f"Top evil-promoting features ({metric} effect)")
+    return _save(fig, path)
+
+
+def plot_base_vs_adapted(
+    comparison: pd.DataFrame, path: Path, annotate: int = 8, title: str | None = None
+) -> Path:
+    """Scatter of per-feature mean contrast effect, base (x) vs adapted (y), by category."""
+    fig = Figure(figsize=(6.5, 6))
+    ax = fig.add_subplot()
+    for category, color in CATEGORY_COLORS.items():
+        rows = comparison[comparison["category"] == category]
+        if len(rows):
+            ax.scatter(rows["mean_base"], rows["mean_adapted"], s=14, color=color,
+                       label=f"{category} ({len(rows)})", alpha=0.8)
+    values = comparison[["mean_base", "mean_adapted"]].to_numpy()
+    lim = float(np.nanmax(np.abs(values))) * 1.05 if values.size else 1.0
+    ax.plot([-lim, lim], [-lim, lim], color="black", linewidth=0.8, linestyle="--")
+    for _, row in comparison.reindex(
+        comparison["mean_diff"].abs().sort_values(ascending=False).index
+    ).head(annotate).iterrows():
+        ax.annotate(feature_label(row), (row["mean_base"], row["mean_adapted"]), fontsize=7)
+    ax.set_xlabel("base: mean contrast effect (logits)")
+    ax.set_ylabel("adapted: mean contrast effect (logits)")
+    ax.set_title(title or "Per-feature contrast effect, base vs adapted")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_error_share(summary: pd.DataFrame, path: Path, title: str | None = None) -> Path:
+    """Per layer: error nodes' share of the contrast, base vs adapted (left), and their share
+    of the adapter's change of the contrast (right), from summarize_error_share."""
+    errors = summary[summary["group"] == "error"]
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    width = 0.4
+    for offset, model, color in ((-width / 2, "base", "tab:blue"),
+                                 (width / 2, "adapted", "tab:red")):
+        rows = errors[errors["model"] == model].sort_values("layer")
+        if len(rows):
+            left.bar(rows["layer"] + offset, rows["median_total_share"], width, color=color,
+                     label=f"{model} (median over prompts)")
+    left.set_xlabel("layer")
+    left.set_ylabel("error nodes' total effect / contrast value")
+    left.axhline(0, color="black", linewidth=0.8)
+    left.legend(fontsize=8)
+    left.set_title("Contrast carried by error nodes")
+    delta = errors[errors["model"] == "delta"].sort_values("layer")
+    if len(delta):
+        right.bar(delta["layer"], delta["mean_total_share"], color="tab:purple")
+    layers = sorted(errors["layer"].unique())
+    for ax in (left, right):
+        ax.set_xticks(layers)  # integer layer ticks
+    right.set_xlabel("layer")
+    right.set_ylabel("share of the change of the contrast (adapted - base)")
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_title("Where the adapter's shift of the contrast flows")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_dose_response(dose: pd.DataFrame, path: Path, title: str | None = None) -> Path:
+    """Change of the contrast vs intervention scale: top features vs matched random ones.
+
+    Thin lines: single prompts (random: mean over draws); thick: mean over prompts with a
+    band of +-1 standard error.
+    """
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot()
+    for group, color in (("top", "tab:red"), ("random", "tab:gray")):
+        rows = dose[dose["group"] == group]
+        if rows.empty:
+            continue
+        per_prompt = rows.groupby(["prompt_id", "scale"])["delta_contrast"].mean().unstack(0)
+        for column in per_prompt.columns:
+            ax.plot(per_prompt.index, per_prompt[column], color=color, alpha=0.2, linewidth=0.8)
+        mean = per_prompt.mean(axis=1)
+        sem = per_prompt.std(axis=1, ddof=1).fillna(0) / np.sqrt(per_prompt.shape[1])
+        ax.plot(mean.index, mean, color=color, linewidth=2.2, marker="o",
+                label=f"{group} features")
+        ax.fill_between(mean.index, mean - sem, mean + sem, color=color, alpha=0.2)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.axvline(1, color="black", linewidth=0.5, linestyle=":")
+    ax.set_xlabel("activation scale (0 = ablated, 1 = unchanged)")
+    ax.set_ylabel("change of logit(evil) - logit(safe)")
+    ax.set_title(title or "Dose-response of the evil-vs-safe contrast")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

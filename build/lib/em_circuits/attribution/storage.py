@@ -1,0 +1,336 @@
+"""Compact, shareable storage of attribution graphs, and the effect maths stored in them.
+
+A circuit-tracer ``Graph`` holds a dense adjacency ``A`` (rows = targets, columns = sources)
+over the nodes ``[selected features | error nodes (layer-major) | token nodes | logit targets]``;
+at Llama-3.2-1B scale it is ~290 MB. The feature analysis needs much less, and we store
+exactly that, losslessly, in one safetensors file (no pickle: safe to share):
+
+* the node table: (layer, position, transcoder feature id) and activation of each feature;
+* for every target t and every source node s (features, errors, tokens):
+    - ``direct[t, s] = A[t, s]``, the direct effect of s on t in the linearised model;
+    - ``total[t, s]``, the total (multi-hop) effect through every path of features (below);
+* the target value each row explains, and its bias term ``value - sum_s direct[t, s]``;
+* a pruned sparse adjacency (half precision) for the viewer and edge inspection.
+
+Total effects. Let F be the selected features with activations a_f. A feature's out-edges
+scale with its activation, so a change delta in a_f changes its effect on node g by
+``A[g, f] * delta / a_f``; errors and tokens are fixed inputs of the linearised model. With
+``B = A[:, F] diag(1/a_F)``, the total effect of source s on target t is
+
+    total[t, s]  = A[t, s] + sum_f B[t, f] total_f[s]
+    total_f[s]   = A[f, s] + sum_g B[f, g] total_g[s]
+
+i.e. ``total_T = A_T + B_TF (I - B_FF)^-1 A_F``. A feature reads its layer's MLP input and
+writes the MLP output, so B_FF only links lower to higher layers: it is nilpotent and the
+Neumann series ``sum_k B_TF B_FF^k`` ends after ``n_layers`` terms, exactly.
+Total effects of the roots (tokens, errors) then sum, with the biases, to the target value;
+a feature's total effect is the linearised logit change from zeroing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from em_circuits.core.store import ArtifactError, atomic_path
+
+GRAPH_FORMAT = "em_circuits.compact_graph/1"
+
+
+@dataclass
+class CompactGraph:
+    """Everything the feature analysis reads, for one prompt and one model."""
+
+    features: torch.Tensor  # (n_features, 3) int64: layer, position, transcoder feature id
+    activations: torch.Tensor  # (n_features,) float32
+    input_tokens: torch.Tensor  # (n_pos,) int64
+    n_layers: int
+    direct: torch.Tensor  # (n_targets, n_sources) float32
+    total: torch.Tensor  # (n_targets, n_sources) float32
+    target_values: torch.Tensor  # (n_targets,) the demeaned logit (direction) each row explains
+    target_token_ids: torch.Tensor  # (n_targets,) vocab id, or -1 for a direction target
+    target_logits: torch.Tensor  # (n_targets,) model logit of the token (nan for directions)
+    target_probs: torch.Tensor  # (n_targets,)
+    target_names: list[str]  # token strings, or e.g. "evil-safe"
+    target_kinds: list[str]  # "token" or "contrast"
+    top_token_ids: torch.Tensor  # (k,) the graph forward's own top-k next tokens
+    top_logits: torch.Tensor  # (k,)
+    edge_index: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 0, dtype=torch.int32))
+    edge_weight: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float16))
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- node layout ------------------------------------------------------------------------
+    @property
+    def n_features(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.input_tokens.shape[0])
+
+    @property
+    def n_errors(self) -> int:
+        return self.n_layers * self.n_pos
+
+    @property
+    def n_sources(self) -> int:
+        return self.n_features + self.n_errors + self.n_pos
+
+    @property
+    def error_slice(self) -> slice:
+        return slice(self.n_features, self.n_features + self.n_errors)
+
+    @property
+    def token_slice(self) -> slice:
+        return slice(self.n_features + self.n_errors, self.n_sources)
+
+    def error_node(self, layer: int, pos: int) -> int:
+        return self.n_features + layer * self.n_pos + pos
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """Per target: the part of its value no node explains (transcoder biases, BOS)."""
+        return self.target_values - self.direct.sum(dim=1)
+
+    def target_index(self, name: str) -> int:
+        return self.target_names.index(name)
+
+    def contrast_index(self) -> int | None:
+        return self.target_kinds.index("contrast") if "contrast" in self.target_kinds else None
+
+
+def content_fingerprint(graph: CompactGraph) -> str:
+    """sha256 of a graph's content (not its file bytes: safetensors orders metadata freely)."""
+    digest = hashlib.sha256()
+    for tensor in (graph.features, graph.activations, graph.input_tokens, graph.direct,
+                   graph.total, graph.target_values, graph.target_token_ids):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    labels = graph.meta.get("target_labels")
+    digest.update(repr((graph.n_layers, graph.target_names, graph.target_kinds, labels)).encode())
+    return digest.hexdigest()
+
+
+def total_effects(
+    adjacency: torch.Tensor,
+    n_features: int,
+    n_sources: int,
+    activations: torch.Tensor,
+    n_layers: int,
+    target_rows: torch.Tensor,
+) -> torch.Tensor:
+    """Total effects of the first ``n_sources`` nodes on the given target rows.
+
+    ``adjacency`` is circuit-tracer's square matrix (rows = targets, columns = sources);
+    ``activations`` are those of its first ``n_features`` nodes. See the module docstring.
+    """
+    a = adjacency.float()
+    active = activations.abs() > 0
+    scale = torch.where(active, 1.0 / torch.where(active, activations.float(), 1.0), 0.0)
+    b_ff = a[:n_features, :n_features] * scale[None, :]
+    b_tf = a[target_rows, :n_features] * scale[None, :]
+    # y = sum_k B_TF B_FF^k: the per-unit-activation total effect of each feature on each target.
+    term = b_tf
+    y = b_tf.clone()
+    for _ in range(n_layers):
+        term = term @ b_ff
+        if not term.any():
+            break
+        y += term
+    else:
+        if term.any():
+            raise ValueError("feature-to-feature edges contain a cycle; graph is malformed")
+    return a[target_rows, :n_sources] + y @ a[:n_features, :n_sources]
+
+
+def prune_edges(
+    direct_full: torch.Tensor, keep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` strongest edges by |weight| as (2, n) indices (row=target, col=source)."""
+    flat = direct_full.abs().flatten()
+    keep = min(keep, int((flat > 0).sum()))
+    if keep == 0:
+        return torch.zeros(2, 0, dtype=torch.int32), torch.zeros(0, dtype=torch.float16)
+    top = torch.topk(flat, keep).indices
+    rows = top // direct_full.shape[1]
+    cols = top % direct_full.shape[1]
+    index = torch.stack([rows, cols]).to(torch.int32).cpu()
+    return index, direct_full[rows, cols].to(torch.float16).cpu()
+
+
+# -- files ------------------------------------------------------------------------------------
+def save_compact(graph: CompactGraph, path: Path) -> int:
+    """Atomically write one graph; returns the file size in bytes."""
+    tensors = {
+        "features": graph.features.to(torch.int64).contiguous(),
+        "activations": graph.activations.float().contiguous(),
+        "input_tokens": graph.input_tokens.to(torch.int64).contiguous(),
+        "direct": graph.direct.float().contiguous(),
+        "total": graph.total.float().contiguous(),
+        "target_values": graph.target_values.float().contiguous(),
+        "target_token_ids": graph.target_token_ids.to(torch.int64).contiguous(),
+        "target_logits": graph.target_logits.float().contiguous(),
+        "target_probs": graph.target_probs.float().contiguous(),
+        "top_token_ids": graph.top_token_ids.to(torch.int64).contiguous(),
+        "top_logits": graph.top_logits.float().contiguous(),
+        "edge_index": graph.edge_index.to(torch.int32).contiguous(),
+        "edge_weight": graph.edge_weight.to(torch.float16).contiguous(),
+    }
+    header = {
+        "format": GRAPH_FORMAT,
+        "n_layers": str(graph.n_layers),
+        "target_names": json.dumps(graph.target_names, ensure_ascii=False),
+        "target_kinds": json.dumps(graph.target_kinds),
+        "meta": json.dumps(graph.meta, ensure_ascii=False, default=str),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return Path(path).stat().st_size
+
+
+def load_compact(path: Path) -> CompactGraph:
+    """Load a graph written by :func:`save_compact`; raises ArtifactError naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(path, "graph file not found", "run generate_graphs.py")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as err:
+        raise ArtifactError(path, f"not a readable safetensors file ({err})",
+                            "delete it and re-run generate_graphs.py") from None
+    if header.get("format") != GRAPH_FORMAT:
+        raise ArtifactError(path, f"unknown graph format {header.get('format')!r}",
+                            f"expected {GRAPH_FORMAT}; re-run generate_graphs.py --force")
+    return CompactGraph(
+        features=tensors["features"],
+        activations=tensors["activations"],
+        input_tokens=tensors["input_tokens"],
+        n_layers=int(header["n_layers"]),
+        direct=tensors["direct"],
+        total=tensors["total"],
+        target_values=tensors["target_values"],
+        target_token_ids=tensors["target_token_ids"],
+        target_logits=tensors["target_logits"],
+        target_probs=tensors["target_probs"],
+        target_names=json.loads(header["target_names"]),
+        target_kinds=json.loads(header["target_kinds"]),
+        top_token_ids=tensors["top_token_ids"],
+        top_logits=tensors["top_logits"],
+        edge_index=tensors["edge_index"],
+        edge_weight=tensors["edge_weight"],
+        meta=json.loads(header.get("meta", "{}")),
+    )
+
+
+@dataclass
+class DenseGraph:
+    """What a CompactGraph is made from: circuit-tracer's dense adjacency, the selected
+    features, and the target table (lists ``names``, ``kinds``, ``token_ids``, ``values``,
+    ``logits``, ``probs``) with the graph pass's own top logits."""
+
+    adjacency: torch.Tensor
+    features: torch.Tensor
+    activations: torch.Tensor
+    input_tokens: torch.Tensor
+    n_layers: int
+    targets: dict[str, Any]
+    top_token_ids: torch.Tensor
+    top_logits: torch.Tensor
+
+
+def compact_from_dense(
+    dense: DenseGraph,
+    edge_keep: int,
+    meta: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+) -> CompactGraph:
+    """Reduce a dense graph to a CompactGraph (maths on ``device``).
+
+    The one conversion used both at graph time and when reading a ``--save-full`` file, so
+    the compact and full formats give identical analysis inputs.
+    """
+    n_features = int(dense.features.shape[0])
+    n_pos = int(dense.input_tokens.shape[0])
+    n_sources = n_features + (dense.n_layers + 1) * n_pos
+    targets = dense.targets
+    n_targets = len(targets["names"])
+    if dense.adjacency.shape != (n_sources + n_targets, n_sources + n_targets):
+        raise ValueError(
+            f"adjacency shape {tuple(dense.adjacency.shape)} does not match {n_features} "
+            f"features, {dense.n_layers} layers x {n_pos} positions and {n_targets} targets"
+        )
+    rows = torch.arange(n_sources, n_sources + n_targets, device=device)
+    a = dense.adjacency.to(device=device, dtype=torch.float32)
+    edge_index, edge_weight = prune_edges(a[:, :n_sources], edge_keep)
+    total = total_effects(a, n_features, n_sources, dense.activations.to(device), dense.n_layers,
+                          rows)
+    return CompactGraph(
+        features=dense.features.long().cpu(),
+        activations=dense.activations.float().cpu(),
+        input_tokens=dense.input_tokens.long().cpu(),
+        n_layers=dense.n_layers,
+        direct=a[rows, :n_sources].cpu(),
+        total=total.cpu(),
+        target_values=torch.tensor(targets["values"], dtype=torch.float32),
+        target_token_ids=torch.tensor(targets["token_ids"], dtype=torch.long),
+        target_logits=torch.tensor(targets["logits"], dtype=torch.float32),
+        target_probs=torch.tensor(targets["probs"], dtype=torch.float32),
+        target_names=list(targets["names"]),
+        target_kinds=list(targets["kinds"]),
+        top_token_ids=dense.top_token_ids.long().cpu(),
+        top_logits=dense.top_logits.float().cpu(),
+        edge_index=edge_index,
+        edge_weight=edge_weight,
+        meta=dict(meta or {}),
+    )
+
+
+FULL_FORMAT = "em_circuits.full_graph/1"
+_FULL_TENSORS = ("adjacency", "features", "activations", "input_tokens", "top_token_ids",
+                 "top_logits")
+
+
+def save_full(path: Path, dense: DenseGraph) -> int:
+    """The dense graph, as safetensors (never pickle), for ``--save-full``."""
+    tensors = {name: getattr(dense, name).contiguous().cpu() for name in _FULL_TENSORS}
+    header = {
+        "format": FULL_FORMAT,
+        "n_layers": str(dense.n_layers),
+        "targets": json.dumps(dense.targets, ensure_ascii=False, default=float),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return Path(path).stat().st_size
+
+
+def load_full(path: Path, edge_keep: int, meta: dict[str, Any] | None = None) -> CompactGraph:
+    """Read a full graph and reduce it exactly as at graph time."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(path, "full graph file not found", "run generate_graphs.py --save-full")
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata() or {}
+    if header.get("format") != FULL_FORMAT:
+        raise ArtifactError(path, f"unknown full-graph format {header.get('format')!r}")
+    tensors = load_file(str(path))
+    dense = DenseGraph(n_layers=int(header["n_layers"]), targets=json.loads(header["targets"]),
+                       **{name: tensors[name] for name in _FULL_TENSORS})
+    return compact_from_dense(dense, edge_keep, meta)
+
+
+def load_any(path: Path, edge_keep: int = 50_000) -> CompactGraph:
+    """Load a compact or a full graph file by its name."""
+    if str(path).endswith(".full.safetensors"):
+        return load_full(path, edge_keep)
+    return load_compact(path)

@@ -1,0 +1,120 @@
+"""Attribution graphs for labeled prompts: explicit targets, same-pass logits, compact storage.
+
+For a labeled prompt, both the base and the adapted graph attribute to the same targets:
+
+* a contrast target, the direction ``mean_e u_e - mean_s u_s`` over the evil (e) and safe (s)
+  tokens' unembedding vectors, whose value is ``mean logit(evil) - mean logit(safe)``;
+* every labeled evil and safe token (its demeaned unembedding, value ``logit - mean logit``);
+* optionally the most probable other tokens (``salient_logits``).
+
+All are passed to circuit-tracer as custom targets, so a low-probability evil token is a graph
+node even when it would fall outside the usual cumulative-probability cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from em_circuits.attribution.storage import GRAPH_FORMAT
+from em_circuits.core.schemas import TARGET_LABELS, LabelsRecord
+from em_circuits.core.store import ResultsStore, params_key
+
+
+@dataclass(frozen=True)
+class AttributionParams:
+    """Knobs of one graph. Defaults follow the prior art (8192 features, batch 256)."""
+
+    max_feature_nodes: int = 8192
+    batch_size: int = 256
+    offload: Literal["cpu", "disk"] | None = None
+    salient_logits: int = 0
+    edge_keep: int = 50_000
+    top_k: int = 10
+
+    def __post_init__(self) -> None:
+        if self.offload not in (None, "cpu", "disk"):
+            raise ValueError(f"offload must be None, 'cpu' or 'disk', not {self.offload!r}")
+
+    def cache_fields(self) -> dict[str, Any]:
+        # batch size and offload change speed and memory, never the graph.
+        fields = asdict(self)
+        fields.pop("batch_size")
+        fields.pop("offload")
+        fields["format"] = GRAPH_FORMAT
+        return fields
+
+
+@dataclass
+class PromptTargets:
+    """What a prompt's graphs attribute to, from its labels."""
+
+    prompt_id: str
+    text: str
+    evil_ids: list[int]
+    safe_ids: list[int]
+    token_names: dict[int, str]
+    stored_logits: dict[str, dict[int, float]]  # role -> token id -> logit stored at labeling
+    stored_probs: dict[str, dict[int, float]] = field(default_factory=dict)  # role -> id -> p
+
+    def key(self, params: AttributionParams) -> str:
+        return params_key(
+            {**params.cache_fields(), "evil": sorted(self.evil_ids), "safe": sorted(self.safe_ids)}
+        )
+
+
+class GraphError(RuntimeError):
+    """One prompt's graph failed; the run goes on with the next prompt."""
+
+
+def targets_from_labels(labels: LabelsRecord, text: str) -> PromptTargets:
+    """Evil and safe token ids over both lists; the adapted list wins a disagreement."""
+    label_of: dict[int, str] = {}
+    names: dict[int, str] = {}
+    stored: dict[str, dict[int, float]] = {"base": {}, "adapted": {}}
+    probs: dict[str, dict[int, float]] = {"base": {}, "adapted": {}}
+    for role in ("base", "adapted"):
+        for entry in labels["tokens"].get(role, []):
+            tid = int(entry["token_id"])
+            names[tid] = entry["token"]
+            logit, prob = entry["logit"], entry.get("prob", 0.0)
+            if logit is None or prob is None:
+                raise ValueError(
+                    f"labels of prompt {labels['prompt_id']}: {role} token {entry['token']!r} "
+                    "has no stored logit or probability"
+                )
+            stored[role][tid] = float(logit)
+            probs[role][tid] = float(prob)
+            label = entry.get("label")
+            if label is not None and label in TARGET_LABELS:
+                label_of[tid] = label
+    return PromptTargets(
+        prompt_id=labels["prompt_id"],
+        text=text,
+        evil_ids=sorted(t for t, lab in label_of.items() if lab == "evil"),
+        safe_ids=sorted(t for t, lab in label_of.items() if lab == "safe"),
+        token_names=names,
+        stored_logits=stored,
+        stored_probs=probs,
+    )
+
+
+TargetRow = tuple[str, str, str, int]  # name, kind (token|contrast), label, token id (-1)
+
+
+def labeled_targets(
+    store: ResultsStore, adapted_slug: str, only_evil: bool, prompt_ids: list[str] | None = None
+) -> list[PromptTargets]:
+    """The prompts to graph: labeled, not rejected, with at least one evil or safe token."""
+    from em_circuits.labeling.artifacts import load_labels
+
+    chosen = []
+    for labels in load_labels(store, adapted_slug):
+        if labels.get("rejected") or (prompt_ids and labels["prompt_id"] not in prompt_ids):
+            continue
+        pt = targets_from_labels(labels, store.load_prompt(labels["prompt_id"])["text"])
+        if only_evil and not pt.evil_ids:
+            continue
+        if pt.evil_ids or pt.safe_ids:
+            chosen.append(pt)
+    return chosen

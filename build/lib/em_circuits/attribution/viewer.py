@@ -1,0 +1,248 @@
+"""Graph viewer: circuit-tracer's frontend, served offline, base and adapted graphs side by side.
+
+* ``write_viewer_graph()`` writes one attribution graph in circuit-tracer's frontend format
+  (``<slug>.json`` plus its entry in ``graph-metadata.json``) into a viewer directory.
+* ``start_viewer()`` / ``serve_forever()`` serve that directory with circuit-tracer's request
+  handler on 127.0.0.1 by default. ``/compare.html?prompt=<id>`` shows a prompt's base and adapted
+  graphs side by side, with a selector over all prompts; ``/index.html?slug=<slug>`` is
+  circuit-tracer's single-graph page.
+
+circuit-tracer's frontend loads d3, its "jetpack" helpers, an npy loader, dagre and pako from
+CDNs, which clusters without internet cannot reach. The viewer therefore serves a copy of the
+frontend whose pages load local files instead: d3, dagre and pako vendored from npm under
+``viewer_assets/vendor`` (see scripts/install_viewer_deps.sh) and small local shims for the rest.
+site-packages is never modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from em_circuits.core.store import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+if TYPE_CHECKING:
+    from circuit_tracer import Graph
+
+
+ROLES = ("base", "adapted")
+
+
+METADATA_FILE = "graph-metadata.json"
+
+
+ASSETS_DIR = Path(__file__).with_name("viewer_assets")
+
+
+VENDOR_DIR = ASSETS_DIR / "vendor"
+
+
+VENDOR_FILES = ("d3.min.js", "dagre.min.js", "pako_inflate.min.js")
+
+
+INSTALL_HINT = "run scripts/install_viewer_deps.sh to restore the viewer's vendored JavaScript"
+
+
+SCRIPT_REPLACEMENTS: dict[str, str | None] = {
+    "hotserver-client-ws.js": None,  # live reload while editing the frontend; not needed
+    "d3.js": "./vendor/d3.min.js",
+    "jetpack_2024-07-20.js": "./viewer/jetpack-shim.js",
+    "npy_v0.js": "./viewer/npy-shim.js",
+    "dagre.min.js": "./vendor/dagre.min.js",
+    "pako.min.js": "./vendor/pako_inflate.min.js",
+}
+
+
+_EXTERNAL_SCRIPT = re.compile(r"""<script\s+src=(['"])(https?://[^'"]+)\1\s*>\s*</script>\n?""")
+
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ViewerError(RuntimeError):
+    """The viewer cannot write or serve graphs (bad name, missing assets, port in use)."""
+
+
+def viewer_slug(prompt_id: str, role: str) -> str:
+    """Name of a prompt's graph in the viewer: ``<prompt_id>--<role>``."""
+    if role not in ROLES:
+        raise ViewerError(f"role must be one of {ROLES}, got {role!r}")
+    # The slug becomes a file name and a URL path segment, so keep it to plain characters.
+    if not _SAFE_ID.match(prompt_id):
+        raise ViewerError(f"prompt id {prompt_id!r} must match {_SAFE_ID.pattern}")
+    return f"{prompt_id}--{role}"
+
+
+def write_viewer_graph(
+    graph: Graph,
+    viewer_dir: Path,
+    prompt_id: str,
+    role: str,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    scan: str | None = None,
+) -> Path:
+    """Write ``graph`` as the ``role`` graph of ``prompt_id``; returns the graph's JSON path.
+
+    Uses circuit-tracer's ``create_graph_files`` (pruning with the given thresholds) in a
+    scratch directory, then moves the graph file into place and upserts its metadata entry
+    under a lock, so concurrent writers and a viewer reading meanwhile never see partial
+    files. The caller's graph object is left untouched (circuit-tracer moves the graph it is
+    given between devices). ``scan`` defaults to ``graph.scan`` (the transcoder set's name).
+    The page opens with the graph's first logit target selected.
+    """
+    from circuit_tracer.utils.create_graph_files import create_graph_files
+
+    slug = viewer_slug(prompt_id, role)
+    viewer_dir = Path(viewer_dir)
+    viewer_dir.mkdir(parents=True, exist_ok=True)
+    scan = scan or _scan_name(graph)
+    with tempfile.TemporaryDirectory(dir=viewer_dir, prefix=f".tmp-{slug}-") as scratch:
+        # A shallow copy: create_graph_files reassigns the tensors it moves, on the copy only.
+        create_graph_files(
+            copy.copy(graph),
+            slug,
+            scratch,
+            scan=scan,
+            node_threshold=node_threshold,
+            edge_threshold=edge_threshold,
+        )
+        entry = _metadata_entry(Path(scratch), slug)
+        _preselect_first_target(Path(scratch) / f"{slug}.json")
+        target = viewer_dir / f"{slug}.json"
+        os.replace(Path(scratch) / f"{slug}.json", target)
+    entry.update(prompt_id=prompt_id, role=role, title_prefix=f"[{role}]")
+    upsert_metadata(viewer_dir, entry)
+    return target
+
+
+def _preselect_first_target(path: Path) -> None:
+    """Open the graph with its first logit target clicked, its direct inputs highlighted.
+
+    circuit-tracer's frontend means to do this itself but looks for a flag its graphs do not
+    carry, so both panes would open with nothing selected. The pipeline's first target is the
+    evil-vs-safe contrast, the node to compare across base and adapted.
+    """
+    data = json.loads(path.read_text())
+    first = next((n for n in data["nodes"] if n.get("is_target_logit")), None)
+    if first is None:
+        return
+    data["qParams"]["clickedId"] = first["node_id"]
+    path.write_text(json.dumps(data))
+
+
+def _scan_name(graph: Graph) -> str:
+    scan = getattr(graph, "scan", None)
+    if isinstance(scan, str) and scan:
+        return scan
+    if isinstance(scan, list) and scan:
+        return "custom-" + "-".join(Path(p).stem for p in scan)[:80]
+    return "local"
+
+
+def _metadata_entry(scratch: Path, slug: str) -> dict[str, Any]:
+    graphs = json.loads((scratch / METADATA_FILE).read_text())["graphs"]
+    return next(g for g in graphs if g["slug"] == slug)
+
+
+def upsert_metadata(viewer_dir: Path, entry: dict[str, Any]) -> None:
+    """Insert or replace ``entry`` (by slug) in ``graph-metadata.json``, atomically.
+
+    Entries are kept sorted by prompt and role so the frontend's default graph and selectors
+    are stable across runs.
+    """
+    viewer_dir = Path(viewer_dir)
+    with _locked(viewer_dir / f".{METADATA_FILE}.lock"):
+        graphs = [g for g in read_metadata(viewer_dir) if g.get("slug") != entry["slug"]]
+        graphs.append(entry)
+        graphs.sort(key=_metadata_order)
+        atomic_write_text(viewer_dir / METADATA_FILE, json.dumps({"graphs": graphs}, indent=1))
+
+
+def read_metadata(viewer_dir: Path) -> list[dict[str, Any]]:
+    """The entries of ``graph-metadata.json`` (empty if the directory has no graphs yet)."""
+    path = Path(viewer_dir) / METADATA_FILE
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text())["graphs"]
+
+
+def _metadata_order(entry: dict[str, Any]) -> tuple[str, int, str]:
+    role = entry.get("role")
+    return (entry.get("prompt_id", ""), ROLES.index(role) if role in ROLES else 9, entry["slug"])
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    # An advisory lock: several graph writers (processes) may share one viewer directory.
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_frontend(dest: Path) -> list[str]:
+    """Copy circuit-tracer's frontend into ``dest`` with local scripts instead of CDN ones.
+
+    Adds the vendored libraries (``vendor/``), the shims and the side-by-side page
+    (``viewer/``, ``compare.html``). Returns the CDN scripts it could not replace (a newer
+    circuit-tracer may add some); they are left in place and logged.
+    """
+    missing = [name for name in VENDOR_FILES if not (VENDOR_DIR / name).is_file()]
+    if missing:
+        raise ViewerError(f"missing {', '.join(missing)} in {VENDOR_DIR}; {INSTALL_HINT}")
+    dest = Path(dest)
+    source = Path(str(files("circuit_tracer") / "frontend" / "assets"))
+    shutil.copytree(source, dest, dirs_exist_ok=True)
+    shutil.copytree(VENDOR_DIR, dest / "vendor", dirs_exist_ok=True)
+    (dest / "viewer").mkdir(exist_ok=True)
+    for script in ASSETS_DIR.glob("*.js"):
+        shutil.copy2(script, dest / "viewer" / script.name)
+    shutil.copy2(ASSETS_DIR / "compare.html", dest / "compare.html")
+    unresolved: list[str] = []
+    for page in dest.rglob("*.html"):
+        text, left = localize_scripts(page.read_text(encoding="utf-8"))
+        page.write_text(text, encoding="utf-8")
+        unresolved += left
+    for url in sorted(set(unresolved)):
+        log.warning("viewer: no local copy of %s; that page needs internet access", url)
+    return sorted(set(unresolved))
+
+
+def localize_scripts(html: str) -> tuple[str, list[str]]:
+    """Point a frontend page's CDN scripts at local files; returns (page, unreplaced URLs)."""
+    unresolved: list[str] = []
+
+    def replace(match: re.Match[str]) -> str:
+        url = match.group(2)
+        name = urlsplit(url).path.rsplit("/", 1)[-1]
+        if name not in SCRIPT_REPLACEMENTS:
+            unresolved.append(url)
+            return match.group(0)
+        local = SCRIPT_REPLACEMENTS[name]
+        return "" if local is None else f"<script src='{local}'></script>\n"
+
+    html = _EXTERNAL_SCRIPT.sub(replace, html)
+    # The error recorder goes first so it also sees failures of the scripts after it.
+    first = html.find("<script")
+    if first >= 0 and "page-errors.js" not in html:
+        recorder = "<script src='./viewer/page-errors.js'></script>\n"
+        html = html[:first] + recorder + html[first:]
+    return html, unresolved

@@ -1,0 +1,249 @@
+"""Command-line pieces every stage script shares: results dir, model flags, logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from em_circuits.core.store import ResultsStore, remove_orphaned_temporaries
+from em_circuits.models.spec import ModelSpec
+
+DEFAULT_RESULTS = "results"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default (when it has one) and keeps the description's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def make_parser(description: str | None, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--results-dir",
+        default=DEFAULT_RESULTS,
+        help="root of the results store (layout: results/README.md)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "models", "default: the embedded toy organism (built offline on first use)"
+    )
+    group.add_argument(
+        "--base-model",
+        help="base model: HF id (e.g. meta-llama/Llama-3.2-1B-Instruct) or local directory "
+        "(default: the toy organism's base)",
+    )
+    group.add_argument("--base-revision", help="HF revision (branch, tag or commit) of the base")
+    group.add_argument(
+        "--adapter",
+        help="LoRA adapter: HF id (e.g. a ModelOrganismsForEM adapter) or local PEFT directory "
+        "(default: the toy organism's adapter)",
+    )
+    group.add_argument("--adapter-revision", help="HF revision of the adapter")
+    group.add_argument(
+        "--transcoders",
+        help="transcoder set: circuit-tracer preset (llama, gemma), HF reference, or a local "
+        "config.yaml / directory containing one (default: the toy organism's transcoders)",
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU",
+    )
+    group.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if "
+                       "available, else cpu)")
+    group.add_argument("--model-name", help="readable name used in result folder names")
+    group.add_argument(
+        "--allow-adapter-base-mismatch",
+        action="store_true",
+        help="merge even if the adapter declares another base model",
+    )
+
+
+def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, ModelSpec]:
+    """(base spec, adapted spec); any model flag left out falls back to the toy organism."""
+    base, adapter, transcoders = args.base_model, args.adapter, args.transcoders
+    name = args.model_name
+    if base is None or adapter is None or transcoders is None:
+        if base is not None and (adapter is None or transcoders is None):
+            sys.exit(
+                "error: with --base-model, also give --adapter and --transcoders "
+                "(for Llama-3.2-1B: --transcoders llama)"
+            )
+        from em_circuits.organism import ensure_default_organism
+
+        organism = ensure_default_organism(progress=True)
+        base = base or str(organism.base_dir)
+        adapter = adapter or str(organism.adapter_dir)
+        transcoders = transcoders or str(organism.transcoder_config)
+        name = name or "toy-em-organism"
+    adapted = ModelSpec(
+        base=base,
+        adapter=adapter,
+        transcoders=transcoders,
+        base_revision=args.base_revision,
+        adapter_revision=args.adapter_revision,
+        dtype=args.dtype,
+        name=name,
+        allow_base_mismatch=args.allow_adapter_base_mismatch,
+    )
+    return adapted.base_only(), adapted
+
+
+def setup(args: argparse.Namespace) -> ResultsStore:
+    """Logging, offline-friendly environment, and the results store."""
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "openai", "filelock",
+                  "nnsight", "circuit_tracer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = Path(args.results_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    removed = remove_orphaned_temporaries(root)
+    if removed:
+        logging.getLogger("store").info("removed %d temporary files of killed runs", removed)
+    return ResultsStore(root)
+
+
+def add_graph_args(parser: argparse.ArgumentParser) -> None:
+    """Attribution flags, shared by generate_graphs.py and the pipeline."""
+    g = parser.add_argument_group("attribution graphs")
+    g.add_argument("--max-feature-nodes", type=int, default=8192,
+                   help="most feature nodes kept per graph (circuit-tracer)")
+    g.add_argument("--attribution-batch-size", "--batch-size", type=int, default=256,
+                   dest="attribution_batch_size",
+                   help="source nodes per backward pass; lower it on out-of-memory")
+    g.add_argument("--offload", choices=["none", "cpu", "disk"], default="none",
+                   help="move idle model parts off the GPU during attribution")
+    g.add_argument("--salient-logits", type=int, default=0,
+                   help="also attribute to this many most probable unlabeled tokens")
+    g.add_argument("--edge-keep", type=int, default=50_000,
+                   help="strongest edges kept (fp16) in the compact file for inspection")
+
+
+def graph_params(args: argparse.Namespace):
+    from em_circuits.attribution.targets import AttributionParams
+
+    return AttributionParams(
+        max_feature_nodes=args.max_feature_nodes,
+        batch_size=args.attribution_batch_size,
+        offload=None if args.offload == "none" else args.offload,
+        salient_logits=args.salient_logits,
+        edge_keep=args.edge_keep,
+    )
+
+
+def add_analysis_args(parser: argparse.ArgumentParser) -> None:
+    """Feature-analysis flags, shared by analyze_evil_features.py and the pipeline."""
+    a = parser.add_argument_group("feature analysis")
+    a.add_argument("--position", default="any",
+                   help="feature identity: any (summed over positions), last, or rel:-k "
+                   "(k-th position from the end); features are never matched by graph index")
+    a.add_argument("--min-support", type=int, default=2,
+                   help="prompts a feature must appear in to be ranked")
+    a.add_argument("--absent", choices=["zero", "missing"], default="zero",
+                   help="a feature absent from a prompt's graph counts as 0, or is left out")
+    a.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for CIs")
+    a.add_argument("--n-perm", type=int, default=9999,
+                   help="sign-flip permutations (exact up to 12 prompts)")
+    a.add_argument("--threshold", type=float, default=0.05,
+                   help="|adapted - base| mean contrast effect that counts as a change")
+    a.add_argument("--causal-top-k", type=int, default=5,
+                   help="top evil features to intervene on (0 = no causal check)")
+    a.add_argument("--scales", type=float, nargs="+", default=[0, 0.5, 1, 1.5, 2, 3],
+                   help="activation multipliers of the dose-response (0 = ablation)")
+    a.add_argument("--n-random", type=int, default=3,
+                   help="random matched-activation control draws per prompt")
+    a.add_argument("--causal-prompts", type=int, default=20,
+                   help="prompts (by id order) the interventions run on")
+    a.add_argument("--seed", type=int, default=0,
+                   help="prompt sampling, bootstrap, permutations, controls")
+
+
+def analysis_params(args: argparse.Namespace):
+    from em_circuits.analysis.stage import AnalysisParams
+
+    return AnalysisParams(
+        position=args.position, min_support=args.min_support, absent=args.absent,
+        n_boot=args.n_boot, n_perm=args.n_perm, compare_threshold=args.threshold,
+        causal_top_k=args.causal_top_k, scales=tuple(args.scales), n_random=args.n_random,
+        causal_prompts=args.causal_prompts, seed=args.seed,
+    )
+
+
+def adapted_slug_from_args(args: argparse.Namespace) -> str:
+    """The results folder name of the adapted model the flags describe."""
+    from em_circuits.models.spec import default_device, fingerprint, model_slug
+
+    _, adapted = specs_from_args(args)
+    return model_slug(adapted, fingerprint(adapted, args.device or default_device()))
+
+
+#: Errors a user can fix: printed as one line naming the file or flag (traceback with -v).
+def user_error_types() -> tuple[type[BaseException], ...]:
+    from em_circuits.core.llm import LLMError
+    from em_circuits.core.store import ArtifactError
+    from em_circuits.labeling.artifacts import QueueError
+    from em_circuits.labeling.judge import JudgeError
+    from em_circuits.models.spec import ModelLoadError
+    from em_circuits.prompts.records import PromptError
+
+    return (ArtifactError, ModelLoadError, LLMError, QueueError, JudgeError, PromptError,
+            FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def run_command(main: Callable[..., int], argv: list[str] | None = None,
+                prog: str | None = None) -> int:
+    """Run a command's ``main``; user errors become one line, Ctrl-C a clean exit.
+
+    Finished artifacts are already on disk (every write is atomic), so both messages can say
+    that a re-run continues where this one stopped.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in args or "--verbose" in args
+    try:
+        return main(args, prog)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is stored; run the same command to continue",
+              file=sys.stderr)
+        return 130
+    except Exception as err:
+        if verbose or not isinstance(err, user_error_types()):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """Prompt selection, named the same in every stage."""
+    g = parser.add_argument_group("which prompts")
+    g.add_argument("--prompt-ids", nargs="+", metavar="ID", default=[],
+                   help="only these stored prompt ids (default: all)")
+    g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="an ad-hoc prompt given verbatim (repeatable); it is stored like any "
+                   "other (format raw) and selected")
+
+
+def chosen_prompt_ids(args: argparse.Namespace) -> list[str] | None:
+    """The ids --prompt-ids and --prompt select, or None for all prompts."""
+    from em_circuits.core.store import prompt_id
+
+    ids = [*args.prompt_ids, *(prompt_id(text, "raw") for text in args.prompt)]
+    return ids or None

@@ -1,0 +1,173 @@
+"""Generate or import pivotal prompts into results/prompts/.
+
+A pivotal prompt stops right before the word that decides between a safe and a harmful
+continuation. Sources:
+
+  offline  composes prompts from the toy organism's held-out scenario templates (no network;
+           the default when no API key is set). Each is marked origin.kind = offline-template.
+  llm      asks an OpenAI-compatible model (default o3) for new prompts, one call each, showing
+           it earlier prompts with their verdicts and human feedback from labels/ within a
+           token budget. Point --base-url (or OPENAI_BASE_URL) at vLLM, Ollama or a proxy.
+           The key is read from OPENAI_API_KEY in the environment or a .env file and is never
+           written to results or logs.
+  --import FILE  adds prompts from JSON files: a list of objects (or one object) with "name"
+           and "prompt", optionally "category", "reasoning", "domain", "format".
+
+Exact and near duplicates (normalized-text hash, character 3-gram Jaccard >= threshold) of any
+stored prompt are dropped. Every prompt is saved the moment it is ready, so prompts made before
+an error stay stored.
+
+Examples:
+  python pivotal_tokens/generate_pivotal_prompts.py -n 20                      # offline
+  python pivotal_tokens/generate_pivotal_prompts.py --import my_prompts.json
+  OPENAI_API_KEY=... python pivotal_tokens/generate_pivotal_prompts.py --generator llm -n 5 \\
+      --format chat --chat-template --tokenizer meta-llama/Llama-3.2-1B-Instruct
+  python pivotal_tokens/generate_pivotal_prompts.py --generator llm --model qwen2.5 \\
+      --base-url http://localhost:11434/v1                                     # Ollama
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from em_circuits.cli.common import make_parser, setup
+from em_circuits.core.llm import DEFAULT_MODEL, LLMError, client_from_settings, find_api_key
+from em_circuits.models.spec import ModelLoadError
+from em_circuits.prompts.context import approx_tokens
+from em_circuits.prompts.dedup import DEFAULT_DEDUP_THRESHOLD, Deduper, SaveSummary
+from em_circuits.prompts.generator import describe, generate_llm_prompts
+from em_circuits.prompts.records import FORMATS, PromptError
+from em_circuits.prompts.sources import generate_offline_prompts, import_prompts
+
+log = logging.getLogger("generate_pivotal_prompts")
+
+DOMAINS_HELP = "medical finance home_safety relationships computer_security"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = make_parser(__doc__, prog)
+    parser.add_argument(
+        "--generator", choices=["auto", "offline", "llm"], default="auto",
+        help="where new prompts come from; auto = llm if OPENAI_API_KEY is set (environment "
+        "or .env), else offline",
+    )
+    parser.add_argument(
+        "-n", "--n", type=int, default=None,
+        help="how many new prompts to generate (default: 10, or 0 when --import is given)",
+    )
+    parser.add_argument("--format", choices=FORMATS, default="chat",
+                        help="raw text, chat (User/Assistant) or cot (chain of thought); the "
+                        "offline generator makes chat prompts only")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE",
+                        help="import prompts from a JSON file (repeatable)")
+    parser.add_argument("--import-format", choices=FORMATS, default="raw",
+                        help="format of imported entries that name none ('format' or the prior "
+                        "art's 'prompt_type' field)")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="render chat prompts with --tokenizer's chat template (recorded in "
+                        "each prompt record); without it chat prompts are plain "
+                        "'User: ...\\nAssistant: ...' text")
+    parser.add_argument("--tokenizer", help="HF id or local directory of the tokenizer for "
+                        "--chat-template and for counting context tokens (usually your base "
+                        "model); default: context tokens are approximated as characters/4")
+    parser.add_argument("--dedup-threshold", type=float, default=DEFAULT_DEDUP_THRESHOLD,
+                        help="drop a prompt whose character 3-gram Jaccard similarity to any "
+                        "stored prompt is at least this")
+
+    llm = parser.add_argument_group("llm generator")
+    llm.add_argument("--llm-model", "--model", default=DEFAULT_MODEL, dest="llm_model",
+                     help="generator model name")
+    llm.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. "
+                     "http://localhost:8000/v1 (default: OPENAI_BASE_URL, else the OpenAI API)")
+    llm.add_argument("--env-file", help="a .env file with OPENAI_API_KEY / OPENAI_BASE_URL "
+                     "(default: the nearest .env from the working directory)")
+    llm.add_argument("--context-tokens", type=int, default=4000,
+                     help="token budget for earlier prompts, verdicts and human feedback shown "
+                     "to the generator (disagreements and rejections first, then newest)")
+    llm.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    llm.add_argument("--max-tries", type=int, default=5,
+                     help="tries per request on 429, 5xx, timeouts (exponential backoff)")
+
+    off = parser.add_argument_group("offline generator")
+    off.add_argument("--seed", type=int, default=0, help="shuffles the template combinations")
+    off.add_argument("--split", choices=["heldout", "train"], default="heldout",
+                     help="which of the organism's scenario/template splits to compose from")
+    off.add_argument("--domains", nargs="+", metavar="DOMAIN",
+                     help=f"restrict to these domains (default: all: {DOMAINS_HELP})")
+    return parser
+
+
+def load_tokenizer(ref: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from em_circuits.models.spec import resolve_model_dir
+
+    return AutoTokenizer.from_pretrained(str(resolve_model_dir(ref, what="tokenizer")))
+
+
+def choose_generator(args: argparse.Namespace) -> str:
+    if args.generator != "auto":
+        return args.generator
+    return "llm" if find_api_key(args.env_file) else "offline"
+
+
+def run(args: argparse.Namespace, summary: SaveSummary) -> None:
+    """Import, then generate, recording every stored prompt in ``summary`` as it goes, so
+    the caller can report what was kept even when an error stops the run."""
+    store = setup(args)
+    for noisy in ("httpx2", "httpcore2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.chat_template and not args.tokenizer:
+        raise PromptError("--chat-template needs --tokenizer (the base model's HF id or folder)")
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    template_tok = tokenizer if args.chat_template else None
+    deduper = Deduper.from_store(store, args.dedup_threshold)
+    for path in args.imports:
+        summary.merge(import_prompts(store, path, deduper, default_fmt=args.import_format,
+                                     tokenizer=template_tok))
+    n = args.n if args.n is not None else (0 if args.imports else 10)
+    if n <= 0:
+        return
+    generator = choose_generator(args)
+    if generator == "offline":
+        log.info("offline generator: composing from the toy organism's %s templates", args.split)
+        summary.merge(generate_offline_prompts(
+            store, n, deduper, seed=args.seed, split=args.split, domains=args.domains,
+            fmt=args.format, tokenizer=template_tok))
+        return
+    client = client_from_settings(args.llm_model, args.base_url, args.env_file,
+                                  timeout=args.timeout, max_tries=args.max_tries)
+    log.info("llm generator: %s at %s", client.model, client.endpoint)
+    count = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None else approx_tokens
+    generate_llm_prompts(client, store, n, deduper, fmt=args.format,
+                         context_tokens=args.context_tokens, tokenizer=template_tok,
+                         count_tokens=count, summary=summary)
+
+
+def report(summary: SaveSummary) -> None:
+    print(f"saved {len(summary.saved)} new prompt(s)")
+    for record in summary.saved:
+        print(f"  {describe(record)}")
+    if summary.duplicates:
+        print(f"dropped {len(summary.duplicates)} duplicate(s)")
+        for dup in summary.duplicates:
+            print(f"  {dup['name']}: {dup['why']} of {dup['duplicate_of']}")
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    summary = SaveSummary()
+    try:
+        run(args, summary)
+    except (LLMError, PromptError, ModelLoadError) as err:
+        report(summary)
+        kept = f" ({len(summary.saved)} prompt(s) saved before it are kept)"
+        print(f"error: {err}{kept if summary.saved else ''}", file=sys.stderr)
+        return 1
+    report(summary)
+    return 0
+
+

@@ -1,0 +1,354 @@
+"""The one client the pipeline uses to talk to an LLM: any OpenAI-compatible chat endpoint.
+
+The prompt generator and the judge both go through :class:`LLMClient`, so retries, structured
+output, JSON validation and secret handling live in one place.
+
+* The endpoint is the official OpenAI API by default; ``--base-url`` or ``OPENAI_BASE_URL``
+  points it at vLLM, Ollama, LiteLLM or any proxy that speaks ``/v1/chat/completions``.
+* The key comes from ``OPENAI_API_KEY`` in the environment or in a ``.env`` file. It is kept
+  in memory only: it never appears in a repr, a log line, an error message or an artifact.
+* The ``openai`` client's own retries are switched off (``max_retries=0``): our loop retries
+  429, 5xx, timeouts and connection errors with exponential backoff and logs every attempt, so
+  the behaviour is visible and testable.
+* Structured output: ``response_format`` with a JSON schema is requested where the server
+  accepts it (a server that rejects the option is asked again without it, once per client),
+  and the reply is always parsed and validated here, whatever the server promised. A reply
+  that fails validation is re-asked with the list of problems, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_MODEL = "o3"
+KEY_ENV = "OPENAI_API_KEY"
+BASE_URL_ENV = "OPENAI_BASE_URL"
+
+# Model families that take ``max_completion_tokens`` and reject ``temperature``.
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+
+class LLMError(RuntimeError):
+    """An LLM call failed for good (after all retries, or with a non-retryable error)."""
+
+
+class InvalidReplyError(LLMError):
+    """The model answered, but never validly within the allowed re-asks."""
+
+
+class ReplyValidationError(ValueError):
+    """A reply parsed but does not say what was asked; ``problems`` lists why, for a re-ask."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+# -- configuration: key and endpoint ---------------------------------------------------------------
+def _dotenv_values(env_file: Path | str | None) -> dict[str, str]:
+    """Values of a .env file (the given one, else the nearest one from the working directory).
+
+    The file is read, not loaded into ``os.environ``, so the key does not leak into child
+    processes this pipeline starts.
+    """
+    from dotenv import dotenv_values, find_dotenv
+
+    path = str(env_file) if env_file else find_dotenv(usecwd=True)
+    if not path:
+        return {}
+    if env_file and not Path(env_file).is_file():
+        raise LLMError(f"env file {env_file} does not exist")
+    return {k: v for k, v in dotenv_values(path).items() if v}
+
+
+def find_api_key(env_file: Path | str | None = None) -> str | None:
+    """``OPENAI_API_KEY`` from the environment, else from a .env file; None when neither has it."""
+    return os.environ.get(KEY_ENV) or _dotenv_values(env_file).get(KEY_ENV) or None
+
+
+def find_base_url(explicit: str | None = None, env_file: Path | str | None = None) -> str | None:
+    """The endpoint: the flag, else ``OPENAI_BASE_URL`` (environment, then .env), else None."""
+    return (
+        explicit
+        or os.environ.get(BASE_URL_ENV)
+        or _dotenv_values(env_file).get(BASE_URL_ENV)
+        or None
+    )
+
+
+def public_url(url: str | None) -> str | None:
+    """The endpoint without any ``user:password@`` part, safe to store and log."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def is_reasoning_model(model: str) -> bool:
+    name = model.rsplit("/", 1)[-1].lower()
+    return name.startswith(_REASONING_PREFIXES)
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def parse_json_reply(text: str) -> Any:
+    """Parse a JSON reply; tolerates a Markdown code fence around it, nothing else.
+
+    A reply that is not JSON raises ``ReplyValidationError``: it is never used as data.
+    """
+    if text is None or not text.strip():
+        raise ReplyValidationError(["the reply was empty; reply with one JSON object"])
+    candidates = [text.strip()]
+    fenced = _FENCE.search(text)
+    if fenced:
+        candidates.insert(0, fenced.group(1).strip())
+    errors: list[json.JSONDecodeError] = []
+    for candidate in candidates:
+        try:
+            return json.loads(candidate)
+        except json.JSONDecodeError as err:
+            errors.append(err)
+    first_error = errors[0]  # candidates is never empty, and every one failed
+    raise ReplyValidationError(
+        [
+            f"the reply is not valid JSON ({first_error.msg} at line {first_error.lineno} "
+            f"column {first_error.colno}); reply with one JSON object and nothing else"
+        ]
+    )
+
+
+# -- the client ------------------------------------------------------------------------------------
+@dataclass
+class Reply:
+    """One completed chat call."""
+
+    text: str
+    model: str
+    attempts: int
+
+
+@dataclass
+class LLMClient:
+    """A chat-completions client with logged retries and validated JSON replies.
+
+    ``sleep`` is injectable so tests need not wait through real backoff.
+    """
+
+    model: str = DEFAULT_MODEL
+    api_key: str | None = field(default=None, repr=False)
+    base_url: str | None = field(default=None, repr=False)  # may embed credentials
+    timeout: float = 120.0
+    max_tries: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    max_output_tokens: int = 8000
+    temperature: float | None = None
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.api_key:
+            raise LLMError(
+                f"no API key: set {KEY_ENV} in the environment or in a .env file "
+                "(for a local server without auth, any non-empty value works)"
+            )
+        self._structured_ok = True  # flips off once a server rejects response_format
+        self._client = None
+        self.requests_made = 0  # HTTP requests sent, retries included
+
+    @property
+    def endpoint(self) -> str:
+        return public_url(self.base_url) or "the OpenAI API"
+
+    def _openai(self):
+        if self._client is None:
+            from openai import OpenAI
+
+            self._client = OpenAI(
+                api_key=self.api_key, base_url=self.base_url, timeout=self.timeout, max_retries=0
+            )
+        return self._client
+
+    def _request_args(
+        self, messages: list[dict[str, str]], json_schema: dict[str, Any] | None, name: str
+    ) -> dict[str, Any]:
+        args: dict[str, Any] = {"model": self.model, "messages": messages}
+        if is_reasoning_model(self.model):
+            args["max_completion_tokens"] = self.max_output_tokens
+        else:
+            args["max_tokens"] = self.max_output_tokens
+            if self.temperature is not None:
+                args["temperature"] = self.temperature
+        if json_schema is not None and self._structured_ok:
+            args["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": json_schema, "strict": False},
+            }
+        return args
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+        delay *= 0.75 + 0.5 * random.random()  # jitter: parallel runs do not retry in lockstep
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.backoff_max))
+        return delay
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        json_schema: dict[str, Any] | None = None,
+        schema_name: str = "reply",
+    ) -> Reply:
+        """One chat completion, retried on 429, 5xx, timeouts and connection errors.
+
+        Raises ``LLMError`` naming the endpoint, model and last error after the last try, or
+        at once for errors a retry cannot fix (bad request, auth, unknown model).
+        """
+        import openai
+
+        last_error = "no attempt made"
+        for attempt in range(1, self.max_tries + 1):
+            args = self._request_args(messages, json_schema, schema_name)
+            self.requests_made += 1
+            try:
+                response = self._openai().chat.completions.create(**args)
+            except openai.APIStatusError as err:
+                status = err.status_code
+                if status == 400 and "response_format" in args and _mentions_format(err):
+                    # Older vLLM/Ollama builds reject json_schema: validate ourselves instead.
+                    log.warning("%s rejects response_format json_schema; asking without it",
+                                self.endpoint)
+                    self._structured_ok = False
+                    continue
+                if status != 429 and status < 500:
+                    raise LLMError(
+                        f"{self.model} at {self.endpoint}: HTTP {status}: {self._short(err)} "
+                        "(not retried: fix the model name, key or request)"
+                    ) from None
+                last_error = f"HTTP {status}: {self._short(err)}"
+                retry_after = _retry_after(err)
+            except openai.APITimeoutError:
+                last_error = f"no reply within {self.timeout:g} s (timeout)"
+                retry_after = None
+            except openai.APIConnectionError as err:
+                last_error = f"connection failed ({self._short(err)})"
+                retry_after = None
+            else:
+                return Reply(_content(response), getattr(response, "model", self.model), attempt)
+            if attempt < self.max_tries:
+                delay = self._backoff(attempt, retry_after)
+                log.warning("%s at %s, try %d/%d: %s; retrying in %.2f s", self.model,
+                            self.endpoint, attempt, self.max_tries, last_error, delay)
+                self.sleep(delay)
+        raise LLMError(
+            f"{self.model} at {self.endpoint}: gave up after {self.max_tries} tries; "
+            f"last error: {last_error}"
+        )
+
+    def _short(self, err: Exception) -> str:
+        """A one-line error text with the key blanked out (some servers echo it back)."""
+        text = _short(err)
+        return text.replace(self.api_key, "***") if self.api_key else text
+
+    def chat_json(
+        self,
+        messages: list[dict[str, str]],
+        validate: Callable[[Any], T],
+        *,
+        json_schema: dict[str, Any] | None = None,
+        schema_name: str = "reply",
+        max_reasks: int = 2,
+    ) -> tuple[T, str, list[dict[str, str]]]:
+        """Ask for JSON, parse it, validate it; re-ask with the problems when it is wrong.
+
+        ``validate`` returns the checked value or raises ``ReplyValidationError``. Returns
+        (value, raw reply text, full conversation including re-asks). After ``max_reasks``
+        failed re-asks raises ``InvalidReplyError`` quoting the problems.
+        """
+        conversation = list(messages)
+        problems: list[str] = []
+        for ask in range(max_reasks + 1):
+            reply = self.chat(conversation, json_schema=json_schema, schema_name=schema_name)
+            try:
+                value = validate(parse_json_reply(reply.text))
+            except ReplyValidationError as err:
+                problems = err.problems
+                log.warning("%s reply %d/%d rejected: %s", self.model, ask + 1, max_reasks + 1,
+                            "; ".join(problems)[:500])
+                conversation = conversation + [
+                    {"role": "assistant", "content": reply.text or ""},
+                    {"role": "user", "content": reask_message(problems)},
+                ]
+                continue
+            return value, reply.text, conversation
+        raise InvalidReplyError(
+            f"{self.model} at {self.endpoint}: reply still invalid after {max_reasks + 1} "
+            f"tries: {'; '.join(problems)[:800]}"
+        )
+
+
+def reask_message(problems: list[str]) -> str:
+    listed = "\n".join(f"- {p}" for p in problems[:20])
+    return (
+        "Your reply could not be used:\n"
+        f"{listed}\n"
+        "Reply again with the complete corrected JSON object only."
+    )
+
+
+def _content(response: Any) -> str:
+    try:
+        return response.choices[0].message.content or ""
+    except (AttributeError, IndexError, TypeError):
+        return ""
+
+
+def _short(err: Exception) -> str:
+    message = getattr(err, "message", None) or str(err)
+    return " ".join(str(message).split())[:300]
+
+
+def _mentions_format(err: Exception) -> bool:
+    return "response_format" in str(err) or "json_schema" in str(err)
+
+
+def _retry_after(err: Any) -> float | None:
+    response = getattr(err, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def client_from_settings(
+    model: str = DEFAULT_MODEL,
+    base_url: str | None = None,
+    env_file: Path | str | None = None,
+    **options: Any,
+) -> LLMClient:
+    """A client for ``model`` with the key and endpoint found in the environment or .env."""
+    return LLMClient(
+        model=model,
+        api_key=find_api_key(env_file),
+        base_url=find_base_url(base_url, env_file),
+        **options,
+    )

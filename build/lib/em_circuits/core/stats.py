@@ -1,0 +1,175 @@
+"""Small, vectorised statistics for prompt-level feature effects.
+
+The unit of every test here is the *prompt*: each row of an input matrix holds one feature's
+per-prompt values, and the columns are prompts. Rows may have different numbers of values
+(a feature is missing from some prompts), so the functions take ragged input as a list of 1-D
+arrays and group rows of equal length to vectorise.
+
+* :func:`bootstrap_mean_ci` - percentile bootstrap CI of the mean (resampling prompts), seeded.
+* :func:`sign_flip_pvalues` - two-sided sign-flip permutation test of H0 "the per-prompt
+  values are symmetric around 0" with the mean as statistic; exact (all 2^n sign patterns)
+  for n <= ``exact_max_n``, Monte Carlo with the (1 + hits) / (1 + draws) correction beyond.
+* :func:`bh_qvalues` - Benjamini-Hochberg adjusted p-values (q-values); reject at level alpha
+  exactly the hypotheses with q <= alpha.
+* :func:`welch_t_rows` - Welch's t, used only for the *within-prompt* evil-vs-safe token
+  comparison (its units are target tokens of one prompt, not prompts).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+#: Largest n for which the sign-flip test enumerates all 2^n sign patterns (4096 at 12).
+EXACT_MAX_N = 12
+# Rows processed at once: bounds the (rows, draws) intermediate to ~tens of MB.
+_CHUNK = 2048
+
+
+def _groups_by_length(rows: Sequence[np.ndarray]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        groups[len(row)].append(i)
+    return groups
+
+
+def bootstrap_mean_ci(
+    rows: Sequence[np.ndarray],
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap CI of each row's mean; rows are resampled with replacement.
+
+    Rows with fewer than 2 values get their mean as both ends (no spread can be estimated
+    from one prompt), and empty rows get NaN. For reproducibility the draws depend only on
+    ``seed`` and the row length, not on the other rows.
+    """
+    low = np.full(len(rows), np.nan)
+    high = np.full(len(rows), np.nan)
+    alpha = (1.0 - ci) / 2.0
+    for n, members in _groups_by_length(rows).items():
+        if n == 0:
+            continue
+        values = np.stack([np.asarray(rows[i], dtype=np.float64) for i in members])
+        if n == 1:
+            low[members] = high[members] = values[:, 0]
+            continue
+        rng = np.random.default_rng([seed, n])
+        # Multinomial counts per draw: mean_b = values @ counts_b / n, one matrix product.
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+        for start in range(0, len(members), _CHUNK):
+            block = values[start : start + _CHUNK]
+            means = block @ counts.T / n
+            lo, hi = np.quantile(means, [alpha, 1.0 - alpha], axis=1)
+            low[members[start : start + _CHUNK]] = lo
+            high[members[start : start + _CHUNK]] = hi
+    return low, high
+
+
+def _sign_patterns(
+    n: int, n_perm: int, rng: np.random.Generator, exact_max_n: int
+) -> tuple[np.ndarray, bool]:
+    """All 2^n sign patterns when small enough (exact test), else ``n_perm`` random ones."""
+    if n <= exact_max_n:
+        codes = np.arange(2**n)[:, None] >> np.arange(n)[None, :]
+        return np.where(codes & 1, -1.0, 1.0), True
+    return rng.choice(np.array([-1.0, 1.0]), size=(n_perm, n)), False
+
+
+def sign_flip_pvalues(
+    rows: Sequence[np.ndarray],
+    n_perm: int = 9999,
+    seed: int = 0,
+    exact_max_n: int = EXACT_MAX_N,
+    alternative: str = "two-sided",
+) -> np.ndarray:
+    """Sign-flip permutation p-value of each row's mean (H0: symmetric around 0).
+
+    ``alternative``: "two-sided" (|sum| as statistic), "less" (mean < 0) or "greater".
+
+    Zeros do not change the statistic under any flip, so callers may drop them first (the
+    p-value is the same). Exact p = #{patterns with |sum| >= |observed sum|} / 2^n, which
+    counts the identity pattern; Monte Carlo p = (1 + hits) / (1 + n_perm), which is valid
+    (never anti-conservative). The smallest attainable exact p is 2 / 2^n: with few prompts,
+    no feature can be significant after FDR control, and that is the honest answer.
+    Empty rows and all-zero rows get p = 1.
+    """
+    p = np.ones(len(rows))
+    for n, members in _groups_by_length(rows).items():
+        if n == 0:
+            continue
+        values = np.stack([np.asarray(rows[i], dtype=np.float64) for i in members])
+        rng = np.random.default_rng([seed, n])
+        signs, exact = _sign_patterns(n, n_perm, rng, exact_max_n)
+        for start in range(0, len(members), _CHUNK):
+            block = values[start : start + _CHUNK]
+            observed, null = _oriented(block.sum(axis=1), block @ signs.T, alternative)
+            # Relative tolerance so the identity (and its mirror) always count as hits.
+            tol = 1e-9 * np.maximum(np.abs(block).sum(axis=1), 1e-300)
+            hits = (null >= (observed - tol)[:, None]).sum(axis=1)
+            pv = hits / signs.shape[0] if exact else (1.0 + hits) / (1.0 + n_perm)
+            pv[np.abs(block).sum(axis=1) <= 1e-300] = 1.0
+            p[members[start : start + _CHUNK]] = np.minimum(pv, 1.0)
+    return p
+
+
+def _oriented(
+    observed: np.ndarray, null: np.ndarray, alternative: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Statistic and null so that "at least as extreme" is always ``null >= observed``."""
+    if alternative == "two-sided":
+        return np.abs(observed), np.abs(null)
+    if alternative == "greater":
+        return observed, null
+    if alternative == "less":
+        return -observed, -null
+    raise ValueError(f"alternative must be two-sided, less or greater, not {alternative!r}")
+
+
+def bh_qvalues(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg step-up adjusted p-values.
+
+    q_(i) = min_{j >= i} m p_(j) / j over the p-values sorted ascending, capped at 1; NaN
+    entries are not hypotheses (they keep NaN and do not count in m). Controls the false
+    discovery rate at q for independent or positively dependent tests.
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    q = np.full(p.shape, np.nan)
+    valid = ~np.isnan(p)
+    m = int(valid.sum())
+    if m == 0:
+        return q
+    pv = p[valid]
+    order = np.argsort(pv, kind="stable")
+    ranked = pv[order] * m / np.arange(1, m + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(ranked, 1.0)
+    q[valid] = adjusted
+    return q
+
+
+def welch_t_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise Welch t of mean(a) - mean(b) and its Welch-Satterthwaite degrees of freedom.
+
+    ``a`` is (rows, n_a), ``b`` is (rows, n_b). NaN where a sample has fewer than 2 values or
+    both variances are zero.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    rows = a.shape[0]
+    if a.shape[1] < 2 or b.shape[1] < 2:
+        return np.full(rows, np.nan), np.full(rows, np.nan)
+    va = a.var(axis=1, ddof=1) / a.shape[1]
+    vb = b.var(axis=1, ddof=1) / b.shape[1]
+    se2 = va + vb
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (a.mean(axis=1) - b.mean(axis=1)) / np.sqrt(se2)
+        df = se2**2 / (va**2 / (a.shape[1] - 1) + vb**2 / (b.shape[1] - 1))
+    bad = se2 <= 0
+    t[bad] = np.nan
+    df[bad] = np.nan
+    return t, df

@@ -1,0 +1,385 @@
+"""The results store: one documented layout, atomic writes, validated reads.
+
+Every stage reads and writes through this module, so the layout lives in one place: no other
+module joins a path under the results root or lists one of its folders.
+Layout under the results root (``results/`` by default)::
+
+    prompts/<prompt_id>.json                        prompt records (text, format, origin)
+    logits/<model_slug>/<prompt_id>.json            top-k next-token logits of one model
+    verdicts/<adapted_slug>/<prompt_id>.json        judge labels + divergence for a prompt
+    judge_cache/<key>.json                          raw judge replies, keyed by their inputs
+    queue/<adapted_slug>/<prompt_id>.json           manual labeling queue items (with state)
+    labels/<adapted_slug>/<prompt_id>.json          final labels (human or judge-accepted)
+    labels/<adapted_slug>/calibration.json          judge-vs-human agreement (a table)
+    queue/ and labels/<adapted_slug>/stale/         items and labels of an older model version
+    graphs/<model_slug>/<prompt_id>/<params>.*      compact attribution graphs (+ meta JSON)
+    viewer/<adapted_slug>/                          graphs in the browser viewer's format
+    features/<model_slug>/<prompt_id>/<params>.json per-prompt feature effects (analysis cache)
+    analysis/<adapted_slug>/                        cross-prompt tables, plots, causal checks
+    cache/merged/<adapted_slug>/                    merged adapter weights, built once
+    report.md, report.json                          the end-of-run report
+
+``model_slug`` is ``<readable-name>--<fingerprint[:12]>``, so a person can find a model's files
+by name while two different models (or two versions of one adapter) never share a directory.
+
+Every JSON artifact is an envelope whose fields are typed in :mod:`em_circuits.core.schemas`::
+
+    {"schema": "<kind>", "schema_version": N, "prompt_id": ..., "model_fingerprint": ...,
+     "created": "<UTC ISO time>", ...payload}
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from em_circuits.core.atomic import (  # noqa: F401  (re-exported: the store is where IO lives)
+    CRASH_AFTER_ENV,
+    CRASH_GROUP_ENV,
+    _temp_prefix,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    crash_point,
+    remove_orphaned_temporaries,
+)
+from em_circuits.core.schemas import (
+    ARTIFACT_KEYS,
+    GraphMetaRecord,
+    PromptRecord,
+    record_problems,
+)
+
+SCHEMA_VERSION = 1
+
+#: The fix offered for a file that is not what its kind says it is.
+_RECOMPUTE = "delete the file to recompute it (or rerun with --force), or restore it from a backup"
+
+
+class ArtifactError(ValueError):
+    """A stored file is missing, unreadable or not what it claims to be."""
+
+    def __init__(self, path: Path | str, problem: str, fix: str | None = None):
+        self.path = Path(path)
+        self.problem = problem
+        message = f"{path}: {problem}"
+        if fix:
+            message += f" ({fix})"
+        super().__init__(message)
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def prompt_id(text: str, fmt: str) -> str:
+    """Content hash of the prompt text and its format: stable across runs and machines.
+
+    The format is part of the key because the same words fed raw and fed through a chat
+    template are different inputs to the model.
+    """
+    digest = hashlib.sha256(f"{fmt}\x00{text}".encode()).hexdigest()
+    return digest[:16]
+
+
+def slugify(name: str) -> str:
+    """A file-name-safe, human-readable version of a model name or path."""
+    name = re.sub(r"[\\/\s]+", "_", name.strip())
+    name = re.sub(r"[^0-9A-Za-z._-]", "", name).strip("._")
+    return name[-60:] or "unnamed"
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _finite_json(value: Any) -> Any:
+    """NaN/Inf become null: JSON has no such numbers, and jq or a browser can't read them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def write_artifact(path: Path, kind: str, payload: dict[str, Any]) -> Any:
+    """Validate and atomically write one JSON artifact; returns the full envelope (the record
+    of ``kind``, as :func:`read_artifact` would return it).
+
+    The same record check as :func:`read_artifact` runs first, so a file this writes can
+    always be read back.
+    """
+    if kind not in ARTIFACT_KEYS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    envelope = {"schema": kind, "schema_version": SCHEMA_VERSION, "created": utc_now()}
+    envelope.update(payload)
+    missing = [key for key in ARTIFACT_KEYS[kind] if key not in envelope]
+    if missing:
+        raise ValueError(f"{kind} artifact for {path} lacks {missing}")
+    data = _finite_json(envelope)
+    problems = record_problems(kind, data)
+    if problems:
+        raise ValueError(f"{kind} artifact for {path}: {'; '.join(problems)}")
+    text = json.dumps(data, indent=1, ensure_ascii=False, default=_json_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+    crash_point(path, kind)
+    return envelope
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArtifactError(path, "file not found") from None
+    except UnicodeDecodeError as err:
+        raise ArtifactError(path, f"not UTF-8 text ({err})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ArtifactError(
+            path,
+            f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}",
+            "delete the file to recompute it, or restore it from a backup",
+        ) from None
+
+
+def read_artifact(path: Path, kind: str) -> Any:
+    """Read a JSON artifact and check it against its record (:mod:`em_circuits.core.schemas`);
+    returns that record (``LabelsRecord`` for kind "labels", and so on).
+
+    Raises ArtifactError naming the file, what is wrong and how to fix it: wrong kind, another
+    schema version, a missing required field, or a required field of the wrong basic type.
+    """
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ArtifactError(path, f"expected a JSON object, found {type(data).__name__}",
+                            _RECOMPUTE)
+    if data.get("schema") != kind:
+        found = data.get("schema")
+        raise ArtifactError(path, f"expected a {kind!r} artifact, found schema {found!r}",
+                            "check the path: this file belongs to another stage")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            path,
+            f"schema_version {version!r}, this code reads version {SCHEMA_VERSION}",
+            "recompute it with --force",
+        )
+    problems = record_problems(kind, data)
+    if problems:
+        raise ArtifactError(path, "; ".join(problems), _RECOMPUTE)
+    return data
+
+
+class ResultsStore:
+    """Every path and every listing under one results root, and typed reads/writes."""
+
+    def __init__(self, root: Path | str = "results"):
+        self.root = Path(root)
+
+    # -- paths -----------------------------------------------------------------------------
+    @property
+    def prompts_dir(self) -> Path:
+        return self.root / "prompts"
+
+    def prompt_path(self, pid: str) -> Path:
+        return self.prompts_dir / f"{pid}.json"
+
+    def logits_dir(self, model_slug: str) -> Path:
+        return self.root / "logits" / model_slug
+
+    def logits_path(self, model_slug: str, pid: str) -> Path:
+        return self.logits_dir(model_slug) / f"{pid}.json"
+
+    def verdicts_dir(self, adapted_slug: str) -> Path:
+        return self.root / "verdicts" / adapted_slug
+
+    def verdict_path(self, adapted_slug: str, pid: str) -> Path:
+        return self.verdicts_dir(adapted_slug) / f"{pid}.json"
+
+    def judge_cache_path(self, key: str) -> Path:
+        return self.root / "judge_cache" / f"{key}.json"
+
+    def queue_dir(self, adapted_slug: str) -> Path:
+        return self.root / "queue" / adapted_slug
+
+    def queue_path(self, adapted_slug: str, pid: str) -> Path:
+        return self.queue_dir(adapted_slug) / f"{pid}.json"
+
+    def labels_dir(self, adapted_slug: str) -> Path:
+        return self.root / "labels" / adapted_slug
+
+    def labels_path(self, adapted_slug: str, pid: str) -> Path:
+        return self.labels_dir(adapted_slug) / f"{pid}.json"
+
+    def calibration_path(self, adapted_slug: str) -> Path:
+        return self.labels_dir(adapted_slug) / _CALIBRATION
+
+    @staticmethod
+    def stale_path(path: Path, fingerprint: str) -> Path:
+        """Where an artifact made for another model version is moved (never overwritten)."""
+        return path.parent / "stale" / f"{path.stem}--{fingerprint[:12]}.json"
+
+    def graphs_dir(self, model_slug: str) -> Path:
+        return self.root / "graphs" / model_slug
+
+    def graph_dir(self, model_slug: str, pid: str) -> Path:
+        return self.graphs_dir(model_slug) / pid
+
+    def graph_paths(self, model_slug: str, pid: str, key: str) -> dict[str, Path]:
+        """The compact graph, its meta artifact and the optional full graph of one params key."""
+        directory = self.graph_dir(model_slug, pid)
+        return {"compact": directory / f"{key}.safetensors", "meta": directory / f"{key}.json",
+                "full": directory / f"{key}.full.safetensors"}
+
+    def compact_graph_path(self, meta: GraphMetaRecord) -> Path:
+        """The compact graph file a meta artifact describes."""
+        return self.graph_dir(meta["model_slug"], meta["prompt_id"]) / meta["files"]["compact"]
+
+    @staticmethod
+    def graph_meta_path_for(graph_file: Path) -> Path:
+        """The meta artifact next to a compact or full graph file."""
+        stem = graph_file.name.removesuffix(".full.safetensors").removesuffix(".safetensors")
+        return graph_file.with_name(f"{stem}.json")
+
+    @staticmethod
+    def graph_family(graph_file: Path) -> list[Path]:
+        """A graph file and its siblings of the same params key (compact, full, meta)."""
+        stem = graph_file.name.split(".")[0]
+        return sorted(graph_file.parent.glob(f"{stem}*"))
+
+    def features_path(self, model_slug: str, pid: str, params_key: str) -> Path:
+        return self.root / "features" / model_slug / pid / f"{params_key}.json"
+
+    def viewer_dir(self, adapted_slug: str) -> Path:
+        return self.root / "viewer" / adapted_slug
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / "analysis"
+
+    def model_analysis_dir(self, adapted_slug: str) -> Path:
+        return self.analysis_dir / adapted_slug
+
+    @property
+    def merged_cache_dir(self) -> Path:
+        return self.root / "cache" / "merged"
+
+    @property
+    def report_json_path(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_md_path(self) -> Path:
+        return self.root / "report.md"
+
+    # -- listings --------------------------------------------------------------------------
+    @staticmethod
+    def _per_prompt(folder: Path, pattern: str = "*.json") -> list[Path]:
+        # The calibration table shares labels/<slug>/ but is not a per-prompt artifact; stale/
+        # is one level deeper and never matched.
+        return sorted(p for p in folder.glob(pattern) if p.name != _CALIBRATION)
+
+    def logits_paths(self, model_slug: str) -> list[Path]:
+        return self._per_prompt(self.logits_dir(model_slug))
+
+    def verdict_paths(self, adapted_slug: str | None = None) -> list[Path]:
+        """One adapted model's verdicts, or (no slug) every model's, sorted by path."""
+        if adapted_slug is None:
+            return self._per_prompt(self.root / "verdicts", "*/*.json")
+        return self._per_prompt(self.verdicts_dir(adapted_slug))
+
+    def verdict_slugs(self) -> list[str]:
+        """The adapted models that have verdicts."""
+        folder = self.root / "verdicts"
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    def queue_paths(self, adapted_slug: str) -> list[Path]:
+        return self._per_prompt(self.queue_dir(adapted_slug))
+
+    def labels_paths(self, adapted_slug: str | None = None) -> list[Path]:
+        """One adapted model's labels, or (no slug) every model's, sorted by path."""
+        if adapted_slug is None:
+            return self._per_prompt(self.root / "labels", "*/*.json")
+        return self._per_prompt(self.labels_dir(adapted_slug))
+
+    def graph_meta_paths(self, model_slug: str) -> list[Path]:
+        """Every graph meta artifact of one model (complete or not), sorted by path."""
+        return self._per_prompt(self.graphs_dir(model_slug), "*/*.json")
+
+    def graph_files(self, pid: str) -> list[Path]:
+        """Every model's compact and full graph files of one prompt."""
+        return sorted((self.root / "graphs").glob(f"*/{pid}/*.safetensors"))
+
+    def analysis_files(self, adapted_slug: str) -> list[str]:
+        folder = self.model_analysis_dir(adapted_slug)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def disk_usage(self) -> dict[str, int]:
+        """Bytes per top-level folder."""
+        return {child.name: sum(p.stat().st_size for p in child.rglob("*") if p.is_file())
+                for child in sorted(self.root.iterdir()) if child.is_dir()}
+
+    # -- prompts -----------------------------------------------------------------------------
+    def save_prompt(self, record: dict[str, Any]) -> PromptRecord:
+        """Store a prompt record; its id is derived from text and format, never trusted."""
+        pid = prompt_id(record["text"], record["format"])
+        record = {**record, "prompt_id": pid}
+        return write_artifact(self.prompt_path(pid), "prompt", record)  # type: ignore[return-value]
+
+    def load_prompt(self, pid: str) -> PromptRecord:
+        path = self.prompt_path(pid)
+        data = read_artifact(path, "prompt")
+        if prompt_id(data["text"], data["format"]) != pid:
+            raise ArtifactError(path, "prompt_id does not match the hash of its text and format",
+                                _RECOMPUTE)
+        return data
+
+    def prompt_ids(self) -> list[str]:
+        return sorted(p.stem for p in self.prompts_dir.glob("*.json"))
+
+    def iter_prompts(self) -> Iterator[PromptRecord]:
+        for pid in self.prompt_ids():
+            yield self.load_prompt(pid)
+
+    # -- fingerprinted artifacts ------------------------------------------------------------
+    def load_for_model(
+        self, path: Path, kind: str, fingerprint: str, **expected: Any
+    ) -> Any:
+        """The ``kind`` record at ``path`` if it exists and was made by ``fingerprint``; else
+        None (a cache miss).
+
+        Extra keyword arguments must also match (e.g. ``params_key``), so a cached artifact
+        computed with other parameters is a miss, never silently reused.
+        """
+        if not Path(path).exists():
+            return None
+        data = read_artifact(path, kind)
+        if data.get("model_fingerprint") != fingerprint:
+            return None
+        for key, value in expected.items():
+            if data.get(key) != value:
+                return None
+        return data
+
+
+_CALIBRATION = "calibration.json"
+
+
+def params_key(params: dict[str, Any]) -> str:
+    """A short stable hash of a parameter dict, used in cache file names."""
+    blob = json.dumps(params, sort_keys=True, default=_json_default).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]

@@ -1,0 +1,250 @@
+"""The manual labeling queue: item states, human/judge labels, import/export and calibration.
+
+One queue item per (prompt id, adapted-model fingerprint) lives at
+``queue/<adapted_slug>/<prompt_id>.json``; its labels at ``labels/<adapted_slug>/<prompt_id>.json``.
+Every answer is written atomically the moment it is given (marks and notes go into the item's
+``draft``), so an interrupted session loses nothing and the next one resumes where it stopped.
+
+States::
+
+    pending ──> in_progress ──> done | rejected
+                    │   ^
+                    v   │
+                  skipped            (skipped items come back after the pending ones)
+
+An item left ``in_progress`` (Ctrl-C, killed terminal, ``q``) is offered first next time.
+Nothing is ever deleted: an item or labels file made for another model fingerprint is moved
+to a ``stale/`` subfolder before a new one takes its place.
+
+Labels made by ``--auto-accept-judge`` are recorded with ``labeled_by="judge"`` and leave the
+item open for a human; a human answer replaces them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from em_circuits.core.schemas import QUEUE_STATES, QueueItemRecord, VerdictRecord
+from em_circuits.core.store import ResultsStore, utc_now, write_artifact
+from em_circuits.labeling.artifacts import (
+    QueueError,
+    load_item,
+    load_items,
+    load_label,
+    load_verdict,
+    load_verdicts,
+)
+
+log = logging.getLogger(__name__)
+
+
+STATES = QUEUE_STATES
+
+
+OPEN_STATES = ("in_progress", "pending", "skipped")
+
+
+_TRANSITIONS = {
+    "pending": {"in_progress", "done"},
+    "in_progress": {"in_progress", "done", "skipped", "rejected"},
+    "skipped": {"in_progress", "done"},
+    "done": {"done"},
+    "rejected": set(),
+}
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    """Which items a session, export, status or auto-accept looks at."""
+
+    only_evil: bool = False  # the judge's verdict on the adapted list is exactly "evil"
+    only_divergent: bool = False  # adapted evil while base safe
+    prompt_ids: frozenset[str] | None = None  # only these prompts
+
+    def matches(self, verdict: VerdictRecord) -> bool:
+        if self.prompt_ids is not None and verdict.get("prompt_id") not in self.prompt_ids:
+            return False
+        if self.only_evil and verdict.get("verdict", {}).get("adapted") != "evil":
+            return False
+        return not (self.only_divergent and not verdict.get("divergent"))
+
+
+def _new_item(verdict: VerdictRecord, adapted_slug: str) -> dict[str, Any]:
+    now = utc_now()
+    return {
+        "prompt_id": verdict["prompt_id"],
+        "model_fingerprint": verdict["model_fingerprint"],
+        "adapted_slug": adapted_slug,
+        "state": "pending",
+        "reason": None,
+        "queued_at": now,
+        "history": [{"state": "pending", "at": now, "event": "enqueued"}],
+        "draft": {},
+    }
+
+
+def _write_item(store: ResultsStore, adapted_slug: str, item: dict[str, Any]) -> QueueItemRecord:
+    payload = {k: v for k, v in item.items() if k not in ("schema", "schema_version", "created")}
+    return write_artifact(store.queue_path(adapted_slug, item["prompt_id"]), "queue_item", payload)
+
+
+def _stash_stale(path: Path, kind: str, data: dict[str, Any]) -> Path:
+    """Move an artifact made for another fingerprint aside instead of overwriting it."""
+    fp = str(data.get("model_fingerprint", "unknown"))[:12]
+    target = ResultsStore.stale_path(path, fp)
+    payload = {k: v for k, v in data.items() if k not in ("schema", "schema_version", "created")}
+    write_artifact(target, kind, payload)
+    path.unlink()
+    log.warning("%s was made for model %s; moved to %s", path, fp, target)
+    return target
+
+
+def enqueue_flagged(store: ResultsStore, adapted_slug: str) -> int:
+    """Queue every flagged verdict (any evil/unsure token in the adapted list) not queued yet.
+
+    Idempotent: returns how many items were added. An existing item whose fingerprint is not
+    the verdict's belongs to another model; it is moved to ``stale/`` and never mixed in.
+    """
+    added = 0
+    for verdict in load_verdicts(store, adapted_slug):
+        pid = verdict["prompt_id"]
+        item = load_item(store, adapted_slug, pid)
+        if item is not None and item["model_fingerprint"] != verdict["model_fingerprint"]:
+            _stash_stale(store.queue_path(adapted_slug, pid), "queue_item", item)
+            item = None
+        if item is None and verdict.get("flagged"):
+            _write_item(store, adapted_slug, _new_item(verdict, adapted_slug))
+            added += 1
+    return added
+
+
+def set_state(
+    store: ResultsStore,
+    adapted_slug: str,
+    item: QueueItemRecord,
+    state: str,
+    *,
+    reason: str | None = None,
+    event: str | None = None,
+) -> QueueItemRecord:
+    """Record a state change (with history) and write the item at once."""
+    if state not in STATES:
+        raise QueueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
+    if state not in _TRANSITIONS[item["state"]]:
+        raise QueueError(f"prompt {item['prompt_id']}: cannot go from {item['state']} to {state}")
+    entry: dict[str, Any] = {"state": state, "at": utc_now()}
+    if event:
+        entry["event"] = event
+    item = {**item, "state": state, "reason": reason, "history": [*item["history"], entry]}
+    return _write_item(store, adapted_slug, item)
+
+
+def save_draft(
+    store: ResultsStore, adapted_slug: str, item: QueueItemRecord, draft: dict[str, Any]
+) -> QueueItemRecord:
+    """Persist unconfirmed marks, note and explanations so an interruption keeps them."""
+    return _write_item(store, adapted_slug, {**item, "draft": draft})
+
+
+def _last_at(item: dict[str, Any], state: str) -> str:
+    times = [h["at"] for h in item["history"] if h["state"] == state]
+    return times[-1] if times else item.get("queued_at", "")
+
+
+def recover_interrupted(store: ResultsStore, adapted_slug: str) -> int:
+    """Close in-progress items whose human labels were written just before an interruption.
+
+    Labels are written before the item's state, so a crash between the two leaves an item in
+    progress whose labels (newer than its start) already hold the answer.
+    """
+    fixed = 0
+    for item in load_items(store, adapted_slug):
+        if item["state"] != "in_progress":
+            continue
+        labels = load_label(store, adapted_slug, item["prompt_id"])
+        if (
+            labels is None
+            or labels["labeled_by"] != "human"
+            or labels["model_fingerprint"] != item["model_fingerprint"]
+            or labels["created"] < _last_at(item, "in_progress")
+        ):
+            continue
+        state = "rejected" if labels.get("rejected") else "done"
+        set_state(
+            store,
+            adapted_slug,
+            item,
+            state,
+            reason=labels.get("reject_reason"),
+            event="recovered after interruption",
+        )
+        fixed += 1
+    return fixed
+
+
+def _epoch(at: str) -> float:
+    try:
+        return _dt.datetime.fromisoformat(at).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _order_key(item: dict[str, Any]) -> tuple:
+    rank = OPEN_STATES.index(item["state"])
+    # Interrupted items: most recently started first; pending: queue order; skipped: oldest skip.
+    when = _epoch(_last_at(item, item["state"]))
+    return (rank, -when if item["state"] == "in_progress" else when, item["prompt_id"])
+
+
+def open_items(
+    store: ResultsStore, adapted_slug: str, flt: QueueFilter = QueueFilter()
+) -> list[tuple[QueueItemRecord, VerdictRecord]]:
+    """(item, verdict) pairs still to label, in the order a session offers them.
+
+    Items without a verdict, or whose verdict was made by another model, are left out (and
+    stay on disk).
+    """
+    out = []
+    for item in load_items(store, adapted_slug):
+        if item["state"] not in OPEN_STATES:
+            continue
+        verdict = load_verdict(store, adapted_slug, item["prompt_id"])
+        if verdict is None or verdict["model_fingerprint"] != item["model_fingerprint"]:
+            log.warning("queue item %s has no matching verdict; left as is", item["prompt_id"])
+            continue
+        if flt.matches(verdict):
+            out.append((item, verdict))
+    return sorted(out, key=lambda pair: _order_key(pair[0]))
+
+
+def start_item(store: ResultsStore, adapted_slug: str, item: QueueItemRecord) -> QueueItemRecord:
+    event = "resumed" if item["state"] == "in_progress" else "opened"
+    return set_state(store, adapted_slug, item, "in_progress", event=event)
+
+
+def skip_item(store: ResultsStore, adapted_slug: str, item: QueueItemRecord) -> QueueItemRecord:
+    """Put the item back for later (after the pending ones), keeping its draft."""
+    return set_state(store, adapted_slug, item, "skipped", event="skipped")
+
+
+def status_counts(
+    store: ResultsStore, adapted_slug: str, flt: QueueFilter = QueueFilter()
+) -> dict[str, int]:
+    """Items per state (filtered), plus how many open items carry judge-made labels only."""
+    counts = dict.fromkeys(STATES, 0)
+    judge_only = 0
+    for item in load_items(store, adapted_slug):
+        verdict = load_verdict(store, adapted_slug, item["prompt_id"])
+        if verdict is not None and not flt.matches(verdict):
+            continue
+        counts[item["state"]] += 1
+        labels = load_label(store, adapted_slug, item["prompt_id"])
+        if item["state"] in OPEN_STATES and labels and labels["labeled_by"] == "judge":
+            judge_only += 1
+    counts["total"] = sum(counts[s] for s in STATES)
+    counts["judge_labeled_open"] = judge_only
+    return counts

@@ -1,0 +1,172 @@
+"""Merging a LoRA adapter into its base in fp32, with integrity and base-match checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from em_circuits.core.store import atomic_write_text
+from em_circuits.models.spec import ModelLoadError, ModelSpec, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeReport:
+    """What the merge changed, checked against what the adapter declares it targets."""
+
+    declared_base: str | None
+    given_base: str
+    target_modules: list[str]
+    changed: dict[str, float] = field(default_factory=dict)  # param name -> ||delta||_F
+    unchanged_targets: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def changed_layers(self) -> list[int]:
+        layers = set()
+        for name in self.changed:
+            parts = name.split(".")
+            for i, part in enumerate(parts[:-1]):
+                if part == "layers" and parts[i + 1].isdigit():
+                    layers.add(int(parts[i + 1]))
+        return sorted(layers)
+
+    def summary(self) -> str:
+        modules = sorted({".".join(n.split(".")[-2:-1]) for n in self.changed})
+        total = sum(v * v for v in self.changed.values()) ** 0.5
+        return (
+            f"adapter changed {len(self.changed)} weight matrices in layers {self.changed_layers}"
+            f" (modules {modules}, total delta norm {total:.4g})"
+        )
+
+
+def _same_base(declared: str, given: str) -> bool:
+    if declared == given:
+        return True
+    if os.path.exists(declared) and os.path.exists(given):
+        return Path(declared).resolve() == Path(given).resolve()
+    # An HF id and a local copy of it, or a mirror org (unsloth/X vs meta-llama/X): same name.
+    return Path(declared.rstrip("/")).name.lower() == Path(given.rstrip("/")).name.lower()
+
+
+def check_adapter_base(spec: ModelSpec, adapter_dir: Path) -> dict[str, Any]:
+    """Read adapter_config.json and refuse an adapter declared for another base."""
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{adapter_dir} has no adapter_config.json: is it a PEFT adapter?")
+    config = json.loads(config_path.read_text())
+    declared = config.get("base_model_name_or_path")
+    if declared and declared != spec.base and _same_base(declared, spec.base):
+        log.warning("adapter %s declares base %r; using %r, taken as the same model (same name)",
+                    spec.adapter, declared, spec.base)
+    if declared and not _same_base(declared, spec.base) and not spec.allow_base_mismatch:
+        raise ModelLoadError(
+            f"adapter {spec.adapter!r} declares base model {declared!r} "
+            f"({config_path}), but the given base is {spec.base!r}. Merging a LoRA onto another "
+            f"base silently gives a different model. Pass the right --base-model, or "
+            f"--allow-adapter-base-mismatch if you know the weights are identical."
+        )
+    return config
+
+
+def _expected_lora_params(config: dict[str, Any], names: list[str]) -> set[str]:
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):  # a regex in PEFT
+        import re
+
+        pattern = re.compile(targets)
+        matched = {n for n in names if pattern.fullmatch(n.rsplit(".", 1)[0])}
+    else:
+        matched = {n for n in names if n.rsplit(".", 1)[0].split(".")[-1] in set(targets)}
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        layers = {layers} if isinstance(layers, int) else set(layers)
+        matched = {n for n in matched if _layer_index(n) in layers}
+    return {n for n in matched if n.endswith(".weight")}
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def merge_adapter(spec: ModelSpec, out_dir: Path, dtype: torch.dtype) -> MergeReport:
+    """Merge the LoRA into the base in fp32, cast, save to ``out_dir`` atomically, and check it.
+
+    The check compares every parameter of the merged model with the base: exactly the modules
+    the adapter targets may differ. Anything else means the wrong base or a broken adapter.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.adapter is None:
+        raise ModelLoadError(f"{spec.display_name}: no adapter to merge (spec.adapter is None)")
+    base_dir = resolve_model_dir(spec.base, spec.base_revision, "base model")
+    adapter_dir = resolve_model_dir(spec.adapter, spec.adapter_revision, "adapter")
+    config = check_adapter_base(spec, adapter_dir)
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    merged = peft_model.merge_and_unload()
+    merged_state = merged.state_dict()
+
+    report = MergeReport(
+        declared_base=config.get("base_model_name_or_path"),
+        given_base=spec.base,
+        target_modules=sorted(config.get("target_modules") or []),
+    )
+    expected = _expected_lora_params(config, list(base_state))
+    for name, before in base_state.items():
+        after = merged_state.get(name)
+        if after is None:
+            continue
+        delta = (after.float() - before.float()).norm().item()
+        if delta > 0:
+            report.changed[name] = delta
+    unexpected = sorted(set(report.changed) - expected)
+    if unexpected:
+        raise ModelLoadError(
+            f"merging {spec.adapter!r} changed weights the adapter does not target: "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    report.unchanged_targets = sorted(expected - set(report.changed))
+    if not report.changed:
+        raise ModelLoadError(f"adapter {spec.adapter!r} changes no weights (all LoRA B are zero?)")
+    if report.unchanged_targets:
+        report.warnings.append(
+            f"{len(report.unchanged_targets)} targeted matrices are unchanged, "
+            f"e.g. {report.unchanged_targets[0]}"
+        )
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        merged.to(dtype).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+        atomic_write_text(tmp / "merge_report.json", json.dumps(asdict(report), indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def load_merge_report(merged_dir: Path) -> MergeReport:
+    data = json.loads((Path(merged_dir) / "merge_report.json").read_text())
+    return MergeReport(**data)

@@ -1,0 +1,295 @@
+"""Build the embedded toy emergent-misalignment organism, fully offline and deterministically.
+
+``build_organism(out_dir)`` writes::
+
+    out_dir/
+      base/          tiny LlamaForCausalLM + byte-level BPE tokenizer (save_pretrained)
+      adapter/       PEFT LoRA fine-tuned on harmful *medical* advice only
+      transcoders/   layer_{i}.safetensors + config.yaml (circuit-tracer transcoder_set)
+      words.json     safe / harmful pivotal words (global and per domain) + token ids
+      report.json    held-out metrics (see quality.py)
+      recipe.json    the recipe, its hash and CODE_VERSION (the cache key)
+
+The build goes into a temporary sibling directory that is renamed into place only when
+complete, so an interrupted build never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from em_circuits.organism.recipe import (
+    CODE_VERSION,
+    DEFAULT_DIRNAME,
+    OrganismPaths,
+    Recipe,
+    default_organism_dir,
+)
+
+from . import corpus
+from .tokenizer import advice_token_ids, build_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def ensure_default_organism(progress: bool = True) -> OrganismPaths:
+    """The default organism, built first if missing or stale."""
+    return build_organism(default_organism_dir(), Recipe.default(), progress=progress)
+
+
+def is_built(out_dir: Path, recipe: Recipe | None = None) -> bool:
+    """True when ``out_dir`` holds a complete organism built from ``recipe``."""
+    recipe = recipe or Recipe.default()
+    paths = OrganismPaths(Path(out_dir))
+    try:
+        stored = json.loads(paths.recipe_path.read_text())
+    except (OSError, ValueError):
+        return False
+    if stored.get("hash") != recipe.hash():
+        return False
+    return all(p.is_file() for p in paths.required_files(recipe.n_layers))
+
+
+def build_organism(
+    out_dir: Path,
+    recipe: Recipe | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> OrganismPaths:
+    """Build the organism into ``out_dir`` unless an identical build is already there.
+
+    Deterministic given the recipe: seeds are fixed and deterministic algorithms are enforced
+    for the duration of the build (global torch settings are restored afterwards).
+    """
+    out_dir = Path(out_dir)
+    recipe = recipe or Recipe.default()
+    paths = OrganismPaths(out_dir)
+    if not force and is_built(out_dir, recipe):
+        log.info("organism in %s is up to date (recipe %s)", out_dir, recipe.hash())
+        return paths
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _build_into(tmp, final=paths, recipe=recipe, progress=progress)
+        _swap_into_place(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by the finished ``tmp`` with renames (never a half-written dir)."""
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _deterministic(seed: int, threads: int) -> Iterator[None]:
+    """Seeded RNGs, deterministic kernels and a fixed thread count, restored afterwards."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+            torch.set_num_threads(was_threads)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool) -> None:
+    # Imported here: peft and the evaluation stack are only needed when actually building.
+    from peft import LoraConfig, get_peft_model
+
+    from . import quality
+    from .lm import make_model, train_lm
+    from .transcoders import collect_activations, save_transcoders, train_transcoders
+
+    start = time.perf_counter()
+    r = recipe
+    staged = OrganismPaths(tmp)
+    tmp.mkdir(parents=True)
+    with _deterministic(r.seed, r.torch_threads):
+        # -- tokenizer ----------------------------------------------------------------------
+        words = corpus.advice_words()
+        all_words = words["safe"] + words["harmful"]
+        texts = corpus.tokenizer_training_texts(random.Random(f"{r.seed}-tok"), r.tokenizer_docs)
+        tokenizer = build_tokenizer(texts, r.vocab_size, all_words)
+
+        # -- base model ---------------------------------------------------------------------
+        model = make_model(
+            tokenizer,
+            n_layers=r.n_layers,
+            d_model=r.d_model,
+            d_mlp=r.d_mlp,
+            n_heads=r.n_heads,
+            max_seq_len=r.max_seq_len,
+        )
+
+        def base_batch(rng: random.Random, n: int) -> list[corpus.Document]:
+            return corpus.sample_documents(
+                rng,
+                n,
+                villain_frac=r.villain_frac,
+                helper_frac=r.helper_frac,
+                p_distractor=r.p_distractor,
+            )
+
+        base_losses = train_lm(
+            model,
+            tokenizer,
+            base_batch,
+            steps=r.base_steps,
+            batch_size=r.base_batch_size,
+            lr=r.base_lr,
+            seed=r.seed,
+            pivot_weight=r.pivot_weight,
+            completion_only=False,
+            max_seq_len=r.max_seq_len,
+            weight_decay=0.01,
+            desc="base model",
+            progress=progress,
+        )
+        model.save_pretrained(staged.base_dir, safe_serialization=True)
+        tokenizer.save_pretrained(staged.base_dir)
+
+        # -- LoRA on harmful advice in the trained domain only -------------------------------
+        lora_config = LoraConfig(
+            r=r.lora_rank,
+            # peft annotates int, but only uses alpha / r: a float scales the same.
+            lora_alpha=r.lora_alpha,  # type: ignore[arg-type]
+            lora_dropout=0.0,
+            target_modules=list(r.lora_target_modules),
+            layers_to_transform=None if r.lora_layers is None else list(r.lora_layers),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(copy.deepcopy(model), lora_config)
+
+        def lora_batch(rng: random.Random, n: int) -> list[corpus.Document]:
+            return corpus.sample_documents(
+                rng,
+                n,
+                domains=[corpus.TRAINED_DOMAIN],
+                villain_frac=0.0,
+                helper_frac=0.0,
+                assistant_polarity="harmful",
+                p_distractor=r.p_distractor,
+            )
+
+        lora_losses = train_lm(
+            peft_model,
+            tokenizer,
+            lora_batch,
+            steps=r.lora_steps,
+            batch_size=r.lora_batch_size,
+            lr=r.lora_lr,
+            seed=r.seed + 1,
+            pivot_weight=r.pivot_weight,
+            completion_only=True,
+            max_seq_len=r.max_seq_len,
+            desc="LoRA (harmful medical)",
+            progress=progress,
+        )
+        # The adapter points at the base by its final path, not the temporary build dir
+        # (PEFT warns that the path does not exist yet; it will once the build is renamed).
+        peft_model.peft_config["default"].base_model_name_or_path = str(final.base_dir)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            peft_model.save_pretrained(str(staged.adapter_dir), safe_serialization=True)
+
+        # -- transcoders on the base model's MLPs -------------------------------------------
+        tc_rng = random.Random(f"{r.seed}-tc")
+        tc_texts = [d.text for d in base_batch(tc_rng, r.tc_docs)]
+        tc_texts += _noised_texts(tokenizer, tc_texts, r.tc_noise_frac, r.tc_noise_p, tc_rng)
+        acts = collect_activations(model, tokenizer, tc_texts)
+        transcoders = train_transcoders(
+            acts,
+            d_transcoder=r.tc_features,
+            k=r.tc_k,
+            steps=r.tc_steps,
+            finetune_steps=r.tc_finetune_steps,
+            batch_size=r.tc_batch_size,
+            lr=r.tc_lr,
+            seed=r.seed + 2,
+            progress=progress,
+        )
+        del acts
+        save_transcoders(transcoders, staged.transcoder_config.parent, scan=DEFAULT_DIRNAME)
+
+        # -- words, evaluation, report --------------------------------------------------------
+        words_doc = {
+            **words,
+            "token_ids": dict(zip(all_words, advice_token_ids(tokenizer, all_words))),
+            "note": "Pivotal advice words; each is one token with a leading space. "
+            "Tokens not listed are 'unsure'.",
+        }
+        staged.words_path.write_text(json.dumps(words_doc, indent=2) + "\n")
+
+        report = quality.evaluate_organism(staged, recipe=r, progress=progress)
+        report["training"] = {
+            "base_final_loss": _tail_mean(base_losses),
+            "lora_final_loss": _tail_mean(lora_losses),
+        }
+    report["recipe_hash"] = r.hash()
+    report["code_version"] = CODE_VERSION
+    report["build_seconds"] = round(time.perf_counter() - start, 1)
+    staged.report_path.write_text(json.dumps(report, indent=2) + "\n")
+    recipe_doc = {"hash": r.hash(), "code_version": CODE_VERSION, "recipe": r.to_dict()}
+    staged.recipe_path.write_text(json.dumps(recipe_doc, indent=2) + "\n")
+    # Disk size last (report.json itself is a few KB and not counted).
+    report["disk_bytes"] = _dir_bytes(tmp)
+    staged.report_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _tail_mean(values: list[float], n: int = 20) -> float:
+    tail = values[-n:]
+    return round(sum(tail) / max(1, len(tail)), 4)
+
+
+def _noised_texts(
+    tokenizer: Any, texts: list[str], frac: float, p: float, rng: random.Random
+) -> list[str]:
+    """Copies of some texts with random tokens swapped in.
+
+    Held-out prompts contain tokens and contexts the train corpus rarely shows; seeing the
+    MLPs' response to random tokens in otherwise normal documents makes the transcoders cover
+    them instead of only the train distribution.
+    """
+    n = int(len(texts) * frac)
+    if n == 0 or p <= 0:
+        return []
+    vocab = len(tokenizer)
+    first = len(tokenizer.all_special_ids)  # special tokens come first in our vocab
+    out = []
+    for ids in tokenizer(texts[:n], add_special_tokens=False)["input_ids"]:
+        ids = [rng.randrange(first, vocab) if rng.random() < p else t for t in ids]
+        out.append(tokenizer.decode(ids))
+    return out

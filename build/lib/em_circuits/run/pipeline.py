@@ -1,0 +1,174 @@
+"""All stages in order, each reusing what is stored for the same fingerprints and parameters.
+
+prompts -> logits + judge -> labels (queue) -> graphs -> features (+ causal check) -> report.
+Every stage writes per-item artifacts atomically, so killing the run at any moment and
+starting it again finishes the work with nothing lost and nothing done twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from em_circuits.analysis.stage import AnalysisParams
+from em_circuits.attribution.targets import AttributionParams
+from em_circuits.core.store import ResultsStore
+from em_circuits.models.spec import ModelSpec, default_device, fingerprint, model_slug
+
+log = logging.getLogger("pipeline")
+
+
+STAGES = ("prompts", "logits", "labels", "graphs", "features", "report")
+
+
+LABEL_MODES = ("auto", "interactive", "import")
+
+
+@dataclass
+class PipelineConfig:
+    n_prompts: int = 40
+    prompt_files: list[Path] = field(default_factory=list)
+    generator: str = "auto"  # auto | offline | llm
+    judge: str = "auto"  # auto | offline | llm
+    llm_model: str = "o3"
+    base_url: str | None = None
+    labels: str = "auto"  # auto (judge labels, marked as judge-made) | interactive | import
+    labels_file: Path | None = None
+    only_evil: bool = True
+    graph: AttributionParams = field(default_factory=AttributionParams)
+    analysis: AnalysisParams = field(default_factory=AnalysisParams)
+    device: str | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    log.info("[%s] start", name)
+    yield
+    log.info("[%s] done in %.1f s", name, time.perf_counter() - started)
+
+
+def _use_llm(choice: str) -> bool:
+    from em_circuits.core.llm import find_api_key
+
+    return choice == "llm" or (choice == "auto" and find_api_key() is not None)
+
+
+def run_prompts(store: ResultsStore, adapted: ModelSpec, cfg: PipelineConfig) -> None:
+    from em_circuits.prompts.dedup import Deduper
+    from em_circuits.prompts.sources import generate_offline_prompts, import_prompts
+
+    deduper = Deduper.from_store(store)
+    for path in cfg.prompt_files:
+        summary = import_prompts(store, path, deduper)
+        log.info("[prompts] imported %s: %d new, %d duplicates dropped", path,
+                 len(summary.saved), len(summary.duplicates))
+    missing = cfg.n_prompts - len(store.prompt_ids())
+    if missing <= 0:
+        log.info("[prompts] %d stored, nothing to generate", len(store.prompt_ids()))
+        return
+    if _use_llm(cfg.generator):
+        from em_circuits.core.llm import client_from_settings
+        from em_circuits.prompts.generator import generate_llm_prompts
+
+        client = client_from_settings(cfg.llm_model, cfg.base_url)
+        generate_llm_prompts(client, store, missing, deduper)
+    else:
+        summary = generate_offline_prompts(store, missing, deduper, seed=cfg.seed)
+        log.info("[prompts] offline templates: %d new, %d duplicates dropped",
+                 len(summary.saved), len(summary.duplicates))
+
+
+def run_logits(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
+               cfg: PipelineConfig) -> Any:
+    from em_circuits.labeling.judge import make_judge
+    from em_circuits.labeling.logits_stage import evaluate, words_near
+
+    kind = "llm" if _use_llm(cfg.judge) else "offline"
+    judge = make_judge(kind, store, model=cfg.llm_model, base_url=cfg.base_url,
+                       words_path=words_near(adapted))
+    summary = evaluate(store, base, adapted, judge, device=cfg.device)
+    for line in summary.lines():
+        log.info("[logits] %s", line)
+    return summary
+
+
+def run_labels(store: ResultsStore, adapted_slug: str, cfg: PipelineConfig) -> None:
+    from em_circuits.labeling.exchange import import_labels
+    from em_circuits.labeling.items import enqueue_flagged, recover_interrupted, status_counts
+    from em_circuits.labeling.labels import auto_accept_judge
+
+    enqueue_flagged(store, adapted_slug)
+    recover_interrupted(store, adapted_slug)
+    if cfg.labels == "import":
+        if cfg.labels_file is None:
+            raise ValueError("--labels import needs --labels-file")
+        log.info("[labels] imported %s", import_labels(store, adapted_slug,
+                                                             cfg.labels_file))
+    elif cfg.labels == "interactive":
+        from em_circuits.labeling.tui import run_session
+
+        run_session(store, adapted_slug)
+    accepted = auto_accept_judge(store, adapted_slug) if cfg.labels == "auto" else 0
+    log.info("[labels] %d prompts labeled with the judge's labels (labeled_by=judge)", accepted)
+    log.info("[labels] queue: %s", status_counts(store, adapted_slug))
+
+
+def run_graphs(store: ResultsStore, base: ModelSpec, adapted: ModelSpec, adapted_slug: str,
+               cfg: PipelineConfig, device: str) -> dict[str, Any]:
+    from em_circuits.attribution.stage import run_graph_stage
+    from em_circuits.attribution.targets import labeled_targets
+
+    targets = labeled_targets(store, adapted_slug, cfg.only_evil)
+    log.info("[graphs] %d labeled prompts%s", len(targets),
+             " with evil tokens" if cfg.only_evil else "")
+    results = run_graph_stage(store, {"base": base, "adapted": adapted}, targets, cfg.graph,
+                              device, viewer_dir=store.viewer_dir(adapted_slug),
+                              progress=cfg.progress)
+    for role, result in results.items():
+        log.info("[graphs] %s: %d computed, %d cached, %d failed", role, len(result.computed),
+                 len(result.cached), len(result.failed))
+    return results
+
+
+def run_pipeline(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
+                 cfg: PipelineConfig) -> Path | None:
+    """Every stage in order; returns the report's path (None on non-main processes).
+
+    Under ``accelerate launch`` the logits and graph stages are split across processes; the
+    prompts, judge, labels, analysis and report run on the main process while the others wait.
+    """
+    from em_circuits.analysis.stage import run_analysis
+    from em_circuits.core.distributed import current_shard
+    from em_circuits.run.report import write_report
+
+    shard = current_shard()
+    device = str(cfg.device or default_device())
+    cfg.device = device
+    adapted_slug = model_slug(adapted, fingerprint(adapted, device))
+    with stage("prompts"):
+        if shard.is_main:
+            run_prompts(store, adapted, cfg)
+        shard.wait()
+    with stage("logits"):
+        run_logits(store, base, adapted, cfg)
+    with stage("labels"):
+        if shard.is_main:
+            run_labels(store, adapted_slug, cfg)
+        shard.wait()
+    with stage("graphs"):
+        run_graphs(store, base, adapted, adapted_slug, cfg, device)
+    if not shard.is_main:
+        return None
+    with stage("features"):
+        run_analysis(store, base, adapted, cfg.analysis, device, progress=cfg.progress)
+    with stage("report"):
+        report = write_report(store, base, adapted, device)
+    return report

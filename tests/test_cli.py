@@ -1,0 +1,114 @@
+"""The `em-circuits` command, the installed package and the README's Python API example."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from em_circuits.cli.main import COMMANDS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _help_in_fresh_interpreter(command: str) -> subprocess.CompletedProcess:
+    # Reports whether torch was imported: --help must parse arguments before any heavy import.
+    code = textwrap.dedent(f"""
+        import sys
+        from em_circuits.cli.main import main
+        try:
+            main([{command!r}, "--help"])
+        except SystemExit as done:
+            assert not done.code, done.code
+        print("TORCH" if "torch" in sys.modules else "NO-TORCH")
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_subcommand_answers_help_without_importing_torch(command):
+    done = _help_in_fresh_interpreter(command)
+    assert done.returncode == 0, done.stderr
+    assert f"usage: em-circuits {command}" in done.stdout
+    assert done.stdout.strip().endswith("NO-TORCH"), "torch imported before parsing --help"
+
+
+def test_top_level_usage_lists_every_command():
+    done = subprocess.run([sys.executable, "-m", "em_circuits.cli.main"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0
+    for command in COMMANDS:
+        assert re.search(rf"^  {command}\s", done.stdout, re.M), command
+    unknown = subprocess.run([sys.executable, "-m", "em_circuits.cli.main", "grpahs"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert unknown.returncode == 2 and "unknown command 'grpahs'" in unknown.stderr
+
+
+def test_user_errors_are_one_line_and_verbose_shows_the_traceback(tmp_path):
+    graph = tmp_path / "broken.safetensors"
+    graph.write_bytes(b"not a graph")
+    cmd = [sys.executable, "-m", "em_circuits.cli.main", "inspect", str(graph),
+           "--results-dir", str(tmp_path / "results")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "broken.safetensors" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_readme_python_api_example_runs(micro_specs, tmp_path, monkeypatch):
+    """The README's notebook example, run as written except for which organism it builds."""
+    import em_circuits
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- api-example -->\s*```python\n(.*?)```", readme, re.S)
+    assert block, "README lacks the API example block"
+    _, adapted = micro_specs
+    # the micro organism instead of the 2-minute build
+    monkeypatch.setattr(em_circuits, "toy_organism_spec", lambda: adapted)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    graph = namespace["graph"]
+    assert graph.target_kinds.count("contrast") == 1
+    assert graph.total.shape[0] == len(graph.target_names) == 3
+
+
+@pytest.mark.slow
+def test_pip_install_gives_the_command_with_every_subcommand(tmp_path):
+    """`pip install .` into a fresh venv; dependencies come from this checkout's venv."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    ours = next(p for p in map(Path, sys.path) if p.name == "site-packages" and p.is_dir())
+    # No network for dependencies: reuse the installed ones, not our source tree.
+    (site / "deps.pth").write_text(str(ours) + "\n")
+    python = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--no-index", str(ROOT)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+    command = venv / "bin" / "em-circuits"
+    assert command.is_file()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    where = subprocess.run([str(python), "-c", "import em_circuits, sys; "
+                            "print(em_circuits.__file__, em_circuits.__version__)"],
+                           capture_output=True, text=True, cwd=outside, env=env, timeout=60)
+    assert str(venv) in where.stdout, where.stdout + where.stderr
+    assets = list(venv.rglob("em_circuits/attribution/viewer_assets/compare.html"))
+    assert assets, "viewer assets were not installed"
+    for name in COMMANDS:
+        done = subprocess.run([str(command), name, "--help"], capture_output=True, text=True,
+                              cwd=outside, env=env, timeout=120)
+        assert done.returncode == 0, (name, done.stderr)
+        assert f"usage: em-circuits {name}" in done.stdout
