@@ -22,6 +22,8 @@ REFERENCE_H100 = {"attribute_s": 3.0, "attribute_peak_gib": 21.3, "dense_pt_mb":
 
 @dataclass(frozen=True)
 class ReportInputs:
+    """Everything the report shows, gathered once the sections have run."""
+
     args: argparse.Namespace
     env: dict[str, Any]
     workload: Workload | None  # None when the setup failed
@@ -39,9 +41,10 @@ class ReportInputs:
         return record.status if record else "not run"
 
 
-def render(r: ReportInputs) -> str:
-    lines = header(r) + headline_rows(r) + throughput_rows(r)
-    lines += past_defaults(r.numbers, r.args, r.status)
+def render(inputs: ReportInputs) -> str:
+    """The report in Markdown, one section of RESULTS.md."""
+    lines = header(inputs) + headline_rows(inputs) + throughput_rows(inputs)
+    lines += past_defaults(inputs.numbers, inputs.args, inputs.status)
     lines += [
         "",
         "### Setup (one-off, not in any ratio)",
@@ -49,7 +52,7 @@ def render(r: ReportInputs) -> str:
         "| step | seconds |",
         "| --- | --- |",
     ]
-    for step, value in (r.numbers.get("setup") or {}).items():
+    for step, value in (inputs.numbers.get("setup") or {}).items():
         shown = fmt(value, 2) if isinstance(value, float) else str(value)
         lines.append(f"| {step} | {shown} |")
     lines += [
@@ -59,12 +62,12 @@ def render(r: ReportInputs) -> str:
         "| section | status | seconds | section peak GiB |",
         "| --- | --- | --- | --- |",
     ]
-    for record in r.sections.values():
+    for record in inputs.sections.values():
         lines.append(
             f"| {record.title} | {record.status} | {fmt(record.seconds)} | "
             f"{fmt(record.section_peak_gib)} |"
         )
-    n = r.numbers
+    n = inputs.numbers
     notes = [x for k in ("a", "b", "d", "fast_dtype") for x in (n.get(k) or {}).get("notes", [])]
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]
@@ -72,12 +75,12 @@ def render(r: ReportInputs) -> str:
     return "\n".join(lines) + "\n"
 
 
-def header(r: ReportInputs) -> list[str]:
-    args, env, w, p = r.args, r.env, r.workload, r.params
+def header(inputs: ReportInputs) -> list[str]:
+    args, env, w, p = inputs.args, inputs.env, inputs.workload, inputs.params
     return [
         f"## Graph-stage benchmarks: {w.name if w else args.workload} on {env['device']}",
         "",
-        f"- Date (UTC): {env['date_utc']}; total wall time {r.elapsed_s:.0f} s "
+        f"- Date (UTC): {env['date_utc']}; total wall time {inputs.elapsed_s:.0f} s "
         f"(budget --max-seconds {args.max_seconds:.0f}).",
         f"- Software: Python {env['python']}, "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
@@ -86,13 +89,13 @@ def header(r: ReportInputs) -> list[str]:
         f"- Workload: {w.description if w else args.workload + ' (setup failed)'}.",
         f"- Attribution: max_feature_nodes {p.max_feature_nodes}, batch_size {p.batch_size}, "
         f"main dtype {args.dtype}, fast dtype {args.fast_dtype}; feature analysis: "
-        f"{r.analysis_call}.",
+        f"{inputs.analysis_call}.",
         f"- Command: `{env['command']}`",
     ]
 
 
-def headline_rows(r: ReportInputs) -> list[str]:
-    a, b, c, d, e = (r.numbers.get(k) for k in ("a", "b", "c", "d", "e"))
+def headline_rows(inputs: ReportInputs) -> list[str]:
+    a, b, c, d, e = (inputs.numbers.get(k) for k in ("a", "b", "c", "d", "e"))
     lines = [
         "",
         "### Headline ratios",
@@ -118,7 +121,7 @@ def headline_rows(r: ReportInputs) -> list[str]:
         )
     else:
         lines.append(
-            f"| (a) | graph stage vs raw attribute() | {r.status('a')} | | | <= 1.1 | n/a |"
+            f"| (a) | graph stage vs raw attribute() | {inputs.status('a')} | | | <= 1.1 | n/a |"
         )
     if b and "by_n" in b:
         for key, row in b["by_n"].items():
@@ -129,7 +132,9 @@ def headline_rows(r: ReportInputs) -> list[str]:
                 f"{fmt(row['speedup'], 1)}x | >= 5x | {goal(row['speedup'] >= 5)} |"
             )
     else:
-        lines.append(f"| (b) | reload-per-prompt pattern | {r.status('b')} | | | >= 5x | n/a |")
+        lines.append(
+            f"| (b) | reload-per-prompt pattern | {inputs.status('b')} | | | >= 5x | n/a |"
+        )
     if c:
         lines.append(
             f"| (c) | stored bytes per prompt, both models (compact safetensors + meta JSON) vs "
@@ -138,7 +143,7 @@ def headline_rows(r: ReportInputs) -> list[str]:
             f"{fmt(c['ratio'], 0)}x | >= 50x | {goal(c['ratio'] >= 50)} |"
         )
     else:
-        lines.append(f"| (c) | stored bytes | {r.status('a')} | | | >= 50x | n/a |")
+        lines.append(f"| (c) | stored bytes | {inputs.status('a')} | | | >= 50x | n/a |")
     if d:
         on_gpu = f"; on GPU {fmt(d['prune_graph_gpu_s'], 3)} s" if d["prune_graph_gpu_s"] else ""
         lines.append(
@@ -150,7 +155,7 @@ def headline_rows(r: ReportInputs) -> list[str]:
             f"x incl. total effects) | > 1x | {goal(d['ratio_with_total_effects'] > 1)} |"
         )
     else:
-        lines.append(f"| (d) | analysis vs prune_graph | {r.status('d')} | | | | n/a |")
+        lines.append(f"| (d) | analysis vs prune_graph | {inputs.status('d')} | | | | n/a |")
     if e:
         lines.append(
             f"| (e) | next-token logits, {e['n_prompts']} prompts: batched (batch "
@@ -160,9 +165,9 @@ def headline_rows(r: ReportInputs) -> list[str]:
             f"> 1x | {goal(e['speedup'] > 1)} |"
         )
     else:
-        lines.append(f"| (e) | batched logits | {r.status('e')} | | | | n/a |")
+        lines.append(f"| (e) | batched logits | {inputs.status('e')} | | | | n/a |")
     # The goals are about the real model's scale; tiny models only show the path works.
-    target = r.workload is not None and r.workload.name == "llama1b-random" and cuda()
+    target = inputs.workload is not None and inputs.workload.name == "llama1b-random" and cuda()
     lines += [
         "",
         "Ratio: (a) ours / raw (lower is better); (b), (d), (e) their time / ours "
@@ -179,8 +184,8 @@ def headline_rows(r: ReportInputs) -> list[str]:
     return lines
 
 
-def throughput_rows(r: ReportInputs) -> list[str]:
-    a, c, load = (r.numbers.get(k) for k in ("a", "c", "load"))
+def throughput_rows(inputs: ReportInputs) -> list[str]:
+    a, c, load = (inputs.numbers.get(k) for k in ("a", "c", "load"))
     if not a:
         return []
     hw = "GPU" if cuda() else "CPU"
@@ -223,7 +228,7 @@ def throughput_rows(r: ReportInputs) -> list[str]:
         lines.append(
             f"| dense graph, one model | {mb(median(list(c['dense_bytes'].values())))} "
             f"({next(iter(c['dense_nodes'].values()))} nodes) | Graph.to_pt to "
-            f"{r.workdir / 'dense'}, size, deleted (H100 reference "
+            f"{inputs.workdir / 'dense'}, size, deleted (H100 reference "
             f"{ref['dense_pt_mb']:.0f} MB) |"
         )
     return lines

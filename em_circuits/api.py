@@ -21,6 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from em_circuits.core.store import ResultsStore
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -97,7 +99,7 @@ def run_stages(results_dir: Path | str = "results", argv: list[str] | None = Non
     code = main(["--results-dir", str(results_dir), *(argv or [])])
     if code != 0:
         raise RuntimeError(f"the pipeline stopped with exit code {code}; see the log above")
-    return Path(results_dir) / "report.md"
+    return ResultsStore(results_dir).report_md_path
 
 
 def read_analysis(results_dir: Path | str = "results",
@@ -109,12 +111,11 @@ def read_analysis(results_dir: Path | str = "results",
     """
     import pandas as pd
 
-    root = Path(results_dir) / "analysis"
-    folders = sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
-    if adapted_slug is not None:
-        folders = [root / adapted_slug]
-    if len(folders) != 1 or not folders[0].is_dir():
-        found = ", ".join(p.name for p in folders) or "none"
-        raise FileNotFoundError(f"{root}: expected one analysed model, found {found}; pass "
-                                "adapted_slug= (run `em-circuits analyze` first if none)")
-    return {csv.stem: pd.read_csv(csv) for csv in sorted(folders[0].glob("*.csv"))}
+    store = ResultsStore(results_dir)
+    slugs = store.analysed_slugs() if adapted_slug is None else [adapted_slug]
+    if len(slugs) != 1 or not store.model_analysis_dir(slugs[0]).is_dir():
+        found = ", ".join(slugs) or "none"
+        raise FileNotFoundError(f"{store.analysis_dir}: expected one analysed model, found "
+                                f"{found}; pass adapted_slug= (run `em-circuits analyze` first "
+                                "if none)")
+    return {csv.stem: pd.read_csv(csv) for csv in store.analysis_files(slugs[0], "*.csv")}

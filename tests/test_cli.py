@@ -92,9 +92,17 @@ def test_pip_install_gives_the_command_with_every_subcommand(tmp_path):
     (site / "deps.pth").write_text(str(ours) + "\n")
     python = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # Build from a copy of the committed files: a build writes build/ next to its sources.
+    source = tmp_path / "source"
+    files = subprocess.run(["git", "ls-files", "-z"], capture_output=True, cwd=ROOT,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_bytes((ROOT / name).read_bytes())
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", str(ROOT)],
+         "--no-index", str(source)],
         capture_output=True, text=True, env=env, timeout=600)
     assert install.returncode == 0, install.stderr[-3000:]
     command = venv / "bin" / "em-circuits"
@@ -112,3 +120,25 @@ def test_pip_install_gives_the_command_with_every_subcommand(tmp_path):
                               cwd=outside, env=env, timeout=120)
         assert done.returncode == 0, (name, done.stderr)
         assert f"usage: em-circuits {name}" in done.stdout
+
+
+def test_graphs_for_an_adhoc_prompt_text(micro_organism, tmp_path):
+    """`graphs --prompt TEXT`: stored, scored, judged, labeled by the judge, graphed, Next."""
+    from em_circuits.core.store import prompt_id
+    from em_circuits.organism import heldout_pivotal_prompts
+
+    text = heldout_pivotal_prompts()[0]["prompt"]
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "em_circuits.cli.main", "graphs", "--prompt", text,
+           "--results-dir", str(results), "--base-model", str(micro_organism.base_dir),
+           "--adapter", str(micro_organism.adapter_dir),
+           "--transcoders", str(micro_organism.transcoder_config), "--model-name", "micro",
+           "--device", "cpu", "--max-feature-nodes", "100", "--no-viewer"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    pid = prompt_id(text, "raw")
+    assert (results / "prompts" / f"{pid}.json").is_file()
+    graphs = sorted(results.glob(f"graphs/*/{pid}/*.safetensors"))
+    assert len(graphs) == 2, graphs  # base and adapted
+    assert "Next: `em-circuits analyze`" in done.stdout

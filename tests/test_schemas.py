@@ -71,8 +71,13 @@ def test_required_keys_are_derived_from_the_records():
 
 
 def test_record_problems_lists_missing_keys_then_wrong_types():
-    data = {"schema": "logits", "schema_version": 1, "created": "now", "prompt_id": 7,
-            "top_k": "not a list"}
+    data = {
+        "schema": "logits",
+        "schema_version": 1,
+        "created": "now",
+        "prompt_id": 7,
+        "top_k": "not a list",
+    }
     assert record_problems("logits", data) == [
         "missing field(s) model_fingerprint",
         "field 'prompt_id' should be a string, found int 7",
@@ -85,13 +90,19 @@ def test_record_problems_lists_missing_keys_then_wrong_types():
 
 
 def test_closed_vocabularies_are_checked_by_value():
-    base = {"schema": "queue_item", "schema_version": 1, "created": "now", "prompt_id": "p",
-            "model_fingerprint": "f"}
+    base = {
+        "schema": "queue_item",
+        "schema_version": 1,
+        "created": "now",
+        "prompt_id": "p",
+        "model_fingerprint": "f",
+    }
     assert record_problems("queue_item", {**base, "state": "done"}) == []
     [problem] = record_problems("queue_item", {**base, "state": "finished"})
     assert "field 'state' should be one of 'pending'" in problem
-    assert record_problems("labels", {**base, "schema": "labels", "tokens": [],
-                                      "labeled_by": "robot"}) == [
+    assert record_problems(
+        "labels", {**base, "schema": "labels", "tokens": [], "labeled_by": "robot"}
+    ) == [
         "field 'tokens' should be an object, found a list",
         "field 'labeled_by' should be one of 'human', 'judge', found the string 'robot'",
     ]
@@ -113,8 +124,11 @@ def test_read_artifact_names_the_file_the_problem_and_the_fix(tmp_path):
 
 def test_write_refuses_what_read_would_refuse(tmp_path):
     with pytest.raises(ValueError, match="field 'tokens' should be an object"):
-        write_artifact(tmp_path / "l.json", "labels", {
-            "prompt_id": "p", "model_fingerprint": "f", "tokens": [], "labeled_by": "human"})
+        write_artifact(
+            tmp_path / "l.json",
+            "labels",
+            {"prompt_id": "p", "model_fingerprint": "f", "tokens": [], "labeled_by": "human"},
+        )
     assert not (tmp_path / "l.json").exists()
 
 
@@ -122,8 +136,11 @@ def test_records_leave_the_bytes_on_disk_unchanged(tmp_path, monkeypatch):
     # Runs are compared byte for byte: the envelope, key order and formatting are fixed.
     monkeypatch.setattr(store, "utc_now", lambda: "2030-01-01T00:00:00+00:00")
     path = tmp_path / "p.json"
-    write_artifact(path, "prompt", {"prompt_id": "abc", "text": "Héllo", "format": "raw",
-                                    "metadata": {"x": float("nan")}})
+    write_artifact(
+        path,
+        "prompt",
+        {"prompt_id": "abc", "text": "Héllo", "format": "raw", "metadata": {"x": float("nan")}},
+    )
     assert path.read_text(encoding="utf-8") == (
         '{\n "schema": "prompt",\n "schema_version": 1,\n "created": "2030-01-01T00:00:00+00:00",'
         '\n "prompt_id": "abc",\n "text": "Héllo",\n "format": "raw",\n "metadata": {\n  "x": null'

@@ -20,7 +20,7 @@ def analysis_vs_prune_graph(ctx: Context, resident: ResidentModels) -> dict[str,
     params = ctx.params
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    path = ctx.settings.workdir / "analysis-probe.safetensors"
+    path = ctx.workdir / "analysis-probe.safetensors"
     for pt in ctx.workload.prompts[1 : 1 + ctx.args.analysis_graphs]:
         if rows and not ctx.budget.allows(2 * ctx.estimates.graph_s + 10, "(d)", notes):
             break

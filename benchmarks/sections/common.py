@@ -73,6 +73,10 @@ class Context:
     def params(self) -> AttributionParams:
         return self.settings.params
 
+    @property
+    def workdir(self) -> Path:
+        return self.settings.workdir
+
 
 class ResidentModels:
     """Base and adapted model loaded once on one transcoder set, for the sections that share

@@ -93,7 +93,7 @@ def raw_prompt(ctx: Context, resident: ResidentModels, pt: PromptTargets) -> dic
 
 def dense_sizes(ctx: Context, graphs: dict[str, Any]) -> dict[str, Any]:
     """Bytes (and save time) of circuit-tracer's dense .pt files of one prompt's graphs."""
-    folder = ctx.settings.workdir / "dense"
+    folder = ctx.workdir / "dense"
     folder.mkdir(parents=True, exist_ok=True)
     sizes, seconds = {}, {}
     for role, graph in graphs.items():

@@ -98,8 +98,6 @@ class CompactGraph:
         """Per target: the part of its value no node explains (transcoder biases, BOS)."""
         return self.target_values - self.direct.sum(dim=1)
 
-    def target_index(self, name: str) -> int:
-        return self.target_names.index(name)
 
     def contrast_index(self) -> int | None:
         return self.target_kinds.index("contrast") if "contrast" in self.target_kinds else None

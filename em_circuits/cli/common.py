@@ -21,7 +21,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default in (None, False, [], argparse.SUPPRESS):
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 def make_parser(description: str | None, prog: str | None = None) -> argparse.ArgumentParser:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from em_circuits.models.spec import default_device, fingerprint, model_slug
 
     base_spec, adapted_spec = specs_from_args(args)
-    device = args.device or default_device()
+    device = str(args.device or default_device())
     adapted_slug = model_slug(adapted_spec, fingerprint(adapted_spec, device))
     args.prompt_ids = [*args.positional_ids, *args.prompt_ids]
     if args.prompt:

@@ -70,10 +70,3 @@ def current_shard() -> Shard:
     return Shard(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def local_device() -> str:
-    """This process's GPU (by its local rank) or the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"

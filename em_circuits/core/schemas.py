@@ -92,13 +92,13 @@ class LabelledEntry(TopKEntry, total=False):
     """A top-k entry in a verdict, with its display index (B1.., T1..) and the judge's label."""
 
     index: str
-    label: Label | None
+    label: str | None  # one of LABELS
     judged_by: str
 
 
 class ListVerdicts(TypedDict):
-    base: Label
-    adapted: Label
+    base: str  # verdict_of of the list: one of LABELS
+    adapted: str
 
 
 class JudgeInfo(TypedDict, total=False):
@@ -124,8 +124,8 @@ class LabelsToken(TypedDict, total=False):
     token_id: int
     logit: float | None
     prob: float | None
-    label: Label | None
-    judge_label: Label | None
+    label: str | None  # None: no label (a rejected prompt)
+    judge_label: str | None  # None: the judge gave no usable label
 
 
 class Disagreement(TypedDict, total=False):
@@ -133,8 +133,8 @@ class Disagreement(TypedDict, total=False):
     index: str
     token: str
     token_id: int
-    judge_label: Label
-    human_label: Label
+    judge_label: str
+    human_label: str
     explanation: str | None
 
 
@@ -332,11 +332,12 @@ RECORDS: dict[str, type] = {
 ENVELOPE_KEYS: tuple[str, ...] = tuple(Envelope.__annotations__)
 
 
-# Declaration order (not the frozenset's) keeps error messages stable.
-_REQUIRED: dict[str, tuple[str, ...]] = {
-    kind: tuple(k for k in typing.get_type_hints(record) if k in record.__required_keys__)
-    for kind, record in RECORDS.items()
-}
+def _required_keys(record: Any) -> tuple[str, ...]:
+    # Declaration order (not the frozenset's) keeps error messages stable.
+    return tuple(k for k in typing.get_type_hints(record) if k in record.__required_keys__)
+
+
+_REQUIRED = {kind: _required_keys(record) for kind, record in RECORDS.items()}
 
 #: The keys each kind must carry besides the envelope (derived from the records).
 ARTIFACT_KEYS: dict[str, tuple[str, ...]] = {
@@ -369,14 +370,17 @@ def _check_of(hint: Any) -> _Check | None:
         return _SIMPLE[hint]
     if origin is Literal:
         allowed = get_args(hint)
-        return _Check(lambda v: isinstance(v, str) and v in allowed,
-                      "one of " + ", ".join(map(repr, allowed)))
+        return _Check(
+            lambda v: isinstance(v, str) and v in allowed, "one of " + ", ".join(map(repr, allowed))
+        )
     if origin in (typing.Union, types.UnionType):
         parts = [_check_of(arg) for arg in get_args(hint)]
-        if any(part is None for part in parts):
-            return None
-        return _Check(lambda v: any(p.accepts(v) for p in parts),  # type: ignore[union-attr]
-                      " or ".join(p.what for p in parts))  # type: ignore[union-attr]
+        checks = [part for part in parts if part is not None]
+        if len(checks) < len(parts):
+            return None  # one alternative accepts anything, so the union does too
+        return _Check(
+            lambda v: any(c.accepts(v) for c in checks), " or ".join(c.what for c in checks)
+        )
     if hint is dict or origin is dict or typing.is_typeddict(hint):
         return _OBJECT
     if hint is list or origin is list:
@@ -385,15 +389,23 @@ def _check_of(hint: Any) -> _Check | None:
 
 
 _CHECKS: dict[str, dict[str, _Check]] = {
-    kind: {key: check for key in _REQUIRED[kind]
-           if (check := _check_of(typing.get_type_hints(record)[key])) is not None}
+    kind: {
+        key: check
+        for key in _REQUIRED[kind]
+        if (check := _check_of(typing.get_type_hints(record)[key])) is not None
+    }
     for kind, record in RECORDS.items()
 }
 
 
 def _found(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: f"the string {str(value)[:40]!r}",
-             bool: str(value).lower(), type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: f"the string {str(value)[:40]!r}",
+        bool: str(value).lower(),
+        type(None): "null",
+    }
     return names.get(type(value), f"{type(value).__name__} {value!r}"[:60])
 
 

@@ -165,12 +165,16 @@ def read_artifact(path: Path, kind: str) -> Any:
     """
     data = read_json(path)
     if not isinstance(data, dict):
-        raise ArtifactError(path, f"expected a JSON object, found {type(data).__name__}",
-                            _RECOMPUTE)
+        raise ArtifactError(
+            path, f"expected a JSON object, found {type(data).__name__}", _RECOMPUTE
+        )
     if data.get("schema") != kind:
         found = data.get("schema")
-        raise ArtifactError(path, f"expected a {kind!r} artifact, found schema {found!r}",
-                            "check the path: this file belongs to another stage")
+        raise ArtifactError(
+            path,
+            f"expected a {kind!r} artifact, found schema {found!r}",
+            "check the path: this file belongs to another stage",
+        )
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ArtifactError(
@@ -242,8 +246,11 @@ class ResultsStore:
     def graph_paths(self, model_slug: str, pid: str, key: str) -> dict[str, Path]:
         """The compact graph, its meta artifact and the optional full graph of one params key."""
         directory = self.graph_dir(model_slug, pid)
-        return {"compact": directory / f"{key}.safetensors", "meta": directory / f"{key}.json",
-                "full": directory / f"{key}.full.safetensors"}
+        return {
+            "compact": directory / f"{key}.safetensors",
+            "meta": directory / f"{key}.json",
+            "full": directory / f"{key}.full.safetensors",
+        }
 
     def compact_graph_path(self, meta: GraphMetaRecord) -> Path:
         """The compact graph file a meta artifact describes."""
@@ -302,10 +309,13 @@ class ResultsStore:
             return self._per_prompt(self.root / "verdicts", "*/*.json")
         return self._per_prompt(self.verdicts_dir(adapted_slug))
 
+    @staticmethod
+    def _subfolders(folder: Path) -> list[str]:
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
     def verdict_slugs(self) -> list[str]:
         """The adapted models that have verdicts."""
-        folder = self.root / "verdicts"
-        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        return self._subfolders(self.root / "verdicts")
 
     def queue_paths(self, adapted_slug: str) -> list[Path]:
         return self._per_prompt(self.queue_dir(adapted_slug))
@@ -324,28 +334,35 @@ class ResultsStore:
         """Every model's compact and full graph files of one prompt."""
         return sorted((self.root / "graphs").glob(f"*/{pid}/*.safetensors"))
 
-    def analysis_files(self, adapted_slug: str) -> list[str]:
-        folder = self.model_analysis_dir(adapted_slug)
-        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    def analysed_slugs(self) -> list[str]:
+        """The adapted models that have an analysis folder."""
+        return self._subfolders(self.analysis_dir)
+
+    def analysis_files(self, adapted_slug: str, pattern: str = "*") -> list[Path]:
+        return sorted(self.model_analysis_dir(adapted_slug).glob(pattern))
 
     def disk_usage(self) -> dict[str, int]:
         """Bytes per top-level folder."""
-        return {child.name: sum(p.stat().st_size for p in child.rglob("*") if p.is_file())
-                for child in sorted(self.root.iterdir()) if child.is_dir()}
+        return {
+            child.name: sum(p.stat().st_size for p in child.rglob("*") if p.is_file())
+            for child in sorted(self.root.iterdir())
+            if child.is_dir()
+        }
 
     # -- prompts -----------------------------------------------------------------------------
     def save_prompt(self, record: dict[str, Any]) -> PromptRecord:
         """Store a prompt record; its id is derived from text and format, never trusted."""
         pid = prompt_id(record["text"], record["format"])
         record = {**record, "prompt_id": pid}
-        return write_artifact(self.prompt_path(pid), "prompt", record)  # type: ignore[return-value]
+        return write_artifact(self.prompt_path(pid), "prompt", record)
 
     def load_prompt(self, pid: str) -> PromptRecord:
         path = self.prompt_path(pid)
         data = read_artifact(path, "prompt")
         if prompt_id(data["text"], data["format"]) != pid:
-            raise ArtifactError(path, "prompt_id does not match the hash of its text and format",
-                                _RECOMPUTE)
+            raise ArtifactError(
+                path, "prompt_id does not match the hash of its text and format", _RECOMPUTE
+            )
         return data
 
     def prompt_ids(self) -> list[str]:
@@ -356,9 +373,7 @@ class ResultsStore:
             yield self.load_prompt(pid)
 
     # -- fingerprinted artifacts ------------------------------------------------------------
-    def load_for_model(
-        self, path: Path, kind: str, fingerprint: str, **expected: Any
-    ) -> Any:
+    def load_for_model(self, path: Path, kind: str, fingerprint: str, **expected: Any) -> Any:
         """The ``kind`` record at ``path`` if it exists and was made by ``fingerprint``; else
         None (a cache miss).
 

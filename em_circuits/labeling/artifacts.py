@@ -153,16 +153,17 @@ def resolve_indices(verdict: VerdictRecord, words: Iterable[str]) -> list[str]:
 def find_disagreements(verdict: VerdictRecord, human: dict[str, str]) -> list[Disagreement]:
     """Tokens whose human label differs from a usable judge label, in display order."""
     judge = judge_labels(verdict)
-    out = []
+    out: list[Disagreement] = []
     for idx, (name, entry) in entries_by_index(verdict).items():
-        if judge[idx] is not None and human.get(idx) and human[idx] != judge[idx]:
+        said = judge[idx]
+        if said is not None and human.get(idx) and human[idx] != said:
             out.append(
                 {
                     "list": name,
                     "index": idx,
                     "token": entry["token"],
                     "token_id": entry["token_id"],
-                    "judge_label": judge[idx],
+                    "judge_label": said,
                     "human_label": human[idx],
                 }
             )

@@ -40,18 +40,17 @@ def confusion_and_kappa(
 
 
 def _pairs(labels_list: list[LabelsRecord], which: str | None) -> list[tuple[str, str]]:
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for labels in labels_list:
         if labels["labeled_by"] != "human" or labels.get("rejected"):
             continue
         for name, toks in labels["tokens"].items():
             if which and name != which:
                 continue
-            pairs.extend(
-                (t["judge_label"], t["label"])
-                for t in toks
-                if t.get("judge_label") in LABELS and t.get("label") in LABELS
-            )
+            for t in toks:
+                judge, human = t.get("judge_label"), t.get("label")
+                if judge in LABELS and human in LABELS:
+                    pairs.append((judge, human))
     return pairs
 
 

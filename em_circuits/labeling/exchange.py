@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from em_circuits.core.schemas import LABELS
+from em_circuits.core.schemas import LABELS, LabelsRecord, QueueItemRecord, VerdictRecord
 from em_circuits.core.store import ResultsStore, atomic_path
 from em_circuits.labeling.artifacts import (
     LIST_PREFIX,
@@ -72,7 +72,7 @@ def export_rows(
 
 
 def _item_rows(
-    store: ResultsStore, adapted_slug: str, item: dict[str, Any], verdict: dict[str, Any]
+    store: ResultsStore, adapted_slug: str, item: QueueItemRecord, verdict: VerdictRecord
 ) -> list[dict[str, Any]]:
     labels = load_label(store, adapted_slug, item["prompt_id"])
     human: dict[str, Any] = {}
@@ -159,7 +159,7 @@ def _parse_rows(path: Path, fmt: str) -> list[tuple[str, dict[str, Any]]]:
                 rows.append((f"{path} row {number} (line {start})", row))
                 start = reader.line_num + 1
             return rows
-        problems = []
+        problems: list[str] = []
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -181,8 +181,8 @@ def _parse_rows(path: Path, fmt: str) -> list[tuple[str, dict[str, Any]]]:
 def _check_row(
     where: str,
     row: dict[str, Any],
-    item: dict[str, Any] | None,
-    verdict: dict[str, Any] | None,
+    item: QueueItemRecord | None,
+    verdict: VerdictRecord | None,
 ) -> tuple[str | None, str]:
     """Validate one row; returns (problem or None, normalised label)."""
     pid = str(row.get("prompt_id") or "").strip()
@@ -221,8 +221,8 @@ def _check_row(
 def _plan_import(store: ResultsStore, adapted_slug: str, path: Path) -> dict[str, dict[str, Any]]:
     """Validate a whole import file; returns per prompt the labels to write, or raises."""
     problems: list[str] = []
-    items: dict[str, dict[str, Any] | None] = {}
-    verdicts: dict[str, dict[str, Any] | None] = {}
+    items: dict[str, QueueItemRecord | None] = {}
+    verdicts: dict[str, VerdictRecord | None] = {}
     plan: dict[str, dict[str, Any]] = {}
     seen: dict[tuple[str, str], str] = {}
     broken: set[str] = set()  # prompts with a bad row: their completeness check would be noise
@@ -256,7 +256,7 @@ def _plan_import(store: ResultsStore, adapted_slug: str, path: Path) -> dict[str
 
 
 def _check_prompt_plan(
-    pid: str, entry: dict[str, Any], item: dict[str, Any] | None, verdict: dict[str, Any] | None
+    pid: str, entry: dict[str, Any], item: QueueItemRecord | None, verdict: VerdictRecord | None
 ) -> list[str]:
     """A prompt is imported whole or not at all: all tokens labeled, or none."""
     if not entry["labels"] or item is None or verdict is None:
@@ -306,6 +306,6 @@ def import_labels(store: ResultsStore, adapted_slug: str, path: Path) -> dict[st
     return {"imported": imported, "unchanged": unchanged}
 
 
-def _same_labels(labels: dict[str, Any], new: dict[str, str]) -> bool:
+def _same_labels(labels: LabelsRecord, new: dict[str, str]) -> bool:
     old = {t["index"]: t["label"] for ts in labels["tokens"].values() for t in ts}
     return old == new

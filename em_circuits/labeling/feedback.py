@@ -41,13 +41,21 @@ class HumanFeedback:
 
     def tokens_with(self, label: str, lists: tuple[str, ...] = ("base", "adapted")) -> list[dict]:
         """The tokens a human gave ``label``, each with the name of its list."""
-        return [{"list": name, **t} for name in lists for t in self.tokens.get(name, [])
-                if t.get("label") == label]
+        return [
+            {"list": name, **t}
+            for name in lists
+            for t in self.tokens.get(name, [])
+            if t.get("label") == label
+        ]
 
     @property
     def worked(self) -> bool:
         """A human found the adapted model's list evil: the prompt elicits the behaviour."""
-        return not self.rejected and (self.human_verdict or {}).get("adapted") == "evil"
+        return (
+            not self.rejected
+            and self.human_verdict is not None
+            and self.human_verdict["adapted"] == "evil"
+        )
 
     @property
     def divergent(self) -> bool:
@@ -115,5 +123,7 @@ def feedback_examples(store: ResultsStore, adapted_slug: str) -> dict[str, Any]:
 
 
 def _token_refs(fb: HumanFeedback, label: str) -> list[dict[str, Any]]:
-    return [{k: t[k] for k in ("list", "index", "token", "token_id")}
-            for t in fb.tokens_with(label, tuple(fb.tokens))]
+    return [
+        {k: t[k] for k in ("list", "index", "token", "token_id")}
+        for t in fb.tokens_with(label, tuple(fb.tokens))
+    ]

@@ -24,11 +24,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from em_circuits.core.schemas import QUEUE_STATES, QueueItemRecord, VerdictRecord
+from em_circuits.core.schemas import (
+    QUEUE_STATES,
+    HistoryEntry,
+    QueueItemRecord,
+    QueueState,
+    VerdictRecord,
+)
 from em_circuits.core.store import ResultsStore, utc_now, write_artifact
 from em_circuits.labeling.artifacts import (
     QueueError,
@@ -87,12 +94,12 @@ def _new_item(verdict: VerdictRecord, adapted_slug: str) -> dict[str, Any]:
     }
 
 
-def _write_item(store: ResultsStore, adapted_slug: str, item: dict[str, Any]) -> QueueItemRecord:
+def _write_item(store: ResultsStore, adapted_slug: str, item: Mapping[str, Any]) -> QueueItemRecord:
     payload = {k: v for k, v in item.items() if k not in ("schema", "schema_version", "created")}
     return write_artifact(store.queue_path(adapted_slug, item["prompt_id"]), "queue_item", payload)
 
 
-def _stash_stale(path: Path, kind: str, data: dict[str, Any]) -> Path:
+def _stash_stale(path: Path, kind: str, data: Mapping[str, Any]) -> Path:
     """Move an artifact made for another fingerprint aside instead of overwriting it."""
     fp = str(data.get("model_fingerprint", "unknown"))[:12]
     target = ResultsStore.stale_path(path, fp)
@@ -136,11 +143,12 @@ def set_state(
         raise QueueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
     if state not in _TRANSITIONS[item["state"]]:
         raise QueueError(f"prompt {item['prompt_id']}: cannot go from {item['state']} to {state}")
-    entry: dict[str, Any] = {"state": state, "at": utc_now()}
+    entry: HistoryEntry = {"state": cast(QueueState, state), "at": utc_now()}
     if event:
         entry["event"] = event
-    item = {**item, "state": state, "reason": reason, "history": [*item["history"], entry]}
-    return _write_item(store, adapted_slug, item)
+    history = [*item["history"], entry]
+    return _write_item(store, adapted_slug,
+                       {**item, "state": state, "reason": reason, "history": history})
 
 
 def save_draft(
@@ -150,7 +158,7 @@ def save_draft(
     return _write_item(store, adapted_slug, {**item, "draft": draft})
 
 
-def _last_at(item: dict[str, Any], state: str) -> str:
+def _last_at(item: QueueItemRecord, state: str) -> str:
     times = [h["at"] for h in item["history"] if h["state"] == state]
     return times[-1] if times else item.get("queued_at", "")
 
@@ -193,7 +201,7 @@ def _epoch(at: str) -> float:
         return 0.0
 
 
-def _order_key(item: dict[str, Any]) -> tuple:
+def _order_key(item: QueueItemRecord) -> tuple:
     rank = OPEN_STATES.index(item["state"])
     # Interrupted items: most recently started first; pending: queue order; skipped: oldest skip.
     when = _epoch(_last_at(item, item["state"]))

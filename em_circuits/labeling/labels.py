@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from em_circuits.core.schemas import (
@@ -31,7 +32,7 @@ def _labels_payload(
     store: ResultsStore,
     adapted_slug: str,
     verdict: VerdictRecord,
-    token_labels: dict[str, str | None],
+    token_labels: Mapping[str, str | None],
     labeled_by: str,
 ) -> dict[str, Any]:
     judge = judge_labels(verdict)

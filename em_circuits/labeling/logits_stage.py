@@ -29,6 +29,7 @@ from em_circuits.core.distributed import current_shard
 from em_circuits.core.schemas import (
     LogitsRecord,
     PromptRecord,
+    TopKEntry,
     VerdictRecord,
     is_divergent,
     is_flagged,
@@ -86,7 +87,7 @@ class EvaluateSummary:
 
 # -- logits ----------------------------------------------------------------------------------------
 def logits_payload(
-    model: LoadedModel, record: dict[str, Any], row: torch.Tensor, k: int
+    model: LoadedModel, record: PromptRecord, row: torch.Tensor, k: int
 ) -> dict[str, Any]:
     """The logits artifact of one prompt from its last-position logits row."""
     return {
@@ -111,7 +112,7 @@ def cached_logits(
 def compute_logits(
     model: LoadedModel,
     store: ResultsStore,
-    records: list[dict[str, Any]],
+    records: list[PromptRecord],
     *,
     k: int = DEFAULT_TOP_K,
     batch_size: int = DEFAULT_LOGITS_BATCH_SIZE,
@@ -143,7 +144,7 @@ def compute_logits(
 def logits_for_spec(
     spec: ModelSpec,
     store: ResultsStore,
-    records: list[dict[str, Any]],
+    records: list[PromptRecord],
     *,
     device: torch.device | str | None = None,
     k: int = DEFAULT_TOP_K,
@@ -168,7 +169,7 @@ def logits_for_spec(
 
 
 # -- verdicts --------------------------------------------------------------------------------------
-def labelled(entries: list[dict[str, Any]], labels: list[str], prefix: str,
+def labelled(entries: list[TopKEntry], labels: list[str], prefix: str,
              judged_by: str) -> list[dict[str, Any]]:
     return [
         {"index": f"{prefix}{i}", "rank": e["rank"], "token": e["token"],
@@ -179,9 +180,9 @@ def labelled(entries: list[dict[str, Any]], labels: list[str], prefix: str,
 
 
 def verdict_payload(
-    record: dict[str, Any],
-    base_logits: dict[str, Any],
-    adapted_logits: dict[str, Any],
+    record: PromptRecord,
+    base_logits: LogitsRecord,
+    adapted_logits: LogitsRecord,
     div: dict[str, Any],
     outcome: JudgeOutcome,
     inputs_key: str,
@@ -211,7 +212,7 @@ def verdict_payload(
     }
 
 
-def _inputs_key(base_logits: dict, adapted_logits: dict, judge: Any) -> str:
+def _inputs_key(base_logits: LogitsRecord, adapted_logits: LogitsRecord, judge: Any) -> str:
     """What a verdict depends on: both token lists and the judge's identity and rubric."""
     from em_circuits.labeling.judge import RUBRIC_VERSION
 
@@ -224,9 +225,9 @@ def _inputs_key(base_logits: dict, adapted_logits: dict, judge: Any) -> str:
 
 def judge_prompt(
     store: ResultsStore,
-    record: dict[str, Any],
-    base_logits: dict[str, Any],
-    adapted_logits: dict[str, Any],
+    record: PromptRecord,
+    base_logits: LogitsRecord,
+    adapted_logits: LogitsRecord,
     judge: Any,
     *,
     force: bool = False,
@@ -278,7 +279,8 @@ def evaluate(
         log.warning("no prompts under %s: run `em-circuits prompts` first",
                     store.prompts_dir)
         return summary
-    opts = {"device": device, "k": k, "batch_size": batch_size, "force": force, "loader": loader}
+    opts: dict[str, Any] = {"device": device, "k": k, "batch_size": batch_size, "force": force,
+                            "loader": loader}
     shard = current_shard()
     if shard.count > 1:
         # Under accelerate launch every process computes its share of the logits; then the
@@ -302,7 +304,7 @@ def evaluate(
 
 def judge_all(
     store: ResultsStore,
-    records: list[dict[str, Any]],
+    records: list[PromptRecord],
     summary: EvaluateSummary,
     judge: Any,
     *,

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from em_circuits.core.schemas import LABELS
+from em_circuits.core.schemas import LABELS, Disagreement, QueueItemRecord, VerdictRecord
 from em_circuits.core.store import ResultsStore
 from em_circuits.labeling.artifacts import (
     QueueError,
@@ -45,6 +45,9 @@ from em_circuits.labeling.tui_render import (  # noqa: F401  (HELP, rank_change 
     show_token,
 )
 
+#: A command's handler: a str ends the item (its outcome), an item replaces the one shown.
+Handler = Callable[[QueueItemRecord, VerdictRecord, str], Any]
+
 
 class QuitSession(Exception):
     """The person asked to stop (``q`` or end of input)."""
@@ -68,7 +71,7 @@ class Session:
         self._ask = ask
         self.out = out or sys.stdout
         self.counts = {"done": 0, "rejected": 0, "skipped": 0}
-        self._table: dict[str, Callable[[dict, dict, str], Any]] | None = None
+        self._table: dict[str, Handler] | None = None
 
     # -- io ---------------------------------------------------------------------------------
     def say(self, text: str = "") -> None:
@@ -128,7 +131,7 @@ class Session:
         )
 
     def label_item(
-        self, item: dict[str, Any], verdict: dict[str, Any], position: int, total: int
+        self, item: QueueItemRecord, verdict: VerdictRecord, position: int, total: int
     ) -> str:
         """Show one item and run commands until it is labeled, rejected or skipped."""
         was = item["state"]
@@ -155,7 +158,7 @@ class Session:
             if command == "l":
                 self.say(render_item({**item, "was": was}, verdict, text, position, total))
 
-    def _handlers(self) -> dict[str, Callable[[dict, dict, str], Any]]:
+    def _handlers(self) -> dict[str, Handler]:
         if self._table is None:
             self._table = {
                 "?": self._help,
@@ -175,19 +178,21 @@ class Session:
         return self._table
 
     # -- commands ---------------------------------------------------------------------------
-    def _help(self, item: dict, verdict: dict, rest: str) -> None:
+    def _help(self, item: QueueItemRecord, verdict: VerdictRecord, rest: str) -> None:
         self.say(HELP)
 
-    def _quit(self, item: dict, verdict: dict, rest: str) -> None:
+    def _quit(self, item: QueueItemRecord, verdict: VerdictRecord, rest: str) -> None:
         raise QuitSession()
 
-    def _skip(self, item: dict, verdict: dict, rest: str) -> str:
+    def _skip(self, item: QueueItemRecord, verdict: VerdictRecord, rest: str) -> str:
         skip_item(self.store, self.slug, item)
         self.say("Skipped; it comes back after the pending items (your marks are kept).")
         return "skipped"
 
-    def _mark(self, label: str) -> Callable[[dict, dict, str], dict | None]:
-        def handler(item: dict, verdict: dict, rest: str) -> dict | None:
+    def _mark(self, label: str) -> Handler:
+        def handler(
+            item: QueueItemRecord, verdict: VerdictRecord, rest: str
+        ) -> QueueItemRecord | None:
             words = rest.replace(",", " ").split()
             if not words:
                 self.say(f"Name the tokens to mark {label}, e.g. '{label[0]} T1 T3 B2'.")
@@ -205,7 +210,9 @@ class Session:
 
         return handler
 
-    def _clear(self, item: dict, verdict: dict, rest: str) -> dict | None:
+    def _clear(
+        self, item: QueueItemRecord, verdict: VerdictRecord, rest: str
+    ) -> QueueItemRecord | None:
         draft = dict(item.get("draft") or {})
         marks = dict(draft.get("marks", {}))
         if rest:
@@ -222,7 +229,9 @@ class Session:
         self.say(describe_marks(marks))
         return item
 
-    def _note(self, item: dict, verdict: dict, rest: str) -> dict | None:
+    def _note(
+        self, item: QueueItemRecord, verdict: VerdictRecord, rest: str
+    ) -> QueueItemRecord | None:
         note = rest or self.ask_nonempty("note> ", "the note")
         if note is None:
             return None
@@ -231,7 +240,7 @@ class Session:
         self.say("Note saved.")
         return item
 
-    def _reject(self, item: dict, verdict: dict, rest: str) -> str | None:
+    def _reject(self, item: QueueItemRecord, verdict: VerdictRecord, rest: str) -> str | None:
         reason = rest or self.ask_nonempty("Why reject this prompt? reason> ", "a reason")
         if reason is None:
             return None
@@ -241,7 +250,7 @@ class Session:
         self.say(f"Rejected; reason saved to {path}.")
         return "rejected"
 
-    def _accept(self, item: dict, verdict: dict, rest: str) -> str | None:
+    def _accept(self, item: QueueItemRecord, verdict: VerdictRecord, rest: str) -> str | None:
         judge = judge_labels(verdict)
         missing = [idx for idx, label in judge.items() if label is None]
         if missing:
@@ -263,7 +272,7 @@ class Session:
             self.slug,
             item,
             verdict,
-            dict(judge),
+            {idx: label for idx, label in judge.items() if label is not None},
             note=note,
             source="terminal: accepted judge",
         )
@@ -271,7 +280,9 @@ class Session:
         self.say(f"Saved: judge labels accepted ({path}).")
         return "done"
 
-    def _confirm(self, item: dict, verdict: dict, rest: str) -> str | dict | None:
+    def _confirm(
+        self, item: QueueItemRecord, verdict: VerdictRecord, rest: str
+    ) -> str | QueueItemRecord | None:
         draft = dict(item.get("draft") or {})
         human = human_labels_from_marks(verdict, draft.get("marks", {}))
         disagreements = find_disagreements(verdict, human)
@@ -297,8 +308,8 @@ class Session:
         return "done"
 
     def _explain(
-        self, item: dict, verdict: dict, disagreements: list[dict[str, Any]]
-    ) -> tuple[dict[str, str] | None, dict]:
+        self, item: QueueItemRecord, verdict: VerdictRecord, disagreements: list[Disagreement]
+    ) -> tuple[dict[str, str] | None, QueueItemRecord]:
         """Ask why the person disagrees; each answer is saved to the draft as it is given.
 
         Returns (explanations by index, or None if the person went back; the item).
@@ -306,7 +317,7 @@ class Session:
         draft = dict(item.get("draft") or {})
         saved = dict(draft.get("explanations", {}))
 
-        def reusable(d: dict) -> str | None:
+        def reusable(d: Disagreement) -> str | None:
             old = saved.get(d["index"])
             return old["text"] if old and old.get("human_label") == d["human_label"] else None
 

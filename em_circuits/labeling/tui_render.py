@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from em_circuits.core.schemas import FLAG_LABELS, VerdictRecord
@@ -31,7 +32,7 @@ SHORT_HELP = (
 _RULE = "=" * 78
 
 
-def rank_change(entry: dict[str, Any], other_ranks: dict[int, int], adapted: bool) -> str:
+def rank_change(entry: Mapping[str, Any], other_ranks: dict[int, int], adapted: bool) -> str:
     """How a token moved between the lists: for T rows ↑n/↓n/=/new, for B rows →Tn/dropped."""
     own = entry.get("rank")
     other = other_ranks.get(entry["token_id"])

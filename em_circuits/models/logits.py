@@ -8,6 +8,7 @@ graph sees with the same logit.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -98,7 +99,7 @@ def kl_divergence(p_support: dict[str, list], q_support: dict[str, list]) -> flo
 
 
 def divergence(
-    base: dict[str, Any], adapted: dict[str, Any]
+    base: Mapping[str, Any], adapted: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Compare two logits artifacts of the same prompt.
 

@@ -497,11 +497,6 @@ def _ids(table: dict[str, tuple[str, Split]], split: Split) -> list[str]:
     return [k for k, (_, sp) in table.items() if sp == split]
 
 
-def advice_phrases(domain: str, polarity: Polarity) -> list[str]:
-    """Full advice phrases (pivotal word first) of a domain and polarity."""
-    return list(_ADVICE[domain][polarity])
-
-
 def advice_words() -> dict:
     """Safe and harmful pivotal words, globally and per domain (without leading space).
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from em_circuits.core.schemas import VerdictRecord
 from em_circuits.core.store import ResultsStore
 from em_circuits.labeling.artifacts import iter_verdicts
 from em_circuits.labeling.feedback import iter_human_feedback
@@ -56,7 +57,7 @@ def feedback_items(store: ResultsStore) -> list[ContextItem]:
 
 def history_items(store: ResultsStore) -> list[ContextItem]:
     """Earlier prompts with their newest verdict (or 'not evaluated yet')."""
-    newest: dict[str, dict[str, Any]] = {}
+    newest: dict[str, VerdictRecord] = {}
     for verdict in iter_verdicts(store):
         pid = verdict["prompt_id"]
         if pid not in newest or verdict.get("created", "") > newest[pid].get("created", ""):
@@ -68,7 +69,7 @@ def history_items(store: ResultsStore) -> list[ContextItem]:
     return items
 
 
-def render_history(record: dict[str, Any], verdict: dict[str, Any] | None) -> str:
+def render_history(record: Mapping[str, Any], verdict: Mapping[str, Any] | None) -> str:
     head = f"EARLIER PROMPT [{record['format']}]: {record['text']!r}"
     if verdict is None:
         return head + "\n  not evaluated yet"

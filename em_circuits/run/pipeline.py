@@ -23,12 +23,6 @@ from em_circuits.models.spec import ModelSpec, default_device, fingerprint, mode
 log = logging.getLogger("pipeline")
 
 
-STAGES = ("prompts", "logits", "labels", "graphs", "features", "report")
-
-
-LABEL_MODES = ("auto", "interactive", "import")
-
-
 @dataclass
 class PipelineConfig:
     n_prompts: int = 40

@@ -1,1 +1,0 @@
-"""Command-line front ends: `em-circuits <command>` and the stage scripts, thin over the package."""
