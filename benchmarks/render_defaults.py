@@ -103,8 +103,8 @@ def past_defaults(
 HOW = [
     "- Every timed call is wrapped in `torch.cuda.synchronize()` and `time.perf_counter()`; "
     "the first prompt of (a) is a warm-up and is not counted; medians over prompts.",
-    "- (a) ours: `em_circuits.graphs.build_graph` for base and adapted (custom targets: the "
-    "evil-safe contrast direction and each labeled token; same-pass logits; total effects; "
+    "- (a) ours: `em_circuits.attribution.stage.build_graph` for base and adapted (custom "
+    "targets: the evil-safe contrast direction and each labeled token; same-pass logits; total effects; "
     "compact safetensors save; meta JSON), then the per-prompt feature analysis on each graph "
     "loaded back from disk. Raw: `circuit_tracer.attribute(ids, model.replacement, "
     "batch_size, max_feature_nodes)` with its default salient-logit targets, on the same "
@@ -119,7 +119,7 @@ HOW = [
     "- (d) `prune_graph(graph)` on the Graph that `attribute()` returned (its adjacency lives "
     "on the CPU) vs the analysis of the compact graph of the same attribution; the total "
     "effects (`compact_from_dense`) are computed at graph time and also reported.",
-    "- (e) `em_circuits.logits.next_token_logits` on the adapted model, batched with left "
+    "- (e) `em_circuits.models.logits.next_token_logits` on the adapted model, batched with left "
     "padding vs batch size 1; the two results are compared.",
     "- Memory: `torch.cuda.max_memory_allocated` (reset before each call); working memory = "
     "peak minus what was allocated before the call.",

@@ -18,7 +18,7 @@ from em_circuits.core.store import ResultsStore
 from em_circuits.models.load import LoadedModel, release
 
 # How the report names the per-prompt analysis (kept as earlier reports worded it).
-ANALYSIS_CALL = "em_circuits.features.prompt_effects(graph, position='any')"
+ANALYSIS_CALL = "em_circuits.analysis.effects.prompt_effects(graph, position='any')"
 
 
 def analyse(graph: CompactGraph) -> Any:
