@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Same as ``em-circuits organism`` (kept so existing commands work); see em_circuits/cli/organism.py."""
+"""Same as ``em-circuits organism``;
+kept so that existing commands work (code: em_circuits/cli/organism.py)."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Same as ``em-circuits run`` (kept so existing commands work); see em_circuits/cli/run.py."""
+"""Same as ``em-circuits run``;
+kept so that existing commands work (code: em_circuits/cli/run.py)."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Same as ``em-circuits graphs`` (kept so existing commands work); see em_circuits/cli/graphs.py."""
+"""Same as ``em-circuits graphs``;
+kept so that existing commands work (code: em_circuits/cli/graphs.py)."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Same as ``em-circuits inspect`` (kept so existing commands work); see em_circuits/cli/inspect_graph.py."""
+"""Same as ``em-circuits inspect``;
+kept so that existing commands work (code: em_circuits/cli/inspect_graph.py)."""
 
 import sys
 

@@ -106,7 +106,8 @@ HOW = [
     "- (a) ours: `em_circuits.attribution.stage.build_graph` for base and adapted (custom "
     "targets: the evil-safe contrast direction and each labeled token; same-pass logits; "
     "total effects; compact safetensors save; meta JSON), then the per-prompt feature "
-    "analysis on each graph loaded back from disk. Raw: `circuit_tracer.attribute(ids, model.replacement, "
+    "analysis on each graph loaded back from disk. Raw: "
+    "`circuit_tracer.attribute(ids, model.replacement, "
     "batch_size, max_feature_nodes)` with its default salient-logit targets, on the same "
     "resident models, prompt by prompt interleaved with ours.",
     "- (b) reload pattern: per prompt, `load_model` (fingerprint, cached merged adapter, "

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Same as ``em-circuits evaluate`` (kept so existing commands work); see em_circuits/cli/evaluate.py."""
+"""Same as ``em-circuits evaluate``;
+kept so that existing commands work (code: em_circuits/cli/evaluate.py)."""
 
 import sys
 

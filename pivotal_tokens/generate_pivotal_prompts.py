@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Same as ``em-circuits prompts`` (kept so existing commands work); see em_circuits/cli/prompts.py."""
+"""Same as ``em-circuits prompts``;
+kept so that existing commands work (code: em_circuits/cli/prompts.py)."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Same as ``em-circuits label`` (kept so existing commands work); see em_circuits/cli/label.py."""
+"""Same as ``em-circuits label``;
+kept so that existing commands work (code: em_circuits/cli/label.py)."""
 
 import sys
 
