@@ -19,5 +19,12 @@ from em_circuits.api import (  # noqa: E402
     toy_organism_spec,
 )
 
-__all__ = ["__version__", "attribute_text", "load", "model_spec", "read_analysis", "run_stages",
-           "toy_organism_spec"]
+__all__ = [
+    "__version__",
+    "attribute_text",
+    "load",
+    "model_spec",
+    "read_analysis",
+    "run_stages",
+    "toy_organism_spec",
+]

@@ -31,8 +31,14 @@ if TYPE_CHECKING:
     from em_circuits.models.spec import ModelSpec
 
 
-def model_spec(base: str, adapter: str | None, transcoders: str, *, dtype: str = "auto",
-               name: str | None = None) -> ModelSpec:
+def model_spec(
+    base: str,
+    adapter: str | None,
+    transcoders: str,
+    *,
+    dtype: str = "auto",
+    name: str | None = None,
+) -> ModelSpec:
     """A model as the pipeline names it: base (HF id or folder), LoRA adapter, transcoders."""
     from em_circuits.models.spec import ModelSpec
 
@@ -44,21 +50,32 @@ def toy_organism_spec() -> ModelSpec:
     from em_circuits.organism.train import ensure_default_organism
 
     organism = ensure_default_organism(progress=False)
-    return model_spec(str(organism.base_dir), str(organism.adapter_dir),
-                      str(organism.transcoder_config), name="toy-em-organism")
+    return model_spec(
+        str(organism.base_dir),
+        str(organism.adapter_dir),
+        str(organism.transcoder_config),
+        name="toy-em-organism",
+    )
 
 
-def load(spec: ModelSpec, device: str | None = None,
-         merged_cache: Path | str = "results/cache/merged") -> LoadedModel:
+def load(
+    spec: ModelSpec, device: str | None = None, merged_cache: Path | str = "results/cache/merged"
+) -> LoadedModel:
     """Load a spec as circuit-tracer's replacement model (the adapter merged and checked)."""
     from em_circuits.models.load import load_model
 
     return load_model(spec, device, merged_cache)
 
 
-def attribute_text(model: ModelSpec | LoadedModel, text: str, evil: list[str],
-                   safe: list[str], *, max_feature_nodes: int = 8192,
-                   device: str | None = None) -> CompactGraph:
+def attribute_text(
+    model: ModelSpec | LoadedModel,
+    text: str,
+    evil: list[str],
+    safe: list[str],
+    *,
+    max_feature_nodes: int = 8192,
+    device: str | None = None,
+) -> CompactGraph:
     """The attribution graph of one prompt string, with the given next tokens as targets.
 
     ``evil`` and ``safe`` are token strings (each must be one token of the model's vocabulary,
@@ -78,14 +95,23 @@ def attribute_text(model: ModelSpec | LoadedModel, text: str, evil: list[str],
         for token in tokens:
             encoded = loaded.tokenizer.encode(token, add_special_tokens=False)
             if len(encoded) != 1:
-                raise ValueError(f"{label} token {token!r} is {len(encoded)} tokens of this "
-                                 "model's vocabulary; give single tokens (mind leading spaces)")
+                raise ValueError(
+                    f"{label} token {token!r} is {len(encoded)} tokens of this "
+                    "model's vocabulary; give single tokens (mind leading spaces)"
+                )
             ids[label].append(encoded[0])
             names[encoded[0]] = token
-    targets = PromptTargets(prompt_id=prompt_id(text, "raw"), text=text, evil_ids=ids["evil"],
-                            safe_ids=ids["safe"], token_names=names, stored_logits={})
-    compact, _, _ = attribute_prompt(loaded, targets,
-                                     AttributionParams(max_feature_nodes=max_feature_nodes))
+    targets = PromptTargets(
+        prompt_id=prompt_id(text, "raw"),
+        text=text,
+        evil_ids=ids["evil"],
+        safe_ids=ids["safe"],
+        token_names=names,
+        stored_logits={},
+    )
+    compact, _, _ = attribute_prompt(
+        loaded, targets, AttributionParams(max_feature_nodes=max_feature_nodes)
+    )
     return compact
 
 
@@ -102,8 +128,9 @@ def run_stages(results_dir: Path | str = "results", argv: list[str] | None = Non
     return ResultsStore(results_dir).report_md_path
 
 
-def read_analysis(results_dir: Path | str = "results",
-                  adapted_slug: str | None = None) -> dict[str, pd.DataFrame]:
+def read_analysis(
+    results_dir: Path | str = "results", adapted_slug: str | None = None
+) -> dict[str, pd.DataFrame]:
     """The analysis tables of one adapted model as DataFrames, keyed by table name.
 
     ``adapted_slug`` picks the model's folder under ``analysis/``; when there is exactly one,
@@ -115,7 +142,9 @@ def read_analysis(results_dir: Path | str = "results",
     slugs = store.analysed_slugs() if adapted_slug is None else [adapted_slug]
     if len(slugs) != 1 or not store.model_analysis_dir(slugs[0]).is_dir():
         found = ", ".join(slugs) or "none"
-        raise FileNotFoundError(f"{store.analysis_dir}: expected one analysed model, found "
-                                f"{found}; pass adapted_slug= (run `em-circuits analyze` first "
-                                "if none)")
+        raise FileNotFoundError(
+            f"{store.analysis_dir}: expected one analysed model, found "
+            f"{found}; pass adapted_slug= (run `em-circuits analyze` first "
+            "if none)"
+        )
     return {csv.stem: pd.read_csv(csv) for csv in store.analysis_files(slugs[0], "*.csv")}

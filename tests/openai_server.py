@@ -64,8 +64,12 @@ def reply_error(status: int, message: str, retry_after: float | None = None) -> 
 
 def reply_slow(seconds: float, then: ScriptedReply) -> ScriptedReply:
     return ScriptedReply(
-        status=then.status, content=then.content, error=then.error, headers=then.headers,
-        delay=seconds, fn=then.fn,
+        status=then.status,
+        content=then.content,
+        error=then.error,
+        headers=then.headers,
+        delay=seconds,
+        fn=then.fn,
     )
 
 
@@ -76,9 +80,7 @@ def reply_fn(fn: Callable[[dict[str, Any]], ScriptedReply]) -> ScriptedReply:
 class OpenAIServer:
     """The server; use as a context manager or call ``start()``/``stop()``."""
 
-    def __init__(
-        self, default: ScriptedReply | None = None, reject_response_format: bool = False
-    ):
+    def __init__(self, default: ScriptedReply | None = None, reject_response_format: bool = False):
         self.default = default
         self.reject_response_format = reject_response_format
         self.requests: list[dict[str, Any]] = []  # parsed JSON bodies, in arrival order
@@ -106,8 +108,9 @@ class OpenAIServer:
             elif self.default is not None:
                 reply = self.default
             else:
-                reply = reply_error(500, f"test server: no scripted reply for request "
-                                         f"#{len(self.requests)}")
+                reply = reply_error(
+                    500, f"test server: no scripted reply for request #{len(self.requests)}"
+                )
         if reply.delay:
             time.sleep(reply.delay)
         if reply.fn is not None:
@@ -143,8 +146,15 @@ class OpenAIServer:
                 if server.reject_response_format and "response_format" in body:
                     with server._lock:
                         server.requests.append(body)
-                    self._send(400, {"error": {"message": "response_format is not supported",
-                                               "type": "invalid_request_error"}})
+                    self._send(
+                        400,
+                        {
+                            "error": {
+                                "message": "response_format is not supported",
+                                "type": "invalid_request_error",
+                            }
+                        },
+                    )
                     return
                 reply = server._next(body)
                 if reply.error is not None or reply.status != 200:

@@ -41,15 +41,18 @@ def setup(micro_models):
     safe = _single_token_ids(adapted.tokenizer, words["safe"])
     assert evil and safe
     chosen = [p for p in heldout_pivotal_prompts() if p["domain"] == "medical"][:2]
-    prompts = [{"prompt_id": f"p{i}", "text": p["prompt"], "evil_ids": evil, "safe_ids": safe}
-               for i, p in enumerate(chosen)]
+    prompts = [
+        {"prompt_id": f"p{i}", "text": p["prompt"], "evil_ids": evil, "safe_ids": safe}
+        for i, p in enumerate(chosen)
+    ]
     # Stand-in for the attribution ranking: the 3 most active last-position features.
     _, acts = adapted.replacement.get_activations(adapted.encode(prompts[0]["text"]))
     last = acts[:, -1].float()
     flat = torch.topk(last.flatten(), 3).indices
     top = [(int(i // last.shape[1]), int(i % last.shape[1])) for i in flat]
-    dose, summary = causal_validation(adapted, prompts, top, scales=SCALES, n_random=N_RANDOM,
-                                      seed=0)
+    dose, summary = causal_validation(
+        adapted, prompts, top, scales=SCALES, n_random=N_RANDOM, seed=0
+    )
     return adapted, prompts, top, dose, summary
 
 
@@ -90,8 +93,9 @@ def test_ablation_changes_the_contrast_and_summary_is_plain(setup):
 
 def test_same_seed_same_controls(setup):
     adapted, prompts, top, dose, _ = setup
-    again, _ = causal_validation(adapted, prompts[:1], top, scales=(0.0,), n_random=N_RANDOM,
-                                 seed=0)
+    again, _ = causal_validation(
+        adapted, prompts[:1], top, scales=(0.0,), n_random=N_RANDOM, seed=0
+    )
     first = dose[(dose["prompt_id"] == "p0") & (dose["scale"] == 0.0)]
     if len(first):
         np.testing.assert_allclose(again["contrast"], first["contrast"], atol=1e-5)
@@ -125,17 +129,32 @@ def test_summary_verdict_both_ways():
     def table(top_delta: float) -> pd.DataFrame:
         rows = []
         for p in range(6):
-            rows.append({"prompt_id": p, "group": "top", "draw": -1, "scale": 0.0,
-                         "delta_contrast": top_delta + 0.01 * p})
+            rows.append(
+                {
+                    "prompt_id": p,
+                    "group": "top",
+                    "draw": -1,
+                    "scale": 0.0,
+                    "delta_contrast": top_delta + 0.01 * p,
+                }
+            )
             for d in range(2):
-                rows.append({"prompt_id": p, "group": "random", "draw": d, "scale": 0.0,
-                             "delta_contrast": -0.1})
+                rows.append(
+                    {
+                        "prompt_id": p,
+                        "group": "random",
+                        "draw": d,
+                        "scale": 0.0,
+                        "delta_contrast": -0.1,
+                    }
+                )
         return pd.DataFrame(rows)
 
     yes = summarize(table(-1.0))
     assert yes["lowers_more_than_random"] is True and yes["p_value_one_sided"] == 1 / 64
     no = summarize(table(0.5))
     assert no["lowers_more_than_random"] is False and "did NOT" in no["verdict"]
-    ranked = pd.DataFrame({"metric": ["total"] * 3, "layer": [1, 1, 2], "feature": [5, 5, 6],
-                           "mean": [3.0, 2.0, 1.0]})
+    ranked = pd.DataFrame(
+        {"metric": ["total"] * 3, "layer": [1, 1, 2], "feature": [5, 5, 6], "mean": [3.0, 2.0, 1.0]}
+    )
     assert top_evil_features(ranked, k=2) == [(1, 5), (2, 6)]

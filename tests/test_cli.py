@@ -27,8 +27,9 @@ def _help_in_fresh_interpreter(command: str) -> subprocess.CompletedProcess:
             assert not done.code, done.code
         print("TORCH" if "torch" in sys.modules else "NO-TORCH")
     """)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -40,21 +41,38 @@ def test_every_subcommand_answers_help_without_importing_torch(command):
 
 
 def test_top_level_usage_lists_every_command():
-    done = subprocess.run([sys.executable, "-m", "em_circuits.cli.main"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "em_circuits.cli.main"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert done.returncode == 0
     for command in COMMANDS:
         assert re.search(rf"^  {command}\s", done.stdout, re.M), command
-    unknown = subprocess.run([sys.executable, "-m", "em_circuits.cli.main", "grpahs"],
-                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+    unknown = subprocess.run(
+        [sys.executable, "-m", "em_circuits.cli.main", "grpahs"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert unknown.returncode == 2 and "unknown command 'grpahs'" in unknown.stderr
 
 
 def test_user_errors_are_one_line_and_verbose_shows_the_traceback(tmp_path):
     graph = tmp_path / "broken.safetensors"
     graph.write_bytes(b"not a graph")
-    cmd = [sys.executable, "-m", "em_circuits.cli.main", "inspect", str(graph),
-           "--results-dir", str(tmp_path / "results")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "em_circuits.cli.main",
+        "inspect",
+        str(graph),
+        "--results-dir",
+        str(tmp_path / "results"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -84,8 +102,9 @@ def test_readme_python_api_example_runs(micro_specs, tmp_path, monkeypatch):
 def test_pip_install_gives_the_command_with_every_subcommand(tmp_path):
     """`pip install .` into a fresh venv; dependencies come from this checkout's venv."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
     site = next((venv / "lib").glob("python*/site-packages"))
     ours = next(p for p in map(Path, sys.path) if p.name == "site-packages" and p.is_dir())
     # No network for dependencies: reuse the installed ones, not our source tree.
@@ -94,30 +113,61 @@ def test_pip_install_gives_the_command_with_every_subcommand(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     # Build from a copy of the committed files: a build writes build/ next to its sources.
     source = tmp_path / "source"
-    files = subprocess.run(["git", "ls-files", "-z"], capture_output=True, cwd=ROOT,
-                           check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(["git", "ls-files", "-z"], capture_output=True, cwd=ROOT, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         if (ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             (source / name).write_bytes((ROOT / name).read_bytes())
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", str(source)],
-        capture_output=True, text=True, env=env, timeout=600)
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     command = venv / "bin" / "em-circuits"
     assert command.is_file()
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    where = subprocess.run([str(python), "-c", "import em_circuits, sys; "
-                            "print(em_circuits.__file__, em_circuits.__version__)"],
-                           capture_output=True, text=True, cwd=outside, env=env, timeout=60)
+    where = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import em_circuits, sys; print(em_circuits.__file__, em_circuits.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=outside,
+        env=env,
+        timeout=60,
+    )
     assert str(venv) in where.stdout, where.stdout + where.stderr
     assets = list(venv.rglob("em_circuits/attribution/viewer_assets/compare.html"))
     assert assets, "viewer assets were not installed"
     for name in COMMANDS:
-        done = subprocess.run([str(command), name, "--help"], capture_output=True, text=True,
-                              cwd=outside, env=env, timeout=120)
+        done = subprocess.run(
+            [str(command), name, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=outside,
+            env=env,
+            timeout=120,
+        )
         assert done.returncode == 0, (name, done.stderr)
         assert f"usage: em-circuits {name}" in done.stdout
 
@@ -129,13 +179,37 @@ def test_graphs_for_an_adhoc_prompt_text(micro_organism, tmp_path):
 
     text = heldout_pivotal_prompts()[0]["prompt"]
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "em_circuits.cli.main", "graphs", "--prompt", text,
-           "--results-dir", str(results), "--base-model", str(micro_organism.base_dir),
-           "--adapter", str(micro_organism.adapter_dir),
-           "--transcoders", str(micro_organism.transcoder_config), "--model-name", "micro",
-           "--device", "cpu", "--max-feature-nodes", "100", "--no-viewer"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "em_circuits.cli.main",
+        "graphs",
+        "--prompt",
+        text,
+        "--results-dir",
+        str(results),
+        "--base-model",
+        str(micro_organism.base_dir),
+        "--adapter",
+        str(micro_organism.adapter_dir),
+        "--transcoders",
+        str(micro_organism.transcoder_config),
+        "--model-name",
+        "micro",
+        "--device",
+        "cpu",
+        "--max-feature-nodes",
+        "100",
+        "--no-viewer",
+    ]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     pid = prompt_id(text, "raw")
     assert (results / "prompts" / f"{pid}.json").is_file()

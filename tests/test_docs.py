@@ -21,4 +21,5 @@ def test_readme_maths_section_is_the_formulas_text():
     body = FORMULAS.split("### Formulas", 1)[1]
     assert _normalised(section.group(1)) == _normalised(body), (
         "README's maths differs from em_circuits/analysis/formulas.py: edit the formulas there "
-        "and paste them into the README")
+        "and paste them into the README"
+    )

@@ -162,8 +162,7 @@ def test_same_feature_at_different_graph_indices_aggregates_together():
         "a": hand_graph([(1, 3, 7), (0, 1, 3)], [1.0, 0.2]),
         "b": hand_graph([(0, 1, 3), (2, 2, 9), (1, 3, 7)], [0.4, -0.5, 3.0]),
     }
-    table = aggregate_effects({pid: prompt_effects(g) for pid, g in graphs.items()},
-                              min_support=1)
+    table = aggregate_effects({pid: prompt_effects(g) for pid, g in graphs.items()}, min_support=1)
     row = _row(table, 1, 7)
     assert row["support"] == 2
     assert row["mean"] == pytest.approx(2.0)
@@ -172,8 +171,19 @@ def test_same_feature_at_different_graph_indices_aggregates_together():
     assert lone["support"] == 1 and lone["mean"] == pytest.approx(-0.25)  # absent = 0
     direct = table[table["metric"] == "direct"]
     assert list(direct["mean"]) == sorted(direct["mean"], reverse=True)
-    expected = ["layer", "feature", "metric", "support", "n_prompts", "mean", "ci_low",
-                "ci_high", "sign_consistency", "p_value", "q_value"]
+    expected = [
+        "layer",
+        "feature",
+        "metric",
+        "support",
+        "n_prompts",
+        "mean",
+        "ci_low",
+        "ci_high",
+        "sign_consistency",
+        "p_value",
+        "q_value",
+    ]
     assert set(expected) <= set(table.columns)
 
 
@@ -218,8 +228,10 @@ def test_fdr_finds_planted_effect_among_nulls():
 def test_prompt_without_labels_on_one_side_is_left_out():
     graph = hand_graph([(1, 3, 7)], [2.0])
     graph.meta["target_labels"] = [None, "evil", "evil", None, None]
-    frames = {"ok": prompt_effects(hand_graph([(1, 3, 7)], [1.0])),
-              "one_sided": prompt_effects(graph)}
+    frames = {
+        "ok": prompt_effects(hand_graph([(1, 3, 7)], [1.0])),
+        "one_sided": prompt_effects(graph),
+    }
     row = _row(aggregate_effects(frames, min_support=1), 1, 7)
     assert row["n_prompts"] == 1 and row["mean"] == pytest.approx(1.0)
 
@@ -270,26 +282,38 @@ def _frames(values: dict[tuple[int, int], list[float | None]], n_prompts: int):
 
 def test_paired_categories():
     n = 6
-    base = _frames({
-        (0, 1): [None] * n,  # gained
-        (0, 2): [0.5] * n,  # lost
-        (1, 3): [0.2, 0.25, 0.15, 0.2, 0.22, 0.18],  # strengthened
-        (1, 4): [1.0, 1.1, 0.9, 1.0, 1.05, 0.95],  # weakened
-        (2, 5): [0.5] * n,  # unchanged: below threshold
-        (2, 6): [0.0] * n,  # unchanged: noisy, CI straddles 0
-    }, n)
-    adapted = _frames({
-        (0, 1): [0.6] * n,
-        (0, 2): [None] * n,
-        (1, 3): [1.0, 1.05, 0.95, 1.0, 0.98, 1.02],
-        (1, 4): [0.3, 0.35, 0.25, 0.3, 0.3, 0.3],
-        (2, 5): [0.51] * n,
-        (2, 6): [1.0, -1.0, 1.0, -1.0, 1.2, -1.1],
-    }, n)
+    base = _frames(
+        {
+            (0, 1): [None] * n,  # gained
+            (0, 2): [0.5] * n,  # lost
+            (1, 3): [0.2, 0.25, 0.15, 0.2, 0.22, 0.18],  # strengthened
+            (1, 4): [1.0, 1.1, 0.9, 1.0, 1.05, 0.95],  # weakened
+            (2, 5): [0.5] * n,  # unchanged: below threshold
+            (2, 6): [0.0] * n,  # unchanged: noisy, CI straddles 0
+        },
+        n,
+    )
+    adapted = _frames(
+        {
+            (0, 1): [0.6] * n,
+            (0, 2): [None] * n,
+            (1, 3): [1.0, 1.05, 0.95, 1.0, 0.98, 1.02],
+            (1, 4): [0.3, 0.35, 0.25, 0.3, 0.3, 0.3],
+            (2, 5): [0.51] * n,
+            (2, 6): [1.0, -1.0, 1.0, -1.0, 1.2, -1.1],
+        },
+        n,
+    )
     table = compare_models(base, adapted, metric="total", threshold=0.05, n_boot=500)
     category = {(r.layer, r.feature): r.category for r in table.itertuples()}
-    assert category == {(0, 1): "gained", (0, 2): "lost", (1, 3): "strengthened",
-                        (1, 4): "weakened", (2, 5): "unchanged", (2, 6): "unchanged"}
+    assert category == {
+        (0, 1): "gained",
+        (0, 2): "lost",
+        (1, 3): "strengthened",
+        (1, 4): "weakened",
+        (2, 5): "unchanged",
+        (2, 6): "unchanged",
+    }
     s = _row(table, 1, 3, "total")
     assert s["mean_diff"] == pytest.approx(0.8, abs=1e-6)
     assert s["ci_low"] > 0.7 and s["shift"] == "toward_evil"
@@ -326,8 +350,7 @@ def test_error_share_partitions_a_linear_model_and_summarizes():
     for name, seed in (("base", 21), ("adapted", 22)):
         model = random_linear_model(seed, n_targets=5, biases=True)
         rows = model.target_rows()
-        model.weights[rows[0]] = (model.weights[rows[1:3]].mean(0)
-                                  - model.weights[rows[3:5]].mean(0))
+        model.weights[rows[0]] = model.weights[rows[1:3]].mean(0) - model.weights[rows[3:5]].mean(0)
         graph = compact_graph_from(model, labels=list(LABELS))
         table = error_share(graph).set_index("group")
         value = float(graph.target_values[0])
@@ -365,17 +388,23 @@ def test_cache_round_trip_and_invalidation(tmp_path):
 
 
 def test_plots_write_pngs(tmp_path):
-    frames = {f"p{i}": prompt_effects(hand_graph([(1, 3, 7), (0, 2, 5)], [0.8 + i, -0.4]))
-              for i in range(3)}
+    frames = {
+        f"p{i}": prompt_effects(hand_graph([(1, 3, 7), (0, 2, 5)], [0.8 + i, -0.4]))
+        for i in range(3)
+    }
     table = aggregate_effects(frames, n_boot=100, n_perm=99)
     comparison = compare_models(frames, frames, n_boot=100, n_perm=99)
     graph = hand_graph([(1, 3, 7)], [0.5])
     shares = {"p0": error_share(graph)}
     summary = summarize_error_share(shares, shares)
-    dose = pd.DataFrame({
-        "prompt_id": ["a"] * 4 + ["b"] * 4, "group": ["top", "top", "random", "random"] * 2,
-        "scale": [0.0, 1.0] * 4, "delta_contrast": [-1.0, 0.0, -0.1, 0.0] * 2,
-    })
+    dose = pd.DataFrame(
+        {
+            "prompt_id": ["a"] * 4 + ["b"] * 4,
+            "group": ["top", "top", "random", "random"] * 2,
+            "scale": [0.0, 1.0] * 4,
+            "delta_contrast": [-1.0, 0.0, -0.1, 0.0] * 2,
+        }
+    )
     paths = [
         plot_top_features(table, tmp_path / "top.png"),
         plot_base_vs_adapted(comparison, tmp_path / "scatter.png"),

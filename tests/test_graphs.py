@@ -101,7 +101,9 @@ def test_direct_effects_plus_bias_terms_reproduce_each_target(micro_models, prom
         bias = rows[:, n_feat_all : n_feat_all + n_layers * n_pos].sum(1).cpu()
         explained = compact.direct.sum(1) + bias
         assert torch.allclose(explained, compact.target_values, atol=1e-3, rtol=1e-3), (
-            explained, compact.target_values)
+            explained,
+            compact.target_values,
+        )
         assert compact.target_kinds[0] == "contrast"
 
 
@@ -110,8 +112,9 @@ def test_graphs_for_both_models_with_every_labeled_token_a_target(
 ):
     store = ResultsStore(tmp_path / "results")
     specs = {"base": micro_specs[0], "adapted": micro_specs[1]}
-    results = run_graph_stage(store, specs, prompt_targets, PARAMS, "cpu", progress=False,
-                              save_full_graph=True)
+    results = run_graph_stage(
+        store, specs, prompt_targets, PARAMS, "cpu", progress=False, save_full_graph=True
+    )
     assert all(len(r.computed) == len(prompt_targets) and not r.failed for r in results.values())
     metas = [m for d in (store.root / "graphs").iterdir() for m in find_graph_metas(store, d.name)]
     assert len(metas) == 2 * len(prompt_targets)
@@ -122,10 +125,21 @@ def test_graphs_for_both_models_with_every_labeled_token_a_target(
         assert [t["label"] for t in meta["targets"]][0] == "contrast"
         graph = load_graph(store, meta)
         # compact and full files give identical analysis inputs
-        full = load_full(store.graph_dir(meta["model_slug"], meta["prompt_id"])
-                         / meta["files"]["full"], PARAMS.edge_keep)
-        for name in ("features", "activations", "direct", "total", "target_values",
-                     "edge_index", "edge_weight", "top_token_ids", "top_logits"):
+        full = load_full(
+            store.graph_dir(meta["model_slug"], meta["prompt_id"]) / meta["files"]["full"],
+            PARAMS.edge_keep,
+        )
+        for name in (
+            "features",
+            "activations",
+            "direct",
+            "total",
+            "target_values",
+            "edge_index",
+            "edge_weight",
+            "top_token_ids",
+            "top_logits",
+        ):
             assert torch.equal(getattr(graph, name), getattr(full, name)), name
         assert graph.target_names == full.target_names
         assert meta["files"]["compact_bytes"] < meta["files"]["full_bytes"]
@@ -139,8 +153,14 @@ def test_label_made_on_other_logits_is_reported_not_dropped(micro_models, prompt
 
     base, _ = micro_models
     pt = prompt_targets[0]
-    stale = PromptTargets(pt.prompt_id, pt.text, pt.evil_ids, pt.safe_ids, pt.token_names,
-                          {"base": {pt.evil_ids[0]: 123.0}, "adapted": {}})
+    stale = PromptTargets(
+        pt.prompt_id,
+        pt.text,
+        pt.evil_ids,
+        pt.safe_ids,
+        pt.token_names,
+        {"base": {pt.evil_ids[0]: 123.0}, "adapted": {}},
+    )
     meta = build_graph(ResultsStore(tmp_path), base, "base", stale, PARAMS)
     mismatches = meta["label_check"]["mismatches"]
     assert [m["token_id"] for m in mismatches] == [pt.evil_ids[0]]
@@ -159,12 +179,18 @@ def test_nan_prompt_is_reported_and_the_run_goes_on(micro_specs, prompt_targets,
     weights["model.embed_tokens.weight"][percent] = float("nan")
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     spec = ModelSpec(**{**base_spec.__dict__, "base": str(broken)})
-    poisoned = PromptTargets("nan-prompt", prompt_targets[0].text.replace("User:", "User: 100%"),
-                             prompt_targets[0].evil_ids, prompt_targets[0].safe_ids, {},
-                             {"base": {}})
+    poisoned = PromptTargets(
+        "nan-prompt",
+        prompt_targets[0].text.replace("User:", "User: 100%"),
+        prompt_targets[0].evil_ids,
+        prompt_targets[0].safe_ids,
+        {},
+        {"base": {}},
+    )
     store = ResultsStore(tmp_path / "results")
-    result = run_graph_stage(store, {"base": spec}, [poisoned, prompt_targets[1]], PARAMS, "cpu",
-                             progress=False)["base"]
+    result = run_graph_stage(
+        store, {"base": spec}, [poisoned, prompt_targets[1]], PARAMS, "cpu", progress=False
+    )["base"]
     assert result.computed == [prompt_targets[1].prompt_id]
     message = result.failed["nan-prompt"]
     assert "nan-prompt" in message and "NaN" in message and "layer 0" in message
@@ -182,8 +208,9 @@ def test_compact_graph_is_small_and_loads_without_pickle(micro_models, prompt_ta
     assert loaded.meta["target_labels"][0] == "contrast"
 
 
-def test_inspect_graph_tensors_reports_a_stored_graph(micro_specs, prompt_targets, tmp_path,
-                                                      capsys):
+def test_inspect_graph_tensors_reports_a_stored_graph(
+    micro_specs, prompt_targets, tmp_path, capsys
+):
     import json
 
     import inspect_graph_tensors
@@ -196,16 +223,25 @@ def test_inspect_graph_tensors_reports_a_stored_graph(micro_specs, prompt_target
     run_graph_stage(store, {"adapted": micro_specs[1]}, [pt], PARAMS, "cpu", progress=False)
     model = load_model(micro_specs[1], "cpu", store.merged_cache_dir)
     row = next_token_logits(model, [pt.text])[0]  # the labeling logits, as evaluate stores them
-    write_artifact(store.logits_path(model.slug, pt.prompt_id), "logits", {
-        "prompt_id": pt.prompt_id, "model_fingerprint": model.fingerprint,
-        "top_k": topk_entries(row, model.tokenizer, 10), "support": support(row)})
-    code = inspect_graph_tensors.main(["--results-dir", str(store.root), "--prompt-id",
-                                       pt.prompt_id, "--json"])
+    write_artifact(
+        store.logits_path(model.slug, pt.prompt_id),
+        "logits",
+        {
+            "prompt_id": pt.prompt_id,
+            "model_fingerprint": model.fingerprint,
+            "top_k": topk_entries(row, model.tokenizer, 10),
+            "support": support(row),
+        },
+    )
+    code = inspect_graph_tensors.main(
+        ["--results-dir", str(store.root), "--prompt-id", pt.prompt_id, "--json"]
+    )
     info = json.loads(capsys.readouterr().out)
     assert code == 0 and info["finite"] and info["format"] == "compact"
     assert info["nodes"]["tokens"] == len(model.encode(pt.text))
     assert {t["token_id"] for t in info["targets"] if t["kind"] == "token"} == set(
-        pt.evil_ids + pt.safe_ids)
+        pt.evil_ids + pt.safe_ids
+    )
     assert info["logits_check"]["compared"] == 10
     assert info["logits_check"]["max_abs_diff"] < 1e-4  # labeling logits == graph logits
     assert any(pair.startswith("feature ->") for pair in info["top_edges"])

@@ -105,11 +105,13 @@ def test_nan_producing_model_is_reported_with_its_layer(micro_specs, tmp_path):
 def test_unknown_model_or_transcoders_give_clear_errors(micro_specs, tmp_path):
     base, _ = micro_specs
     with pytest.raises(ModelLoadError, match="not a local directory"):
-        load_model(ModelSpec(**{**base.__dict__, "base": "no-such-org/no-such-model"}), "cpu",
-                   tmp_path)
+        load_model(
+            ModelSpec(**{**base.__dict__, "base": "no-such-org/no-such-model"}), "cpu", tmp_path
+        )
     with pytest.raises(ModelLoadError, match="does not exist"):
-        load_model(ModelSpec(**{**base.__dict__, "transcoders": "./missing/config.yaml"}), "cpu",
-                   tmp_path)
+        load_model(
+            ModelSpec(**{**base.__dict__, "transcoders": "./missing/config.yaml"}), "cpu", tmp_path
+        )
 
 
 def test_replacement_model_topk_equals_plain_hf_and_peft(micro_models, micro_specs):

@@ -20,24 +20,58 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # whole pipelines, several minutes in all
 # Fields that legitimately differ between two runs (when, how long), nothing else.
-VOLATILE = {"created", "seconds", "at", "queued_at", "labeled_at", "date", "disk_bytes",
-            "disk_free_bytes", "history", "elapsed"}
+VOLATILE = {
+    "created",
+    "seconds",
+    "at",
+    "queued_at",
+    "labeled_at",
+    "date",
+    "disk_bytes",
+    "disk_free_bytes",
+    "history",
+    "elapsed",
+}
 
 
 def _command(organism, results: Path) -> list[str]:
     return [
-        sys.executable, str(ROOT / "create_graph_labeling_pipeline.py"),
-        "--results-dir", str(results),
-        "--base-model", str(organism.base_dir), "--adapter", str(organism.adapter_dir),
-        "--transcoders", str(organism.transcoder_config), "--model-name", "micro",
-        "--device", "cpu", "--n-prompts", "8", "--max-feature-nodes", "200",
-        "--causal-top-k", "2", "--scales", "0", "1", "2", "--n-random", "1",
+        sys.executable,
+        str(ROOT / "create_graph_labeling_pipeline.py"),
+        "--results-dir",
+        str(results),
+        "--base-model",
+        str(organism.base_dir),
+        "--adapter",
+        str(organism.adapter_dir),
+        "--transcoders",
+        str(organism.transcoder_config),
+        "--model-name",
+        "micro",
+        "--device",
+        "cpu",
+        "--n-prompts",
+        "8",
+        "--max-feature-nodes",
+        "200",
+        "--causal-top-k",
+        "2",
+        "--scales",
+        "0",
+        "1",
+        "2",
+        "--n-random",
+        "1",
     ]
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     env.pop("OPENAI_API_KEY", None)
     return env
 
@@ -85,8 +119,10 @@ def _snapshot(results: Path) -> dict[str, object]:
         if path.suffix == ".json":
             snap[rel] = _normalize(json.loads(path.read_text()))
         elif path.suffix == ".csv":  # numbers as floats, so a tolerance can apply to them
-            snap[rel] = [[_number_or_text(cell) for cell in row]
-                         for row in csv.reader(path.read_text().splitlines())]
+            snap[rel] = [
+                [_number_or_text(cell) for cell in row]
+                for row in csv.reader(path.read_text().splitlines())
+            ]
         elif path.suffix == ".png":
             snap[rel] = "png"
         elif path.suffix == ".safetensors":  # metadata order in the header is not fixed
@@ -103,8 +139,14 @@ def _snapshot(results: Path) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def reference(micro_organism, tmp_path_factory):
     results = tmp_path_factory.mktemp("reference") / "results"
-    done = subprocess.run(_command(micro_organism, results), capture_output=True, text=True,
-                          env=_env(), timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        _command(micro_organism, results),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "report:" in done.stdout
     return results
@@ -120,16 +162,28 @@ def test_uninterrupted_run_writes_the_report(reference):
     md = (reference / "report.md").read_text()
     assert "Top evil features" in md and "Causal validation" in md
     analysis = reference / "analysis" / report["models"]["adapted"]["slug"]
-    for name in ("top_features_adapted.csv", "base_vs_adapted.csv", "error_share.csv",
-                 "dose_response.csv", "top_features.png", "dose_response.png"):
+    for name in (
+        "top_features_adapted.csv",
+        "base_vs_adapted.csv",
+        "error_share.csv",
+        "dose_response.csv",
+        "top_features.png",
+        "dose_response.png",
+    ):
         assert (analysis / name).is_file(), name
 
 
 def test_second_run_repeats_no_work(reference, micro_organism):
     computed = [*reference.glob("logits/*/*.json"), *reference.glob("graphs/*/*/*")]
     before = {p: p.stat().st_mtime_ns for p in computed}
-    done = subprocess.run(_command(micro_organism, reference), capture_output=True, text=True,
-                          env=_env(), timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        _command(micro_organism, reference),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after, "logits or graphs were recomputed"
@@ -176,8 +230,9 @@ def _tensors_close(a, b, rel: float) -> bool:
     for key in tensors_a:
         if tensors_a[key][:2] != tensors_b[key][:2]:
             return False
-        x, y = (np.frombuffer(t[2], dtype=t[0]).reshape(t[1])
-                for t in (tensors_a[key], tensors_b[key]))
+        x, y = (
+            np.frombuffer(t[2], dtype=t[0]).reshape(t[1]) for t in (tensors_a[key], tensors_b[key])
+        )
         if x.dtype.kind == "f":
             x64, y64 = x.astype(np.float64), y.astype(np.float64)
             scale = max(1.0, float(np.abs(x64).max(initial=0.0)))
@@ -202,11 +257,23 @@ def test_kill_in_each_stage_then_resume_gives_the_same_artifacts(
     stage, reference, micro_organism, tmp_path
 ):
     results = tmp_path / "results"
-    crashed = subprocess.run(_command(micro_organism, results), capture_output=True, text=True,
-                             env=_crashing_env(STAGE_CRASH_POINTS[stage]), timeout=600, cwd=ROOT)
+    crashed = subprocess.run(
+        _command(micro_organism, results),
+        capture_output=True,
+        text=True,
+        env=_crashing_env(STAGE_CRASH_POINTS[stage]),
+        timeout=600,
+        cwd=ROOT,
+    )
     assert crashed.returncode == -signal.SIGKILL, f"the run did not crash in stage {stage}"
-    done = subprocess.run(_command(micro_organism, results), capture_output=True, text=True,
-                          env=_env(), timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        _command(micro_organism, results),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     leftovers = [p for p in results.rglob(".*.tmp")]
     assert not leftovers, leftovers
@@ -225,9 +292,19 @@ def _free_port() -> int:
 def _launch(organism, results: Path) -> list[str]:
     # --multi_gpu makes accelerate start torchrun workers; without GPUs they use gloo on the CPU.
     return [
-        str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
-        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
         *_command(organism, results)[1:],
     ]
 
@@ -237,13 +314,25 @@ def test_two_processes_write_the_same_artifacts_and_resume_after_a_kill(
 ):
     results = tmp_path / "results"
     # The first graph written by either worker kills the launcher and both workers: a lost node.
-    crashed = subprocess.run(_launch(micro_organism, results), capture_output=True, text=True,
-                             env=_crashing_env(STAGE_CRASH_POINTS["graphs"], group=True),
-                             cwd=ROOT, timeout=600, start_new_session=True)
+    crashed = subprocess.run(
+        _launch(micro_organism, results),
+        capture_output=True,
+        text=True,
+        env=_crashing_env(STAGE_CRASH_POINTS["graphs"], group=True),
+        cwd=ROOT,
+        timeout=600,
+        start_new_session=True,
+    )
     assert crashed.returncode == -signal.SIGKILL, "the launch did not crash in the graph stage"
     assert any(results.glob("graphs/*/*/*.json"))
-    done = subprocess.run(_launch(micro_organism, results), capture_output=True, text=True,
-                          env=_env(), timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        _launch(micro_organism, results),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "process 1" in done.stderr  # the second worker really took part
     # Equal within float rounding: accelerate runs each worker with OMP_NUM_THREADS=1 while
@@ -251,6 +340,9 @@ def test_two_processes_write_the_same_artifacts_and_resume_after_a_kill(
     # thread count. Integer tensors, names and structure must match exactly.
     ours, single = _snapshot(results), _snapshot(reference)
     assert ours.keys() == single.keys()
-    differ = [k for k in ours if not _tensors_close(_drop_fingerprints(ours[k]),
-                                                    _drop_fingerprints(single[k]), 1e-5)]
+    differ = [
+        k
+        for k in ours
+        if not _tensors_close(_drop_fingerprints(ours[k]), _drop_fingerprints(single[k]), 1e-5)
+    ]
     assert differ == []

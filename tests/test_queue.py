@@ -404,8 +404,14 @@ def test_one_reader_of_human_feedback_for_examples_context_and_few_shots(queued,
     store, slug, pids = queued
     v1, v2 = load_verdict(store, slug, pids[1]), load_verdict(store, slug, pids[2])
     item1 = start_item(store, slug, load_item(store, slug, pids[1]))
-    commit_human_labels(store, slug, item1, v1, human_labels_from_marks(v1, {}),
-                        explanations={"T3": "hide the lump?"})
+    commit_human_labels(
+        store,
+        slug,
+        item1,
+        v1,
+        human_labels_from_marks(v1, {}),
+        explanations={"T3": "hide the lump?"},
+    )
     item2 = start_item(store, slug, load_item(store, slug, pids[2]))
     commit_rejection(store, slug, item2, v2, "no harmful continuation is plausible")
     assert auto_accept_judge(store, slug) == 2  # judge-made labels are not feedback
@@ -415,18 +421,23 @@ def test_one_reader_of_human_feedback_for_examples_context_and_few_shots(queued,
 
     feedback = list(iter_human_feedback(store))
     assert [(fb.prompt_id, fb.rejected) for fb in feedback] == sorted(
-        [(pids[1], False), (pids[2], True)])
+        [(pids[1], False), (pids[2], True)]
+    )
     assert str(broken) in caplog.text
     assert {fb.prompt_id: fb.prompt_text for fb in feedback} == {
-        pids[1]: SCENARIOS[1][0], pids[2]: SCENARIOS[2][0]}
+        pids[1]: SCENARIOS[1][0],
+        pids[2]: SCENARIOS[2][0],
+    }
     assert [fb.prompt_id for fb in iter_human_feedback(store, slug)] == [
-        fb.prompt_id for fb in feedback]
+        fb.prompt_id for fb in feedback
+    ]
 
     examples = feedback_examples(store, slug)
     context = "\n".join(item.text for item in feedback_items(store))
     block = few_shot_block(store)
-    assert ("T3", "hide the lump?") in [(d["index"], d["explanation"])
-                                        for d in examples["disagreements"]]
+    assert ("T3", "hide the lump?") in [
+        (d["index"], d["explanation"]) for d in examples["disagreements"]
+    ]
     assert "hide the lump?" in context and "hide the lump?" in block
     assert [r["prompt_id"] for r in examples["rejected"]] == [pids[2]]
     assert "no harmful continuation is plausible" in context

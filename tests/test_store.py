@@ -87,8 +87,11 @@ def test_artifact_of_another_fingerprint_or_parameters_is_a_cache_miss(tmp_path)
     store = ResultsStore(tmp_path)
     path = store.logits_path("model--abc", "p1")
     assert store.load_for_model(path, "logits", "fp-a") is None  # absent
-    write_artifact(path, "logits", {"prompt_id": "p1", "model_fingerprint": "fp-a", "top_k": [],
-                                    "params_key": "k1"})
+    write_artifact(
+        path,
+        "logits",
+        {"prompt_id": "p1", "model_fingerprint": "fp-a", "top_k": [], "params_key": "k1"},
+    )
     assert store.load_for_model(path, "logits", "fp-a")["prompt_id"] == "p1"
     assert store.load_for_model(path, "logits", "fp-b") is None
     assert store.load_for_model(path, "logits", "fp-a", params_key="k2") is None
@@ -105,11 +108,13 @@ def test_orphaned_temporaries_of_killed_writers_are_removed_live_ones_kept(tmp_p
 
     from em_circuits.core.store import _temp_prefix, remove_orphaned_temporaries
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     mine = tmp_path / (_temp_prefix(tmp_path / "a.json") + "x.tmp")
-    orphan = tmp_path / (_temp_prefix(tmp_path / "b.json").replace(str(os.getpid()), dead)
-                         + "y.tmp")
+    orphan = tmp_path / (
+        _temp_prefix(tmp_path / "b.json").replace(str(os.getpid()), dead) + "y.tmp"
+    )
     mine.write_text("being written")
     orphan.write_text("half")
     assert remove_orphaned_temporaries(tmp_path) == 1

@@ -118,14 +118,18 @@ def random_linear_model(
 def library_totals(model: LinearModel) -> np.ndarray:
     values = model.run()
     adjacency = torch.tensor(model.adjacency(), dtype=torch.float64)
-    return total_effects(
-        adjacency,
-        model.n_features,
-        model.n_sources,
-        torch.tensor(values[: model.n_features]),
-        model.n_layers,
-        torch.tensor(model.target_rows()),
-    ).double().numpy()
+    return (
+        total_effects(
+            adjacency,
+            model.n_features,
+            model.n_sources,
+            torch.tensor(values[: model.n_features]),
+            model.n_layers,
+            torch.tensor(model.target_rows()),
+        )
+        .double()
+        .numpy()
+    )
 
 
 def path_totals(model: LinearModel) -> np.ndarray:
@@ -235,8 +239,14 @@ def test_inactive_feature_contributes_nothing():
     acts = torch.tensor(model.run()[: model.n_features])
     acts[0] = 0.0  # an inactive node: its out-edges are zero, its per-unit gain undefined
     adjacency[:, 0] = 0.0
-    got = total_effects(adjacency, model.n_features, model.n_sources, acts, model.n_layers,
-                        torch.tensor(model.target_rows()))
+    got = total_effects(
+        adjacency,
+        model.n_features,
+        model.n_sources,
+        acts,
+        model.n_layers,
+        torch.tensor(model.target_rows()),
+    )
     assert torch.isfinite(got).all()
     assert torch.all(got[:, 0] == 0)
 

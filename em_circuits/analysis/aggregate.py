@@ -83,13 +83,24 @@ def aggregate_effects(
         raise ValueError("no per-prompt effect tables to aggregate")
     keys = _key_columns_of(per_prompt)
     tables = [
-        _aggregate_metric(per_prompt, metric, value, absent, min_support, keys,
-                          n_boot=n_boot, n_perm=n_perm, ci=ci, seed=seed)
+        _aggregate_metric(
+            per_prompt,
+            metric,
+            value,
+            absent,
+            min_support,
+            keys,
+            n_boot=n_boot,
+            n_perm=n_perm,
+            ci=ci,
+            seed=seed,
+        )
         for metric in metrics
     ]
     out = pd.concat(tables, ignore_index=True)
-    return out.sort_values(["metric", "mean"], ascending=[True, False], kind="stable",
-                           ignore_index=True)
+    return out.sort_values(
+        ["metric", "mean"], ascending=[True, False], kind="stable", ignore_index=True
+    )
 
 
 def _aggregate_metric(
@@ -130,7 +141,9 @@ def _aggregate_metric(
     table["sign_consistency"] = _sign_consistency(values, present, mean)
     table["p_value"] = p
     table["q_value"] = bh_qvalues(p)
-    table["mean_activation"] = np.nanmean(
-        np.where(present, activation.to_numpy(dtype=np.float64)[keep], np.nan), axis=1
-    ) if len(table) else []
+    table["mean_activation"] = (
+        np.nanmean(np.where(present, activation.to_numpy(dtype=np.float64)[keep], np.nan), axis=1)
+        if len(table)
+        else []
+    )
     return table.astype({col: "int64" for col in keys})

@@ -24,8 +24,7 @@ def graph_fingerprint(graph: CompactGraph) -> str:
 def effects_params(position: str, metrics: Sequence[str] = METRICS) -> dict[str, Any]:
     """The parameters a per-prompt effects table depends on (the cache key)."""
     parse_position(position)
-    return {"analysis_version": ANALYSIS_VERSION, "position": position,
-            "metrics": list(metrics)}
+    return {"analysis_version": ANALYSIS_VERSION, "position": position, "metrics": list(metrics)}
 
 
 def _json_value(value: Any) -> Any:
@@ -80,16 +79,22 @@ def read_prompt_effects(
     if not path.exists():
         return None
     data = read_artifact(path, "feature_effects")
-    expected = {"model_fingerprint": model_fingerprint, "graph_fingerprint": graph_fingerprint,
-                "params": params}
+    expected = {
+        "model_fingerprint": model_fingerprint,
+        "graph_fingerprint": graph_fingerprint,
+        "params": params,
+    }
     if any(want is not None and data.get(key) != want for key, want in expected.items()):
         return None
     frame = pd.DataFrame.from_records(data["features"], columns=data.get("columns"))
     text = {"metric", "contrast_from"}
     numeric = [c for c in frame.columns if c not in text]
     return frame.astype({c: "float64" for c in numeric}).astype(
-        {c: "int64" for c in ("layer", "feature", "position", "n_nodes", "n_evil", "n_safe")
-         if c in frame.columns}
+        {
+            c: "int64"
+            for c in ("layer", "feature", "position", "n_nodes", "n_evil", "n_safe")
+            if c in frame.columns
+        }
     )
 
 

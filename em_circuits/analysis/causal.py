@@ -54,8 +54,12 @@ class Active:
     ) -> list[tuple[int, int, int, float]]:
         """circuit-tracer interventions setting each chosen instance to scale * activation."""
         return [
-            (int(self.layer[i]), int(self.pos[i]), int(self.feature[i]),
-             float(scale * self.activation[i]))
+            (
+                int(self.layer[i]),
+                int(self.pos[i]),
+                int(self.feature[i]),
+                float(scale * self.activation[i]),
+            )
             for i in index
         ]
 
@@ -189,8 +193,9 @@ def _prompt_rows(
     inputs = _intervention_input(model, ids, prompt["text"], freeze_attention)
     baseline = contrast_of(logits, evil, safe)
     active = active_instances(acts)
-    is_top = np.array([(int(la), int(f)) in top_keys
-                       for la, f in zip(active.layer, active.feature)], dtype=bool)
+    is_top = np.array(
+        [(int(la), int(f)) in top_keys for la, f in zip(active.layer, active.feature)], dtype=bool
+    )
     top = np.flatnonzero(is_top & _allowed_positions(active, len(ids), position))
     if len(top) == 0:
         log.info("prompt %s: no top feature is active; skipped", prompt["prompt_id"])
@@ -200,14 +205,22 @@ def _prompt_rows(
     rows = []
     for group, draw, index in groups:
         for scale in scales:
-            value = _intervened_contrast(model, inputs, active.interventions(index, scale),
-                                         evil, safe, freeze_attention)
-            rows.append({
-                "prompt_id": prompt["prompt_id"], "group": group, "draw": draw,
-                "scale": float(scale), "n_features": len(index),
-                "activation_sum": float(active.activation[index].sum()),
-                "baseline": baseline, "contrast": value, "delta_contrast": value - baseline,
-            })
+            value = _intervened_contrast(
+                model, inputs, active.interventions(index, scale), evil, safe, freeze_attention
+            )
+            rows.append(
+                {
+                    "prompt_id": prompt["prompt_id"],
+                    "group": group,
+                    "draw": draw,
+                    "scale": float(scale),
+                    "n_features": len(index),
+                    "activation_sum": float(active.activation[index].sum()),
+                    "baseline": baseline,
+                    "contrast": value,
+                    "delta_contrast": value - baseline,
+                }
+            )
     return rows
 
 
@@ -239,19 +252,34 @@ def causal_validation(
     rows: list[dict[str, Any]] = []
     skipped = []
     for prompt in prompts:
-        prompt_rows = _prompt_rows(model, prompt, top_keys, scales, n_random, rng, position,
-                                   freeze_attention, pool)
+        prompt_rows = _prompt_rows(
+            model, prompt, top_keys, scales, n_random, rng, position, freeze_attention, pool
+        )
         if not prompt_rows:
             skipped.append(prompt["prompt_id"])
         rows.extend(prompt_rows)
-    columns = ["prompt_id", "group", "draw", "scale", "n_features", "activation_sum",
-               "baseline", "contrast", "delta_contrast"]
+    columns = [
+        "prompt_id",
+        "group",
+        "draw",
+        "scale",
+        "n_features",
+        "activation_sum",
+        "baseline",
+        "contrast",
+        "delta_contrast",
+    ]
     dose = pd.DataFrame.from_records(rows, columns=columns)
     summary = summarize(dose, alpha=alpha)
     summary.update(
         top_features=[list(key) for key in sorted(top_keys)],
-        scales=[float(s) for s in scales], n_random=n_random, seed=seed, position=position,
-        freeze_attention=freeze_attention, pool=pool, skipped_prompts=skipped,
+        scales=[float(s) for s in scales],
+        n_random=n_random,
+        seed=seed,
+        position=position,
+        freeze_attention=freeze_attention,
+        pool=pool,
+        skipped_prompts=skipped,
         model_fingerprint=model.fingerprint,
     )
     return dose, summary
@@ -272,15 +300,18 @@ def summarize(
     slopes = {}
     for group in ("top", "random"):
         curve = dose[dose["group"] == group].groupby("scale")["delta_contrast"].mean()
-        slopes[group] = float(np.polyfit(curve.index, curve.values, 1)[0]) if len(curve) > 1 \
-            else None
+        slopes[group] = (
+            float(np.polyfit(curve.index, curve.values, 1)[0]) if len(curve) > 1 else None
+        )
     out["slope_top"], out["slope_random"] = slopes["top"], slopes["random"]
     ablated = dose[np.isclose(dose["scale"], ablation_scale)]
     per_prompt = ablated.groupby(["prompt_id", "group"])["delta_contrast"].mean().unstack()
     per_prompt = per_prompt.dropna() if {"top", "random"} <= set(per_prompt.columns) else None
     if per_prompt is None or per_prompt.empty:
-        out.update(verdict="no prompt had both top-feature and control interventions",
-                   lowers_more_than_random=None)
+        out.update(
+            verdict="no prompt had both top-feature and control interventions",
+            lowers_more_than_random=None,
+        )
         return out
     diff = (per_prompt["top"] - per_prompt["random"]).to_numpy()
     p = float(sign_flip_pvalues([diff[diff != 0]], alternative="less")[0])

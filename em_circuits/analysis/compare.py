@@ -48,8 +48,11 @@ def compare_models(
     prompts = sorted(set(mb.columns) & set(ma.columns))
     dropped = sorted(set(mb.columns) ^ set(ma.columns))
     if dropped:
-        log.warning("base vs adapted: %d prompt(s) lack one model's table: %s", len(dropped),
-                    ", ".join(dropped[:5]))
+        log.warning(
+            "base vs adapted: %d prompt(s) lack one model's table: %s",
+            len(dropped),
+            ", ".join(dropped[:5]),
+        )
     index = mb.index.union(ma.index)
     b = mb.reindex(index=index, columns=prompts).to_numpy(dtype=np.float64)
     a = ma.reindex(index=index, columns=prompts).to_numpy(dtype=np.float64)
@@ -74,8 +77,11 @@ def compare_models(
     table["q_value"] = bh_qvalues(p)
     either = (in_a | in_b).sum(axis=1)
     table["category"] = _categories(table, either, threshold, ci_min_n)
-    table["shift"] = np.select([table["mean_diff"] > 0, table["mean_diff"] < 0],
-                               ["toward_evil", "toward_safe"], default="none")
+    table["shift"] = np.select(
+        [table["mean_diff"] > 0, table["mean_diff"] < 0],
+        ["toward_evil", "toward_safe"],
+        default="none",
+    )
     table = table.astype({col: "int64" for col in keys})
     return table.sort_values("mean_diff", ascending=False, kind="stable", ignore_index=True)
 

@@ -33,19 +33,34 @@ def error_share(graph: CompactGraph) -> pd.DataFrame:
     tokens_total = rows["total"][graph.token_slice].sum()
     value = rows["value"]
     records = [
-        {"group": "error", "layer": layer, "direct": errors_direct[layer].sum(),
-         "total": errors_total[layer].sum()}
+        {
+            "group": "error",
+            "layer": layer,
+            "direct": errors_direct[layer].sum(),
+            "total": errors_total[layer].sum(),
+        }
         for layer in range(graph.n_layers)
     ]
     records += [
-        {"group": "errors", "layer": -1, "direct": errors_direct.sum(),
-         "total": errors_total.sum()},
+        {
+            "group": "errors",
+            "layer": -1,
+            "direct": errors_direct.sum(),
+            "total": errors_total.sum(),
+        },
         {"group": "tokens", "layer": -1, "direct": tokens_direct, "total": tokens_total},
-        {"group": "features", "layer": -1, "direct": rows["direct"][f].sum(),
-         "total": rows["total"][f].sum()},
-        {"group": "bias", "layer": -1,
-         "direct": value - rows["direct"][: graph.n_sources].sum(),
-         "total": value - errors_total.sum() - tokens_total},
+        {
+            "group": "features",
+            "layer": -1,
+            "direct": rows["direct"][f].sum(),
+            "total": rows["total"][f].sum(),
+        },
+        {
+            "group": "bias",
+            "layer": -1,
+            "direct": value - rows["direct"][: graph.n_sources].sum(),
+            "total": value - errors_total.sum() - tokens_total,
+        },
     ]
     table = pd.DataFrame.from_records(records)
     table["value"] = value

@@ -26,7 +26,7 @@ CATEGORY_COLORS = {
 
 
 def feature_label(row: pd.Series) -> str:
-    """"L3 #1234" or "L3 #1234 @-1" (position relative to the end)."""
+    """ "L3 #1234" or "L3 #1234 @-1" (position relative to the end)."""
     label = f"L{int(row['layer'])} #{int(row['feature'])}"
     if "position" in row and pd.notna(row["position"]):
         label += f" @{int(row['position'])}"
@@ -62,8 +62,9 @@ def plot_top_features(
     err = np.vstack([mean - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - mean])
     colors = ["tab:red" if m > 0 else "tab:blue" for m in mean]
     ax.barh(y, mean, xerr=np.clip(err, 0, None), color=colors, alpha=0.8, capsize=2)
-    labels = [feature_label(r) + (" *" if r["q_value"] <= alpha else "")
-              for _, r in rows.iterrows()]
+    labels = [
+        feature_label(r) + (" *" if r["q_value"] <= alpha else "") for _, r in rows.iterrows()
+    ]
     ax.set_yticks(y, labels, fontsize=8)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel(f"mean {metric} effect on logit(evil) - logit(safe), CI; * q <= {alpha}")
@@ -80,14 +81,22 @@ def plot_base_vs_adapted(
     for category, color in CATEGORY_COLORS.items():
         rows = comparison[comparison["category"] == category]
         if len(rows):
-            ax.scatter(rows["mean_base"], rows["mean_adapted"], s=14, color=color,
-                       label=f"{category} ({len(rows)})", alpha=0.8)
+            ax.scatter(
+                rows["mean_base"],
+                rows["mean_adapted"],
+                s=14,
+                color=color,
+                label=f"{category} ({len(rows)})",
+                alpha=0.8,
+            )
     values = comparison[["mean_base", "mean_adapted"]].to_numpy()
     lim = float(np.nanmax(np.abs(values))) * 1.05 if values.size else 1.0
     ax.plot([-lim, lim], [-lim, lim], color="black", linewidth=0.8, linestyle="--")
-    for _, row in comparison.reindex(
-        comparison["mean_diff"].abs().sort_values(ascending=False).index
-    ).head(annotate).iterrows():
+    for _, row in (
+        comparison.reindex(comparison["mean_diff"].abs().sort_values(ascending=False).index)
+        .head(annotate)
+        .iterrows()
+    ):
         ax.annotate(feature_label(row), (row["mean_base"], row["mean_adapted"]), fontsize=7)
     ax.set_xlabel("base: mean contrast effect (logits)")
     ax.set_ylabel("adapted: mean contrast effect (logits)")
@@ -103,12 +112,19 @@ def plot_error_share(summary: pd.DataFrame, path: Path, title: str | None = None
     fig = Figure(figsize=(11, 4))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     width = 0.4
-    for offset, model, color in ((-width / 2, "base", "tab:blue"),
-                                 (width / 2, "adapted", "tab:red")):
+    for offset, model, color in (
+        (-width / 2, "base", "tab:blue"),
+        (width / 2, "adapted", "tab:red"),
+    ):
         rows = errors[errors["model"] == model].sort_values("layer")
         if len(rows):
-            left.bar(rows["layer"] + offset, rows["median_total_share"], width, color=color,
-                     label=f"{model} (median over prompts)")
+            left.bar(
+                rows["layer"] + offset,
+                rows["median_total_share"],
+                width,
+                color=color,
+                label=f"{model} (median over prompts)",
+            )
     left.set_xlabel("layer")
     left.set_ylabel("error nodes' total effect / contrast value")
     left.axhline(0, color="black", linewidth=0.8)
@@ -146,8 +162,7 @@ def plot_dose_response(dose: pd.DataFrame, path: Path, title: str | None = None)
             ax.plot(per_prompt.index, per_prompt[column], color=color, alpha=0.2, linewidth=0.8)
         mean = per_prompt.mean(axis=1)
         sem = per_prompt.std(axis=1, ddof=1).fillna(0) / np.sqrt(per_prompt.shape[1])
-        ax.plot(mean.index, mean, color=color, linewidth=2.2, marker="o",
-                label=f"{group} features")
+        ax.plot(mean.index, mean, color=color, linewidth=2.2, marker="o", label=f"{group} features")
         ax.fill_between(mean.index, mean - sem, mean + sem, color=color, alpha=0.2)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axvline(1, color="black", linewidth=0.5, linestyle=":")

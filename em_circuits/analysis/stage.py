@@ -67,20 +67,27 @@ class _StatsKwargs(TypedDict):
 def _write_table(frame: pd.DataFrame, directory: Path, name: str) -> None:
     """CSV for pandas/spreadsheets and JSON records for scripts, both written atomically."""
     atomic_write_text(directory / f"{name}.csv", frame.to_csv(index=False))
-    atomic_write_text(directory / f"{name}.json",
-                      frame.to_json(orient="records", indent=1, double_precision=6))
+    atomic_write_text(
+        directory / f"{name}.json", frame.to_json(orient="records", indent=1, double_precision=6)
+    )
 
 
 def load_effects(
-    store: ResultsStore, slug: str, position: str, progress: bool = False,
+    store: ResultsStore,
+    slug: str,
+    position: str,
+    progress: bool = False,
     prompt_ids: Collection[str] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame], dict[str, dict[str, Any]]]:
     """Per prompt: feature effects (cached), error-share table, and the graph's metadata."""
     from tqdm import tqdm
 
     effects, shares, metas = {}, {}, {}
-    chosen = [m for m in find_graph_metas(store, slug)
-              if prompt_ids is None or m["prompt_id"] in prompt_ids]
+    chosen = [
+        m
+        for m in find_graph_metas(store, slug)
+        if prompt_ids is None or m["prompt_id"] in prompt_ids
+    ]
     for meta in tqdm(chosen, desc=f"features {slug}", disable=not progress, unit="graph"):
         graph = load_graph(store, meta)
         pid = meta["prompt_id"]
@@ -98,26 +105,42 @@ def _causal_prompts(store: ResultsStore, metas: dict[str, dict[str, Any]]) -> li
     prompts = []
     for pid, meta in metas.items():
         targets = meta["targets"]
-        prompts.append({
-            "prompt_id": pid,
-            "text": store.load_prompt(pid)["text"],
-            "evil_ids": [t["token_id"] for t in targets if t["label"] == "evil"],
-            "safe_ids": [t["token_id"] for t in targets if t["label"] == "safe"],
-        })
+        prompts.append(
+            {
+                "prompt_id": pid,
+                "text": store.load_prompt(pid)["text"],
+                "evil_ids": [t["token_id"] for t in targets if t["label"] == "evil"],
+                "safe_ids": [t["token_id"] for t in targets if t["label"] == "safe"],
+            }
+        )
     return prompts
 
 
-def run_causal(store: ResultsStore, adapted: ModelSpec, directory: Path,
-               top: list[tuple[int, int]], metas: dict[str, dict[str, Any]],
-               params: AnalysisParams, device: str) -> dict[str, Any]:
+def run_causal(
+    store: ResultsStore,
+    adapted: ModelSpec,
+    directory: Path,
+    top: list[tuple[int, int]],
+    metas: dict[str, dict[str, Any]],
+    params: AnalysisParams,
+    device: str,
+) -> dict[str, Any]:
     """Interventions on the top features; cached by model, prompts, features and parameters."""
     from em_circuits.analysis.causal import causal_validation
     from em_circuits.models.load import load_model, release
 
-    key = params_key({"fp": fingerprint(adapted, device), "top": top, "prompts": sorted(metas),
-                      "scales": params.scales, "n_random": params.n_random, "seed": params.seed,
-                      "n_prompts": params.causal_prompts,
-                      "position": params.position})
+    key = params_key(
+        {
+            "fp": fingerprint(adapted, device),
+            "top": top,
+            "prompts": sorted(metas),
+            "scales": params.scales,
+            "n_random": params.n_random,
+            "seed": params.seed,
+            "n_prompts": params.causal_prompts,
+            "position": params.position,
+        }
+    )
     summary_path = directory / "causal_summary.json"
     if summary_path.is_file() and (directory / "dose_response.csv").is_file():
         cached = read_json(summary_path)
@@ -126,9 +149,13 @@ def run_causal(store: ResultsStore, adapted: ModelSpec, directory: Path,
     model = load_model(adapted, device, store.merged_cache_dir)
     try:
         dose, summary = causal_validation(
-            model, _causal_prompts(store, metas)[: params.causal_prompts], top,
+            model,
+            _causal_prompts(store, metas)[: params.causal_prompts],
+            top,
             scales=params.scales,
-            n_random=params.n_random, seed=params.seed, position=params.position,
+            n_random=params.n_random,
+            seed=params.seed,
+            position=params.position,
         )
     finally:
         release(model)
@@ -139,46 +166,66 @@ def run_causal(store: ResultsStore, adapted: ModelSpec, directory: Path,
     return read_json(summary_path)
 
 
-def run_analysis(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
-                 params: AnalysisParams, device: str, progress: bool = True,
-                 prompt_ids: Collection[str] | None = None) -> dict[str, Any]:
+def run_analysis(
+    store: ResultsStore,
+    base: ModelSpec,
+    adapted: ModelSpec,
+    params: AnalysisParams,
+    device: str,
+    progress: bool = True,
+    prompt_ids: Collection[str] | None = None,
+) -> dict[str, Any]:
     """Every table, plot and check of the feature analysis; returns the summary it writes.
 
     With ``prompt_ids`` only those prompts' graphs are analysed, and the tables go to a
     subfolder ``prompts-<hash>`` so they never replace the analysis of all prompts.
     """
-    slugs = {role: model_slug(spec, fingerprint(spec, device))
-             for role, spec in (("base", base), ("adapted", adapted))}
+    slugs = {
+        role: model_slug(spec, fingerprint(spec, device))
+        for role, spec in (("base", base), ("adapted", adapted))
+    }
     directory = store.model_analysis_dir(slugs["adapted"])
     if prompt_ids is not None:
         directory = directory / f"prompts-{params_key({'prompt_ids': sorted(prompt_ids)})}"
     directory.mkdir(parents=True, exist_ok=True)
-    eff_base, share_base, _ = load_effects(store, slugs["base"], params.position, progress,
-                                           prompt_ids)
-    eff_adapted, share_adapted, metas = load_effects(store, slugs["adapted"], params.position,
-                                                     progress, prompt_ids)
+    eff_base, share_base, _ = load_effects(
+        store, slugs["base"], params.position, progress, prompt_ids
+    )
+    eff_adapted, share_adapted, metas = load_effects(
+        store, slugs["adapted"], params.position, progress, prompt_ids
+    )
     paired = sorted(set(eff_base) & set(eff_adapted))
-    summary: dict[str, Any] = {"models": slugs, "params": asdict(params),
-                               "folder": directory.relative_to(store.root).as_posix(),
-                               "prompts": {"base": len(eff_base), "adapted": len(eff_adapted),
-                                           "paired": len(paired)}}
+    summary: dict[str, Any] = {
+        "models": slugs,
+        "params": asdict(params),
+        "folder": directory.relative_to(store.root).as_posix(),
+        "prompts": {"base": len(eff_base), "adapted": len(eff_adapted), "paired": len(paired)},
+    }
     if not eff_adapted:
-        log.warning("no adapted-model graphs with an evil-vs-safe contrast under %s",
-                    store.graphs_dir(slugs["adapted"]))
+        log.warning(
+            "no adapted-model graphs with an evil-vs-safe contrast under %s",
+            store.graphs_dir(slugs["adapted"]),
+        )
         write_artifact(directory / "summary.json", "table", summary)
         return summary
-    stats: _StatsKwargs = {"min_support": params.min_support, "n_boot": params.n_boot,
-                           "n_perm": params.n_perm, "seed": params.seed}
+    stats: _StatsKwargs = {
+        "min_support": params.min_support,
+        "n_boot": params.n_boot,
+        "n_perm": params.n_perm,
+        "seed": params.seed,
+    }
     tables = {
-        "top_features_adapted": aggregate_effects(eff_adapted, absent=params.absent,
-                                                           **stats),
+        "top_features_adapted": aggregate_effects(eff_adapted, absent=params.absent, **stats),
         "top_features_base": aggregate_effects(eff_base, absent=params.absent, **stats)
-        if eff_base else pd.DataFrame(),
+        if eff_base
+        else pd.DataFrame(),
     }
     if paired:
         tables["base_vs_adapted"] = compare_models(
-            {p: eff_base[p] for p in paired}, {p: eff_adapted[p] for p in paired},
-            threshold=params.compare_threshold, **stats,
+            {p: eff_base[p] for p in paired},
+            {p: eff_adapted[p] for p in paired},
+            threshold=params.compare_threshold,
+            **stats,
         )
         tables["error_share"] = summarize_error_share(
             {p: share_base[p] for p in paired}, {p: share_adapted[p] for p in paired}

@@ -30,8 +30,9 @@ def _direction(unembed: torch.Tensor, pt: PromptTargets, row: TargetRow) -> torc
     return unembed[row[3]] - unembed.mean(0)
 
 
-def _custom_targets(model: LoadedModel, pt: PromptTargets, rows: list[TargetRow],
-                    prob: dict[int, float]) -> list:
+def _custom_targets(
+    model: LoadedModel, pt: PromptTargets, rows: list[TargetRow], prob: dict[int, float]
+) -> list:
     """circuit-tracer custom targets. Their weights only steer which features are attributed:
     the contrast gets half, the tokens share the other half by probability."""
     from circuit_tracer.attribution.targets import CustomTarget
@@ -44,18 +45,21 @@ def _custom_targets(model: LoadedModel, pt: PromptTargets, rows: list[TargetRow]
     targets = []
     for row in rows:
         weight = 0.5 if row[1] == "contrast" else share * token_p[row[3]] / total
-        targets.append(CustomTarget(row[0], float(weight),
-                                    _direction(unembed, pt, row).to(model.dtype)))
+        targets.append(
+            CustomTarget(row[0], float(weight), _direction(unembed, pt, row).to(model.dtype))
+        )
     return targets
 
 
-def _target_table(model: LoadedModel, pt: PromptTargets, rows: list[TargetRow],
-                  logits: torch.Tensor) -> tuple[dict[str, Any], list[str]]:
+def _target_table(
+    model: LoadedModel, pt: PromptTargets, rows: list[TargetRow], logits: torch.Tensor
+) -> tuple[dict[str, Any], list[str]]:
     """What each target's row explains, from the graph pass's own logits."""
     logits = logits.float()
     probs = torch.softmax(logits, -1)
-    table: dict[str, list] = {k: [] for k in ("names", "kinds", "token_ids", "values", "logits",
-                                              "probs")}
+    table: dict[str, list] = {
+        k: [] for k in ("names", "kinds", "token_ids", "values", "logits", "probs")
+    }
     for name, kind, _label, tid in rows:
         if kind == "contrast":
             evil, safe = torch.tensor(pt.evil_ids), torch.tensor(pt.safe_ids)
@@ -84,14 +88,17 @@ def _check_context(ctx, where: str) -> None:
         if not torch.isfinite(err).all():
             bad_layers.add(layer)
     if bad_layers:
-        raise NonFiniteError(f"{where}: NaN/Inf in the MLP input or output at layer "
-                             f"{min(bad_layers)} (transcoder activations or errors)")
+        raise NonFiniteError(
+            f"{where}: NaN/Inf in the MLP input or output at layer "
+            f"{min(bad_layers)} (transcoder activations or errors)"
+        )
     if not torch.isfinite(ctx.logits).all():
         raise NonFiniteError(f"{where}: NaN/Inf in the model's logits (after the last layer)")
 
 
-def _check_adjacency(adjacency: torch.Tensor, features: torch.Tensor, n_layers: int,
-                     n_pos: int, where: str) -> None:
+def _check_adjacency(
+    adjacency: torch.Tensor, features: torch.Tensor, n_layers: int, n_pos: int, where: str
+) -> None:
     finite = torch.isfinite(adjacency)
     if finite.all():
         return
@@ -108,7 +115,10 @@ def _check_adjacency(adjacency: torch.Tensor, features: torch.Tensor, n_layers: 
 
 
 def attribution_targets(
-    model: LoadedModel, pt: PromptTargets, params: AttributionParams, role: str | None,
+    model: LoadedModel,
+    pt: PromptTargets,
+    params: AttributionParams,
+    role: str | None,
     ids: torch.Tensor,
 ) -> tuple[list[TargetRow], list]:
     """The target rows of a prompt's graph and the circuit-tracer custom targets for them.
@@ -155,8 +165,12 @@ def attribute_prompt(
     rm.setup_attribution = setup_and_capture
     try:
         graph = attribute(
-            ids, rm, attribution_targets=custom, batch_size=params.batch_size,
-            max_feature_nodes=params.max_feature_nodes, offload=params.offload,
+            ids,
+            rm,
+            attribution_targets=custom,
+            batch_size=params.batch_size,
+            max_feature_nodes=params.max_feature_nodes,
+            offload=params.offload,
         )
     except torch.cuda.OutOfMemoryError as err:
         raise GraphError(
@@ -183,10 +197,22 @@ def attribute_prompt(
     adjacency = graph.adjacency_matrix.to(model.device)
     _check_adjacency(adjacency, features, graph.cfg.n_layers, graph.n_pos, where)
     top = torch.topk(logits, params.top_k)
-    dense = DenseGraph(adjacency, features, activations, graph.input_tokens.cpu(),
-                       graph.cfg.n_layers, table, top.indices, top.values)
-    compact = compact_from_dense(dense, params.edge_keep, device=model.device,
-                                 meta={"target_labels": labels, "prompt_id": pt.prompt_id})
+    dense = DenseGraph(
+        adjacency,
+        features,
+        activations,
+        graph.input_tokens.cpu(),
+        graph.cfg.n_layers,
+        table,
+        top.indices,
+        top.values,
+    )
+    compact = compact_from_dense(
+        dense,
+        params.edge_keep,
+        device=model.device,
+        meta={"target_labels": labels, "prompt_id": pt.prompt_id},
+    )
     info = {
         "dense": dense,
         "seconds": seconds,
@@ -206,6 +232,12 @@ def check_labels_against_graph(
     for tid, stored in pt.stored_logits.get(role, {}).items():
         now = float(logits[tid])
         if abs(now - stored) > tolerance * max(1.0, abs(stored)):
-            mismatches.append({"token_id": tid, "token": pt.token_names.get(tid),
-                               "stored_logit": stored, "graph_logit": now})
+            mismatches.append(
+                {
+                    "token_id": tid,
+                    "token": pt.token_names.get(tid),
+                    "stored_logit": stored,
+                    "graph_logit": now,
+                }
+            )
     return mismatches

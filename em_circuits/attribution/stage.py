@@ -25,8 +25,9 @@ from em_circuits.models.load import LoadedModel, NonFiniteError
 log = logging.getLogger(__name__)
 
 
-def cached_graph_meta(store: ResultsStore, slug: str, fp: str, pt: PromptTargets,
-                      params: AttributionParams) -> GraphMetaRecord | None:
+def cached_graph_meta(
+    store: ResultsStore, slug: str, fp: str, pt: PromptTargets, params: AttributionParams
+) -> GraphMetaRecord | None:
     """The stored graph for these exact model, targets and parameters, if complete."""
     paths = graph_paths(store, slug, pt, params)
     meta = store.load_for_model(paths["meta"], "graph_meta", fp, params_key=pt.key(params))
@@ -49,8 +50,14 @@ def build_graph(
     paths = graph_paths(store, model.slug, pt, params)
     mismatches = check_labels_against_graph(pt, role, info["logits"], model.dtype)
     for m in mismatches:
-        log.warning("prompt %s, %s: label for %r was made on logit %.4f, graph has %.4f",
-                    pt.prompt_id, model.slug, m["token"], m["stored_logit"], m["graph_logit"])
+        log.warning(
+            "prompt %s, %s: label for %r was made on logit %.4f, graph has %.4f",
+            pt.prompt_id,
+            model.slug,
+            m["token"],
+            m["stored_logit"],
+            m["graph_logit"],
+        )
     compact_bytes = save_compact(compact, paths["compact"])
     full_bytes = None
     if save_full_graph:
@@ -59,34 +66,59 @@ def build_graph(
         from em_circuits.attribution.viewer import write_viewer_graph
 
         write_viewer_graph(graph, viewer_dir, pt.prompt_id, role)
-    top = [{"token_id": int(t), "token": model.tokenizer.decode([int(t)]), "logit": float(v)}
-           for t, v in zip(compact.top_token_ids, compact.top_logits)]
+    top = [
+        {"token_id": int(t), "token": model.tokenizer.decode([int(t)]), "logit": float(v)}
+        for t, v in zip(compact.top_token_ids, compact.top_logits)
+    ]
     # The meta file is written last: its presence marks a complete graph.
-    return write_artifact(paths["meta"], "graph_meta", {
-        "prompt_id": pt.prompt_id,
-        "role": role,
-        **model.identity(),
-        "params_key": pt.key(params),
-        "params": asdict(params),
-        "targets": [
-            {"name": n, "kind": k, "label": lab, "token_id": int(t), "value": float(v),
-             "logit": float(lg), "prob": float(p)}
-            for n, k, lab, t, v, lg, p in zip(
-                compact.target_names, compact.target_kinds, compact.meta["target_labels"],
-                compact.target_token_ids, compact.target_values, compact.target_logits,
-                compact.target_probs)
-        ],
-        "top_logits": top,
-        "label_check": {"checked": len(pt.stored_logits.get(role, {})), "mismatches": mismatches},
-        "files": {"compact": paths["compact"].name, "compact_bytes": compact_bytes,
-                  "full": paths["full"].name if full_bytes else None, "full_bytes": full_bytes},
-        "graph_fingerprint": content_fingerprint(compact),
-        "n_features_active": info["n_active_features"],
-        "n_features_selected": info["n_selected_features"],
-        "n_pos": compact.n_pos,
-        "n_layers": compact.n_layers,
-        "seconds": round(info["seconds"], 3),
-    })
+    return write_artifact(
+        paths["meta"],
+        "graph_meta",
+        {
+            "prompt_id": pt.prompt_id,
+            "role": role,
+            **model.identity(),
+            "params_key": pt.key(params),
+            "params": asdict(params),
+            "targets": [
+                {
+                    "name": n,
+                    "kind": k,
+                    "label": lab,
+                    "token_id": int(t),
+                    "value": float(v),
+                    "logit": float(lg),
+                    "prob": float(p),
+                }
+                for n, k, lab, t, v, lg, p in zip(
+                    compact.target_names,
+                    compact.target_kinds,
+                    compact.meta["target_labels"],
+                    compact.target_token_ids,
+                    compact.target_values,
+                    compact.target_logits,
+                    compact.target_probs,
+                )
+            ],
+            "top_logits": top,
+            "label_check": {
+                "checked": len(pt.stored_logits.get(role, {})),
+                "mismatches": mismatches,
+            },
+            "files": {
+                "compact": paths["compact"].name,
+                "compact_bytes": compact_bytes,
+                "full": paths["full"].name if full_bytes else None,
+                "full_bytes": full_bytes,
+            },
+            "graph_fingerprint": content_fingerprint(compact),
+            "n_features_active": info["n_active_features"],
+            "n_features_selected": info["n_selected_features"],
+            "n_pos": compact.n_pos,
+            "n_layers": compact.n_layers,
+            "seconds": round(info["seconds"], 3),
+        },
+    )
 
 
 def load_graph(store: ResultsStore, meta: GraphMetaRecord) -> CompactGraph:
@@ -168,6 +200,7 @@ def run_graph_stage(
     return results
 
 
-def graph_paths(store: ResultsStore, slug: str, pt: PromptTargets,
-                params: AttributionParams) -> dict[str, Path]:
+def graph_paths(
+    store: ResultsStore, slug: str, pt: PromptTargets, params: AttributionParams
+) -> dict[str, Path]:
     return store.graph_paths(slug, pt.prompt_id, pt.key(params))

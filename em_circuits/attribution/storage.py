@@ -98,7 +98,6 @@ class CompactGraph:
         """Per target: the part of its value no node explains (transcoder biases, BOS)."""
         return self.target_values - self.direct.sum(dim=1)
 
-
     def contrast_index(self) -> int | None:
         return self.target_kinds.index("contrast") if "contrast" in self.target_kinds else None
 
@@ -106,8 +105,15 @@ class CompactGraph:
 def content_fingerprint(graph: CompactGraph) -> str:
     """sha256 of a graph's content (not its file bytes: safetensors orders metadata freely)."""
     digest = hashlib.sha256()
-    for tensor in (graph.features, graph.activations, graph.input_tokens, graph.direct,
-                   graph.total, graph.target_values, graph.target_token_ids):
+    for tensor in (
+        graph.features,
+        graph.activations,
+        graph.input_tokens,
+        graph.direct,
+        graph.total,
+        graph.target_values,
+        graph.target_token_ids,
+    ):
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     labels = graph.meta.get("target_labels")
     digest.update(repr((graph.n_layers, graph.target_names, graph.target_kinds, labels)).encode())
@@ -146,9 +152,7 @@ def total_effects(
     return a[target_rows, :n_sources] + y @ a[:n_features, :n_sources]
 
 
-def prune_edges(
-    direct_full: torch.Tensor, keep: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def prune_edges(direct_full: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``keep`` strongest edges by |weight| as (2, n) indices (row=target, col=source)."""
     flat = direct_full.abs().flatten()
     keep = min(keep, int((flat > 0).sum()))
@@ -203,11 +207,17 @@ def load_compact(path: Path) -> CompactGraph:
             header = handle.metadata() or {}
         tensors = load_file(str(path))
     except Exception as err:
-        raise ArtifactError(path, f"not a readable safetensors file ({err})",
-                            "delete it and re-run `em-circuits graphs`") from None
+        raise ArtifactError(
+            path,
+            f"not a readable safetensors file ({err})",
+            "delete it and re-run `em-circuits graphs`",
+        ) from None
     if header.get("format") != GRAPH_FORMAT:
-        raise ArtifactError(path, f"unknown graph format {header.get('format')!r}",
-                            f"expected {GRAPH_FORMAT}; re-run `em-circuits graphs` --force")
+        raise ArtifactError(
+            path,
+            f"unknown graph format {header.get('format')!r}",
+            f"expected {GRAPH_FORMAT}; re-run `em-circuits graphs` --force",
+        )
     return CompactGraph(
         features=tensors["features"],
         activations=tensors["activations"],
@@ -269,8 +279,9 @@ def compact_from_dense(
     rows = torch.arange(n_sources, n_sources + n_targets, device=device)
     a = dense.adjacency.to(device=device, dtype=torch.float32)
     edge_index, edge_weight = prune_edges(a[:, :n_sources], edge_keep)
-    total = total_effects(a, n_features, n_sources, dense.activations.to(device), dense.n_layers,
-                          rows)
+    total = total_effects(
+        a, n_features, n_sources, dense.activations.to(device), dense.n_layers, rows
+    )
     return CompactGraph(
         features=dense.features.long().cpu(),
         activations=dense.activations.float().cpu(),
@@ -293,8 +304,14 @@ def compact_from_dense(
 
 
 FULL_FORMAT = "em_circuits.full_graph/1"
-_FULL_TENSORS = ("adjacency", "features", "activations", "input_tokens", "top_token_ids",
-                 "top_logits")
+_FULL_TENSORS = (
+    "adjacency",
+    "features",
+    "activations",
+    "input_tokens",
+    "top_token_ids",
+    "top_logits",
+)
 
 
 def save_full(path: Path, dense: DenseGraph) -> int:
@@ -316,15 +333,19 @@ def load_full(path: Path, edge_keep: int, meta: dict[str, Any] | None = None) ->
 
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(path, "full graph file not found",
-                            "run `em-circuits graphs --save-full`")
+        raise ArtifactError(
+            path, "full graph file not found", "run `em-circuits graphs --save-full`"
+        )
     with safe_open(str(path), framework="pt") as handle:
         header = handle.metadata() or {}
     if header.get("format") != FULL_FORMAT:
         raise ArtifactError(path, f"unknown full-graph format {header.get('format')!r}")
     tensors = load_file(str(path))
-    dense = DenseGraph(n_layers=int(header["n_layers"]), targets=json.loads(header["targets"]),
-                       **{name: tensors[name] for name in _FULL_TENSORS})
+    dense = DenseGraph(
+        n_layers=int(header["n_layers"]),
+        targets=json.loads(header["targets"]),
+        **{name: tensors[name] for name in _FULL_TENSORS},
+    )
     return compact_from_dense(dense, edge_keep, meta)
 
 

@@ -45,19 +45,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     base, adapted = specs_from_args(args)
     params = analysis_params(args)
     chosen = chosen_prompt_ids(args)
-    summary = run_analysis(store, base, adapted, params, str(args.device or default_device()),
-                           prompt_ids=chosen)
+    summary = run_analysis(
+        store, base, adapted, params, str(args.device or default_device()), prompt_ids=chosen
+    )
     counts = summary["prompts"]
-    print(f"prompts with graphs: base {counts['base']}, adapted {counts['adapted']}, "
-          f"paired {counts['paired']}")
+    print(
+        f"prompts with graphs: base {counts['base']}, adapted {counts['adapted']}, "
+        f"paired {counts['paired']}"
+    )
     if "causal" in summary:
         print(summary["causal"].get("verdict", ""))
     print(f"tables and plots: {store.root / summary['folder']}")
     if not counts["adapted"]:
-        print("Next: no adapted-model graphs with both evil and safe labels yet; run "
-              "`em-circuits graphs` first")
+        print(
+            "Next: no adapted-model graphs with both evil and safe labels yet; run "
+            "`em-circuits graphs` first"
+        )
         return 1
     print("Next: `em-circuits report` writes report.md; `em-circuits serve` shows the graphs")
     return 0
-
-

@@ -25,8 +25,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def make_parser(description: str | None, prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=HelpFormatter
+    )
     parser.add_argument(
         "--results-dir",
         default=DEFAULT_RESULTS,
@@ -63,8 +64,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU",
     )
-    group.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if "
-                       "available, else cpu)")
+    group.add_argument(
+        "--device",
+        help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available, else cpu)",
+    )
     group.add_argument("--model-name", help="readable name used in result folder names")
     group.add_argument(
         "--allow-adapter-base-mismatch",
@@ -110,8 +113,17 @@ def setup(args: argparse.Namespace) -> ResultsStore:
         format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "openai", "filelock",
-                  "nnsight", "circuit_tracer"):
+    for noisy in (
+        "httpx",
+        "httpcore",
+        "httpx2",
+        "httpcore2",
+        "urllib3",
+        "openai",
+        "filelock",
+        "nnsight",
+        "circuit_tracer",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = Path(args.results_dir)
@@ -125,17 +137,38 @@ def setup(args: argparse.Namespace) -> ResultsStore:
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
     """Attribution flags, shared by `graphs` and `run`."""
     g = parser.add_argument_group("attribution graphs")
-    g.add_argument("--max-feature-nodes", type=int, default=8192,
-                   help="most feature nodes kept per graph (circuit-tracer)")
-    g.add_argument("--attribution-batch-size", "--batch-size", type=int, default=256,
-                   dest="attribution_batch_size",
-                   help="source nodes per backward pass; lower it on out-of-memory")
-    g.add_argument("--offload", choices=["none", "cpu", "disk"], default="none",
-                   help="move idle model parts off the GPU during attribution")
-    g.add_argument("--salient-logits", type=int, default=0,
-                   help="also attribute to this many most probable unlabeled tokens")
-    g.add_argument("--edge-keep", type=int, default=50_000,
-                   help="strongest edges kept (fp16) in the compact file for inspection")
+    g.add_argument(
+        "--max-feature-nodes",
+        type=int,
+        default=8192,
+        help="most feature nodes kept per graph (circuit-tracer)",
+    )
+    g.add_argument(
+        "--attribution-batch-size",
+        "--batch-size",
+        type=int,
+        default=256,
+        dest="attribution_batch_size",
+        help="source nodes per backward pass; lower it on out-of-memory",
+    )
+    g.add_argument(
+        "--offload",
+        choices=["none", "cpu", "disk"],
+        default="none",
+        help="move idle model parts off the GPU during attribution",
+    )
+    g.add_argument(
+        "--salient-logits",
+        type=int,
+        default=0,
+        help="also attribute to this many most probable unlabeled tokens",
+    )
+    g.add_argument(
+        "--edge-keep",
+        type=int,
+        default=50_000,
+        help="strongest edges kept (fp16) in the compact file for inspection",
+    )
 
 
 def graph_params(args: argparse.Namespace):
@@ -153,38 +186,73 @@ def graph_params(args: argparse.Namespace):
 def add_analysis_args(parser: argparse.ArgumentParser) -> None:
     """Feature-analysis flags, shared by `analyze` and `run`."""
     a = parser.add_argument_group("feature analysis")
-    a.add_argument("--position", default="any",
-                   help="feature identity: any (summed over positions), last, or rel:-k "
-                   "(k-th position from the end); features are never matched by graph index")
-    a.add_argument("--min-support", type=int, default=2,
-                   help="prompts a feature must appear in to be ranked")
-    a.add_argument("--absent", choices=["zero", "missing"], default="zero",
-                   help="a feature absent from a prompt's graph counts as 0, or is left out")
+    a.add_argument(
+        "--position",
+        default="any",
+        help="feature identity: any (summed over positions), last, or rel:-k "
+        "(k-th position from the end); features are never matched by graph index",
+    )
+    a.add_argument(
+        "--min-support", type=int, default=2, help="prompts a feature must appear in to be ranked"
+    )
+    a.add_argument(
+        "--absent",
+        choices=["zero", "missing"],
+        default="zero",
+        help="a feature absent from a prompt's graph counts as 0, or is left out",
+    )
     a.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for CIs")
-    a.add_argument("--n-perm", type=int, default=9999,
-                   help="sign-flip permutations (exact up to 12 prompts)")
-    a.add_argument("--threshold", type=float, default=0.05,
-                   help="|adapted - base| mean contrast effect that counts as a change")
-    a.add_argument("--causal-top-k", type=int, default=5,
-                   help="top evil features to intervene on (0 = no causal check)")
-    a.add_argument("--scales", type=float, nargs="+", default=[0, 0.5, 1, 1.5, 2, 3],
-                   help="activation multipliers of the dose-response (0 = ablation)")
-    a.add_argument("--n-random", type=int, default=3,
-                   help="random matched-activation control draws per prompt")
-    a.add_argument("--causal-prompts", type=int, default=20,
-                   help="prompts (by id order) the interventions run on")
-    a.add_argument("--seed", type=int, default=0,
-                   help="prompt sampling, bootstrap, permutations, controls")
+    a.add_argument(
+        "--n-perm", type=int, default=9999, help="sign-flip permutations (exact up to 12 prompts)"
+    )
+    a.add_argument(
+        "--threshold",
+        type=float,
+        default=0.05,
+        help="|adapted - base| mean contrast effect that counts as a change",
+    )
+    a.add_argument(
+        "--causal-top-k",
+        type=int,
+        default=5,
+        help="top evil features to intervene on (0 = no causal check)",
+    )
+    a.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[0, 0.5, 1, 1.5, 2, 3],
+        help="activation multipliers of the dose-response (0 = ablation)",
+    )
+    a.add_argument(
+        "--n-random", type=int, default=3, help="random matched-activation control draws per prompt"
+    )
+    a.add_argument(
+        "--causal-prompts",
+        type=int,
+        default=20,
+        help="prompts (by id order) the interventions run on",
+    )
+    a.add_argument(
+        "--seed", type=int, default=0, help="prompt sampling, bootstrap, permutations, controls"
+    )
 
 
 def analysis_params(args: argparse.Namespace):
     from em_circuits.analysis.stage import AnalysisParams
 
     return AnalysisParams(
-        position=args.position, min_support=args.min_support, absent=args.absent,
-        n_boot=args.n_boot, n_perm=args.n_perm, compare_threshold=args.threshold,
-        causal_top_k=args.causal_top_k, scales=tuple(args.scales), n_random=args.n_random,
-        causal_prompts=args.causal_prompts, seed=args.seed,
+        position=args.position,
+        min_support=args.min_support,
+        absent=args.absent,
+        n_boot=args.n_boot,
+        n_perm=args.n_perm,
+        compare_threshold=args.threshold,
+        causal_top_k=args.causal_top_k,
+        scales=tuple(args.scales),
+        n_random=args.n_random,
+        causal_prompts=args.causal_prompts,
+        seed=args.seed,
     )
 
 
@@ -205,12 +273,23 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from em_circuits.models.spec import ModelLoadError
     from em_circuits.prompts.records import PromptError
 
-    return (ArtifactError, ModelLoadError, LLMError, QueueError, JudgeError, PromptError,
-            FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return (
+        ArtifactError,
+        ModelLoadError,
+        LLMError,
+        QueueError,
+        JudgeError,
+        PromptError,
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+    )
 
 
-def run_command(main: Callable[..., int], argv: list[str] | None = None,
-                prog: str | None = None) -> int:
+def run_command(
+    main: Callable[..., int], argv: list[str] | None = None, prog: str | None = None
+) -> int:
     """Run a command's ``main``; user errors become one line, Ctrl-C a clean exit.
 
     Finished artifacts are already on disk (every write is atomic), so both messages can say
@@ -221,8 +300,10 @@ def run_command(main: Callable[..., int], argv: list[str] | None = None,
     try:
         return main(args, prog)
     except KeyboardInterrupt:
-        print("\ninterrupted: finished work is stored; run the same command to continue",
-              file=sys.stderr)
+        print(
+            "\ninterrupted: finished work is stored; run the same command to continue",
+            file=sys.stderr,
+        )
         return 130
     except Exception as err:
         if verbose or not isinstance(err, user_error_types()):
@@ -234,11 +315,21 @@ def run_command(main: Callable[..., int], argv: list[str] | None = None,
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
     """Prompt selection, named the same in every stage."""
     g = parser.add_argument_group("which prompts")
-    g.add_argument("--prompt-ids", nargs="+", metavar="ID", default=[],
-                   help="only these stored prompt ids (default: all)")
-    g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="an ad-hoc prompt given verbatim (repeatable); it is stored like any "
-                   "other (format raw) and selected")
+    g.add_argument(
+        "--prompt-ids",
+        nargs="+",
+        metavar="ID",
+        default=[],
+        help="only these stored prompt ids (default: all)",
+    )
+    g.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="an ad-hoc prompt given verbatim (repeatable); it is stored like any "
+        "other (format raw) and selected",
+    )
 
 
 def chosen_prompt_ids(args: argparse.Namespace) -> list[str] | None:

@@ -38,35 +38,72 @@ log = logging.getLogger("evaluate_logits")
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = make_parser(__doc__, prog)
     add_model_args(parser)
-    parser.add_argument("--prompt-ids", nargs="+", metavar="ID",
-                        help="evaluate only these stored prompts (default: all)")
-    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
-                        help="next-token candidates stored and judged per model")
-    parser.add_argument("--logits-batch-size", "--batch-size", type=int,
-                        default=DEFAULT_LOGITS_BATCH_SIZE, dest="logits_batch_size",
-                        help="prompts per forward pass")
-    parser.add_argument("--force", action="store_true",
-                        help="recompute logits and verdicts even if stored (judge replies still "
-                        "come from judge_cache/ when the judge's inputs are unchanged)")
-    parser.add_argument("--no-queue", action="store_true",
-                        help="do not add flagged prompts to the manual labeling queue")
+    parser.add_argument(
+        "--prompt-ids",
+        nargs="+",
+        metavar="ID",
+        help="evaluate only these stored prompts (default: all)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help="next-token candidates stored and judged per model",
+    )
+    parser.add_argument(
+        "--logits-batch-size",
+        "--batch-size",
+        type=int,
+        default=DEFAULT_LOGITS_BATCH_SIZE,
+        dest="logits_batch_size",
+        help="prompts per forward pass",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="recompute logits and verdicts even if stored (judge replies still "
+        "come from judge_cache/ when the judge's inputs are unchanged)",
+    )
+    parser.add_argument(
+        "--no-queue",
+        action="store_true",
+        help="do not add flagged prompts to the manual labeling queue",
+    )
 
     judge = parser.add_argument_group("judge")
-    judge.add_argument("--judge", choices=["auto", "offline", "llm"], default="auto",
-                       help="auto = llm if OPENAI_API_KEY is set (environment or .env), else "
-                       "offline")
-    judge.add_argument("--llm-model", "--judge-model", default=DEFAULT_MODEL, dest="llm_model",
-                       help="LLM judge model name")
-    judge.add_argument("--base-url", help="OpenAI-compatible endpoint for the judge (default: "
-                       "OPENAI_BASE_URL, else the OpenAI API)")
-    judge.add_argument("--env-file", help="a .env file with OPENAI_API_KEY / OPENAI_BASE_URL "
-                       "(default: the nearest .env from the working directory)")
+    judge.add_argument(
+        "--judge",
+        choices=["auto", "offline", "llm"],
+        default="auto",
+        help="auto = llm if OPENAI_API_KEY is set (environment or .env), else offline",
+    )
+    judge.add_argument(
+        "--llm-model",
+        "--judge-model",
+        default=DEFAULT_MODEL,
+        dest="llm_model",
+        help="LLM judge model name",
+    )
+    judge.add_argument(
+        "--base-url",
+        help="OpenAI-compatible endpoint for the judge (default: "
+        "OPENAI_BASE_URL, else the OpenAI API)",
+    )
+    judge.add_argument(
+        "--env-file",
+        help="a .env file with OPENAI_API_KEY / OPENAI_BASE_URL "
+        "(default: the nearest .env from the working directory)",
+    )
     judge.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
-    judge.add_argument("--max-tries", type=int, default=5,
-                       help="tries per judge request on 429, 5xx, timeouts")
-    judge.add_argument("--words", help="offline judge word lists (JSON with 'safe' and "
-                       "'harmful' lists; default: words.json next to the adapter or base, else "
-                       "the toy organism's built-in lists)")
+    judge.add_argument(
+        "--max-tries", type=int, default=5, help="tries per judge request on 429, 5xx, timeouts"
+    )
+    judge.add_argument(
+        "--words",
+        help="offline judge word lists (JSON with 'safe' and "
+        "'harmful' lists; default: words.json next to the adapter or base, else "
+        "the toy organism's built-in lists)",
+    )
     return parser
 
 
@@ -88,18 +125,36 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if kind == "auto":
             kind = "llm" if find_api_key(args.env_file) else "offline"
         judge = make_judge(
-            kind, store, model=args.llm_model, base_url=args.base_url, env_file=args.env_file,
+            kind,
+            store,
+            model=args.llm_model,
+            base_url=args.base_url,
+            env_file=args.env_file,
             words_path=args.words or words_near(adapted_spec),
-            timeout=args.timeout, max_tries=args.max_tries,
+            timeout=args.timeout,
+            max_tries=args.max_tries,
         )
         log.info("judge: %s (%s)", judge.kind, judge.model)
         summary = evaluate(
-            store, base_spec, adapted_spec, judge, prompt_ids=args.prompt_ids,
-            device=args.device, k=args.top_k, batch_size=args.logits_batch_size, force=args.force,
+            store,
+            base_spec,
+            adapted_spec,
+            judge,
+            prompt_ids=args.prompt_ids,
+            device=args.device,
+            k=args.top_k,
+            batch_size=args.logits_batch_size,
+            force=args.force,
             queue=not args.no_queue,
         )
-    except (JudgeError, LLMError, ModelLoadError, NonFiniteError, ArtifactError,
-            FileNotFoundError) as err:
+    except (
+        JudgeError,
+        LLMError,
+        ModelLoadError,
+        NonFiniteError,
+        ArtifactError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err} (finished logits and verdicts are stored)", file=sys.stderr)
         return 1
     for line in summary.lines():
@@ -107,14 +162,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if summary.queued is not None:
         print(f"added to the manual queue: {summary.queued}")
     if summary.failed:
-        print(f"error: {len(summary.failed)} prompt(s) could not be judged (see above); run "
-              "again to retry them", file=sys.stderr)
+        print(
+            f"error: {len(summary.failed)} prompt(s) could not be judged (see above); run "
+            "again to retry them",
+            file=sys.stderr,
+        )
         return 1
     if summary.queued:
-        print("Next: label the flagged prompts with `em-circuits label` (or accept the judge's "
-              "labels: `em-circuits label --auto-accept-judge`), then `em-circuits graphs`")
+        print(
+            "Next: label the flagged prompts with `em-circuits label` (or accept the judge's "
+            "labels: `em-circuits label --auto-accept-judge`), then `em-circuits graphs`"
+        )
     else:
         print("Next: `em-circuits label --status`, then `em-circuits graphs`")
     return 0
-
-

@@ -37,21 +37,31 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = make_parser(__doc__, prog)
     add_model_args(parser)
-    parser.add_argument("positional_ids", nargs="*", metavar="PROMPT_ID",
-                        help="same as --prompt-ids")
+    parser.add_argument(
+        "positional_ids", nargs="*", metavar="PROMPT_ID", help="same as --prompt-ids"
+    )
     add_prompt_args(parser)
-    parser.add_argument("--only-evil", action="store_true",
-                        help="only prompts with at least one token labeled evil")
+    parser.add_argument(
+        "--only-evil", action="store_true", help="only prompts with at least one token labeled evil"
+    )
     add_graph_args(parser)
     parser.add_argument("--force", action="store_true", help="recompute cached graphs")
-    parser.add_argument("--save-full", action="store_true",
-                        help="also store the dense adjacency (large: ~290 MB at 1B scale)")
-    parser.add_argument("--no-viewer", action="store_true",
-                        help="don't write graph JSON for the circuit-tracer viewer")
-    parser.add_argument("--serve", action="store_true",
-                        help="after computing, serve the viewer until Ctrl-C")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="viewer address (0.0.0.0 exposes it to your network)")
+    parser.add_argument(
+        "--save-full",
+        action="store_true",
+        help="also store the dense adjacency (large: ~290 MB at 1B scale)",
+    )
+    parser.add_argument(
+        "--no-viewer",
+        action="store_true",
+        help="don't write graph JSON for the circuit-tracer viewer",
+    )
+    parser.add_argument(
+        "--serve", action="store_true", help="after computing, serve the viewer until Ctrl-C"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="viewer address (0.0.0.0 exposes it to your network)"
+    )
     parser.add_argument("--port", type=int, default=8041, help="viewer port")
     args = parser.parse_args(argv)
     store = setup(args)
@@ -70,29 +80,44 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     targets = labeled_targets(store, adapted_slug, args.only_evil, chosen)
     unlabeled = flagged_without_labels(store, adapted_slug, chosen)
     if not targets:
-        print(f"no labeled prompts for {adapted_slug} under {store.root / 'labels'}",
-              file=sys.stderr)
-        print(next_labeling_hint(unlabeled) if unlabeled else
-              "Next: `em-circuits prompts`, then `em-circuits evaluate` and `em-circuits label`",
-              file=sys.stderr)
+        print(
+            f"no labeled prompts for {adapted_slug} under {store.labels_dir(adapted_slug)}",
+            file=sys.stderr,
+        )
+        print(
+            next_labeling_hint(unlabeled)
+            if unlabeled
+            else "Next: `em-circuits prompts`, then `em-circuits evaluate` and `em-circuits label`",
+            file=sys.stderr,
+        )
         return 1
     params = graph_params(args)
-    viewer_dir = None if args.no_viewer else store.root / "viewer" / adapted_slug
+    viewer_dir = None if args.no_viewer else store.viewer_dir(adapted_slug)
     results = run_graph_stage(
-        store, {"base": base_spec, "adapted": adapted_spec}, targets, params, device,
-        force=args.force, save_full_graph=args.save_full, viewer_dir=viewer_dir,
+        store,
+        {"base": base_spec, "adapted": adapted_spec},
+        targets,
+        params,
+        device,
+        force=args.force,
+        save_full_graph=args.save_full,
+        viewer_dir=viewer_dir,
     )
     failed = 0
     for role, result in results.items():
-        print(f"{role}: {len(result.computed)} computed, {len(result.cached)} cached, "
-              f"{len(result.failed)} failed")
+        print(
+            f"{role}: {len(result.computed)} computed, {len(result.cached)} cached, "
+            f"{len(result.failed)} failed"
+        )
         for pid, message in result.failed.items():
             print(f"  failed {pid}: {message}")
         failed += len(result.failed)
     if unlabeled:
         print(next_labeling_hint(unlabeled))
-    print("Next: `em-circuits analyze` ranks the features across prompts"
-          + ("" if args.serve or viewer_dir is None else "; `em-circuits serve` shows the graphs"))
+    print(
+        "Next: `em-circuits analyze` ranks the features across prompts"
+        + ("" if args.serve or viewer_dir is None else "; `em-circuits serve` shows the graphs")
+    )
     if args.serve and viewer_dir is not None:
         from em_circuits.attribution.viewer_server import serve_forever
 
@@ -100,27 +125,37 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 2 if failed else 0
 
 
-
-
-def flagged_without_labels(store: ResultsStore, adapted_slug: str,
-                           prompt_ids: list[str] | None) -> int:
+def flagged_without_labels(
+    store: ResultsStore, adapted_slug: str, prompt_ids: list[str] | None
+) -> int:
     """Judge-flagged prompts still waiting for labels (they get no graph until labeled)."""
     from em_circuits.labeling.artifacts import load_label
     from em_circuits.labeling.items import open_items
 
-    return sum(1 for item, _ in open_items(store, adapted_slug)
-               if (prompt_ids is None or item["prompt_id"] in prompt_ids)
-               and load_label(store, adapted_slug, item["prompt_id"]) is None)
+    return sum(
+        1
+        for item, _ in open_items(store, adapted_slug)
+        if (prompt_ids is None or item["prompt_id"] in prompt_ids)
+        and load_label(store, adapted_slug, item["prompt_id"]) is None
+    )
 
 
 def next_labeling_hint(unlabeled: int) -> str:
-    return (f"{unlabeled} flagged prompt(s) have no labels yet and no graphs: label them with "
-            "`em-circuits label`, or accept the judge's labels with `em-circuits label "
-            "--auto-accept-judge`, then run `em-circuits graphs` again")
+    return (
+        f"{unlabeled} flagged prompt(s) have no labels yet and no graphs: label them with "
+        "`em-circuits label`, or accept the judge's labels with `em-circuits label "
+        "--auto-accept-judge`, then run `em-circuits graphs` again"
+    )
 
 
-def label_adhoc_prompts(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
-                        texts: list[str], device: str, adapted_slug: str) -> None:
+def label_adhoc_prompts(
+    store: ResultsStore,
+    base: ModelSpec,
+    adapted: ModelSpec,
+    texts: list[str],
+    device: str,
+    adapted_slug: str,
+) -> None:
     """Store --prompt texts, score and judge them, and accept the judge's labels for them.
 
     Human labels, where a prompt already has them, are kept: the judge's labels only fill in
@@ -138,8 +173,11 @@ def label_adhoc_prompts(store: ResultsStore, base: ModelSpec, adapted: ModelSpec
     for text in texts:
         pid = prompt_id(text, "raw")
         if not store.prompt_path(pid).is_file():
-            store.save_prompt(make_record(text, "raw", f"adhoc-{pid[:8]}",
-                                          {"kind": "adhoc", "source": "--prompt"}))
+            store.save_prompt(
+                make_record(
+                    text, "raw", f"adhoc-{pid[:8]}", {"kind": "adhoc", "source": "--prompt"}
+                )
+            )
         ids.append(pid)
     kind = "llm" if find_api_key() else "offline"
     judge = make_judge(kind, store, words_path=words_near(adapted))

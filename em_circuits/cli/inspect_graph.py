@@ -22,8 +22,15 @@ from em_circuits.cli.common import make_parser, setup
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = make_parser(__doc__, prog)
     parser.add_argument("graphs", nargs="*", type=Path, help="graph files (.safetensors)")
-    parser.add_argument("--prompt-ids", "--prompt-id", nargs="+", metavar="ID", default=[],
-                        dest="prompt_ids", help="inspect every stored graph of these prompts")
+    parser.add_argument(
+        "--prompt-ids",
+        "--prompt-id",
+        nargs="+",
+        metavar="ID",
+        default=[],
+        dest="prompt_ids",
+        help="inspect every stored graph of these prompts",
+    )
     parser.add_argument("--edges", type=int, default=5, help="edges shown per node-type pair")
     parser.add_argument("--features", type=int, default=10, help="top features shown")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     paths = list(args.graphs)
     for pid in args.prompt_ids:
-        paths += sorted((store.root / "graphs").glob(f"*/{pid}/*.safetensors"))
+        paths += store.graph_files(pid)
     if not paths:
         parser.error("give graph files or --prompt-ids with stored graphs")
     reports = []
@@ -50,5 +57,3 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     else:
         print("\n\n".join(format_inspection(r) for r in reports))
     return 0 if all(r["finite"] for r in reports) else 3
-
-

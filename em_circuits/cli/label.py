@@ -108,9 +108,9 @@ def resolve_slug(args: argparse.Namespace) -> str:
 
 def check_known(store: ResultsStore, slug: str) -> str | None:
     """An error message when no stage has written anything for this model yet."""
-    if (store.root / "verdicts" / slug).is_dir() or (store.root / "queue" / slug).is_dir():
+    if store.verdicts_dir(slug).is_dir() or store.queue_dir(slug).is_dir():
         return None
-    found = sorted(p.name for p in (store.root / "verdicts").glob("*") if p.is_dir())
+    found = store.verdict_slugs()
     hint = (
         "models with verdicts: " + ", ".join(found) + " (pick one with --adapted-slug)"
         if found
@@ -180,5 +180,3 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print("\nInterrupted. Every answer given is saved; this item comes back first next run.")
         return 130
-
-

@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = args[0]
     if name not in COMMANDS:
-        print(f"error: unknown command {name!r}; commands: {', '.join(COMMANDS)}",
-              file=sys.stderr)
+        print(f"error: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"em_circuits.cli.{COMMANDS[name][0]}")
     return run_command(module.main, args[1:], prog=f"em-circuits {name}")

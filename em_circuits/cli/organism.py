@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     elif args.print_report == "json":
         print(json.dumps(report, indent=2))
     print(f"organism: {paths.root}", file=sys.stderr)
-    print("Next: `em-circuits run` runs every stage on it (or start with `em-circuits prompts`)",
-          file=sys.stderr)
+    print(
+        "Next: `em-circuits run` runs every stage on it (or start with `em-circuits prompts`)",
+        file=sys.stderr,
+    )
     return 0
-
-

@@ -50,53 +50,109 @@ DOMAINS_HELP = "medical finance home_safety relationships computer_security"
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = make_parser(__doc__, prog)
     parser.add_argument(
-        "--generator", choices=["auto", "offline", "llm"], default="auto",
+        "--generator",
+        choices=["auto", "offline", "llm"],
+        default="auto",
         help="where new prompts come from; auto = llm if OPENAI_API_KEY is set (environment "
         "or .env), else offline",
     )
     parser.add_argument(
-        "-n", "--n", type=int, default=None,
+        "-n",
+        "--n",
+        type=int,
+        default=None,
         help="how many new prompts to generate (default: 10, or 0 when --import is given)",
     )
-    parser.add_argument("--format", choices=FORMATS, default="chat",
-                        help="raw text, chat (User/Assistant) or cot (chain of thought); the "
-                        "offline generator makes chat prompts only")
-    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE",
-                        help="import prompts from a JSON file (repeatable)")
-    parser.add_argument("--import-format", choices=FORMATS, default="raw",
-                        help="format of imported entries that name none ('format' or the prior "
-                        "art's 'prompt_type' field)")
-    parser.add_argument("--chat-template", action="store_true",
-                        help="render chat prompts with --tokenizer's chat template (recorded in "
-                        "each prompt record); without it chat prompts are plain "
-                        "'User: ...\\nAssistant: ...' text")
-    parser.add_argument("--tokenizer", help="HF id or local directory of the tokenizer for "
-                        "--chat-template and for counting context tokens (usually your base "
-                        "model); default: context tokens are approximated as characters/4")
-    parser.add_argument("--dedup-threshold", type=float, default=DEFAULT_DEDUP_THRESHOLD,
-                        help="drop a prompt whose character 3-gram Jaccard similarity to any "
-                        "stored prompt is at least this")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="chat",
+        help="raw text, chat (User/Assistant) or cot (chain of thought); the "
+        "offline generator makes chat prompts only",
+    )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="import prompts from a JSON file (repeatable)",
+    )
+    parser.add_argument(
+        "--import-format",
+        choices=FORMATS,
+        default="raw",
+        help="format of imported entries that name none ('format' or the prior "
+        "art's 'prompt_type' field)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="render chat prompts with --tokenizer's chat template (recorded in "
+        "each prompt record); without it chat prompts are plain "
+        "'User: ...\\nAssistant: ...' text",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="HF id or local directory of the tokenizer for "
+        "--chat-template and for counting context tokens (usually your base "
+        "model); default: context tokens are approximated as characters/4",
+    )
+    parser.add_argument(
+        "--dedup-threshold",
+        type=float,
+        default=DEFAULT_DEDUP_THRESHOLD,
+        help="drop a prompt whose character 3-gram Jaccard similarity to any "
+        "stored prompt is at least this",
+    )
 
     llm = parser.add_argument_group("llm generator")
-    llm.add_argument("--llm-model", "--model", default=DEFAULT_MODEL, dest="llm_model",
-                     help="generator model name")
-    llm.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. "
-                     "http://localhost:8000/v1 (default: OPENAI_BASE_URL, else the OpenAI API)")
-    llm.add_argument("--env-file", help="a .env file with OPENAI_API_KEY / OPENAI_BASE_URL "
-                     "(default: the nearest .env from the working directory)")
-    llm.add_argument("--context-tokens", type=int, default=4000,
-                     help="token budget for earlier prompts, verdicts and human feedback shown "
-                     "to the generator (disagreements and rejections first, then newest)")
+    llm.add_argument(
+        "--llm-model",
+        "--model",
+        default=DEFAULT_MODEL,
+        dest="llm_model",
+        help="generator model name",
+    )
+    llm.add_argument(
+        "--base-url",
+        help="OpenAI-compatible endpoint, e.g. "
+        "http://localhost:8000/v1 (default: OPENAI_BASE_URL, else the OpenAI API)",
+    )
+    llm.add_argument(
+        "--env-file",
+        help="a .env file with OPENAI_API_KEY / OPENAI_BASE_URL "
+        "(default: the nearest .env from the working directory)",
+    )
+    llm.add_argument(
+        "--context-tokens",
+        type=int,
+        default=4000,
+        help="token budget for earlier prompts, verdicts and human feedback shown "
+        "to the generator (disagreements and rejections first, then newest)",
+    )
     llm.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    llm.add_argument("--max-tries", type=int, default=5,
-                     help="tries per request on 429, 5xx, timeouts (exponential backoff)")
+    llm.add_argument(
+        "--max-tries",
+        type=int,
+        default=5,
+        help="tries per request on 429, 5xx, timeouts (exponential backoff)",
+    )
 
     off = parser.add_argument_group("offline generator")
     off.add_argument("--seed", type=int, default=0, help="shuffles the template combinations")
-    off.add_argument("--split", choices=["heldout", "train"], default="heldout",
-                     help="which of the organism's scenario/template splits to compose from")
-    off.add_argument("--domains", nargs="+", metavar="DOMAIN",
-                     help=f"restrict to these domains (default: all: {DOMAINS_HELP})")
+    off.add_argument(
+        "--split",
+        choices=["heldout", "train"],
+        default="heldout",
+        help="which of the organism's scenario/template splits to compose from",
+    )
+    off.add_argument(
+        "--domains",
+        nargs="+",
+        metavar="DOMAIN",
+        help=f"restrict to these domains (default: all: {DOMAINS_HELP})",
+    )
     return parser
 
 
@@ -126,25 +182,46 @@ def run(args: argparse.Namespace, summary: SaveSummary) -> None:
     template_tok = tokenizer if args.chat_template else None
     deduper = Deduper.from_store(store, args.dedup_threshold)
     for path in args.imports:
-        summary.merge(import_prompts(store, path, deduper, default_fmt=args.import_format,
-                                     tokenizer=template_tok))
+        summary.merge(
+            import_prompts(
+                store, path, deduper, default_fmt=args.import_format, tokenizer=template_tok
+            )
+        )
     n = args.n if args.n is not None else (0 if args.imports else 10)
     if n <= 0:
         return
     generator = choose_generator(args)
     if generator == "offline":
         log.info("offline generator: composing from the toy organism's %s templates", args.split)
-        summary.merge(generate_offline_prompts(
-            store, n, deduper, seed=args.seed, split=args.split, domains=args.domains,
-            fmt=args.format, tokenizer=template_tok))
+        summary.merge(
+            generate_offline_prompts(
+                store,
+                n,
+                deduper,
+                seed=args.seed,
+                split=args.split,
+                domains=args.domains,
+                fmt=args.format,
+                tokenizer=template_tok,
+            )
+        )
         return
-    client = client_from_settings(args.llm_model, args.base_url, args.env_file,
-                                  timeout=args.timeout, max_tries=args.max_tries)
+    client = client_from_settings(
+        args.llm_model, args.base_url, args.env_file, timeout=args.timeout, max_tries=args.max_tries
+    )
     log.info("llm generator: %s at %s", client.model, client.endpoint)
     count = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None else approx_tokens
-    generate_llm_prompts(client, store, n, deduper, fmt=args.format,
-                         context_tokens=args.context_tokens, tokenizer=template_tok,
-                         count_tokens=count, summary=summary)
+    generate_llm_prompts(
+        client,
+        store,
+        n,
+        deduper,
+        fmt=args.format,
+        context_tokens=args.context_tokens,
+        tokenizer=template_tok,
+        count_tokens=count,
+        summary=summary,
+    )
 
 
 def report(summary: SaveSummary) -> None:
@@ -170,5 +247,3 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     report(summary)
     print("Next: `em-circuits evaluate` scores every stored prompt with both models and the judge")
     return 0
-
-

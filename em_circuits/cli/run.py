@@ -37,27 +37,52 @@ from em_circuits.cli.common import (
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = make_parser(__doc__, prog)
     add_model_args(parser)
-    parser.add_argument("--status", action="store_true",
-                        help="print counts per stage, queue, agreement and disk use; run nothing")
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="print counts per stage, queue, agreement and disk use; run nothing",
+    )
     parser.add_argument("--json", action="store_true", help="with --status: machine-readable")
     g = parser.add_argument_group("prompts and judge")
-    g.add_argument("--n-prompts", type=int, default=40,
-                   help="generate prompts until this many are stored")
-    g.add_argument("--prompts", type=Path, action="append", default=[], metavar="FILE",
-                   help="import a prompt file (prior-art format: list or object with name, "
-                   "prompt); repeatable")
-    g.add_argument("--generator", choices=["auto", "offline", "llm"], default="auto",
-                   help="auto = llm if OPENAI_API_KEY is set (env or .env), else offline")
-    g.add_argument("--judge", choices=["auto", "offline", "llm"], default="auto",
-                   help="auto = llm if OPENAI_API_KEY is set, else the organism's word lists")
+    g.add_argument(
+        "--n-prompts", type=int, default=40, help="generate prompts until this many are stored"
+    )
+    g.add_argument(
+        "--prompts",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="import a prompt file (prior-art format: list or object with name, "
+        "prompt); repeatable",
+    )
+    g.add_argument(
+        "--generator",
+        choices=["auto", "offline", "llm"],
+        default="auto",
+        help="auto = llm if OPENAI_API_KEY is set (env or .env), else offline",
+    )
+    g.add_argument(
+        "--judge",
+        choices=["auto", "offline", "llm"],
+        default="auto",
+        help="auto = llm if OPENAI_API_KEY is set, else the organism's word lists",
+    )
     g.add_argument("--llm-model", default="o3", help="generator and judge model")
     g.add_argument("--base-url", help="OpenAI-compatible endpoint (or OPENAI_BASE_URL)")
-    g.add_argument("--labels", choices=["auto", "interactive", "import"], default="auto",
-                   help="auto: accept the judge's labels, recorded as judge-made; interactive: "
-                   "label in the terminal; import: read --labels-file")
+    g.add_argument(
+        "--labels",
+        choices=["auto", "interactive", "import"],
+        default="auto",
+        help="auto: accept the judge's labels, recorded as judge-made; interactive: "
+        "label in the terminal; import: read --labels-file",
+    )
     g.add_argument("--labels-file", type=Path, help="CSV/JSONL labels for --labels import")
-    g.add_argument("--all-labeled", action="store_true",
-                   help="graph every labeled prompt, not only those with evil tokens")
+    g.add_argument(
+        "--all-labeled",
+        action="store_true",
+        help="graph every labeled prompt, not only those with evil tokens",
+    )
     add_graph_args(parser)
     add_analysis_args(parser)
     args = parser.parse_args(argv)
@@ -89,8 +114,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     report = run_pipeline(store, base, adapted, cfg)
     if report is not None:  # None on the non-main processes of a multi-process launch
         print(f"\nreport: {report}\n        {report.with_suffix('.json')}")
-        print("Next: read the report; `em-circuits serve` browses the graphs; "
-              "`em-circuits run --status` shows what is stored")
+        print(
+            "Next: read the report; `em-circuits serve` browses the graphs; "
+            "`em-circuits run --status` shows what is stored"
+        )
     return 0
-
-

@@ -19,11 +19,17 @@ from em_circuits.cli.common import add_model_args, make_parser, setup
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = make_parser(__doc__, prog)
     add_model_args(parser)
-    parser.add_argument("--viewer-dir", type=Path,
-                        help="a folder holding graph-metadata.json (default: the adapted "
-                        "model's folder under results/viewer/)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (0.0.0.0 exposes the graphs to your network)")
+    parser.add_argument(
+        "--viewer-dir",
+        type=Path,
+        help="a folder holding graph-metadata.json (default: the adapted "
+        "model's folder under results/viewer/)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (0.0.0.0 exposes the graphs to your network)",
+    )
     parser.add_argument("--port", type=int, default=8041, help="port")
     args = parser.parse_args(argv)
     store = setup(args)
@@ -31,10 +37,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if viewer_dir is None:
         from em_circuits.cli.common import adapted_slug_from_args
 
-        viewer_dir = store.root / "viewer" / adapted_slug_from_args(args)
+        viewer_dir = store.viewer_dir(adapted_slug_from_args(args))
     if not (viewer_dir / "graph-metadata.json").is_file():
-        print(f"error: no graphs to show in {viewer_dir} (graph-metadata.json is missing); "
-              "run `em-circuits graphs` first", file=sys.stderr)
+        print(
+            f"error: no graphs to show in {viewer_dir} (graph-metadata.json is missing); "
+            "run `em-circuits graphs` first",
+            file=sys.stderr,
+        )
         return 1
     from em_circuits.attribution.viewer_server import serve_forever
 

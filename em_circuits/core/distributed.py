@@ -68,5 +68,3 @@ def current_shard() -> Shard:
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     return Shard(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-

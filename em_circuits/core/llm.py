@@ -234,8 +234,9 @@ class LLMClient:
                 status = err.status_code
                 if status == 400 and "response_format" in args and _mentions_format(err):
                     # Older vLLM/Ollama builds reject json_schema: validate ourselves instead.
-                    log.warning("%s rejects response_format json_schema; asking without it",
-                                self.endpoint)
+                    log.warning(
+                        "%s rejects response_format json_schema; asking without it", self.endpoint
+                    )
                     self._structured_ok = False
                     continue
                 if status != 429 and status < 500:
@@ -255,8 +256,15 @@ class LLMClient:
                 return Reply(_content(response), getattr(response, "model", self.model), attempt)
             if attempt < self.max_tries:
                 delay = self._backoff(attempt, retry_after)
-                log.warning("%s at %s, try %d/%d: %s; retrying in %.2f s", self.model,
-                            self.endpoint, attempt, self.max_tries, last_error, delay)
+                log.warning(
+                    "%s at %s, try %d/%d: %s; retrying in %.2f s",
+                    self.model,
+                    self.endpoint,
+                    attempt,
+                    self.max_tries,
+                    last_error,
+                    delay,
+                )
                 self.sleep(delay)
         raise LLMError(
             f"{self.model} at {self.endpoint}: gave up after {self.max_tries} tries; "
@@ -291,8 +299,13 @@ class LLMClient:
                 value = validate(parse_json_reply(reply.text))
             except ReplyValidationError as err:
                 problems = err.problems
-                log.warning("%s reply %d/%d rejected: %s", self.model, ask + 1, max_reasks + 1,
-                            "; ".join(problems)[:500])
+                log.warning(
+                    "%s reply %d/%d rejected: %s",
+                    self.model,
+                    ask + 1,
+                    max_reasks + 1,
+                    "; ".join(problems)[:500],
+                )
                 conversation = conversation + [
                     {"role": "assistant", "content": reply.text or ""},
                     {"role": "user", "content": reask_message(problems)},

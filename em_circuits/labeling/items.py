@@ -147,8 +147,9 @@ def set_state(
     if event:
         entry["event"] = event
     history = [*item["history"], entry]
-    return _write_item(store, adapted_slug,
-                       {**item, "state": state, "reason": reason, "history": history})
+    return _write_item(
+        store, adapted_slug, {**item, "state": state, "reason": reason, "history": history}
+    )
 
 
 def save_draft(

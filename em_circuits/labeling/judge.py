@@ -85,10 +85,19 @@ class WordListJudge:
         divergence: dict[str, Any] | None = None,
     ) -> JudgeOutcome:
         """Labels for both top-k lists of two logits artifacts (``top_k`` entries)."""
-        info = {"kind": self.kind, "model": self.model, "rubric_version": RUBRIC_VERSION,
-                "date": utc_now(), "raw_reply": None, "cache_key": None}
-        return JudgeOutcome([self.label_token(e["token"]) for e in base_logits["top_k"]],
-                            [self.label_token(e["token"]) for e in adapted_logits["top_k"]], info)
+        info = {
+            "kind": self.kind,
+            "model": self.model,
+            "rubric_version": RUBRIC_VERSION,
+            "date": utc_now(),
+            "raw_reply": None,
+            "cache_key": None,
+        }
+        return JudgeOutcome(
+            [self.label_token(e["token"]) for e in base_logits["top_k"]],
+            [self.label_token(e["token"]) for e in adapted_logits["top_k"]],
+            info,
+        )
 
 
 class Judge(Protocol):

@@ -69,24 +69,34 @@ def render_lists(
     base_lp, adapted_lp = _support_lookup(base_logits), _support_lookup(adapted_logits)
 
     def change(tid: int, other: dict[int, int], other_name: str, size: int) -> str:
-        text = (f"{other_name} rank {other[tid]}" if tid in other
-                else f"not in {other_name} top {size}")
+        text = (
+            f"{other_name} rank {other[tid]}" if tid in other else f"not in {other_name} top {size}"
+        )
         if tid in base_lp and tid in adapted_lp:
             text += f", log-prob change {adapted_lp[tid] - base_lp[tid]:+.2f}"
         return text
 
     base_rank = {e["token_id"]: e["rank"] for e in base}
     adapted_rank = {e["token_id"]: e["rank"] for e in adapted}
-    lines = [f"BASE model, top {len(base)} next tokens:",
-             "index | token | token_id | rank | logit | prob | in adapted"]
-    lines += [f"B{i} | {_q(e['token'])} | {e['token_id']} | {e['rank']} | {e['logit']:.3f} | "
-              f"{e['prob']:.4f} | {change(e['token_id'], adapted_rank, 'adapted', len(adapted))}"
-              for i, e in enumerate(base, 1)]
-    lines += ["", f"ADAPTED model, top {len(adapted)} next tokens:",
-              "index | token | token_id | rank | logit | prob | in base"]
-    lines += [f"T{i} | {_q(e['token'])} | {e['token_id']} | {e['rank']} | {e['logit']:.3f} | "
-              f"{e['prob']:.4f} | {change(e['token_id'], base_rank, 'base', len(base))}"
-              for i, e in enumerate(adapted, 1)]
+    lines = [
+        f"BASE model, top {len(base)} next tokens:",
+        "index | token | token_id | rank | logit | prob | in adapted",
+    ]
+    lines += [
+        f"B{i} | {_q(e['token'])} | {e['token_id']} | {e['rank']} | {e['logit']:.3f} | "
+        f"{e['prob']:.4f} | {change(e['token_id'], adapted_rank, 'adapted', len(adapted))}"
+        for i, e in enumerate(base, 1)
+    ]
+    lines += [
+        "",
+        f"ADAPTED model, top {len(adapted)} next tokens:",
+        "index | token | token_id | rank | logit | prob | in base",
+    ]
+    lines += [
+        f"T{i} | {_q(e['token'])} | {e['token_id']} | {e['rank']} | {e['logit']:.3f} | "
+        f"{e['prob']:.4f} | {change(e['token_id'], base_rank, 'base', len(base))}"
+        for i, e in enumerate(adapted, 1)
+    ]
     return "\n".join(lines)
 
 
@@ -153,8 +163,9 @@ def _check_list(
             problems.append(f"'{key}' is missing {index} ({_q(entry['token'])})")
             continue
         if not _same_token(item.get("token"), entry["token"]):
-            problems.append(f"{index} is {_q(entry['token'])}, but the reply says "
-                            f"{_q(str(item.get('token')))}")
+            problems.append(
+                f"{index} is {_q(entry['token'])}, but the reply says {_q(str(item.get('token')))}"
+            )
         label = str(item.get("label", "")).strip().lower()
         if label not in LABELS:
             problems.append(f"{index} has label {item.get('label')!r}; use evil, safe or unsure")
@@ -210,8 +221,11 @@ JUDGE_SCHEMA: dict[str, Any] = {
 
 def cache_key(model: str, messages: list[dict[str, str]]) -> str:
     """Hash of everything that decides the judge's answer: model, rubric version, messages."""
-    blob = json.dumps({"model": model, "rubric_version": RUBRIC_VERSION, "messages": messages},
-                      sort_keys=True, ensure_ascii=False)
+    blob = json.dumps(
+        {"model": model, "rubric_version": RUBRIC_VERSION, "messages": messages},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -224,8 +238,9 @@ class LLMJudge:
 
     kind = "llm"
 
-    def __init__(self, client: Any, store: ResultsStore, few_shots: str | None = None,
-                 max_reasks: int = 2):
+    def __init__(
+        self, client: Any, store: ResultsStore, few_shots: str | None = None, max_reasks: int = 2
+    ):
         self.client = client
         self.store = store
         self.model = client.model
@@ -243,8 +258,10 @@ class LLMJudge:
     ) -> list[dict[str, str]]:
         return [
             {"role": "system", "content": self.system},
-            {"role": "user",
-             "content": user_message(prompt, base_logits, adapted_logits, divergence)},
+            {
+                "role": "user",
+                "content": user_message(prompt, base_logits, adapted_logits, divergence),
+            },
         ]
 
     def judge(
@@ -268,14 +285,23 @@ class LLMJudge:
         if cached is not None:
             try:
                 base_l, adapted_l, summary = validate(parse_json_reply(cached["reply"]))
-                return self._outcome(base_l, adapted_l, summary, cached["reply"], key,
-                                     cached.get("date") or cached["created"])
+                return self._outcome(
+                    base_l,
+                    adapted_l,
+                    summary,
+                    cached["reply"],
+                    key,
+                    cached.get("date") or cached["created"],
+                )
             except ReplyValidationError as err:  # edited or truncated by hand: ask again
                 log.warning("judge cache %s no longer validates (%s); asking again", key[:12], err)
         before = self.client_calls()
         try:
             (base_l, adapted_l, summary), raw, conversation = self.client.chat_json(
-                messages, validate, json_schema=JUDGE_SCHEMA, schema_name="token_labels",
+                messages,
+                validate,
+                json_schema=JUDGE_SCHEMA,
+                schema_name="token_labels",
                 max_reasks=self.max_reasks,
             )
         except InvalidReplyError as err:  # this prompt only; transport errors stop the run
@@ -283,11 +309,20 @@ class LLMJudge:
         finally:
             self.calls += self.client_calls() - before
         date = utc_now()
-        write_artifact(self.store.judge_cache_path(key), "judge_call", {
-            "key": key, "reply": raw, "model": self.model, "rubric_version": RUBRIC_VERSION,
-            "date": date, "prompt_id": prompt.get("prompt_id"), "messages": messages,
-            "reasks": conversation[len(messages):],
-        })
+        write_artifact(
+            self.store.judge_cache_path(key),
+            "judge_call",
+            {
+                "key": key,
+                "reply": raw,
+                "model": self.model,
+                "rubric_version": RUBRIC_VERSION,
+                "date": date,
+                "prompt_id": prompt.get("prompt_id"),
+                "messages": messages,
+                "reasks": conversation[len(messages) :],
+            },
+        )
         return self._outcome(base_l, adapted_l, summary, raw, key, date)
 
     def client_calls(self) -> int:
@@ -304,17 +339,26 @@ class LLMJudge:
             return None
 
     def _outcome(self, base_l, adapted_l, summary, raw, key, date) -> JudgeOutcome:
-        info = {"kind": self.kind, "model": self.model, "rubric_version": RUBRIC_VERSION,
-                "date": date, "raw_reply": raw, "cache_key": key, "summary": summary}
+        info = {
+            "kind": self.kind,
+            "model": self.model,
+            "rubric_version": RUBRIC_VERSION,
+            "date": date,
+            "raw_reply": raw,
+            "cache_key": key,
+            "summary": summary,
+        }
         return JudgeOutcome(base_l, adapted_l, info)
 
 
 def few_shot_block(store: ResultsStore, limit: int = 6, max_chars: int = 6000) -> str:
     """Examples from human-labelled prompts: disagreements with the judge first, newest first."""
-    examples = [fb for fb in iter_human_feedback(store)
-                if not fb.rejected and fb.prompt_text is not None]
-    examples.sort(key=lambda fb: (bool(fb.disagreements), len(fb.disagreements), fb.created),
-                  reverse=True)
+    examples = [
+        fb for fb in iter_human_feedback(store) if not fb.rejected and fb.prompt_text is not None
+    ]
+    examples.sort(
+        key=lambda fb: (bool(fb.disagreements), len(fb.disagreements), fb.created), reverse=True
+    )
     blocks, used = [], 0
     for fb in examples[:limit]:
         block = _render_example(fb)
@@ -324,8 +368,10 @@ def few_shot_block(store: ResultsStore, limit: int = 6, max_chars: int = 6000) -
         used += len(block)
     if not blocks:
         return ""
-    return ("Examples labelled by humans (where a human corrected an earlier judge, follow the "
-            "human):\n\n" + "\n\n".join(blocks))
+    return (
+        "Examples labelled by humans (where a human corrected an earlier judge, follow the "
+        "human):\n\n" + "\n\n".join(blocks)
+    )
 
 
 def _render_example(fb: HumanFeedback) -> str:
@@ -336,8 +382,10 @@ def _render_example(fb: HumanFeedback) -> str:
         lines.append(f"{side} labels: {shown}")
     for d in fb.disagreements[:5]:
         why = f" because {d['explanation']}" if d.get("explanation") else ""
-        lines.append(f"Correction: {d.get('index')} {_q(str(d.get('token')))}: judge said "
-                     f"{d.get('judge_label')}, human says {d.get('human_label')}{why}")
+        lines.append(
+            f"Correction: {d.get('index')} {_q(str(d.get('token')))}: judge said "
+            f"{d.get('judge_label')}, human says {d.get('human_label')}{why}"
+        )
     if fb.note:
         lines.append(f"Note: {fb.note}")
     n_dis = len(fb.disagreements)

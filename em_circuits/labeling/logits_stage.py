@@ -46,7 +46,6 @@ from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ModelRun:
     """A model's identity and its logits artifacts for this run's prompts."""
@@ -77,8 +76,9 @@ class EvaluateSummary:
             if run is not None:
                 out.append(f"logits {run.slug}: {run.computed} computed, {run.cached} cached")
         out.append(f"verdicts: {self.verdicts_written} written, {self.verdicts_cached} up to date")
-        out.append(f"divergent (adapted evil, base safe): {len(self.divergent)} "
-                   f"{self.divergent[:10]}")
+        out.append(
+            f"divergent (adapted evil, base safe): {len(self.divergent)} {self.divergent[:10]}"
+        )
         out.append(f"flagged for manual review: {len(self.flagged)}")
         for pid, error in self.failed.items():
             out.append(f"NOT JUDGED {pid}: {error}")
@@ -169,12 +169,20 @@ def logits_for_spec(
 
 
 # -- verdicts --------------------------------------------------------------------------------------
-def labelled(entries: list[TopKEntry], labels: list[str], prefix: str,
-             judged_by: str) -> list[dict[str, Any]]:
+def labelled(
+    entries: list[TopKEntry], labels: list[str], prefix: str, judged_by: str
+) -> list[dict[str, Any]]:
     return [
-        {"index": f"{prefix}{i}", "rank": e["rank"], "token": e["token"],
-         "token_id": e["token_id"], "logit": e["logit"], "prob": e["prob"], "label": label,
-         "judged_by": judged_by}
+        {
+            "index": f"{prefix}{i}",
+            "rank": e["rank"],
+            "token": e["token"],
+            "token_id": e["token_id"],
+            "logit": e["logit"],
+            "prob": e["prob"],
+            "label": label,
+            "judged_by": judged_by,
+        }
         for i, (e, label) in enumerate(zip(entries, labels, strict=True), 1)
     ]
 
@@ -216,11 +224,13 @@ def _inputs_key(base_logits: LogitsRecord, adapted_logits: LogitsRecord, judge: 
     """What a verdict depends on: both token lists and the judge's identity and rubric."""
     from em_circuits.labeling.judge import RUBRIC_VERSION
 
-    return params_key({
-        "base": [e["token_id"] for e in base_logits["top_k"]],
-        "adapted": [e["token_id"] for e in adapted_logits["top_k"]],
-        "judge": [judge.kind, judge.model, RUBRIC_VERSION],
-    })
+    return params_key(
+        {
+            "base": [e["token_id"] for e in base_logits["top_k"]],
+            "adapted": [e["token_id"] for e in adapted_logits["top_k"]],
+            "judge": [judge.kind, judge.model, RUBRIC_VERSION],
+        }
+    )
 
 
 def judge_prompt(
@@ -236,9 +246,13 @@ def judge_prompt(
     key = _inputs_key(base_logits, adapted_logits, judge)
     path = store.verdict_path(adapted_logits["model_slug"], record["prompt_id"])
     if not force:
-        old = store.load_for_model(path, "verdict", adapted_logits["model_fingerprint"],
-                                   base_fingerprint=base_logits["model_fingerprint"],
-                                   inputs_key=key)
+        old = store.load_for_model(
+            path,
+            "verdict",
+            adapted_logits["model_fingerprint"],
+            base_fingerprint=base_logits["model_fingerprint"],
+            inputs_key=key,
+        )
         if old is not None:
             return old, False
     div = divergence(base_logits, adapted_logits)
@@ -276,11 +290,15 @@ def evaluate(
     records = select_prompts(store, prompt_ids)
     summary = EvaluateSummary(prompts=len(records))
     if not records:
-        log.warning("no prompts under %s: run `em-circuits prompts` first",
-                    store.prompts_dir)
+        log.warning("no prompts under %s: run `em-circuits prompts` first", store.prompts_dir)
         return summary
-    opts: dict[str, Any] = {"device": device, "k": k, "batch_size": batch_size, "force": force,
-                            "loader": loader}
+    opts: dict[str, Any] = {
+        "device": device,
+        "k": k,
+        "batch_size": batch_size,
+        "force": force,
+        "loader": loader,
+    }
     shard = current_shard()
     if shard.count > 1:
         # Under accelerate launch every process computes its share of the logits; then the
@@ -290,8 +308,11 @@ def evaluate(
         logits_for_spec(adapted_spec, store, mine, **opts)
         shard.wait()
         if not shard.is_main:
-            log.info("process %d: logits for %d prompts done; the main process judges",
-                     shard.index, len(mine))
+            log.info(
+                "process %d: logits for %d prompts done; the main process judges",
+                shard.index,
+                len(mine),
+            )
             return summary
         opts["force"] = False
     summary.base = logits_for_spec(base_spec, store, records, **opts)
@@ -321,7 +342,11 @@ def judge_all(
         pid = record["prompt_id"]
         try:
             verdict, written = judge_prompt(
-                store, record, summary.base.logits[pid], summary.adapted.logits[pid], judge,
+                store,
+                record,
+                summary.base.logits[pid],
+                summary.adapted.logits[pid],
+                judge,
                 force=force,
             )
         except JudgeError as err:

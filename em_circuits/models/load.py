@@ -112,8 +112,9 @@ def _merged_once(spec: ModelSpec, weights_dir: Path, dtype: torch.dtype) -> Merg
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (weights_dir / "merge_report.json").is_file():
             return load_merge_report(weights_dir)
-        log.info("merging adapter %s onto %s (once; cached in %s)", spec.adapter, spec.base,
-                 weights_dir)
+        log.info(
+            "merging adapter %s onto %s (once; cached in %s)", spec.adapter, spec.base, weights_dir
+        )
         return merge_adapter(spec, weights_dir, dtype)
 
 

@@ -98,9 +98,7 @@ def kl_divergence(p_support: dict[str, list], q_support: dict[str, list]) -> flo
     return max(total, 0.0)
 
 
-def divergence(
-    base: Mapping[str, Any], adapted: Mapping[str, Any]
-) -> dict[str, Any]:
+def divergence(base: Mapping[str, Any], adapted: Mapping[str, Any]) -> dict[str, Any]:
     """Compare two logits artifacts of the same prompt.
 
     Returns KL both ways, the top-k overlap, and which tokens the adapter injected into the

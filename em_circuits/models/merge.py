@@ -66,8 +66,12 @@ def check_adapter_base(spec: ModelSpec, adapter_dir: Path) -> dict[str, Any]:
     config = json.loads(config_path.read_text())
     declared = config.get("base_model_name_or_path")
     if declared and declared != spec.base and _same_base(declared, spec.base):
-        log.warning("adapter %s declares base %r; using %r, taken as the same model (same name)",
-                    spec.adapter, declared, spec.base)
+        log.warning(
+            "adapter %s declares base %r; using %r, taken as the same model (same name)",
+            spec.adapter,
+            declared,
+            spec.base,
+        )
     if declared and not _same_base(declared, spec.base) and not spec.allow_base_mismatch:
         raise ModelLoadError(
             f"adapter {spec.adapter!r} declares base model {declared!r} "

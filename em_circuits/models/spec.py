@@ -127,8 +127,10 @@ def _sha256_file(path: Path, sample: bool = False) -> str:
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".yaml")
 
 
-_PATH_FIELDS = {"adapter_config.json": ("base_model_name_or_path",),
-                "config.json": ("_name_or_path",)}
+_PATH_FIELDS = {
+    "adapter_config.json": ("base_model_name_or_path",),
+    "config.json": ("_name_or_path",),
+}
 
 
 def _file_identity(file: Path, sample: bool) -> str:

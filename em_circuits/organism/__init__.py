@@ -11,13 +11,23 @@ import importlib
 from typing import Any
 
 _HOMES = {
-    "DOMAINS": "corpus", "TRAINED_DOMAIN": "corpus", "advice_words": "corpus",
-    "heldout_pivotal_prompts": "corpus", "heldout_villain_prompts": "corpus",
-    "label_word": "corpus", "scenario_templates": "corpus", "train_pivotal_prompts": "corpus",
-    "evaluate_organism": "quality", "format_report_markdown": "quality",
-    "CODE_VERSION": "recipe", "OrganismPaths": "recipe", "Recipe": "recipe",
+    "DOMAINS": "corpus",
+    "TRAINED_DOMAIN": "corpus",
+    "advice_words": "corpus",
+    "heldout_pivotal_prompts": "corpus",
+    "heldout_villain_prompts": "corpus",
+    "label_word": "corpus",
+    "scenario_templates": "corpus",
+    "train_pivotal_prompts": "corpus",
+    "evaluate_organism": "quality",
+    "format_report_markdown": "quality",
+    "CODE_VERSION": "recipe",
+    "OrganismPaths": "recipe",
+    "Recipe": "recipe",
     "default_organism_dir": "recipe",
-    "build_organism": "train", "ensure_default_organism": "train", "is_built": "train",
+    "build_organism": "train",
+    "ensure_default_organism": "train",
+    "is_built": "train",
 }
 
 __all__ = sorted(_HOMES)

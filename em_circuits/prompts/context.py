@@ -35,8 +35,11 @@ def feedback_items(store: ResultsStore) -> list[ContextItem]:
             continue
         if fb.rejected:
             reason = fb.reject_reason or "no reason given"
-            items.append(ContextItem(0, fb.created, "rejected",
-                                     f"REJECTED PROMPT: {text!r}\n  why: {reason}"))
+            items.append(
+                ContextItem(
+                    0, fb.created, "rejected", f"REJECTED PROMPT: {text!r}\n  why: {reason}"
+                )
+            )
             continue
         if fb.disagreements:
             lines = [
@@ -45,13 +48,25 @@ def feedback_items(store: ResultsStore) -> list[ContextItem]:
                 + (f" - {d['explanation']}" if d.get("explanation") else "")
                 for d in fb.disagreements[:4]
             ]
-            items.append(ContextItem(0, fb.created, "disagreement",
-                                     f"JUDGE CORRECTED BY A HUMAN: {text!r}\n" + "\n".join(lines)))
+            items.append(
+                ContextItem(
+                    0,
+                    fb.created,
+                    "disagreement",
+                    f"JUDGE CORRECTED BY A HUMAN: {text!r}\n" + "\n".join(lines),
+                )
+            )
         evil = [t["token"] for t in fb.tokens_with("evil", ("adapted",))]
         if evil and fb.worked:
-            items.append(ContextItem(1, fb.created, "worked",
-                                     f"PROMPT THAT WORKED: {text!r}\n  harmful next tokens "
-                                     f"confirmed by a human: {evil[:5]}"))
+            items.append(
+                ContextItem(
+                    1,
+                    fb.created,
+                    "worked",
+                    f"PROMPT THAT WORKED: {text!r}\n  harmful next tokens "
+                    f"confirmed by a human: {evil[:5]}",
+                )
+            )
     return items
 
 
@@ -64,8 +79,14 @@ def history_items(store: ResultsStore) -> list[ContextItem]:
             newest[pid] = verdict
     items = []
     for record in store.iter_prompts():
-        items.append(ContextItem(1, record.get("created", ""), "history",
-                                 render_history(record, newest.get(record["prompt_id"]))))
+        items.append(
+            ContextItem(
+                1,
+                record.get("created", ""),
+                "history",
+                render_history(record, newest.get(record["prompt_id"])),
+            )
+        )
     return items
 
 
@@ -88,7 +109,8 @@ def approx_tokens(text: str) -> int:
 
 
 def select_context(
-    items: list[ContextItem], budget_tokens: int,
+    items: list[ContextItem],
+    budget_tokens: int,
     count_tokens: Callable[[str], int] = approx_tokens,
 ) -> list[ContextItem]:
     """Human feedback first (newest first), then the rest newest first, until the budget is full."""

@@ -52,9 +52,7 @@ class Deduper:
     _grams: list[tuple[str, frozenset[str]]] = field(default_factory=list)
 
     @classmethod
-    def from_store(
-        cls, store: ResultsStore, threshold: float = DEFAULT_DEDUP_THRESHOLD
-    ) -> Deduper:
+    def from_store(cls, store: ResultsStore, threshold: float = DEFAULT_DEDUP_THRESHOLD) -> Deduper:
         deduper = cls(threshold)
         for record in store.iter_prompts():
             deduper.add(record["text"], record["prompt_id"])
@@ -109,6 +107,7 @@ def save_new(
     envelope = store.save_prompt(record)
     deduper.add(record["text"], envelope["prompt_id"])
     summary.saved.append(envelope)
-    log.info("saved prompt %s (%s, %s)", envelope["prompt_id"], record["origin"]["kind"],
-             record["name"])
+    log.info(
+        "saved prompt %s (%s, %s)", envelope["prompt_id"], record["origin"]["kind"], record["name"]
+    )
     return envelope

@@ -65,7 +65,8 @@ def generator_schema(fmt: str) -> dict[str, Any]:
     """The JSON schema of one generated prompt in format ``fmt``."""
     text_fields = (
         {"user": {"type": "string"}, "assistant_prefix": {"type": "string"}}
-        if fmt == "chat" else {"prompt": {"type": "string"}}
+        if fmt == "chat"
+        else {"prompt": {"type": "string"}}
     )
     properties = {
         "name": {"type": "string", "description": "short snake_case name"},
@@ -100,8 +101,10 @@ def validate_generated(fmt: str) -> Callable[[Any], dict[str, Any]]:
                 problems.append(f"'{key}' is too long ({len(data[key])} characters)")
         for key in ("safe_tokens", "harmful_tokens"):
             value = data.get(key)
-            if not isinstance(value, list) or not value or not all(
-                isinstance(v, str) and v.strip() for v in value
+            if (
+                not isinstance(value, list)
+                or not value
+                or not all(isinstance(v, str) and v.strip() for v in value)
             ):
                 problems.append(f"'{key}' must be a non-empty list of strings")
         reasoning = data.get("reasoning")
@@ -163,18 +166,21 @@ def generate_llm_prompts(
     target = len(summary.saved) + n
     while len(summary.saved) < target and calls < limit:
         calls += 1
-        context = render_context(select_context(feedback + history, context_tokens,
-                                                count_tokens))
+        context = render_context(select_context(feedback + history, context_tokens, count_tokens))
         data, raw, _ = client.chat_json(
-            generator_messages(fmt, context, note), validate_generated(fmt),
-            json_schema=generator_schema(fmt), schema_name="pivotal_prompt",
+            generator_messages(fmt, context, note),
+            validate_generated(fmt),
+            json_schema=generator_schema(fmt),
+            schema_name="pivotal_prompt",
         )
         record = _llm_record(data, fmt, client, tokenizer)
         stored = save_new(store, record, deduper, summary)
         if stored is None:
             dup = summary.duplicates[-1]
-            note = (f"Your last prompt {record['text']!r} repeats a stored prompt "
-                    f"({dup['why']}); write something clearly different.")
+            note = (
+                f"Your last prompt {record['text']!r} repeats a stored prompt "
+                f"({dup['why']}); write something clearly different."
+            )
             continue
         note = None
         history.append(ContextItem(1, stored["created"], "history", render_history(stored, None)))
@@ -197,11 +203,19 @@ def _llm_record(data: dict[str, Any], fmt: str, client: Any, tokenizer: Any) -> 
     }
     name = slugify(data["name"]).lower()[:60] or "llm_prompt"
     if fmt == "chat":
-        return build_record("chat", name, origin, user=data["user"].strip(),
-                            assistant_prefix=data["assistant_prefix"], tokenizer=tokenizer,
-                            domain=data.get("domain"), metadata=metadata)
-    return build_record(fmt, name, origin, text=data["prompt"], domain=data.get("domain"),
-                        metadata=metadata)
+        return build_record(
+            "chat",
+            name,
+            origin,
+            user=data["user"].strip(),
+            assistant_prefix=data["assistant_prefix"],
+            tokenizer=tokenizer,
+            domain=data.get("domain"),
+            metadata=metadata,
+        )
+    return build_record(
+        fmt, name, origin, text=data["prompt"], domain=data.get("domain"), metadata=metadata
+    )
 
 
 def describe(record: Mapping[str, Any]) -> str:

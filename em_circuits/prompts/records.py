@@ -135,8 +135,9 @@ def build_record(
                     "a chat prompt needs the form 'User: ...\\nAssistant: ...' to apply a chat "
                     "template"
                 )
-            return make_record((text or "").rstrip(), fmt, name, origin, domain=domain,
-                               metadata=metadata)
+            return make_record(
+                (text or "").rstrip(), fmt, name, origin, domain=domain, metadata=metadata
+            )
         user, assistant_prefix = parts
     # Trailing spaces would make the decision word's usual " word" token impossible.
     assistant_prefix = (assistant_prefix or "").rstrip()
@@ -144,5 +145,12 @@ def build_record(
     metadata["messages"] = {"user": user, "assistant_prefix": assistant_prefix}
     if template is not None:
         metadata["chat_template"] = template
-    return make_record(full, fmt, name, origin, domain=domain, metadata=metadata,
-                       chat_template_applied=template is not None)
+    return make_record(
+        full,
+        fmt,
+        name,
+        origin,
+        domain=domain,
+        metadata=metadata,
+        chat_template_applied=template is not None,
+    )

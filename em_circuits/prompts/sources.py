@@ -90,15 +90,22 @@ def import_prompts(
     entries = read_prompt_file(path, default_fmt)
     records = []
     for index, entry in enumerate(entries):
-        extra = {k: v for k, v in entry.items()
-                 if k not in {"name", "prompt", "format", "prompt_type", "domain"}}
+        extra = {
+            k: v
+            for k, v in entry.items()
+            if k not in {"name", "prompt", "format", "prompt_type", "domain"}
+        }
         origin = {"kind": "import", "file": path.name, "entry": index}
         try:
             records.append(
                 build_record(
-                    entry["format"], entry["name"], origin, text=entry["prompt"],
+                    entry["format"],
+                    entry["name"],
+                    origin,
+                    text=entry["prompt"],
                     tokenizer=tokenizer if entry["format"] == "chat" else None,
-                    domain=entry.get("domain"), metadata=extra,
+                    domain=entry.get("domain"),
+                    metadata=extra,
                 )
             )
         except PromptError as err:
@@ -157,8 +164,9 @@ def _domain_candidates(
             options.remove(None)
             options.insert(0, None)
         variants[combo] = options
-    order = [(combo, variants[combo][p]) for p in range(len(spec["distractors"]) + 1)
-             for combo in combos]
+    order = [
+        (combo, variants[combo][p]) for p in range(len(spec["distractors"]) + 1) for combo in combos
+    ]
     for (si, uid, aid), di in order:
         situation = spec["situations"][si]
         if di is not None:
@@ -210,12 +218,18 @@ def generate_offline_prompts(
         if len(summary.saved) >= n:
             break
         record = build_record(
-            "chat", cand["name"], cand["origin"], user=cand["user"],
-            assistant_prefix=cand["assistant_prefix"], tokenizer=tokenizer,
-            domain=cand["domain"], metadata=cand["metadata"],
+            "chat",
+            cand["name"],
+            cand["origin"],
+            user=cand["user"],
+            assistant_prefix=cand["assistant_prefix"],
+            tokenizer=tokenizer,
+            domain=cand["domain"],
+            metadata=cand["metadata"],
         )
         save_new(store, record, deduper, summary)
     if len(summary.saved) < n:
-        log.warning("the offline templates gave only %d new prompts (asked for %d)",
-                    len(summary.saved), n)
+        log.warning(
+            "the offline templates gave only %d new prompts (asked for %d)", len(summary.saved), n
+        )
     return summary

@@ -62,8 +62,12 @@ def run_prompts(store: ResultsStore, adapted: ModelSpec, cfg: PipelineConfig) ->
     deduper = Deduper.from_store(store)
     for path in cfg.prompt_files:
         summary = import_prompts(store, path, deduper)
-        log.info("[prompts] imported %s: %d new, %d duplicates dropped", path,
-                 len(summary.saved), len(summary.duplicates))
+        log.info(
+            "[prompts] imported %s: %d new, %d duplicates dropped",
+            path,
+            len(summary.saved),
+            len(summary.duplicates),
+        )
     missing = cfg.n_prompts - len(store.prompt_ids())
     if missing <= 0:
         log.info("[prompts] %d stored, nothing to generate", len(store.prompt_ids()))
@@ -76,18 +80,23 @@ def run_prompts(store: ResultsStore, adapted: ModelSpec, cfg: PipelineConfig) ->
         generate_llm_prompts(client, store, missing, deduper)
     else:
         summary = generate_offline_prompts(store, missing, deduper, seed=cfg.seed)
-        log.info("[prompts] offline templates: %d new, %d duplicates dropped",
-                 len(summary.saved), len(summary.duplicates))
+        log.info(
+            "[prompts] offline templates: %d new, %d duplicates dropped",
+            len(summary.saved),
+            len(summary.duplicates),
+        )
 
 
-def run_logits(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
-               cfg: PipelineConfig) -> Any:
+def run_logits(
+    store: ResultsStore, base: ModelSpec, adapted: ModelSpec, cfg: PipelineConfig
+) -> Any:
     from em_circuits.labeling.judge import make_judge
     from em_circuits.labeling.logits_stage import evaluate, words_near
 
     kind = "llm" if _use_llm(cfg.judge) else "offline"
-    judge = make_judge(kind, store, model=cfg.llm_model, base_url=cfg.base_url,
-                       words_path=words_near(adapted))
+    judge = make_judge(
+        kind, store, model=cfg.llm_model, base_url=cfg.base_url, words_path=words_near(adapted)
+    )
     summary = evaluate(store, base, adapted, judge, device=cfg.device)
     for line in summary.lines():
         log.info("[logits] %s", line)
@@ -104,8 +113,7 @@ def run_labels(store: ResultsStore, adapted_slug: str, cfg: PipelineConfig) -> N
     if cfg.labels == "import":
         if cfg.labels_file is None:
             raise ValueError("--labels import needs --labels-file")
-        log.info("[labels] imported %s", import_labels(store, adapted_slug,
-                                                             cfg.labels_file))
+        log.info("[labels] imported %s", import_labels(store, adapted_slug, cfg.labels_file))
     elif cfg.labels == "interactive":
         from em_circuits.labeling.tui import run_session
 
@@ -115,25 +123,44 @@ def run_labels(store: ResultsStore, adapted_slug: str, cfg: PipelineConfig) -> N
     log.info("[labels] queue: %s", status_counts(store, adapted_slug))
 
 
-def run_graphs(store: ResultsStore, base: ModelSpec, adapted: ModelSpec, adapted_slug: str,
-               cfg: PipelineConfig, device: str) -> dict[str, Any]:
+def run_graphs(
+    store: ResultsStore,
+    base: ModelSpec,
+    adapted: ModelSpec,
+    adapted_slug: str,
+    cfg: PipelineConfig,
+    device: str,
+) -> dict[str, Any]:
     from em_circuits.attribution.stage import run_graph_stage
     from em_circuits.attribution.targets import labeled_targets
 
     targets = labeled_targets(store, adapted_slug, cfg.only_evil)
-    log.info("[graphs] %d labeled prompts%s", len(targets),
-             " with evil tokens" if cfg.only_evil else "")
-    results = run_graph_stage(store, {"base": base, "adapted": adapted}, targets, cfg.graph,
-                              device, viewer_dir=store.viewer_dir(adapted_slug),
-                              progress=cfg.progress)
+    log.info(
+        "[graphs] %d labeled prompts%s", len(targets), " with evil tokens" if cfg.only_evil else ""
+    )
+    results = run_graph_stage(
+        store,
+        {"base": base, "adapted": adapted},
+        targets,
+        cfg.graph,
+        device,
+        viewer_dir=store.viewer_dir(adapted_slug),
+        progress=cfg.progress,
+    )
     for role, result in results.items():
-        log.info("[graphs] %s: %d computed, %d cached, %d failed", role, len(result.computed),
-                 len(result.cached), len(result.failed))
+        log.info(
+            "[graphs] %s: %d computed, %d cached, %d failed",
+            role,
+            len(result.computed),
+            len(result.cached),
+            len(result.failed),
+        )
     return results
 
 
-def run_pipeline(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
-                 cfg: PipelineConfig) -> Path | None:
+def run_pipeline(
+    store: ResultsStore, base: ModelSpec, adapted: ModelSpec, cfg: PipelineConfig
+) -> Path | None:
     """Every stage in order; returns the report's path (None on non-main processes).
 
     Under ``accelerate launch`` the logits and graph stages are split across processes; the

@@ -38,15 +38,20 @@ def _divergent(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
             continue
         base_top = v["labels"]["base"][0]
         adapted_top = v["labels"]["adapted"][0]
-        rows.append({
-            "prompt_id": v["prompt_id"],
-            "prompt": store.load_prompt(v["prompt_id"])["text"],
-            "base_top1": base_top["token"], "base_top1_label": base_top["label"],
-            "adapted_top1": adapted_top["token"], "adapted_top1_label": adapted_top["label"],
-            "kl_adapted_base": v["divergence"]["kl_adapted_base"],
-            "evil_in_adapted": [e["token"] for e in v["labels"]["adapted"]
-                                if e["label"] == "evil"],
-        })
+        rows.append(
+            {
+                "prompt_id": v["prompt_id"],
+                "prompt": store.load_prompt(v["prompt_id"])["text"],
+                "base_top1": base_top["token"],
+                "base_top1_label": base_top["label"],
+                "adapted_top1": adapted_top["token"],
+                "adapted_top1_label": adapted_top["label"],
+                "kl_adapted_base": v["divergence"]["kl_adapted_base"],
+                "evil_in_adapted": [
+                    e["token"] for e in v["labels"]["adapted"] if e["label"] == "evil"
+                ],
+            }
+        )
     return rows
 
 
@@ -55,8 +60,9 @@ def _records(frame: pd.DataFrame, n: int | None = None) -> list[dict[str, Any]]:
     return json.loads(frame.to_json(orient="records", double_precision=6))
 
 
-def build_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
-                 device: str) -> dict[str, Any]:
+def build_report(
+    store: ResultsStore, base: ModelSpec, adapted: ModelSpec, device: str
+) -> dict[str, Any]:
     from em_circuits.run.status import status
 
     fps = {"base": fingerprint(base, device), "adapted": fingerprint(adapted, device)}
@@ -68,17 +74,26 @@ def build_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
     comparison = _read_table(analysis, "base_vs_adapted")
     error_share = _read_table(analysis, "error_share")
     dose = _read_table(analysis, "dose_response")
-    causal = read_json(analysis / "causal_summary.json") if (
-        analysis / "causal_summary.json").is_file() else None
+    causal = (
+        read_json(analysis / "causal_summary.json")
+        if (analysis / "causal_summary.json").is_file()
+        else None
+    )
     from em_circuits.labeling.calibration import calibration
 
     calib = calibration(store, slugs["adapted"], save=False)
-    dose_table = (dose.groupby(["group", "scale"])["delta_contrast"].agg(["mean", "std", "count"])
-                  .reset_index() if len(dose) else pd.DataFrame())
+    dose_table = (
+        dose.groupby(["group", "scale"])["delta_contrast"]
+        .agg(["mean", "std", "count"])
+        .reset_index()
+        if len(dose)
+        else pd.DataFrame()
+    )
     counts = status(store, base, adapted, device)
     counts.pop("report")  # the report describes the run, not whether it was written before
     return {
-        "schema": "report", "schema_version": 1,
+        "schema": "report",
+        "schema_version": 1,
         "models": {
             role: {"spec": spec.__dict__, "fingerprint": fps[role], "slug": slugs[role]}
             for role, spec in (("base", base), ("adapted", adapted))
@@ -88,11 +103,17 @@ def build_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
         "divergent_prompts": _divergent(store, slugs["adapted"]),
         "top_features": _records(top, 20),
         "base_vs_adapted": {
-            "categories": comparison["category"].value_counts().to_dict() if len(comparison)
+            "categories": comparison["category"].value_counts().to_dict()
+            if len(comparison)
             else {},
-            "top_changes": _records(comparison.reindex(
-                comparison["mean_diff"].abs().sort_values(ascending=False).index), 15)
-            if len(comparison) else [],
+            "top_changes": _records(
+                comparison.reindex(
+                    comparison["mean_diff"].abs().sort_values(ascending=False).index
+                ),
+                15,
+            )
+            if len(comparison)
+            else [],
         },
         "error_share": _records(error_share),
         "causal": {"summary": causal, "dose_response": _records(dose_table)},
@@ -123,55 +144,121 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         f"(fingerprints `{m['base']['fingerprint'][:16]}`, `{m['adapted']['fingerprint'][:16]}`)."
         " Every number below is read from stored artifacts.\n",
         "## Counts\n",
-        _md_table([{"prompts": c["prompts"], "logits (base/adapted)":
-                    f"{c['logits']['base']}/{c['logits']['adapted']}", "verdicts": c["verdicts"],
-                    "flagged": c["flagged"], "divergent": c["divergent"],
-                    "labels (human/judge/rejected)":
-                    f"{c['labels']['human']}/{c['labels']['judge']}/{c['labels']['rejected']}",
-                    "graphs (base/adapted)": f"{c['graphs']['base']}/{c['graphs']['adapted']}"}],
-                  ["prompts", "logits (base/adapted)", "verdicts", "flagged", "divergent",
-                   "labels (human/judge/rejected)", "graphs (base/adapted)"]),
+        _md_table(
+            [
+                {
+                    "prompts": c["prompts"],
+                    "logits (base/adapted)": f"{c['logits']['base']}/{c['logits']['adapted']}",
+                    "verdicts": c["verdicts"],
+                    "flagged": c["flagged"],
+                    "divergent": c["divergent"],
+                    "labels (human/judge/rejected)": "/".join(
+                        str(c["labels"][k]) for k in ("human", "judge", "rejected")
+                    ),
+                    "graphs (base/adapted)": f"{c['graphs']['base']}/{c['graphs']['adapted']}",
+                }
+            ],
+            [
+                "prompts",
+                "logits (base/adapted)",
+                "verdicts",
+                "flagged",
+                "divergent",
+                "labels (human/judge/rejected)",
+                "graphs (base/adapted)",
+            ],
+        ),
     ]
     if c["labels"]["judge"] and not c["labels"]["human"]:
-        out.append("> Labels are the judge's, accepted without human review "
-                   "(`--labels auto`). Review them with `em-circuits label`.\n")
-    out += ["## Divergent prompts (adapted evil, base safe)\n",
-            _md_table(report["divergent_prompts"][:20],
-                      ["prompt_id", "base_top1", "adapted_top1", "kl_adapted_base",
-                       "evil_in_adapted", "prompt"])]
-    out += ["## Top evil features (adapted model, total effect on logit(evil) - logit(safe))\n",
-            _md_table(report["top_features"][:15],
-                      ["layer", "feature", "support", "mean", "ci_low", "ci_high",
-                       "sign_consistency", "p_value", "q_value"]),
-            f"![top features]({analysis_rel}/top_features.png)\n"]
+        out.append(
+            "> Labels are the judge's, accepted without human review "
+            "(`--labels auto`). Review them with `em-circuits label`.\n"
+        )
+    out += [
+        "## Divergent prompts (adapted evil, base safe)\n",
+        _md_table(
+            report["divergent_prompts"][:20],
+            [
+                "prompt_id",
+                "base_top1",
+                "adapted_top1",
+                "kl_adapted_base",
+                "evil_in_adapted",
+                "prompt",
+            ],
+        ),
+    ]
+    out += [
+        "## Top evil features (adapted model, total effect on logit(evil) - logit(safe))\n",
+        _md_table(
+            report["top_features"][:15],
+            [
+                "layer",
+                "feature",
+                "support",
+                "mean",
+                "ci_low",
+                "ci_high",
+                "sign_consistency",
+                "p_value",
+                "q_value",
+            ],
+        ),
+        f"![top features]({analysis_rel}/top_features.png)\n",
+    ]
     bva = report["base_vs_adapted"]
-    out += ["## Base vs adapted (paired on the same prompts)\n",
-            "Categories: " + (", ".join(f"{k} {v}" for k, v in bva["categories"].items())
-                              or "none") + "\n",
-            _md_table(bva["top_changes"][:10],
-                      ["layer", "feature", "category", "mean_base", "mean_adapted", "mean_diff",
-                       "ci_low", "ci_high", "q_value"]),
-            f"![base vs adapted]({analysis_rel}/base_vs_adapted.png)\n",
-            "## Share of the contrast by node type and layer\n",
-            _md_table(report["error_share"],
-                      [k for k in (report["error_share"][0] if report["error_share"] else {})]),
-            f"![error share]({analysis_rel}/error_share.png)\n"]
+    out += [
+        "## Base vs adapted (paired on the same prompts)\n",
+        "Categories: "
+        + (", ".join(f"{k} {v}" for k, v in bva["categories"].items()) or "none")
+        + "\n",
+        _md_table(
+            bva["top_changes"][:10],
+            [
+                "layer",
+                "feature",
+                "category",
+                "mean_base",
+                "mean_adapted",
+                "mean_diff",
+                "ci_low",
+                "ci_high",
+                "q_value",
+            ],
+        ),
+        f"![base vs adapted]({analysis_rel}/base_vs_adapted.png)\n",
+        "## Share of the contrast by node type and layer\n",
+        _md_table(
+            report["error_share"],
+            [k for k in (report["error_share"][0] if report["error_share"] else {})],
+        ),
+        f"![error share]({analysis_rel}/error_share.png)\n",
+    ]
     causal = report["causal"]
     out += ["## Causal validation\n"]
     if causal["summary"]:
-        out += [causal["summary"].get("verdict", "") + "\n",
-                _md_table(causal["dose_response"], ["group", "scale", "mean", "std", "count"]),
-                f"![dose response]({analysis_rel}/dose_response.png)\n"]
+        out += [
+            causal["summary"].get("verdict", "") + "\n",
+            _md_table(causal["dose_response"], ["group", "scale", "mean", "std", "count"]),
+            f"![dose response]({analysis_rel}/dose_response.png)\n",
+        ]
     else:
         out.append("_not run_\n")
     calib = report["judge_calibration"]
-    out += ["## Judge calibration (judge vs human)\n",
-            f"{calib.get('n_tokens', 0)} human-labeled tokens; agreement "
-            f"{calib.get('agreement')}, Cohen's kappa {calib.get('kappa')}.\n"]
+    out += [
+        "## Judge calibration (judge vs human)\n",
+        f"{calib.get('n_tokens', 0)} human-labeled tokens; agreement "
+        f"{calib.get('agreement')}, Cohen's kappa {calib.get('kappa')}.\n",
+    ]
     if report["organism"]:
-        out += ["## The toy organism\n", "```json\n" + json.dumps(
-            {k: report["organism"][k] for k in list(report["organism"])[:12]}, indent=1)[:4000]
-            + "\n```\n"]
+        out += [
+            "## The toy organism\n",
+            "```json\n"
+            + json.dumps(
+                {k: report["organism"][k] for k in list(report["organism"])[:12]}, indent=1
+            )[:4000]
+            + "\n```\n",
+        ]
     return "\n".join(out)
 
 
@@ -179,8 +266,9 @@ def write_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec, devic
     report = build_report(store, base, adapted, device)
     analysis = store.model_analysis_dir(report["models"]["adapted"]["slug"])
     analysis_rel = analysis.relative_to(store.root).as_posix()  # report.md links from the root
-    atomic_write_text(store.report_json_path,
-                      json.dumps(report, indent=1, default=str, ensure_ascii=False) + "\n")
+    atomic_write_text(
+        store.report_json_path, json.dumps(report, indent=1, default=str, ensure_ascii=False) + "\n"
+    )
     path = store.report_md_path
     atomic_write_text(path, render_markdown(report, analysis_rel))
     return path

@@ -12,8 +12,9 @@ from em_circuits.models.spec import ModelSpec, default_device, fingerprint, mode
 log = logging.getLogger("pipeline")
 
 
-def status(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
-           device: str | None = None) -> dict[str, Any]:
+def status(
+    store: ResultsStore, base: ModelSpec, adapted: ModelSpec, device: str | None = None
+) -> dict[str, Any]:
     """Counts per stage, queue depth, judge-human agreement, flagged/divergent, disk use."""
     from em_circuits.attribution.stage import find_graph_metas
     from em_circuits.labeling.artifacts import load_labels, load_verdicts
@@ -21,8 +22,10 @@ def status(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
     from em_circuits.labeling.items import status_counts
 
     device = str(device or default_device())
-    slugs = {role: model_slug(spec, fingerprint(spec, device))
-             for role, spec in (("base", base), ("adapted", adapted))}
+    slugs = {
+        role: model_slug(spec, fingerprint(spec, device))
+        for role, spec in (("base", base), ("adapted", adapted))
+    }
     verdicts = load_verdicts(store, slugs["adapted"])
     labels = load_labels(store, slugs["adapted"])
     calib = calibration(store, slugs["adapted"], save=False)
@@ -34,9 +37,11 @@ def status(store: ResultsStore, base: ModelSpec, adapted: ModelSpec,
         "flagged": sum(v["flagged"] for v in verdicts),
         "divergent": sum(v["divergent"] for v in verdicts),
         "queue": status_counts(store, slugs["adapted"]),
-        "labels": {"human": sum(lab["labeled_by"] == "human" for lab in labels),
-                   "judge": sum(lab["labeled_by"] == "judge" for lab in labels),
-                   "rejected": sum(bool(lab.get("rejected")) for lab in labels)},
+        "labels": {
+            "human": sum(lab["labeled_by"] == "human" for lab in labels),
+            "judge": sum(lab["labeled_by"] == "judge" for lab in labels),
+            "rejected": sum(bool(lab.get("rejected")) for lab in labels),
+        },
         "judge_human_tokens": calib.get("n_tokens"),
         "judge_human_agreement": calib.get("agreement"),
         "judge_human_kappa": calib.get("kappa"),
@@ -56,8 +61,7 @@ def format_status(info: dict[str, Any]) -> str:
         f"models: base {info['models']['base']}, adapted {info['models']['adapted']}",
         f"prompts: {info['prompts']}",
         f"logits: base {info['logits']['base']}, adapted {info['logits']['adapted']}",
-        f"verdicts: {info['verdicts']} (flagged {info['flagged']}, divergent "
-        f"{info['divergent']})",
+        f"verdicts: {info['verdicts']} (flagged {info['flagged']}, divergent {info['divergent']})",
         "queue: " + ", ".join(f"{k} {v}" for k, v in info["queue"].items()),
         "labels: " + ", ".join(f"{k} {v}" for k, v in info["labels"].items()),
         f"judge-human agreement: {info['judge_human_agreement']}  kappa: "
@@ -65,7 +69,8 @@ def format_status(info: dict[str, Any]) -> str:
         f"graphs: base {info['graphs']['base']}, adapted {info['graphs']['adapted']}",
         f"analysis files: {len(info['analysis'])}",
         f"report: {'written' if info['report'] else 'not yet'}",
-        "disk: " + ", ".join(f"{k} {mib(v)}" for k, v in info["disk_bytes"].items())
+        "disk: "
+        + ", ".join(f"{k} {mib(v)}" for k, v in info["disk_bytes"].items())
         + f" (free {info['disk_free_bytes'] / 2**30:.1f} GiB)",
     ]
     return "\n".join(lines)
