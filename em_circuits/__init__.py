@@ -11,6 +11,7 @@ over ``core`` (store, records, LLM client, statistics) and ``models``; ``cli`` h
 __version__ = "0.2.0"
 
 from em_circuits.api import (  # noqa: E402
+    analyze,
     attribute_text,
     load,
     model_spec,
@@ -21,6 +22,7 @@ from em_circuits.api import (  # noqa: E402
 
 __all__ = [
     "__version__",
+    "analyze",
     "attribute_text",
     "load",
     "model_spec",

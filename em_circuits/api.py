@@ -19,7 +19,7 @@ stays quick.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from em_circuits.core.store import ResultsStore
 
@@ -113,6 +113,33 @@ def attribute_text(
         loaded, targets, AttributionParams(max_feature_nodes=max_feature_nodes)
     )
     return compact
+
+
+def analyze(
+    spec: ModelSpec | None = None,
+    results_dir: Path | str = "results",
+    device: str = "cpu",
+    prompt_ids: list[str] | None = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """Run the feature analysis (as ``em-circuits analyze``) on the stored graphs.
+
+    ``spec`` is the adapted model (default: the toy organism); its base is ``spec.base_only()``.
+    Keyword arguments set :class:`~em_circuits.analysis.stage.AnalysisParams` fields, e.g.
+    ``position="last"``, ``causal_top_k=0``. Returns the summary; read the tables with
+    :func:`read_analysis`.
+    """
+    from em_circuits.analysis.stage import AnalysisParams, run_analysis
+
+    adapted = spec if spec is not None else toy_organism_spec()
+    return run_analysis(
+        ResultsStore(results_dir),
+        adapted.base_only(),
+        adapted,
+        AnalysisParams(**params),
+        device,
+        prompt_ids=prompt_ids,
+    )
 
 
 def run_stages(results_dir: Path | str = "results", argv: list[str] | None = None) -> Path:

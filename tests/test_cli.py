@@ -172,6 +172,7 @@ def test_pip_install_gives_the_command_with_every_subcommand(tmp_path):
         assert f"usage: em-circuits {name}" in done.stdout
 
 
+@pytest.mark.slow
 def test_graphs_for_an_adhoc_prompt_text(micro_organism, tmp_path):
     """`graphs --prompt TEXT`: stored, scored, judged, labeled by the judge, graphed, Next."""
     from em_circuits.core.store import prompt_id

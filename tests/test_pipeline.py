@@ -346,3 +346,27 @@ def test_two_processes_write_the_same_artifacts_and_resume_after_a_kill(
         if not _tensors_close(_drop_fingerprints(ours[k]), _drop_fingerprints(single[k]), 1e-5)
     ]
     assert differ == []
+
+
+def test_python_api_reads_and_reruns_the_analysis(reference, micro_specs, tmp_path):
+    import dataclasses
+    import shutil
+
+    import em_circuits as em
+
+    results = tmp_path / "results"
+    shutil.copytree(reference, results)
+    tables = em.read_analysis(results)
+    assert {"top_features_adapted", "base_vs_adapted"} <= set(tables)
+    assert len(tables["top_features_adapted"]) > 0
+    _, adapted = micro_specs
+    adapted = dataclasses.replace(adapted, name="micro")  # as the CLI run named it
+    summary = em.analyze(
+        adapted,
+        results,
+        position="last",
+        causal_top_k=0,
+        prompt_ids=sorted(p.stem for p in (results / "prompts").glob("*.json"))[:4],
+    )
+    assert summary["folder"].startswith("analysis/") and "/prompts-" in summary["folder"]
+    assert (results / summary["folder"] / "top_features_adapted.csv").is_file()
