@@ -76,6 +76,13 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _run(command: list[str], env: dict[str, str] | None = None, **options):
+    """Run the pipeline to its end (or its crash point), output captured."""
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env or _env(), timeout=600, cwd=ROOT, **options
+    )
+
+
 def _normalize(value):
     if isinstance(value, dict):
         return {k: _normalize(v) for k, v in value.items() if k not in VOLATILE}
@@ -139,14 +146,7 @@ def _snapshot(results: Path) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def reference(micro_organism, tmp_path_factory):
     results = tmp_path_factory.mktemp("reference") / "results"
-    done = subprocess.run(
-        _command(micro_organism, results),
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-        cwd=ROOT,
-    )
+    done = _run(_command(micro_organism, results))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "report:" in done.stdout
     return results
@@ -176,14 +176,7 @@ def test_uninterrupted_run_writes_the_report(reference):
 def test_second_run_repeats_no_work(reference, micro_organism):
     computed = [*reference.glob("logits/*/*.json"), *reference.glob("graphs/*/*/*")]
     before = {p: p.stat().st_mtime_ns for p in computed}
-    done = subprocess.run(
-        _command(micro_organism, reference),
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-        cwd=ROOT,
-    )
+    done = _run(_command(micro_organism, reference))
     assert done.returncode == 0, done.stderr[-3000:]
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after, "logits or graphs were recomputed"
@@ -257,23 +250,9 @@ def test_kill_in_each_stage_then_resume_gives_the_same_artifacts(
     stage, reference, micro_organism, tmp_path
 ):
     results = tmp_path / "results"
-    crashed = subprocess.run(
-        _command(micro_organism, results),
-        capture_output=True,
-        text=True,
-        env=_crashing_env(STAGE_CRASH_POINTS[stage]),
-        timeout=600,
-        cwd=ROOT,
-    )
+    crashed = _run(_command(micro_organism, results), _crashing_env(STAGE_CRASH_POINTS[stage]))
     assert crashed.returncode == -signal.SIGKILL, f"the run did not crash in stage {stage}"
-    done = subprocess.run(
-        _command(micro_organism, results),
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-        cwd=ROOT,
-    )
+    done = _run(_command(micro_organism, results))
     assert done.returncode == 0, done.stderr[-3000:]
     leftovers = [p for p in results.rglob(".*.tmp")]
     assert not leftovers, leftovers
@@ -314,25 +293,14 @@ def test_two_processes_write_the_same_artifacts_and_resume_after_a_kill(
 ):
     results = tmp_path / "results"
     # The first graph written by either worker kills the launcher and both workers: a lost node.
-    crashed = subprocess.run(
+    crashed = _run(
         _launch(micro_organism, results),
-        capture_output=True,
-        text=True,
-        env=_crashing_env(STAGE_CRASH_POINTS["graphs"], group=True),
-        cwd=ROOT,
-        timeout=600,
+        _crashing_env(STAGE_CRASH_POINTS["graphs"], group=True),
         start_new_session=True,
     )
     assert crashed.returncode == -signal.SIGKILL, "the launch did not crash in the graph stage"
     assert any(results.glob("graphs/*/*/*.json"))
-    done = subprocess.run(
-        _launch(micro_organism, results),
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-        cwd=ROOT,
-    )
+    done = _run(_launch(micro_organism, results))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "process 1" in done.stderr  # the second worker really took part
     # Equal within float rounding: accelerate runs each worker with OMP_NUM_THREADS=1 while
