@@ -1,105 +1,32 @@
 """The labeling program driven in a real pseudo-terminal: typing commands, reading the screen.
 
-The program runs as a subprocess whose controlling terminal is a pty, so Ctrl-C (\\x03) goes
-through the terminal's line discipline exactly as it does for a person at a keyboard.
+The program runs as a subprocess whose controlling terminal is a pty (tests/pty_terminal.py),
+so single keys, Ctrl-C (\\x03) and a closed terminal reach it exactly as they do from a
+person at a keyboard.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import re
-import select
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
+from pty_terminal import Terminal
 from test_queue import MODEL_FLAGS, PYTHON, SCRIPT, make_results
 
 from em_circuits.labeling.artifacts import (
     find_disagreements,
-    human_labels_from_marks,
     judge_labels,
     load_item,
     load_label,
     load_verdict,
+    with_marks,
+    working_labels,
 )
 from em_circuits.labeling.items import QueueFilter, enqueue_flagged, open_items
 from em_circuits.labeling.tui import rank_change, run_session
-
-# Become session leader and take the pty as controlling terminal, then run the program.
-_CTTY_WRAPPER = (
-    "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-    "os.execv(sys.argv[1], sys.argv[1:])"
-)
-
-
-class Terminal:
-    """A program running in a pty; ``expect`` waits for text on its screen."""
-
-    def __init__(self, argv: list[str]):
-        master, slave = os.openpty()
-        env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [PYTHON, "-c", _CTTY_WRAPPER, *argv],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            env=env,
-            close_fds=True,
-        )
-        os.close(slave)
-        self.fd = master
-        self.screen = ""  # everything shown so far
-        self.seen = 0  # how much of it earlier expects consumed
-
-    def _read(self, timeout: float) -> bool:
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        if not ready:
-            return True
-        try:
-            data = os.read(self.fd, 65536)
-        except OSError:  # EIO: the program closed the terminal (exited)
-            return False
-        if not data:
-            return False
-        self.screen += data.decode("utf-8", errors="replace").replace("\r\n", "\n")
-        return True
-
-    def expect(self, text: str, timeout: float = 30.0) -> str:
-        """Wait until ``text`` appears after what earlier calls consumed; returns the new part."""
-        deadline = time.monotonic() + timeout
-        while text not in self.screen[self.seen :]:
-            if time.monotonic() > deadline or not self._read(0.2):
-                if text in self.screen[self.seen :]:
-                    break
-                raise AssertionError(f"{text!r} not on screen; got:\n{self.screen[self.seen :]}")
-        end = self.screen.index(text, self.seen) + len(text)
-        chunk, self.seen = self.screen[self.seen : end], end
-        return chunk
-
-    def type(self, line: str, then: str = "label> ") -> str:
-        """Type a line and Enter, and wait for the next prompt."""
-        os.write(self.fd, (line + "\r").encode())
-        return self.expect(then)
-
-    def ctrl_c(self) -> None:
-        os.write(self.fd, b"\x03")
-
-    def wait(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while self._read(0.2) and time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-        code = self.proc.wait(timeout=max(deadline - time.monotonic(), 1))
-        os.close(self.fd)
-        return code
-
-    def close_terminal(self) -> int:
-        """Close the terminal window: the program gets SIGHUP."""
-        os.close(self.fd)
-        return self.proc.wait(timeout=30)
+from em_circuits.labeling.tui_render import CODES, describe_marks
 
 
 def scripted(out: io.StringIO, answers: list[str]):
@@ -114,8 +41,9 @@ def scripted(out: io.StringIO, answers: list[str]):
     return ask
 
 
-def start(results: Path, *args: str) -> Terminal:
-    return Terminal([PYTHON, str(SCRIPT), "--results-dir", str(results), *MODEL_FLAGS, *args])
+def start(results: Path, *args: str, rows: int = 24, cols: int = 80) -> Terminal:
+    argv = [PYTHON, str(SCRIPT), "--results-dir", str(results), *MODEL_FLAGS, *args]
+    return Terminal(argv, rows=rows, cols=cols)
 
 
 @pytest.fixture()
@@ -144,31 +72,37 @@ def test_label_skip_reject_disagree_in_a_terminal(queue_setup):
     text = store.load_prompt(order[0])["text"]
     assert f"Item 1/4 · prompt {order[0]}" in screen
     assert text.splitlines()[0] in screen
+    judge = judge_labels(first)
     for e in first["labels"]["base"] + first["labels"]["adapted"]:
+        code = CODES[judge[e["index"]]]  # the judge's label, then yours (the judge's at first)
         assert re.search(
-            rf"{e['index']}\s+{re.escape(repr(e['token']))}\s+{e['logit']:.4f}", screen
-        )
+            rf"{e['index']}\s+{re.escape(repr(e['token']))}\s+{e['logit']:.2f}\s+\S+\s+\S+\s+"
+            rf"{code} {code}\s",
+            screen,
+        ), e
     assert "BASE list" in screen and "ADAPTED list" in screen and "vs base" in screen
-    assert "[safe]" in screen and ("[EVIL]" in screen or "[UNSURE]" in screen)
+    assert "J Y" in screen and (" E E" in screen or " U U" in screen)  # flagged: evil or unsure
     assert "new" in screen  # every fixture adapted list has an injected token
 
     help_text = term.type("?")
     assert "accept the judge's labels" in help_text and "skip" in help_text
     assert "there is no token T11: the adapted list has T1..T10" in term.type("e T1 T11")
     assert "cannot read 'Q3'" in term.type("u Q3")
-    assert "Unknown command 'zzz'" in term.type("zzz")
+    assert "Unknown command 'bogus'" in term.type("bogus")
 
-    # Item 1: accept the judge. Item 2: skip. Item 3: own marks, explained token by token.
-    assert "judge labels accepted" in term.type("a")
+    # Item 1: accept the judge. Item 2: skip. Item 3: own changes, explained token by token.
+    assert "judge labels accepted" in term.type("a")  # a acts at once; the Enter is swallowed
     assert "Skipped" in term.type("s")
     v3 = load_verdict(store, slug, order[2])
-    assert "Your marks: evil T1 B2; everything else safe" in term.type("e T1, b2")
-    assert "unsure T4" in term.type("u 4")
-    assert "Note saved." in term.type("n checked by hand")
+    marks = with_marks(v3, {}, {"T1": "evil", "B2": "evil"})
+    assert describe_marks(marks) in term.type("e T1, b2")
+    marks = with_marks(v3, marks, {"T4": "unsure"})
+    assert describe_marks(marks) in term.type("u 4")
+    assert "Note saved." in term.type("n checked by hand")  # n opens the note prompt
     judge = judge_labels(v3)
-    human = human_labels_from_marks(v3, {"T1": "evil", "B2": "evil", "T4": "unsure"})
+    human = working_labels(v3, marks)
     disagree = [idx for idx in human if judge[idx] != human[idx]]
-    assert disagree  # the fixture makes the person disagree somewhere
+    assert "B2" in disagree  # the judge calls every B2 of the fixture safe
     shown = term.type("c", then="why> ")
     assert f"You disagree with the judge on {len(disagree)} token(s)" in shown
     term.type("each", then="> ")
@@ -185,7 +119,7 @@ def test_label_skip_reject_disagree_in_a_terminal(queue_setup):
     assert "This session: 2 labeled, 1 rejected, 1 skipped" in term.screen
 
     lab1 = load_label(store, slug, order[0])
-    assert lab1["labeled_by"] == "human" and lab1["disagreements"] == []
+    assert lab1["labeled_by"] == "human" and lab1["disagreements"] == [] and lab1["version"] == 1
     assert lab1["human_verdict"]["adapted"] == first["verdict"]["adapted"]
     assert load_item(store, slug, order[1])["state"] == "skipped"
     assert load_label(store, slug, order[1]) is None
@@ -213,23 +147,25 @@ def test_ctrl_c_and_closed_terminal_lose_nothing(queue_setup):
     term = start(store.root)
     term.expect("label> ")
     term.type("a")  # item 1 answered
-    term.type("e T1")  # item 2: a mark, not yet confirmed
+    term.type("e B2 B3")  # item 2: changes (the judge calls both safe), not yet saved
     term.ctrl_c()
     term.expect("Interrupted. Every answer given is saved")
     assert term.wait() == 130
     assert load_item(store, slug, order[0])["state"] == "done"
     item2 = load_item(store, slug, order[1])
-    assert item2["state"] == "in_progress" and item2["draft"]["marks"] == {"T1": "evil"}
+    assert item2["state"] == "in_progress"
+    assert item2["draft"]["marks"] == {"B2": "evil", "B3": "evil"}
+    assert not any(store.queue_dir(slug).glob("*.lease"))  # Ctrl-C released the lease
 
-    # Resume: the interrupted item is first, with its mark; Ctrl-C again while explaining.
+    # Resume: the interrupted item is first, with its changes; Ctrl-C again while explaining.
     term = start(store.root)
     screen = term.expect("label> ")
     assert f"Item 1/3 · prompt {order[1]} · was in_progress" in screen
-    assert "Your marks: evil T1;" in screen
+    assert "Your changes to the judge's labels: evil B2 B3." in screen
     verdict = load_verdict(store, slug, order[1])
-    human = human_labels_from_marks(verdict, {"T1": "evil"})
+    human = working_labels(verdict, {"B2": "evil", "B3": "evil"})
     disagree = [d["index"] for d in find_disagreements(verdict, human)]
-    assert len(disagree) >= 2
+    assert disagree == ["B2", "B3"]
     term.type("c", then="why> ")
     term.type("each", then="> ")
     term.type("first reason", then="> ")
@@ -248,12 +184,13 @@ def test_ctrl_c_and_closed_terminal_lose_nothing(queue_setup):
     got = {d["index"]: d["explanation"] for d in lab["disagreements"]}
     assert got == {disagree[0]: "first reason", **dict.fromkeys(disagree[1:], "the rest are fine")}
 
-    # Closing the terminal mid-item (SIGHUP) keeps the marks given on it.
-    term.type("u T2")
+    # Closing the terminal mid-item (SIGHUP) keeps the changes made on it, and the lease goes.
+    term.type("u B2")
     term.close_terminal()
     item3 = load_item(store, slug, order[2])
-    assert item3["state"] == "in_progress" and item3["draft"]["marks"] == {"T2": "unsure"}
+    assert item3["state"] == "in_progress" and item3["draft"]["marks"] == {"B2": "unsure"}
     assert load_item(store, slug, order[1])["state"] == "done"
+    assert not any(store.queue_dir(slug).glob("*.lease"))
 
     # A session after that starts with item 3 again (checked in-process: same code path).
     out = io.StringIO()
@@ -264,15 +201,16 @@ def test_ctrl_c_and_closed_terminal_lose_nothing(queue_setup):
 def test_back_from_explanation_and_accept_discarding_marks(queue_setup):
     store, slug, order = queue_setup
     out = io.StringIO()
-    answers = ["x T1 T99", "e T1 B1", "x B1", "c", "back", "a", "y", "s", "s", "s"]
+    answers = ["x T1 T99", "e B2 B1", "x B1", "c", "back", "a", "y", "s", "s", "s"]
     counts = run_session(store, slug, ask=scripted(out, answers), out=out)
     screen = out.getvalue()
     assert "Nothing cleared: there is no token T99" in screen
-    assert "Your marks: evil T1; everything else safe" in screen
-    assert "or 'back' to change your marks" in screen
+    assert "Your changes to the judge's labels: evil B2. Type c to save." in screen
+    assert "or 'back' to change your labels" in screen
     assert counts == {"done": 1, "rejected": 0, "skipped": 3}
     lab = load_label(store, slug, order[0])
     assert lab["disagreements"] == [] and lab["source"] == "terminal: accepted judge"
+    assert "\x1b" not in screen  # plain lines: no terminal control codes
 
 
 def test_filters_and_nothing_to_do(queue_setup):

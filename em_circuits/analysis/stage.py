@@ -27,8 +27,10 @@ from em_circuits.analysis.plots import (
     plot_error_share,
     plot_top_features,
 )
-from em_circuits.attribution.stage import find_graph_metas, load_graph
+from em_circuits.attribution.stage import GraphIntegrityError, find_graph_metas, load_graph
+from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import (
+    ArtifactError,
     ResultsStore,
     atomic_write_text,
     params_key,
@@ -78,18 +80,28 @@ def load_effects(
     position: str,
     progress: bool = False,
     prompt_ids: Collection[str] | None = None,
+    chosen: list[GraphMetaRecord] | None = None,
+    left_out: list[str] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame], dict[str, dict[str, Any]]]:
-    """Per prompt: feature effects (cached), error-share table, and the graph's metadata."""
+    """Per prompt: feature effects (cached), error-share table, and the graph's metadata.
+
+    ``chosen`` (the graphs :func:`chosen_graphs` picks) saves listing them again. A graph
+    whose file fails its integrity check is left out with a warning naming the file, and its
+    prompt id appended to ``left_out``.
+    """
     from tqdm import tqdm
 
     effects, shares, metas = {}, {}, {}
-    chosen = [
-        m
-        for m in find_graph_metas(store, slug)
-        if prompt_ids is None or m["prompt_id"] in prompt_ids
-    ]
+    if chosen is None:
+        chosen = chosen_graphs(store, slug, prompt_ids)
     for meta in tqdm(chosen, desc=f"features {slug}", disable=not progress, unit="graph"):
-        graph = load_graph(store, meta)
+        try:
+            graph = load_graph(store, meta)
+        except GraphIntegrityError as err:
+            log.warning("left out of the analysis: %s", err)
+            if left_out is not None:
+                left_out.append(meta["prompt_id"])
+            continue
         pid = meta["prompt_id"]
         if graph.contrast_index() is None:
             continue  # no evil-vs-safe contrast without both kinds of labels
@@ -99,6 +111,65 @@ def load_effects(
         shares[pid] = error_share(graph)
         metas[pid] = meta
     return effects, shares, metas
+
+
+def chosen_graphs(
+    store: ResultsStore, slug: str, prompt_ids: Collection[str] | None = None
+) -> list[GraphMetaRecord]:
+    """The graphs of one model the analysis reads: every complete one, or those of
+    ``prompt_ids``."""
+    return [
+        m
+        for m in find_graph_metas(store, slug)
+        if prompt_ids is None or m["prompt_id"] in prompt_ids
+    ]
+
+
+def analysis_inputs_key(
+    params: AnalysisParams, fingerprints: dict[str, str], graphs: dict[str, list[GraphMetaRecord]]
+) -> str:
+    """A hash of everything the tables are computed from: the models, the analysis parameters
+    and, per graph, its prompt, model and parameters key (which covers the labeled targets).
+
+    Graphs are identified by what they were computed from, not by their bytes: a graph
+    computed again from the same inputs is the same graph, while its float bytes (and so any
+    content hash) vary with the machine's thread count.
+    """
+    from em_circuits.analysis.effects import ANALYSIS_VERSION
+
+    return params_key(
+        {
+            "analysis_version": ANALYSIS_VERSION,
+            "params": asdict(params),
+            "models": fingerprints,
+            "graphs": {
+                role: sorted(
+                    (m["prompt_id"], m["model_fingerprint"], m["params_key"]) for m in metas
+                )
+                for role, metas in graphs.items()
+            },
+        }
+    )
+
+
+def _up_to_date(directory: Path, inputs_key: str) -> dict[str, Any] | None:
+    """The stored summary when it was made from these inputs and every file it names exists."""
+    path = directory / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = read_json(path, "table")
+    except ArtifactError:
+        return None
+    if not isinstance(summary, dict) or summary.get("inputs_key") != inputs_key:
+        return None
+    names = [*summary.get("tables", [])]
+    names += [Path(name).with_suffix(".json").name for name in summary.get("tables", [])]
+    if "causal" in summary:
+        names += ["causal_summary.json", "dose_response.csv"]
+    if not all((directory / name).is_file() for name in names):
+        return None
+    return summary
 
 
 def _causal_prompts(store: ResultsStore, metas: dict[str, dict[str, Any]]) -> list[dict]:
@@ -179,20 +250,35 @@ def run_analysis(
 
     With ``prompt_ids`` only those prompts' graphs are analysed, and the tables go to a
     subfolder ``prompts-<hash>`` so they never replace the analysis of all prompts.
+
+    When the stored summary was made from the same graphs and parameters (its
+    ``inputs_key``), nothing is computed or written and the stored summary is returned: a run
+    with nothing new to do works on a read-only results directory.
     """
-    slugs = {
-        role: model_slug(spec, fingerprint(spec, device))
-        for role, spec in (("base", base), ("adapted", adapted))
-    }
+    fps = {role: fingerprint(spec, device) for role, spec in (("base", base), ("adapted", adapted))}
+    specs = {"base": base, "adapted": adapted}
+    slugs = {role: model_slug(specs[role], fp) for role, fp in fps.items()}
     directory = store.model_analysis_dir(slugs["adapted"])
     if prompt_ids is not None:
         directory = directory / f"prompts-{params_key({'prompt_ids': sorted(prompt_ids)})}"
+    graphs = {role: chosen_graphs(store, slug, prompt_ids) for role, slug in slugs.items()}
+    inputs_key = analysis_inputs_key(params, fps, graphs)
+    stored = _up_to_date(directory, inputs_key)
+    if stored is not None:
+        log.info("analysis in %s is up to date (same graphs and parameters)", directory)
+        return stored
     directory.mkdir(parents=True, exist_ok=True)
+    left_out: list[str] = []
     eff_base, share_base, _ = load_effects(
-        store, slugs["base"], params.position, progress, prompt_ids
+        store, slugs["base"], params.position, progress, chosen=graphs["base"], left_out=left_out
     )
     eff_adapted, share_adapted, metas = load_effects(
-        store, slugs["adapted"], params.position, progress, prompt_ids
+        store,
+        slugs["adapted"],
+        params.position,
+        progress,
+        chosen=graphs["adapted"],
+        left_out=left_out,
     )
     paired = sorted(set(eff_base) & set(eff_adapted))
     summary: dict[str, Any] = {
@@ -200,6 +286,9 @@ def run_analysis(
         "params": asdict(params),
         "folder": directory.relative_to(store.root).as_posix(),
         "prompts": {"base": len(eff_base), "adapted": len(eff_adapted), "paired": len(paired)},
+        # Without the graphs that failed their check these tables are not those of the inputs:
+        # no key, so the next run (after `em-circuits graphs` recomputed them) redoes them.
+        "inputs_key": None if left_out else inputs_key,
     }
     if not eff_adapted:
         log.warning(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,20 +19,69 @@ from em_circuits.attribution.storage import (
     save_full,
 )
 from em_circuits.attribution.targets import AttributionParams, GraphError, PromptTargets
+from em_circuits.core.atomic import sha256_file
+from em_circuits.core.claims import read_holder, try_claim
 from em_circuits.core.schemas import GraphMetaRecord
-from em_circuits.core.store import ResultsStore, read_artifact, write_artifact
+from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact, write_artifact
 from em_circuits.models.load import LoadedModel, NonFiniteError
 
 log = logging.getLogger(__name__)
 
+#: How often a process waiting for graphs that another process is computing looks again, and
+#: how often it says that it is still waiting.
+CLAIM_POLL_SECONDS = 1.0
+WAIT_LOG_SECONDS = 30.0
+
+
+class GraphIntegrityError(ArtifactError):
+    """A compact graph file does not match the size or sha256 its metadata records."""
+
+
+def compact_problem(
+    store: ResultsStore, meta: GraphMetaRecord, check_hash: bool = True
+) -> str | None:
+    """What is wrong with the compact graph file a meta artifact describes; None when it is the
+    file that was written (same size and, with ``check_hash``, same sha256).
+
+    A truncated or overwritten file otherwise counts as a finished graph: the graph stage
+    never recomputes it and every analysis run fails on it.
+    """
+    path = store.compact_graph_path(meta)
+    files: dict[str, Any] = dict(meta.get("files") or {})
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "the compact graph file is missing"
+    expected = files.get("compact_bytes")
+    if isinstance(expected, int) and size != expected:
+        return f"{size} bytes where its metadata records {expected} (truncated or replaced)"
+    digest = files.get("compact_sha256")  # absent in metadata written before it was recorded
+    if check_hash and digest and sha256_file(path) != digest:
+        return "its sha256 differs from the one its metadata records (corrupted or replaced)"
+    return None
+
 
 def cached_graph_meta(
-    store: ResultsStore, slug: str, fp: str, pt: PromptTargets, params: AttributionParams
+    store: ResultsStore,
+    slug: str,
+    fp: str,
+    pt: PromptTargets,
+    params: AttributionParams,
+    warn: bool = True,
 ) -> GraphMetaRecord | None:
-    """The stored graph for these exact model, targets and parameters, if complete."""
+    """The stored graph for these exact model, targets and parameters, if complete and intact.
+
+    A graph whose compact file fails its size or sha256 check is a miss, with a warning naming
+    the file, so the stage computes it again.
+    """
     paths = graph_paths(store, slug, pt, params)
     meta = store.load_for_model(paths["meta"], "graph_meta", fp, params_key=pt.key(params))
-    if meta is None or not paths["compact"].is_file():
+    if meta is None:
+        return None
+    problem = compact_problem(store, meta)
+    if problem is not None:
+        if warn:
+            log.warning("%s: %s; computing the graph again", paths["compact"], problem)
         return None
     return meta
 
@@ -59,6 +109,7 @@ def build_graph(
             m["graph_logit"],
         )
     compact_bytes = save_compact(compact, paths["compact"])
+    compact_sha256 = sha256_file(paths["compact"])
     full_bytes = None
     if save_full_graph:
         full_bytes = save_full(paths["full"], info["dense"])
@@ -108,6 +159,7 @@ def build_graph(
             "files": {
                 "compact": paths["compact"].name,
                 "compact_bytes": compact_bytes,
+                "compact_sha256": compact_sha256,
                 "full": paths["full"].name if full_bytes else None,
                 "full_bytes": full_bytes,
             },
@@ -122,16 +174,36 @@ def build_graph(
 
 
 def load_graph(store: ResultsStore, meta: GraphMetaRecord) -> CompactGraph:
-    """The compact graph a metadata artifact describes."""
-    return load_compact(store.compact_graph_path(meta))
+    """The compact graph a metadata artifact describes; GraphIntegrityError when the file is
+    not the one that was written."""
+    path = store.compact_graph_path(meta)
+    problem = compact_problem(store, meta)
+    if problem is not None:
+        raise GraphIntegrityError(
+            path, problem, "run `em-circuits graphs` (or `em-circuits run`) to compute it again"
+        )
+    return load_compact(path)
 
 
 def find_graph_metas(store: ResultsStore, model_slug: str) -> list[GraphMetaRecord]:
-    """All complete graphs of one model (newest per prompt when parameters differ)."""
+    """All complete graphs of one model (newest per prompt when parameters differ).
+
+    A graph whose compact file is missing or has another size than recorded is left out, with
+    a warning naming the file (the sha256 is checked when the graph is loaded: hashing every
+    file here would make ``--status`` read them all).
+    """
     latest: dict[str, GraphMetaRecord] = {}
     for path in store.graph_meta_paths(model_slug):
         meta = read_artifact(path, "graph_meta")
         if not store.compact_graph_path(meta).is_file():
+            continue
+        problem = compact_problem(store, meta, check_hash=False)
+        if problem is not None:
+            log.warning(
+                "%s: %s; left out until `em-circuits graphs` computes it again",
+                store.compact_graph_path(meta),
+                problem,
+            )
             continue
         pid = meta["prompt_id"]
         if pid not in latest or meta["created"] > latest[pid]["created"]:
@@ -161,11 +233,12 @@ def run_graph_stage(
 
     Under ``accelerate launch`` each process takes every n-th prompt and the call returns when
     all processes are done; each result then lists that process's prompts only.
-    """
-    from tqdm import tqdm
 
+    Processes that share the results directory otherwise (two pipelines started on it) claim
+    each graph before computing it (:mod:`em_circuits.core.claims`): a graph another live
+    process is computing is skipped, and waited for at the end, so each is computed once.
+    """
     from em_circuits.core.distributed import current_shard
-    from em_circuits.models.load import load_model, release
     from em_circuits.models.spec import fingerprint, model_slug
 
     shard = current_shard()
@@ -185,19 +258,105 @@ def run_graph_stage(
         if not todo:
             log.info("%s: all %d graphs cached", slug, len(result.cached))
             continue
-        model = load_model(spec, device, store.merged_cache_dir)
-        try:
-            for pt in tqdm(todo, desc=f"graphs {role}", disable=not progress, unit="prompt"):
-                try:
-                    build_graph(store, model, role, pt, params, save_full_graph, viewer_dir)
-                    result.computed.append(pt.prompt_id)
-                except (GraphError, NonFiniteError) as err:
-                    log.error("skipping: %s", err)
-                    result.failed[pt.prompt_id] = str(err)
-        finally:
-            release(model)
+        _claim_and_build(
+            store,
+            role,
+            spec,
+            (slug, fp),
+            todo,
+            params,
+            device,
+            result,
+            force=force,
+            save_full_graph=save_full_graph,
+            viewer_dir=viewer_dir,
+            progress=progress,
+        )
     shard.wait()
     return results
+
+
+def _claim_and_build(
+    store: ResultsStore,
+    role: str,
+    spec: Any,
+    identity: tuple[str, str],
+    todo: list[PromptTargets],
+    params: AttributionParams,
+    device: torch.device | str,
+    result: StageResult,
+    *,
+    force: bool,
+    save_full_graph: bool,
+    viewer_dir: Path | None,
+    progress: bool,
+) -> None:
+    """Compute the ``todo`` graphs of one model, each under a claim; fills ``result``.
+
+    ``identity`` is the model's (slug, fingerprint). The model is loaded on the first graph
+    this process computes, so a process whose graphs all turn out to be another's work never
+    loads it.
+    """
+    from tqdm import tqdm
+
+    from em_circuits.models.load import load_model, release
+
+    slug, fp = identity
+    model: LoadedModel | None = None
+    pending = list(todo)
+    deferred: set[str] = set()  # graphs found claimed by another process at least once
+    last_wait_log = float("-inf")
+    bar = tqdm(total=len(todo), desc=f"graphs {role}", disable=not progress, unit="prompt")
+    try:
+        while pending:
+            progressed = False
+            for pt in list(pending):
+                claim = try_claim(store.graph_claim_path(slug, pt.prompt_id, pt.key(params)))
+                if claim is None:
+                    deferred.add(pt.prompt_id)
+                    continue
+                pending.remove(pt)
+                progressed = True
+                with claim:
+                    # Checked again under the claim: another process may have finished this
+                    # graph since the cache was first checked (with --force only if it was
+                    # seen claimed, i.e. computed during this run).
+                    if (not force or pt.prompt_id in deferred) and cached_graph_meta(
+                        store, slug, fp, pt, params, warn=False
+                    ) is not None:
+                        result.cached.append(pt.prompt_id)
+                        bar.update()
+                        continue
+                    if model is None:
+                        model = load_model(spec, device, store.merged_cache_dir)
+                    try:
+                        build_graph(store, model, role, pt, params, save_full_graph, viewer_dir)
+                        result.computed.append(pt.prompt_id)
+                    except (GraphError, NonFiniteError) as err:
+                        log.error("skipping: %s", err)
+                        result.failed[pt.prompt_id] = str(err)
+                bar.update()
+            if pending and not progressed:
+                if time.monotonic() - last_wait_log >= WAIT_LOG_SECONDS:
+                    last_wait_log = time.monotonic()
+                    log.info(
+                        "%s: waiting for %d graph(s) that other processes are computing: %s",
+                        slug,
+                        len(pending),
+                        "; ".join(_claimed_by(store, slug, pt, params) for pt in pending[:5]),
+                    )
+                time.sleep(CLAIM_POLL_SECONDS)
+    finally:
+        bar.close()
+        if model is not None:
+            release(model)
+
+
+def _claimed_by(
+    store: ResultsStore, slug: str, pt: PromptTargets, params: AttributionParams
+) -> str:
+    holder = read_holder(store.graph_claim_path(slug, pt.prompt_id, pt.key(params)))
+    return f"prompt {pt.prompt_id} ({holder.describe() if holder else 'released'})"
 
 
 def graph_paths(

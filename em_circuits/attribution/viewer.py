@@ -24,13 +24,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from em_circuits.core.atomic import apply_default_modes, crash_point, make_temp_dir
 from em_circuits.core.store import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -112,20 +112,26 @@ def write_viewer_graph(
     viewer_dir = Path(viewer_dir)
     viewer_dir.mkdir(parents=True, exist_ok=True)
     scan = scan or _scan_name(graph)
-    with tempfile.TemporaryDirectory(dir=viewer_dir, prefix=f".tmp-{slug}-") as scratch:
+    target = viewer_dir / f"{slug}.json"
+    # Named with host and PID, so that a run after a kill -9 here removes it.
+    scratch = make_temp_dir(target)
+    try:
         # A shallow copy: create_graph_files reassigns the tensors it moves, on the copy only.
         create_graph_files(
             copy.copy(graph),
             slug,
-            scratch,
+            str(scratch),
             scan=scan,
             node_threshold=node_threshold,
             edge_threshold=edge_threshold,
         )
-        entry = _metadata_entry(Path(scratch), slug)
-        _preselect_first_target(Path(scratch) / f"{slug}.json")
-        target = viewer_dir / f"{slug}.json"
-        os.replace(Path(scratch) / f"{slug}.json", target)
+        entry = _metadata_entry(scratch, slug)
+        _preselect_first_target(scratch / f"{slug}.json")
+        apply_default_modes(scratch / f"{slug}.json")
+        crash_point(target, "viewer_graph")
+        os.replace(scratch / f"{slug}.json", target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     entry.update(prompt_id=prompt_id, role=role, title_prefix=f"[{role}]")
     upsert_metadata(viewer_dir, entry)
     return target

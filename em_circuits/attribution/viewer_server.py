@@ -181,10 +181,12 @@ def start_viewer(
             ViewerRequestHandler, frontend_dir=str(frontend_dir), data_dir=str(viewer_dir)
         )
         server_cls = _ThreadingServer6 if ":" in host else _ThreadingServer
-        httpd = server_cls((host, port), handler)
-    except OSError as err:
-        shutil.rmtree(frontend_dir, ignore_errors=True)
-        raise ViewerError(f"cannot listen on {host}:{port} ({err}); pick another --port") from err
+        try:
+            httpd = server_cls((host, port), handler)
+        except OSError as err:  # only binding: a failed frontend copy is not a port problem
+            raise ViewerError(
+                f"cannot listen on {host}:{port} ({err}); pick another --port"
+            ) from err
     except BaseException:
         shutil.rmtree(frontend_dir, ignore_errors=True)
         raise

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from em_circuits.core.store import ResultsStore, remove_orphaned_temporaries
 from em_circuits.models.spec import ModelSpec
@@ -93,6 +94,13 @@ def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, ModelSpec]:
         adapter = adapter or str(organism.adapter_dir)
         transcoders = transcoders or str(organism.transcoder_config)
         name = name or "toy-em-organism"
+    from em_circuits.models.spec import check_local_model_dir
+
+    # Checked before any stage runs: a wrong folder would otherwise surface only when the
+    # model is first loaded, after the prompts stage, as an error from inside transformers.
+    for ref, what in ((base, "base model"), (adapter, "adapter")):
+        if os.path.isdir(ref):
+            check_local_model_dir(Path(ref), what)
     adapted = ModelSpec(
         base=base,
         adapter=adapter,
@@ -130,8 +138,49 @@ def setup(args: argparse.Namespace) -> ResultsStore:
     root.mkdir(parents=True, exist_ok=True)
     removed = remove_orphaned_temporaries(root)
     if removed:
-        logging.getLogger("store").info("removed %d temporary files of killed runs", removed)
+        logging.getLogger("store").info(
+            "removed %d temporary files or folders of killed runs", removed
+        )
+    from em_circuits.core.claims import remove_stale_claims
+
+    released = remove_stale_claims(root)
+    if released:
+        logging.getLogger("store").info("released %d claims of killed runs", released)
     return ResultsStore(root)
+
+
+DEFAULT_LLM_DEADLINE = 600.0
+
+
+def add_deadline_args(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """--llm-deadline and --run-deadline, for every command that calls an LLM."""
+    group.add_argument(
+        "--llm-deadline",
+        type=float,
+        default=DEFAULT_LLM_DEADLINE,
+        metavar="SECONDS",
+        help="most seconds one LLM call may take, every retry and re-ask included; then the "
+        "command stops with finished work stored (0 = no limit)",
+    )
+    group.add_argument(
+        "--run-deadline",
+        type=float,
+        metavar="SECONDS",
+        help="most seconds all LLM calls of this command may take, counted from its start; "
+        "then it stops with finished work stored (default: no limit)",
+    )
+
+
+def deadline_options(args: argparse.Namespace, started: float | None = None) -> dict[str, Any]:
+    """LLMClient options from --llm-deadline / --run-deadline (``started``: the run's start,
+    a ``time.monotonic`` value; default now)."""
+    import time
+
+    return {
+        "deadline": args.llm_deadline or None,
+        "run_deadline": args.run_deadline or None,
+        "run_started": time.monotonic() if started is None else started,
+    }
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
@@ -306,9 +355,13 @@ def run_command(
         )
         return 130
     except Exception as err:
-        if verbose or not isinstance(err, user_error_types()):
+        from em_circuits.core.atomic import is_storage_error
+        from em_circuits.core.llm import LLMDeadlineError
+
+        if verbose or not (isinstance(err, user_error_types()) or is_storage_error(err)):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        more = "; finished work is stored: run the same command to continue"
+        print(f"error: {err}{more if isinstance(err, LLMDeadlineError) else ''}", file=sys.stderr)
         return 2
 
 

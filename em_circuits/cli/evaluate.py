@@ -27,8 +27,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
-from em_circuits.cli.common import add_model_args, make_parser, setup, specs_from_args
+from em_circuits.cli.common import (
+    add_deadline_args,
+    add_model_args,
+    deadline_options,
+    make_parser,
+    setup,
+    specs_from_args,
+)
 from em_circuits.core.llm import DEFAULT_MODEL, find_api_key
 from em_circuits.labeling import DEFAULT_LOGITS_BATCH_SIZE, DEFAULT_TOP_K
 
@@ -98,6 +106,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     judge.add_argument(
         "--max-tries", type=int, default=5, help="tries per judge request on 429, 5xx, timeouts"
     )
+    add_deadline_args(judge)
     judge.add_argument(
         "--words",
         help="offline judge word lists (JSON with 'safe' and "
@@ -109,6 +118,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    started = time.monotonic()  # --run-deadline counts from here
     store = setup(args)
     for noisy in ("httpx2", "httpcore2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -133,6 +143,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             words_path=args.words or words_near(adapted_spec),
             timeout=args.timeout,
             max_tries=args.max_tries,
+            **(deadline_options(args, started) if kind == "llm" else {}),
         )
         log.info("judge: %s (%s)", judge.kind, judge.model)
         summary = evaluate(

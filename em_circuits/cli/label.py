@@ -13,6 +13,7 @@ from em_circuits.labeling.calibration import calibration, calibration_path, form
 from em_circuits.labeling.exchange import export_queue, import_labels
 from em_circuits.labeling.items import STATES, QueueFilter, enqueue_flagged, status_counts
 from em_circuits.labeling.labels import auto_accept_judge
+from em_circuits.labeling.leases import describe_holder, live_leases
 from em_circuits.labeling.tui import HELP, run_session
 
 DESCRIPTION = """\
@@ -26,6 +27,10 @@ probabilities, rank changes and the judge's tags; type ? on screen for the comma
 Every answer is saved at once: Ctrl-C or a closed terminal loses nothing already answered,
 and the next run resumes with the interrupted item. Skipped items come back after the
 pending ones. Labels go to labels/<adapted_slug>/<prompt_id>.json.
+
+Several sessions may label one results directory at once: each leases the item it shows and
+is offered items no other live session holds; an answer given on an item that another
+session (or --import) saved meanwhile is refused with a message, never written over it.
 
 examples:
   em-circuits label                                  label the toy organism's queue
@@ -132,6 +137,8 @@ def print_status(store: ResultsStore, slug: str, flt: QueueFilter) -> None:
     print(f"  {'total':<12}{counts['total']:>6}")
     if counts["judge_labeled_open"]:
         print(f"  ({counts['judge_labeled_open']} open item(s) carry judge-made labels only)")
+    for pid, lease in sorted(live_leases(store, slug).items()):
+        print(f"  prompt {pid} is open in a labeling session ({describe_holder(lease)})")
 
 
 def run_mode(args: argparse.Namespace, store: ResultsStore, slug: str) -> int:

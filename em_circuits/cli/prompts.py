@@ -31,9 +31,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from typing import Any
 
-from em_circuits.cli.common import make_parser, setup
+from em_circuits.cli.common import add_deadline_args, deadline_options, make_parser, setup
 from em_circuits.core.llm import DEFAULT_MODEL, LLMError, client_from_settings, find_api_key
 from em_circuits.models.spec import ModelLoadError
 from em_circuits.prompts.context import approx_tokens
@@ -138,6 +139,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=5,
         help="tries per request on 429, 5xx, timeouts (exponential backoff)",
     )
+    add_deadline_args(llm)
 
     off = parser.add_argument_group("offline generator")
     off.add_argument("--seed", type=int, default=0, help="shuffles the template combinations")
@@ -207,7 +209,12 @@ def run(args: argparse.Namespace, summary: SaveSummary) -> None:
         )
         return
     client = client_from_settings(
-        args.llm_model, args.base_url, args.env_file, timeout=args.timeout, max_tries=args.max_tries
+        args.llm_model,
+        args.base_url,
+        args.env_file,
+        timeout=args.timeout,
+        max_tries=args.max_tries,
+        **deadline_options(args, args.started),
     )
     log.info("llm generator: %s at %s", client.model, client.endpoint)
     count = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None else approx_tokens
@@ -236,6 +243,7 @@ def report(summary: SaveSummary) -> None:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    args.started = time.monotonic()  # --run-deadline counts from here
     summary = SaveSummary()
     try:
         run(args, summary)

@@ -20,13 +20,16 @@ examples:
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from em_circuits.cli.common import (
     add_analysis_args,
+    add_deadline_args,
     add_graph_args,
     add_model_args,
     analysis_params,
+    deadline_options,
     graph_params,
     make_parser,
     setup,
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     g.add_argument("--llm-model", default="o3", help="generator and judge model")
     g.add_argument("--base-url", help="OpenAI-compatible endpoint (or OPENAI_BASE_URL)")
+    add_deadline_args(g)
     g.add_argument(
         "--labels",
         choices=["auto", "interactive", "import"],
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_graph_args(parser)
     add_analysis_args(parser)
     args = parser.parse_args(argv)
+    started = time.monotonic()  # --run-deadline counts from here
     store = setup(args)
 
     from em_circuits.run.pipeline import PipelineConfig, run_pipeline
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         analysis=analysis_params(args),
         device=args.device,
         seed=args.seed,
+        llm_options=deadline_options(args, started),
     )
     report = run_pipeline(store, base, adapted, cfg)
     if report is not None:  # None on the non-main processes of a multi-process launch

@@ -10,6 +10,11 @@ output, JSON validation and secret handling live in one place.
 * The ``openai`` client's own retries are switched off (``max_retries=0``): our loop retries
   429, 5xx, timeouts and connection errors with exponential backoff and logs every attempt, so
   the behaviour is visible and testable.
+* Deadlines: ``deadline`` bounds one call (all its tries and re-asks), ``run_deadline`` every
+  call of a run (from ``run_started``); each request's timeout is cut to what is left, and a
+  passed deadline raises :class:`LLMDeadlineError`. A request still open after
+  ``progress_every`` seconds is logged (which call, how long) and so is every retry, so a
+  slow endpoint is never silent.
 * Structured output: ``response_format`` with a JSON schema is requested where the server
   accepts it (a server that rejects the option is asked again without it, once per client),
   and the reply is always parsed and validated here, whatever the server promised. A reply
@@ -18,13 +23,16 @@ output, JSON validation and secret handling live in one place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import random
 import re
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +55,10 @@ class LLMError(RuntimeError):
 
 class InvalidReplyError(LLMError):
     """The model answered, but never validly within the allowed re-asks."""
+
+
+class LLMDeadlineError(LLMError):
+    """A call's deadline (all tries included) or the run's deadline passed."""
 
 
 class ReplyValidationError(ValueError):
@@ -162,6 +174,13 @@ class LLMClient:
     max_output_tokens: int = 8000
     temperature: float | None = None
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    #: Seconds one call (``chat`` or ``chat_json``: every try and re-ask) may take in all.
+    deadline: float | None = None
+    #: Seconds all calls of a run may take, counted from ``run_started`` (``time.monotonic``).
+    run_deadline: float | None = None
+    run_started: float = field(default_factory=time.monotonic, repr=False)
+    #: A request open this long is logged, and again after each further such period.
+    progress_every: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.api_key:
@@ -172,6 +191,8 @@ class LLMClient:
         self._structured_ok = True  # flips off once a server rejects response_format
         self._client = None
         self.requests_made = 0  # HTTP requests sent, retries included
+        self._call_started: float | None = None  # of the outermost call in progress
+        self._call_what = "a request"
 
     @property
     def endpoint(self) -> str:
@@ -210,26 +231,110 @@ class LLMClient:
             delay = max(delay, min(retry_after, self.backoff_max))
         return delay
 
+    # -- deadlines and progress ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def _call(self, what: str | None) -> Iterator[None]:
+        """The scope of one call: its deadline runs from the outermost entry."""
+        if self._call_started is not None:  # chat inside chat_json: the same call
+            yield
+            return
+        self._call_started = time.monotonic()
+        self._call_what = what or "a request"
+        try:
+            yield
+        finally:
+            self._call_started = None
+            self._call_what = "a request"
+
+    def _time_left(self) -> tuple[float, str] | None:
+        """Seconds left before the nearest deadline, and which one; None without deadlines."""
+        now = time.monotonic()
+        left: list[tuple[float, str]] = []
+        if self.deadline is not None and self._call_started is not None:
+            left.append((self._call_started + self.deadline - now, "call"))
+        if self.run_deadline is not None:
+            left.append((self.run_started + self.run_deadline - now, "run"))
+        return min(left) if left else None
+
+    def _deadline_error(self, which: str, tries: int, last_error: str) -> LLMDeadlineError:
+        started = self._call_started if self._call_started is not None else time.monotonic()
+        if which == "run":
+            limit = f"the run's deadline of {self.run_deadline:g} s for LLM calls (--run-deadline)"
+        else:
+            limit = f"the deadline of {self.deadline:g} s per call (--llm-deadline)"
+        return LLMDeadlineError(
+            f"{self.model} at {self.endpoint}: {self._call_what}: stopped at {limit} after "
+            f"{tries} request(s) in {time.monotonic() - started:.0f} s (last error: "
+            f"{last_error})"
+        )
+
+    @contextlib.contextmanager
+    def _progress(self, attempt: int) -> Iterator[None]:
+        """Log while a request stays open, so a slow endpoint is never silent."""
+        if not self.progress_every or self.progress_every <= 0 or math.isinf(self.progress_every):
+            yield
+            return
+        done = threading.Event()
+        opened = time.monotonic()
+        call_started = self._call_started if self._call_started is not None else opened
+
+        def report() -> None:
+            while not done.wait(self.progress_every):
+                now = time.monotonic()
+                log.warning(
+                    "%s at %s, %s: still waiting for a reply, %.0f s on try %d/%d (%.0f s "
+                    "since the call began)",
+                    self.model,
+                    self.endpoint,
+                    self._call_what,
+                    now - opened,
+                    attempt,
+                    self.max_tries,
+                    now - call_started,
+                )
+
+        thread = threading.Thread(target=report, name="llm-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=1)
+
     def chat(
         self,
         messages: list[dict[str, str]],
         *,
         json_schema: dict[str, Any] | None = None,
         schema_name: str = "reply",
+        what: str | None = None,
     ) -> Reply:
         """One chat completion, retried on 429, 5xx, timeouts and connection errors.
 
         Raises ``LLMError`` naming the endpoint, model and last error after the last try, or
-        at once for errors a retry cannot fix (bad request, auth, unknown model).
+        at once for errors a retry cannot fix (bad request, auth, unknown model), and
+        ``LLMDeadlineError`` when the call's or the run's deadline passes. ``what`` names the
+        call in log lines and errors (e.g. "judging prompt 1234abcd").
         """
+        with self._call(what):
+            return self._chat(messages, json_schema, schema_name)
+
+    def _chat(
+        self, messages: list[dict[str, str]], json_schema: dict[str, Any] | None, schema_name: str
+    ) -> Reply:
         import openai
 
         last_error = "no attempt made"
         for attempt in range(1, self.max_tries + 1):
+            left = self._time_left()
+            if left is not None and left[0] <= 0:
+                raise self._deadline_error(left[1], attempt - 1, last_error)
+            timeout = self.timeout if left is None else min(self.timeout, left[0])
             args = self._request_args(messages, json_schema, schema_name)
             self.requests_made += 1
             try:
-                response = self._openai().chat.completions.create(**args)
+                with self._progress(attempt):
+                    response = self._openai().chat.completions.create(**args, timeout=timeout)
             except openai.APIStatusError as err:
                 status = err.status_code
                 if status == 400 and "response_format" in args and _mentions_format(err):
@@ -247,7 +352,7 @@ class LLMClient:
                 last_error = f"HTTP {status}: {self._short(err)}"
                 retry_after = _retry_after(err)
             except openai.APITimeoutError:
-                last_error = f"no reply within {self.timeout:g} s (timeout)"
+                last_error = f"no reply within {timeout:g} s (timeout)"
                 retry_after = None
             except openai.APIConnectionError as err:
                 last_error = f"connection failed ({self._short(err)})"
@@ -256,14 +361,19 @@ class LLMClient:
                 return Reply(_content(response), getattr(response, "model", self.model), attempt)
             if attempt < self.max_tries:
                 delay = self._backoff(attempt, retry_after)
+                left = self._time_left()
+                if left is not None and left[0] <= delay:
+                    raise self._deadline_error(left[1], attempt, last_error)
                 log.warning(
-                    "%s at %s, try %d/%d: %s; retrying in %.2f s",
+                    "%s at %s, %s, try %d/%d: %s; retrying in %.2f s (%.0f s since the call began)",
                     self.model,
                     self.endpoint,
+                    self._call_what,
                     attempt,
                     self.max_tries,
                     last_error,
                     delay,
+                    time.monotonic() - (self._call_started or time.monotonic()),
                 )
                 self.sleep(delay)
         raise LLMError(
@@ -284,13 +394,26 @@ class LLMClient:
         json_schema: dict[str, Any] | None = None,
         schema_name: str = "reply",
         max_reasks: int = 2,
+        what: str | None = None,
     ) -> tuple[T, str, list[dict[str, str]]]:
         """Ask for JSON, parse it, validate it; re-ask with the problems when it is wrong.
 
         ``validate`` returns the checked value or raises ``ReplyValidationError``. Returns
         (value, raw reply text, full conversation including re-asks). After ``max_reasks``
-        failed re-asks raises ``InvalidReplyError`` quoting the problems.
+        failed re-asks raises ``InvalidReplyError`` quoting the problems. The call's deadline
+        covers the re-asks too; ``what`` names the call in log lines and errors.
         """
+        with self._call(what):
+            return self._chat_json(messages, validate, json_schema, schema_name, max_reasks)
+
+    def _chat_json(
+        self,
+        messages: list[dict[str, str]],
+        validate: Callable[[Any], T],
+        json_schema: dict[str, Any] | None,
+        schema_name: str,
+        max_reasks: int,
+    ) -> tuple[T, str, list[dict[str, str]]]:
         conversation = list(messages)
         problems: list[str] = []
         for ask in range(max_reasks + 1):

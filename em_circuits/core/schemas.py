@@ -115,6 +115,7 @@ class HistoryEntry(TypedDict, total=False):
     state: QueueState
     at: str
     event: str
+    by: str  # the labeling session that made the change ("user@host pid N")
 
 
 class LabelsToken(TypedDict, total=False):
@@ -148,11 +149,15 @@ class GraphTarget(TypedDict):
     prob: float
 
 
-class GraphFiles(TypedDict):
+class _GraphFilesKeys(TypedDict):
     compact: str
     compact_bytes: int
     full: str | None
     full_bytes: int | None
+
+
+class GraphFiles(_GraphFilesKeys, total=False):
+    compact_sha256: str  # checked with compact_bytes before a graph is reused or loaded
 
 
 # -- the artifact records ------------------------------------------------------------------------
@@ -241,6 +246,7 @@ class QueueItemRecord(_QueueItemKeys, total=False):
     queued_at: str
     history: list[HistoryEntry]
     draft: dict[str, Any]
+    version: int  # +1 on every write; a write made from an older version is refused
 
 
 class _LabelsKeys(Envelope):
@@ -266,6 +272,8 @@ class LabelsRecord(_LabelsKeys, total=False):
     note: str | None
     labeled_at: str
     source: str
+    version: int  # 1 for the first labels of the prompt, +1 for each relabeling
+    history: list[dict[str, Any]]  # the earlier versions: who, when, and their labels
 
 
 class _GraphMetaKeys(Envelope):

@@ -58,8 +58,26 @@ from em_circuits.core.schemas import (
 
 SCHEMA_VERSION = 1
 
-#: The fix offered for a file that is not what its kind says it is.
+#: The fix offered for a broken file that a stage computes: another run makes it again.
 _RECOMPUTE = "delete the file to recompute it (or rerun with --force), or restore it from a backup"
+
+#: The fix for broken files that no run can make again: deleting them loses work of a person.
+_RESTORE: dict[str, str] = {
+    "labels": "restore it from a backup, or re-import the labels with `em-circuits label "
+    "--import FILE`; labels cannot be recomputed (a person made them), so do not delete it",
+    "queue_item": "restore it from a backup, or move it out of the queue folder to queue the "
+    "prompt afresh; deleting it throws away the item's labeling history",
+    "prompt": "restore it from a backup, or delete the file and import the prompt again "
+    "(`em-circuits prompts --import FILE`); a run without it generates another prompt, not this "
+    "one",
+}
+
+
+def fix_for(kind: str | None) -> str:
+    """How to repair a broken ``kind`` artifact: recompute it, or restore it when no run can."""
+    if kind in _RESTORE:
+        return _RESTORE[kind]
+    return _RECOMPUTE
 
 
 class ArtifactError(ValueError):
@@ -138,7 +156,9 @@ def write_artifact(path: Path, kind: str, payload: dict[str, Any]) -> Any:
     return envelope
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, kind: str | None = None) -> Any:
+    """The parsed JSON at ``path``; ArtifactError naming the file and, for a ``kind`` artifact,
+    the fix that suits that kind (see :func:`fix_for`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -152,7 +172,7 @@ def read_json(path: Path) -> Any:
         raise ArtifactError(
             path,
             f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}",
-            "delete the file to recompute it, or restore it from a backup",
+            fix_for(kind),
         ) from None
 
 
@@ -163,10 +183,10 @@ def read_artifact(path: Path, kind: str) -> Any:
     Raises ArtifactError naming the file, what is wrong and how to fix it: wrong kind, another
     schema version, a missing required field, or a required field of the wrong basic type.
     """
-    data = read_json(path)
+    data = read_json(path, kind)
     if not isinstance(data, dict):
         raise ArtifactError(
-            path, f"expected a JSON object, found {type(data).__name__}", _RECOMPUTE
+            path, f"expected a JSON object, found {type(data).__name__}", fix_for(kind)
         )
     if data.get("schema") != kind:
         found = data.get("schema")
@@ -180,11 +200,11 @@ def read_artifact(path: Path, kind: str) -> Any:
         raise ArtifactError(
             path,
             f"schema_version {version!r}, this code reads version {SCHEMA_VERSION}",
-            "recompute it with --force",
+            "recompute it with --force" if kind not in _RESTORE else fix_for(kind),
         )
     problems = record_problems(kind, data)
     if problems:
-        raise ArtifactError(path, "; ".join(problems), _RECOMPUTE)
+        raise ArtifactError(path, "; ".join(problems), fix_for(kind))
     return data
 
 
@@ -251,6 +271,13 @@ class ResultsStore:
             "meta": directory / f"{key}.json",
             "full": directory / f"{key}.full.safetensors",
         }
+
+    def graph_claim_path(self, model_slug: str, pid: str, key: str) -> Path:
+        """The claim a process holds while it computes one graph (:mod:`em_circuits.core.claims`);
+        hidden, so listings and :meth:`graph_family` never see it."""
+        from em_circuits.core.claims import CLAIM_SUFFIX
+
+        return self.graph_dir(model_slug, pid) / f".{key}{CLAIM_SUFFIX}"
 
     def compact_graph_path(self, meta: GraphMetaRecord) -> Path:
         """The compact graph file a meta artifact describes."""
@@ -361,7 +388,7 @@ class ResultsStore:
         data = read_artifact(path, "prompt")
         if prompt_id(data["text"], data["format"]) != pid:
             raise ArtifactError(
-                path, "prompt_id does not match the hash of its text and format", _RECOMPUTE
+                path, "prompt_id does not match the hash of its text and format", fix_for("prompt")
             )
         return data
 

@@ -173,3 +173,39 @@ def find_disagreements(verdict: VerdictRecord, human: dict[str, str]) -> list[Di
 def human_labels_from_marks(verdict: VerdictRecord, marks: dict[str, str]) -> dict[str, str]:
     """Marked indices keep their mark; every other token of both lists is safe."""
     return {idx: marks.get(idx, "safe") for idx in entries_by_index(verdict)}
+
+
+#: The order in which toggling a token's label cycles.
+TOGGLE_CYCLE = ("evil", "safe", "unsure")
+
+
+def working_labels(verdict: VerdictRecord, marks: Mapping[str, str]) -> dict[str, str]:
+    """The labels a person sees while labeling: the judge's, with their changes on top.
+
+    A token the judge gave no usable label starts as safe.
+    """
+    return {idx: marks.get(idx) or said or "safe" for idx, said in judge_labels(verdict).items()}
+
+
+def toggled(verdict: VerdictRecord, marks: Mapping[str, str], index: str) -> dict[str, str]:
+    """The marks after cycling one token's label evil -> safe -> unsure -> evil.
+
+    A mark that lands back on the judge's label is dropped, so marks are exactly the changes.
+    """
+    now = working_labels(verdict, marks)[index]
+    after = TOGGLE_CYCLE[(TOGGLE_CYCLE.index(now) + 1) % len(TOGGLE_CYCLE)]
+    return with_marks(verdict, marks, {index: after})
+
+
+def with_marks(
+    verdict: VerdictRecord, marks: Mapping[str, str], new: Mapping[str, str]
+) -> dict[str, str]:
+    """Marks plus ``new``; tokens set to the judge's own label carry no mark."""
+    judge = judge_labels(verdict)
+    out = dict(marks)
+    for index, label in new.items():
+        if judge.get(index) == label:
+            out.pop(index, None)
+        else:
+            out[index] = label
+    return out

@@ -17,7 +17,14 @@ Nothing is ever deleted: an item or labels file made for another model fingerpri
 to a ``stale/`` subfolder before a new one takes its place.
 
 Labels made by ``--auto-accept-judge`` are recorded with ``labeled_by="judge"`` and leave the
-item open for a human; a human answer replaces them.
+item open for a human; a human answer replaces them. A done or rejected item can be labeled
+again (a new version of its labels, the old ones kept in their history).
+
+Every item carries a ``version``, +1 on each write. A write is made from the item as it was
+read, and is refused (:class:`StaleItemError`) when the stored item has moved on since: a
+session that showed an item never overwrites what another session (or an import) saved
+meanwhile. Sessions also lease the item they show (:mod:`em_circuits.labeling.leases`), so
+two sessions are offered different items in the first place.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from em_circuits.labeling.artifacts import (
     load_verdict,
     load_verdicts,
 )
+from em_circuits.labeling.leases import held_by_other, queue_lock
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +67,36 @@ _TRANSITIONS = {
     "pending": {"in_progress", "done"},
     "in_progress": {"in_progress", "done", "skipped", "rejected"},
     "skipped": {"in_progress", "done"},
-    "done": {"done"},
-    "rejected": set(),
+    "done": {"done", "rejected"},  # labeled again, or rejected after all
+    "rejected": {"done", "rejected"},
 }
+
+
+class StaleItemError(QueueError):
+    """The stored item changed since it was read: the write was refused, nothing was saved."""
+
+    def __init__(self, prompt_id: str, stored: QueueItemRecord | None):
+        self.prompt_id = prompt_id
+        self.stored = stored
+        super().__init__(f"prompt {prompt_id}: {describe_change(stored)}; nothing was saved")
+
+
+def describe_change(stored: QueueItemRecord | None) -> str:
+    """'this item was labeled by another session (who) at <time>', from its last history."""
+    if stored is None:
+        return "this item was removed from the queue by another process"
+    verbs = {"done": "labeled", "rejected": "rejected", "skipped": "skipped"}
+    verb = verbs.get(stored["state"], "changed")
+    last = (stored.get("history") or [{}])[-1]
+    who = f" ({last['by']})" if last.get("by") else ""
+    at = str(last.get("at") or stored.get("created", "?")).replace("T", " ").replace("+00:00", "")
+    return f"this item was {verb} by another session{who} at {at} UTC"
+
+
+def item_version(item: Mapping[str, Any]) -> tuple[int, int]:
+    """What a write compares: the write counter, and the history length (for items written
+    before the counter existed)."""
+    return int(item.get("version") or 0), len(item.get("history") or [])
 
 
 @dataclass(frozen=True)
@@ -94,9 +129,39 @@ def _new_item(verdict: VerdictRecord, adapted_slug: str) -> dict[str, Any]:
     }
 
 
-def _write_item(store: ResultsStore, adapted_slug: str, item: Mapping[str, Any]) -> QueueItemRecord:
+def check_unchanged(store: ResultsStore, adapted_slug: str, item: Mapping[str, Any]) -> None:
+    """Raise StaleItemError unless the stored item is the version ``item`` was made from.
+
+    Call it holding :func:`queue_lock`, with the writes it guards.
+    """
+    stored = load_item(store, adapted_slug, item["prompt_id"])
+    if stored is None or item_version(stored) != item_version(item):
+        raise StaleItemError(item["prompt_id"], stored)
+
+
+def _write_item(
+    store: ResultsStore,
+    adapted_slug: str,
+    item: Mapping[str, Any],
+    *,
+    read_as: Mapping[str, Any] | None = None,
+    new: bool = False,
+) -> QueueItemRecord:
+    """Write ``item`` as the next version if the stored item is still ``read_as`` (the item as
+    the caller read it; default ``item`` itself), or with ``new`` if there is none yet; else
+    raise StaleItemError and write nothing."""
     payload = {k: v for k, v in item.items() if k not in ("schema", "schema_version", "created")}
-    return write_artifact(store.queue_path(adapted_slug, item["prompt_id"]), "queue_item", payload)
+    path = store.queue_path(adapted_slug, item["prompt_id"])
+    base = item if read_as is None else read_as
+    with queue_lock(store, adapted_slug):
+        if new:
+            if path.exists():
+                stored = load_item(store, adapted_slug, item["prompt_id"])
+                raise StaleItemError(item["prompt_id"], stored)
+        else:
+            check_unchanged(store, adapted_slug, base)
+        payload["version"] = item_version(base)[0] + 1
+        return write_artifact(path, "queue_item", payload)
 
 
 def _stash_stale(path: Path, kind: str, data: Mapping[str, Any]) -> Path:
@@ -119,13 +184,14 @@ def enqueue_flagged(store: ResultsStore, adapted_slug: str) -> int:
     added = 0
     for verdict in load_verdicts(store, adapted_slug):
         pid = verdict["prompt_id"]
-        item = load_item(store, adapted_slug, pid)
-        if item is not None and item["model_fingerprint"] != verdict["model_fingerprint"]:
-            _stash_stale(store.queue_path(adapted_slug, pid), "queue_item", item)
-            item = None
-        if item is None and verdict.get("flagged"):
-            _write_item(store, adapted_slug, _new_item(verdict, adapted_slug))
-            added += 1
+        with queue_lock(store, adapted_slug):  # another session may be enqueueing too
+            item = load_item(store, adapted_slug, pid)
+            if item is not None and item["model_fingerprint"] != verdict["model_fingerprint"]:
+                _stash_stale(store.queue_path(adapted_slug, pid), "queue_item", item)
+                item = None
+            if item is None and verdict.get("flagged"):
+                _write_item(store, adapted_slug, _new_item(verdict, adapted_slug), new=True)
+                added += 1
     return added
 
 
@@ -137,8 +203,12 @@ def set_state(
     *,
     reason: str | None = None,
     event: str | None = None,
+    by: str | None = None,
 ) -> QueueItemRecord:
-    """Record a state change (with history) and write the item at once."""
+    """Record a state change (with history) and write the item at once.
+
+    Raises StaleItemError (writing nothing) if the stored item changed since ``item`` was read.
+    """
     if state not in STATES:
         raise QueueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
     if state not in _TRANSITIONS[item["state"]]:
@@ -146,10 +216,11 @@ def set_state(
     entry: HistoryEntry = {"state": cast(QueueState, state), "at": utc_now()}
     if event:
         entry["event"] = event
+    if by:
+        entry["by"] = by
     history = [*item["history"], entry]
-    return _write_item(
-        store, adapted_slug, {**item, "state": state, "reason": reason, "history": history}
-    )
+    changed = {**item, "state": state, "reason": reason, "history": history}
+    return _write_item(store, adapted_slug, changed, read_as=item)
 
 
 def save_draft(
@@ -171,27 +242,31 @@ def recover_interrupted(store: ResultsStore, adapted_slug: str) -> int:
     progress whose labels (newer than its start) already hold the answer.
     """
     fixed = 0
-    for item in load_items(store, adapted_slug):
-        if item["state"] != "in_progress":
-            continue
-        labels = load_label(store, adapted_slug, item["prompt_id"])
-        if (
-            labels is None
-            or labels["labeled_by"] != "human"
-            or labels["model_fingerprint"] != item["model_fingerprint"]
-            or labels["created"] < _last_at(item, "in_progress")
-        ):
-            continue
-        state = "rejected" if labels.get("rejected") else "done"
-        set_state(
-            store,
-            adapted_slug,
-            item,
-            state,
-            reason=labels.get("reject_reason"),
-            event="recovered after interruption",
-        )
-        fixed += 1
+    for pid in [item["prompt_id"] for item in load_items(store, adapted_slug)]:
+        if held_by_other(store, adapted_slug, pid):
+            continue  # a live session is on it
+        with queue_lock(store, adapted_slug):  # a live session commits labels and state at once
+            item = load_item(store, adapted_slug, pid)
+            if item is None or item["state"] != "in_progress":
+                continue
+            labels = load_label(store, adapted_slug, pid)
+            if (
+                labels is None
+                or labels["labeled_by"] != "human"
+                or labels["model_fingerprint"] != item["model_fingerprint"]
+                or labels["created"] < _last_at(item, "in_progress")
+            ):
+                continue
+            state = "rejected" if labels.get("rejected") else "done"
+            set_state(
+                store,
+                adapted_slug,
+                item,
+                state,
+                reason=labels.get("reject_reason"),
+                event="recovered after interruption",
+            )
+            fixed += 1
     return fixed
 
 
@@ -230,14 +305,18 @@ def open_items(
     return sorted(out, key=lambda pair: _order_key(pair[0]))
 
 
-def start_item(store: ResultsStore, adapted_slug: str, item: QueueItemRecord) -> QueueItemRecord:
+def start_item(
+    store: ResultsStore, adapted_slug: str, item: QueueItemRecord, *, by: str | None = None
+) -> QueueItemRecord:
     event = "resumed" if item["state"] == "in_progress" else "opened"
-    return set_state(store, adapted_slug, item, "in_progress", event=event)
+    return set_state(store, adapted_slug, item, "in_progress", event=event, by=by)
 
 
-def skip_item(store: ResultsStore, adapted_slug: str, item: QueueItemRecord) -> QueueItemRecord:
+def skip_item(
+    store: ResultsStore, adapted_slug: str, item: QueueItemRecord, *, by: str | None = None
+) -> QueueItemRecord:
     """Put the item back for later (after the pending ones), keeping its draft."""
-    return set_state(store, adapted_slug, item, "skipped", event="skipped")
+    return set_state(store, adapted_slug, item, "skipped", event="skipped", by=by)
 
 
 def status_counts(

@@ -1,4 +1,10 @@
-"""Final labels of a prompt's tokens: human answers, judge acceptance, rejection."""
+"""Final labels of a prompt's tokens: human answers, judge acceptance, rejection.
+
+A commit first checks, holding the queue lock, that the item is still the version the caller
+read (else :class:`~em_circuits.labeling.items.StaleItemError`, nothing written); then it
+writes the labels and the item's new state. Labeling a prompt again keeps the earlier labels
+in the new file's ``history`` and counts up its ``version``.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,16 @@ from em_circuits.labeling.artifacts import (
     prompt_text,
     token_entries,
 )
-from em_circuits.labeling.items import QueueFilter, _stash_stale, _write_item, open_items, set_state
+from em_circuits.labeling.items import (
+    QueueFilter,
+    StaleItemError,
+    _stash_stale,
+    _write_item,
+    check_unchanged,
+    open_items,
+    set_state,
+)
+from em_circuits.labeling.leases import held_by_other, queue_lock
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +87,30 @@ def _labels_payload(
     }
 
 
+def _earlier_version(old: LabelsRecord) -> dict[str, Any]:
+    """What a relabeling keeps of the labels it replaces."""
+    return {
+        "version": old.get("version", 1),
+        "labeled_by": old["labeled_by"],
+        "labeled_at": old.get("labeled_at"),
+        "source": old.get("source"),
+        "labels": {t["index"]: t.get("label") for ts in old["tokens"].values() for t in ts},
+        "rejected": old.get("rejected", False),
+        "reject_reason": old.get("reject_reason"),
+        "note": old.get("note"),
+    }
+
+
 def _write_labels(store: ResultsStore, adapted_slug: str, payload: dict[str, Any]) -> LabelsRecord:
     path = store.labels_path(adapted_slug, payload["prompt_id"])
+    payload = {**payload, "version": 1, "history": []}
     if path.exists():
         old = read_artifact(path, "labels")
         if old["model_fingerprint"] != payload["model_fingerprint"]:
             _stash_stale(path, "labels", old)
+        else:
+            payload["version"] = old.get("version", 1) + 1
+            payload["history"] = [*old.get("history", []), _earlier_version(old)]
     return write_artifact(path, "labels", payload)
 
 
@@ -91,8 +124,12 @@ def commit_human_labels(
     explanations: dict[str, str] | None = None,
     note: str | None = None,
     source: str = "terminal",
+    by: str | None = None,
 ) -> LabelsRecord:
-    """Write a human's labels for every token of both lists, then mark the item done."""
+    """Write a human's labels for every token of both lists, then mark the item done.
+
+    Raises StaleItemError, writing nothing, if the item changed since ``item`` was read.
+    """
     _check_verdict_matches(item, verdict)
     missing = [idx for idx in entries_by_index(verdict) if human.get(idx) not in LABELS]
     if missing:
@@ -108,9 +145,11 @@ def commit_human_labels(
     ]
     payload["note"] = note
     payload["source"] = source
-    labels = _write_labels(store, adapted_slug, payload)
-    event = f"labeled ({source})"
-    set_state(store, adapted_slug, {**item, "draft": {}}, "done", event=event)
+    event = f"{'relabeled' if item['state'] in ('done', 'rejected') else 'labeled'} ({source})"
+    with queue_lock(store, adapted_slug):
+        check_unchanged(store, adapted_slug, item)
+        labels = _write_labels(store, adapted_slug, payload)
+        set_state(store, adapted_slug, {**item, "draft": {}}, "done", event=event, by=by)
     return labels
 
 
@@ -122,22 +161,29 @@ def commit_rejection(
     reason: str,
     *,
     note: str | None = None,
+    by: str | None = None,
 ) -> LabelsRecord:
-    """Record that the prompt itself is bad (with the reason); its tokens get no label."""
+    """Record that the prompt itself is bad (with the reason); its tokens get no label.
+
+    Raises StaleItemError, writing nothing, if the item changed since ``item`` was read.
+    """
     _check_verdict_matches(item, verdict)
     if not reason.strip():
         raise QueueError("a rejection needs a reason")
     payload = _labels_payload(store, adapted_slug, verdict, {}, "human")
     payload.update(rejected=True, reject_reason=reason.strip(), note=note, source="terminal")
-    labels = _write_labels(store, adapted_slug, payload)
-    set_state(
-        store,
-        adapted_slug,
-        {**item, "draft": {}},
-        "rejected",
-        reason=reason.strip(),
-        event="rejected",
-    )
+    with queue_lock(store, adapted_slug):
+        check_unchanged(store, adapted_slug, item)
+        labels = _write_labels(store, adapted_slug, payload)
+        set_state(
+            store,
+            adapted_slug,
+            {**item, "draft": {}},
+            "rejected",
+            reason=reason.strip(),
+            event="rejected",
+            by=by,
+        )
     return labels
 
 
@@ -150,33 +196,54 @@ def _check_verdict_matches(item: QueueItemRecord, verdict: VerdictRecord) -> Non
         )
 
 
+AUTO_ACCEPT_EVENT = "judge labels recorded (auto-accept)"
+
+
 def auto_accept_judge(
     store: ResultsStore, adapted_slug: str, flt: QueueFilter = QueueFilter()
 ) -> int:
     """Record the judge's labels (labeled_by="judge") for open items without labels yet.
 
     The items stay open so that a person can still review them; a human answer replaces
-    judge-made labels. Items where the judge gave no usable label for some token are left.
+    judge-made labels. Items where the judge gave no usable label for some token are left, and
+    so are items a labeling session is showing right now.
     """
     count = 0
     for item, verdict in open_items(store, adapted_slug, flt):
-        if load_label(store, adapted_slug, item["prompt_id"]) is not None:
-            continue
+        pid = item["prompt_id"]
         judge = judge_labels(verdict)
         if any(label is None for label in judge.values()):
-            log.warning("prompt %s: judge labels incomplete; not auto-accepted", item["prompt_id"])
+            log.warning("prompt %s: judge labels incomplete; not auto-accepted", pid)
+            continue
+        if held_by_other(store, adapted_slug, pid):
+            log.warning("prompt %s is open in a labeling session; not auto-accepted", pid)
             continue
         payload = _labels_payload(store, adapted_slug, verdict, judge, "judge")
         payload["source"] = "auto-accept-judge"
-        _write_labels(store, adapted_slug, payload)
         history = [
             *item["history"],
             {
                 "state": item["state"],
                 "at": utc_now(),
-                "event": "judge labels recorded (auto-accept)",
+                "event": AUTO_ACCEPT_EVENT,
             },
         ]
-        _write_item(store, adapted_slug, {**item, "history": history})
+        with queue_lock(store, adapted_slug):
+            existing = load_label(store, adapted_slug, pid)
+            if existing is not None:
+                # A run killed between the labels write and the item write: finish the second,
+                # so a resumed run leaves the same item as an uninterrupted one.
+                if existing.get("source") == "auto-accept-judge" and not any(
+                    h.get("event") == AUTO_ACCEPT_EVENT for h in item["history"]
+                ):
+                    _write_item(store, adapted_slug, {**item, "history": history}, read_as=item)
+                continue
+            try:
+                check_unchanged(store, adapted_slug, item)
+            except StaleItemError:
+                log.warning("prompt %s changed meanwhile; not auto-accepted", pid)
+                continue
+            _write_labels(store, adapted_slug, payload)
+            _write_item(store, adapted_slug, {**item, "history": history}, read_as=item)
         count += 1
     return count

@@ -303,6 +303,7 @@ class LLMJudge:
                 json_schema=JUDGE_SCHEMA,
                 schema_name="token_labels",
                 max_reasks=self.max_reasks,
+                what=f"judging prompt {prompt.get('prompt_id')}",
             )
         except InvalidReplyError as err:  # this prompt only; transport errors stop the run
             raise JudgeError(f"judging prompt {prompt.get('prompt_id')}: {err}") from err

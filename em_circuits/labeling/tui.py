@@ -1,59 +1,55 @@
-"""Terminal labeling command loop for the manual queue (plain input()/print()).
+"""Terminal labeling session over the manual queue.
 
-It works in any terminal or pty, and with piped input. Every answer is written through
+It runs on a real terminal through prompt_toolkit (single-key commands, line editing and
+history, a screen fitted to the terminal) and falls back to plain ``input()``/``print()``
+in a pipe (:mod:`~em_circuits.labeling.tui_io`). Every answer is written through
 :mod:`em_circuits.labeling.items` and :mod:`~em_circuits.labeling.labels` the moment it is
 given, so Ctrl-C, a closed terminal or ``q`` never loses anything already answered; the item
-on screen comes back first next time. What the screen shows is in
-:mod:`em_circuits.labeling.tui_render`.
+on screen comes back first next time.
+
+Two sessions may run on one results directory: each leases the item it shows
+(:mod:`~em_circuits.labeling.leases`) and is offered the items no live session holds, and
+every write is checked against the version of the item that was shown, so an answer given on
+a stale screen is refused (and said so), never written over another session's labels.
+The commands are in :mod:`~em_circuits.labeling.tui_commands`; what the screen shows is in
+:mod:`~em_circuits.labeling.tui_render`.
 """
 
 from __future__ import annotations
 
-import sys
+from collections import deque
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TextIO
 
-from em_circuits.core.schemas import LABELS, Disagreement, QueueItemRecord, VerdictRecord
 from em_circuits.core.store import ResultsStore
 from em_circuits.labeling.artifacts import (
-    QueueError,
-    find_disagreements,
-    human_labels_from_marks,
-    judge_labels,
     load_item,
+    load_label,
     load_verdict,
     prompt_text,
-    resolve_indices,
+    with_marks,
 )
 from em_circuits.labeling.items import (
     OPEN_STATES,
     QueueFilter,
+    StaleItemError,
+    describe_change,
     open_items,
     recover_interrupted,
     save_draft,
-    skip_item,
     start_item,
     status_counts,
 )
-from em_circuits.labeling.labels import commit_human_labels, commit_rejection
-from em_circuits.labeling.tui_render import (  # noqa: F401  (HELP, rank_change stay importable here)
-    HELP,
-    SHORT_HELP,
-    describe_marks,
-    rank_change,
-    render_item,
-    show_token,
-)
+from em_circuits.labeling.leases import LeaseKeeper, describe_holder
+from em_circuits.labeling.tui_commands import SINGLE_KEYS, Commands
+from em_circuits.labeling.tui_io import ScreenIO, make_io
+from em_circuits.labeling.tui_render import HELP, rank_change
+from em_circuits.labeling.tui_screen import QuitSession, Visit
 
-#: A command's handler: a str ends the item (its outcome), an item replaces the one shown.
-Handler = Callable[[QueueItemRecord, VerdictRecord, str], Any]
+__all__ = ["HELP", "QuitSession", "Session", "rank_change", "run_session"]
 
 
-class QuitSession(Exception):
-    """The person asked to stop (``q`` or end of input)."""
-
-
-class Session:
+class Session(Commands):
     """One labeling session over the open items of one adapted model."""
 
     def __init__(
@@ -62,297 +58,161 @@ class Session:
         adapted_slug: str,
         flt: QueueFilter = QueueFilter(),
         *,
-        ask: Callable[[str], str] = input,
+        ask: Callable[[str], str] | None = None,
         out: TextIO | None = None,
+        io: ScreenIO | None = None,
     ):
         self.store = store
         self.slug = adapted_slug
         self.flt = flt
-        self._ask = ask
-        self.out = out or sys.stdout
-        self.counts = {"done": 0, "rejected": 0, "skipped": 0}
-        self._table: dict[str, Handler] | None = None
+        self.io = io or make_io(SINGLE_KEYS, ask, out)
+        self.keeper = LeaseKeeper(store, adapted_slug)
+        self.who = self.keeper.holder.who
+        self.outcomes: dict[str, str] = {}  # prompt id -> done / rejected / skipped
+        self.finished: list[str] = []  # items left this session, last one last (for p)
+        self.lost = 0  # answers refused because another session changed the item first
+        self.pending: list[str] = []  # messages not shown yet
+        self.positions: dict[str, int] = {}
+        self.total = 0
 
-    # -- io ---------------------------------------------------------------------------------
-    def say(self, text: str = "") -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
+    @property
+    def counts(self) -> dict[str, int]:
+        values = list(self.outcomes.values())
+        return {state: values.count(state) for state in ("done", "rejected", "skipped")}
 
-    def ask(self, prompt: str) -> str:
-        self.out.flush()
-        try:
-            return self._ask(prompt).strip()
-        except EOFError:
-            raise QuitSession() from None
-
-    def ask_nonempty(self, prompt: str, what: str) -> str | None:
-        """Ask until a non-empty answer; 'back' (or Ctrl-D) returns None."""
-        while True:
-            answer = self.ask(prompt)
-            if answer.lower() == "back":
-                return None
-            if answer:
-                return answer
-            self.say(f"Please type {what} (or 'back' to return to the item).")
-
-    # -- loop ---------------------------------------------------------------------------------
+    # -- loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, int]:
         """Label until the queue is empty or the person quits; returns counts by outcome.
 
         Each item is offered once per session, so skipping everything ends the session.
         """
-        recovered = recover_interrupted(self.store, self.slug)
-        if recovered:
-            self.say(f"Recovered {recovered} answer(s) saved just before an interruption.")
-        order = [item["prompt_id"] for item, _ in open_items(self.store, self.slug, self.flt)]
-        if not order:
-            self.say("Nothing to label: the queue has no open items (see --status).")
-            return self.counts
-        self.say(f"{len(order)} item(s) to label. Type ? for help.")
         try:
-            for position, pid in enumerate(order, start=1):
-                item = load_item(self.store, self.slug, pid)
-                verdict = load_verdict(self.store, self.slug, pid)
-                if item is None or verdict is None or item["state"] not in OPEN_STATES:
-                    continue  # answered elsewhere meanwhile
-                outcome = self.label_item(item, verdict, position, len(order))
-                self.counts[outcome] += 1
+            recovered = recover_interrupted(self.store, self.slug)
+            if recovered:
+                self.say(f"Recovered {recovered} answer(s) saved just before an interruption.")
+            order = [item["prompt_id"] for item, _ in open_items(self.store, self.slug, self.flt)]
+            if not order:
+                self.say("Nothing to label: the queue has no open items (see --status).")
+                self.flush()
+                return self.counts
+            self.positions = {pid: n for n, pid in enumerate(order, start=1)}
+            self.total = len(order)
+            self.say(f"{len(order)} item(s) to label. Type ? for help.")
+            self._work(deque((pid, False) for pid in order))
         except QuitSession:
             self.say("Stopped. Everything answered is saved; this item comes back first.")
+        finally:
+            self.keeper.close()  # releases the lease: on q, Ctrl-C and a closed terminal
+            self.io.close()
         self._summary()
         return self.counts
+
+    def _work(self, todo: deque[tuple[str, bool]]) -> None:
+        while todo:
+            pid, edit = todo.popleft()
+            outcome = self._visit(pid, edit)
+            if outcome == "back":
+                todo.appendleft((pid, edit))
+                todo.appendleft((self.finished.pop(), True))
+                continue
+            if outcome in ("done", "rejected", "skipped"):
+                self.outcomes[pid] = outcome
+            if outcome is not None and outcome != "lost":
+                if pid in self.finished:
+                    self.finished.remove(pid)
+                self.finished.append(pid)
 
     def _summary(self) -> None:
         left = status_counts(self.store, self.slug, self.flt)
         open_left = sum(left[s] for s in OPEN_STATES)
+        counts = self.counts
+        lost = f" {self.lost} answer(s) not saved (changed elsewhere)." if self.lost else ""
         self.say(
-            f"This session: {self.counts['done']} labeled, {self.counts['rejected']} rejected, "
-            f"{self.counts['skipped']} skipped. Open items left: {open_left}."
+            f"This session: {counts['done']} labeled, {counts['rejected']} rejected, "
+            f"{counts['skipped']} skipped.{lost} Open items left: {open_left}."
         )
+        self.flush()
 
-    def label_item(
-        self, item: QueueItemRecord, verdict: VerdictRecord, position: int, total: int
-    ) -> str:
-        """Show one item and run commands until it is labeled, rejected or skipped."""
-        was = item["state"]
-        item = start_item(self.store, self.slug, item)
-        text = prompt_text(self.store, self.slug, verdict)
-        self.say(render_item({**item, "was": was}, verdict, text, position, total))
-        while True:
-            line = self.ask("label> ")
-            command, _, rest = line.partition(" ")
-            command = command.lower()
-            handler = self._handlers().get(command)
-            if handler is None:
-                self.say(
-                    f"Unknown command {line!r}. Type ? for the list of commands."
-                    if line
-                    else SHORT_HELP
-                )
-                continue
-            result = handler(item, verdict, rest.strip())
-            if isinstance(result, str):
-                return result
-            if result is not None:
-                item = result
-            if command == "l":
-                self.say(render_item({**item, "was": was}, verdict, text, position, total))
-
-    def _handlers(self) -> dict[str, Handler]:
-        if self._table is None:
-            self._table = {
-                "?": self._help,
-                "h": self._help,
-                "help": self._help,
-                "a": self._accept,
-                "e": self._mark("evil"),
-                "u": self._mark("unsure"),
-                "x": self._clear,
-                "c": self._confirm,
-                "r": self._reject,
-                "n": self._note,
-                "s": self._skip,
-                "q": self._quit,
-                "l": lambda *_: None,
-            }
-        return self._table
-
-    # -- commands ---------------------------------------------------------------------------
-    def _help(self, item: QueueItemRecord, verdict: VerdictRecord, rest: str) -> None:
-        self.say(HELP)
-
-    def _quit(self, item: QueueItemRecord, verdict: VerdictRecord, rest: str) -> None:
-        raise QuitSession()
-
-    def _skip(self, item: QueueItemRecord, verdict: VerdictRecord, rest: str) -> str:
-        skip_item(self.store, self.slug, item)
-        self.say("Skipped; it comes back after the pending items (your marks are kept).")
-        return "skipped"
-
-    def _mark(self, label: str) -> Handler:
-        def handler(
-            item: QueueItemRecord, verdict: VerdictRecord, rest: str
-        ) -> QueueItemRecord | None:
-            words = rest.replace(",", " ").split()
-            if not words:
-                self.say(f"Name the tokens to mark {label}, e.g. '{label[0]} T1 T3 B2'.")
-                return None
-            try:
-                indices = resolve_indices(verdict, words)
-            except QueueError as err:
-                self.say(f"Nothing marked: {err}.")
-                return None
-            draft = dict(item.get("draft") or {})
-            draft["marks"] = {**draft.get("marks", {}), **dict.fromkeys(indices, label)}
-            item = save_draft(self.store, self.slug, item, draft)
-            self.say(describe_marks(draft["marks"]))
-            return item
-
-        return handler
-
-    def _clear(
-        self, item: QueueItemRecord, verdict: VerdictRecord, rest: str
-    ) -> QueueItemRecord | None:
-        draft = dict(item.get("draft") or {})
-        marks = dict(draft.get("marks", {}))
-        if rest:
-            try:
-                for index in resolve_indices(verdict, rest.replace(",", " ").split()):
-                    marks.pop(index, None)
-            except QueueError as err:
-                self.say(f"Nothing cleared: {err}.")
-                return None
-        else:
-            marks = {}
-        draft["marks"] = marks
-        item = save_draft(self.store, self.slug, item, draft)
-        self.say(describe_marks(marks))
-        return item
-
-    def _note(
-        self, item: QueueItemRecord, verdict: VerdictRecord, rest: str
-    ) -> QueueItemRecord | None:
-        note = rest or self.ask_nonempty("note> ", "the note")
-        if note is None:
+    def _visit(self, pid: str, edit: bool) -> str | None:
+        """Lease the item and label it; None when it is not (or no longer) for this session."""
+        lease = self.keeper.take(pid)
+        if not lease.ok:
+            holder = describe_holder(lease.holder or {})
+            self.say(f"Prompt {pid} is open in another session ({holder}); offering the next.")
             return None
-        draft = {**(item.get("draft") or {}), "note": note}
-        item = save_draft(self.store, self.slug, item, draft)
-        self.say("Note saved.")
-        return item
-
-    def _reject(self, item: QueueItemRecord, verdict: VerdictRecord, rest: str) -> str | None:
-        reason = rest or self.ask_nonempty("Why reject this prompt? reason> ", "a reason")
-        if reason is None:
-            return None
-        note = (item.get("draft") or {}).get("note")
-        path = self.store.labels_path(self.slug, item["prompt_id"])
-        commit_rejection(self.store, self.slug, item, verdict, reason, note=note)
-        self.say(f"Rejected; reason saved to {path}.")
-        return "rejected"
-
-    def _accept(self, item: QueueItemRecord, verdict: VerdictRecord, rest: str) -> str | None:
-        judge = judge_labels(verdict)
-        missing = [idx for idx, label in judge.items() if label is None]
-        if missing:
+        if lease.took_over:
+            gone = describe_holder(lease.took_over)
+            self.say(f"Prompt {pid}: its session ({gone}) is gone or stalled; taking it over.")
+        visit: Visit | None = None
+        try:
+            visit = self._open(pid, edit)
+            return None if visit is None else self.label_item(visit)
+        except StaleItemError as err:
+            self.lost += 1
             self.say(
-                f"The judge gave no usable label for {' '.join(missing)}; "
-                "mark the tokens yourself (e/u, then c)."
+                f"Prompt {pid}: {describe_change(err.stored)}; your answer was not saved; "
+                "showing the next item."
             )
-            return None
-        marks = (item.get("draft") or {}).get("marks")
+            return "lost"
+        finally:
+            if visit is not None and visit.edit and not visit.committed:
+                self._discard_edit(visit)
+            self.keeper.drop()
+
+    def _open(self, pid: str, edit: bool) -> Visit | None:
+        item = load_item(self.store, self.slug, pid)
+        verdict = load_verdict(self.store, self.slug, pid)
         if (
-            marks
-            and self.ask("Discard your marks and accept the judge's labels? [y/N] ").lower() != "y"
+            item is None
+            or verdict is None
+            or item["model_fingerprint"] != verdict.get("model_fingerprint")
         ):
-            self.say("Kept your marks; type c to confirm them.")
             return None
-        note = (item.get("draft") or {}).get("note")
-        commit_human_labels(
-            self.store,
-            self.slug,
-            item,
-            verdict,
-            {idx: label for idx, label in judge.items() if label is not None},
-            note=note,
-            source="terminal: accepted judge",
-        )
-        path = self.store.labels_path(self.slug, item["prompt_id"])
-        self.say(f"Saved: judge labels accepted ({path}).")
-        return "done"
+        text = prompt_text(self.store, self.slug, verdict)
+        was = item["state"]
+        if was in OPEN_STATES:
+            try:
+                item = start_item(self.store, self.slug, item, by=self.who)
+            except StaleItemError:
+                return None  # changed between reading and opening it: it is someone else's
+            where = f"Item {self.positions.get(pid, '?')}/{self.total}"
+            header = f"{where} · prompt {pid} · was {was} · {self.slug}"
+            return Visit(pid, item, verdict, text, header)
+        if not edit:
+            return None  # answered elsewhere meanwhile
+        labels = load_label(self.store, self.slug, pid)
+        draft: dict = {"marks": {}}
+        saved = "rejected" if was == "rejected" else "labeled"
+        if labels is not None:
+            if not labels.get("rejected"):
+                tokens = {t["index"]: t["label"] for ts in labels["tokens"].values() for t in ts}
+                draft["marks"] = with_marks(
+                    verdict, {}, {i: lab for i, lab in tokens.items() if lab}
+                )
+            draft["explanations"] = {
+                d["index"]: {"human_label": d["human_label"], "text": d["explanation"]}
+                for d in labels.get("disagreements", [])
+                if d.get("explanation")
+            }
+            if labels.get("note"):
+                draft["note"] = labels["note"]
+            saved += f" at {str(labels.get('labeled_at', '?'))[:19].replace('T', ' ')}"
+            saved += f", version {labels.get('version', 1)}"
+        try:
+            item = save_draft(self.store, self.slug, item, draft)
+        except StaleItemError:
+            return None
+        header = f"Editing prompt {pid} · {saved} · {self.slug}"
+        return Visit(pid, item, verdict, text, header, edit=True)
 
-    def _confirm(
-        self, item: QueueItemRecord, verdict: VerdictRecord, rest: str
-    ) -> str | QueueItemRecord | None:
-        draft = dict(item.get("draft") or {})
-        human = human_labels_from_marks(verdict, draft.get("marks", {}))
-        disagreements = find_disagreements(verdict, human)
-        explanations = None
-        if disagreements:
-            explanations, item = self._explain(item, verdict, disagreements)
-            if explanations is None:
-                return item
-        commit_human_labels(
-            self.store,
-            self.slug,
-            item,
-            verdict,
-            human,
-            explanations=explanations,
-            note=draft.get("note"),
-        )
-        counts = {lab: sum(1 for v in human.values() if v == lab) for lab in LABELS}
-        self.say(
-            f"Saved: {counts['evil']} evil, {counts['unsure']} unsure, {counts['safe']} safe; "
-            f"{len(disagreements)} disagreement(s) with the judge."
-        )
-        return "done"
-
-    def _explain(
-        self, item: QueueItemRecord, verdict: VerdictRecord, disagreements: list[Disagreement]
-    ) -> tuple[dict[str, str] | None, QueueItemRecord]:
-        """Ask why the person disagrees; each answer is saved to the draft as it is given.
-
-        Returns (explanations by index, or None if the person went back; the item).
-        """
-        draft = dict(item.get("draft") or {})
-        saved = dict(draft.get("explanations", {}))
-
-        def reusable(d: Disagreement) -> str | None:
-            old = saved.get(d["index"])
-            return old["text"] if old and old.get("human_label") == d["human_label"] else None
-
-        self.say(f"You disagree with the judge on {len(disagreements)} token(s):")
-        for d in disagreements:
-            earlier = reusable(d)
-            extra = f"   (explained before: {earlier})" if earlier else ""
-            self.say(
-                f"  {d['index']:<4}{show_token(d['token'])}  judge {d['judge_label']} → "
-                f"you {d['human_label']}{extra}"
-            )
-        todo = [d for d in disagreements if reusable(d) is None]
-        if todo:
-            answer = self.ask_nonempty(
-                "Why? One short explanation for all, or 'each' to explain token by token, "
-                "or 'back' to change your marks.\nwhy> ",
-                "a short explanation",
-            )
-            if answer is None:
-                return None, item
-            for d in todo:
-                if answer.lower() == "each":
-                    text = self.ask_nonempty(
-                        f"why {d['index']} {show_token(d['token'])} (judge "
-                        f"{d['judge_label']}, you {d['human_label']})> ",
-                        "a short explanation",
-                    )
-                    if text is None:
-                        return None, item
-                else:
-                    text = answer
-                saved[d["index"]] = {"human_label": d["human_label"], "text": text}
-                # Saved one by one, so an interruption keeps every explanation already typed.
-                item = save_draft(self.store, self.slug, item, {**draft, "explanations": saved})
-        return {d["index"]: saved[d["index"]]["text"] for d in disagreements}, item
+    def _discard_edit(self, visit: Visit) -> None:
+        """Leaving a saved item unsaved: its labels stay as they were, the draft goes."""
+        try:
+            save_draft(self.store, self.slug, visit.item, {})
+        except StaleItemError:
+            return
+        if visit.undo:
+            self.say(f"Prompt {visit.pid}: saved labels left unchanged (your edits discarded).")
 
 
 def run_session(
@@ -360,8 +220,11 @@ def run_session(
     adapted_slug: str,
     flt: QueueFilter = QueueFilter(),
     *,
-    ask: Callable[[str], str] = input,
+    ask: Callable[[str], str] | None = None,
     out: TextIO | None = None,
 ) -> dict[str, int]:
-    """Run an interactive labeling session; KeyboardInterrupt propagates (all saved already)."""
+    """Run an interactive labeling session; KeyboardInterrupt propagates (all saved already).
+
+    On a terminal it uses the full screen; with ``ask``/``out`` (or in a pipe), plain lines.
+    """
     return Session(store, adapted_slug, flt, ask=ask, out=out).run()

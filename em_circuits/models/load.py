@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from em_circuits.core.atomic import remove_orphaned_temporaries
 from em_circuits.models.merge import MergeReport, load_merge_report, merge_adapter
 from em_circuits.models.spec import (
     ModelLoadError,
@@ -107,9 +108,14 @@ def _merged_once(spec: ModelSpec, weights_dir: Path, dtype: torch.dtype) -> Merg
     """The cached merge, made by whichever process gets the lock first (others wait)."""
     import fcntl
 
+    if (weights_dir / "merge_report.json").is_file():
+        return load_merge_report(weights_dir)  # renamed into place complete: no lock needed
     weights_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(weights_dir.parent / f".{weights_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        # A merge killed mid-write left a full model copy; the cache may lie outside any
+        # results root that the commands clean up.
+        remove_orphaned_temporaries(weights_dir.parent, recursive=False)
         if (weights_dir / "merge_report.json").is_file():
             return load_merge_report(weights_dir)
         log.info(

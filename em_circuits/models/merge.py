@@ -6,13 +6,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from em_circuits.core.atomic import apply_default_modes, crash_point, make_temp_dir
 from em_circuits.core.store import atomic_write_text
 from em_circuits.models.spec import ModelLoadError, ModelSpec, resolve_model_dir
 
@@ -156,12 +156,14 @@ def merge_adapter(spec: ModelSpec, out_dir: Path, dtype: torch.dtype) -> MergeRe
         )
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    # Named with host and PID, so that a run after a kill -9 here removes this full model copy.
+    tmp = make_temp_dir(out_dir)
     try:
         merged.to(dtype).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
         atomic_write_text(tmp / "merge_report.json", json.dumps(asdict(report), indent=1))
+        apply_default_modes(tmp)  # safetensors writes 0600 files whatever the umask
+        crash_point(out_dir, "merge")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

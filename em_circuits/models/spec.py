@@ -89,9 +89,31 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+#: Files one of which a local directory must hold to be what it is given as: without this an
+#: empty or wrong folder fails deep inside transformers with an unrelated AttributeError.
+_MARKER_FILES = {
+    "adapter": ("adapter_config.json",),
+    "tokenizer": ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"),
+}
+_MODEL_MARKERS = ("config.json",)
+
+
+def check_local_model_dir(path: Path, what: str = "model") -> None:
+    """Raise ModelLoadError unless the directory ``path`` looks like a ``what`` (a Hugging
+    Face model folder with config.json, a PEFT adapter with adapter_config.json, ...)."""
+    markers = _MARKER_FILES.get(what, _MODEL_MARKERS)
+    if not any((Path(path) / name).is_file() for name in markers):
+        raise ModelLoadError(
+            f"{what} directory {str(path)!r} has no {' or '.join(markers)}: it is not a Hugging "
+            f"Face {'PEFT adapter' if what == 'adapter' else what} folder. Give the folder that "
+            f"holds {markers[0]} and the weights, or a Hugging Face id"
+        )
+
+
 def resolve_model_dir(ref: str, revision: str | None = None, what: str = "model") -> Path:
     """A local directory as is, or a Hugging Face id downloaded (or found in the HF cache)."""
     if os.path.isdir(ref):
+        check_local_model_dir(Path(ref), what)
         return Path(ref).resolve()
     if os.path.exists(ref):
         raise ModelLoadError(f"{what} {ref!r} is a file; expected a directory or a Hugging Face id")

@@ -31,6 +31,11 @@ from typing import Any
 
 import torch
 
+from em_circuits.core.atomic import (
+    apply_default_modes,
+    make_temp_dir,
+    remove_orphaned_temporaries,
+)
 from em_circuits.organism.recipe import (
     CODE_VERSION,
     DEFAULT_DIRNAME,
@@ -82,10 +87,12 @@ def build_organism(
         return paths
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Builds killed mid-way (named with their host and PID) are removed; a live one is kept.
+    remove_orphaned_temporaries(out_dir.parent, recursive=False)
+    tmp = make_temp_dir(out_dir)
     try:
         _build_into(tmp, final=paths, recipe=recipe, progress=progress)
+        apply_default_modes(tmp)  # safetensors writes 0600 files whatever the umask
         _swap_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -94,7 +101,8 @@ def build_organism(
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     """Replace ``out_dir`` by the finished ``tmp`` with renames (never a half-written dir)."""
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    old = make_temp_dir(out_dir)
+    os.rmdir(old)  # only its name is wanted: the old build is renamed onto it
     if out_dir.exists():
         os.replace(out_dir, old)
     try:
@@ -135,7 +143,7 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
     start = time.perf_counter()
     r = recipe
     staged = OrganismPaths(tmp)
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     with _deterministic(r.seed, r.torch_threads):
         # -- tokenizer ----------------------------------------------------------------------
         words = corpus.advice_words()

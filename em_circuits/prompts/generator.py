@@ -172,6 +172,7 @@ def generate_llm_prompts(
             validate_generated(fmt),
             json_schema=generator_schema(fmt),
             schema_name="pivotal_prompt",
+            what=f"generating prompt {len(summary.saved) + 1} of {target} (call {calls})",
         )
         record = _llm_record(data, fmt, client, tokenizer)
         stored = save_new(store, record, deduper, summary)

@@ -39,6 +39,9 @@ class PipelineConfig:
     device: str | None = None
     seed: int = 0
     progress: bool = True
+    #: Extra LLMClient options for the generator and the judge (deadline, run_deadline,
+    #: run_started: see :class:`em_circuits.core.llm.LLMClient`).
+    llm_options: dict[str, Any] = field(default_factory=dict)
 
 
 @contextmanager
@@ -53,6 +56,15 @@ def _use_llm(choice: str) -> bool:
     from em_circuits.core.llm import find_api_key
 
     return choice == "llm" or (choice == "auto" and find_api_key() is not None)
+
+
+def _check_llm_settings(cfg: PipelineConfig) -> None:
+    """Fail before any stage runs when an LLM is asked for but cannot be used (no API key),
+    not after the prompts are written and both models have computed their logits."""
+    if "llm" in (cfg.generator, cfg.judge):
+        from em_circuits.core.llm import client_from_settings
+
+        client_from_settings(cfg.llm_model, cfg.base_url, **cfg.llm_options)
 
 
 def run_prompts(store: ResultsStore, adapted: ModelSpec, cfg: PipelineConfig) -> None:
@@ -76,7 +88,7 @@ def run_prompts(store: ResultsStore, adapted: ModelSpec, cfg: PipelineConfig) ->
         from em_circuits.core.llm import client_from_settings
         from em_circuits.prompts.generator import generate_llm_prompts
 
-        client = client_from_settings(cfg.llm_model, cfg.base_url)
+        client = client_from_settings(cfg.llm_model, cfg.base_url, **cfg.llm_options)
         generate_llm_prompts(client, store, missing, deduper)
     else:
         summary = generate_offline_prompts(store, missing, deduper, seed=cfg.seed)
@@ -95,7 +107,12 @@ def run_logits(
 
     kind = "llm" if _use_llm(cfg.judge) else "offline"
     judge = make_judge(
-        kind, store, model=cfg.llm_model, base_url=cfg.base_url, words_path=words_near(adapted)
+        kind,
+        store,
+        model=cfg.llm_model,
+        base_url=cfg.base_url,
+        words_path=words_near(adapted),
+        **(cfg.llm_options if kind == "llm" else {}),
     )
     summary = evaluate(store, base, adapted, judge, device=cfg.device)
     for line in summary.lines():
@@ -173,6 +190,8 @@ def run_pipeline(
     shard = current_shard()
     device = str(cfg.device or default_device())
     cfg.device = device
+    cfg.llm_options.setdefault("run_started", time.monotonic())
+    _check_llm_settings(cfg)
     adapted_slug = model_slug(adapted, fingerprint(adapted, device))
     with stage("prompts"):
         if shard.is_main:

@@ -262,13 +262,46 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
     return "\n".join(out)
 
 
+#: Report fields that change without any result changing (the free disk space does all the
+#: time): a report that differs from the stored one only in these is not rewritten.
+_VOLATILE_COUNTS = ("disk_bytes", "disk_free_bytes")
+
+
+def _comparable(report: Any) -> Any:
+    if not isinstance(report, dict):
+        return report
+    counts = report.get("counts")
+    if isinstance(counts, dict):
+        counts = {k: v for k, v in counts.items() if k not in _VOLATILE_COUNTS}
+    return {**report, "counts": counts}
+
+
+def _unchanged(path: Path, text: str, as_json: bool = False) -> bool:
+    try:
+        stored = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        return False
+    if not as_json:
+        return stored == text
+    try:
+        return _comparable(json.loads(stored)) == _comparable(json.loads(text))
+    except json.JSONDecodeError:
+        return False
+
+
 def write_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec, device: str) -> Path:
+    """Write report.json and report.md, unless both already say the same (so a run with
+    nothing new to do writes nothing, and works on a read-only results directory)."""
     report = build_report(store, base, adapted, device)
     analysis = store.model_analysis_dir(report["models"]["adapted"]["slug"])
     analysis_rel = analysis.relative_to(store.root).as_posix()  # report.md links from the root
-    atomic_write_text(
-        store.report_json_path, json.dumps(report, indent=1, default=str, ensure_ascii=False) + "\n"
-    )
+    report_json = json.dumps(report, indent=1, default=str, ensure_ascii=False) + "\n"
+    report_md = render_markdown(report, analysis_rel)
     path = store.report_md_path
-    atomic_write_text(path, render_markdown(report, analysis_rel))
+    if _unchanged(store.report_json_path, report_json, as_json=True) and _unchanged(
+        path, report_md
+    ):
+        return path
+    atomic_write_text(store.report_json_path, report_json)
+    atomic_write_text(path, report_md)
     return path
