@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from em_circuits.core.atomic import pid_alive
 from em_circuits.core.store import ResultsStore
 from em_circuits.labeling.artifacts import QueueError
 
@@ -116,16 +117,6 @@ def queue_lock(store: ResultsStore, adapted_slug: str) -> Iterator[None]:
 
 
 # -- lease records -------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _proc_start(pid: int) -> int | None:
     """The process's start time (clock ticks since boot), to tell a reused PID; None if unknown."""
     try:
@@ -171,7 +162,7 @@ def lease_active(lease: dict[str, Any] | None, now: float | None = None) -> bool
         return False
     if lease.get("host") == HOST:
         pid = lease.get("pid")
-        if not isinstance(pid, int) or not _pid_alive(pid):
+        if not isinstance(pid, int) or not pid_alive(pid):
             return False
         started = lease.get("proc_start")
         if started is not None and _proc_start(pid) not in (None, started):
