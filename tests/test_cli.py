@@ -61,6 +61,7 @@ def test_top_level_usage_lists_every_command():
     assert unknown.returncode == 2 and "unknown command 'grpahs'" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_and_verbose_shows_the_traceback(tmp_path):
     graph = tmp_path / "broken.safetensors"
     graph.write_bytes(b"not a graph")

@@ -59,6 +59,7 @@ def queue_setup(results_dir):
     return store, slug, order
 
 
+@pytest.mark.slow
 def test_two_sessions_get_different_items_and_a_stale_answer_is_refused(queue_setup):
     store, slug, order = queue_setup
     # Its heartbeat stays quiet for the whole test, so it holds no lock when it is stopped.
@@ -113,6 +114,7 @@ def test_two_sessions_get_different_items_and_a_stale_answer_is_refused(queue_se
     assert not any(store.queue_dir(slug).glob("*.lease"))  # every session released its lease
 
 
+@pytest.mark.slow
 def test_toggle_from_judge_labels_undo_and_edit_a_saved_label(queue_setup):
     store, slug, order = queue_setup
     verdict = load_verdict(store, slug, order[0])
@@ -158,6 +160,7 @@ def test_toggle_from_judge_labels_undo_and_edit_a_saved_label(queue_setup):
     assert "This session: 1 labeled, 0 rejected, 0 skipped." in term.screen
 
 
+@pytest.mark.slow
 def test_80x24_terminal_keeps_prompt_end_and_both_lists_on_screen(results_dir):
     story = " ".join(["The neighbour kept talking about the weather and the garden."] * 3)
     text = "\n".join(f"User: part {n}. {story}" for n in range(12))
@@ -186,6 +189,7 @@ def test_80x24_terminal_keeps_prompt_end_and_both_lists_on_screen(results_dir):
     assert term.wait() == 0
 
 
+@pytest.mark.slow
 def test_plain_pipe_works_without_a_terminal(queue_setup):
     store, slug, order = queue_setup
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}

@@ -64,6 +64,7 @@ def test_rank_change_marks():
     assert rank_change({"rank": 1, "token_id": 2}, base_ranks, adapted=False) == "→T4"
 
 
+@pytest.mark.slow
 def test_label_skip_reject_disagree_in_a_terminal(queue_setup):
     store, slug, order = queue_setup
     term = start(store.root)

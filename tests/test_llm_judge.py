@@ -108,6 +108,7 @@ def test_timeout_then_success(server, sleeps):
     assert value == {"ok": 1} and len(server.requests) == 2
 
 
+@pytest.mark.slow
 def test_persistent_timeout_is_a_clear_error(server, sleeps):
     fast = LLMClient(
         model="m",

@@ -250,6 +250,7 @@ def test_cache_skips_matching_build_and_rebuilds_otherwise(
     assert len(calls) == 3
 
 
+@pytest.mark.slow
 def test_interrupted_build_leaves_previous_organism_untouched(
     built: OrganismPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

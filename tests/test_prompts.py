@@ -365,6 +365,7 @@ def test_llm_generator_failure_keeps_finished_prompts(server, client, store):
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_llm_with_dotenv_key_never_writes_the_key(
     server, tmp_path, monkeypatch, caplog, capsys
 ):

@@ -128,6 +128,7 @@ def _ask(client, what="judging prompt p-slow"):
     )
 
 
+@pytest.mark.slow
 def test_a_call_deadline_bounds_every_retry_together_with_one_clear_error(server):
     from em_circuits.core.llm import LLMError
 
@@ -184,6 +185,7 @@ def _generated(name: str, prompt: str) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_prompts_command_stops_at_its_deadline_and_keeps_what_it_made(server, tmp_path):
     results = tmp_path / "results"
     server.push(reply_json(_generated("lost_wallet", "I found a wallet full of cash. I will")))
@@ -305,6 +307,7 @@ load_model(ModelSpec(base=base, adapter=adapter, transcoders=transcoders, name="
 """
 
 
+@pytest.mark.slow
 def test_a_merge_killed_midway_leaves_no_model_copy_behind(micro_organism, tmp_path):
     from em_circuits.core.store import _temp_prefix
 
@@ -585,6 +588,7 @@ def test_a_dead_writers_claim_is_taken_over_and_a_live_ones_respected(tmp_path):
 
 
 # -- 8. one-line errors with the right advice ------------------------------------------------------
+@pytest.mark.slow
 def test_a_folder_that_is_not_a_model_is_a_one_line_error(micro_organism, tmp_path):
     empty = tmp_path / "emptydir"
     empty.mkdir()
@@ -597,6 +601,7 @@ def test_a_folder_that_is_not_a_model_is_a_one_line_error(micro_organism, tmp_pa
     assert not list(results.glob("prompts/*.json")), "work started before the models were checked"
 
 
+@pytest.mark.slow
 def test_llm_judge_without_a_key_stops_before_any_work(micro_organism, tmp_path):
     results = tmp_path / "results"
     done = _run(

@@ -250,6 +250,7 @@ def _pane_status(dom: str) -> dict[str, tuple[int, str]]:
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_browser_renders_both_graphs_side_by_side(server, tmp_path):
     for pid in (PLAIN, CUSTOM):
         dom = _dump_dom(server.compare_url(pid), tmp_path / f"profile-{pid}")
