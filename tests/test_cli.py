@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from micro_flags import model_args
 
 from em_circuits.cli.main import COMMANDS
 
@@ -190,16 +191,7 @@ def test_graphs_for_an_adhoc_prompt_text(micro_organism, tmp_path):
         text,
         "--results-dir",
         str(results),
-        "--base-model",
-        str(micro_organism.base_dir),
-        "--adapter",
-        str(micro_organism.adapter_dir),
-        "--transcoders",
-        str(micro_organism.transcoder_config),
-        "--model-name",
-        "micro",
-        "--device",
-        "cpu",
+        *model_args(micro_organism),
         "--max-feature-nodes",
         "100",
         "--no-viewer",

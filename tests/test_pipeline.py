@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from micro_flags import model_args
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # whole pipelines, several minutes in all
@@ -43,16 +44,7 @@ def _command(organism, results: Path) -> list[str]:
         str(ROOT / "create_graph_labeling_pipeline.py"),
         "--results-dir",
         str(results),
-        "--base-model",
-        str(organism.base_dir),
-        "--adapter",
-        str(organism.adapter_dir),
-        "--transcoders",
-        str(organism.transcoder_config),
-        "--model-name",
-        "micro",
-        "--device",
-        "cpu",
+        *model_args(organism),
         "--n-prompts",
         "8",
         "--max-feature-nodes",

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from micro_flags import model_args
 from openai_server import OpenAIServer, reply_error, reply_json, reply_slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,21 +44,6 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "em_circuits.cli.main", *args]
-
-
-def _model_args(organism) -> list[str]:
-    return [
-        "--base-model",
-        str(organism.base_dir),
-        "--adapter",
-        str(organism.adapter_dir),
-        "--transcoders",
-        str(organism.transcoder_config),
-        "--model-name",
-        "micro",
-        "--device",
-        "cpu",
-    ]
 
 
 PIPELINE_ARGS = [
@@ -331,9 +317,7 @@ def test_a_merge_killed_midway_leaves_no_model_copy_behind(micro_organism, tmp_p
     # A folder this (live) test process is writing: never removed.
     live = cache / f"{_temp_prefix(cache / 'being-written')}live.tmp"
     live.mkdir()
-    done = _run(
-        _cli("run", "--status", "--results-dir", str(results), *_model_args(micro_organism))
-    )
+    done = _run(_cli("run", "--status", "--results-dir", str(results), *model_args(micro_organism)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert _temporaries(results) == [live], "a killed merge's copy is left, or a live one lost"
 
@@ -341,7 +325,7 @@ def test_a_merge_killed_midway_leaves_no_model_copy_behind(micro_organism, tmp_p
 @pytest.mark.slow
 def test_a_viewer_write_killed_midway_leaves_no_folder_behind(micro_organism, tmp_path):
     results = tmp_path / "results"
-    command = _cli("run", "--results-dir", str(results), *_model_args(micro_organism))
+    command = _cli("run", "--results-dir", str(results), *model_args(micro_organism))
     crashed = _run(command + PIPELINE_ARGS, _env(EM_CIRCUITS_CRASH_AFTER="viewer_graph:1"))
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
     leftovers = _temporaries(results / "viewer")
@@ -419,7 +403,7 @@ def test_a_truncated_or_altered_graph_is_computed_again(micro_specs, one_prompt,
 def finished(micro_organism, tmp_path_factory):
     """A complete run, made under umask 002 (group-writable, as for a shared directory)."""
     results = tmp_path_factory.mktemp("finished") / "results"
-    command = _cli("run", "--results-dir", str(results), *_model_args(micro_organism))
+    command = _cli("run", "--results-dir", str(results), *model_args(micro_organism))
     done = _run(command + PIPELINE_ARGS, umask=0o002)
     assert done.returncode == 0, done.stderr[-3000:]
     return results
@@ -464,7 +448,7 @@ def test_a_read_only_results_directory(finished, micro_organism, tmp_path):
     results = tmp_path / "results"
     shutil.copytree(finished, results)
     prefix = _unprivileged()
-    model = _model_args(micro_organism)
+    model = model_args(micro_organism)
     before = _contents(results)
     _set_writable(results, False)
     try:
@@ -519,7 +503,7 @@ def test_two_pipelines_on_one_directory_compute_each_graph_once(finished, micro_
     for claim in held:
         claim.parent.mkdir(parents=True)
         claim.write_text(json.dumps({"host": _HOST, "pid": os.getpid(), "started": "now"}))
-    command = _cli("run", "--results-dir", str(results), *_model_args(micro_organism))
+    command = _cli("run", "--results-dir", str(results), *model_args(micro_organism))
     logs = [tmp_path / f"pipeline{i}.log" for i in (1, 2)]
     processes = []
     try:
@@ -593,7 +577,7 @@ def test_a_folder_that_is_not_a_model_is_a_one_line_error(micro_organism, tmp_pa
     empty = tmp_path / "emptydir"
     empty.mkdir()
     results = tmp_path / "results"
-    args = _model_args(micro_organism)
+    args = model_args(micro_organism)
     args[args.index("--base-model") + 1] = str(empty)
     done = _run(_cli("run", "--results-dir", str(results), *args, "--n-prompts", "2"))
     assert done.returncode == 2, done.stderr[-3000:]
@@ -609,7 +593,7 @@ def test_llm_judge_without_a_key_stops_before_any_work(micro_organism, tmp_path)
             "run",
             "--results-dir",
             str(results),
-            *_model_args(micro_organism),
+            *model_args(micro_organism),
             "--judge",
             "llm",
             "--n-prompts",
