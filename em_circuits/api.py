@@ -73,10 +73,15 @@ def attribute_text(
     evil: list[str],
     safe: list[str],
     *,
+    mode: str = "totals",
     max_feature_nodes: int = 8192,
     device: str | None = None,
 ) -> CompactGraph:
     """The attribution graph of one prompt string, with the given next tokens as targets.
+
+    ``mode="totals"`` (default) covers every active feature in one backward pass;
+    ``mode="full"`` runs circuit-tracer's ``attribute()`` over ``max_feature_nodes`` features
+    and keeps the strongest feature-to-feature edges.
 
     ``evil`` and ``safe`` are token strings (each must be one token of the model's vocabulary,
     e.g. ``" ignore"`` with its leading space); the contrast logit(evil) - logit(safe) is a
@@ -110,7 +115,9 @@ def attribute_text(
         stored_logits={},
     )
     compact, _, _ = attribute_prompt(
-        loaded, targets, AttributionParams(max_feature_nodes=max_feature_nodes)
+        loaded,
+        targets,
+        AttributionParams(mode=mode, max_feature_nodes=max_feature_nodes),  # type: ignore[arg-type]
     )
     return compact
 

@@ -210,3 +210,23 @@ def test_graphs_for_an_adhoc_prompt_text(micro_organism, tmp_path):
     graphs = sorted(results.glob(f"graphs/*/{pid}/*.safetensors"))
     assert len(graphs) == 2, graphs  # base and adapted
     assert "Next: `em-circuits analyze`" in done.stdout
+
+
+def test_full_graphs_flag_takes_a_number_and_prompt_ids():
+    import argparse
+
+    from em_circuits.attribution.targets import FullGraphChoice
+    from em_circuits.cli.common import add_graph_args, full_graph_choice
+
+    parser = argparse.ArgumentParser()
+    add_graph_args(parser)
+
+    def choice(*argv: str) -> FullGraphChoice:
+        return full_graph_choice(parser.parse_args(list(argv)))
+
+    assert choice() == FullGraphChoice(top=3)
+    assert choice("--full-graphs", "none") == FullGraphChoice()
+    assert not choice("--full-graphs", "0")
+    assert choice("--full-graphs", "5", "3f2a9c0d") == FullGraphChoice(("3f2a9c0d",), 5)
+    assert choice("--full-graphs", "3f2a9c0d") == FullGraphChoice(("3f2a9c0d",), 0)
+    assert parser.parse_args([]).graph_mode == "totals"

@@ -15,7 +15,10 @@ from em_circuits.attribution.targets import AttributionParams, PromptTargets
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.spec import ModelSpec
 
-PARAMS = AttributionParams(max_feature_nodes=300, batch_size=64, edge_keep=2000)
+#: Full graphs (feature-to-feature edges, dense adjacency); tests/test_totals.py covers the
+#: default totals mode.
+PARAMS = AttributionParams(mode="full", max_feature_nodes=300, batch_size=64, edge_keep=2000)
+TOTALS = AttributionParams()
 
 
 def _word_ids(tokenizer, words):
@@ -76,10 +79,11 @@ def _constant_vectors(model, ids):
     return torch.stack(vectors)
 
 
-def test_direct_effects_plus_bias_terms_reproduce_each_target(micro_models, prompt_targets):
+@pytest.mark.parametrize("params", [PARAMS, TOTALS], ids=["full", "totals"])
+def test_direct_effects_plus_bias_terms_reproduce_each_target(micro_models, prompt_targets, params):
     """Completeness: sum of direct effects + independently computed bias terms = target value."""
     for model in micro_models:
-        compact, _, _ = attribute_prompt(model, prompt_targets[0], PARAMS)
+        compact, _, _ = attribute_prompt(model, prompt_targets[0], params)
         rm = model.replacement
         ids = model.encode(prompt_targets[0].text)
         ctx = rm.setup_attribution(ids)

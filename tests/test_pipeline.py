@@ -156,6 +156,16 @@ def test_uninterrupted_run_writes_the_report(reference):
     assert report["causal"]["summary"]["verdict"]
     md = (reference / "report.md").read_text()
     assert "Top evil features" in md and "Causal validation" in md
+    # totals graphs for the analysis; full graphs of the top prompts for the viewer
+    from em_circuits.attribution.viewer import read_metadata
+
+    viewer = read_metadata(reference / "viewer" / report["models"]["adapted"]["slug"])
+    shown = {entry["prompt_id"] for entry in viewer}
+    assert 0 < len(shown) <= 3 and len(viewer) == 2 * len(shown)
+    modes = [
+        json.loads(p.read_text())["params"]["mode"] for p in reference.glob("graphs/*/*/*.json")
+    ]
+    assert modes.count("full") == len(viewer) and modes.count("totals") > modes.count("full")
     analysis = reference / "analysis" / report["models"]["adapted"]["slug"]
     for name in (
         "top_features_adapted.csv",

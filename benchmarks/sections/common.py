@@ -43,6 +43,7 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
         params = AttributionParams(
+            mode=getattr(args, "graph_mode", "full"),
             max_feature_nodes=args.max_feature_nodes,
             batch_size=args.batch_size,
             edge_keep=args.edge_keep,

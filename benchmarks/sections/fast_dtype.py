@@ -11,8 +11,7 @@ import torch
 from harness import GIB, Skip, cuda, free_memory, log, measure, median
 
 from em_circuits.attribution.attribute import attribute_prompt
-from em_circuits.attribution.stage import load_graph
-from em_circuits.attribution.storage import CompactGraph
+from em_circuits.attribution.storage import CompactGraph, load_compact
 from em_circuits.attribution.targets import GraphError
 from em_circuits.models.load import LoadedModel, load_model, release
 from sections.common import Context, ResidentModels, model_weights_gib
@@ -106,7 +105,9 @@ def fast_dtype(
             (compact, _graph, info), m = measure(
                 lambda pid=pid: attribute_prompt(model, by_id[pid], ctx.params)
             )
-            ref = load_graph(ctx.store, reference_metas[pid])
+            # The file, not the remembered meta: later sections (the reload pattern) write the
+            # same graph again, so the meta of (a) no longer matches the file's sha256.
+            ref = load_compact(ctx.store.compact_graph_path(reference_metas[pid]))
             agree = feature_agreement(ref, compact, args.top_features)
             out["prompts"].append(
                 {

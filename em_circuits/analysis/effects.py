@@ -177,6 +177,17 @@ def _group_features(
     if spec.keyed:
         cols.append(relative[nodes])
     raw = np.stack(cols, axis=1) if len(nodes) else np.zeros((0, len(cols)), np.int64)
+    # One int64 per key sorts like the rows (lexicographically) and is many times faster to
+    # make unique than rows are (totals graphs hold every active feature: tens of thousands).
+    if len(nodes):
+        low = raw.min(axis=0)
+        span = raw.max(axis=0) - low + 1
+        if float(np.prod(span.astype(np.float64))) < 2.0**62:
+            packed = np.zeros(len(nodes), np.int64)
+            for col in range(raw.shape[1]):
+                packed = packed * span[col] + (raw[:, col] - low[col])
+            _, first, inverse = np.unique(packed, return_index=True, return_inverse=True)
+            return nodes, inverse.reshape(-1), raw[first]
     keys, inverse = np.unique(raw, axis=0, return_inverse=True)
     return nodes, inverse.reshape(-1), keys
 

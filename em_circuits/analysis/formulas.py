@@ -16,6 +16,14 @@ safe set `S`) and the contrast direction `c = mean_{e in E} logit(e) - mean_{s i
   its edge weights, each divided by the activation of the feature it leaves. Error nodes and
   tokens are inputs; a feature's total effect is the linearised change of `t` when the
   feature is zeroed.
+* **How they are computed.** By default (`--graph-mode totals`) `F` is every active feature
+  and both rows come from one backward pass from the targets: at each layer, after the
+  features writing there are scored, every feature `f` reading there adds
+  `(total[t, f] / a_f) W_enc[f]` at its position to the gradient below, so the pass sums every
+  path; the same pass without that re-injection gives `direct`. A full graph
+  (`--graph-mode full`, and the prompts `--full-graphs` chooses) keeps circuit-tracer's
+  `max_feature_nodes` most influential features with their edges and solves the formula
+  above over them. With every feature kept the two agree to float rounding.
 * **Feature key.** Effects of all graph nodes with the same (layer, transcoder feature id) are
   summed: over all positions (`position="any"`), only the last (`"last"` = `"rel:-1"`), the
   k-th from the end (`"rel:-k"`), or each relative position separately (`"each"`). Summing is
@@ -29,8 +37,9 @@ safe set `S`) and the contrast direction `c = mean_{e in E} logit(e) - mean_{s i
   its units are the target *tokens of one prompt*, it is a descriptive statistic, not a test
   across prompts.
 * **Across prompts** (prompt = unit; `x_p` = the per-prompt value, default `contrast`):
-  `support` = number of prompts in which the key is a graph node (a feature may be active
-  but pruned from a graph: absent means "not among the graph's nodes"). With
+  `support` = number of prompts in which the key is a graph node (every active feature in
+  totals mode; a full graph may prune an active feature: absent means "not among the graph's
+  nodes"). With
   `absent="zero"` an absent key contributes `x_p = 0` (n = all prompts); with
   `absent="missing"` it is left out (n = support). Prompts whose value is undefined (no
   evil or no safe target) are left out entirely. `mean = (1/n) sum_p x_p`;

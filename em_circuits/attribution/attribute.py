@@ -79,14 +79,16 @@ def _target_table(
 
 def _check_context(ctx, where: str) -> None:
     """Name the first layer whose transcoder activations or errors are NaN/Inf."""
-    bad_layers = set()
     values = ctx.activation_matrix.coalesce()
-    bad = ~torch.isfinite(values.values())
-    if bad.any():
+    # One check (one wait for the GPU) when all is finite; layer by layer only to name one.
+    finite = torch.isfinite(values.values()).all() & torch.isfinite(ctx.error_vectors).all()
+    bad_layers: set[int] = set()
+    if not finite:
+        bad = ~torch.isfinite(values.values())
         bad_layers.update(values.indices()[0, bad].tolist())
-    for layer, err in enumerate(ctx.error_vectors):
-        if not torch.isfinite(err).all():
-            bad_layers.add(layer)
+        for layer, err in enumerate(ctx.error_vectors):
+            if not torch.isfinite(err).all():
+                bad_layers.add(layer)
     if bad_layers:
         raise NonFiniteError(
             f"{where}: NaN/Inf in the MLP input or output at layer "
@@ -131,9 +133,8 @@ def attribution_targets(
     if params.salient_logits or not prob:
         with torch.no_grad():
             plain = torch.softmax(model.hf_model(ids[None]).logits[0, -1].float(), -1).cpu()
+        salient_ids = _salient_ids(pt, plain, params.salient_logits)
         labeled = set(pt.evil_ids) | set(pt.safe_ids)
-        ranked = torch.topk(plain, params.salient_logits + len(labeled)).indices.tolist()
-        salient_ids = [t for t in ranked if t not in labeled][: params.salient_logits]
         prob = {t: float(plain[t]) for t in [*labeled, *salient_ids]}
     rows = _target_rows(model, pt, salient_ids)
     return rows, (_custom_targets(model, pt, rows, prob) if rows else [])
@@ -142,7 +143,102 @@ def attribution_targets(
 def attribute_prompt(
     model: LoadedModel, pt: PromptTargets, params: AttributionParams, role: str | None = None
 ) -> tuple[CompactGraph, Any, dict[str, Any]]:
-    """One graph: (compact graph, circuit-tracer Graph, info). Logits come from its own pass."""
+    """One graph: (compact graph, circuit-tracer Graph or None, info), in ``params.mode``.
+
+    Logits come from the graph's own forward pass. Totals mode has no circuit-tracer Graph
+    (no feature-to-feature edges) and no dense adjacency.
+    """
+    if params.mode == "totals":
+        return totals_prompt(model, pt, params)
+    return full_prompt(model, pt, params, role)
+
+
+def _salient_ids(pt: PromptTargets, logits: torch.Tensor, n: int) -> list[int]:
+    """The ``n`` most probable tokens that are not labeled."""
+    if n <= 0:
+        return []
+    labeled = set(pt.evil_ids) | set(pt.safe_ids)
+    ranked = torch.topk(logits.float(), n + len(labeled)).indices.tolist()
+    return [t for t in ranked if t not in labeled][:n]
+
+
+def totals_prompt(
+    model: LoadedModel, pt: PromptTargets, params: AttributionParams
+) -> tuple[CompactGraph, None, dict[str, Any]]:
+    """Exact direct and total effects of every active feature on the prompt's targets, from
+    one backward pass (:mod:`em_circuits.attribution.totals`)."""
+    from em_circuits.attribution.totals import exact_effects
+
+    rm = model.replacement
+    where = f"prompt {pt.prompt_id}, model {model.slug}"
+    ids = model.encode(pt.text)
+    chosen: dict[str, list[TargetRow]] = {}
+
+    def directions_for(logits: torch.Tensor) -> torch.Tensor:
+        rows = _target_rows(model, pt, _salient_ids(pt, logits, params.salient_logits))
+        if not rows:
+            raise GraphError(f"{where}: no evil or safe labels, nothing to attribute to")
+        chosen["rows"] = rows
+        unembed = rm.unembed_proj.detach()
+        return torch.stack([_direction(unembed, pt, row) for row in rows])
+
+    started = time.perf_counter()
+    try:
+        effects = exact_effects(
+            rm,
+            ids,
+            directions_for,
+            check_context=lambda ctx: _check_context(ctx, where),
+            offload=params.offload,
+        )
+    except torch.cuda.OutOfMemoryError as err:
+        raise GraphError(f"{where}: out of GPU memory ({err}); try --offload cpu") from None
+    seconds = time.perf_counter() - started
+    for name in ("direct", "total"):
+        matrix = getattr(effects, name)
+        if not torch.isfinite(matrix).all():
+            raise NonFiniteError(f"{where}: NaN/Inf in the {name} effects (try --dtype float32)")
+    rows = chosen["rows"]
+    table, labels = _target_table(model, pt, rows, effects.logits)
+    top = torch.topk(effects.logits, params.top_k)
+    compact = CompactGraph(
+        features=effects.features,
+        activations=effects.activations,
+        input_tokens=ids.cpu(),
+        n_layers=effects.n_layers,
+        direct=effects.direct,
+        total=effects.total,
+        target_values=torch.tensor(table["values"], dtype=torch.float32),
+        target_token_ids=torch.tensor(table["token_ids"], dtype=torch.long),
+        target_logits=torch.tensor(table["logits"], dtype=torch.float32),
+        target_probs=torch.tensor(table["probs"], dtype=torch.float32),
+        target_names=list(table["names"]),
+        target_kinds=list(table["kinds"]),
+        top_token_ids=top.indices.cpu(),
+        top_logits=top.values.cpu(),
+        meta={
+            "target_labels": labels,
+            "prompt_id": pt.prompt_id,
+            "mode": "totals",
+            "features_stored": "all active",
+        },
+    )
+    n_active = int(effects.features.shape[0])
+    info = {
+        "dense": None,
+        "seconds": seconds,
+        "n_active_features": n_active,
+        "n_selected_features": n_active,
+        "logits": effects.logits,
+    }
+    return compact, None, info
+
+
+def full_prompt(
+    model: LoadedModel, pt: PromptTargets, params: AttributionParams, role: str | None = None
+) -> tuple[CompactGraph, Any, dict[str, Any]]:
+    """circuit-tracer's ``attribute()`` with feature-to-feature edges over the
+    ``params.max_feature_nodes`` most influential features; totals from the linear solve."""
     from circuit_tracer import attribute
 
     rm = model.replacement
@@ -211,7 +307,13 @@ def attribute_prompt(
         dense,
         params.edge_keep,
         device=model.device,
-        meta={"target_labels": labels, "prompt_id": pt.prompt_id},
+        meta={
+            "target_labels": labels,
+            "prompt_id": pt.prompt_id,
+            "mode": "full",
+            "features_stored": f"{int(selected.shape[0])} most influential of "
+            f"{int(graph.active_features.shape[0])} active",
+        },
     )
     info = {
         "dense": dense,

@@ -114,6 +114,8 @@ def inspect_graph(
     return {
         "file": str(path),
         "format": "full" if path.name.endswith(".full.safetensors") else "compact",
+        "mode": graph.meta.get("mode", "full"),
+        "features_stored": graph.meta.get("features_stored"),
         "prompt_id": None if meta is None else meta.get("prompt_id"),
         "model": None if meta is None else meta.get("model_slug"),
         "nodes": {
@@ -168,7 +170,8 @@ def inspect_graph(
 def format_inspection(info: dict[str, Any]) -> str:
     """Plain-text rendering for the terminal."""
     lines = [
-        f"graph {info['file']} ({info['format']})",
+        f"graph {info['file']} ({info['format']}, {info['mode']} mode: "
+        f"{info['features_stored'] or 'features kept'})",
         f"prompt {info['prompt_id']}  model {info['model']}",
         "nodes: " + ", ".join(f"{k} {v}" for k, v in info["nodes"].items()),
         "finite: " + ("yes" if info["finite"] else "NO - NaN/Inf present"),
@@ -194,6 +197,11 @@ def format_inspection(info: dict[str, Any]) -> str:
             f"{f['direct_effect']:+.4f}"
         )
     lines += ["", "top edges by node-type pair:"]
+    if not info["top_edges"]:
+        lines.append(
+            f"  none stored ({info['mode']} graph: effects on the targets only); "
+            f"`em-circuits graphs --full-graphs {info['prompt_id']}` adds its full graph"
+        )
     for pair, edges in sorted(info["top_edges"].items()):
         lines.append(f"  {pair}")
         for e in edges:

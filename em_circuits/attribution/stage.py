@@ -18,7 +18,12 @@ from em_circuits.attribution.storage import (
     save_compact,
     save_full,
 )
-from em_circuits.attribution.targets import AttributionParams, GraphError, PromptTargets
+from em_circuits.attribution.targets import (
+    AttributionParams,
+    FullGraphChoice,
+    GraphError,
+    PromptTargets,
+)
 from em_circuits.core.atomic import sha256_file
 from em_circuits.core.claims import read_holder, try_claim
 from em_circuits.core.schemas import GraphMetaRecord
@@ -95,7 +100,10 @@ def build_graph(
     save_full_graph: bool = False,
     viewer_dir: Path | None = None,
 ) -> GraphMetaRecord:
-    """Compute, check and store one graph; returns its metadata artifact."""
+    """Compute, check and store one graph; returns its metadata artifact.
+
+    Only a full-mode graph has a dense adjacency (``save_full_graph``) and viewer JSON.
+    """
     compact, graph, info = attribute_prompt(model, pt, params, role)
     paths = graph_paths(store, model.slug, pt, params)
     mismatches = check_labels_against_graph(pt, role, info["logits"], model.dtype)
@@ -111,9 +119,9 @@ def build_graph(
     compact_bytes = save_compact(compact, paths["compact"])
     compact_sha256 = sha256_file(paths["compact"])
     full_bytes = None
-    if save_full_graph:
+    if save_full_graph and info["dense"] is not None:
         full_bytes = save_full(paths["full"], info["dense"])
-    if viewer_dir is not None:
+    if viewer_dir is not None and graph is not None:
         from em_circuits.attribution.viewer import write_viewer_graph
 
         write_viewer_graph(graph, viewer_dir, pt.prompt_id, role)
@@ -186,7 +194,8 @@ def load_graph(store: ResultsStore, meta: GraphMetaRecord) -> CompactGraph:
 
 
 def find_graph_metas(store: ResultsStore, model_slug: str) -> list[GraphMetaRecord]:
-    """All complete graphs of one model (newest per prompt when parameters differ).
+    """All complete graphs of one model, one per prompt: its totals graph where it has one,
+    else its full graph (the newest when parameters differ).
 
     A graph whose compact file is missing or has another size than recorded is left out, with
     a warning naming the file (the sha256 is checked when the graph is loaded: hashing every
@@ -206,9 +215,20 @@ def find_graph_metas(store: ResultsStore, model_slug: str) -> list[GraphMetaReco
             )
             continue
         pid = meta["prompt_id"]
-        if pid not in latest or meta["created"] > latest[pid]["created"]:
+        if pid not in latest or _preference(meta) > _preference(latest[pid]):
             latest[pid] = meta
     return [latest[pid] for pid in sorted(latest)]
+
+
+def graph_mode(meta: GraphMetaRecord) -> str:
+    """ "totals" or "full" (graphs stored before totals mode existed are full graphs)."""
+    return str(dict(meta.get("params") or {}).get("mode", "full"))
+
+
+def _preference(meta: GraphMetaRecord) -> tuple[bool, str]:
+    # The analysis reads a prompt's totals graph (every active feature) over a full graph
+    # (the most influential features only) made for the viewer; the newest among equals.
+    return graph_mode(meta) == "totals", str(meta["created"])
 
 
 @dataclass
@@ -216,6 +236,8 @@ class StageResult:
     computed: list[str]
     cached: list[str]
     failed: dict[str, str]
+    #: The full graphs (feature-to-feature edges, viewer JSON) of the prompts chosen for them.
+    full: StageResult | None = None
 
 
 def run_graph_stage(
@@ -228,8 +250,17 @@ def run_graph_stage(
     save_full_graph: bool = False,
     viewer_dir: Path | None = None,
     progress: bool = True,
+    full_graphs: FullGraphChoice | None = None,
+    resident: ResidentModels | None = None,
 ) -> dict[str, StageResult]:
-    """Graphs for every prompt, one model at a time: each model is loaded once, then freed.
+    """Graphs for every prompt and model, both models resident on one transcoder set.
+
+    In totals mode (the default) every prompt gets the exact direct and total effects of all
+    its active features; the prompts ``full_graphs`` chooses then also get a full graph
+    (feature-to-feature edges, written for the viewer when ``viewer_dir`` is given). In full
+    mode every prompt gets a full graph. ``resident`` keeps the models loaded across calls
+    (a notebook, a benchmark); by default they are loaded on the first graph to compute and
+    released at the end.
 
     Under ``accelerate launch`` each process takes every n-th prompt and the call returns when
     all processes are done; each result then lists that process's prompts only.
@@ -239,98 +270,207 @@ def run_graph_stage(
     process is computing is skipped, and waited for at the end, so each is computed once.
     """
     from em_circuits.core.distributed import current_shard
-    from em_circuits.models.spec import fingerprint, model_slug
 
     shard = current_shard()
-    targets = shard.take(targets)
-    results: dict[str, StageResult] = {}
-    for role, spec in specs.items():
-        result = StageResult([], [], {})
-        results[role] = result
-        fp = fingerprint(spec, device)
-        slug = model_slug(spec, fp)
-        todo = []
-        for pt in targets:
-            if not force and cached_graph_meta(store, slug, fp, pt, params) is not None:
-                result.cached.append(pt.prompt_id)
-            else:
-                todo.append(pt)
-        if not todo:
-            log.info("%s: all %d graphs cached", slug, len(result.cached))
-            continue
-        _claim_and_build(
+    full_mode = params.mode == "full"
+    results = _graphs_for(
+        store,
+        specs,
+        shard.take(targets),
+        params,
+        device,
+        force=force,
+        save_full_graph=save_full_graph and full_mode,
+        viewer_dir=viewer_dir if full_mode else None,
+        progress=progress,
+        resident=resident,
+    )
+    shard.wait()
+    if full_graphs and not full_mode:
+        # Ranking needs every prompt's totals, so it runs after all processes are done.
+        chosen = choose_full_graph_prompts(store, specs, targets, params, device, full_graphs)
+        log.info(
+            "full graphs for %d prompt(s): %s", len(chosen), ", ".join(p.prompt_id for p in chosen)
+        )
+        full = _graphs_for(
             store,
-            role,
-            spec,
-            (slug, fp),
-            todo,
-            params,
+            specs,
+            shard.take(chosen),
+            params.full(),
             device,
-            result,
             force=force,
             save_full_graph=save_full_graph,
             viewer_dir=viewer_dir,
             progress=progress,
+            resident=resident,
         )
-    shard.wait()
+        for role, result in results.items():
+            result.full = full[role]
+        shard.wait()
     return results
 
 
-def _claim_and_build(
+def contrast_shift(metas: dict[str, GraphMetaRecord | None]) -> float:
+    """How far the adapter moves a prompt's contrast value towards evil (adapted minus base;
+    the adapted value alone without a base graph; -inf without a contrast target)."""
+
+    def value(meta: GraphMetaRecord | None) -> float | None:
+        for target in meta["targets"] if meta is not None else []:
+            if target["kind"] == "contrast":
+                return float(target["value"])
+        return None
+
+    adapted, base = value(metas.get("adapted")), value(metas.get("base"))
+    if adapted is None:
+        return float("-inf")
+    return adapted - (base or 0.0)
+
+
+def choose_full_graph_prompts(
     store: ResultsStore,
-    role: str,
-    spec: Any,
-    identity: tuple[str, str],
-    todo: list[PromptTargets],
+    specs: dict[str, Any],
+    targets: list[PromptTargets],
     params: AttributionParams,
     device: torch.device | str,
-    result: StageResult,
+    choice: FullGraphChoice,
+) -> list[PromptTargets]:
+    """The prompts ``choice`` names (in its order), then the top prompts by contrast shift."""
+    from em_circuits.models.spec import fingerprint, model_slug
+
+    by_id = {pt.prompt_id: pt for pt in targets}
+    unknown = [pid for pid in choice.prompt_ids if pid not in by_id]
+    if unknown:
+        log.warning(
+            "no labeled prompt with id %s: no full graph for it (see `em-circuits status`)",
+            ", ".join(unknown),
+        )
+    chosen = [by_id[pid] for pid in dict.fromkeys(choice.prompt_ids) if pid in by_id]
+    if choice.top > 0:
+        identities = {}
+        for role, spec in specs.items():
+            fp = fingerprint(spec, device)
+            identities[role] = (model_slug(spec, fp), fp)
+        scored = []
+        for pt in targets:
+            if pt.prompt_id in choice.prompt_ids:
+                continue
+            metas = {
+                role: cached_graph_meta(store, slug, fp, pt, params, warn=False)
+                for role, (slug, fp) in identities.items()
+            }
+            scored.append((contrast_shift(metas), pt.prompt_id, pt))
+        scored.sort(key=lambda item: (-item[0], item[1]))
+        chosen += [pt for _, _, pt in scored[: choice.top]]
+    return chosen
+
+
+class ResidentModels:
+    """The stage's models, each loaded on first use and kept until :meth:`release`; models
+    with the same transcoder reference and dtype share one loaded transcoder set."""
+
+    def __init__(self, specs: dict[str, Any], device: torch.device | str, merged_cache: Path):
+        self.specs = specs
+        self.device = torch.device(device)
+        self.merged_cache = merged_cache
+        self.models: dict[str, LoadedModel] = {}
+        self.transcoder_sets: dict[tuple[str, str], Any] = {}
+
+    def get(self, role: str) -> LoadedModel:
+        from em_circuits.models.load import load_model, load_transcoder_set
+        from em_circuits.models.spec import resolve_dtype
+
+        if role not in self.models:
+            spec = self.specs[role]
+            dtype = resolve_dtype(spec.dtype, self.device)
+            key = (spec.transcoders, str(dtype))
+            if key not in self.transcoder_sets:
+                self.transcoder_sets[key] = load_transcoder_set(
+                    spec.transcoders, self.device, dtype
+                )
+            self.models[role] = load_model(
+                spec, self.device, self.merged_cache, transcoder_set=self.transcoder_sets[key]
+            )
+        return self.models[role]
+
+    def release(self) -> None:
+        from em_circuits.models.load import release
+
+        for model in self.models.values():
+            release(model)
+        self.models.clear()
+        self.transcoder_sets.clear()
+
+
+def _graphs_for(
+    store: ResultsStore,
+    specs: dict[str, Any],
+    targets: list[PromptTargets],
+    params: AttributionParams,
+    device: torch.device | str,
     *,
     force: bool,
     save_full_graph: bool,
     viewer_dir: Path | None,
     progress: bool,
-) -> None:
-    """Compute the ``todo`` graphs of one model, each under a claim; fills ``result``.
+    resident: ResidentModels | None = None,
+) -> dict[str, StageResult]:
+    """Each prompt's graphs, model by model, each under a claim; cached ones are skipped.
 
-    ``identity`` is the model's (slug, fingerprint). The model is loaded on the first graph
-    this process computes, so a process whose graphs all turn out to be another's work never
-    loads it.
+    Models are loaded on the first graph this process computes, so a process whose graphs all
+    turn out to be cached or another's work never loads them.
     """
     from tqdm import tqdm
 
-    from em_circuits.models.load import load_model, release
+    from em_circuits.models.spec import fingerprint, model_slug
 
-    slug, fp = identity
-    model: LoadedModel | None = None
-    pending = list(todo)
-    deferred: set[str] = set()  # graphs found claimed by another process at least once
+    identities: dict[str, tuple[str, str]] = {}
+    for role, spec in specs.items():
+        fp = fingerprint(spec, device)
+        identities[role] = (model_slug(spec, fp), fp)
+    results = {role: StageResult([], [], {}) for role in specs}
+    pending: list[tuple[str, PromptTargets]] = []
+    for pt in targets:
+        for role, (slug, fp) in identities.items():
+            if not force and cached_graph_meta(store, slug, fp, pt, params) is not None:
+                results[role].cached.append(pt.prompt_id)
+            else:
+                pending.append((role, pt))
+    if not pending:
+        for role, (slug, _) in identities.items():
+            log.info("%s: all %d %s graphs cached", slug, len(results[role].cached), params.mode)
+        return results
+    models = resident or ResidentModels(specs, device, store.merged_cache_dir)
+    deferred: set[tuple[str, str]] = set()  # graphs found claimed by another process
     last_wait_log = float("-inf")
-    bar = tqdm(total=len(todo), desc=f"graphs {role}", disable=not progress, unit="prompt")
+    desc = "graphs" if params.mode == "totals" else "full graphs"
+    bar = tqdm(total=len(pending), desc=desc, disable=not progress, unit="graph")
     try:
         while pending:
             progressed = False
-            for pt in list(pending):
+            for item in list(pending):
+                role, pt = item
+                slug, fp = identities[role]
+                result = results[role]
                 claim = try_claim(store.graph_claim_path(slug, pt.prompt_id, pt.key(params)))
                 if claim is None:
-                    deferred.add(pt.prompt_id)
+                    deferred.add((role, pt.prompt_id))
                     continue
-                pending.remove(pt)
+                pending.remove(item)
                 progressed = True
                 with claim:
                     # Checked again under the claim: another process may have finished this
                     # graph since the cache was first checked (with --force only if it was
                     # seen claimed, i.e. computed during this run).
-                    if (not force or pt.prompt_id in deferred) and cached_graph_meta(
+                    if (not force or (role, pt.prompt_id) in deferred) and cached_graph_meta(
                         store, slug, fp, pt, params, warn=False
                     ) is not None:
                         result.cached.append(pt.prompt_id)
                         bar.update()
                         continue
-                    if model is None:
-                        model = load_model(spec, device, store.merged_cache_dir)
                     try:
-                        build_graph(store, model, role, pt, params, save_full_graph, viewer_dir)
+                        build_graph(
+                            store, models.get(role), role, pt, params, save_full_graph, viewer_dir
+                        )
                         result.computed.append(pt.prompt_id)
                     except (GraphError, NonFiniteError) as err:
                         log.error("skipping: %s", err)
@@ -340,16 +480,19 @@ def _claim_and_build(
                 if time.monotonic() - last_wait_log >= WAIT_LOG_SECONDS:
                     last_wait_log = time.monotonic()
                     log.info(
-                        "%s: waiting for %d graph(s) that other processes are computing: %s",
-                        slug,
+                        "waiting for %d graph(s) that other processes are computing: %s",
                         len(pending),
-                        "; ".join(_claimed_by(store, slug, pt, params) for pt in pending[:5]),
+                        "; ".join(
+                            _claimed_by(store, identities[role][0], pt, params)
+                            for role, pt in pending[:5]
+                        ),
                     )
                 time.sleep(CLAIM_POLL_SECONDS)
     finally:
         bar.close()
-        if model is not None:
-            release(model)
+        if resident is None:
+            models.release()
+    return results
 
 
 def _claimed_by(

@@ -13,18 +13,29 @@ node even when it would fall outside the usual cumulative-probability cut.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from em_circuits.attribution.storage import GRAPH_FORMAT
 from em_circuits.core.schemas import TARGET_LABELS, LabelsRecord
 from em_circuits.core.store import ResultsStore, params_key
 
+GraphMode = Literal["totals", "full"]
+GRAPH_MODES: tuple[GraphMode, ...] = ("totals", "full")
+
 
 @dataclass(frozen=True)
 class AttributionParams:
-    """Knobs of one graph. Defaults follow the prior art (8192 features, batch 256)."""
+    """Knobs of one graph.
 
+    ``mode="totals"`` (the default) gives the exact direct and total effects of every active
+    feature, error and token node on the targets in one backward pass
+    (:mod:`em_circuits.attribution.totals`); ``mode="full"`` runs circuit-tracer's
+    ``attribute()`` with feature-to-feature edges over ``max_feature_nodes`` features (the
+    viewer's graphs), following the prior art's defaults (8192 features, batch 256).
+    """
+
+    mode: GraphMode = "totals"
     max_feature_nodes: int = 8192
     batch_size: int = 256
     offload: Literal["cpu", "disk"] | None = None
@@ -33,16 +44,40 @@ class AttributionParams:
     top_k: int = 10
 
     def __post_init__(self) -> None:
+        if self.mode not in GRAPH_MODES:
+            raise ValueError(
+                f"graph mode must be one of {', '.join(GRAPH_MODES)}, not {self.mode!r}"
+            )
         if self.offload not in (None, "cpu", "disk"):
             raise ValueError(f"offload must be None, 'cpu' or 'disk', not {self.offload!r}")
 
     def cache_fields(self) -> dict[str, Any]:
-        # batch size and offload change speed and memory, never the graph.
+        # batch size and offload change speed and memory, never the graph; totals mode visits
+        # every active feature and stores no edges.
         fields = asdict(self)
         fields.pop("batch_size")
         fields.pop("offload")
+        if self.mode == "totals":
+            fields.pop("max_feature_nodes")
+            fields.pop("edge_keep")
         fields["format"] = GRAPH_FORMAT
         return fields
+
+    def full(self) -> AttributionParams:
+        """The same knobs for a full graph (feature-to-feature edges, viewer JSON)."""
+        return replace(self, mode="full")
+
+
+@dataclass(frozen=True)
+class FullGraphChoice:
+    """Which prompts also get a full graph besides their totals: these ids, plus the ``top``
+    prompts whose evil-minus-safe contrast the adapter moves most towards evil."""
+
+    prompt_ids: tuple[str, ...] = ()
+    top: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.prompt_ids) or self.top > 0
 
 
 @dataclass

@@ -199,6 +199,7 @@ def serve_forever(viewer_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAUL
     """Serve ``viewer_dir`` until Ctrl-C; prints the page's URL."""
     server = start_viewer(viewer_dir, host, port)
     print(f"Graph viewer for {server.viewer_dir}: {server.url}  (Ctrl-C stops)", flush=True)
+    print(full_graph_listing(server.viewer_dir), flush=True)
     if _is_loopback(server.host):
         print(
             f"From another machine: ssh -L {server.port}:127.0.0.1:{server.port} <this host>",
@@ -216,6 +217,21 @@ def serve_forever(viewer_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAUL
         server.stop()
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+
+
+def full_graph_listing(viewer_dir: Path) -> str:
+    """Which prompts have full graphs to show, and how to add one (the graph stage keeps
+    feature-to-feature edges only for the prompts chosen with --full-graphs)."""
+    from em_circuits.attribution.viewer import read_metadata
+
+    roles: dict[str, set[str]] = {}
+    for entry in read_metadata(viewer_dir):
+        roles.setdefault(str(entry.get("prompt_id")), set()).add(str(entry.get("role")))
+    listed = ", ".join(f"{pid} ({'+'.join(sorted(r))})" for pid, r in sorted(roles.items()))
+    return (
+        f"Full graphs of {len(roles)} prompt(s): {listed or 'none'}. Add one with "
+        "`em-circuits graphs --full-graphs PROMPT_ID`."
+    )
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -187,10 +187,27 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
     """Attribution flags, shared by `graphs` and `run`."""
     g = parser.add_argument_group("attribution graphs")
     g.add_argument(
+        "--graph-mode",
+        choices=["totals", "full"],
+        default="totals",
+        help="totals (default): exact direct and total effects of every active feature on the "
+        "targets, one backward pass per graph; full: circuit-tracer's attribute() with "
+        "feature-to-feature edges for every prompt (about 20x slower)",
+    )
+    g.add_argument(
+        "--full-graphs",
+        nargs="+",
+        default=[str(DEFAULT_FULL_GRAPHS)],
+        metavar="N|ID",
+        help="prompts that also get a full graph for the viewer, in totals mode: a number N "
+        "(the N prompts whose contrast the adapter moves most towards evil) and/or prompt ids; "
+        f"'none' for none (default: {DEFAULT_FULL_GRAPHS}). Run again with an id to add one",
+    )
+    g.add_argument(
         "--max-feature-nodes",
         type=int,
         default=8192,
-        help="most feature nodes kept per graph (circuit-tracer)",
+        help="most feature nodes kept per full graph (circuit-tracer)",
     )
     g.add_argument(
         "--attribution-batch-size",
@@ -198,7 +215,7 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=256,
         dest="attribution_batch_size",
-        help="source nodes per backward pass; lower it on out-of-memory",
+        help="source nodes per backward pass of a full graph; lower it on out-of-memory",
     )
     g.add_argument(
         "--offload",
@@ -216,14 +233,35 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         "--edge-keep",
         type=int,
         default=50_000,
-        help="strongest edges kept (fp16) in the compact file for inspection",
+        help="strongest edges kept (fp16) in a full graph's compact file for inspection",
     )
+
+
+#: Full graphs that the main job and `graphs` make by default, so the viewer has graphs to show.
+DEFAULT_FULL_GRAPHS = 3
+
+
+def full_graph_choice(args: argparse.Namespace):
+    """``--full-graphs`` as a FullGraphChoice: numbers set the top N, other words are ids."""
+    from em_circuits.attribution.targets import FullGraphChoice
+
+    top, ids = 0, []
+    for word in args.full_graphs:
+        word = word.strip()
+        if word.lower() == "none":
+            continue
+        if word.isdigit():
+            top = max(top, int(word))
+        elif word:
+            ids.append(word)
+    return FullGraphChoice(prompt_ids=tuple(ids), top=top)
 
 
 def graph_params(args: argparse.Namespace):
     from em_circuits.attribution.targets import AttributionParams
 
     return AttributionParams(
+        mode=args.graph_mode,
         max_feature_nodes=args.max_feature_nodes,
         batch_size=args.attribution_batch_size,
         offload=None if args.offload == "none" else args.offload,

@@ -1,13 +1,17 @@
 """Attribution graphs for the base and the adapted model on every labeled prompt.
 
 Both graphs of a prompt attribute to the same targets: every labeled evil and safe token and
-the contrast direction logit(evil) - logit(safe). Each model is loaded once per run; graphs
-are cached by (prompt, model fingerprint, targets, parameters) and stored compactly.
+the contrast direction logit(evil) - logit(safe). By default each graph holds the exact direct
+and total effects of every active feature, error and token node on those targets (one
+backward pass); the few prompts --full-graphs chooses also get a full graph with
+feature-to-feature edges for the viewer. Both models are loaded once per run, on one
+transcoder set; graphs are cached by (prompt, model fingerprint, targets, parameters).
 
 examples:
   em-circuits graphs                        # toy organism, every labeled prompt
   em-circuits graphs --only-evil --serve    # then browse base vs adapted graphs
   em-circuits graphs 3f2a9c0d1b7e4a55       # only these prompt ids
+  em-circuits graphs --full-graphs 3f2a9c0d1b7e4a55   # add this prompt's full graph
   em-circuits graphs --base-model meta-llama/Llama-3.2-1B-Instruct \\
       --adapter ModelOrganismsForEM/Llama-3.2-1B-Instruct_bad-medical-advice \\
       --transcoders llama --device cuda
@@ -23,6 +27,7 @@ from em_circuits.cli.common import (
     add_model_args,
     add_prompt_args,
     chosen_prompt_ids,
+    full_graph_choice,
     graph_params,
     make_parser,
     setup,
@@ -49,12 +54,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument(
         "--save-full",
         action="store_true",
-        help="also store the dense adjacency (large: ~290 MB at 1B scale)",
+        help="also store the dense adjacency of full graphs (large: ~290 MB at 1B scale)",
     )
     parser.add_argument(
         "--no-viewer",
         action="store_true",
-        help="don't write graph JSON for the circuit-tracer viewer",
+        help="don't write the full graphs' JSON for the circuit-tracer viewer",
     )
     parser.add_argument(
         "--serve", action="store_true", help="after computing, serve the viewer until Ctrl-C"
@@ -102,16 +107,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         force=args.force,
         save_full_graph=args.save_full,
         viewer_dir=viewer_dir,
+        full_graphs=full_graph_choice(args),
     )
     failed = 0
     for role, result in results.items():
-        print(
-            f"{role}: {len(result.computed)} computed, {len(result.cached)} cached, "
-            f"{len(result.failed)} failed"
-        )
-        for pid, message in result.failed.items():
-            print(f"  failed {pid}: {message}")
-        failed += len(result.failed)
+        for kind, counts in ((params.mode, result), ("full", result.full)):
+            if counts is None:
+                continue
+            print(
+                f"{role}, {kind}: {len(counts.computed)} computed, {len(counts.cached)} cached, "
+                f"{len(counts.failed)} failed"
+            )
+            for pid, message in counts.failed.items():
+                print(f"  failed {pid}: {message}")
+            failed += len(counts.failed)
     if unlabeled:
         print(next_labeling_hint(unlabeled))
     print(

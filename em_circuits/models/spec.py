@@ -129,10 +129,23 @@ def resolve_model_dir(ref: str, revision: str | None = None, what: str = "model"
         ) from err
 
 
+#: File hashes of this process by (path, size, mtime, inode, sample): a stage fingerprints
+#: its models once per call, and the transcoder files alone are read in 1 MiB samples of
+#: gigabytes. A file that changes gets another size or mtime and is hashed again.
+_FILE_HASHES: dict[tuple[str, int, int, int, bool], str] = {}
+
+
 def _sha256_file(path: Path, sample: bool = False) -> str:
     """Hash a file; for very large weight files, hash size + evenly spaced 1 MiB chunks."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, sample)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = _hash_file(path, stat.st_size, sample)
+    return _FILE_HASHES[key]
+
+
+def _hash_file(path: Path, size: int, sample: bool) -> str:
     digest = hashlib.sha256()
-    size = path.stat().st_size
     chunk = 1 << 20
     with open(path, "rb") as handle:
         if not sample or size <= 512 * chunk:

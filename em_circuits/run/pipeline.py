@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from em_circuits.analysis.stage import AnalysisParams
-from em_circuits.attribution.targets import AttributionParams
+from em_circuits.attribution.targets import AttributionParams, FullGraphChoice
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.spec import ModelSpec, default_device, fingerprint, model_slug
 
@@ -35,6 +35,8 @@ class PipelineConfig:
     labels_file: Path | None = None
     only_evil: bool = True
     graph: AttributionParams = field(default_factory=AttributionParams)
+    #: Prompts that also get a full graph for the viewer (totals mode).
+    full_graphs: FullGraphChoice = field(default_factory=lambda: FullGraphChoice(top=3))
     analysis: AnalysisParams = field(default_factory=AnalysisParams)
     device: str | None = None
     seed: int = 0
@@ -163,15 +165,20 @@ def run_graphs(
         device,
         viewer_dir=store.viewer_dir(adapted_slug),
         progress=cfg.progress,
+        full_graphs=cfg.full_graphs,
     )
     for role, result in results.items():
-        log.info(
-            "[graphs] %s: %d computed, %d cached, %d failed",
-            role,
-            len(result.computed),
-            len(result.cached),
-            len(result.failed),
-        )
+        for kind, counts in ((cfg.graph.mode, result), ("full", result.full)):
+            if counts is None:
+                continue
+            log.info(
+                "[graphs] %s, %s: %d computed, %d cached, %d failed",
+                role,
+                kind,
+                len(counts.computed),
+                len(counts.cached),
+                len(counts.failed),
+            )
     return results
 
 
