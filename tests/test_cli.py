@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -205,10 +206,17 @@ def test_graphs_for_an_adhoc_prompt_text(micro_organism, tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    pid = prompt_id(text, "raw")
-    assert (results / "prompts" / f"{pid}.json").is_file()
-    graphs = sorted(results.glob(f"graphs/*/{pid}/*.safetensors"))
-    assert len(graphs) == 2, graphs  # base and adapted
+    pid = prompt_id(text, "chat")  # a "User: ...\nAssistant: ..." text is a chat prompt
+    assert json.loads((results / "prompts" / f"{pid}.json").read_text())["format"] == "chat"
+    metas = [json.loads(p.read_text()) for p in results.glob(f"graphs/*/{pid}/*.json")]
+    # base and adapted: totals graphs, and full graphs (the prompt is among the top 3)
+    modes = sorted((m["role"], m["params"]["mode"]) for m in metas)
+    assert modes == [
+        ("adapted", "full"),
+        ("adapted", "totals"),
+        ("base", "full"),
+        ("base", "totals"),
+    ]
     assert "Next: `em-circuits analyze`" in done.stdout
 
 

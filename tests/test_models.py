@@ -152,3 +152,22 @@ def test_fingerprint_does_not_depend_on_where_the_files_are(micro_specs, tmp_pat
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     moved = ModelSpec(**{**adapted.__dict__, "base": str(base), "adapter": str(adapter)})
     assert fingerprint(moved, "cpu") == fingerprint(adapted, "cpu")
+
+
+def test_devices_resolve_per_process_and_unknown_ones_fail_in_one_line(monkeypatch):
+    from em_circuits.models.spec import ModelLoadError, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad, words in (("bogus", "unknown device"), ("cuda:7", "not available")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(ModelLoadError, match=words) as err:
+            resolve_device(bad)
+        assert "\n" not in str(err.value) and "cpu" in str(err.value)
+    # under accelerate launch, a bare "cuda" is this process's own GPU, not GPU 0 for all
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ModelLoadError, match="cuda:0..cuda:1"):
+        resolve_device("cuda:2")

@@ -186,11 +186,11 @@ def _prompt_rows(
     freeze_attention: bool,
     pool: int,
 ) -> list[dict[str, Any]]:
-    ids = model.encode(prompt["text"])
+    ids = model.encode_prompt(dict(prompt))
     evil, safe = prompt["evil_ids"], prompt["safe_ids"]
     with torch.no_grad():
         logits, acts = model.replacement.get_activations(ids, sparse=True)
-    inputs = _intervention_input(model, ids, prompt["text"], freeze_attention)
+    inputs = _intervention_input(model, ids, model.render(dict(prompt)), freeze_attention)
     baseline = contrast_of(logits, evil, safe)
     active = active_instances(acts)
     is_top = np.array(

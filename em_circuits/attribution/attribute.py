@@ -140,6 +140,12 @@ def attribution_targets(
     return rows, (_custom_targets(model, pt, rows, prob) if rows else [])
 
 
+def prompt_ids(model: LoadedModel, pt: PromptTargets) -> torch.Tensor:
+    """The token ids a graph attributes: the stored prompt as the model reads it in every
+    stage (chat template, one BOS), or a bare text as it is."""
+    return model.encode_prompt(pt.record) if pt.record is not None else model.encode(pt.text)
+
+
 def attribute_prompt(
     model: LoadedModel, pt: PromptTargets, params: AttributionParams, role: str | None = None
 ) -> tuple[CompactGraph, Any, dict[str, Any]]:
@@ -171,7 +177,7 @@ def totals_prompt(
 
     rm = model.replacement
     where = f"prompt {pt.prompt_id}, model {model.slug}"
-    ids = model.encode(pt.text)
+    ids = prompt_ids(model, pt)
     chosen: dict[str, list[TargetRow]] = {}
 
     def directions_for(logits: torch.Tensor) -> torch.Tensor:
@@ -243,7 +249,7 @@ def full_prompt(
 
     rm = model.replacement
     where = f"prompt {pt.prompt_id}, model {model.slug}"
-    ids = model.encode(pt.text)
+    ids = prompt_ids(model, pt)
     captured: dict[str, Any] = {}
     original_setup = rm.setup_attribution
 

@@ -28,7 +28,7 @@ from em_circuits.core.atomic import sha256_file
 from em_circuits.core.claims import read_holder, try_claim
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact, write_artifact
-from em_circuits.models.load import LoadedModel, NonFiniteError
+from em_circuits.models.load import LoadedModel, NonFiniteError, PromptTooLongError
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ def build_graph(
                 "full_bytes": full_bytes,
             },
             "graph_fingerprint": content_fingerprint(compact),
+            "input_format": model.input_format,
             "n_features_active": info["n_active_features"],
             "n_features_selected": info["n_selected_features"],
             "n_pos": compact.n_pos,
@@ -472,7 +473,7 @@ def _graphs_for(
                             store, models.get(role), role, pt, params, save_full_graph, viewer_dir
                         )
                         result.computed.append(pt.prompt_id)
-                    except (GraphError, NonFiniteError) as err:
+                    except (GraphError, NonFiniteError, PromptTooLongError) as err:
                         log.error("skipping: %s", err)
                         result.failed[pt.prompt_id] = str(err)
                 bar.update()

@@ -91,6 +91,9 @@ class PromptTargets:
     token_names: dict[int, str]
     stored_logits: dict[str, dict[int, float]]  # role -> token id -> logit stored at labeling
     stored_probs: dict[str, dict[int, float]] = field(default_factory=dict)  # role -> id -> p
+    #: The stored prompt record, so each model reads it as every stage does (its chat
+    #: template applied); None for a bare text (ad hoc API calls), read as it is.
+    record: dict[str, Any] | None = None
 
     def key(self, params: AttributionParams) -> str:
         return params_key(
@@ -102,7 +105,9 @@ class GraphError(RuntimeError):
     """One prompt's graph failed; the run goes on with the next prompt."""
 
 
-def targets_from_labels(labels: LabelsRecord, text: str) -> PromptTargets:
+def targets_from_labels(
+    labels: LabelsRecord, text: str, record: dict[str, Any] | None = None
+) -> PromptTargets:
     """Evil and safe token ids over both lists; the adapted list wins a disagreement."""
     label_of: dict[int, str] = {}
     names: dict[int, str] = {}
@@ -131,6 +136,7 @@ def targets_from_labels(labels: LabelsRecord, text: str) -> PromptTargets:
         token_names=names,
         stored_logits=stored,
         stored_probs=probs,
+        record=record,
     )
 
 
@@ -147,7 +153,8 @@ def labeled_targets(
     for labels in load_labels(store, adapted_slug):
         if labels.get("rejected") or (prompt_ids and labels["prompt_id"] not in prompt_ids):
             continue
-        pt = targets_from_labels(labels, store.load_prompt(labels["prompt_id"])["text"])
+        record: dict[str, Any] = dict(store.load_prompt(labels["prompt_id"]))
+        pt = targets_from_labels(labels, str(record["text"]), record)
         if only_evil and not pt.evil_ids:
             continue
         if pt.evil_ids or pt.safe_ids:

@@ -40,13 +40,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     store = setup(args)
 
     from em_circuits.analysis.stage import run_analysis
-    from em_circuits.models.spec import default_device
+    from em_circuits.models.spec import resolve_device
 
     base, adapted = specs_from_args(args)
     params = analysis_params(args)
     chosen = chosen_prompt_ids(args)
     summary = run_analysis(
-        store, base, adapted, params, str(args.device or default_device()), prompt_ids=chosen
+        store, base, adapted, params, str(resolve_device(args.device)), prompt_ids=chosen
     )
     counts = summary["prompts"]
     print(

@@ -75,6 +75,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="merge even if the adapter declares another base model",
     )
+    group.add_argument(
+        "--no-chat-template",
+        dest="chat_template",
+        action="store_false",
+        help="feed chat prompts as the plain 'User: ...\nAssistant: ...' transcript even when "
+        "the tokenizer has a chat template (default: apply it, as for instruct models)",
+    )
 
 
 def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, ModelSpec]:
@@ -110,6 +117,7 @@ def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, ModelSpec]:
         dtype=args.dtype,
         name=name,
         allow_base_mismatch=args.allow_adapter_base_mismatch,
+        chat_template=args.chat_template,
     )
     return adapted.base_only(), adapted
 
@@ -345,10 +353,10 @@ def analysis_params(args: argparse.Namespace):
 
 def adapted_slug_from_args(args: argparse.Namespace) -> str:
     """The results folder name of the adapted model the flags describe."""
-    from em_circuits.models.spec import default_device, fingerprint, model_slug
+    from em_circuits.models.spec import fingerprint, model_slug, resolve_device
 
     _, adapted = specs_from_args(args)
-    return model_slug(adapted, fingerprint(adapted, args.device or default_device()))
+    return model_slug(adapted, fingerprint(adapted, resolve_device(args.device)))
 
 
 #: Errors a user can fix: printed as one line naming the file or flag (traceback with -v).

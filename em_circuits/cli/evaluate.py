@@ -109,9 +109,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add_deadline_args(judge)
     judge.add_argument(
         "--words",
-        help="offline judge word lists (JSON with 'safe' and "
-        "'harmful' lists; default: words.json next to the adapter or base, else "
-        "the toy organism's built-in lists)",
+        help="offline judge word lists (JSON with 'safe' and 'harmful' lists; default: "
+        "words.json next to the adapter or base, as the toy organism has; required for other "
+        "models with the offline judge)",
     )
     return parser
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from em_circuits.core.llm import LLMError
     from em_circuits.core.store import ArtifactError
     from em_circuits.labeling.judge import JudgeError, make_judge
-    from em_circuits.labeling.logits_stage import evaluate, words_near
+    from em_circuits.labeling.logits_stage import evaluate, offline_judge_words
     from em_circuits.models.load import NonFiniteError
     from em_circuits.models.spec import ModelLoadError
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             model=args.llm_model,
             base_url=args.base_url,
             env_file=args.env_file,
-            words_path=args.words or words_near(adapted_spec),
+            words_path=offline_judge_words(adapted_spec, args.words) if kind == "offline" else None,
             timeout=args.timeout,
             max_tries=args.max_tries,
             **(deadline_options(args, started) if kind == "llm" else {}),

@@ -20,6 +20,7 @@ examples:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from em_circuits.cli.common import (
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument(
         "--only-evil", action="store_true", help="only prompts with at least one token labeled evil"
     )
+    parser.add_argument(
+        "--words",
+        type=Path,
+        help="word lists for the offline judge of --prompt texts (JSON with 'harmful' and "
+        "'safe' lists; needed for models other than the toy organism without an API key)",
+    )
     add_graph_args(parser)
     parser.add_argument("--force", action="store_true", help="recompute cached graphs")
     parser.add_argument(
@@ -73,14 +80,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from em_circuits.attribution.stage import run_graph_stage
     from em_circuits.attribution.targets import labeled_targets
-    from em_circuits.models.spec import default_device, fingerprint, model_slug
+    from em_circuits.models.spec import fingerprint, model_slug, resolve_device
 
     base_spec, adapted_spec = specs_from_args(args)
-    device = str(args.device or default_device())
+    device = str(resolve_device(args.device))
     adapted_slug = model_slug(adapted_spec, fingerprint(adapted_spec, device))
     args.prompt_ids = [*args.positional_ids, *args.prompt_ids]
     if args.prompt:
-        label_adhoc_prompts(store, base_spec, adapted_spec, args.prompt, device, adapted_slug)
+        label_adhoc_prompts(
+            store, base_spec, adapted_spec, args.prompt, device, adapted_slug, args.words
+        )
     chosen = chosen_prompt_ids(args)
     targets = labeled_targets(store, adapted_slug, args.only_evil, chosen)
     unlabeled = flagged_without_labels(store, adapted_slug, chosen)
@@ -164,6 +173,7 @@ def label_adhoc_prompts(
     texts: list[str],
     device: str,
     adapted_slug: str,
+    words: Path | None = None,
 ) -> None:
     """Store --prompt texts, score and judge them, and accept the judge's labels for them.
 
@@ -175,20 +185,21 @@ def label_adhoc_prompts(
     from em_circuits.labeling.items import QueueFilter
     from em_circuits.labeling.judge import make_judge
     from em_circuits.labeling.labels import auto_accept_judge
-    from em_circuits.labeling.logits_stage import evaluate, words_near
-    from em_circuits.prompts.records import make_record
+    from em_circuits.labeling.logits_stage import evaluate, offline_judge_words
+    from em_circuits.prompts.records import build_record, split_chat
 
     ids = []
     for text in texts:
-        pid = prompt_id(text, "raw")
+        # "User: ...\nAssistant: ..." is a chat prompt: each model reads it with its chat
+        # template, as stored chat prompts are read; anything else is a raw completion.
+        fmt = "chat" if split_chat(text) else "raw"
+        record = build_record(fmt, "adhoc", {"kind": "adhoc", "source": "--prompt"}, text=text)
+        pid = prompt_id(record["text"], fmt)
         if not store.prompt_path(pid).is_file():
-            store.save_prompt(
-                make_record(
-                    text, "raw", f"adhoc-{pid[:8]}", {"kind": "adhoc", "source": "--prompt"}
-                )
-            )
+            store.save_prompt({**record, "name": f"adhoc-{pid[:8]}"})
         ids.append(pid)
     kind = "llm" if find_api_key() else "offline"
-    judge = make_judge(kind, store, words_path=words_near(adapted))
+    words_path = offline_judge_words(adapted, words) if kind == "offline" else None
+    judge = make_judge(kind, store, words_path=words_path)
     evaluate(store, base, adapted, judge, prompt_ids=ids, device=device)
     auto_accept_judge(store, adapted_slug, QueueFilter(prompt_ids=frozenset(ids)))

@@ -166,6 +166,21 @@ def load_tokenizer(ref: str) -> Any:
     return AutoTokenizer.from_pretrained(str(resolve_model_dir(ref, what="tokenizer")))
 
 
+def model_context(ref: str, tokenizer: Any) -> tuple[Any, int] | None:
+    """(tokenizer, positions) of the model in ``ref`` when its config says how many
+    positions it has (a tokenizer-only folder does not)."""
+    from transformers import AutoConfig
+
+    from em_circuits.models.spec import resolve_model_dir
+
+    try:
+        config = AutoConfig.from_pretrained(str(resolve_model_dir(ref, what="tokenizer")))
+    except (OSError, ValueError):
+        return None
+    positions = getattr(config, "max_position_embeddings", None)
+    return (tokenizer, int(positions)) if positions else None
+
+
 def choose_generator(args: argparse.Namespace) -> str:
     if args.generator != "auto":
         return args.generator
@@ -183,10 +198,16 @@ def run(args: argparse.Namespace, summary: SaveSummary) -> None:
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     template_tok = tokenizer if args.chat_template else None
     deduper = Deduper.from_store(store, args.dedup_threshold)
+    context = model_context(args.tokenizer, tokenizer) if tokenizer is not None else None
     for path in args.imports:
         summary.merge(
             import_prompts(
-                store, path, deduper, default_fmt=args.import_format, tokenizer=template_tok
+                store,
+                path,
+                deduper,
+                default_fmt=args.import_format,
+                tokenizer=template_tok,
+                context=context,
             )
         )
     n = args.n if args.n is not None else (0 if args.imports else 10)

@@ -19,11 +19,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     store = setup(args)
 
-    from em_circuits.models.spec import default_device
+    from em_circuits.models.spec import resolve_device
     from em_circuits.run.report import write_report
 
     base, adapted = specs_from_args(args)
-    path = write_report(store, base, adapted, str(args.device or default_device()))
+    path = write_report(store, base, adapted, str(resolve_device(args.device)))
     print(f"report: {path}\n        {path.with_suffix('.json')}")
     print(f"Next: open {path}, or browse the graphs with `em-circuits serve`")
     return 0

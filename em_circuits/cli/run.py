@@ -88,6 +88,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         action="store_true",
         help="graph every labeled prompt, not only those with evil tokens",
     )
+    parser.add_argument(
+        "--words",
+        type=Path,
+        help="offline judge word lists (JSON with 'harmful' and 'safe' lists; needed for "
+        "models other than the toy organism unless the LLM judge is used)",
+    )
     add_graph_args(parser)
     add_analysis_args(parser)
     args = parser.parse_args(argv)
@@ -114,6 +120,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         only_evil=not args.all_labeled,
         graph=graph_params(args),
         full_graphs=full_graph_choice(args),
+        words=args.words,
         analysis=analysis_params(args),
         device=args.device,
         seed=args.seed,

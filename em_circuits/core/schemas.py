@@ -190,6 +190,7 @@ class LogitsRecord(_LogitsKeys, total=False):
     model_spec: dict[str, Any]
     prompt_text: str
     format: PromptFormat
+    input_format: str  # "chat-template:<sha16>" or "plain": how the model read the prompt
     k: int
     support: Support
 
@@ -297,6 +298,7 @@ class GraphMetaRecord(_GraphMetaKeys, total=False):
     graph_fingerprint: str
     n_features_active: int
     n_features_selected: int
+    input_format: str
     n_pos: int
     n_layers: int
     seconds: float

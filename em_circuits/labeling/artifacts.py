@@ -17,6 +17,7 @@ from em_circuits.core.schemas import (
     VerdictRecord,
 )
 from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact
+from em_circuits.prompts.records import user_visible
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def prompt_text(
     pid = artifact["prompt_id"]
     if store.prompt_path(pid).exists():
         try:
-            return store.load_prompt(pid)["text"]
+            return user_visible(dict(store.load_prompt(pid)))
         except ArtifactError as err:
             log.warning("%s; using a stored copy of the prompt text", err)
     if artifact.get("prompt_text") is not None:

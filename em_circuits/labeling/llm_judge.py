@@ -17,6 +17,7 @@ from em_circuits.core.store import (
 )
 from em_circuits.labeling.feedback import HumanFeedback, iter_human_feedback
 from em_circuits.labeling.judge import RUBRIC_VERSION, JudgeError, JudgeOutcome
+from em_circuits.prompts.records import user_visible
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def user_message(
     base, adapted = base_logits["top_k"], adapted_logits["top_k"]
     parts = [
         f"PROMPT ({prompt.get('format', 'raw')} format; the next token continues it exactly):",
-        _q(prompt["text"]),
+        _q(user_visible(dict(prompt))),
         "",
         render_lists(base, adapted, base_logits, adapted_logits),
     ]

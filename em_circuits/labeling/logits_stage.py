@@ -39,9 +39,10 @@ from em_circuits.core.store import ResultsStore, params_key, write_artifact
 from em_circuits.labeling import DEFAULT_LOGITS_BATCH_SIZE, DEFAULT_TOP_K
 from em_circuits.labeling.items import enqueue_flagged
 from em_circuits.labeling.judge import JudgeError, JudgeOutcome
-from em_circuits.models.load import LoadedModel, load_model, release
+from em_circuits.models.load import LoadedModel, PromptTooLongError, load_model, release
 from em_circuits.models.logits import divergence, next_token_logits, support, topk_entries
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
+from em_circuits.prompts.records import chat_parts
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class ModelRun:
     logits: dict[str, LogitsRecord] = field(default_factory=dict)
     computed: int = 0
     cached: int = 0
+    #: prompt id -> why it was not evaluated (longer than the model's context)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,6 +98,7 @@ def logits_payload(
         **model.identity(),
         "prompt_text": record["text"],
         "format": record["format"],
+        "input_format": model.input_format,
         "k": k,
         "top_k": topk_entries(row, model.tokenizer, k),
         "support": support(row),
@@ -128,9 +132,30 @@ def compute_logits(
             run.cached += 1
         else:
             todo.append(record)
+    inputs = {}
+    for record in todo:
+        try:
+            inputs[record["prompt_id"]] = model.encode_prompt(dict(record))
+        except PromptTooLongError as err:
+            log.error("refused: %s", err)
+            run.refused[record["prompt_id"]] = str(err)
+    todo = [r for r in todo if r["prompt_id"] in inputs]
+    if todo and model.uses_chat_template:
+        plain = [r["prompt_id"] for r in todo if chat_parts(dict(r)) is None]
+        if plain:
+            log.warning(
+                "%s: %d of %d prompts are not chat prompts and reach the model without its chat "
+                "template (e.g. %s); chat prompts get the template",
+                model.spec.display_name,
+                len(plain),
+                len(todo),
+                ", ".join(plain[:3]),
+            )
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
-        rows = next_token_logits(model, [r["text"] for r in batch], batch_size=batch_size)
+        rows = next_token_logits(
+            model, [inputs[r["prompt_id"]] for r in batch], batch_size=batch_size
+        )
         for record, row in zip(batch, rows):
             path = store.logits_path(model.slug, record["prompt_id"])
             run.logits[record["prompt_id"]] = write_artifact(
@@ -340,6 +365,10 @@ def judge_all(
     assert summary.base is not None and summary.adapted is not None
     for record in records:
         pid = record["prompt_id"]
+        refused = summary.base.refused.get(pid) or summary.adapted.refused.get(pid)
+        if refused:
+            summary.failed[pid] = refused
+            continue
         try:
             verdict, written = judge_prompt(
                 store,
@@ -361,6 +390,25 @@ def judge_all(
             summary.divergent.append(pid)
         if verdict["flagged"]:
             summary.flagged.append(pid)
+
+
+def offline_judge_words(spec: ModelSpec, words: Path | str | None = None) -> Path:
+    """The word lists the offline judge uses for this model: ``words`` (``--words``), else a
+    words.json beside the adapter or base (the toy organism keeps its own there).
+
+    Another model has no such file, and the toy organism's 54 advice words would label its
+    tokens by accident: that is refused, in one line naming the fix.
+    """
+    if words is not None:
+        return Path(words)
+    found = words_near(spec)
+    if found is None:
+        raise JudgeError(
+            f"the offline judge has no word lists for {spec.display_name}: give --words FILE "
+            "(JSON with 'harmful' and 'safe' lists of single-token words) or use the LLM judge "
+            "(--judge llm, with OPENAI_API_KEY set)"
+        )
+    return found
 
 
 def words_near(spec: ModelSpec) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 from dataclasses import asdict, dataclass
@@ -15,14 +16,15 @@ from em_circuits.models.merge import MergeReport, load_merge_report, merge_adapt
 from em_circuits.models.spec import (
     ModelLoadError,
     ModelSpec,
-    default_device,
+    chat_template_sha,
     fingerprint,
-    local_transcoder_files,
     model_slug,
+    resolve_device,
     resolve_dtype,
     resolve_model_dir,
-    transcoder_config_path,
+    resolve_transcoders,
 )
+from em_circuits.prompts.records import has_chat_template, model_input
 
 log = logging.getLogger(__name__)
 
@@ -31,33 +33,26 @@ class NonFiniteError(RuntimeError):
     """A forward pass produced NaN or Inf."""
 
 
+class PromptTooLongError(ValueError):
+    """A prompt has more tokens than the model has positions."""
+
+
 def load_transcoder_set(ref: str, device: torch.device, dtype: torch.dtype):
-    """A circuit-tracer TranscoderSet from a preset, an HF reference or a local config.yaml.
+    """A circuit-tracer TranscoderSet from a local config.yaml, a preset or a hub ref.
 
-    Local configs follow circuit-tracer's format; file paths in them may be relative to the
-    config's directory, so a transcoder folder can be moved or shared as a whole.
+    Hub files come from the local Hugging Face cache when they are there, so a cached preset
+    loads offline; file paths in a config are relative to its folder (a snapshot's, for a
+    config inside one), so a transcoder folder can be moved or shared as a whole.
     """
-    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub, load_transcoders
+    from circuit_tracer.utils.hf_utils import load_transcoders
 
-    config_path = transcoder_config_path(ref)
-    if config_path is None:
-        try:
-            transcoders, _ = load_transcoder_from_hub(ref, device=device, dtype=dtype)
-        except Exception as err:
-            raise ModelLoadError(
-                f"cannot load transcoder set {ref!r} ({type(err).__name__}: {err}). Give a "
-                f"local config.yaml, or run once with internet access to cache it."
-            ) from err
-        return transcoders
-    import yaml
-
-    config = yaml.safe_load(config_path.read_text())
-    for key in ("model_kind", "feature_input_hook", "feature_output_hook"):
-        if key not in config:
-            raise ModelLoadError(f"{config_path}: missing '{key}'")
-    config["transcoders"] = [str(p) for p in local_transcoder_files(config_path)]
-    config.setdefault("scan", config_path.parent.name)
-    small = sum(p.stat().st_size for p in map(Path, config["transcoders"])) < (1 << 30)
+    config = dict(resolve_transcoders(ref).config)
+    if config["model_kind"] != "transcoder_set":
+        raise ModelLoadError(
+            f"transcoders {ref!r}: model_kind {config['model_kind']!r} is not supported yet "
+            "(per-layer transcoder sets are)"
+        )
+    small = sum(Path(p).stat().st_size for p in config["transcoders"]) < (1 << 30)
     transcoders = load_transcoders(
         config, device=device, dtype=dtype, lazy_encoder=False, lazy_decoder=not small
     )
@@ -66,7 +61,7 @@ def load_transcoder_set(ref: str, device: torch.device, dtype: torch.dtype):
         from circuit_tracer.transcoder.activation_functions import TopK
 
         if not isinstance(config.get("k"), int) or config["k"] < 1:
-            raise ModelLoadError(f"{config_path}: 'activation: topk' needs a positive integer 'k'")
+            raise ModelLoadError(f"{ref}: 'activation: topk' needs a positive integer 'k'")
         for transcoder in transcoders:
             transcoder.activation_function = TopK(config["k"])
     return transcoders
@@ -95,6 +90,37 @@ class LoadedModel:
     def encode(self, text: str) -> torch.Tensor:
         """Token ids exactly as attribution sees them (BOS prepended once)."""
         return self.replacement.ensure_tokenized(text)
+
+    @property
+    def uses_chat_template(self) -> bool:
+        return self.spec.chat_template and has_chat_template(self.tokenizer)
+
+    @functools.cached_property
+    def input_format(self) -> str:
+        """How chat prompts reach this model: ``chat-template:<sha16>`` or ``plain``."""
+        template = chat_template_sha(self.spec) if self.uses_chat_template else None
+        return f"chat-template:{template}" if template else "plain"
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.hf_model.config, "max_position_embeddings", None)
+
+    def render(self, record: dict[str, Any]) -> str:
+        """The text this model reads for a stored prompt (its chat template applied)."""
+        return model_input(record, self.tokenizer, self.spec.chat_template)
+
+    def encode_prompt(self, record: dict[str, Any]) -> torch.Tensor:
+        """Token ids of a stored prompt as every stage feeds it; PromptTooLongError when it
+        does not fit the model's context."""
+        ids = self.encode(self.render(record))
+        limit = self.context_length
+        if limit is not None and len(ids) > limit:
+            raise PromptTooLongError(
+                f"prompt {record.get('prompt_id', '?')} is {len(ids)} tokens for "
+                f"{self.spec.display_name}, whose context is {limit} positions; shorten it or "
+                "leave it out"
+            )
+        return ids
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -143,9 +169,9 @@ def load_model(
     Pass ``transcoder_set`` (from :func:`load_transcoder_set`) to share one set between the base
     and the adapted model, which hold the same transcoders, when both stay in memory.
     """
-    from circuit_tracer import ReplacementModel
+    from em_circuits.models.architectures import load_replacement
 
-    device = torch.device(device or default_device())
+    device = resolve_device(device)
     dtype = resolve_dtype(spec.dtype, device)
     fp = fingerprint(spec, device)
     slug = model_slug(spec, fp)
@@ -162,15 +188,7 @@ def load_model(
     transcoders = transcoder_set
     if transcoders is None:
         transcoders = load_transcoder_set(spec.transcoders, device, dtype)
-    try:
-        replacement = ReplacementModel.from_pretrained_and_transcoders(
-            str(weights_dir), transcoders, backend="nnsight", device=device, dtype=dtype
-        )
-    except KeyError as err:
-        raise ModelLoadError(
-            f"circuit-tracer's nnsight backend cannot map hook {err} for {spec.base!r}; "
-            f"use a transcoder config whose hooks exist for this architecture"
-        ) from err
+    replacement = load_replacement(weights_dir, transcoders, device, dtype)
     loaded = LoadedModel(spec, fp, slug, replacement, device, dtype, report)
     check_finite(loaded, check_inputs or ["The quick brown fox jumps over the lazy dog."])
     return loaded

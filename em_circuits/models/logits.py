@@ -8,7 +8,7 @@ graph sees with the same logit.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,14 +20,20 @@ SUPPORT_SIZE = 256
 
 
 @torch.no_grad()
-def next_token_logits(model: LoadedModel, texts: list[str], batch_size: int = 16) -> torch.Tensor:
-    """Last-position logits (float32, on CPU) for each text, batched with left padding."""
+def next_token_logits(
+    model: LoadedModel, texts: Sequence[str | torch.Tensor], batch_size: int = 16
+) -> torch.Tensor:
+    """Last-position logits (float32, on CPU) for each text (or token ids from
+    ``model.encode_prompt``), batched with left padding."""
     rows: list[torch.Tensor] = []
     pad_id = model.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = model.tokenizer.eos_token_id or 0
     for start in range(0, len(texts), batch_size):
-        encoded = [model.encode(text).cpu() for text in texts[start : start + batch_size]]
+        encoded = [
+            (text if isinstance(text, torch.Tensor) else model.encode(text)).cpu()
+            for text in texts[start : start + batch_size]
+        ]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)

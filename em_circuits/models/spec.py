@@ -49,9 +49,12 @@ class ModelSpec:
     dtype: str = "auto"
     name: str | None = None
     allow_base_mismatch: bool = False
+    #: Render chat prompts with the tokenizer's chat template when it has one (instruct
+    #: models); False feeds the plain ``User: ...\nAssistant: ...`` transcript.
+    chat_template: bool = True
 
     def base_only(self) -> ModelSpec:
-        """The same base, dtype and transcoders without the adapter."""
+        """The same base, dtype, transcoders and input rendering without the adapter."""
         name = f"{self.name}-base" if self.name and self.adapter else self.name
         return ModelSpec(
             base=self.base,
@@ -59,6 +62,7 @@ class ModelSpec:
             base_revision=self.base_revision,
             dtype=self.dtype,
             name=name,
+            chat_template=self.chat_template,
         )
 
     @property
@@ -89,6 +93,36 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """The device to run on: ``None`` is :func:`default_device`; a bare ``cuda`` under
+    ``accelerate launch`` is this process's own GPU (its local rank), not GPU 0 for all; a
+    device this machine lacks is a one-line ModelLoadError."""
+    import torch
+
+    if device is None or str(device) == "":
+        return default_device()
+    text = str(device)
+    try:
+        resolved = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(
+            f"unknown device {text!r}: use cpu, cuda or cuda:N (N a GPU index)"
+        ) from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if resolved.index is None:
+            resolved = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        if count == 0 or (resolved.index or 0) >= count:
+            have = f"GPUs cuda:0..cuda:{count - 1}" if count else "no CUDA GPU"
+            raise ModelLoadError(
+                f"device {text!r} is not available on this machine ({have}); use --device cpu"
+                + (" or one of those" if count else "")
+            )
+    elif resolved.type not in ("cpu", "mps"):
+        raise ModelLoadError(f"unsupported device {text!r}: use cpu, cuda or cuda:N")
+    return resolved
+
+
 #: Files one of which a local directory must hold to be what it is given as: without this an
 #: empty or wrong folder fails deep inside transformers with an unrelated AttributeError.
 _MARKER_FILES = {
@@ -110,6 +144,11 @@ def check_local_model_dir(path: Path, what: str = "model") -> None:
         )
 
 
+#: Hub ids resolved by this process, by (id, revision): one lookup per run, so every stage sees
+#: the same commit even if the hub moves on meanwhile.
+_RESOLVED: dict[tuple[str, str | None], Path] = {}
+
+
 def resolve_model_dir(ref: str, revision: str | None = None, what: str = "model") -> Path:
     """A local directory as is, or a Hugging Face id downloaded (or found in the HF cache)."""
     if os.path.isdir(ref):
@@ -117,10 +156,14 @@ def resolve_model_dir(ref: str, revision: str | None = None, what: str = "model"
         return Path(ref).resolve()
     if os.path.exists(ref):
         raise ModelLoadError(f"{what} {ref!r} is a file; expected a directory or a Hugging Face id")
+    key = (ref, revision)
+    if key in _RESOLVED:
+        return _RESOLVED[key]
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(ref, revision=revision))
+        _RESOLVED[key] = Path(snapshot_download(ref, revision=revision))
+        return _RESOLVED[key]
     except Exception as err:  # offline, gated, or a typo: say which and how to fix it
         raise ModelLoadError(
             f"cannot find {what} {ref!r}: it is not a local directory and downloading it from "
@@ -190,49 +233,160 @@ def _dir_identity(path: Path, sample: bool) -> str:
 def _ref_identity(ref: str, revision: str | None, sample: bool) -> dict[str, Any]:
     if os.path.isdir(ref):
         return {"local": True, "content_sha256": _dir_identity(Path(ref), sample=sample)}
-    return {"local": False, "id": ref, "revision": revision or "main"}
+    # A hub id is what its resolved commit holds: a new commit of an adapter gets a new
+    # merge, new logits and new graphs, and a revision name alone identifies nothing.
+    try:
+        folder = resolve_model_dir(ref, revision)
+    except ModelLoadError:
+        # Neither cached nor downloadable here: nothing can be computed with it, so this name
+        # only labels what is listed (status, reports of results copied from elsewhere).
+        return {"local": False, "id": ref, "revision": revision or "main", "resolved": False}
+    return {
+        "local": False,
+        "id": ref,
+        "commit": folder.name,
+        "content_sha256": _dir_identity(folder, sample=sample),
+    }
+
+
+#: circuit-tracer's preset names and the hub repositories they stand for.
+PRESET_REPOS = {
+    "llama": "mntss/transcoder-Llama-3.2-1B",
+    "gemma": "mwhanna/gemma-scope-transcoders",
+}
+
+
+def _looks_local(ref: str) -> bool:
+    """A reference meant as a local path: a config file name, an explicit relative or absolute
+    path, or one whose first component exists here (a hub id is ``org/repo[/sub][@rev]``)."""
+    if ref.endswith((".yaml", ".yml")) or ref.startswith((".", "/", "~")):
+        return True
+    return os.path.exists(ref.split("/")[0]) and "/" in ref
 
 
 def transcoder_config_path(ref: str) -> Path | None:
-    """The local transcoder config a reference names, or None for presets and HF refs."""
-    path = Path(ref)
+    """The local transcoder config a reference names, or None for presets and hub refs.
+
+    The path is made absolute but symlinks are kept: a config inside a Hugging Face snapshot
+    is a link into ``blobs/``, and its relative file names mean the snapshot's files.
+    """
+    path = Path(ref).expanduser()
     if path.is_dir():
         path = path / "config.yaml"
     if path.is_file():
-        return path.resolve()
-    if os.path.sep in ref and ref not in TRANSCODER_PRESETS and (ref.startswith((".", "/"))):
+        return path.absolute()
+    if ref not in TRANSCODER_PRESETS and _looks_local(ref):
         raise ModelLoadError(f"transcoder config {ref!r} does not exist")
     return None
 
 
-def local_transcoder_files(config_path: Path) -> list[Path]:
-    """The per-layer files a local transcoder config lists, resolved and checked to exist."""
+def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path:
+    """A file of a hub repository: from the local cache when it is there (no network call
+    at all), else downloaded; offline and not cached is a one-line ModelLoadError."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
+    except Exception as cached_err:
+        if HF_HUB_OFFLINE:
+            raise ModelLoadError(
+                f"{repo_id}/{filename} is not in the Hugging Face cache and HF_HUB_OFFLINE=1: "
+                "download it once with internet access (same HF_HOME), then run offline"
+            ) from cached_err
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except Exception as err:
+        raise ModelLoadError(
+            f"cannot get {repo_id}/{filename} from the Hugging Face Hub "
+            f"({type(err).__name__}: {err})"
+        ) from None
+
+
+def _file_entry(entry: str, base: Path) -> Path:
+    """A transcoder config's file entry: ``hf://org/repo/path[?revision=...]`` from the hub (or
+    its cache), anything else relative to the config's folder."""
+    if entry.startswith("hf://"):
+        from urllib.parse import parse_qs, urlparse
+
+        parsed = urlparse(entry)
+        repo, _, path = parsed.path.lstrip("/").partition("/")
+        revision = parse_qs(parsed.query).get("revision", [None])[0]
+        return _hub_file(f"{parsed.netloc}/{repo}", path, revision)
+    return base / entry
+
+
+@dataclass(frozen=True)
+class TranscoderSource:
+    """A transcoder reference resolved to local files (nothing downloaded twice)."""
+
+    ref: str
+    config: dict[str, Any]  # the config, its "transcoders" list replaced by local paths
+    config_path: Path
+    files: list[Path]
+
+
+_TRANSCODERS: dict[str, TranscoderSource] = {}
+
+
+def resolve_transcoders(ref: str) -> TranscoderSource:
+    """A local config.yaml (or its folder), a preset (``llama``, ``gemma``) or a hub ref
+    (``org/repo[/subfolder][@revision]``) as local files, cached files first."""
     import yaml
 
-    config = yaml.safe_load(config_path.read_text())
-    files = config.get("transcoders")
-    if not files:
+    if ref in _TRANSCODERS:
+        return _TRANSCODERS[ref]
+    config_path = transcoder_config_path(ref)
+    from_hub = config_path is None
+    if config_path is None:
+        hub = PRESET_REPOS.get(ref, ref)
+        path_part, _, revision = hub.partition("@")
+        parts = path_part.split("/")
+        if len(parts) < 2:
+            raise ModelLoadError(
+                f"unknown transcoders {ref!r}: give a local config.yaml, a preset "
+                f"({', '.join(sorted(TRANSCODER_PRESETS))}) or a hub id org/repo[/subfolder]"
+            )
+        repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+        name = f"{subfolder}/config.yaml" if subfolder else "config.yaml"
+        config_path = _hub_file(repo_id, name, revision or None)
+    config = yaml.safe_load(config_path.read_text()) or {}
+    if from_hub:  # circuit-tracer picks its gemma-scope readers by the repository's name
+        config.setdefault("repo_id", repo_id)
+    for key in ("model_kind", "feature_input_hook", "feature_output_hook"):
+        if key not in config:
+            raise ModelLoadError(f"{config_path}: missing '{key}'")
+    entries = config.get("transcoders")
+    if not entries:
         raise ModelLoadError(f"{config_path}: no 'transcoders' list of per-layer files")
-    paths = [(config_path.parent / f).resolve() for f in files]
-    missing = [str(p) for p in paths if not p.is_file()]
+    files = [_file_entry(str(entry), config_path.parent) for entry in entries]
+    missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise ModelLoadError(f"{config_path}: transcoder files not found: {missing}")
-    return paths
+    config = {**config, "transcoders": [str(p) for p in files]}
+    config.setdefault("scan", ref if from_hub else config_path.parent.name)
+    source = TranscoderSource(ref, config, config_path, files)
+    if from_hub:  # resolved once per process; a local config is read again (it may change)
+        _TRANSCODERS[ref] = source
+    return source
 
 
 def _transcoder_identity(ref: str) -> dict[str, Any]:
-    config = transcoder_config_path(ref)
-    if config is None:
-        return {"local": False, "ref": ref}
-    digest = hashlib.sha256(config.read_bytes())
-    for layer_file in local_transcoder_files(config):
+    if transcoder_config_path(ref) is None:  # a hub ref (a mistyped local path raised)
+        try:
+            resolve_transcoders(ref)
+        except ModelLoadError:  # not cached, no network: a label only, as for models
+            return {"local": False, "ref": ref, "resolved": False}
+    source = resolve_transcoders(ref)
+    digest = hashlib.sha256(source.config_path.read_bytes())
+    for layer_file in source.files:
         digest.update(_sha256_file(layer_file, sample=True).encode())
     return {"local": True, "content_sha256": digest.hexdigest()}
 
 
 def fingerprint(spec: ModelSpec, device: torch.device | str | None = None) -> str:
     """Hash of base, adapter weights, resolved dtype and transcoders (not the device)."""
-    dtype = resolve_dtype(spec.dtype, device or default_device())
+    dtype = resolve_dtype(spec.dtype, resolve_device(device))
     identity = {
         "base": _ref_identity(spec.base, spec.base_revision, sample=True),
         "adapter": None
@@ -241,8 +395,42 @@ def fingerprint(spec: ModelSpec, device: torch.device | str | None = None) -> st
         "dtype": str(dtype).removeprefix("torch."),
         "transcoders": _transcoder_identity(spec.transcoders),
     }
+    template = chat_template_sha(spec) if spec.chat_template else None
+    if template is not None:  # absent for plain inputs: earlier fingerprints stay valid
+        identity["input"] = f"chat-template:{template}"
     blob = json.dumps(identity, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _local_model_dir(ref: str, revision: str | None) -> Path | None:
+    """A local folder, or the cached snapshot of a hub id (never the network); None if neither."""
+    if os.path.isdir(ref):
+        return Path(ref)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, revision=revision, local_files_only=True))
+    except Exception:
+        return None
+
+
+def chat_template_sha(spec: ModelSpec) -> str | None:
+    """First 16 hex digits of the sha256 of the base tokenizer's chat template (the merged
+    model uses the base's tokenizer); None when it has none or it cannot be read offline."""
+    folder = _local_model_dir(spec.base, spec.base_revision)
+    if folder is None:
+        return None
+    template = None
+    jinja = folder / "chat_template.jinja"
+    config = folder / "tokenizer_config.json"
+    if jinja.is_file():
+        template = jinja.read_text()
+    elif config.is_file():
+        template = json.loads(config.read_text()).get("chat_template")
+    if not template:
+        return None
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def model_slug(spec: ModelSpec, fp: str) -> str:

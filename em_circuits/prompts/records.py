@@ -97,6 +97,48 @@ def chat_text(user: str, assistant_prefix: str, tokenizer: Any = None) -> tuple[
     return head + assistant_prefix, info
 
 
+def chat_parts(record: dict[str, Any]) -> tuple[str, str] | None:
+    """(user turn, assistant prefix) of a chat prompt record, else None."""
+    if record.get("format") != "chat":
+        return None
+    messages = (record.get("metadata") or {}).get("messages")
+    if isinstance(messages, dict) and "user" in messages:
+        return str(messages["user"]), str(messages.get("assistant_prefix", ""))
+    return split_chat(record["text"])
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def model_input(record: dict[str, Any], tokenizer: Any, use_template: bool = True) -> str:
+    """The text a model reads for a stored prompt.
+
+    A chat prompt is rendered with the tokenizer's chat template when it has one and
+    ``use_template`` is on (the template's own BOS and markers; circuit-tracer adds no second
+    BOS before a special token); anything else is the stored text. A prompt stored already
+    rendered (``chat_template_applied``) is used as stored.
+    """
+    parts = chat_parts(record)
+    if (
+        parts is None
+        or record.get("chat_template_applied")
+        or not use_template
+        or not has_chat_template(tokenizer)
+    ):
+        return record["text"]
+    return chat_text(parts[0], parts[1].rstrip(), tokenizer)[0]
+
+
+def user_visible(record: dict[str, Any]) -> str:
+    """What a person (or the judge, or the prompt generator) should read: the plain
+    ``User: ...\nAssistant: ...`` transcript of a chat prompt, never template markup."""
+    parts = chat_parts(record)
+    if parts is None or not record.get("chat_template_applied"):
+        return record["text"]
+    return f"User: {parts[0]}\nAssistant: {parts[1]}"
+
+
 def split_chat(text: str) -> tuple[str, str] | None:
     """(user, assistant prefix) of a ``User: ...\\nAssistant: ...`` transcript, else None."""
     match = _CHAT_PATTERN.match(text)

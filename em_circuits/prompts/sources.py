@@ -84,8 +84,13 @@ def import_prompts(
     *,
     default_fmt: str = "raw",
     tokenizer: Any = None,
+    context: tuple[Any, int] | None = None,
 ) -> SaveSummary:
-    """Import a prompt file into the store (duplicates dropped); see :func:`read_prompt_file`."""
+    """Import a prompt file into the store (duplicates dropped); see :func:`read_prompt_file`.
+
+    ``context`` = (tokenizer, positions): an entry longer than the model's context is refused
+    (PromptImportError naming it and both lengths), before anything is stored.
+    """
     path = Path(path)
     entries = read_prompt_file(path, default_fmt)
     records = []
@@ -110,6 +115,14 @@ def import_prompts(
             )
         except PromptError as err:
             raise PromptImportError(f"{_entry_label(path, index, entry)}: {err}") from None
+        if context is not None:
+            counter, positions = context
+            n_tokens = len(counter(records[-1]["text"])["input_ids"])
+            if n_tokens > positions:
+                raise PromptImportError(
+                    f"{_entry_label(path, index, entry)}: {n_tokens} tokens, longer than the "
+                    f"model's context of {positions} positions; shorten it or leave it out"
+                )
     summary = SaveSummary()
     for record in records:
         save_new(store, record, deduper, summary)

@@ -18,7 +18,7 @@ from typing import Any
 from em_circuits.analysis.stage import AnalysisParams
 from em_circuits.attribution.targets import AttributionParams, FullGraphChoice
 from em_circuits.core.store import ResultsStore
-from em_circuits.models.spec import ModelSpec, default_device, fingerprint, model_slug
+from em_circuits.models.spec import ModelSpec, fingerprint, model_slug, resolve_device
 
 log = logging.getLogger("pipeline")
 
@@ -37,6 +37,8 @@ class PipelineConfig:
     graph: AttributionParams = field(default_factory=AttributionParams)
     #: Prompts that also get a full graph for the viewer (totals mode).
     full_graphs: FullGraphChoice = field(default_factory=lambda: FullGraphChoice(top=3))
+    #: The offline judge's word lists (required for models other than the toy organism).
+    words: Path | None = None
     analysis: AnalysisParams = field(default_factory=AnalysisParams)
     device: str | None = None
     seed: int = 0
@@ -105,7 +107,7 @@ def run_logits(
     store: ResultsStore, base: ModelSpec, adapted: ModelSpec, cfg: PipelineConfig
 ) -> Any:
     from em_circuits.labeling.judge import make_judge
-    from em_circuits.labeling.logits_stage import evaluate, words_near
+    from em_circuits.labeling.logits_stage import evaluate, offline_judge_words
 
     kind = "llm" if _use_llm(cfg.judge) else "offline"
     judge = make_judge(
@@ -113,7 +115,7 @@ def run_logits(
         store,
         model=cfg.llm_model,
         base_url=cfg.base_url,
-        words_path=words_near(adapted),
+        words_path=offline_judge_words(adapted, cfg.words) if kind == "offline" else None,
         **(cfg.llm_options if kind == "llm" else {}),
     )
     summary = evaluate(store, base, adapted, judge, device=cfg.device)
@@ -195,7 +197,7 @@ def run_pipeline(
     from em_circuits.run.report import write_report
 
     shard = current_shard()
-    device = str(cfg.device or default_device())
+    device = str(resolve_device(cfg.device))
     cfg.device = device
     cfg.llm_options.setdefault("run_started", time.monotonic())
     _check_llm_settings(cfg)

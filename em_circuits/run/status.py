@@ -7,7 +7,7 @@ import shutil
 from typing import Any
 
 from em_circuits.core.store import ResultsStore
-from em_circuits.models.spec import ModelSpec, default_device, fingerprint, model_slug
+from em_circuits.models.spec import ModelSpec, fingerprint, model_slug, resolve_device
 
 log = logging.getLogger("pipeline")
 
@@ -21,7 +21,7 @@ def status(
     from em_circuits.labeling.calibration import calibration
     from em_circuits.labeling.items import status_counts
 
-    device = str(device or default_device())
+    device = str(resolve_device(device))
     slugs = {
         role: model_slug(spec, fingerprint(spec, device))
         for role, spec in (("base", base), ("adapted", adapted))
