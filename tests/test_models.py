@@ -171,3 +171,89 @@ def test_devices_resolve_per_process_and_unknown_ones_fail_in_one_line(monkeypat
     assert resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ModelLoadError, match="cuda:0..cuda:1"):
         resolve_device("cuda:2")
+
+
+def test_declared_base_is_checked_by_weights_and_by_hub_name(micro_specs, tmp_path, caplog):
+    import logging
+
+    from em_circuits.models.adapter_check import base_relation, check_adapter_fits
+
+    _, adapted = micro_specs
+    adapter = _copy(adapted.adapter, tmp_path / "adapter")
+    config_path = adapter / "adapter_config.json"
+
+    def declare(value):
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = value
+        config_path.write_text(json.dumps(config))
+        return ModelSpec(**{**adapted.__dict__, "adapter": str(adapter)})
+
+    # a copied checkout: the declared absolute path is gone; checked by shapes, with a warning
+    with caplog.at_level(logging.WARNING):
+        check_adapter_fits(declare("/gone/checkout/models/toy-em-organism/base"))
+    assert "does not exist here" in caplog.text
+    # another model in a folder of the same name: refused (was matched by folder name)
+    other = _copy(adapted.base, tmp_path / "other" / "base")
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] += 1.0
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="other weights"):
+        check_adapter_fits(declare(str(other)))
+    # the same weights elsewhere (a copy): the same model
+    copy = _copy(adapted.base, tmp_path / "copy" / "base")
+    check_adapter_fits(declare(str(copy)))
+    # hub ids: an organisation alias is the same model (with a warning), another name is not
+    assert base_relation("unsloth/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", adapter)[0] == (
+        "alias"
+    )
+    assert base_relation("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct", adapter)[0] == "different"
+
+
+@pytest.mark.slow
+def test_an_adapter_shaped_for_another_model_fails_at_start_up(micro_specs, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from standins import build_standin
+
+    from em_circuits.models.adapter_check import check_adapter_fits
+
+    _, adapted = micro_specs
+    qwen = build_standin("qwen2", tmp_path / "standin")
+    config_path = qwen.adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("base_model_name_or_path")  # declares no base: only the shapes can tell
+    config_path.write_text(json.dumps(config))
+    spec = ModelSpec(**{**adapted.__dict__, "adapter": str(qwen.adapter_dir)})
+    with pytest.raises(ModelLoadError, match="does not fit base") as err:
+        check_adapter_fits(spec)
+    assert "\n" not in str(err.value)
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "em_circuits.cli.main",
+            "evaluate",
+            "--results-dir",
+            str(results),
+            "--base-model",
+            adapted.base,
+            "--adapter",
+            str(qwen.adapter_dir),
+            "--transcoders",
+            adapted.transcoders,
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "does not fit base" in done.stderr and "Traceback" not in done.stderr
+    assert not list(results.glob("logits/*/*.json"))  # failed before any work

@@ -129,7 +129,8 @@ def test_micro_build_produces_valid_hf_peft_and_transcoder_files(built: Organism
 
     adapter_cfg = json.loads((built.adapter_dir / "adapter_config.json").read_text())
     assert adapter_cfg["peft_type"] == "LORA"
-    assert adapter_cfg["base_model_name_or_path"] == str(built.base_dir)
+    # declared relative to the adapter's folder: a copied organism keeps a valid declaration
+    assert adapter_cfg["base_model_name_or_path"] == "../base"
     assert adapter_cfg["r"] == MICRO.lora_rank
 
     tconf = yaml.safe_load(built.transcoder_config.read_text())

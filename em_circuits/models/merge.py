@@ -14,6 +14,7 @@ import torch
 
 from em_circuits.core.atomic import apply_default_modes, crash_point, make_temp_dir
 from em_circuits.core.store import atomic_write_text
+from em_circuits.models.adapter_check import check_adapter_fits
 from em_circuits.models.spec import ModelLoadError, ModelSpec, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -47,39 +48,6 @@ class MergeReport:
             f"adapter changed {len(self.changed)} weight matrices in layers {self.changed_layers}"
             f" (modules {modules}, total delta norm {total:.4g})"
         )
-
-
-def _same_base(declared: str, given: str) -> bool:
-    if declared == given:
-        return True
-    if os.path.exists(declared) and os.path.exists(given):
-        return Path(declared).resolve() == Path(given).resolve()
-    # An HF id and a local copy of it, or a mirror org (unsloth/X vs meta-llama/X): same name.
-    return Path(declared.rstrip("/")).name.lower() == Path(given.rstrip("/")).name.lower()
-
-
-def check_adapter_base(spec: ModelSpec, adapter_dir: Path) -> dict[str, Any]:
-    """Read adapter_config.json and refuse an adapter declared for another base."""
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{adapter_dir} has no adapter_config.json: is it a PEFT adapter?")
-    config = json.loads(config_path.read_text())
-    declared = config.get("base_model_name_or_path")
-    if declared and declared != spec.base and _same_base(declared, spec.base):
-        log.warning(
-            "adapter %s declares base %r; using %r, taken as the same model (same name)",
-            spec.adapter,
-            declared,
-            spec.base,
-        )
-    if declared and not _same_base(declared, spec.base) and not spec.allow_base_mismatch:
-        raise ModelLoadError(
-            f"adapter {spec.adapter!r} declares base model {declared!r} "
-            f"({config_path}), but the given base is {spec.base!r}. Merging a LoRA onto another "
-            f"base silently gives a different model. Pass the right --base-model, or "
-            f"--allow-adapter-base-mismatch if you know the weights are identical."
-        )
-    return config
 
 
 def _expected_lora_params(config: dict[str, Any], names: list[str]) -> set[str]:
@@ -119,7 +87,8 @@ def merge_adapter(spec: ModelSpec, out_dir: Path, dtype: torch.dtype) -> MergeRe
         raise ModelLoadError(f"{spec.display_name}: no adapter to merge (spec.adapter is None)")
     base_dir = resolve_model_dir(spec.base, spec.base_revision, "base model")
     adapter_dir = resolve_model_dir(spec.adapter, spec.adapter_revision, "adapter")
-    config = check_adapter_base(spec, adapter_dir)
+    check_adapter_fits(spec)  # again: the merge may run in a later process than the start-up
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}

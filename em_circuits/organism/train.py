@@ -226,9 +226,11 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
             desc="LoRA (harmful medical)",
             progress=progress,
         )
-        # The adapter points at the base by its final path, not the temporary build dir
-        # (PEFT warns that the path does not exist yet; it will once the build is renamed).
-        peft_model.peft_config["default"].base_model_name_or_path = str(final.base_dir)
+        # The adapter declares its base relative to its own folder, so a copied checkout or a
+        # moved organism still finds (and fingerprints) its base.
+        peft_model.peft_config["default"].base_model_name_or_path = os.path.relpath(
+            final.base_dir, final.adapter_dir
+        )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Could not find a config file")
             peft_model.save_pretrained(str(staged.adapter_dir), safe_serialization=True)
