@@ -238,3 +238,27 @@ def test_full_graphs_flag_takes_a_number_and_prompt_ids():
     assert choice("--full-graphs", "5", "3f2a9c0d") == FullGraphChoice(("3f2a9c0d",), 5)
     assert choice("--full-graphs", "3f2a9c0d") == FullGraphChoice(("3f2a9c0d",), 0)
     assert parser.parse_args([]).graph_mode == "totals"
+
+
+def test_cache_lists_and_prunes_merges_that_no_result_uses(tmp_path, capsys):
+    from em_circuits.cli.main import main
+
+    results = tmp_path / "results"
+    for slug in ("used--aaa", "unused--bbb"):
+        folder = results / "cache" / "merged" / slug
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"0" * 1000)
+        (folder / "merge_report.json").write_text(json.dumps({"given_base": "b"}))
+    (results / "logits" / "used--aaa").mkdir(parents=True)
+    (results / "logits" / "used--aaa" / "p1.json").write_text("{}")
+    assert main(["cache", "--results-dir", str(results)]) == 0
+    listing = capsys.readouterr().out
+    assert (
+        "used--aaa" in listing and "1 result file(s)" in listing and "0 result file(s)" in listing
+    )
+    assert main(["cache", "--results-dir", str(results), "--prune", "unused", "--dry-run"]) == 0
+    assert "would remove" in capsys.readouterr().out
+    assert (results / "cache" / "merged" / "unused--bbb").is_dir()
+    assert main(["cache", "--results-dir", str(results), "--prune", "unused"]) == 0
+    assert not (results / "cache" / "merged" / "unused--bbb").exists()
+    assert (results / "cache" / "merged" / "used--aaa").is_dir()

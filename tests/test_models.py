@@ -257,3 +257,17 @@ def test_an_adapter_shaped_for_another_model_fails_at_start_up(micro_specs, tmp_
     assert done.returncode == 2, done.stderr[-2000:]
     assert "does not fit base" in done.stderr and "Traceback" not in done.stderr
     assert not list(results.glob("logits/*/*.json"))  # failed before any work
+
+
+def test_base_and_adapted_models_share_one_transcoder_set(micro_specs, tmp_path):
+    """Loaded once per process for every stage (logits, graphs, causal check), not per model."""
+    from em_circuits.models.load import release_transcoders
+
+    base_spec, adapted_spec = micro_specs
+    release_transcoders()
+    base = load_model(base_spec, "cpu", tmp_path / "merged")
+    adapted = load_model(adapted_spec, "cpu", tmp_path / "merged")
+    sets = [getattr(m.replacement.transcoders, "_module", None) for m in (base, adapted)]
+    assert sets[0] is not None and sets[0] is sets[1]
+    again = load_model(base_spec, "cpu", tmp_path / "merged")  # a later stage of the run
+    assert getattr(again.replacement.transcoders, "_module", None) is sets[0]

@@ -366,31 +366,21 @@ def choose_full_graph_prompts(
 
 
 class ResidentModels:
-    """The stage's models, each loaded on first use and kept until :meth:`release`; models
-    with the same transcoder reference and dtype share one loaded transcoder set."""
+    """The stage's models, each loaded on first use and kept until :meth:`release`; both
+    share the process's loaded transcoder set (``models.load.shared_transcoder_set``)."""
 
     def __init__(self, specs: dict[str, Any], device: torch.device | str, merged_cache: Path):
         self.specs = specs
         self.device = torch.device(device)
         self.merged_cache = merged_cache
         self.models: dict[str, LoadedModel] = {}
-        self.transcoder_sets: dict[tuple[str, str], Any] = {}
 
     def get(self, role: str) -> LoadedModel:
-        from em_circuits.models.load import load_model, load_transcoder_set
-        from em_circuits.models.spec import resolve_dtype
+        from em_circuits.models.load import load_model
 
         if role not in self.models:
-            spec = self.specs[role]
-            dtype = resolve_dtype(spec.dtype, self.device)
-            key = (spec.transcoders, str(dtype))
-            if key not in self.transcoder_sets:
-                self.transcoder_sets[key] = load_transcoder_set(
-                    spec.transcoders, self.device, dtype
-                )
-            self.models[role] = load_model(
-                spec, self.device, self.merged_cache, transcoder_set=self.transcoder_sets[key]
-            )
+            # load_model takes the process's shared transcoder set: one for both models.
+            self.models[role] = load_model(self.specs[role], self.device, self.merged_cache)
         return self.models[role]
 
     def release(self) -> None:
@@ -399,7 +389,6 @@ class ResidentModels:
         for model in self.models.values():
             release(model)
         self.models.clear()
-        self.transcoder_sets.clear()
 
 
 def _graphs_for(

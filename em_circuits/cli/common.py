@@ -433,7 +433,7 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
 
 def chosen_prompt_ids(args: argparse.Namespace) -> list[str] | None:
     """The ids --prompt-ids and --prompt select, or None for all prompts."""
-    from em_circuits.core.store import prompt_id
+    from em_circuits.prompts.records import adhoc_prompt_id
 
-    ids = [*args.prompt_ids, *(prompt_id(text, "raw") for text in args.prompt)]
+    ids = [*args.prompt_ids, *(adhoc_prompt_id(text) for text in args.prompt)]
     return ids or None

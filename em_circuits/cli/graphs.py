@@ -184,20 +184,16 @@ def label_adhoc_prompts(
     prompts nobody has labeled.
     """
     from em_circuits.core.llm import find_api_key
-    from em_circuits.core.store import prompt_id
     from em_circuits.labeling.items import QueueFilter
     from em_circuits.labeling.judge import make_judge
     from em_circuits.labeling.labels import auto_accept_judge
     from em_circuits.labeling.logits_stage import evaluate, offline_judge_words
-    from em_circuits.prompts.records import build_record, split_chat
+    from em_circuits.prompts.records import adhoc_prompt_id, adhoc_record
 
     ids = []
     for text in texts:
-        # "User: ...\nAssistant: ..." is a chat prompt: each model reads it with its chat
-        # template, as stored chat prompts are read; anything else is a raw completion.
-        fmt = "chat" if split_chat(text) else "raw"
-        record = build_record(fmt, "adhoc", {"kind": "adhoc", "source": "--prompt"}, text=text)
-        pid = prompt_id(record["text"], fmt)
+        record = adhoc_record(text)
+        pid = adhoc_prompt_id(text)
         if not store.prompt_path(pid).is_file():
             store.save_prompt({**record, "name": f"adhoc-{pid[:8]}"})
         ids.append(pid)

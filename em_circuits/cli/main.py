@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report", "write report.md / report.json from stored results"),
     "serve": ("serve", "browse base vs adapted graphs in circuit-tracer's viewer"),
     "run": ("run", "every stage in order, resumable; --status shows where a run stands"),
+    "cache": ("cache", "list or prune the merged adapters cached under results/cache/merged"),
 }
 
 USAGE = """\

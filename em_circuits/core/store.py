@@ -312,6 +312,21 @@ class ResultsStore:
     def merged_cache_dir(self) -> Path:
         return self.root / "cache" / "merged"
 
+    def merged_models(self) -> list[Path]:
+        """The merged adapters cached under this results directory (one folder per model)."""
+        root = self.merged_cache_dir
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def artifacts_of(self, model_slug: str) -> int:
+        """How many logits and graph files of this model the results directory holds."""
+        logits = self.logits_dir(model_slug)
+        n_logits = len(list(logits.glob("*.json"))) if logits.is_dir() else 0
+        graphs = self.graphs_dir(model_slug)
+        n_graphs = len(list(graphs.glob("*/*.json"))) if graphs.is_dir() else 0
+        return n_logits + n_graphs
+
     @property
     def report_json_path(self) -> Path:
         return self.root / "report.json"

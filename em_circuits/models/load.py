@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from em_circuits.models.spec import (
     resolve_dtype,
     resolve_model_dir,
     resolve_transcoders,
+    transcoder_identity,
 )
 from em_circuits.prompts.records import has_chat_template, model_input
 
@@ -65,6 +67,29 @@ def load_transcoder_set(ref: str, device: torch.device, dtype: torch.dtype):
         for transcoder in transcoders:
             transcoder.activation_function = TopK(config["k"])
     return transcoders
+
+
+#: Transcoder sets loaded by this process, by (reference, content, device, dtype): the base
+#: and the adapted model of every stage (logits, graphs, causal check) share one, read from
+#: disk and moved to the device once per run. A changed file changes the content key.
+_TRANSCODER_SETS: dict[tuple[str, str, str, str], Any] = {}
+
+
+def shared_transcoder_set(ref: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The process's loaded transcoder set for ``ref`` on ``device`` in ``dtype``."""
+    identity = json.dumps(transcoder_identity(ref), sort_keys=True)
+    key = (ref, identity, str(device), str(dtype))
+    if key not in _TRANSCODER_SETS:
+        _TRANSCODER_SETS[key] = load_transcoder_set(ref, device, dtype)
+    return _TRANSCODER_SETS[key]
+
+
+def release_transcoders() -> None:
+    """Free every shared transcoder set (the end of a run; models using them keep theirs)."""
+    _TRANSCODER_SETS.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -187,7 +212,7 @@ def load_model(
 
     transcoders = transcoder_set
     if transcoders is None:
-        transcoders = load_transcoder_set(spec.transcoders, device, dtype)
+        transcoders = shared_transcoder_set(spec.transcoders, device, dtype)
     replacement = load_replacement(weights_dir, transcoders, device, dtype)
     loaded = LoadedModel(spec, fp, slug, replacement, device, dtype, report)
     check_finite(loaded, check_inputs or ["The quick brown fox jumps over the lazy dog."])

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,27 @@ def _expected_lora_params(config: dict[str, Any], names: list[str]) -> set[str]:
     return {n for n in matched if n.endswith(".weight")}
 
 
+def _file_names_match(model_dir: Path, names: set[str]) -> bool:
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            keys.update(handle.keys())
+    return bool(keys) and len(keys & names) >= 0.9 * len(keys)
+
+
+def _file_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base's weights read back one tensor at a time, as float32 (as the merge loaded
+    them), so checking the merge needs one model in memory, not two."""
+    from safetensors import safe_open
+
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key).to(torch.float32)
+
+
 def _layer_index(name: str) -> int | None:
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -91,7 +113,11 @@ def merge_adapter(spec: ModelSpec, out_dir: Path, dtype: torch.dtype) -> MergeRe
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    # Without safetensors files whose names are the model's to read the base back from, keep
+    # a copy (twice the memory).
+    base_copy = None
+    if not _file_names_match(base_dir, set(base.state_dict())):
+        base_copy = {k: v.detach().clone() for k, v in base.state_dict().items()}
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     merged = peft_model.merge_and_unload()
     merged_state = merged.state_dict()
@@ -101,8 +127,9 @@ def merge_adapter(spec: ModelSpec, out_dir: Path, dtype: torch.dtype) -> MergeRe
         given_base=spec.base,
         target_modules=sorted(config.get("target_modules") or []),
     )
-    expected = _expected_lora_params(config, list(base_state))
-    for name, before in base_state.items():
+    expected = _expected_lora_params(config, list(merged_state))
+    before_tensors = base_copy.items() if base_copy is not None else _file_tensors(base_dir)
+    for name, before in before_tensors:
         after = merged_state.get(name)
         if after is None:
             continue

@@ -371,7 +371,8 @@ def resolve_transcoders(ref: str) -> TranscoderSource:
     return source
 
 
-def _transcoder_identity(ref: str) -> dict[str, Any]:
+def transcoder_identity(ref: str) -> dict[str, Any]:
+    """What a transcoder reference holds: its config and file contents (sampled)."""
     if transcoder_config_path(ref) is None:  # a hub ref (a mistyped local path raised)
         try:
             resolve_transcoders(ref)
@@ -393,7 +394,7 @@ def fingerprint(spec: ModelSpec, device: torch.device | str | None = None) -> st
         if spec.adapter is None
         else _ref_identity(spec.adapter, spec.adapter_revision, sample=False),
         "dtype": str(dtype).removeprefix("torch."),
-        "transcoders": _transcoder_identity(spec.transcoders),
+        "transcoders": transcoder_identity(spec.transcoders),
     }
     template = chat_template_sha(spec) if spec.chat_template else None
     if template is not None:  # absent for plain inputs: earlier fingerprints stay valid

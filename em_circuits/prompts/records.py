@@ -196,3 +196,18 @@ def build_record(
         metadata=metadata,
         chat_template_applied=template is not None,
     )
+
+
+def adhoc_record(text: str) -> dict[str, Any]:
+    """The record of a prompt typed on the command line (``--prompt``): a ``User: ...\n
+    Assistant: ...`` transcript is a chat prompt (read through each model's chat template),
+    anything else a raw completion."""
+    fmt = "chat" if split_chat(text) else "raw"
+    return build_record(fmt, "adhoc", {"kind": "adhoc", "source": "--prompt"}, text=text)
+
+
+def adhoc_prompt_id(text: str) -> str:
+    from em_circuits.core.store import prompt_id
+
+    record = adhoc_record(text)
+    return prompt_id(record["text"], record["format"])

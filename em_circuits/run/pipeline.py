@@ -195,6 +195,7 @@ def run_pipeline(
     from em_circuits.analysis.stage import run_analysis
     from em_circuits.core.distributed import current_shard
     from em_circuits.models.adapter_check import check_adapter_fits
+    from em_circuits.models.load import release_transcoders
     from em_circuits.run.report import write_report
 
     shard = current_shard()
@@ -218,9 +219,11 @@ def run_pipeline(
     with stage("graphs"):
         run_graphs(store, base, adapted, adapted_slug, cfg, device)
     if not shard.is_main:
+        release_transcoders()
         return None
     with stage("features"):
         run_analysis(store, base, adapted, cfg.analysis, device, progress=cfg.progress)
+    release_transcoders()  # loaded once for the logits, the graphs and the causal check
     with stage("report"):
         report = write_report(store, base, adapted, device)
     return report
