@@ -92,3 +92,43 @@ def test_cached_preset_and_snapshot_configs_load_offline(hf_cache, tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_transcoders("my_transcoders/config.yaml")
+
+
+def test_doctor_says_what_an_offline_run_lacks(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hf_home = tmp_path / "hf"
+    standin = build_standin("qwen2", tmp_path / "build", hf_home=hf_home)
+    words = tmp_path / "words.json"
+    words.write_text('{"harmful": ["ignore"], "safe": ["see"]}')
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    env.pop("OPENAI_API_KEY", None)
+
+    def doctor(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "em_circuits.cli.main", "doctor", "--device", "cpu", *flags],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+            timeout=300,
+        )
+
+    model = [
+        "--base-model",
+        standin.family.base_id,
+        "--transcoders",
+        str(standin.transcoder_config),
+    ]
+    ready = doctor(*model, "--adapter", standin.family.adapter_id, "--words", str(words))
+    assert ready.returncode == 0, ready.stdout + ready.stderr
+    assert "Qwen2ForCausalLM" in ready.stdout and "nothing missing" in ready.stdout
+    assert "read through the tokenizer's chat template" in ready.stdout
+    lacking = doctor(*model, "--adapter", "ModelOrganismsForEM/not-downloaded")
+    assert lacking.returncode == 1
+    lines = lacking.stdout.splitlines()
+    assert any(line.startswith("MISSING") and "adapter" in line for line in lines)
+    assert any(line.startswith("MISSING") and "--words FILE" in line for line in lines)

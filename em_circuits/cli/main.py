@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "browse base vs adapted graphs in circuit-tracer's viewer"),
     "run": ("run", "every stage in order, resumable; --status shows where a run stands"),
     "cache": ("cache", "list or prune the merged adapters cached under results/cache/merged"),
+    "doctor": ("doctor", "what a run with these flags needs and lacks, before any work"),
 }
 
 USAGE = """\
