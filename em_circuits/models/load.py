@@ -24,6 +24,7 @@ from em_circuits.models.spec import (
     resolve_dtype,
     resolve_model_dir,
     resolve_transcoders,
+    transcoder_config_path,
     transcoder_identity,
 )
 from em_circuits.prompts.records import has_chat_template, model_input
@@ -46,14 +47,18 @@ def load_transcoder_set(ref: str, device: torch.device, dtype: torch.dtype):
     loads offline; file paths in a config are relative to its folder (a snapshot's, for a
     config inside one), so a transcoder folder can be moved or shared as a whole.
     """
-    from circuit_tracer.utils.hf_utils import load_transcoders
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub, load_transcoders
 
-    config = dict(resolve_transcoders(ref).config)
+    try:
+        config = dict(resolve_transcoders(ref).config)
+    except ModelLoadError:
+        if transcoder_config_path(ref) is not None or not _hub_layout_unknown(ref):
+            raise
+        # A hub repository without a per-layer file list (a cross-layer transcoder, say):
+        # circuit-tracer's own hub loader knows its layout.
+        return load_transcoder_from_hub(ref, device=device, dtype=dtype)[0]
     if config["model_kind"] != "transcoder_set":
-        raise ModelLoadError(
-            f"transcoders {ref!r}: model_kind {config['model_kind']!r} is not supported yet "
-            "(per-layer transcoder sets are)"
-        )
+        return load_transcoders(config, device=device, dtype=dtype, lazy_encoder=False)
     small = sum(Path(p).stat().st_size for p in config["transcoders"]) < (1 << 30)
     transcoders = load_transcoders(
         config, device=device, dtype=dtype, lazy_encoder=False, lazy_decoder=not small
@@ -90,6 +95,15 @@ def release_transcoders() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _hub_layout_unknown(ref: str) -> bool:
+    """A hub ref whose config.yaml is there but lists no per-layer files."""
+    try:
+        resolve_transcoders(ref)
+    except ModelLoadError as err:
+        return "no 'transcoders' list" in str(err)
+    return False
 
 
 @dataclass
