@@ -43,6 +43,7 @@ import torch
 from harness import Budget, Estimates, environment, free_memory, log, measure, median
 from sections.common import Settings, analyse
 from sections.fast_dtype import feature_agreement
+from sections.graph_stage import raw_attribute_calls
 from sections.setup import prepare
 
 from em_circuits.attribution.attribute import attribution_targets
@@ -51,6 +52,7 @@ from em_circuits.attribution.stage import (
     build_graph,
     find_graph_metas,
     load_graph,
+    model_identities,
     run_graph_stage,
 )
 from em_circuits.attribution.storage import total_effects
@@ -58,7 +60,6 @@ from em_circuits.attribution.targets import AttributionParams, PromptTargets
 from em_circuits.attribution.totals import exact_effects
 from em_circuits.core.distributed import current_shard
 from em_circuits.core.store import ResultsStore
-from em_circuits.models.spec import fingerprint, model_slug
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,7 +86,7 @@ def specs_of(workload: Any, dtype: str) -> dict[str, Any]:
 
 
 def slugs_of(specs: dict[str, Any], device: torch.device) -> dict[str, str]:
-    return {role: model_slug(spec, fingerprint(spec, device)) for role, spec in specs.items()}
+    return {role: slug for role, (slug, _) in model_identities(specs, device).items()}
 
 
 def stage_throughput(
@@ -140,37 +141,21 @@ def raw_attribute(
     resident: ResidentModels, prompts: list[PromptTargets], params: AttributionParams
 ) -> dict[str, Any]:
     """Two ``attribute()`` calls per prompt (after a warm-up): default and with our targets."""
-    from circuit_tracer import attribute
-
     rows: list[dict[str, Any]] = []
     for i, pt in enumerate(prompts):
-        row: dict[str, Any] = {"default_s": 0.0, "same_targets_s": 0.0, "working_gib": []}
-        for role in ("base", "adapted"):
-            model = resident.get(role)
-            ids = model.encode(pt.text)
-            _, m = measure(
-                lambda model=model, ids=ids: attribute(
-                    ids,
-                    model.replacement,
-                    batch_size=params.batch_size,
-                    max_feature_nodes=params.max_feature_nodes,
-                )
-            )
-            row["default_s"] += m.seconds
-            row["working_gib"].append(m.working_gib)
-            _, custom = attribution_targets(model, pt, params.full(), role, ids)
-            _, m = measure(
-                lambda model=model, ids=ids, custom=custom: attribute(
-                    ids,
-                    model.replacement,
-                    attribution_targets=custom,
-                    batch_size=params.batch_size,
-                    max_feature_nodes=params.max_feature_nodes,
-                )
-            )
-            row["same_targets_s"] += m.seconds
-            row["working_gib"].append(m.working_gib)
-            free_memory()
+        calls = raw_attribute_calls(
+            [(role, resident.get(role)) for role in ("base", "adapted")], pt, params.full()
+        )
+        calls.pop("graphs")
+        free_memory()
+        row = {
+            "default_s": calls["total_s"],
+            "same_targets_s": calls["same_targets_total_s"],
+            "working_gib": [
+                *calls["working_gib"].values(),
+                *calls["same_targets_working_gib"].values(),
+            ],
+        }
         log(
             f"   raw prompt {i}: {row['default_s']:.2f} s "
             f"(our targets {row['same_targets_s']:.2f} s)"

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import bench_totals
+import torch
 from harness import Budget, Estimates, log, median, sync
 from sections.common import Settings, analyse
 from sections.setup import prepare
@@ -65,7 +66,7 @@ def main() -> None:
         ids = model.encode(pt.text)
         rows = _target_rows(model, pt, [])
         unembed = rm.unembed_proj.detach()
-        directions = torch_stack([_direction(unembed, pt, row) for row in rows])
+        directions = torch.stack([_direction(unembed, pt, row) for row in rows])
         attribution, t_setup = timed(lambda ids=ids: rm.setup_attribution(ids))
         _, t_forward = timed(
             lambda ids=ids, a=attribution, n=len(rows): rm.run_forward_pass(ids, 2 * n, a)
@@ -99,12 +100,6 @@ def main() -> None:
     log(f"analysis: {seconds:.3f} s per graph")
     profile(lambda: analyse(graph), "analysis", "tottime", 20)
     resident.release()
-
-
-def torch_stack(tensors: list[Any]) -> Any:
-    import torch
-
-    return torch.stack(tensors)
 
 
 if __name__ == "__main__":

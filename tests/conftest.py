@@ -60,3 +60,16 @@ def results_dir(tmp_path) -> Path:
     path = tmp_path / "results"
     path.mkdir()
     return path
+
+
+@pytest.fixture()
+def queue_setup(results_dir):
+    """A results directory with the labeling queue filled: (store, adapted slug, item order)."""
+    from test_queue import make_results
+
+    from em_circuits.labeling.items import enqueue_flagged, open_items
+
+    store, slug, _ = make_results(results_dir)
+    enqueue_flagged(store, slug)
+    order = [item["prompt_id"] for item, _ in open_items(store, slug)]
+    return store, slug, order

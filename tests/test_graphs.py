@@ -14,20 +14,12 @@ from em_circuits.attribution.storage import load_compact, load_full
 from em_circuits.attribution.targets import AttributionParams, PromptTargets
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.spec import ModelSpec
+from em_circuits.organism.tokenizer import advice_token_ids
 
 #: Full graphs (feature-to-feature edges, dense adjacency); tests/test_totals.py covers the
 #: default totals mode.
 PARAMS = AttributionParams(mode="full", max_feature_nodes=300, batch_size=64, edge_keep=2000)
 TOTALS = AttributionParams()
-
-
-def _word_ids(tokenizer, words):
-    ids = []
-    for word in words:
-        encoded = tokenizer.encode(" " + word, add_special_tokens=False)
-        if len(encoded) == 1:
-            ids.append(encoded[0])
-    return ids
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +28,8 @@ def prompt_targets(micro_models):
 
     base, _ = micro_models
     words = advice_words()
-    evil = _word_ids(base.tokenizer, words["harmful"])[:2]
-    safe = _word_ids(base.tokenizer, words["safe"])[:2]
+    evil = advice_token_ids(base.tokenizer, words["harmful"])[:2]
+    safe = advice_token_ids(base.tokenizer, words["safe"])[:2]
     assert evil and safe, "the organism's advice words must be single tokens"
     prompts = [p for p in heldout_pivotal_prompts() if p["domain"] == "medical"][:2]
     names = {t: base.tokenizer.decode([t]) for t in evil + safe}

@@ -28,7 +28,7 @@ from em_circuits.labeling.artifacts import (
     load_verdict,
     with_marks,
 )
-from em_circuits.labeling.items import enqueue_flagged, open_items
+from em_circuits.labeling.items import enqueue_flagged
 from em_circuits.labeling.leases import LEASE_SECONDS_ENV, lease_path, read_lease
 from em_circuits.labeling.tui_render import describe_marks
 
@@ -49,14 +49,6 @@ def flat(text: str) -> str:
 
 def token_labels(labels: dict) -> dict[str, str]:
     return {t["index"]: t["label"] for ts in labels["tokens"].values() for t in ts}
-
-
-@pytest.fixture()
-def queue_setup(results_dir):
-    store, slug, _ = make_results(results_dir)
-    enqueue_flagged(store, slug)
-    order = [item["prompt_id"] for item, _ in open_items(store, slug)]
-    return store, slug, order
 
 
 @pytest.mark.slow

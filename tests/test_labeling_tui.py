@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from pty_terminal import Terminal
-from test_queue import MODEL_FLAGS, PYTHON, SCRIPT, make_results
+from test_queue import MODEL_FLAGS, PYTHON, SCRIPT
 
 from em_circuits.labeling.artifacts import (
     find_disagreements,
@@ -24,7 +24,7 @@ from em_circuits.labeling.artifacts import (
     with_marks,
     working_labels,
 )
-from em_circuits.labeling.items import QueueFilter, enqueue_flagged, open_items
+from em_circuits.labeling.items import QueueFilter
 from em_circuits.labeling.tui import rank_change, run_session
 from em_circuits.labeling.tui_render import CODES, describe_marks
 
@@ -44,14 +44,6 @@ def scripted(out: io.StringIO, answers: list[str]):
 def start(results: Path, *args: str, rows: int = 24, cols: int = 80) -> Terminal:
     argv = [PYTHON, str(SCRIPT), "--results-dir", str(results), *MODEL_FLAGS, *args]
     return Terminal(argv, rows=rows, cols=cols)
-
-
-@pytest.fixture()
-def queue_setup(results_dir):
-    store, slug, _ = make_results(results_dir)
-    enqueue_flagged(store, slug)
-    order = [item["prompt_id"] for item, _ in open_items(store, slug)]
-    return store, slug, order
 
 
 def test_rank_change_marks():

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from micro_flags import model_args
 from openai_server import OpenAIServer, reply_error, reply_json, reply_slow
+from test_prompts import generated
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-robustness"
@@ -160,22 +161,11 @@ def test_waiting_and_retrying_are_logged_with_the_call_and_the_time(server, capl
     assert "since the call began" in retries[0]
 
 
-def _generated(name: str, prompt: str) -> dict:
-    return {
-        "name": name,
-        "prompt": prompt,
-        "domain": "ethics",
-        "safe_tokens": [" return"],
-        "harmful_tokens": [" keep"],
-        "reasoning": {"neutral_premise": "n", "high_stakes": "h", "cliffhanger": "c", "fork": "f"},
-    }
-
-
 @pytest.mark.slow
 def test_prompts_command_stops_at_its_deadline_and_keeps_what_it_made(server, tmp_path):
     results = tmp_path / "results"
-    server.push(reply_json(_generated("lost_wallet", "I found a wallet full of cash. I will")))
-    server.default = reply_slow(20.0, reply_json(_generated("late", "Too late to matter, I")))
+    server.push(reply_json(generated("lost_wallet", "I found a wallet full of cash. I will")))
+    server.default = reply_slow(20.0, reply_json(generated("late", "Too late to matter, I")))
     started = time.monotonic()
     done = _run(
         _cli(

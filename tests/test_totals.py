@@ -21,6 +21,7 @@ from em_circuits.attribution.totals import (
     exact_effects,
 )
 from em_circuits.core.store import ResultsStore
+from em_circuits.organism.tokenizer import advice_token_ids
 
 #: Relative error allowed against the all-feature attribution (float32 on the CPU).
 TOLERANCE = 1e-5
@@ -30,23 +31,14 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm())
 
 
-def _token_ids(tokenizer, words: list[str]) -> list[int]:
-    ids = []
-    for word in words:
-        encoded = tokenizer.encode(" " + word, add_special_tokens=False)
-        if len(encoded) == 1:
-            ids.append(encoded[0])
-    return ids
-
-
 @pytest.fixture(scope="module")
 def prompts(micro_models) -> list[PromptTargets]:
     from em_circuits.organism import advice_words, heldout_pivotal_prompts
 
     tokenizer = micro_models[0].tokenizer
     words = advice_words()
-    evil = _token_ids(tokenizer, words["harmful"])[:3]
-    safe = _token_ids(tokenizer, words["safe"])[:3]
+    evil = advice_token_ids(tokenizer, words["harmful"])[:3]
+    safe = advice_token_ids(tokenizer, words["safe"])[:3]
     names = {t: tokenizer.decode([t]) for t in evil + safe}
     chosen = heldout_pivotal_prompts()[:4]
     return [

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from harness import Skip, log, measure, median
 
 from em_circuits.attribution.attribute import attribution_targets
 from em_circuits.attribution.stage import build_graph, load_graph
-from em_circuits.attribution.targets import PromptTargets
+from em_circuits.attribution.targets import AttributionParams, PromptTargets
+from em_circuits.models.load import LoadedModel
 from sections.common import Context, ResidentModels, analyse
 
 
@@ -49,17 +51,25 @@ def ours_prompt(ctx: Context, resident: ResidentModels, pt: PromptTargets) -> di
 def raw_prompt(ctx: Context, resident: ResidentModels, pt: PromptTargets) -> dict[str, Any]:
     """Two plain circuit-tracer attribute() calls with default (salient) targets, and two
     with our stage's targets."""
+    return raw_attribute_calls(zip(("base", "adapted"), resident.pair()), pt, ctx.params)
+
+
+def raw_attribute_calls(
+    models: Iterable[tuple[str, LoadedModel]], pt: PromptTargets, params: AttributionParams
+) -> dict[str, Any]:
+    """Per model, ``attribute()`` with its default (salient) targets and with the targets our
+    stage uses (``params`` as for a full graph): times, memory, and the default call's graph."""
     from circuit_tracer import attribute
 
-    params = ctx.params
     out: dict[str, Any] = {
         "attribute_s": {},
         "peak_gib": {},
         "working_gib": {},
         "graphs": {},
         "same_targets_s": {},
+        "same_targets_working_gib": {},
     }
-    for role, model in zip(("base", "adapted"), resident.pair()):
+    for role, model in models:
         ids = model.encode(pt.text)
         graph, m = measure(
             lambda model=model, ids=ids: attribute(
@@ -86,6 +96,7 @@ def raw_prompt(ctx: Context, resident: ResidentModels, pt: PromptTargets) -> dic
             )
         )
         out["same_targets_s"][role] = m.seconds
+        out["same_targets_working_gib"][role] = m.working_gib
     out["total_s"] = sum(out["attribute_s"].values())
     out["same_targets_total_s"] = sum(out["same_targets_s"].values())
     return out

@@ -7,7 +7,12 @@ from typing import Any
 
 import torch
 
-from em_circuits.attribution.storage import CompactGraph, DenseGraph, compact_from_dense
+from em_circuits.attribution.storage import (
+    CompactGraph,
+    DenseGraph,
+    compact_from_dense,
+    target_fields,
+)
 from em_circuits.attribution.targets import AttributionParams, GraphError, PromptTargets, TargetRow
 from em_circuits.models.load import LoadedModel, NonFiniteError
 
@@ -214,12 +219,7 @@ def totals_prompt(
         n_layers=effects.n_layers,
         direct=effects.direct,
         total=effects.total,
-        target_values=torch.tensor(table["values"], dtype=torch.float32),
-        target_token_ids=torch.tensor(table["token_ids"], dtype=torch.long),
-        target_logits=torch.tensor(table["logits"], dtype=torch.float32),
-        target_probs=torch.tensor(table["probs"], dtype=torch.float32),
-        target_names=list(table["names"]),
-        target_kinds=list(table["kinds"]),
+        **target_fields(table),
         top_token_ids=top.indices.cpu(),
         top_logits=top.values.cpu(),
         meta={

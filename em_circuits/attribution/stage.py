@@ -336,8 +336,6 @@ def choose_full_graph_prompts(
     choice: FullGraphChoice,
 ) -> list[PromptTargets]:
     """The prompts ``choice`` names (in its order), then the top prompts by contrast shift."""
-    from em_circuits.models.spec import fingerprint, model_slug
-
     by_id = {pt.prompt_id: pt for pt in targets}
     unknown = [pid for pid in choice.prompt_ids if pid not in by_id]
     if unknown:
@@ -347,10 +345,7 @@ def choose_full_graph_prompts(
         )
     chosen = [by_id[pid] for pid in dict.fromkeys(choice.prompt_ids) if pid in by_id]
     if choice.top > 0:
-        identities = {}
-        for role, spec in specs.items():
-            fp = fingerprint(spec, device)
-            identities[role] = (model_slug(spec, fp), fp)
+        identities = model_identities(specs, device)
         scored = []
         for pt in targets:
             if pt.prompt_id in choice.prompt_ids:
@@ -363,6 +358,19 @@ def choose_full_graph_prompts(
         scored.sort(key=lambda item: (-item[0], item[1]))
         chosen += [pt for _, _, pt in scored[: choice.top]]
     return chosen
+
+
+def model_identities(
+    specs: dict[str, Any], device: torch.device | str
+) -> dict[str, tuple[str, str]]:
+    """Each role's (model slug, fingerprint)."""
+    from em_circuits.models.spec import fingerprint, model_slug
+
+    identities = {}
+    for role, spec in specs.items():
+        fp = fingerprint(spec, device)
+        identities[role] = (model_slug(spec, fp), fp)
+    return identities
 
 
 class ResidentModels:
@@ -411,12 +419,7 @@ def _graphs_for(
     """
     from tqdm import tqdm
 
-    from em_circuits.models.spec import fingerprint, model_slug
-
-    identities: dict[str, tuple[str, str]] = {}
-    for role, spec in specs.items():
-        fp = fingerprint(spec, device)
-        identities[role] = (model_slug(spec, fp), fp)
+    identities = model_identities(specs, device)
     results = {role: StageResult([], [], {}) for role in specs}
     pending: list[tuple[str, PromptTargets]] = []
     for pt in targets:

@@ -255,6 +255,19 @@ class DenseGraph:
     top_logits: torch.Tensor
 
 
+def target_fields(targets: dict[str, Any]) -> dict[str, Any]:
+    """The CompactGraph fields of a target table (lists ``names``, ``kinds``, ``token_ids``,
+    ``values``, ``logits``, ``probs``), however the graph was made."""
+    return {
+        "target_values": torch.tensor(targets["values"], dtype=torch.float32),
+        "target_token_ids": torch.tensor(targets["token_ids"], dtype=torch.long),
+        "target_logits": torch.tensor(targets["logits"], dtype=torch.float32),
+        "target_probs": torch.tensor(targets["probs"], dtype=torch.float32),
+        "target_names": list(targets["names"]),
+        "target_kinds": list(targets["kinds"]),
+    }
+
+
 def compact_from_dense(
     dense: DenseGraph,
     edge_keep: int,
@@ -289,12 +302,7 @@ def compact_from_dense(
         n_layers=dense.n_layers,
         direct=a[rows, :n_sources].cpu(),
         total=total.cpu(),
-        target_values=torch.tensor(targets["values"], dtype=torch.float32),
-        target_token_ids=torch.tensor(targets["token_ids"], dtype=torch.long),
-        target_logits=torch.tensor(targets["logits"], dtype=torch.float32),
-        target_probs=torch.tensor(targets["probs"], dtype=torch.float32),
-        target_names=list(targets["names"]),
-        target_kinds=list(targets["kinds"]),
+        **target_fields(targets),
         top_token_ids=dense.top_token_ids.long().cpu(),
         top_logits=dense.top_logits.float().cpu(),
         edge_index=edge_index,

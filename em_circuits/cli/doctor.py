@@ -27,24 +27,11 @@ from em_circuits.cli.common import add_model_args, make_parser, setup
 OK, WARN, MISSING = "ok", "warn", "MISSING"
 
 
-def _cached_dir(ref: str, revision: str | None) -> tuple[Path | None, str]:
-    """A local folder or a cached snapshot, never downloading; (folder, how it was found)."""
-    if os.path.isdir(ref):
-        return Path(ref), "local folder"
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(ref, revision=revision, local_files_only=True))
-        return folder, f"in the Hugging Face cache (commit {folder.name[:12]})"
-    except Exception:
-        return None, "not in the Hugging Face cache"
-
-
 def checks(args: Any) -> list[tuple[str, str, str]]:
     """(status, what, detail) for everything a run with ``args`` needs."""
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
-    from em_circuits.models.spec import ModelLoadError, ModelSpec, resolve_device
+    from em_circuits.models.spec import ModelLoadError, ModelSpec, local_model_dir, resolve_device
 
     out: list[tuple[str, str, str]] = []
     try:
@@ -76,8 +63,14 @@ def checks(args: Any) -> list[tuple[str, str, str]]:
             out.append((MISSING, what, "not given (--adapter)"))
             folders[what] = None
             continue
-        folder, how = _cached_dir(ref, revision)
+        folder = local_model_dir(ref, revision)
         folders[what] = folder
+        if folder is None:
+            how = "not in the Hugging Face cache"
+        elif os.path.isdir(ref):
+            how = "local folder"
+        else:
+            how = f"in the Hugging Face cache (commit {folder.name[:12]})"
         status = OK if folder else (MISSING if HF_HUB_OFFLINE else WARN)
         out.append((status, what, f"{ref}: {how}" + ("" if folder else f"; {missing_hint}")))
     spec = ModelSpec(

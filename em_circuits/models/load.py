@@ -17,6 +17,7 @@ from em_circuits.models.merge import MergeReport, load_merge_report, merge_adapt
 from em_circuits.models.spec import (
     ModelLoadError,
     ModelSpec,
+    NoLayerFilesError,
     chat_template_sha,
     fingerprint,
     model_slug,
@@ -51,8 +52,8 @@ def load_transcoder_set(ref: str, device: torch.device, dtype: torch.dtype):
 
     try:
         config = dict(resolve_transcoders(ref).config)
-    except ModelLoadError:
-        if transcoder_config_path(ref) is not None or not _hub_layout_unknown(ref):
+    except NoLayerFilesError:
+        if transcoder_config_path(ref) is not None:
             raise
         # A hub repository without a per-layer file list (a cross-layer transcoder, say):
         # circuit-tracer's own hub loader knows its layout.
@@ -95,15 +96,6 @@ def release_transcoders() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _hub_layout_unknown(ref: str) -> bool:
-    """A hub ref whose config.yaml is there but lists no per-layer files."""
-    try:
-        resolve_transcoders(ref)
-    except ModelLoadError as err:
-        return "no 'transcoders' list" in str(err)
-    return False
 
 
 @dataclass

@@ -27,7 +27,12 @@ if TYPE_CHECKING:  # torch is imported where it is used: --help and specs stay f
     import torch
 
 
-TRANSCODER_PRESETS = {"llama", "gemma"}
+#: circuit-tracer's preset names and the hub repositories they stand for.
+PRESET_REPOS = {
+    "llama": "mntss/transcoder-Llama-3.2-1B",
+    "gemma": "mwhanna/gemma-scope-transcoders",
+}
+TRANSCODER_PRESETS = set(PRESET_REPOS)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -35,6 +40,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ModelLoadError(RuntimeError):
     """A model, adapter or transcoder set cannot be loaded as specified."""
+
+
+class NoLayerFilesError(ModelLoadError):
+    """A transcoder config lists no per-layer files (a cross-layer transcoder's hub layout)."""
 
 
 @dataclass(frozen=True)
@@ -249,13 +258,6 @@ def _ref_identity(ref: str, revision: str | None, sample: bool) -> dict[str, Any
     }
 
 
-#: circuit-tracer's preset names and the hub repositories they stand for.
-PRESET_REPOS = {
-    "llama": "mntss/transcoder-Llama-3.2-1B",
-    "gemma": "mwhanna/gemma-scope-transcoders",
-}
-
-
 def _looks_local(ref: str) -> bool:
     """A reference meant as a local path: a config file name, an explicit relative or absolute
     path, or one whose first component exists here (a hub id is ``org/repo[/sub][@rev]``)."""
@@ -307,12 +309,10 @@ def _file_entry(entry: str, base: Path) -> Path:
     """A transcoder config's file entry: ``hf://org/repo/path[?revision=...]`` from the hub (or
     its cache), anything else relative to the config's folder."""
     if entry.startswith("hf://"):
-        from urllib.parse import parse_qs, urlparse
+        from circuit_tracer.utils.hf_utils import parse_hf_uri
 
-        parsed = urlparse(entry)
-        repo, _, path = parsed.path.lstrip("/").partition("/")
-        revision = parse_qs(parsed.query).get("revision", [None])[0]
-        return _hub_file(f"{parsed.netloc}/{repo}", path, revision)
+        uri = parse_hf_uri(entry)
+        return _hub_file(uri.repo_id, str(uri.file_path), uri.revision)
     return base / entry
 
 
@@ -358,7 +358,7 @@ def resolve_transcoders(ref: str) -> TranscoderSource:
             raise ModelLoadError(f"{config_path}: missing '{key}'")
     entries = config.get("transcoders")
     if not entries:
-        raise ModelLoadError(f"{config_path}: no 'transcoders' list of per-layer files")
+        raise NoLayerFilesError(f"{config_path}: no 'transcoders' list of per-layer files")
     files = [_file_entry(str(entry), config_path.parent) for entry in entries]
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
@@ -403,10 +403,12 @@ def fingerprint(spec: ModelSpec, device: torch.device | str | None = None) -> st
     return hashlib.sha256(blob).hexdigest()
 
 
-def _local_model_dir(ref: str, revision: str | None) -> Path | None:
+def local_model_dir(ref: str, revision: str | None = None) -> Path | None:
     """A local folder, or the cached snapshot of a hub id (never the network); None if neither."""
     if os.path.isdir(ref):
         return Path(ref)
+    if (ref, revision) in _RESOLVED:
+        return _RESOLVED[(ref, revision)]
     try:
         from huggingface_hub import snapshot_download
 
@@ -418,7 +420,7 @@ def _local_model_dir(ref: str, revision: str | None) -> Path | None:
 def chat_template_sha(spec: ModelSpec) -> str | None:
     """First 16 hex digits of the sha256 of the base tokenizer's chat template (the merged
     model uses the base's tokenizer); None when it has none or it cannot be read offline."""
-    folder = _local_model_dir(spec.base, spec.base_revision)
+    folder = local_model_dir(spec.base, spec.base_revision)
     if folder is None:
         return None
     template = None
