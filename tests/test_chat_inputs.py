@@ -96,8 +96,11 @@ def test_logits_stage_records_the_input_and_says_when_prompts_are_mixed(standins
     artifact = run.logits[chat["prompt_id"]]
     with torch.no_grad():
         want = model.hf_model(model.encode_prompt(dict(chat))[None]).logits[0, -1]
-    top = artifact["top_k"][0]
-    assert top["token_id"] == int(want.argmax())
+    # (compared with a tolerance: the stored run was batched with padding, and two near-equal
+    # logits may swap ranks between float summation orders)
+    for entry in artifact["top_k"][:3]:
+        assert abs(entry["logit"] - float(want[entry["token_id"]])) <= 1e-4
+    assert abs(artifact["top_k"][0]["logit"] - float(want.max())) <= 1e-4
 
 
 def test_judge_reads_the_user_visible_text_of_a_templated_prompt(standins, tmp_path):
