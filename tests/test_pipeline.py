@@ -144,6 +144,7 @@ def reference(micro_organism, tmp_path_factory):
     done = _run(_command(micro_organism, results))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "report:" in done.stdout
+    (results.parent / "run.log").write_text(done.stderr)
     return results
 
 
@@ -177,6 +178,16 @@ def test_uninterrupted_run_writes_the_report(reference):
         "dose_response.png",
     ):
         assert (analysis / name).is_file(), name
+
+
+def test_each_model_and_the_transcoders_load_once_per_run(reference):
+    """The logits, the graphs and the causal check share the run's loaded models and one
+    transcoder set: each model is loaded once and the transcoders read once."""
+    log = (reference.parent / "run.log").read_text().splitlines()
+    loaded = [line for line in log if " loaded " in line and " on cpu in " in line]
+    assert len(loaded) == 2, loaded
+    assert len({line.split(" loaded ")[1].split(" (")[0] for line in loaded}) == 2
+    assert sum("reading transcoders" in line for line in log) == 1
 
 
 def test_second_run_repeats_no_work(reference, micro_organism):

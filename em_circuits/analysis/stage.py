@@ -37,6 +37,7 @@ from em_circuits.core.store import (
     read_json,
     write_artifact,
 )
+from em_circuits.models.load import ResidentModels
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
 
 log = logging.getLogger(__name__)
@@ -195,10 +196,13 @@ def run_causal(
     metas: dict[str, dict[str, Any]],
     params: AnalysisParams,
     device: str,
+    models: ResidentModels | None = None,
 ) -> dict[str, Any]:
-    """Interventions on the top features; cached by model, prompts, features and parameters."""
+    """Interventions on the top features; cached by model, prompts, features and parameters.
+
+    With ``models`` the adapted model comes from (and stays in) the run's loaded models.
+    """
     from em_circuits.analysis.causal import causal_validation
-    from em_circuits.models.load import load_model, release
 
     key = params_key(
         {
@@ -217,10 +221,10 @@ def run_causal(
         cached = read_json(summary_path)
         if cached.get("cache_key") == key:
             return cached
-    model = load_model(adapted, device, store.merged_cache_dir)
+    pool = models or ResidentModels(None, device, store.merged_cache_dir)
     try:
         dose, summary = causal_validation(
-            model,
+            pool.load(adapted),
             _causal_prompts(store, metas)[: params.causal_prompts],
             top,
             scales=params.scales,
@@ -229,7 +233,8 @@ def run_causal(
             position=params.position,
         )
     finally:
-        release(model)
+        if models is None:
+            pool.release()
     _write_table(dose, directory, "dose_response")
     plot_dose_response(dose, directory / "dose_response.png")
     summary["cache_key"] = key
@@ -245,8 +250,12 @@ def run_analysis(
     device: str,
     progress: bool = True,
     prompt_ids: Collection[str] | None = None,
+    models: ResidentModels | None = None,
 ) -> dict[str, Any]:
     """Every table, plot and check of the feature analysis; returns the summary it writes.
+
+    ``models`` are the run's loaded models (see :class:`~em_circuits.models.load.ResidentModels`);
+    without them the causal check loads what it needs and releases it.
 
     With ``prompt_ids`` only those prompts' graphs are analysed, and the tables go to a
     subfolder ``prompts-<hash>`` so they never replace the analysis of all prompts.
@@ -331,7 +340,9 @@ def run_analysis(
 
         top = top_evil_features(tables["top_features_adapted"], k=params.causal_top_k)
     if top:
-        summary["causal"] = run_causal(store, adapted, directory, top, metas, params, device)
+        summary["causal"] = run_causal(
+            store, adapted, directory, top, metas, params, device, models
+        )
     summary["tables"] = sorted(f"{name}.csv" for name in tables)
     write_artifact(directory / "summary.json", "table", summary)
     log.info("analysis written to %s", directory)

@@ -28,7 +28,7 @@ from em_circuits.core.atomic import sha256_file
 from em_circuits.core.claims import read_holder, try_claim
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact, write_artifact
-from em_circuits.models.load import LoadedModel, NonFiniteError, PromptTooLongError
+from em_circuits.models.load import LoadedModel, NonFiniteError, PromptTooLongError, ResidentModels
 
 log = logging.getLogger(__name__)
 
@@ -371,32 +371,6 @@ def model_identities(
         fp = fingerprint(spec, device)
         identities[role] = (model_slug(spec, fp), fp)
     return identities
-
-
-class ResidentModels:
-    """The stage's models, each loaded on first use and kept until :meth:`release`; both
-    share the process's loaded transcoder set (``models.load.shared_transcoder_set``)."""
-
-    def __init__(self, specs: dict[str, Any], device: torch.device | str, merged_cache: Path):
-        self.specs = specs
-        self.device = torch.device(device)
-        self.merged_cache = merged_cache
-        self.models: dict[str, LoadedModel] = {}
-
-    def get(self, role: str) -> LoadedModel:
-        from em_circuits.models.load import load_model
-
-        if role not in self.models:
-            # load_model takes the process's shared transcoder set: one for both models.
-            self.models[role] = load_model(self.specs[role], self.device, self.merged_cache)
-        return self.models[role]
-
-    def release(self) -> None:
-        from em_circuits.models.load import release
-
-        for model in self.models.values():
-            release(model)
-        self.models.clear()
 
 
 def _graphs_for(

@@ -392,9 +392,12 @@ def run_command(
     """
     args = sys.argv[1:] if argv is None else argv
     verbose = "-v" in args or "--verbose" in args
+    from em_circuits.core.distributed import report_failure_to_peers
+
     try:
         return main(args, prog)
     except KeyboardInterrupt:
+        report_failure_to_peers("interrupted")
         print(
             "\ninterrupted: finished work is stored; run the same command to continue",
             file=sys.stderr,
@@ -405,7 +408,8 @@ def run_command(
         from em_circuits.core.llm import LLMDeadlineError
 
         if verbose or not (isinstance(err, user_error_types()) or is_storage_error(err)):
-            raise
+            raise  # sys.excepthook tells the other processes of a launch
+        report_failure_to_peers(f"{type(err).__name__}: {err}")
         more = "; finished work is stored: run the same command to continue"
         print(f"error: {err}{more if isinstance(err, LLMDeadlineError) else ''}", file=sys.stderr)
         return 2

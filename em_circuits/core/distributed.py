@@ -10,20 +10,145 @@ On GPUs accelerate's ``PartialState`` sets up the process group (NCCL). Launched
 (``accelerate launch --multi_gpu`` on a machine without GPUs runs torchrun, whose environment
 accelerate's CPU path ignores unless MPI is installed), a gloo group is set up from the same
 environment variables.
+
+The barriers do not use the backend's collectives: a collective waits for a dead peer until
+its timeout (hours here, since the main process may spend hours alone), and on several nodes
+a lost node closes no connection. Each process instead beats a counter in the process
+group's key-value store, and a barrier polls that store: it returns when every process has
+arrived, and raises :class:`PeerFailedError` as soon as any process reports a failure (an
+uncaught exception, Ctrl-C) or stops beating for ``EM_CIRCUITS_PEER_TIMEOUT`` seconds.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import os
+import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 # The main process may spend hours alone (judge calls, labeling) while the others wait.
 BARRIER_TIMEOUT = dt.timedelta(hours=12)
+HEARTBEAT_SECONDS = 2.0
+POLL_SECONDS = 0.25
+#: Seconds without a heartbeat after which a waiting process gives a peer up for lost.
+DEFAULT_PEER_TIMEOUT = 120.0
+_PREFIX = "em_circuits/"
+_FAILED = _PREFIX + "failed"
+
+
+class PeerFailedError(RuntimeError):
+    """Another process of the launch failed, or stopped answering; this one stops too."""
+
+
+def peer_timeout() -> float:
+    raw = os.environ.get("EM_CIRCUITS_PEER_TIMEOUT", "")
+    try:
+        return float(raw) if raw else DEFAULT_PEER_TIMEOUT
+    except ValueError:
+        raise ValueError(
+            f"EM_CIRCUITS_PEER_TIMEOUT={raw!r} is not a number of seconds; unset it or give one"
+        ) from None
+
+
+class _Coordinator:
+    """This process's heartbeat, barrier count and failure report, over the group's store."""
+
+    def __init__(self, store: Any, rank: int, count: int):
+        self.store = store
+        self.rank = rank
+        self.count = count
+        self.epoch = 0
+        self.stopped = threading.Event()
+        beat_store = store.clone() if hasattr(store, "clone") else store
+        threading.Thread(target=self._beat, args=(beat_store,), daemon=True).start()
+        previous_hook = sys.excepthook
+
+        def report_and_raise(kind, value, traceback):  # an uncaught exception anywhere
+            self.report_failure(f"{kind.__name__}: {value}")
+            previous_hook(kind, value, traceback)
+
+        sys.excepthook = report_and_raise
+        atexit.register(self._at_exit)
+
+    def _beat(self, store: Any) -> None:
+        while not self.stopped.wait(HEARTBEAT_SECONDS):
+            try:
+                store.add(f"{_PREFIX}beat/{self.rank}", 1)
+            except Exception:
+                return  # the store is gone (the main process ended): nothing to tell
+
+    def report_failure(self, message: str) -> None:
+        try:
+            if not self.store.check([_FAILED]):
+                self.store.set(_FAILED, f"process {self.rank}: {message}"[:2000])
+        except Exception:
+            pass  # the store itself is gone; the others find that out by themselves
+
+    def barrier(self) -> None:
+        self.epoch += 1
+        arrived_key = f"{_PREFIX}barrier/{self.epoch}"
+        timeout = peer_timeout()
+        try:
+            self.store.add(arrived_key, 1)
+            beats = {r: (-1, time.monotonic()) for r in range(self.count) if r != self.rank}
+            while self.store.add(arrived_key, 0) < self.count:
+                if self.store.check([_FAILED]):
+                    message = self.store.get(_FAILED).decode(errors="replace")
+                    raise PeerFailedError(f"stopping: {message}")
+                now = time.monotonic()
+                for rank, (seen, since) in beats.items():
+                    value = self.store.add(f"{_PREFIX}beat/{rank}", 0)
+                    if value != seen:
+                        beats[rank] = (value, now)
+                    elif now - since > timeout:
+                        raise PeerFailedError(
+                            f"stopping: process {rank} sent no heartbeat for {timeout:.0f} s (a "
+                            "lost node or a killed process); relaunch to resume, finished work "
+                            "is kept"
+                        )
+                time.sleep(POLL_SECONDS)
+            self.store.add(f"{_PREFIX}passed/{self.epoch}", 1)
+        except PeerFailedError:
+            raise
+        except Exception as err:  # the store's host (the main process) is gone
+            raise PeerFailedError(
+                f"stopping: lost contact with the main process ({type(err).__name__}: {err}); "
+                "relaunch to resume, finished work is kept"
+            ) from err
+
+    def _at_exit(self) -> None:
+        # The main process hosts the store: it stays until every process has left the last
+        # barrier, so none of them mistakes a finished run for a lost main process.
+        if self.rank == 0 and self.epoch:
+            deadline = time.monotonic() + 30
+            try:
+                key = f"{_PREFIX}passed/{self.epoch}"
+                while self.store.add(key, 0) < self.count and time.monotonic() < deadline:
+                    if self.store.check([_FAILED]):
+                        break
+                    time.sleep(POLL_SECONDS)
+            except Exception:
+                pass
+        self.stopped.set()
+
+
+_COORDINATOR: _Coordinator | None = None
+
+
+def _coordinator(rank: int, count: int) -> _Coordinator:
+    global _COORDINATOR
+    if _COORDINATOR is None:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        _COORDINATOR = _Coordinator(_get_default_store(), rank, count)
+    return _COORDINATOR
 
 
 @dataclass(frozen=True)
@@ -41,11 +166,21 @@ class Shard:
         return list(items[self.index :: self.count])
 
     def wait(self) -> None:
-        """Block until every process arrives (no-op for a single process)."""
+        """Block until every process arrives (no-op for a single process); raise
+        :class:`PeerFailedError` when another process failed or was lost meanwhile."""
         if self.count > 1:
-            import torch.distributed as dist
+            _coordinator(self.index, self.count).barrier()
 
-            dist.barrier()
+    def report_failure(self, message: str) -> None:
+        """Tell the other processes to stop (they raise in their next or current barrier)."""
+        if self.count > 1:
+            _coordinator(self.index, self.count).report_failure(message)
+
+
+def report_failure_to_peers(message: str) -> None:
+    """Tell the other processes of a launch that this one is stopping (no-op when alone)."""
+    if _COORDINATOR is not None:
+        _COORDINATOR.report_failure(message)
 
 
 def world_size() -> int:
@@ -64,7 +199,12 @@ def current_shard() -> Shard:
         from accelerate.utils import InitProcessGroupKwargs
 
         state = PartialState(**InitProcessGroupKwargs(timeout=BARRIER_TIMEOUT).to_kwargs())
-        return Shard(state.process_index, state.num_processes, state.local_process_index)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-    return Shard(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        shard = Shard(state.process_index, state.num_processes, state.local_process_index)
+    else:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+        shard = Shard(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+        )
+    _coordinator(shard.index, shard.count)  # heartbeat from the start
+    return shard

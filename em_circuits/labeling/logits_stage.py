@@ -39,7 +39,13 @@ from em_circuits.core.store import ResultsStore, params_key, write_artifact
 from em_circuits.labeling import DEFAULT_LOGITS_BATCH_SIZE, DEFAULT_TOP_K
 from em_circuits.labeling.items import enqueue_flagged
 from em_circuits.labeling.judge import JudgeError, JudgeOutcome
-from em_circuits.models.load import LoadedModel, PromptTooLongError, load_model, release
+from em_circuits.models.load import (
+    LoadedModel,
+    PromptTooLongError,
+    ResidentModels,
+    load_model,
+    release,
+)
 from em_circuits.models.logits import divergence, next_token_logits, support, topk_entries
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
 from em_circuits.prompts.records import chat_parts
@@ -176,8 +182,12 @@ def logits_for_spec(
     batch_size: int = DEFAULT_LOGITS_BATCH_SIZE,
     force: bool = False,
     loader: Callable[..., LoadedModel] = load_model,
+    models: ResidentModels | None = None,
 ) -> ModelRun:
-    """Logits of one spec; the model is loaded (and released) only if something is missing."""
+    """Logits of one spec; the model is loaded (and released) only if something is missing.
+
+    With ``models`` the model comes from (and stays in) that run's loaded models.
+    """
     device = torch.device(device) if device is not None else None
     fp = fingerprint(spec, device)
     slug = model_slug(spec, fp)
@@ -186,6 +196,9 @@ def logits_for_spec(
         if all(hit is not None for hit in hits.values()):
             log.info("%s: all %d logits cached, model not loaded", spec.display_name, len(hits))
             return ModelRun(spec, fp, slug, hits, cached=len(hits))  # type: ignore[arg-type]
+    if models is not None:
+        model = models.load(spec)
+        return compute_logits(model, store, records, k=k, batch_size=batch_size, force=force)
     model = loader(spec, device, store.merged_cache_dir)
     try:
         return compute_logits(model, store, records, k=k, batch_size=batch_size, force=force)
@@ -310,8 +323,13 @@ def evaluate(
     force: bool = False,
     queue: bool = True,
     loader: Callable[..., LoadedModel] = load_model,
+    models: ResidentModels | None = None,
 ) -> EvaluateSummary:
-    """Logits of both models, divergence, judge labels and verdicts for the stored prompts."""
+    """Logits of both models, divergence, judge labels and verdicts for the stored prompts.
+
+    ``models`` keeps the loaded models for later stages (a pipeline run); by default each is
+    loaded when its logits are missing and released after them.
+    """
     records = select_prompts(store, prompt_ids)
     summary = EvaluateSummary(prompts=len(records))
     if not records:
@@ -323,6 +341,7 @@ def evaluate(
         "batch_size": batch_size,
         "force": force,
         "loader": loader,
+        "models": models,
     }
     shard = current_shard()
     if shard.count > 1:

@@ -86,6 +86,7 @@ def shared_transcoder_set(ref: str, device: torch.device, dtype: torch.dtype) ->
     identity = json.dumps(transcoder_identity(ref), sort_keys=True)
     key = (ref, identity, str(device), str(dtype))
     if key not in _TRANSCODER_SETS:
+        log.info("reading transcoders %s onto %s", ref, device)
         _TRANSCODER_SETS[key] = load_transcoder_set(ref, device, dtype)
     return _TRANSCODER_SETS[key]
 
@@ -222,7 +223,43 @@ def load_model(
     replacement = load_replacement(weights_dir, transcoders, device, dtype)
     loaded = LoadedModel(spec, fp, slug, replacement, device, dtype, report)
     check_finite(loaded, check_inputs or ["The quick brown fox jumps over the lazy dog."])
+    log.info("loaded %s (%s) on %s in %s", spec.display_name, slug, device, dtype)
     return loaded
+
+
+class ResidentModels:
+    """The models of one run or stage, each loaded once on first use and kept until
+    :meth:`release`: the logits, the graphs and the causal check of a pipeline run use the
+    same loaded models, on the process's one shared transcoder set
+    (:func:`shared_transcoder_set`). ``specs`` names them by role (``base``, ``adapted``);
+    :meth:`load` also takes any spec. ``loads`` counts the models actually loaded.
+    """
+
+    def __init__(
+        self,
+        specs: dict[str, ModelSpec] | None,
+        device: torch.device | str,
+        merged_cache: Path | str,
+    ):
+        self.specs = dict(specs or {})
+        self.device = torch.device(device)
+        self.merged_cache = Path(merged_cache)
+        self.models: dict[ModelSpec, LoadedModel] = {}
+        self.loads = 0
+
+    def load(self, spec: ModelSpec) -> LoadedModel:
+        if spec not in self.models:
+            self.models[spec] = load_model(spec, self.device, self.merged_cache)
+            self.loads += 1
+        return self.models[spec]
+
+    def get(self, role: str) -> LoadedModel:
+        return self.load(self.specs[role])
+
+    def release(self) -> None:
+        for model in self.models.values():
+            release(model)
+        self.models.clear()
 
 
 def decoder_layers(hf_model: torch.nn.Module) -> torch.nn.ModuleList:

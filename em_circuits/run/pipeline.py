@@ -18,6 +18,7 @@ from typing import Any
 from em_circuits.analysis.stage import AnalysisParams
 from em_circuits.attribution.targets import AttributionParams, FullGraphChoice
 from em_circuits.core.store import ResultsStore
+from em_circuits.models.load import ResidentModels, release_transcoders
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug, resolve_device
 
 log = logging.getLogger("pipeline")
@@ -104,7 +105,11 @@ def run_prompts(store: ResultsStore, adapted: ModelSpec, cfg: PipelineConfig) ->
 
 
 def run_logits(
-    store: ResultsStore, base: ModelSpec, adapted: ModelSpec, cfg: PipelineConfig
+    store: ResultsStore,
+    base: ModelSpec,
+    adapted: ModelSpec,
+    cfg: PipelineConfig,
+    models: ResidentModels | None = None,
 ) -> Any:
     from em_circuits.labeling.judge import make_judge
     from em_circuits.labeling.logits_stage import evaluate, offline_judge_words
@@ -118,7 +123,7 @@ def run_logits(
         words_path=offline_judge_words(adapted, cfg.words) if kind == "offline" else None,
         **(cfg.llm_options if kind == "llm" else {}),
     )
-    summary = evaluate(store, base, adapted, judge, device=cfg.device)
+    summary = evaluate(store, base, adapted, judge, device=cfg.device, models=models)
     for line in summary.lines():
         log.info("[logits] %s", line)
     return summary
@@ -151,6 +156,7 @@ def run_graphs(
     adapted_slug: str,
     cfg: PipelineConfig,
     device: str,
+    models: ResidentModels | None = None,
 ) -> dict[str, Any]:
     from em_circuits.attribution.stage import run_graph_stage
     from em_circuits.attribution.targets import labeled_targets
@@ -168,6 +174,7 @@ def run_graphs(
         viewer_dir=store.viewer_dir(adapted_slug),
         progress=cfg.progress,
         full_graphs=cfg.full_graphs,
+        resident=models,
     )
     for role, result in results.items():
         for kind, counts in ((cfg.graph.mode, result), ("full", result.full)):
@@ -185,17 +192,24 @@ def run_graphs(
 
 
 def run_pipeline(
-    store: ResultsStore, base: ModelSpec, adapted: ModelSpec, cfg: PipelineConfig
+    store: ResultsStore,
+    base: ModelSpec,
+    adapted: ModelSpec,
+    cfg: PipelineConfig,
+    models: ResidentModels | None = None,
 ) -> Path | None:
     """Every stage in order; returns the report's path (None on non-main processes).
 
     Under ``accelerate launch`` the logits and graph stages are split across processes; the
     prompts, judge, labels, analysis and report run on the main process while the others wait.
+
+    Each model is loaded once, when a stage first needs it, and kept for the later stages
+    (logits, graphs, causal check), both on one transcoder set read once. Pass ``models`` to
+    keep them loaded after the run (a notebook); by default they are released at its end.
     """
     from em_circuits.analysis.stage import run_analysis
     from em_circuits.core.distributed import current_shard
     from em_circuits.models.adapter_check import check_adapter_fits
-    from em_circuits.models.load import release_transcoders
     from em_circuits.run.report import write_report
 
     shard = current_shard()
@@ -206,24 +220,32 @@ def run_pipeline(
     cfg.llm_options.setdefault("run_started", time.monotonic())
     _check_llm_settings(cfg)
     adapted_slug = model_slug(adapted, fingerprint(adapted, device))
-    with stage("prompts"):
-        if shard.is_main:
-            run_prompts(store, adapted, cfg)
-        shard.wait()
-    with stage("logits"):
-        run_logits(store, base, adapted, cfg)
-    with stage("labels"):
-        if shard.is_main:
-            run_labels(store, adapted_slug, cfg)
-        shard.wait()
-    with stage("graphs"):
-        run_graphs(store, base, adapted, adapted_slug, cfg, device)
-    if not shard.is_main:
-        release_transcoders()
-        return None
-    with stage("features"):
-        run_analysis(store, base, adapted, cfg.analysis, device, progress=cfg.progress)
-    release_transcoders()  # loaded once for the logits, the graphs and the causal check
+    resident = models or ResidentModels(
+        {"base": base, "adapted": adapted}, device, store.merged_cache_dir
+    )
+    try:
+        with stage("prompts"):
+            if shard.is_main:
+                run_prompts(store, adapted, cfg)
+            shard.wait()
+        with stage("logits"):
+            run_logits(store, base, adapted, cfg, resident)
+        with stage("labels"):
+            if shard.is_main:
+                run_labels(store, adapted_slug, cfg)
+            shard.wait()
+        with stage("graphs"):
+            run_graphs(store, base, adapted, adapted_slug, cfg, device, resident)
+        if not shard.is_main:
+            return None
+        with stage("features"):
+            run_analysis(
+                store, base, adapted, cfg.analysis, device, progress=cfg.progress, models=resident
+            )
+    finally:
+        if models is None:
+            resident.release()
+            release_transcoders()
     with stage("report"):
         report = write_report(store, base, adapted, device)
     return report

@@ -1,0 +1,135 @@
+"""Barriers between the processes of a launch over two "nodes": two torchrun launchers on this
+machine with a static rendezvous, as on a cluster. A failure or a lost node in one stops the
+other promptly instead of leaving it in a barrier for the 12-hour collective timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # several torchrun launches
+
+WORKER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from em_circuits.core.distributed import current_shard
+
+    shard = current_shard()
+    shard.wait()
+    mode = os.environ["MODE"]
+    if shard.index == 1:
+        time.sleep(1)
+        if mode == "lost":  # a node that stops answering without closing a connection
+            os.kill(os.getpid(), signal.SIGSTOP)
+        if mode == "raise":
+            raise ValueError("bad input in process 1")
+        if mode == "user-error":  # caught by the command front end, exit code 2
+            from em_circuits.cli.common import run_command
+
+            def main(args, prog):
+                raise FileNotFoundError("prompts.jsonl does not exist")
+
+            sys.exit(run_command(main, []))
+    started = time.monotonic()
+    shard.wait()
+    print(f"rank {shard.index} passed after {time.monotonic() - started:.1f} s", flush=True)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_two_nodes(tmp_path: Path, mode: str) -> tuple[list[str], float]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MODE": mode,
+        "EM_CIRCUITS_PEER_TIMEOUT": "6",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    nodes = [
+        subprocess.Popen(
+            [
+                torchrun,
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                str(script),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        for rank in (0, 1)
+    ]
+    started = time.monotonic()
+    outputs = []
+    try:
+        outputs.append(nodes[0].communicate(timeout=120)[0])
+        elapsed = time.monotonic() - started
+    finally:
+        _kill_everything_running(script, nodes)
+    outputs.append(nodes[1].communicate(timeout=30)[0])
+    return outputs, elapsed
+
+
+def _kill_everything_running(script: Path, nodes: list[subprocess.Popen]) -> None:
+    """The launchers and their workers (torchrun starts these in their own sessions); the
+    stopped "lost node" among them is killed here."""
+    for node in nodes:
+        try:
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and str(script) in cmdline:
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                try:
+                    os.kill(int(proc.name), sig)
+                except ProcessLookupError:
+                    pass
+
+
+def test_a_barrier_passes_when_every_process_arrives(tmp_path):
+    (node0, node1), _ = _launch_two_nodes(tmp_path, "ok")
+    assert "rank 0 passed" in node0 and "rank 1 passed" in node1
+
+
+@pytest.mark.parametrize(
+    "mode, reason",
+    [
+        ("raise", "process 1: ValueError: bad input in process 1"),
+        ("user-error", "process 1: FileNotFoundError: prompts.jsonl does not exist"),
+        ("lost", "process 1 sent no heartbeat for 6 s"),
+    ],
+)
+def test_a_failed_or_lost_process_stops_the_others(tmp_path, mode, reason):
+    (node0, _), elapsed = _launch_two_nodes(tmp_path, mode)
+    assert "PeerFailedError" in node0 and reason in node0, node0[-3000:]
+    assert "rank 0 passed" not in node0
+    assert elapsed < 90, f"node 0 took {elapsed:.0f} s to stop"
