@@ -379,6 +379,14 @@ def test_cache_round_trip_and_invalidation(tmp_path):
     pd.testing.assert_frame_equal(first, again, check_dtype=False)
     assert read_prompt_effects(files[0], graph_fingerprint="other") is None
     assert read_prompt_effects(files[0], model_fingerprint="other") is None
+    # the column table is binary beside the envelope: numbers stored exactly
+    table = files[0].with_suffix(".safetensors")
+    pd.testing.assert_frame_equal(read_prompt_effects(files[0]), prompt_effects(graph, "last"))
+    # a table that is not the one its envelope names is redone, not read
+    table.write_bytes(table.read_bytes()[:-8])
+    assert read_prompt_effects(files[0]) is None
+    again = cached_prompt_effects(store, graph, position="last", **kwargs)
+    pd.testing.assert_frame_equal(first, again, check_dtype=False)
     cached_prompt_effects(store, graph, position="any", **kwargs)  # other params, other file
     assert len(list((store.root / "features").rglob("*.json"))) == 2
     changed = hand_graph([(1, 3, 7), (0, 2, 5)], [0.9, -0.4])

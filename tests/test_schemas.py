@@ -61,7 +61,7 @@ def test_required_keys_are_derived_from_the_records():
         "queue_item": ("prompt_id", "model_fingerprint", "state"),
         "labels": ("prompt_id", "model_fingerprint", "tokens", "labeled_by"),
         "graph_meta": ("prompt_id", "model_fingerprint", "params_key", "targets"),
-        "feature_effects": ("prompt_id", "model_fingerprint", "graph_fingerprint", "features"),
+        "feature_effects": ("prompt_id", "model_fingerprint", "graph_fingerprint", "table"),
         "table": (),
         "report": (),
         "organism_report": (),

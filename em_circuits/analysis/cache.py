@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ import pandas as pd
 
 from em_circuits.analysis.effects import ANALYSIS_VERSION, METRICS, parse_position, prompt_effects
 from em_circuits.attribution.storage import CompactGraph, content_fingerprint
+from em_circuits.core.atomic import atomic_write_bytes
 from em_circuits.core.schemas import FeatureEffectsRecord
 from em_circuits.core.store import ResultsStore, params_key, read_artifact, write_artifact
 
@@ -27,20 +28,40 @@ def effects_params(position: str, metrics: Sequence[str] = METRICS) -> dict[str,
     return {"analysis_version": ANALYSIS_VERSION, "position": position, "metrics": list(metrics)}
 
 
-def _json_value(value: Any) -> Any:
-    if isinstance(value, float | np.floating):
-        # NaN is not JSON: null, read back as NaN. 7 significant digits = the float32 precision
-        # of the graphs, and half the file size of full float64 reprs.
-        return None if math.isnan(value) else float(f"{value:.7g}")
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+def table_path(path: Path) -> Path:
+    """The binary column table beside a per-prompt effects envelope (``<key>.json``)."""
+    return Path(path).with_suffix(".safetensors")
 
 
-def _json_rows(frame: pd.DataFrame) -> list[list[Any]]:
-    # Rows as lists under one "columns" header: dicts would repeat every column name per
-    # feature and triple the file size (~8k features x 2 metrics per prompt).
-    return [[_json_value(v) for v in row] for row in frame.itertuples(index=False, name=None)]
+def _encode_columns(frame: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, list[Any]]]:
+    """Numeric columns as they are (float64 and int64: the stored values are the computed
+    ones); text columns as integer codes into a list of their values (None for missing)."""
+    arrays: dict[str, np.ndarray] = {}
+    categories: dict[str, list[Any]] = {}
+    for column in frame.columns:
+        values = frame[column]
+        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+            kind = np.int64 if pd.api.types.is_integer_dtype(values) else np.float64
+            arrays[column] = np.ascontiguousarray(values.to_numpy(dtype=kind))
+        else:
+            codes, uniques = pd.factorize(values, use_na_sentinel=True)
+            arrays[column] = codes.astype(np.int32)
+            categories[column] = [None if v is None else str(v) for v in uniques]
+    return arrays, categories
+
+
+def _decode_columns(
+    arrays: dict[str, np.ndarray], columns: list[str], categories: dict[str, list[Any]]
+) -> pd.DataFrame:
+    data: dict[str, Any] = {}
+    for column in columns:
+        values = arrays[column]
+        if column in categories:
+            names = np.array([*categories[column], None], dtype=object)
+            data[column] = names[values]  # code -1 (missing) picks the trailing None
+        else:
+            data[column] = values
+    return pd.DataFrame(data, columns=columns)
 
 
 def write_prompt_effects(
@@ -51,11 +72,20 @@ def write_prompt_effects(
     graph_fingerprint: str,
     params: dict[str, Any],
 ) -> FeatureEffectsRecord:
-    """Write a per-prompt effects table as a "feature_effects" artifact; returns the envelope.
+    """Write a per-prompt effects table; returns the envelope.
 
-    ``features`` holds one list per table row, in the order of ``columns``; read it back with
-    :func:`read_prompt_effects`.
+    The table (every active feature of a totals graph: tens of thousands of rows) goes to a
+    safetensors file of columns, written first; the JSON envelope beside it names it with its
+    sha256, so a reader never pairs an envelope with a table it was not written with. Read it
+    back with :func:`read_prompt_effects`.
     """
+    from safetensors.numpy import save
+
+    arrays, categories = _encode_columns(effects)
+    blob = save(arrays) if arrays else save({"_empty": np.zeros(0, dtype=np.int8)})
+    table = table_path(path)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(table, blob)
     payload = {
         "prompt_id": prompt_id,
         "model_fingerprint": model_fingerprint,
@@ -63,7 +93,9 @@ def write_prompt_effects(
         "params": params,
         "params_key": params_key(params),
         "columns": list(effects.columns),
-        "features": _json_rows(effects),
+        "categories": categories,
+        "rows": len(effects),
+        "table": {"file": table.name, "sha256": hashlib.sha256(blob).hexdigest()},
     }
     return write_artifact(path, "feature_effects", payload)
 
@@ -74,7 +106,10 @@ def read_prompt_effects(
     graph_fingerprint: str | None = None,
     params: dict[str, Any] | None = None,
 ) -> pd.DataFrame | None:
-    """Read a cached table; None when absent or made from another model, graph or params."""
+    """Read a cached table; None when absent, made from another model, graph or params, or
+    when its column table is missing or not the one the envelope names (then it is redone)."""
+    from safetensors.numpy import load
+
     path = Path(path)
     if not path.exists():
         return None
@@ -86,16 +121,14 @@ def read_prompt_effects(
     }
     if any(want is not None and data.get(key) != want for key, want in expected.items()):
         return None
-    frame = pd.DataFrame.from_records(data["features"], columns=data.get("columns"))
-    text = {"metric", "contrast_from"}
-    numeric = [c for c in frame.columns if c not in text]
-    return frame.astype({c: "float64" for c in numeric}).astype(
-        {
-            c: "int64"
-            for c in ("layer", "feature", "position", "n_nodes", "n_evil", "n_safe")
-            if c in frame.columns
-        }
-    )
+    table = path.parent / data["table"]["file"]
+    try:
+        blob = table.read_bytes()
+    except FileNotFoundError:
+        return None
+    if hashlib.sha256(blob).hexdigest() != data["table"]["sha256"]:
+        return None
+    return _decode_columns(load(blob), data["columns"], data.get("categories", {}))
 
 
 def cached_prompt_effects(
@@ -118,5 +151,4 @@ def cached_prompt_effects(
             return cached
     effects = prompt_effects(graph, position, metrics)
     write_prompt_effects(path, effects, prompt_id, model_fingerprint, fp, params)
-    # Use the stored (rounded) values either way, so a resumed run equals an uninterrupted one.
-    return read_prompt_effects(path)
+    return effects

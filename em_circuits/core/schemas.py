@@ -304,20 +304,28 @@ class GraphMetaRecord(_GraphMetaKeys, total=False):
     seconds: float
 
 
+class EffectsTableFile(TypedDict):
+    file: str  # beside the envelope
+    sha256: str
+
+
 class _FeatureEffectsKeys(Envelope):
     prompt_id: str
     model_fingerprint: str
     graph_fingerprint: str
-    features: list[list[Any]]
+    table: EffectsTableFile
 
 
 class FeatureEffectsRecord(_FeatureEffectsKeys, total=False):
-    """``features/<model_slug>/<prompt_id>/<params_key>.json``: one row list per feature, in
-    the order of ``columns``."""
+    """``features/<model_slug>/<prompt_id>/<params_key>.json``: the envelope of one prompt's
+    feature-effects table, whose columns (in the order of ``columns``) are in the safetensors
+    file ``table`` names; text columns are integer codes into ``categories`` (-1: missing)."""
 
     params: dict[str, Any]
     params_key: str
     columns: list[str]
+    categories: dict[str, list[Any]]
+    rows: int
 
 
 class TableRecord(Envelope):
