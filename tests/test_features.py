@@ -27,7 +27,17 @@ from em_circuits.analysis.plots import (
     plot_top_features,
 )
 from em_circuits.attribution.storage import CompactGraph
-from em_circuits.core.stats import bh_qvalues, bootstrap_mean_ci, sign_flip_pvalues, welch_t_rows
+from em_circuits.core.stats import (
+    bh_qvalues,
+    bootstrap_mean_ci,
+    cluster_rows,
+    exact_sign_flip_p,
+    min_attainable_p,
+    sign_flip_pvalues,
+    sign_flip_test,
+    t_mean_ci,
+    welch_t_rows,
+)
 from em_circuits.core.store import ResultsStore
 
 LABELS = ["contrast", "evil", "evil", "safe", "safe"]
@@ -217,12 +227,19 @@ def test_fdr_finds_planted_effect_among_nulls():
     table = aggregate_effects(frames, metrics=("direct",), n_perm=4999, n_boot=500)
     planted = _row(table, 0, 1000)
     assert table.iloc[0]["feature"] == 1000
-    assert planted["p_value"] == pytest.approx(1 / 5000)  # the Monte Carlo floor
+    # every sign agrees: exact, far below the Monte Carlo floor of 1 / 5000
+    assert planted["p_value"] == 2 / 2**20 and planted["p_method"] == "exact: all signs agree"
     assert planted["q_value"] < 0.05
     assert planted["ci_low"] > 0.5 and planted["ci_high"] < 1.5
     assert planted["sign_consistency"] == 1.0
     nulls = table[table["feature"] != 1000]
     assert (nulls["q_value"] < 0.05).sum() <= 1
+    # with clusters of 5 prompts the units are 4 clusters: 2/16 > 0.05, so no p-value
+    clusters = {f"p{p}": f"c{p // 5}" for p in range(n_prompts)}
+    clustered = aggregate_effects(frames, metrics=("direct",), clusters=clusters)
+    planted = _row(clustered, 0, 1000)
+    assert planted["n_clusters"] == 4 and planted["n_prompts"] == 20
+    assert np.isnan(planted["p_value"]) and planted["p_method"] == "n too small"
 
 
 def test_prompt_without_labels_on_one_side_is_left_out():
@@ -249,6 +266,59 @@ def test_sign_flip_exact_and_monte_carlo():
     nulls = [rng.normal(size=15) for _ in range(400)]
     p = sign_flip_pvalues(nulls, n_perm=999)
     assert 0.02 < (p < 0.05).mean() < 0.09  # calibrated under H0
+
+
+def _enumerated_p(x: np.ndarray, alternative: str) -> float:
+    """The sign-flip p-value by listing every sign pattern (independent of the library)."""
+    import itertools
+
+    null = np.array(list(itertools.product([-1.0, 1.0], repeat=len(x)))) @ x
+    observed = x.sum()
+    if alternative == "two-sided":
+        return float(np.mean(np.abs(null) >= abs(observed) - 1e-12))
+    if alternative == "greater":
+        return float(np.mean(null >= observed - 1e-12))
+    return float(np.mean(null <= observed + 1e-12))
+
+
+@pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
+def test_exact_sign_flip_p_values_match_enumeration(alternative):
+    rng = np.random.default_rng(5)
+    for n in (3, 8, 13, 17):
+        x = rng.normal(0.6, 1.0, n)
+        want = _enumerated_p(x, alternative)
+        assert exact_sign_flip_p(x, alternative) == pytest.approx(want, rel=1e-12)
+        p, method = sign_flip_test([x], n_perm=999, alternative=alternative, refine_below=1.0)
+        assert method[0].startswith("exact") and p[0] == pytest.approx(want, rel=1e-12)
+
+
+def test_sign_flip_test_is_exact_beyond_the_monte_carlo_floor():
+    rng = np.random.default_rng(2)
+    agree = np.abs(rng.normal(size=37))  # every sign agrees: p = 2 / 2^37 in closed form
+    strong = rng.normal(1.2, 1.0, 36)  # mostly positive: Monte Carlo floors it, exact does not
+    p, method = sign_flip_test([agree, strong], n_perm=999)
+    assert method.tolist() == ["exact: all signs agree", "exact"]
+    assert p[0] == 2 / 2**37 and p[1] < 1 / 1000  # below the Monte Carlo resolution
+    # the two values are distinct: the q-values no longer tie at the floor
+    assert p[1] == pytest.approx(exact_sign_flip_p(strong), rel=1e-12)
+    # where n cannot reach alpha, no p-value: 4 units give at best 2/16 > 0.05
+    p, method = sign_flip_test([np.ones(4)], alpha=0.05)
+    assert np.isnan(p[0]) and method[0] == "n too small"
+    assert min_attainable_p(5) == 2 / 32 and min_attainable_p(5, "less") == 1 / 32
+
+
+def test_cluster_rows_average_within_clusters_and_t_interval():
+    values = np.array([[1.0, 3.0, 10.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    used = np.array([[True, True, True, False], [True, True, True, True]])
+    rows, n_clusters = cluster_rows(values, used, ["a", "a", "b", "c"])
+    assert n_clusters.tolist() == [2, 3]  # cluster c has no used prompt for the first row
+    np.testing.assert_allclose(rows[0], [2.0, 10.0])
+    np.testing.assert_allclose(rows[1], [2.0, 2.0, 2.0])
+    low, high = t_mean_ci([np.array([1.0, 2.0, 3.0]), np.array([4.0])])
+    # mean 2, sd 1, n 3: t(0.975, 2) = 4.302653
+    assert low[0] == pytest.approx(2 - 4.302653 / 3**0.5, rel=1e-6)
+    assert high[0] == pytest.approx(2 + 4.302653 / 3**0.5, rel=1e-6)
+    assert np.isnan(low[1])
 
 
 def test_bh_and_bootstrap():

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from em_circuits.analysis.effects import METRICS
-from em_circuits.core.stats import bh_qvalues, bootstrap_mean_ci, sign_flip_pvalues
+from em_circuits.core.stats import bh_qvalues, cluster_rows, sign_flip_test, t_mean_ci
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,42 @@ def _rows(matrix: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
     return [row[m] for row, m in zip(matrix, mask)]
 
 
+def cluster_statistics(
+    values: np.ndarray,
+    used: np.ndarray,
+    prompts: Sequence[str],
+    clusters: Mapping[str, str] | None,
+    n_perm: int = 9999,
+    seed: int = 0,
+    ci: float = 0.95,
+    alpha: float = 0.05,
+    alternative: str = "two-sided",
+) -> dict[str, np.ndarray]:
+    """Mean, interval and test of each row with clusters of prompts as the units.
+
+    ``values`` (rows, prompts) and ``used`` (which entries enter the statistic); prompts
+    of one cluster (``clusters``: prompt id -> cluster; default: each prompt its own) are
+    averaged first, so a scenario asked ten ways counts once. Returns n_clusters, mean (over
+    clusters), ci_low / ci_high (Student t over clusters), p_value, p_method (see
+    :func:`~em_circuits.core.stats.sign_flip_test`; NaN p where n cannot reach ``alpha``) and
+    q_value (Benjamini-Hochberg over the rows that have a p-value).
+    """
+    names = [clusters.get(p, p) if clusters else p for p in prompts]
+    rows, n_clusters = cluster_rows(values, used, names)
+    mean = np.array([row.mean() if len(row) else np.nan for row in rows])
+    low, high = t_mean_ci(rows, ci)
+    p, method = sign_flip_test(rows, n_perm, seed, alternative=alternative, alpha=alpha)
+    return {
+        "n_clusters": n_clusters,
+        "mean": mean,
+        "ci_low": low,
+        "ci_high": high,
+        "p_value": p,
+        "p_method": method,
+        "q_value": bh_qvalues(p),
+    }
+
+
 def _sign_consistency(values: np.ndarray, present: np.ndarray, mean: np.ndarray) -> np.ndarray:
     agree = (np.sign(np.nan_to_num(values)) == np.sign(mean)[:, None]) & present
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -66,8 +102,10 @@ def aggregate_effects(
     n_perm: int = 9999,
     ci: float = 0.95,
     seed: int = 0,
+    clusters: Mapping[str, str] | None = None,
+    alpha: float = 0.05,
 ) -> pd.DataFrame:
-    """Cross-prompt statistics per feature key, prompts as the units.
+    """Cross-prompt statistics per feature key, clusters of prompts as the units.
 
     ``per_prompt`` maps prompt id -> :func:`prompt_effects` table (one position option for
     all). ``value`` is the per-prompt column to aggregate (contrast, evil_minus_safe,
@@ -94,6 +132,8 @@ def aggregate_effects(
             n_perm=n_perm,
             ci=ci,
             seed=seed,
+            clusters=clusters,
+            alpha=alpha,
         )
         for metric in metrics
     ]
@@ -125,22 +165,25 @@ def _aggregate_metric(
     # The statistic's sample: all prompts (absent = 0) or the supporting prompts only.
     used = np.ones_like(present) if absent == "zero" else present
     filled = np.nan_to_num(values)
-    samples = _rows(filled, used)
-    n_used = used.sum(axis=1)
-    mean = filled.sum(axis=1) / np.maximum(n_used, 1)
-    ci_low, ci_high = bootstrap_mean_ci(samples, options["n_boot"], options["ci"], options["seed"])
-    # Zeros never change a sign-flip statistic: testing the nonzero values is the same test.
-    p = sign_flip_pvalues(_rows(filled, filled != 0), options["n_perm"], options["seed"])
+    stats = cluster_statistics(
+        filled,
+        used,
+        list(matrix.columns),
+        options["clusters"],
+        options["n_perm"],
+        options["seed"],
+        options["ci"],
+        options["alpha"],
+    )
     table = index.to_frame(index=False)
     table["metric"] = metric
     table["support"] = support
-    table["n_prompts"] = n_used
-    table["mean"] = mean
-    table["ci_low"] = ci_low
-    table["ci_high"] = ci_high
-    table["sign_consistency"] = _sign_consistency(values, present, mean)
-    table["p_value"] = p
-    table["q_value"] = bh_qvalues(p)
+    table["n_prompts"] = used.sum(axis=1)
+    for column in ("n_clusters", "mean", "ci_low", "ci_high"):
+        table[column] = stats[column]
+    table["sign_consistency"] = _sign_consistency(values, present, stats["mean"])
+    for column in ("p_value", "p_method", "q_value"):
+        table[column] = stats[column]
     table["mean_activation"] = (
         np.nanmean(np.where(present, activation.to_numpy(dtype=np.float64)[keep], np.nan), axis=1)
         if len(table)

@@ -8,8 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from em_circuits.analysis.aggregate import _key_columns_of, _rows, _value_matrix
-from em_circuits.core.stats import bh_qvalues, bootstrap_mean_ci, sign_flip_pvalues
+from em_circuits.analysis.aggregate import _key_columns_of, _value_matrix, cluster_statistics
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +28,19 @@ def compare_models(
     n_perm: int = 9999,
     ci: float = 0.95,
     seed: int = 0,
+    clusters: Mapping[str, str] | None = None,
+    alpha: float = 0.05,
 ) -> pd.DataFrame:
     """Paired adapted - base differences of a per-prompt value, per feature key.
 
     Only prompts with a table for both models are used (paired); an absent key counts as 0
     in both (a gained feature changes the contrast from nothing). Keys present in fewer than
     ``min_support`` prompts in both models are dropped. ``threshold`` is in the value's units
-    (logits). Columns: layer, feature, [position], metric, n_prompts, support_base,
-    support_adapted, mean_base, mean_adapted, mean_diff, ci_low, ci_high, p_value, q_value,
+    (logits). Clusters of prompts (``clusters``) are the units of the interval and the test
+    of the difference (:func:`~em_circuits.analysis.aggregate.cluster_statistics`).
+    Columns: layer, feature, [position], metric, n_prompts, n_clusters, support_base,
+    support_adapted, mean_base, mean_adapted, mean_diff (over clusters), ci_low, ci_high,
+    p_value, p_method, q_value,
     category (see :data:`CATEGORIES` and :data:`FORMULAS`), shift (toward_evil/toward_safe/none);
     sorted by mean_diff descending.
     """
@@ -69,12 +73,13 @@ def compare_models(
     table["support_adapted"] = in_a.sum(axis=1)
     table["mean_base"] = b.mean(axis=1) if n else np.nan
     table["mean_adapted"] = a.mean(axis=1) if n else np.nan
-    table["mean_diff"] = diff.mean(axis=1) if n else np.nan
-    low, high = bootstrap_mean_ci(list(diff), n_boot, ci, seed)
-    table["ci_low"], table["ci_high"] = low, high
-    p = sign_flip_pvalues(_rows(diff, diff != 0), n_perm, seed)
-    table["p_value"] = p
-    table["q_value"] = bh_qvalues(p)
+    stats = cluster_statistics(
+        diff, np.ones_like(diff, dtype=bool), prompts, clusters, n_perm, seed, ci, alpha
+    )
+    table["n_clusters"] = stats["n_clusters"]
+    table["mean_diff"] = stats["mean"] if n else np.nan
+    for column in ("ci_low", "ci_high", "p_value", "p_method", "q_value"):
+        table[column] = stats[column]
     either = (in_a | in_b).sum(axis=1)
     table["category"] = _categories(table, either, threshold, ci_min_n)
     table["shift"] = np.select(

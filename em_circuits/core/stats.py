@@ -5,10 +5,15 @@ per-prompt values, and the columns are prompts. Rows may have different numbers 
 (a feature is missing from some prompts), so the functions take ragged input as a list of 1-D
 arrays and group rows of equal length to vectorise.
 
-* :func:`bootstrap_mean_ci` - percentile bootstrap CI of the mean (resampling prompts), seeded.
-* :func:`sign_flip_pvalues` - two-sided sign-flip permutation test of H0 "the per-prompt
-  values are symmetric around 0" with the mean as statistic; exact (all 2^n sign patterns)
-  for n <= ``exact_max_n``, Monte Carlo with the (1 + hits) / (1 + draws) correction beyond.
+* :func:`cluster_rows` - per-unit values averaged within clusters (prompts that share a
+  scenario are not independent: the cluster is the unit of every interval and test).
+* :func:`t_mean_ci` - Student-t interval of the mean over the units (clusters).
+* :func:`bootstrap_mean_ci` - percentile bootstrap CI of the mean (resampling units), seeded.
+* :func:`sign_flip_test` - sign-flip permutation test of H0 "the values are symmetric around
+  0" with the mean as statistic. Exact whenever every sign agrees (closed form), for n <= 16
+  (all 2^n patterns) and, for n <= 40, wherever Monte Carlo finds p small (meet in the middle
+  over two halves of the patterns); Monte Carlo with the (1 + hits) / (1 + draws) correction
+  otherwise. Each p-value comes with its method; where n cannot reach alpha, no p-value.
 * :func:`bh_qvalues` - Benjamini-Hochberg adjusted p-values (q-values); reject at level alpha
   exactly the hypotheses with q <= alpha.
 * :func:`welch_t_rows` - Welch's t, used only for the *within-prompt* evil-vs-safe token
@@ -22,8 +27,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: Largest n for which the sign-flip test enumerates all 2^n sign patterns (4096 at 12).
-EXACT_MAX_N = 12
+#: Largest n for which the sign-flip test enumerates all 2^n sign patterns (65,536 at 16).
+EXACT_MAX_N = 16
+#: Largest n for which a small Monte Carlo p-value is replaced by the exact one (meet in the
+#: middle: two sorted halves of 2^(n/2) partial sums, about 0.2 s per row at n = 40).
+EXACT_REFINE_MAX_N = 40
+#: Monte Carlo p-values at or below this are recomputed exactly (when n allows).
+EXACT_REFINE_BELOW = 0.01
 # Rows processed at once: bounds the (rows, draws) intermediate to ~tens of MB.
 _CHUNK = 2048
 
@@ -79,6 +89,140 @@ def _sign_patterns(
     return rng.choice(np.array([-1.0, 1.0]), size=(n_perm, n)), False
 
 
+def cluster_rows(
+    values: np.ndarray, used: np.ndarray, clusters: Sequence[str]
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each row's mean per cluster over its ``used`` entries; clusters with none are left out.
+
+    ``values`` and ``used`` are (rows, units); ``clusters[j]`` names unit j's cluster. Returns
+    the ragged per-row cluster means and the number of clusters per row.
+    """
+    names = sorted(set(clusters))
+    member = np.zeros((len(clusters), len(names)))
+    for j, name in enumerate(clusters):
+        member[j, names.index(name)] = 1.0
+    used = used.astype(np.float64)
+    counts = used @ member  # (rows, clusters): used units per cluster
+    sums = (np.where(used > 0, values, 0.0)) @ member
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts
+    rows = [row[c > 0] for row, c in zip(means, counts)]
+    return rows, (counts > 0).sum(axis=1)
+
+
+def t_mean_ci(rows: Sequence[np.ndarray], ci: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Student-t interval of each row's mean (NaN for fewer than 2 values).
+
+    With clusters as the units this is the usual cluster-robust interval for a mean; unlike
+    the percentile bootstrap it does not shrink below nominal coverage at small n.
+    """
+    from scipy.stats import t as student_t
+
+    low = np.full(len(rows), np.nan)
+    high = np.full(len(rows), np.nan)
+    for n, members in _groups_by_length(rows).items():
+        if n < 2:
+            continue
+        values = np.stack([np.asarray(rows[i], dtype=np.float64) for i in members])
+        half = student_t.ppf(0.5 + ci / 2, n - 1) * values.std(axis=1, ddof=1) / np.sqrt(n)
+        mean = values.mean(axis=1)
+        low[members], high[members] = mean - half, mean + half
+    return low, high
+
+
+def min_attainable_p(n: int, alternative: str = "two-sided") -> float:
+    """The smallest sign-flip p-value n units can give (every sign agreeing)."""
+    if n <= 0:
+        return 1.0
+    return (2.0 if alternative == "two-sided" else 1.0) / 2.0**n
+
+
+def _half_sums(values: np.ndarray) -> np.ndarray:
+    sums = np.zeros(1)
+    for v in values:
+        sums = np.concatenate([sums + v, sums - v])
+    return sums
+
+
+def exact_sign_flip_p(values: np.ndarray, alternative: str = "two-sided") -> float:
+    """Exact sign-flip p-value of one sample by meet in the middle (n up to ~40).
+
+    Counts the sign patterns s with sum(s * x) at least as extreme as the observed sum: the
+    patterns of the first half give partial sums A, those of the second half sorted sums B,
+    and each a in A counts the b in B beyond the threshold by binary search.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    x = x[x != 0]
+    n = len(x)
+    if n == 0:
+        return 1.0
+    observed = x.sum()
+    tol = 1e-9 * np.abs(x).sum()
+    first, second = _half_sums(x[: n // 2]), np.sort(_half_sums(x[n // 2 :]))
+    if alternative == "two-sided":
+        threshold = abs(observed) - tol
+        if threshold <= 0:
+            return 1.0
+        upper = len(second) - np.searchsorted(second, threshold - first, side="left")
+        lower = np.searchsorted(second, -threshold - first, side="right")
+        hits = int(upper.sum() + lower.sum())
+    elif alternative == "greater":
+        hits = int((len(second) - np.searchsorted(second, observed - tol - first, "left")).sum())
+    elif alternative == "less":
+        hits = int(np.searchsorted(second, observed + tol - first, side="right").sum())
+    else:
+        raise ValueError(f"alternative must be two-sided, less or greater, not {alternative!r}")
+    return min(hits / 2.0**n, 1.0)
+
+
+def sign_flip_test(
+    rows: Sequence[np.ndarray],
+    n_perm: int = 9999,
+    seed: int = 0,
+    alternative: str = "two-sided",
+    alpha: float | None = None,
+    exact_max_n: int = EXACT_MAX_N,
+    refine_max_n: int = EXACT_REFINE_MAX_N,
+    refine_below: float = EXACT_REFINE_BELOW,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sign-flip p-value of each row's mean, and how it was computed.
+
+    Methods: "exact" (all 2^n patterns, or meet in the middle where Monte Carlo found
+    p <= ``refine_below`` and n <= ``refine_max_n``), "exact: all signs agree" (p = 2 / 2^n
+    two-sided, 1 / 2^n one-sided in the agreeing direction, for any n), "monte carlo"
+    (``n_perm`` draws: resolution 1 / (n_perm + 1)), "n too small" (with ``alpha``: the
+    smallest attainable p exceeds alpha, so no p-value, NaN) and "no values" (p = 1).
+    Zeros never change the statistic; they are dropped first (the p-value is the same).
+    """
+    rows = [np.asarray(r, dtype=np.float64) for r in rows]
+    rows = [r[r != 0] for r in rows]
+    p = sign_flip_pvalues(rows, n_perm, seed, exact_max_n, alternative)
+    method = np.array(["monte carlo"] * len(rows), dtype=object)
+    for i, row in enumerate(rows):
+        n = len(row)
+        if n == 0:
+            method[i] = "no values"
+            continue
+        if alpha is not None and min_attainable_p(n, alternative) > alpha:
+            p[i], method[i] = np.nan, "n too small"
+            continue
+        agree_pos, agree_neg = bool((row > 0).all()), bool((row < 0).all())
+        if agree_pos or agree_neg:
+            if alternative == "two-sided":
+                p[i] = min_attainable_p(n, alternative)
+            elif (alternative == "greater") == agree_pos:
+                p[i] = min_attainable_p(n, alternative)
+            else:
+                p[i] = 1.0
+            method[i] = "exact: all signs agree"
+        elif n <= exact_max_n:
+            method[i] = "exact"
+        elif n <= refine_max_n and p[i] <= refine_below:
+            p[i] = exact_sign_flip_p(row, alternative)
+            method[i] = "exact"
+    return p, method
+
+
 def sign_flip_pvalues(
     rows: Sequence[np.ndarray],
     n_perm: int = 9999,
@@ -104,15 +248,16 @@ def sign_flip_pvalues(
         values = np.stack([np.asarray(rows[i], dtype=np.float64) for i in members])
         rng = np.random.default_rng([seed, n])
         signs, exact = _sign_patterns(n, n_perm, rng, exact_max_n)
-        for start in range(0, len(members), _CHUNK):
-            block = values[start : start + _CHUNK]
+        chunk = max(1, min(_CHUNK, (1 << 22) // signs.shape[0]))  # (rows, patterns) <= 32 MB
+        for start in range(0, len(members), chunk):
+            block = values[start : start + chunk]
             observed, null = _oriented(block.sum(axis=1), block @ signs.T, alternative)
             # Relative tolerance so the identity (and its mirror) always count as hits.
             tol = 1e-9 * np.maximum(np.abs(block).sum(axis=1), 1e-300)
             hits = (null >= (observed - tol)[:, None]).sum(axis=1)
             pv = hits / signs.shape[0] if exact else (1.0 + hits) / (1.0 + n_perm)
             pv[np.abs(block).sum(axis=1) <= 1e-300] = 1.0
-            p[members[start : start + _CHUNK]] = np.minimum(pv, 1.0)
+            p[members[start : start + chunk]] = np.minimum(pv, 1.0)
     return p
 
 
