@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
+import numpy as np
 import pandas as pd
 
 from em_circuits.analysis.aggregate import aggregate_effects
@@ -27,6 +28,7 @@ from em_circuits.analysis.plots import (
     plot_error_share,
     plot_top_features,
 )
+from em_circuits.analysis.split import Split, prompt_clusters, split_by_cluster
 from em_circuits.attribution.stage import GraphIntegrityError, find_graph_metas, load_graph
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import (
@@ -56,6 +58,8 @@ class AnalysisParams:
     n_random: int = 3
     causal_prompts: int = 20
     seed: int = 0
+    #: Share of the prompts (whole clusters) held out of the ranking for the causal tests.
+    validation_fraction: float = 0.5
 
 
 class _StatsKwargs(TypedDict):
@@ -174,18 +178,47 @@ def _up_to_date(directory: Path, inputs_key: str) -> dict[str, Any] | None:
 
 
 def _causal_prompts(store: ResultsStore, metas: dict[str, dict[str, Any]]) -> list[dict]:
+    """The stored prompt records (the model renders them as the attribution did: chat prompts
+    through the chat template) with their labeled evil and safe token ids."""
     prompts = []
     for pid, meta in metas.items():
         targets = meta["targets"]
         prompts.append(
             {
-                "prompt_id": pid,
-                "text": store.load_prompt(pid)["text"],
+                **store.load_prompt(pid),
                 "evil_ids": [t["token_id"] for t in targets if t["label"] == "evil"],
                 "safe_ids": [t["token_id"] for t in targets if t["label"] == "safe"],
             }
         )
     return prompts
+
+
+def _write_split(directory: Path, split: Split) -> None:
+    """split.json: each prompt's side and cluster, for readers and for checking the split."""
+    rows = [
+        {"prompt_id": pid, "side": side, "cluster": split.clusters[pid]}
+        for side in ("discovery", "validation")
+        for pid in getattr(split, side)
+    ]
+    write_artifact(directory / "split.json", "table", {**split.describe(), "prompts": rows})
+
+
+def replicate_on(ranked: pd.DataFrame, held_out: pd.DataFrame, top: int = 50) -> pd.DataFrame:
+    """The ``top`` discovery features of each metric (by mean) with their statistics on the
+    held-out prompts beside them: does the linearised effect replicate on prompts that did
+    not select it?"""
+    keys = [c for c in ("layer", "feature", "position") if c in ranked.columns]
+    chosen = ranked.sort_values("mean", ascending=False).groupby("metric").head(top)
+    columns = ["mean", "ci_low", "ci_high", "n_prompts", "n_clusters", "p_value", "p_method"]
+    left = chosen[[*keys, "metric", *columns]].rename(
+        columns={c: f"discovery_{c}" for c in columns}
+    )
+    right = held_out[[*keys, "metric", *columns]].rename(
+        columns={c: f"validation_{c}" for c in columns}
+    )
+    out = left.merge(right, on=[*keys, "metric"], how="left")
+    out["same_sign"] = np.sign(out["discovery_mean"]) == np.sign(out["validation_mean"])
+    return out.reset_index(drop=True)
 
 
 def run_causal(
@@ -197,10 +230,12 @@ def run_causal(
     params: AnalysisParams,
     device: str,
     models: ResidentModels | None = None,
+    notes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Interventions on the top features; cached by model, prompts, features and parameters.
 
     With ``models`` the adapted model comes from (and stays in) the run's loaded models.
+    ``notes`` (which prompt set, whether it can test anything) are stored in the summary.
     """
     from em_circuits.analysis.causal import causal_validation
 
@@ -214,6 +249,7 @@ def run_causal(
             "seed": params.seed,
             "n_prompts": params.causal_prompts,
             "position": params.position,
+            "notes": notes,
         }
     )
     summary_path = directory / "causal_summary.json"
@@ -238,6 +274,7 @@ def run_causal(
     _write_table(dose, directory, "dose_response")
     plot_dose_response(dose, directory / "dose_response.png")
     summary["cache_key"] = key
+    summary.update(notes or {})
     write_artifact(summary_path, "table", summary)
     return read_json(summary_path)
 
@@ -289,16 +326,28 @@ def run_analysis(
         chosen=graphs["adapted"],
         left_out=left_out,
     )
-    paired = sorted(set(eff_base) & set(eff_adapted))
+    split = split_by_cluster(
+        prompt_clusters(store.load_prompt(pid) for pid in sorted(eff_adapted)),
+        params.validation_fraction,
+        params.seed,
+    )
+    discovery, validation = set(split.discovery), set(split.validation)
+    paired = sorted(set(eff_base) & set(eff_adapted) & discovery)
     summary: dict[str, Any] = {
         "models": slugs,
         "params": asdict(params),
         "folder": directory.relative_to(store.root).as_posix(),
-        "prompts": {"base": len(eff_base), "adapted": len(eff_adapted), "paired": len(paired)},
+        "prompts": {
+            "base": len(eff_base),
+            "adapted": len(eff_adapted),
+            "paired_discovery": len(paired),
+        },
+        "split": split.describe(),
         # Without the graphs that failed their check these tables are not those of the inputs:
         # no key, so the next run (after `em-circuits graphs` recomputed them) redoes them.
         "inputs_key": None if left_out else inputs_key,
     }
+    _write_split(directory, split)
     if not eff_adapted:
         log.warning(
             "no adapted-model graphs with an evil-vs-safe contrast under %s",
@@ -312,17 +361,42 @@ def run_analysis(
         "n_perm": params.n_perm,
         "seed": params.seed,
     }
+    clusters = split.clusters
+    on_discovery = {p: f for p, f in eff_adapted.items() if p in discovery}
+    base_discovery = {p: f for p, f in eff_base.items() if p in discovery}
+    # Features are ranked on the discovery prompts only; the validation prompts test them.
     tables = {
-        "top_features_adapted": aggregate_effects(eff_adapted, absent=params.absent, **stats),
-        "top_features_base": aggregate_effects(eff_base, absent=params.absent, **stats)
-        if eff_base
+        "top_features_adapted": aggregate_effects(
+            on_discovery, absent=params.absent, clusters=clusters, **stats
+        )
+        if on_discovery
+        else pd.DataFrame(),
+        "top_features_base": aggregate_effects(
+            base_discovery, absent=params.absent, clusters=clusters, **stats
+        )
+        if base_discovery
         else pd.DataFrame(),
     }
+    on_validation = {p: f for p, f in eff_adapted.items() if p in validation}
+    if on_validation and len(tables["top_features_adapted"]):
+        tables["validation_top_features"] = replicate_on(
+            tables["top_features_adapted"],
+            aggregate_effects(
+                on_validation,
+                absent=params.absent,
+                clusters=clusters,
+                min_support=1,
+                n_boot=params.n_boot,
+                n_perm=params.n_perm,
+                seed=params.seed,
+            ),
+        )
     if paired:
         tables["base_vs_adapted"] = compare_models(
             {p: eff_base[p] for p in paired},
             {p: eff_adapted[p] for p in paired},
             threshold=params.compare_threshold,
+            clusters=clusters,
             **stats,
         )
         tables["error_share"] = summarize_error_share(
@@ -330,18 +404,27 @@ def run_analysis(
         )
     for name, table in tables.items():
         _write_table(table, directory, name)
-    plot_top_features(tables["top_features_adapted"], directory / "top_features.png")
+    if len(tables["top_features_adapted"]):
+        plot_top_features(tables["top_features_adapted"], directory / "top_features.png")
     if paired:
         plot_base_vs_adapted(tables["base_vs_adapted"], directory / "base_vs_adapted.png")
         plot_error_share(tables["error_share"], directory / "error_share.png")
     top = []
-    if params.causal_top_k > 0:
+    if params.causal_top_k > 0 and len(tables["top_features_adapted"]):
         from em_circuits.analysis.causal import top_evil_features
 
         top = top_evil_features(tables["top_features_adapted"], k=params.causal_top_k)
-    if top:
+    validation_metas = {p: m for p, m in metas.items() if p in validation}
+    if top and validation_metas:
+        notes: dict[str, Any] = {"prompt_set": "validation"}
+        if not split.testable:
+            notes["note"] = (
+                f"only {split.n_clusters('validation')} validation cluster(s): too few for any "
+                f"test to reach p < 0.05 (at least {split.describe()['min_validation_clusters']} "
+                "needed); the numbers are descriptive"
+            )
         summary["causal"] = run_causal(
-            store, adapted, directory, top, metas, params, device, models
+            store, adapted, directory, top, validation_metas, params, device, models, notes
         )
     summary["tables"] = sorted(f"{name}.csv" for name in tables)
     write_artifact(directory / "summary.json", "table", summary)

@@ -74,6 +74,10 @@ def build_report(
     comparison = _read_table(analysis, "base_vs_adapted")
     error_share = _read_table(analysis, "error_share")
     dose = _read_table(analysis, "dose_response")
+    replication = _read_table(analysis, "validation_top_features")
+    if len(replication):
+        replication = replication[replication["metric"] == "total"]
+    split = read_json(analysis / "split.json") if (analysis / "split.json").is_file() else None
     causal = (
         read_json(analysis / "causal_summary.json")
         if (analysis / "causal_summary.json").is_file()
@@ -102,6 +106,8 @@ def build_report(
         "counts": counts,
         "divergent_prompts": _divergent(store, slugs["adapted"]),
         "top_features": _records(top, 20),
+        "split": {k: v for k, v in (split or {}).items() if k not in ("prompts", "schema")},
+        "validation": _records(replication, 20),
         "base_vs_adapted": {
             "categories": comparison["category"].value_counts().to_dict()
             if len(comparison)
@@ -188,23 +194,58 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
             ],
         ),
     ]
+    split = report.get("split") or {}
     out += [
         "## Top evil features (adapted model, total effect on logit(evil) - logit(safe))\n",
+        (
+            f"Ranked on the **discovery** prompts only: {split.get('discovery_prompts')} "
+            f"prompts in {split.get('discovery_clusters')} clusters (a cluster is one "
+            "scenario with its rephrasings and near duplicates; clusters are the units of "
+            "every interval and test). "
+            f"{split.get('validation_prompts')} prompts in "
+            f"{split.get('validation_clusters')} other clusters are held out for validation.\n"
+        )
+        if split
+        else "",
         _md_table(
             report["top_features"][:15],
             [
                 "layer",
                 "feature",
-                "support",
+                "n_prompts",
+                "n_clusters",
                 "mean",
                 "ci_low",
                 "ci_high",
                 "sign_consistency",
                 "p_value",
+                "p_method",
                 "q_value",
             ],
         ),
         f"![top features]({analysis_rel}/top_features.png)\n",
+        "## Validation: the same features on held-out prompts (linearised total effect)\n",
+        (
+            "_too few validation clusters to test anything "
+            f"({split.get('validation_clusters')} < {split.get('min_validation_clusters')})"
+            "; the numbers below are descriptive_\n"
+            if split and not split.get("testable")
+            else ""
+        ),
+        _md_table(
+            report.get("validation", [])[:15],
+            [
+                "layer",
+                "feature",
+                "discovery_mean",
+                "validation_mean",
+                "validation_ci_low",
+                "validation_ci_high",
+                "validation_n_clusters",
+                "validation_p_value",
+                "same_sign",
+            ],
+        ),
     ]
     bva = report["base_vs_adapted"]
     out += [
@@ -235,10 +276,11 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         f"![error share]({analysis_rel}/error_share.png)\n",
     ]
     causal = report["causal"]
-    out += ["## Causal validation\n"]
+    out += ["## Causal validation (on the held-out validation prompts)\n"]
     if causal["summary"]:
         out += [
             causal["summary"].get("verdict", "") + "\n",
+            (causal["summary"].get("note", "") + "\n") if causal["summary"].get("note") else "",
             _md_table(causal["dose_response"], ["group", "scale", "mean", "std", "count"]),
             f"![dose response]({analysis_rel}/dose_response.png)\n",
         ]
