@@ -388,6 +388,49 @@ def test_a_truncated_or_altered_graph_is_computed_again(micro_specs, one_prompt,
     assert stage().cached == ["p-damaged"]
 
 
+def test_a_graph_or_logits_file_holding_nan_is_an_error_naming_it(
+    micro_specs, one_prompt, tmp_path
+):
+    """A NaN in a stored graph would make a feature "absent" and change its statistics; in a
+    logits file it would be read as a number. Both are errors naming the file and the fix."""
+    import dataclasses
+    import json
+
+    from em_circuits.attribution import stage as graph_stage
+    from em_circuits.attribution.stage import find_graph_metas, load_graph, run_graph_stage
+    from em_circuits.attribution.storage import load_compact, save_compact
+    from em_circuits.attribution.targets import AttributionParams
+    from em_circuits.core.atomic import sha256_file
+    from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact
+
+    store = ResultsStore(tmp_path / "results")
+    specs = {"base": micro_specs[0]}
+    params = AttributionParams(max_feature_nodes=100, batch_size=64, edge_keep=500)
+    run_graph_stage(store, specs, [one_prompt], params, "cpu", progress=False)
+    (meta,) = [
+        m for d in (store.root / "graphs").iterdir() for m in find_graph_metas(store, d.name)
+    ]
+    compact = store.compact_graph_path(meta)
+    graph = load_compact(compact)
+    total = graph.total.clone()
+    total[0, 0] = float("nan")
+    size = save_compact(dataclasses.replace(graph, total=total), compact)
+    meta_path = store.graph_meta_path_for(compact)
+    data = json.loads(meta_path.read_text())
+    data["files"].update(compact_bytes=size, compact_sha256=sha256_file(compact))
+    meta_path.write_text(json.dumps(data))  # size and hash match: only the values are wrong
+    meta = read_artifact(meta_path, "graph_meta")
+    with pytest.raises(graph_stage.GraphIntegrityError, match="non-finite.*'total'") as err:
+        load_graph(store, meta)
+    assert str(compact) in str(err.value) and "em-circuits graphs" in str(err.value)
+
+    logits = tmp_path / "logits.json"
+    logits.write_text('{"schema": "logits", "top_k": [{"logit": NaN}]}')
+    with pytest.raises(ArtifactError, match="non-finite number NaN") as err:
+        read_artifact(logits, "logits")
+    assert str(logits) in str(err.value)
+
+
 # -- a finished pipeline on the micro organism, shared by the slow tests below ---------------------
 @pytest.fixture(scope="module")
 def finished(micro_organism, tmp_path_factory):

@@ -343,6 +343,8 @@ def run_analysis(
             "paired_discovery": len(paired),
         },
         "split": split.describe(),
+        # Graphs that failed their integrity or finiteness check (each named in a warning).
+        "left_out": sorted(left_out),
         # Without the graphs that failed their check these tables are not those of the inputs:
         # no key, so the next run (after `em-circuits graphs` recomputed them) redoes them.
         "inputs_key": None if left_out else inputs_key,

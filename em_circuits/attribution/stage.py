@@ -191,7 +191,31 @@ def load_graph(store: ResultsStore, meta: GraphMetaRecord) -> CompactGraph:
         raise GraphIntegrityError(
             path, problem, "run `em-circuits graphs` (or `em-circuits run`) to compute it again"
         )
-    return load_compact(path)
+    graph = load_compact(path)
+    problem = non_finite_problem(graph)
+    if problem is not None:
+        raise GraphIntegrityError(
+            path,
+            problem,
+            "delete it and its .json, then run `em-circuits graphs` to compute it again",
+        )
+    return graph
+
+
+def non_finite_problem(graph: CompactGraph) -> str | None:
+    """Which stored tensor holds NaN/Inf, if any. Only the logit and probability of a
+    direction target (the contrast, token id -1) are NaN by design."""
+    for name in ("activations", "direct", "total", "target_values", "top_logits"):
+        tensor = getattr(graph, name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            return f"{bad} non-finite value(s) (NaN/Inf) in its {name!r} tensor"
+    tokens = graph.target_token_ids >= 0
+    for name in ("target_logits", "target_probs"):
+        values = getattr(graph, name)[tokens]
+        if not bool(torch.isfinite(values).all()):
+            return f"a non-finite {name[7:]} of a token target (NaN/Inf)"
+    return None
 
 
 def find_graph_metas(store: ResultsStore, model_slug: str) -> list[GraphMetaRecord]:

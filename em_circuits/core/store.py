@@ -166,8 +166,14 @@ def read_json(path: Path, kind: str | None = None) -> Any:
         raise ArtifactError(path, "file not found") from None
     except UnicodeDecodeError as err:
         raise ArtifactError(path, f"not UTF-8 text ({err})") from None
+
+    def non_finite(constant: str) -> Any:
+        # Every artifact is written with NaN as null: a NaN/Infinity here was not written by
+        # this tool, and read as a number it would silently change statistics downstream.
+        raise ArtifactError(path, f"contains the non-finite number {constant}", fix_for(kind))
+
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=non_finite)
     except json.JSONDecodeError as err:
         raise ArtifactError(
             path,
