@@ -46,7 +46,7 @@ def _command(organism, results: Path) -> list[str]:
         str(results),
         *model_args(organism),
         "--n-prompts",
-        "8",
+        "16",
         "--max-feature-nodes",
         "200",
         "--causal-top-k",
@@ -151,7 +151,7 @@ def reference(micro_organism, tmp_path_factory):
 def test_uninterrupted_run_writes_the_report(reference):
     report = json.loads((reference / "report.json").read_text())
     counts = report["counts"]
-    assert counts["prompts"] == 8 and counts["logits"] == {"base": 8, "adapted": 8}
+    assert counts["prompts"] == 16 and counts["logits"] == {"base": 16, "adapted": 16}
     assert counts["graphs"]["adapted"] == counts["graphs"]["base"] > 0
     assert report["top_features"], "no features ranked"
     assert report["causal"]["summary"]["verdict"]
@@ -205,7 +205,7 @@ def test_status_view(reference, micro_organism):
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     info = json.loads(done.stdout)
-    assert info["prompts"] == 8 and info["report"] is True
+    assert info["prompts"] == 16 and info["report"] is True
     assert set(info["queue"]) >= {"pending", "done", "skipped", "rejected"}
     assert info["disk_bytes"]["graphs"] > 0
 

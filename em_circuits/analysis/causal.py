@@ -20,7 +20,7 @@ more than ablating the random controls (paired per prompt, one-sided sign-flip t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from em_circuits.analysis.aggregate import cluster_statistics
 from em_circuits.analysis.effects import parse_position
-from em_circuits.core.stats import sign_flip_pvalues
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -235,6 +235,7 @@ def causal_validation(
     freeze_attention: bool = True,
     pool: int = 8,
     alpha: float = 0.05,
+    clusters: Mapping[str, str] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Dose-response of the contrast under interventions on the top features vs random ones.
 
@@ -270,7 +271,7 @@ def causal_validation(
         "delta_contrast",
     ]
     dose = pd.DataFrame.from_records(rows, columns=columns)
-    summary = summarize(dose, alpha=alpha)
+    summary = summarize(dose, alpha=alpha, clusters=clusters)
     summary.update(
         top_features=[list(key) for key in sorted(top_keys)],
         scales=[float(s) for s in scales],
@@ -286,13 +287,16 @@ def causal_validation(
 
 
 def summarize(
-    dose: pd.DataFrame, alpha: float = 0.05, ablation_scale: float = 0.0
+    dose: pd.DataFrame,
+    alpha: float = 0.05,
+    ablation_scale: float = 0.0,
+    clusters: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Ablation effect of top vs random features, paired per prompt, and dose-response slopes.
 
     ``paired_diff`` per prompt = delta(top) - mean over draws of delta(random) at the
     ablation scale; the one-sided sign-flip test asks whether it is below 0 (the top
-    features lower the contrast more than matched random ones).
+    features lower the contrast more than matched random ones), clusters of prompts as units.
     """
     out: dict[str, Any] = {"n_prompts": int(dose["prompt_id"].nunique()) if len(dose) else 0}
     unit = dose[np.isclose(dose["scale"], 1.0)]
@@ -314,16 +318,28 @@ def summarize(
         )
         return out
     diff = (per_prompt["top"] - per_prompt["random"]).to_numpy()
-    p = float(sign_flip_pvalues([diff[diff != 0]], alternative="less")[0])
+    prompts = [str(p) for p in per_prompt.index]
+    stats = cluster_statistics(
+        diff[None, :],
+        np.ones((1, len(diff)), dtype=bool),
+        prompts,
+        clusters,
+        alpha=alpha,
+        alternative="less",
+    )
+    p = float(stats["p_value"][0])
     out.update(
         ablation_scale=ablation_scale,
         n_paired_prompts=len(diff),
+        n_clusters=int(stats["n_clusters"][0]),
         mean_delta_top=float(per_prompt["top"].mean()),
         mean_delta_random=float(per_prompt["random"].mean()),
         mean_paired_diff=float(diff.mean()),
+        paired_diff_ci=[float(stats["ci_low"][0]), float(stats["ci_high"][0])],
         prompts_top_lower=int((diff < 0).sum()),
-        p_value_one_sided=p,
-        lowers_more_than_random=bool(diff.mean() < 0 and p < alpha),
+        p_value_one_sided=None if np.isnan(p) else p,
+        p_method=str(stats["p_method"][0]),
+        lowers_more_than_random=bool(diff.mean() < 0 and not np.isnan(p) and p < alpha),
     )
     out["verdict"] = _verdict(out, alpha)
     return out
@@ -331,10 +347,173 @@ def summarize(
 
 def _verdict(s: dict[str, Any], alpha: float) -> str:
     outcome = "lowered" if s["lowers_more_than_random"] else "did NOT significantly lower"
+    p = s["p_value_one_sided"]
+    test = (
+        f"one-sided sign-flip p = {p:.3g} ({s['p_method']}, alpha {alpha})"
+        if p is not None
+        else f"no p-value: {s['n_clusters']} clusters cannot reach alpha {alpha}"
+    )
     return (
         f"Ablating the top features {outcome} the evil-minus-safe logit contrast more than "
         f"matched random features: mean change {s['mean_delta_top']:+.3f} (top) vs "
         f"{s['mean_delta_random']:+.3f} (random); top lower on {s['prompts_top_lower']} of "
-        f"{s['n_paired_prompts']} prompts; one-sided sign-flip p = {s['p_value_one_sided']:.3g}"
-        f" (alpha {alpha})."
+        f"{s['n_paired_prompts']} prompts in {s['n_clusters']} clusters; {test}."
     )
+
+
+def control_effect(
+    dose: pd.DataFrame,
+    scale: float,
+    clusters: Mapping[str, str] | None,
+    alternative: str,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """The top features' mean change of the contrast at one scale (per prompt, clusters as
+    units): a control in the base model (ablation: is the effect specific to the adapter?
+    amplification: does evil rise?)."""
+    rows = dose[(dose["group"] == "top") & np.isclose(dose["scale"], scale)]
+    per_prompt = rows.groupby("prompt_id")["delta_contrast"].mean()
+    if per_prompt.empty:
+        return {"scale": scale, "n_prompts": 0}
+    stats = cluster_statistics(
+        per_prompt.to_numpy()[None, :],
+        np.ones((1, len(per_prompt)), dtype=bool),
+        [str(p) for p in per_prompt.index],
+        clusters,
+        alpha=alpha,
+        alternative=alternative,
+    )
+    p = float(stats["p_value"][0])
+    return {
+        "scale": scale,
+        "n_prompts": len(per_prompt),
+        "n_clusters": int(stats["n_clusters"][0]),
+        "mean_delta": float(stats["mean"][0]),
+        "ci": [float(stats["ci_low"][0]), float(stats["ci_high"][0])],
+        "alternative": alternative,
+        "p_value": None if np.isnan(p) else p,
+        "p_method": str(stats["p_method"][0]),
+    }
+
+
+# -- measured effects of single features, next to their linearised effects -----------------------
+def measured_ablation_effects(
+    model: LoadedModel,
+    prompts: list[dict[str, Any]],
+    features: Sequence[tuple[int, int]],
+    position: str = "any",
+) -> pd.DataFrame:
+    """Each feature ablated alone on each prompt: the change of the contrast measured with
+    attention frozen (circuit-tracer's intervention, as attribution assumes) and in the real
+    model with nothing frozen (:func:`~em_circuits.analysis.intervene.real_model_logits`).
+
+    Columns: prompt_id, layer, feature, n_instances (active instances ablated; 0 when the
+    feature is not active there, and then both changes are exactly 0), activation_sum,
+    baseline, delta_frozen, delta_unfrozen (NaN when the transcoders cannot be intervened on
+    outside circuit-tracer).
+    """
+    from em_circuits.analysis.intervene import UnsupportedInterventionError, real_model_logits
+
+    rows = []
+    for prompt in prompts:
+        ids = model.encode_prompt(dict(prompt))
+        evil, safe = prompt["evil_ids"], prompt["safe_ids"]
+        with torch.no_grad():
+            logits, acts = model.replacement.get_activations(ids, sparse=True)
+        baseline = contrast_of(logits, evil, safe)
+        active = active_instances(acts)
+        allowed = _allowed_positions(active, len(ids), position)
+        try:
+            real_baseline: float | None = contrast_of(real_model_logits(model, ids, []), evil, safe)
+        except UnsupportedInterventionError as err:
+            log.info("measured effects with nothing frozen are not available: %s", err)
+            real_baseline = None
+        for layer, feature in features:
+            index = np.flatnonzero(
+                (active.layer == layer) & (active.feature == feature) & allowed
+            ).tolist()
+            row = {
+                "prompt_id": prompt["prompt_id"],
+                "layer": int(layer),
+                "feature": int(feature),
+                "n_instances": len(index),
+                "activation_sum": float(active.activation[index].sum()) if index else 0.0,
+                "baseline": baseline,
+                "delta_frozen": 0.0,
+                "delta_unfrozen": 0.0 if real_baseline is not None else np.nan,
+            }
+            if index:
+                ablate = active.interventions(index, 0.0)
+                row["delta_frozen"] = (
+                    _intervened_contrast(model, ids, ablate, evil, safe, freeze_attention=True)
+                    - baseline
+                )
+                if real_baseline is not None:
+                    changed = real_model_logits(model, ids, ablate)
+                    row["delta_unfrozen"] = contrast_of(changed, evil, safe) - real_baseline
+            rows.append(row)
+    return pd.DataFrame.from_records(
+        rows,
+        columns=[
+            "prompt_id",
+            "layer",
+            "feature",
+            "n_instances",
+            "activation_sum",
+            "baseline",
+            "delta_frozen",
+            "delta_unfrozen",
+        ],
+    )
+
+
+def with_linearised(measured: pd.DataFrame, effects: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Add each (prompt, feature)'s linearised total effect on the contrast (from its graph;
+    0 where the feature is not in it) and the ablation change it predicts (its negative)."""
+    lookup = {}
+    for pid, frame in effects.items():
+        rows = frame[frame["metric"] == "total"]
+        grouped = rows.groupby(["layer", "feature"])["contrast"].sum()
+        for (layer, feature), value in grouped.items():
+            lookup[(pid, int(layer), int(feature))] = float(value)
+    out = measured.copy()
+    out["linearised_total"] = [
+        lookup.get((p, int(la), int(f)), 0.0)
+        for p, la, f in zip(out["prompt_id"], out["layer"], out["feature"])
+    ]
+    out["linearised_delta"] = -out["linearised_total"]
+    return out
+
+
+def agreement(table: pd.DataFrame, measured: str) -> dict[str, Any]:
+    """How well the linearised ablation change predicts a measured one, over the (prompt,
+    feature) pairs where the feature is active: Pearson r, the median ratio measured /
+    linearised, the share with the same sign, and n."""
+    rows = table[(table["n_instances"] > 0) & table[measured].notna()]
+    predicted, observed = rows["linearised_delta"].to_numpy(), rows[measured].to_numpy()
+    out: dict[str, Any] = {"n_pairs": len(rows)}
+    if len(rows) < 3 or np.std(predicted) == 0 or np.std(observed) == 0:
+        return {**out, "pearson_r": None, "median_ratio": None, "same_sign": None}
+    usable = np.abs(predicted) > 1e-6
+    out["pearson_r"] = float(np.corrcoef(predicted, observed)[0, 1])
+    out["median_ratio"] = (
+        float(np.median(observed[usable] / predicted[usable])) if usable.any() else None
+    )
+    out["same_sign"] = float(np.mean(np.sign(predicted) == np.sign(observed)))
+    return out
+
+
+def rank_by_measured(table: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per feature: mean measured and linearised ablation change over the prompts (0 where
+    inactive), most evil-promoting first (the most negative measured change)."""
+    per_feature = (
+        table.groupby(["layer", "feature"])
+        .agg(
+            n_prompts=("prompt_id", "nunique"),
+            n_active=("n_instances", lambda s: int((s > 0).sum())),
+            measured_delta=(column, "mean"),
+            linearised_delta=("linearised_delta", "mean"),
+        )
+        .reset_index()
+    )
+    return per_feature.sort_values("measured_delta", kind="stable", ignore_index=True)

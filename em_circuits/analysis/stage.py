@@ -57,6 +57,8 @@ class AnalysisParams:
     scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
     n_random: int = 3
     causal_prompts: int = 20
+    #: Features by linearised effect whose measured effects choose the causal_top_k.
+    causal_candidates: int = 20
     seed: int = 0
     #: Share of the prompts (whole clusters) held out of the ranking for the causal tests.
     validation_fraction: float = 0.5
@@ -171,7 +173,7 @@ def _up_to_date(directory: Path, inputs_key: str) -> dict[str, Any] | None:
     names = [*summary.get("tables", [])]
     names += [Path(name).with_suffix(".json").name for name in summary.get("tables", [])]
     if "causal" in summary:
-        names += ["causal_summary.json", "dose_response.csv"]
+        names += ["causal_summary.json", "dose_response.csv", "measured_effects.csv"]
     if not all((directory / name).is_file() for name in names):
         return None
     return summary
@@ -223,33 +225,55 @@ def replicate_on(ranked: pd.DataFrame, held_out: pd.DataFrame, top: int = 50) ->
 
 def run_causal(
     store: ResultsStore,
-    adapted: ModelSpec,
+    specs: dict[str, ModelSpec],
     directory: Path,
-    top: list[tuple[int, int]],
-    metas: dict[str, dict[str, Any]],
+    candidates: list[tuple[int, int]],
+    effects: dict[str, pd.DataFrame],
+    split_metas: dict[str, dict[str, dict[str, Any]]],
+    split: Split,
     params: AnalysisParams,
     device: str,
     models: ResidentModels | None = None,
-    notes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Interventions on the top features; cached by model, prompts, features and parameters.
+    """The causal tests, cached by models, prompts, candidates and parameters.
 
-    With ``models`` the adapted model comes from (and stays in) the run's loaded models.
-    ``notes`` (which prompt set, whether it can test anything) are stored in the summary.
+    1. Each candidate (the top features by linearised effect on the discovery prompts) is
+       ablated alone on the discovery prompts, measured with attention frozen and in the real
+       model with nothing frozen; the ``causal_top_k`` that lower the contrast most (measured)
+       are the features under test.
+    2. On the validation prompts: the same single-feature measurements next to the
+       linearised effects (their agreement); the joint dose-response of the chosen features
+       against activation-matched random features in the adapted model; and, as controls,
+       the same features ablated and amplified in the base model.
+
+    ``split_metas`` holds the graph metas of the ``discovery`` and ``validation`` prompts.
+    With ``models`` both models come from (and stay in) the run's loaded models.
     """
-    from em_circuits.analysis.causal import causal_validation
+    from em_circuits.analysis.causal import (
+        agreement,
+        causal_validation,
+        control_effect,
+        measured_ablation_effects,
+        rank_by_measured,
+        with_linearised,
+    )
 
+    fps = {role: fingerprint(spec, device) for role, spec in specs.items()}
+    prompts = {
+        side: _causal_prompts(store, metas)[: params.causal_prompts]
+        for side, metas in split_metas.items()
+    }
     key = params_key(
         {
-            "fp": fingerprint(adapted, device),
-            "top": top,
-            "prompts": sorted(metas),
+            "fps": fps,
+            "candidates": candidates,
+            "prompts": {side: [p["prompt_id"] for p in ps] for side, ps in prompts.items()},
+            "clusters": split.clusters,
+            "top_k": params.causal_top_k,
             "scales": params.scales,
             "n_random": params.n_random,
             "seed": params.seed,
-            "n_prompts": params.causal_prompts,
             "position": params.position,
-            "notes": notes,
         }
     )
     summary_path = directory / "causal_summary.json"
@@ -259,22 +283,88 @@ def run_causal(
             return cached
     pool = models or ResidentModels(None, device, store.merged_cache_dir)
     try:
+        adapted = pool.load(specs["adapted"])
+        discovery = with_linearised(
+            measured_ablation_effects(adapted, prompts["discovery"], candidates, params.position),
+            effects,
+        )
+        column = "delta_unfrozen" if discovery["delta_unfrozen"].notna().any() else "delta_frozen"
+        ranking = rank_by_measured(discovery, column)
+        lowering = ranking[ranking["measured_delta"] < 0]
+        chosen = lowering if len(lowering) else ranking
+        top = [(int(la), int(f)) for la, f in zip(chosen["layer"], chosen["feature"])][
+            : params.causal_top_k
+        ]
+        validation = with_linearised(
+            measured_ablation_effects(adapted, prompts["validation"], top, params.position),
+            effects,
+        )
         dose, summary = causal_validation(
-            pool.load(adapted),
-            _causal_prompts(store, metas)[: params.causal_prompts],
+            adapted,
+            prompts["validation"],
             top,
             scales=params.scales,
             n_random=params.n_random,
             seed=params.seed,
             position=params.position,
+            clusters=split.clusters,
+        )
+        control_scales = sorted({0.0, 1.0, *params.scales})
+        dose_base, _ = causal_validation(
+            pool.load(specs["base"]),
+            prompts["validation"],
+            top,
+            scales=control_scales,
+            n_random=0,
+            seed=params.seed,
+            position=params.position,
+            clusters=split.clusters,
         )
     finally:
         if models is None:
             pool.release()
+    measured = pd.concat(
+        [discovery.assign(side="discovery"), validation.assign(side="validation")],
+        ignore_index=True,
+    )
+    _write_table(measured, directory, "measured_effects")
+    _write_table(ranking, directory, "measured_ranking")
     _write_table(dose, directory, "dose_response")
-    plot_dose_response(dose, directory / "dose_response.png")
+    _write_table(dose_base, directory, "dose_response_base")
+    plot_dose_response(
+        dose,
+        directory / "dose_response.png",
+        title=f"adapted model, {summary['n_prompts']} validation prompts, top {len(top)} features",
+    )
+    summary["prompt_set"] = "validation"
+    summary["ranking"] = {
+        "candidates": [list(c) for c in candidates],
+        "chosen_by": f"mean measured ablation change ({column}) on "
+        f"{len(prompts['discovery'])} discovery prompts",
+        "chosen": [list(t) for t in top],
+        "none_lowered": bool(len(lowering) == 0),
+    }
+    summary["linearised_vs_measured"] = {
+        side: {
+            measured_column: agreement(table, measured_column)
+            for measured_column in ("delta_frozen", "delta_unfrozen")
+        }
+        for side, table in (("discovery", discovery), ("validation", validation))
+    }
+    top_scale = max(control_scales)
+    summary["controls"] = {
+        "random_features": "activation- and position-matched random features, "
+        f"{params.n_random} draws (the adapted-model comparison above)",
+        "base_ablation": control_effect(dose_base, 0.0, split.clusters, "two-sided"),
+        "base_amplification": control_effect(dose_base, top_scale, split.clusters, "greater"),
+    }
+    if not split.testable:
+        summary["note"] = (
+            f"only {split.n_clusters('validation')} validation cluster(s): too few for any test "
+            f"to reach p < 0.05 (at least {split.describe()['min_validation_clusters']} needed); "
+            "the numbers are descriptive"
+        )
     summary["cache_key"] = key
-    summary.update(notes or {})
     write_artifact(summary_path, "table", summary)
     return read_json(summary_path)
 
@@ -411,22 +501,29 @@ def run_analysis(
     if paired:
         plot_base_vs_adapted(tables["base_vs_adapted"], directory / "base_vs_adapted.png")
         plot_error_share(tables["error_share"], directory / "error_share.png")
-    top = []
+    candidates = []
     if params.causal_top_k > 0 and len(tables["top_features_adapted"]):
         from em_circuits.analysis.causal import top_evil_features
 
-        top = top_evil_features(tables["top_features_adapted"], k=params.causal_top_k)
-    validation_metas = {p: m for p, m in metas.items() if p in validation}
-    if top and validation_metas:
-        notes: dict[str, Any] = {"prompt_set": "validation"}
-        if not split.testable:
-            notes["note"] = (
-                f"only {split.n_clusters('validation')} validation cluster(s): too few for any "
-                f"test to reach p < 0.05 (at least {split.describe()['min_validation_clusters']} "
-                "needed); the numbers are descriptive"
-            )
+        candidates = top_evil_features(
+            tables["top_features_adapted"], k=max(params.causal_candidates, params.causal_top_k)
+        )
+    split_metas = {
+        side: {p: m for p, m in metas.items() if p in members}
+        for side, members in (("discovery", discovery), ("validation", validation))
+    }
+    if candidates and split_metas["discovery"] and split_metas["validation"]:
         summary["causal"] = run_causal(
-            store, adapted, directory, top, validation_metas, params, device, models, notes
+            store,
+            specs,
+            directory,
+            candidates,
+            eff_adapted,
+            split_metas,
+            split,
+            params,
+            device,
+            models,
         )
     summary["tables"] = sorted(f"{name}.csv" for name in tables)
     write_artifact(directory / "summary.json", "table", summary)

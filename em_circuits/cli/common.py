@@ -298,7 +298,11 @@ def add_analysis_args(parser: argparse.ArgumentParser) -> None:
     )
     a.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for CIs")
     a.add_argument(
-        "--n-perm", type=int, default=9999, help="sign-flip permutations (exact up to 12 prompts)"
+        "--n-perm",
+        type=int,
+        default=9999,
+        help="Monte Carlo sign flips where the test is not exact (exact up to 16 clusters, "
+        "when every sign agrees, and up to 40 clusters where p is small)",
     )
     a.add_argument(
         "--threshold",
@@ -326,7 +330,20 @@ def add_analysis_args(parser: argparse.ArgumentParser) -> None:
         "--causal-prompts",
         type=int,
         default=20,
-        help="prompts (by id order) the interventions run on",
+        help="prompts (by id order) of each side the interventions run on",
+    )
+    a.add_argument(
+        "--causal-candidates",
+        type=int,
+        default=20,
+        help="top features by linearised effect whose measured ablation effects (discovery "
+        "prompts) choose the --causal-top-k under test",
+    )
+    a.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.5,
+        help="share of the prompts (whole clusters) held out of the ranking for the causal tests",
     )
     a.add_argument(
         "--seed", type=int, default=0, help="prompt sampling, bootstrap, permutations, controls"
@@ -347,6 +364,8 @@ def analysis_params(args: argparse.Namespace):
         scales=tuple(args.scales),
         n_random=args.n_random,
         causal_prompts=args.causal_prompts,
+        causal_candidates=args.causal_candidates,
+        validation_fraction=args.validation_fraction,
         seed=args.seed,
     )
 

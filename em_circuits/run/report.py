@@ -74,6 +74,7 @@ def build_report(
     comparison = _read_table(analysis, "base_vs_adapted")
     error_share = _read_table(analysis, "error_share")
     dose = _read_table(analysis, "dose_response")
+    measured = _read_table(analysis, "measured_ranking")
     replication = _read_table(analysis, "validation_top_features")
     if len(replication):
         replication = replication[replication["metric"] == "total"]
@@ -106,8 +107,13 @@ def build_report(
         "counts": counts,
         "divergent_prompts": _divergent(store, slugs["adapted"]),
         "top_features": _records(top, 20),
-        "split": {k: v for k, v in (split or {}).items() if k not in ("prompts", "schema")},
+        "split": {
+            k: v
+            for k, v in (split or {}).items()
+            if k not in ("prompts", "schema", "schema_version", "created")
+        },
         "validation": _records(replication, 20),
+        "measured_ranking": _records(measured, 20),
         "base_vs_adapted": {
             "categories": comparison["category"].value_counts().to_dict()
             if len(comparison)
@@ -277,10 +283,75 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
     ]
     causal = report["causal"]
     out += ["## Causal validation (on the held-out validation prompts)\n"]
+    summary = causal["summary"] or {}
+    if summary.get("note"):
+        out.append(f"**{summary['note']}**\n")
+    ranking = summary.get("ranking")
+    if ranking:
+        out += [
+            "### Linearised vs measured effects\n",
+            f"Candidates: the top {len(ranking['candidates'])} features by linearised total "
+            f"effect on the discovery prompts. Features under test: chosen by "
+            f"{ranking['chosen_by']}: {ranking['chosen']}"
+            + (
+                " (no candidate lowered the contrast when ablated; the least raising are shown)"
+                if ranking.get("none_lowered")
+                else ""
+            )
+            + ". Ablation changes of the contrast: linearised (minus the total effect), "
+            "measured with attention frozen, and measured in the real model with nothing "
+            "frozen, mean over the discovery prompts:\n",
+            _md_table(
+                report.get("measured_ranking", [])[:15],
+                ["layer", "feature", "n_prompts", "n_active", "linearised_delta", "measured_delta"],
+            ),
+            "Agreement of linearised and measured single-feature ablation changes over "
+            "(prompt, feature) pairs where the feature is active:\n",
+            _md_table(
+                [
+                    {"prompts": side, "measured": column, **values}
+                    for side, by_column in summary.get("linearised_vs_measured", {}).items()
+                    for column, values in by_column.items()
+                ],
+                ["prompts", "measured", "n_pairs", "pearson_r", "median_ratio", "same_sign"],
+            ),
+            "### Joint ablation and controls\n",
+        ]
+    controls = summary.get("controls") or {}
+    if controls:
+        rows = [
+            {
+                "control": name,
+                **{k: v for k, v in values.items() if k != "ci"},
+                "ci_low": values.get("ci", [None, None])[0],
+                "ci_high": values.get("ci", [None, None])[1],
+            }
+            for name, values in controls.items()
+            if isinstance(values, dict)
+        ]
+        out += [
+            "Controls: " + str(controls.get("random_features", "")) + "; the same features "
+            "ablated (scale 0) and amplified in the **base** model (is the effect specific to "
+            "the adapter? does evil rise?):\n",
+            _md_table(
+                rows,
+                [
+                    "control",
+                    "scale",
+                    "n_prompts",
+                    "n_clusters",
+                    "mean_delta",
+                    "ci_low",
+                    "ci_high",
+                    "alternative",
+                    "p_value",
+                    "p_method",
+                ],
+            ),
+        ]
     if causal["summary"]:
         out += [
             causal["summary"].get("verdict", "") + "\n",
-            (causal["summary"].get("note", "") + "\n") if causal["summary"].get("note") else "",
             _md_table(causal["dose_response"], ["group", "scale", "mean", "std", "count"]),
             f"![dose response]({analysis_rel}/dose_response.png)\n",
         ]
