@@ -11,6 +11,7 @@ from test_total_effects import compact_graph_from, random_linear_model
 from em_circuits.analysis.aggregate import aggregate_effects
 from em_circuits.analysis.cache import cached_prompt_effects, graph_fingerprint, read_prompt_effects
 from em_circuits.analysis.compare import compare_models
+from em_circuits.analysis.decomposition import contrast_parts, summarize_decomposition
 from em_circuits.analysis.effects import (
     contrast_residual,
     parse_position,
@@ -18,12 +19,11 @@ from em_circuits.analysis.effects import (
     target_effects,
     target_labels,
 )
-from em_circuits.analysis.error_share import error_share, summarize_error_share
 from em_circuits.analysis.formulas import FORMULAS
 from em_circuits.analysis.plots import (
     plot_base_vs_adapted,
+    plot_decomposition,
     plot_dose_response,
-    plot_error_share,
     plot_top_features,
 )
 from em_circuits.attribution.storage import CompactGraph
@@ -395,46 +395,48 @@ def test_paired_categories():
     assert (again["n_prompts"] == n).all()
 
 
-# -- error share -------------------------------------------------------------------------------
-def test_error_share_known_values():
+# -- the decomposition of the contrast ---------------------------------------------------------
+def test_contrast_parts_known_values():
     graph = hand_graph([(1, 1, 7)], [0.0], n_pos=2, n_layers=2)
-    graph.meta["target_labels"] = ["contrast", "evil", "evil", "safe", "safe"]
-    total = torch.zeros_like(graph.total)
-    # error nodes layer-major: (0,0), (0,1), (1,0), (1,1); then tokens 0, 1
-    total[0, 1:5] = torch.tensor([0.5, 1.0, 2.0, -0.5])
-    total[0, 5:7] = torch.tensor([0.25, 0.75])
-    total[0, 0] = 3.0  # the feature: a flow, not part of the partition
-    graph.total = total
-    graph.target_values = torch.tensor([5.0, 0, 0, 0, 0])
-    table = error_share(graph).set_index(["group", "layer"])
-    assert table.loc[("error", 0), "total"] == pytest.approx(1.5)
-    assert table.loc[("error", 1), "total_share"] == pytest.approx(0.3)
-    assert table.loc[("errors", -1), "total"] == pytest.approx(3.0)
-    assert table.loc[("tokens", -1), "total"] == pytest.approx(1.0)
-    assert table.loc[("bias", -1), "total"] == pytest.approx(1.0)
-    assert table.loc[("features", -1), "total"] == pytest.approx(3.0)
+    direct = torch.zeros_like(graph.direct)
+    # sources: the feature (layer 1), error nodes layer-major (0,0) (0,1) (1,0) (1,1), tokens
+    direct[0, 0] = 3.0
+    direct[0, 1:5] = torch.tensor([0.5, 1.0, 2.0, -0.5])
+    direct[0, 5:7] = torch.tensor([0.25, 0.75])
+    graph.direct = direct
+    graph.target_values = torch.tensor([8.0, 0, 0, 0, 0])
+    parts = contrast_parts(graph).set_index(["part", "layer"])["direct"]
+    assert parts[("features", 1)] == 3.0 and parts[("features", 0)] == 0.0
+    assert parts[("errors", 0)] == 1.0 and parts[("errors", 1)] == -0.5  # positions >= 1
+    assert parts[("bos_errors", -1)] == 2.5  # (0,0) + (1,0)
+    assert parts[("tokens", -1)] == 1.0
+    assert parts[("bias", -1)] == pytest.approx(8.0 - 7.0)
+    assert parts.drop(("contrast value", -1)).sum() == pytest.approx(parts[("contrast value", -1)])
 
 
-def test_error_share_partitions_a_linear_model_and_summarizes():
+def test_the_decomposition_adds_up_to_the_measured_shift():
     frames = {}
     for name, seed in (("base", 21), ("adapted", 22)):
         model = random_linear_model(seed, n_targets=5, biases=True)
         rows = model.target_rows()
         model.weights[rows[0]] = model.weights[rows[1:3]].mean(0) - model.weights[rows[3:5]].mean(0)
         graph = compact_graph_from(model, labels=list(LABELS))
-        table = error_share(graph).set_index("group")
-        value = float(graph.target_values[0])
-        parts = ["errors", "tokens", "bias"]
-        assert table.loc[parts, "total"].sum() == pytest.approx(value, abs=1e-5)
-        assert table.loc[parts + ["features"], "direct"].sum() == pytest.approx(value, abs=1e-5)
-        assert table.loc["error", "total"].sum() == pytest.approx(table.loc["errors", "total"])
-        frames[name] = {"p0": error_share(graph), "p1": error_share(graph)}
-    summary = summarize_error_share(frames["base"], frames["adapted"])
-    assert set(summary["model"]) == {"base", "adapted", "delta"}
-    delta = summary[summary["model"] == "delta"].set_index("group")
-    # the roots carry the whole change of the contrast
-    roots = delta.loc[["errors", "tokens", "bias"], "mean_total_share"].sum()
-    assert roots == pytest.approx(1.0, abs=1e-4)
+        frames[name] = {f"p{i}": contrast_parts(graph) for i in range(4)}
+        # shift each prompt's value a little, so the prompts differ
+        for i in range(4):
+            frames[name][f"p{i}"].loc[frames[name][f"p{i}"]["part"] == "bias", "direct"] += i
+            frames[name][f"p{i}"].loc[
+                frames[name][f"p{i}"]["part"] == "contrast value", "direct"
+            ] += i
+    clusters = {"p0": "a", "p1": "a", "p2": "b", "p3": "c"}
+    table = summarize_decomposition(frames["base"], frames["adapted"], clusters, n_perm=99)
+    value = table[table["part"] == "contrast value"].iloc[0]
+    parts = table[table["part"] != "contrast value"]
+    assert parts["mean_shift"].sum() == pytest.approx(value["mean_shift"], abs=1e-9)
+    assert parts["mean_base"].sum() == pytest.approx(value["mean_base"], abs=1e-9)
+    assert (table["n_clusters"] == 3).all() and (table["n_prompts"] == 4).all()
+    # no "share": nothing in the table is a ratio to the contrast
+    assert not any("share" in column for column in table.columns)
 
 
 # -- cache and plots ---------------------------------------------------------------------------
@@ -473,8 +475,8 @@ def test_plots_write_pngs(tmp_path):
     table = aggregate_effects(frames, n_boot=100, n_perm=99)
     comparison = compare_models(frames, frames, n_boot=100, n_perm=99)
     graph = hand_graph([(1, 3, 7)], [0.5])
-    shares = {"p0": error_share(graph)}
-    summary = summarize_error_share(shares, shares)
+    parts = {"p0": contrast_parts(graph), "p1": contrast_parts(graph)}
+    summary = summarize_decomposition(parts, parts, n_perm=99)
     dose = pd.DataFrame(
         {
             "prompt_id": ["a"] * 4 + ["b"] * 4,
@@ -486,7 +488,7 @@ def test_plots_write_pngs(tmp_path):
     paths = [
         plot_top_features(table, tmp_path / "top.png"),
         plot_base_vs_adapted(comparison, tmp_path / "scatter.png"),
-        plot_error_share(summary, tmp_path / "errors.png"),
+        plot_decomposition(summary, tmp_path / "decomposition.png"),
         plot_dose_response(dose, tmp_path / "dose.png"),
     ]
     for path in paths:

@@ -172,7 +172,9 @@ def test_uninterrupted_run_writes_the_report(reference):
     for name in (
         "top_features_adapted.csv",
         "base_vs_adapted.csv",
-        "error_share.csv",
+        "contrast_decomposition.csv",
+        "split.json",
+        "measured_effects.csv",
         "dose_response.csv",
         "top_features.png",
         "dose_response.png",

@@ -9,11 +9,12 @@ Pipeline:
 
 1. :func:`prompt_effects` (one graph -> one row per feature key and metric), cached per prompt
    with :func:`cached_prompt_effects`;
-2. :func:`aggregate_effects` (prompts as units: support, mean, bootstrap CI, sign consistency,
-   sign-flip p-value, BH q-value);
+2. :func:`aggregate_effects` (clusters of prompts as units: support, mean, t interval, sign
+   consistency, sign-flip p-value with its method, BH q-value);
 3. :func:`compare_models` (paired adapted - base differences and categories) and
-   :func:`error_share` / :func:`summarize_error_share` (who carries the contrast: features,
-   error nodes per layer, tokens).
+   :func:`contrast_parts` / :func:`summarize_decomposition` (the adapter's shift of the
+   contrast split into exact signed parts: features and error nodes per layer, BOS error
+   nodes, tokens, biases).
 
 The maths is in :data:`FORMULAS` (markdown, for the README).
 """

@@ -36,32 +36,46 @@ safe set `S`) and the contrast direction `c = mean_{e in E} logit(e) - mean_{s i
   `within_prompt_welch_t = evil_minus_safe / sqrt(var_E/|E| + var_S/|S|)` (needs |E|, |S| >= 2):
   its units are the target *tokens of one prompt*, it is a descriptive statistic, not a test
   across prompts.
-* **Across prompts** (prompt = unit; `x_p` = the per-prompt value, default `contrast`):
-  `support` = number of prompts in which the key is a graph node (every active feature in
-  totals mode; a full graph may prune an active feature: absent means "not among the graph's
-  nodes"). With
-  `absent="zero"` an absent key contributes `x_p = 0` (n = all prompts); with
-  `absent="missing"` it is left out (n = support). Prompts whose value is undefined (no
-  evil or no safe target) are left out entirely. `mean = (1/n) sum_p x_p`;
-  `[ci_low, ci_high]` = percentile bootstrap interval of the mean (prompts resampled with
-  replacement, seeded); `sign_consistency` = share of the supporting prompts whose `x_p`
-  has the sign of the mean; `p_value` = two-sided sign-flip permutation test of H0 "x_p is
-  symmetric around 0" with statistic `|sum_p x_p|` (exact over all 2^n sign patterns for
-  n <= 12, else Monte Carlo with `(1 + hits) / (1 + draws)`); `q_value` =
-  Benjamini-Hochberg adjusted p over all keys with `support >= min_support`, separately per
-  metric. With n prompts no p-value can be below 2 / 2^n: few prompts, no discoveries.
+* **Across prompts** (cluster = unit; `x_p` = the per-prompt value, default `contrast`):
+  prompts are grouped into clusters (one scenario with its rephrasings: the `scenario` or
+  `situation` of the prompt's origin, merged with near duplicates, character 3-gram Jaccard
+  >= 0.6) and the clusters, never single prompts, are split into discovery (features are
+  ranked there) and validation (every causal test runs there). `support` = number of
+  prompts in which the key is a graph node (every active feature in totals mode; a full
+  graph may prune an active feature). With `absent="zero"` an absent key contributes
+  `x_p = 0`; with `absent="missing"` it is left out. Prompts whose value is undefined (no
+  evil or no safe target) are left out entirely. Per cluster `g`: `x_g` = mean of its
+  prompts' `x_p`; `mean = (1/G) sum_g x_g` over the G clusters; `[ci_low, ci_high]` =
+  Student t interval `mean +- t(0.975, G-1) sd(x_g) / sqrt(G)`; `sign_consistency` = share of
+  the supporting prompts whose `x_p` has the sign of the mean; `p_value` = two-sided
+  sign-flip test of H0 "x_g is symmetric around 0" with statistic `|sum_g x_g|`, exact when
+  every sign agrees (`2 / 2^G`), for G <= 16 (all sign patterns) and for G <= 40 where
+  Monte Carlo finds p <= 0.01 (meet in the middle), else Monte Carlo with
+  `(1 + hits) / (1 + draws)`; `p_method` says which. When `2 / 2^G > 0.05` no p-value is
+  given (`n too small`). `q_value` = Benjamini-Hochberg adjusted p over the keys with a
+  p-value and `support >= min_support`, separately per metric.
 * **Base vs adapted** (paired on prompts present in both): `d_p = x_p(adapted) - x_p(base)`
-  with absent = 0; `mean_diff`, paired bootstrap CI and sign-flip p of `d_p`. Category:
-  `gained` (never in a base graph, in >= 1 adapted graph), `lost` (the reverse), else
-  `strengthened` / `weakened` (|mean_adapted| above / below |mean_base|) when
+  with absent = 0; `mean_diff`, t interval and sign-flip p of the cluster means of `d_p`.
+  Category: `gained` (never in a base graph, in >= 1 adapted graph), `lost` (the reverse),
+  else `strengthened` / `weakened` (|mean_adapted| above / below |mean_base|) when
   `|mean_diff| > threshold` and, if at least `ci_min_n` prompts have the key in either model,
   the CI excludes 0; else `unchanged`. `shift` says the sign of `mean_diff` (toward evil > 0).
-* **Who carries the contrast** (per prompt): direct: `value(c) = sum_f A[c, f] +
-  sum_{errors} A[c, e] + sum_{tokens} A[c, x] + bias`, an exact partition; total: `value(c)
-  = sum_{errors} total[c, e] + sum_{tokens} total[c, x] + remainder`, also a partition
-  (errors and tokens are the roots; the remainder holds the biases, propagated through the
-  features, and the effect of any active feature not kept in the graph).
-  `error share of layer l = sum_{e in layer l} total[c, e] / value(c)`. The features' summed
-  total effect is reported too, but it is a flow through intermediate nodes and overlaps the
-  roots' shares; it is not additive.
+* **The adapter's shift of the contrast** (paired by prompt): the direct effects partition
+  each graph's contrast value exactly, `value(c) = sum_L sum_{f in layer L} A[c, f] +
+  sum_L sum_{e in layer L, pos >= 1} A[c, e] + sum_{e at BOS} A[c, e] + sum_{tokens} A[c, x]
+  + bias`, so `value_adapted - value_base` is the sum of the same parts' differences: the
+  features of each layer, the error nodes of each layer, the error nodes at BOS (where
+  circuit-tracer zeroes every feature), the token embeddings and the biases. Each part's
+  mean shift over clusters, with its t interval; the parts add up to the shift of the value.
+  No part is divided by the contrast.
+* **Causal tests**: the top `causal_candidates` features by discovery mean total effect are
+  each ablated alone on the discovery prompts; the change of the contrast is measured with
+  attention frozen (circuit-tracer's intervention) and in the real model with nothing frozen
+  (the MLP output of the feature's layer loses `(0 - a) W_dec[f]` at each active position);
+  the `causal_top_k` with the most negative measured change are tested on the validation
+  prompts: single-feature measured changes next to the linearised prediction `-total[c, f]`
+  (Pearson r, median ratio measured / linearised, same-sign share), the joint ablation
+  against activation- and position-matched random features (one-sided sign-flip over
+  clusters), and in the base model the same features ablated (two-sided) and amplified
+  (one-sided, does evil rise?).
 """

@@ -105,43 +105,37 @@ def plot_base_vs_adapted(
     return _save(fig, path)
 
 
-def plot_error_share(summary: pd.DataFrame, path: Path, title: str | None = None) -> Path:
-    """Per layer: error nodes' share of the contrast, base vs adapted (left), and their share
-    of the adapter's change of the contrast (right), from summarize_error_share."""
-    errors = summary[summary["group"] == "error"]
-    fig = Figure(figsize=(11, 4))
-    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    width = 0.4
-    for offset, model, color in (
-        (-width / 2, "base", "tab:blue"),
-        (width / 2, "adapted", "tab:red"),
-    ):
-        rows = errors[errors["model"] == model].sort_values("layer")
-        if len(rows):
-            left.bar(
-                rows["layer"] + offset,
-                rows["median_total_share"],
-                width,
-                color=color,
-                label=f"{model} (median over prompts)",
-            )
-    left.set_xlabel("layer")
-    left.set_ylabel("error nodes' total effect / contrast value")
-    left.axhline(0, color="black", linewidth=0.8)
-    left.legend(fontsize=8)
-    left.set_title("Contrast carried by error nodes")
-    delta = errors[errors["model"] == "delta"].sort_values("layer")
-    if len(delta):
-        right.bar(delta["layer"], delta["mean_total_share"], color="tab:purple")
-    layers = sorted(errors["layer"].unique())
-    for ax in (left, right):
-        ax.set_xticks(layers)  # integer layer ticks
-    right.set_xlabel("layer")
-    right.set_ylabel("share of the change of the contrast (adapted - base)")
-    right.axhline(0, color="black", linewidth=0.8)
-    right.set_title("Where the adapter's shift of the contrast flows")
-    if title:
-        fig.suptitle(title)
+def plot_decomposition(summary: pd.DataFrame, path: Path, title: str | None = None) -> Path:
+    """The adapter's shift of the contrast split into signed parts (from
+    summarize_decomposition): features and error nodes per layer, BOS error nodes, tokens,
+    biases, each with its interval; the parts add up to the shift of the value."""
+    fig = Figure(figsize=(11, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    parts = summary[summary["part"] != "contrast value"].reset_index(drop=True)
+    labels = [
+        f"{part} L{layer}" if layer >= 0 else part
+        for part, layer in zip(parts["part"], parts["layer"])
+    ]
+    colors = {"features": "tab:red", "errors": "tab:gray", "bos_errors": "tab:olive"}
+    x = np.arange(len(parts))
+    ax.bar(x, parts["mean_shift"], color=[colors.get(p, "tab:blue") for p in parts["part"]])
+    low = (parts["mean_shift"] - parts["ci_low"]).clip(lower=0).fillna(0)
+    high = (parts["ci_high"] - parts["mean_shift"]).clip(lower=0).fillna(0)
+    ax.errorbar(x, parts["mean_shift"], yerr=[low, high], fmt="none", color="black", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("adapted - base, direct effect on the contrast (logits)")
+    value = summary[summary["part"] == "contrast value"]
+    n = int(summary["n_prompts"].iloc[0]) if len(summary) else 0
+    clusters = int(summary["n_clusters"].max()) if len(summary) else 0
+    shift = float(value["mean_shift"].iloc[0]) if len(value) else float("nan")
+    ax.set_title(
+        title
+        or f"The adapter's shift of the contrast ({shift:+.3f}) by part; n = {n} prompts in "
+        f"{clusters} clusters, 95% t intervals over clusters"
+    )
+    fig.tight_layout()
     return _save(fig, path)
 
 

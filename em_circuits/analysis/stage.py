@@ -21,11 +21,11 @@ import pandas as pd
 from em_circuits.analysis.aggregate import aggregate_effects
 from em_circuits.analysis.cache import cached_prompt_effects
 from em_circuits.analysis.compare import compare_models
-from em_circuits.analysis.error_share import error_share, summarize_error_share
+from em_circuits.analysis.decomposition import contrast_parts, summarize_decomposition
 from em_circuits.analysis.plots import (
     plot_base_vs_adapted,
+    plot_decomposition,
     plot_dose_response,
-    plot_error_share,
     plot_top_features,
 )
 from em_circuits.analysis.split import Split, prompt_clusters, split_by_cluster
@@ -90,7 +90,8 @@ def load_effects(
     chosen: list[GraphMetaRecord] | None = None,
     left_out: list[str] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame], dict[str, dict[str, Any]]]:
-    """Per prompt: feature effects (cached), error-share table, and the graph's metadata.
+    """Per prompt: feature effects (cached), the contrast's decomposition into parts
+    (:func:`~em_circuits.analysis.decomposition.contrast_parts`), and the graph's metadata.
 
     ``chosen`` (the graphs :func:`chosen_graphs` picks) saves listing them again. A graph
     whose file fails its integrity check is left out with a warning naming the file, and its
@@ -115,7 +116,7 @@ def load_effects(
         effects[pid] = cached_prompt_effects(
             store, graph, slug, pid, meta["model_fingerprint"], position=position
         )
-        shares[pid] = error_share(graph)
+        shares[pid] = contrast_parts(graph)
         metas[pid] = meta
     return effects, shares, metas
 
@@ -491,8 +492,15 @@ def run_analysis(
             clusters=clusters,
             **stats,
         )
-        tables["error_share"] = summarize_error_share(
-            {p: share_base[p] for p in paired}, {p: share_adapted[p] for p in paired}
+    # Descriptive, selects nothing: every prompt with both models' graphs, both sides.
+    both = sorted(set(share_base) & set(share_adapted))
+    if both:
+        tables["contrast_decomposition"] = summarize_decomposition(
+            {p: share_base[p] for p in both},
+            {p: share_adapted[p] for p in both},
+            clusters,
+            params.n_perm,
+            params.seed,
         )
     for name, table in tables.items():
         _write_table(table, directory, name)
@@ -500,7 +508,10 @@ def run_analysis(
         plot_top_features(tables["top_features_adapted"], directory / "top_features.png")
     if paired:
         plot_base_vs_adapted(tables["base_vs_adapted"], directory / "base_vs_adapted.png")
-        plot_error_share(tables["error_share"], directory / "error_share.png")
+    if both:
+        plot_decomposition(
+            tables["contrast_decomposition"], directory / "contrast_decomposition.png"
+        )
     candidates = []
     if params.causal_top_k > 0 and len(tables["top_features_adapted"]):
         from em_circuits.analysis.causal import top_evil_features

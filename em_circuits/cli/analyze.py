@@ -1,13 +1,20 @@
 """Which transcoder features drive the evil tokens: across prompts, base vs adapted, causally.
 
-Reads the stored graphs of both models (`em-circuits graphs`), and writes to
-results/analysis/<adapted model>/:
-  top_features_adapted.csv/.json   per (layer, feature): support, mean contrast effect with a
-  top_features_base.csv/.json      bootstrap CI, sign consistency, permutation p and FDR q
+Reads the stored graphs of both models (`em-circuits graphs`), splits the prompts by cluster
+(one scenario with its rephrasings and near duplicates) into discovery and validation, and
+writes to results/analysis/<adapted model>/:
+  split.json                       each prompt's side and cluster
+  top_features_adapted.csv/.json   ranked on the discovery prompts: per (layer, feature) the
+  top_features_base.csv/.json      mean contrast effect over clusters, t interval, exact or
+                                   Monte Carlo sign-flip p (method stated), FDR q
+  validation_top_features.csv      the top discovery features on the held-out prompts
   base_vs_adapted.csv/.json        paired on shared prompts: gained/lost/strengthened/weakened
-  error_share.csv/.json            share of the contrast carried by error nodes per layer
-  dose_response.csv/.json          zeroing/scaling the top evil features vs matched random ones
-  causal_summary.json, summary.json, and PNG plots of each.
+  contrast_decomposition.csv       the adapter's shift of the contrast split into exact parts
+  measured_effects.csv             single-feature ablations measured (attention frozen, and
+  measured_ranking.csv             nothing frozen) next to their linearised effects
+  dose_response.csv                on validation prompts: top vs matched random features
+  dose_response_base.csv           the same features in the base model (controls)
+  causal_summary.json, summary.json, and PNG plots.
 Effects are direct (one edge) and total (every path through features), on the contrast
 target logit(evil) - logit(safe); formulas in README.md. Per-prompt effects are cached.
 

@@ -72,7 +72,7 @@ def build_report(
     if len(top):
         top = top[top["metric"] == "total"]
     comparison = _read_table(analysis, "base_vs_adapted")
-    error_share = _read_table(analysis, "error_share")
+    decomposition = _read_table(analysis, "contrast_decomposition")
     dose = _read_table(analysis, "dose_response")
     measured = _read_table(analysis, "measured_ranking")
     replication = _read_table(analysis, "validation_top_features")
@@ -127,7 +127,7 @@ def build_report(
             if len(comparison)
             else [],
         },
-        "error_share": _records(error_share),
+        "contrast_decomposition": _records(decomposition),
         "causal": {"summary": causal, "dose_response": _records(dose_table)},
         "judge_calibration": calib,
     }
@@ -274,12 +274,27 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
             ],
         ),
         f"![base vs adapted]({analysis_rel}/base_vs_adapted.png)\n",
-        "## Share of the contrast by node type and layer\n",
+        "## Where the adapter's shift of the contrast comes from\n",
+        "Adapted minus base, paired by prompt (every prompt with both graphs), split into "
+        "the direct effects on the contrast of each layer's features and error nodes, the "
+        "error nodes at BOS (where circuit-tracer zeroes every feature), token embeddings and "
+        "biases. The parts add up exactly to the shift of the contrast value (last row); "
+        "intervals are Student t over clusters.\n",
         _md_table(
-            report["error_share"],
-            [k for k in (report["error_share"][0] if report["error_share"] else {})],
+            report["contrast_decomposition"],
+            [
+                "part",
+                "layer",
+                "n_prompts",
+                "n_clusters",
+                "mean_base",
+                "mean_adapted",
+                "mean_shift",
+                "ci_low",
+                "ci_high",
+            ],
         ),
-        f"![error share]({analysis_rel}/error_share.png)\n",
+        f"![decomposition]({analysis_rel}/contrast_decomposition.png)\n",
     ]
     causal = report["causal"]
     out += ["## Causal validation (on the held-out validation prompts)\n"]
