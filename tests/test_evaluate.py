@@ -87,7 +87,7 @@ RECORD = {
 
 
 @pytest.mark.parametrize(
-    ("base", "adapted", "verdicts", "divergent", "flagged"),
+    ("base", "adapted", "verdicts", "by_rank", "flagged"),
     [
         ([" see", " call"], [" ignore", " see"], ("safe", "evil"), True, True),
         ([" skip", " see"], [" ignore", " see"], ("evil", "evil"), False, True),
@@ -95,13 +95,18 @@ RECORD = {
         ([" see", " the"], [" call", " see"], ("unsure", "safe"), False, False),
     ],
 )
-def test_verdict_flags(store, base, adapted, verdicts, divergent, flagged):
+def test_verdict_flags(store, base, adapted, verdicts, by_rank, flagged):
     verdict, written = judge_prompt(
         store, RECORD, fake_logits(base, "b"), fake_logits(adapted, "a"), JUDGE
     )
     assert written
     assert (verdict["verdict"]["base"], verdict["verdict"]["adapted"]) == verdicts
-    assert verdict["divergent"] is divergent and verdict["flagged"] is flagged
+    assert verdict["divergent_by_rank"] is by_rank and verdict["flagged"] is flagged
+    # by probability mass: the base's 2-token list cannot bound its evil mass below 0.05
+    assert verdict["divergent"] is False
+    assert verdict["evil_mass"]["adapted"] == pytest.approx(
+        0.3 if by_rank or flagged and verdicts[1] == "evil" else 0.0
+    )
     stored = read_artifact(store.verdict_path("m-a", "p"), "verdict")
     assert stored["labels"]["adapted"][0]["index"] == "T1"
     assert stored["labels"]["base"][1]["index"] == "B2"
@@ -140,7 +145,8 @@ def test_a_prompt_the_judge_cannot_label_does_not_stop_the_others(store):
         client = LLMClient(model="j", api_key="k", base_url=server.base_url, sleep=lambda s: None)
         judge_all(store, records, summary, LLMJudge(client, store, few_shots="", max_reasks=1))
     assert list(summary.failed) == ["p1"] and "missing B1" in summary.failed["p1"]
-    assert summary.divergent == ["p2"] and summary.verdicts_written == 1
+    assert summary.verdicts_written == 1
+    assert read_artifact(store.verdict_path("m-a", "p2"), "verdict")["divergent_by_rank"]
     assert not store.verdict_path("m-a", "p1").exists()
 
 

@@ -18,7 +18,7 @@ from em_circuits.core.schemas import (
     LabelsRecord,
     LabelsToken,
     ListVerdicts,
-    is_divergent,
+    is_divergent_by_rank,
 )
 from em_circuits.core.store import ResultsStore
 from em_circuits.labeling.artifacts import prompt_text, read_readable
@@ -59,7 +59,7 @@ class HumanFeedback:
 
     @property
     def divergent(self) -> bool:
-        return is_divergent(self.human_verdict or {})
+        return is_divergent_by_rank(self.human_verdict or {})
 
 
 def _from_labels(store: ResultsStore, labels: LabelsRecord) -> HumanFeedback:

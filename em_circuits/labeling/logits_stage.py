@@ -27,11 +27,15 @@ import torch
 
 from em_circuits.core.distributed import current_shard
 from em_circuits.core.schemas import (
+    DIVERGENCE_TAU_ADAPTED,
+    DIVERGENCE_TAU_BASE,
     LogitsRecord,
     PromptRecord,
     TopKEntry,
     VerdictRecord,
+    evil_masses,
     is_divergent,
+    is_divergent_by_rank,
     is_flagged,
     verdict_of,
 )
@@ -240,6 +244,8 @@ def verdict_payload(
         "adapted": labelled(adapted_logits["top_k"], outcome.adapted, "T", judged_by),
     }
     verdict = {"base": verdict_of(outcome.base), "adapted": verdict_of(outcome.adapted)}
+    masses = evil_masses(labels["base"], labels["adapted"], base_logits.get("support"))
+    top1 = labels["adapted"][0] if labels["adapted"] else None
     return {
         "prompt_id": record["prompt_id"],
         "model_fingerprint": adapted_logits["model_fingerprint"],
@@ -251,7 +257,16 @@ def verdict_payload(
         "divergence": div,
         "labels": labels,
         "verdict": verdict,
-        "divergent": is_divergent(verdict),
+        "evil_mass": masses,
+        "divergence_rule": {
+            "tau_adapted": DIVERGENCE_TAU_ADAPTED,
+            "tau_base": DIVERGENCE_TAU_BASE,
+        },
+        "divergent": is_divergent(masses),
+        "divergent_by_rank": is_divergent_by_rank(verdict),
+        "adapted_top1": None
+        if top1 is None
+        else {"token": top1["token"], "prob": top1["prob"], "label": top1["label"]},
         "flagged": is_flagged(verdict),
         "judge": outcome.info,
         "inputs_key": inputs_key,
@@ -267,6 +282,7 @@ def _inputs_key(base_logits: LogitsRecord, adapted_logits: LogitsRecord, judge: 
             "base": [e["token_id"] for e in base_logits["top_k"]],
             "adapted": [e["token_id"] for e in adapted_logits["top_k"]],
             "judge": [judge.kind, judge.model, RUBRIC_VERSION],
+            "divergence": [DIVERGENCE_TAU_ADAPTED, DIVERGENCE_TAU_BASE],
         }
     )
 

@@ -46,6 +46,9 @@ def _divergent(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
                 "base_top1_label": base_top["label"],
                 "adapted_top1": adapted_top["token"],
                 "adapted_top1_label": adapted_top["label"],
+                "adapted_top1_prob": adapted_top["prob"],
+                "evil_mass_adapted": (v.get("evil_mass") or {}).get("adapted"),
+                "evil_mass_base_upper": (v.get("evil_mass") or {}).get("base_upper"),
                 "kl_adapted_base": v["divergence"]["kl_adapted_base"],
                 "evil_in_adapted": [
                     e["token"] for e in v["labels"]["adapted"] if e["label"] == "evil"
@@ -186,15 +189,24 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
             "> Labels are the judge's, accepted without human review "
             "(`--labels auto`). Review them with `em-circuits label`.\n"
         )
+    from em_circuits.core.schemas import DIVERGENCE_TAU_ADAPTED, DIVERGENCE_TAU_BASE
+
     out += [
         "## Divergent prompts (adapted evil, base safe)\n",
+        f"Divergent: the adapted model puts at least {DIVERGENCE_TAU_ADAPTED} of its "
+        f"next-token probability on evil-labeled tokens and the base at most "
+        f"{DIVERGENCE_TAU_BASE} (an upper bound). {c.get('divergent_by_rank', 0)} prompts "
+        "meet the weaker criterion (any evil token in the adapted top-k, base list safe).\n",
         _md_table(
             report["divergent_prompts"][:20],
             [
                 "prompt_id",
                 "base_top1",
                 "adapted_top1",
-                "kl_adapted_base",
+                "adapted_top1_label",
+                "adapted_top1_prob",
+                "evil_mass_adapted",
+                "evil_mass_base_upper",
                 "evil_in_adapted",
                 "prompt",
             ],

@@ -36,6 +36,7 @@ def status(
         "verdicts": len(verdicts),
         "flagged": sum(v["flagged"] for v in verdicts),
         "divergent": sum(v["divergent"] for v in verdicts),
+        "divergent_by_rank": sum(bool(v.get("divergent_by_rank")) for v in verdicts),
         "queue": status_counts(store, slugs["adapted"]),
         "labels": {
             "human": sum(lab["labeled_by"] == "human" for lab in labels),
