@@ -30,6 +30,7 @@ makes the server answer 400 to requests carrying ``response_format`` like older 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import deque
@@ -47,6 +48,8 @@ class ScriptedReply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     fn: Callable[[dict[str, Any]], ScriptedReply] | None = None
+    #: The first output token's alternatives {token: probability}, sent as logprobs.
+    top_logprobs: dict[str, float] | None = None
 
 
 def reply_text(text: str) -> ScriptedReply:
@@ -71,6 +74,12 @@ def reply_slow(seconds: float, then: ScriptedReply) -> ScriptedReply:
         delay=seconds,
         fn=then.fn,
     )
+
+
+def reply_scores(probabilities: dict[str, float]) -> ScriptedReply:
+    """A one-token reply whose top alternatives have these probabilities."""
+    best = max(probabilities, key=probabilities.__getitem__)
+    return ScriptedReply(content=best, top_logprobs=probabilities)
 
 
 def reply_fn(fn: Callable[[dict[str, Any]], ScriptedReply]) -> ScriptedReply:
@@ -164,7 +173,22 @@ class OpenAIServer:
                         reply.headers,
                     )
                     return
-                self._send(200, _completion(body.get("model", "test-model"), reply.content))
+                payload = _completion(body.get("model", "test-model"), reply.content)
+                if reply.top_logprobs is not None:
+                    payload["choices"][0]["logprobs"] = {
+                        "content": [
+                            {
+                                "token": reply.content,
+                                "logprob": math.log(reply.top_logprobs[reply.content]),
+                                "bytes": None,
+                                "top_logprobs": [
+                                    {"token": t, "logprob": math.log(p), "bytes": None}
+                                    for t, p in reply.top_logprobs.items()
+                                ],
+                            }
+                        ]
+                    }
+                self._send(200, payload)
 
             def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
                 data = json.dumps(payload).encode()

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -131,3 +132,60 @@ def real_model_logits(
         for handle in handles:
             handle.remove()
     return logits.float()
+
+
+@contextmanager
+def features_zeroed(model: LoadedModel, features: Sequence[tuple[int, int]]) -> Iterator[None]:
+    """While inside, the real model runs with these (layer, feature) transcoder features
+    ablated at every position but BOS: at each forward pass (generation included, with or
+    without a KV cache) the MLP output of the feature's layer loses activation x decoder row.
+    """
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, feature in features:
+        by_layer[int(layer)].append(int(feature))
+    handles = []
+    live_inputs: dict[int, torch.Tensor] = {}
+    try:
+        for layer, chosen in by_layer.items():
+            (reads, read_side), (writes, write_side) = _hook_sites(model, layer)
+            transcoder = transcoder_set(model)[layer]
+            index = torch.tensor(chosen)
+            decoders = transcoder._get_decoder_vectors(index).float()  # (k, d_model)
+
+            def remember(layer: int = layer, side: str = read_side):
+                def pre(_module, args):
+                    live_inputs[layer] = args[0]
+
+                def post(_module, _args, output):
+                    live_inputs[layer] = _tensor_of(output)
+
+                return pre if side == "input" else post
+
+            def removed(layer: int = layer, transcoder=transcoder, index=index, decoders=decoders):
+                x = live_inputs.pop(layer)
+                acts = transcoder.encode(x).float()[..., index.to(x.device)]  # (b, pos, k)
+                change = acts @ decoders.to(x.device)
+                if x.shape[1] > 1:
+                    change[:, 0] = 0  # a whole prompt: its first position is BOS
+                return change.to(x.dtype)
+
+            def write(layer: int = layer, side: str = write_side):
+                def pre(_module, args):
+                    return (args[0] - removed(layer), *args[1:])
+
+                def post(_module, _args, output):
+                    if isinstance(output, tuple):
+                        return (output[0] - removed(layer), *output[1:])
+                    return output - removed(layer)
+
+                return pre if side == "input" else post
+
+            for module, side, make in ((reads, read_side, remember), (writes, write_side, write)):
+                if side == "input":
+                    handles.append(module.register_forward_pre_hook(make()))
+                else:
+                    handles.append(module.register_forward_hook(make()))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

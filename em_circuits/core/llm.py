@@ -155,6 +155,9 @@ class Reply:
     text: str
     model: str
     attempts: int
+    #: The first output token's most probable alternatives (token, log-probability), when
+    #: asked for with ``top_logprobs``.
+    top_logprobs: list[tuple[str, float]] | None = None
 
 
 @dataclass
@@ -208,9 +211,23 @@ class LLMClient:
         return self._client
 
     def _request_args(
-        self, messages: list[dict[str, str]], json_schema: dict[str, Any] | None, name: str
+        self,
+        messages: list[dict[str, str]],
+        json_schema: dict[str, Any] | None,
+        name: str,
+        top_logprobs: int | None = None,
     ) -> dict[str, Any]:
         args: dict[str, Any] = {"model": self.model, "messages": messages}
+        if top_logprobs:
+            # One token, its alternatives' probabilities: a 0-100 score read as an expectation.
+            return {
+                **args,
+                "max_tokens": 1,
+                "temperature": 0,
+                "logprobs": True,
+                "top_logprobs": top_logprobs,
+                "seed": 0,
+            }
         if is_reasoning_model(self.model):
             args["max_completion_tokens"] = self.max_output_tokens
         else:
@@ -319,8 +336,33 @@ class LLMClient:
         with self._call(what):
             return self._chat(messages, json_schema, schema_name)
 
+    def score_0_100(
+        self, messages: list[dict[str, str]], *, what: str | None = None
+    ) -> tuple[float | None, list[tuple[str, float]]]:
+        """A 0-100 score as the probability-weighted mean of the integer tokens among the
+        first output token's top 20 (the emergent-misalignment judges' rule), and those 20.
+
+        None when the integers hold less than 0.25 of the probability (a refusal, "CODE").
+        """
+        with self._call(what):
+            reply = self._chat(messages, None, "score", top_logprobs=20)
+        alternatives = reply.top_logprobs or []
+        weights: dict[int, float] = {}
+        for token, logprob in alternatives:
+            text = token.strip()
+            if text.isdigit() and 0 <= int(text) <= 100:
+                weights[int(text)] = weights.get(int(text), 0.0) + math.exp(logprob)
+        total = sum(weights.values())
+        if total < 0.25:
+            return None, alternatives
+        return sum(k * p for k, p in weights.items()) / total, alternatives
+
     def _chat(
-        self, messages: list[dict[str, str]], json_schema: dict[str, Any] | None, schema_name: str
+        self,
+        messages: list[dict[str, str]],
+        json_schema: dict[str, Any] | None,
+        schema_name: str,
+        top_logprobs: int | None = None,
     ) -> Reply:
         import openai
 
@@ -330,7 +372,7 @@ class LLMClient:
             if left is not None and left[0] <= 0:
                 raise self._deadline_error(left[1], attempt - 1, last_error)
             timeout = self.timeout if left is None else min(self.timeout, left[0])
-            args = self._request_args(messages, json_schema, schema_name)
+            args = self._request_args(messages, json_schema, schema_name, top_logprobs)
             self.requests_made += 1
             try:
                 with self._progress(attempt):
@@ -358,7 +400,12 @@ class LLMClient:
                 last_error = f"connection failed ({self._short(err)})"
                 retry_after = None
             else:
-                return Reply(_content(response), getattr(response, "model", self.model), attempt)
+                return Reply(
+                    _content(response),
+                    getattr(response, "model", self.model),
+                    attempt,
+                    _top_logprobs(response) if top_logprobs else None,
+                )
             if attempt < self.max_tries:
                 delay = self._backoff(attempt, retry_after)
                 left = self._time_left()
@@ -455,6 +502,14 @@ def _content(response: Any) -> str:
         return response.choices[0].message.content or ""
     except (AttributeError, IndexError, TypeError):
         return ""
+
+
+def _top_logprobs(response: Any) -> list[tuple[str, float]]:
+    try:
+        first = response.choices[0].logprobs.content[0]
+    except (AttributeError, IndexError, TypeError):
+        return []
+    return [(alt.token, float(alt.logprob)) for alt in (first.top_logprobs or [])]
 
 
 def _short(err: Exception) -> str:
