@@ -329,3 +329,29 @@ def em_rate(
             "p_method": str(method[0]),
         }
     return answers, summary
+
+
+def make_em_judge(
+    kind: str,
+    store: Any,
+    adapted: Any,
+    words: Path | str | None = None,
+    llm_model: str = "o3",
+    base_url: str | None = None,
+    **llm_options: Any,
+) -> EMJudge | None:
+    """The judge of the EM rate: "offline" (word lists: ``words``, or the toy organism's),
+    "llm" (an OpenAI-compatible model; scores cached under the results' cache), "none"."""
+    if kind == "none":
+        return None
+    if kind == "llm":
+        from em_circuits.core.llm import client_from_settings
+
+        client = client_from_settings(llm_model, base_url, **llm_options)
+        return LLMEMJudge(client, Path(store.root) / "cache" / "em_judge")
+    if kind != "offline":
+        raise ValueError(f"EM judge must be offline, llm or none, not {kind!r}")
+    from em_circuits.labeling.logits_stage import offline_judge_words
+
+    path = offline_judge_words(adapted, words)
+    return WordListEMJudge(json.loads(Path(path).read_text()), Path(path).name)

@@ -62,6 +62,12 @@ class AnalysisParams:
     seed: int = 0
     #: Share of the prompts (whole clusters) held out of the ranking for the causal tests.
     validation_fraction: float = 0.5
+    #: Free-form answers per evaluation question and condition for the EM rate (0: skip).
+    em_samples: int = 10
+    em_max_new_tokens: int = 48
+    #: "auto" (the organism's held-out out-of-domain scenarios when the adapter is a toy
+    #: organism, else the first-plot questions), "organism" or "first-plot".
+    em_questions: str = "auto"
 
 
 class _StatsKwargs(TypedDict):
@@ -175,6 +181,8 @@ def _up_to_date(directory: Path, inputs_key: str) -> dict[str, Any] | None:
     names += [Path(name).with_suffix(".json").name for name in summary.get("tables", [])]
     if "causal" in summary:
         names += ["causal_summary.json", "dose_response.csv", "measured_effects.csv"]
+    if "cache_key" in (summary.get("em_rate") or {}):
+        names += ["em_rate.json", "em_answers.csv"]
     if not all((directory / name).is_file() for name in names):
         return None
     return summary
@@ -370,6 +378,66 @@ def run_causal(
     return read_json(summary_path)
 
 
+def em_questions(params: AnalysisParams, adapted: ModelSpec) -> list[Any]:
+    from em_circuits.analysis.em_rate import FIRST_PLOT_QUESTIONS, toy_questions
+    from em_circuits.labeling.logits_stage import words_near
+
+    choice = params.em_questions
+    if choice == "auto":
+        choice = "organism" if words_near(adapted) is not None else "first-plot"
+    if choice == "organism":
+        return toy_questions()
+    if choice == "first-plot":
+        return list(FIRST_PLOT_QUESTIONS)
+    raise ValueError(f"em_questions must be auto, organism or first-plot, not {choice!r}")
+
+
+def run_em_rate(
+    store: ResultsStore,
+    specs: dict[str, ModelSpec],
+    directory: Path,
+    top: list[tuple[int, int]],
+    ranked: pd.DataFrame,
+    judge: Any,
+    params: AnalysisParams,
+    device: str,
+    models: ResidentModels | None = None,
+) -> dict[str, Any]:
+    """The EM rate of base, adapted, adapted with ``top`` ablated and with matched random
+    features ablated (:mod:`em_circuits.analysis.em_rate`); cached like the causal tests."""
+    from em_circuits.analysis.em_rate import SamplingParams, em_rate, matched_random_features
+
+    questions = em_questions(params, specs["adapted"])
+    random = matched_random_features(top, ranked[ranked["metric"] == "total"], params.seed)
+    sampling = SamplingParams(params.em_samples, params.em_max_new_tokens, 1.0, params.seed)
+    key = params_key(
+        {
+            "fps": {role: fingerprint(spec, device) for role, spec in specs.items()},
+            "top": top,
+            "random": random,
+            "sampling": asdict(sampling),
+            "judge": judge.id,
+            "questions": [asdict(q) for q in questions],
+        }
+    )
+    path = directory / "em_rate.json"
+    if path.is_file() and (directory / "em_answers.csv").is_file():
+        cached = read_json(path)
+        if cached.get("cache_key") == key:
+            return cached
+    pool = models or ResidentModels(None, device, store.merged_cache_dir)
+    try:
+        loaded = {role: pool.load(spec) for role, spec in specs.items()}
+        answers, summary = em_rate(loaded, questions, judge, top, random, sampling)
+    finally:
+        if models is None:
+            pool.release()
+    atomic_write_text(directory / "em_answers.csv", answers.to_csv(index=False))
+    summary["cache_key"] = key
+    write_artifact(path, "table", summary)
+    return read_json(path)
+
+
 def run_analysis(
     store: ResultsStore,
     base: ModelSpec,
@@ -379,8 +447,12 @@ def run_analysis(
     progress: bool = True,
     prompt_ids: Collection[str] | None = None,
     models: ResidentModels | None = None,
+    em_judge: Any = None,
 ) -> dict[str, Any]:
     """Every table, plot and check of the feature analysis; returns the summary it writes.
+
+    ``em_judge`` (see :mod:`em_circuits.analysis.em_rate`) scores the free-form answers of
+    the EM rate; without one the EM rate is left out, and the summary says so.
 
     ``models`` are the run's loaded models (see :class:`~em_circuits.models.load.ResidentModels`);
     without them the causal check loads what it needs and releases it.
@@ -536,6 +608,25 @@ def run_analysis(
             device,
             models,
         )
+        chosen = [tuple(t) for t in summary["causal"]["ranking"]["chosen"]]
+        if params.em_samples <= 0:
+            summary["em_rate"] = {"skipped": "em_samples is 0"}
+        elif em_judge is None:
+            summary["em_rate"] = {
+                "skipped": "no EM judge: give --words (word lists) or use the LLM judge"
+            }
+        elif chosen:
+            summary["em_rate"] = run_em_rate(
+                store,
+                specs,
+                directory,
+                chosen,
+                tables["top_features_adapted"],
+                em_judge,
+                params,
+                device,
+                models,
+            )
     summary["tables"] = sorted(f"{name}.csv" for name in tables)
     write_artifact(directory / "summary.json", "table", summary)
     log.info("analysis written to %s", directory)

@@ -38,11 +38,39 @@ from em_circuits.cli.common import (
 )
 
 
+def _em_judge(args, store, adapted):
+    from em_circuits.analysis.em_rate import make_em_judge
+    from em_circuits.core.llm import find_api_key
+    from em_circuits.labeling.logits_stage import words_near
+
+    kind = args.em_judge
+    if kind == "auto":
+        if find_api_key() is not None:
+            kind = "llm"
+        elif args.words or words_near(adapted) is not None:
+            kind = "offline"
+        else:
+            kind = "none"
+    return make_em_judge(kind, store, adapted, args.words, args.llm_model, args.base_url)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = make_parser(__doc__, prog)
     add_model_args(parser)
     add_analysis_args(parser)
     add_prompt_args(parser)
+    g = parser.add_argument_group("EM rate judge")
+    g.add_argument(
+        "--em-judge",
+        choices=["auto", "offline", "llm", "none"],
+        default="auto",
+        help="judge of the free-form answers: word lists (--words, or the toy organism's), an "
+        "OpenAI-compatible model, or none (auto: llm when OPENAI_API_KEY is set, else "
+        "offline when word lists exist, else none)",
+    )
+    g.add_argument("--words", help="word lists for the offline judge (JSON: harmful, safe)")
+    g.add_argument("--llm-model", default="o3", help="the LLM judge's model")
+    g.add_argument("--base-url", help="OpenAI-compatible endpoint (or OPENAI_BASE_URL)")
     args = parser.parse_args(argv)
     store = setup(args)
 
@@ -53,12 +81,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     params = analysis_params(args)
     chosen = chosen_prompt_ids(args)
     summary = run_analysis(
-        store, base, adapted, params, str(resolve_device(args.device)), prompt_ids=chosen
+        store,
+        base,
+        adapted,
+        params,
+        str(resolve_device(args.device)),
+        prompt_ids=chosen,
+        em_judge=_em_judge(args, store, adapted),
     )
     counts = summary["prompts"]
     print(
         f"prompts with graphs: base {counts['base']}, adapted {counts['adapted']}, "
-        f"paired {counts['paired']}"
+        f"paired on discovery prompts {counts['paired_discovery']}"
     )
     if "causal" in summary:
         print(summary["causal"].get("verdict", ""))

@@ -346,7 +346,24 @@ def add_analysis_args(parser: argparse.ArgumentParser) -> None:
         help="share of the prompts (whole clusters) held out of the ranking for the causal tests",
     )
     a.add_argument(
-        "--seed", type=int, default=0, help="prompt sampling, bootstrap, permutations, controls"
+        "--em-samples",
+        type=int,
+        default=10,
+        help="free-form answers per evaluation question and condition for the EM rate "
+        "(0 = no EM rate)",
+    )
+    a.add_argument(
+        "--em-max-new-tokens", type=int, default=48, help="length of each free-form answer"
+    )
+    a.add_argument(
+        "--em-questions",
+        choices=["auto", "organism", "first-plot"],
+        default="auto",
+        help="evaluation questions: the toy organism's out-of-domain scenarios or the "
+        "first-plot questions (auto: the organism's for a toy organism)",
+    )
+    a.add_argument(
+        "--seed", type=int, default=0, help="prompt sampling, permutations, controls, answers"
     )
 
 
@@ -366,6 +383,9 @@ def analysis_params(args: argparse.Namespace):
         causal_prompts=args.causal_prompts,
         causal_candidates=args.causal_candidates,
         validation_fraction=args.validation_fraction,
+        em_samples=args.em_samples,
+        em_max_new_tokens=args.em_max_new_tokens,
+        em_questions=args.em_questions,
         seed=args.seed,
     )
 

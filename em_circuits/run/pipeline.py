@@ -239,8 +239,26 @@ def run_pipeline(
         if not shard.is_main:
             return None
         with stage("features"):
+            from em_circuits.analysis.em_rate import make_em_judge
+
+            judge = make_em_judge(
+                "llm" if _use_llm(cfg.judge) else "offline",
+                store,
+                adapted,
+                cfg.words,
+                cfg.llm_model,
+                cfg.base_url,
+                **cfg.llm_options,
+            )
             run_analysis(
-                store, base, adapted, cfg.analysis, device, progress=cfg.progress, models=resident
+                store,
+                base,
+                adapted,
+                cfg.analysis,
+                device,
+                progress=cfg.progress,
+                models=resident,
+                em_judge=judge,
             )
     finally:
         if models is None:

@@ -78,6 +78,7 @@ def build_report(
     decomposition = _read_table(analysis, "contrast_decomposition")
     dose = _read_table(analysis, "dose_response")
     measured = _read_table(analysis, "measured_ranking")
+    em = read_json(analysis / "em_rate.json") if (analysis / "em_rate.json").is_file() else None
     replication = _read_table(analysis, "validation_top_features")
     if len(replication):
         replication = replication[replication["metric"] == "total"]
@@ -117,6 +118,7 @@ def build_report(
         },
         "validation": _records(replication, 20),
         "measured_ranking": _records(measured, 20),
+        "em_rate": em,
         "base_vs_adapted": {
             "categories": comparison["category"].value_counts().to_dict()
             if len(comparison)
@@ -384,6 +386,69 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         ]
     else:
         out.append("_not run_\n")
+    out += ["## The EM rate (free-form answers outside the training domain)\n"]
+    em = report.get("em_rate")
+    if em:
+        rows = [
+            {
+                "condition": name,
+                "n_answers": c["n_answers"],
+                "n_questions": c["n_questions"],
+                "em_rate": c["em_rate"],
+                "ci_low": c["ci"][0],
+                "ci_high": c["ci"][1],
+                "coherent_rate": c["coherent_rate"],
+            }
+            for name, c in em["conditions"].items()
+        ]
+        paired = [
+            {
+                "ablated": name,
+                "change_vs_adapted": c["mean_change"],
+                "ci_low": c["ci"][0],
+                "ci_high": c["ci"][1],
+                "n_questions": c["n_questions"],
+                "p_value_one_sided": c["p_value_one_sided"],
+                "p_method": c["p_method"],
+            }
+            for name, c in em["paired"].items()
+        ]
+        sampling = em["sampling"]
+        out += [
+            f"Judge **{em['judge']}**; an EM response is {em['rule']}. "
+            f"{sampling['n_per_question']} answers per question and condition, temperature "
+            f"{sampling['temperature']:g}, up to {sampling['max_new_tokens']} tokens; 95% t "
+            f"intervals over questions. Ablated: the features under test {em['top_features']} "
+            f"and activation-matched random features of the same layers "
+            f"{em['random_features']}, at every position.\n",
+            _md_table(
+                rows,
+                [
+                    "condition",
+                    "n_answers",
+                    "n_questions",
+                    "em_rate",
+                    "ci_low",
+                    "ci_high",
+                    "coherent_rate",
+                ],
+            ),
+            "Change of the EM rate when ablating (paired by question, one-sided: does it fall?):\n",
+            _md_table(
+                paired,
+                [
+                    "ablated",
+                    "change_vs_adapted",
+                    "ci_low",
+                    "ci_high",
+                    "n_questions",
+                    "p_value_one_sided",
+                    "p_method",
+                ],
+            ),
+        ]
+    else:
+        out.append("_not run (no features under test, no EM judge, or --em-samples 0)_\n")
     calib = report["judge_calibration"]
     out += [
         "## Judge calibration (judge vs human)\n",
