@@ -49,7 +49,7 @@ def plot_top_features(
     alpha: float = 0.05,
     title: str | None = None,
 ) -> Path:
-    """Horizontal bars of the mean contrast effect with bootstrap CI whiskers.
+    """Horizontal bars of the mean contrast effect with interval whiskers (t over clusters).
 
     Shows the ``top`` most evil-promoting keys (highest mean) of an aggregate_effects table;
     a star marks q <= alpha.
@@ -68,7 +68,14 @@ def plot_top_features(
     ax.set_yticks(y, labels, fontsize=8)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel(f"mean {metric} effect on logit(evil) - logit(safe), CI; * q <= {alpha}")
-    ax.set_title(title or f"Top evil-promoting features ({metric} effect)")
+    n = int(rows["n_prompts"].max()) if "n_prompts" in rows and len(rows) else 0
+    clusters = int(rows["n_clusters"].max()) if "n_clusters" in rows and len(rows) else 0
+    ax.set_title(
+        title
+        or f"Top {len(rows)} evil-promoting features ({metric} effect); "
+        f"n = {n} prompts in {clusters} clusters",
+        fontsize=9,
+    )
     return _save(fig, path)
 
 
@@ -100,7 +107,13 @@ def plot_base_vs_adapted(
         ax.annotate(feature_label(row), (row["mean_base"], row["mean_adapted"]), fontsize=7)
     ax.set_xlabel("base: mean contrast effect (logits)")
     ax.set_ylabel("adapted: mean contrast effect (logits)")
-    ax.set_title(title or "Per-feature contrast effect, base vs adapted")
+    n = int(comparison["n_prompts"].max()) if len(comparison) else 0
+    ax.set_title(
+        title
+        or f"Per-feature contrast effect, base vs adapted; {len(comparison)} features, "
+        f"n = {n} paired prompts",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -162,6 +175,9 @@ def plot_dose_response(dose: pd.DataFrame, path: Path, title: str | None = None)
     ax.axvline(1, color="black", linewidth=0.5, linestyle=":")
     ax.set_xlabel("activation scale (0 = ablated, 1 = unchanged)")
     ax.set_ylabel("change of logit(evil) - logit(safe)")
-    ax.set_title(title or "Dose-response of the evil-vs-safe contrast")
+    n = dose["prompt_id"].nunique() if len(dose) else 0
+    ax.set_title(
+        title or f"Dose-response of the evil-vs-safe contrast; n = {n} prompts", fontsize=9
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)

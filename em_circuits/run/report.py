@@ -152,6 +152,79 @@ def _md_table(rows: list[dict[str, Any]], columns: list[str], digits: int = 3) -
     return "\n".join(lines) + "\n"
 
 
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def findings(report: dict[str, Any]) -> list[str]:
+    """Each claim of the report in plain words: whether it held, and the test behind it."""
+    out = []
+    split = report.get("split") or {}
+    validation = report.get("validation") or []
+    if validation:
+        same = [bool(r.get("same_sign")) for r in validation]
+        out.append(
+            f"**Replication ({'held' if sum(same) > len(same) / 2 else 'did not hold'}):** "
+            f"{sum(same)} of {len(same)} top features ranked on the discovery prompts have "
+            f"the same sign of linearised effect on the held-out validation prompts "
+            f"({split.get('validation_prompts')} prompts in "
+            f"{split.get('validation_clusters')} clusters)."
+        )
+    causal = (report.get("causal") or {}).get("summary") or {}
+    agreement = (causal.get("linearised_vs_measured") or {}).get("validation", {})
+    unfrozen = agreement.get("delta_unfrozen") or {}
+    if unfrozen.get("n_pairs"):
+        r = unfrozen.get("pearson_r")
+        out.append(
+            f"**Linearised vs measured ({'agree' if r is not None and r >= 0.7 else 'differ'})"
+            f":** on the validation prompts single-feature ablations measured in the real "
+            f"model correlate with the linearised prediction at r = {_fmt(r)}, median ratio "
+            f"measured / linearised {_fmt(unfrozen.get('median_ratio'))}, same sign "
+            f"{_fmt(unfrozen.get('same_sign'))} (n = {unfrozen['n_pairs']} prompt-feature pairs)."
+        )
+    if causal.get("verdict"):
+        held = "held" if causal.get("lowers_more_than_random") else "not shown"
+        out.append(f"**Causal ({held}):** {causal['verdict']}")
+    controls = causal.get("controls") or {}
+    ablation = controls.get("base_ablation") or {}
+    if ablation.get("n_prompts"):
+        low, high = ablation["ci"]
+        specific = low <= 0 <= high
+        out.append(
+            f"**Adapter-specificity ({'consistent' if specific else 'not specific'}):** the "
+            f"same features ablated in the base model change the contrast by "
+            f"{_fmt(ablation['mean_delta'])} (95% CI {_fmt(low)} to {_fmt(high)}, "
+            f"{ablation['n_clusters']} clusters, p = {_fmt(ablation.get('p_value'))}, "
+            f"{ablation.get('p_method')})"
+            + ("." if specific else "; they matter in the base model too.")
+        )
+    em = report.get("em_rate")
+    if em:
+        paired = em["paired"].get("adapted, top features ablated") or {}
+        conditions = em["conditions"]
+        falls = paired.get("p_value_one_sided") is not None and paired["p_value_one_sided"] < 0.05
+        out.append(
+            f"**EM rate ({'lowered by the ablation' if falls else 'not shown to fall'}):** "
+            f"base {_fmt(conditions['base']['em_rate'])}, adapted "
+            f"{_fmt(conditions['adapted']['em_rate'])}, top features ablated "
+            f"{_fmt(conditions['adapted, top features ablated']['em_rate'])}, random "
+            f"features ablated {_fmt(conditions['adapted, random ablated']['em_rate'])} "
+            f"(judge {em['judge']}; change {_fmt(paired.get('mean_change'))}, one-sided p = "
+            f"{_fmt(paired.get('p_value_one_sided'))}, {paired.get('p_method')})."
+        )
+    if split and not split.get("testable"):
+        out.append(
+            f"**Too few prompts:** {split.get('validation_clusters')} validation clusters; no "
+            "test can reach p < 0.05 with fewer than "
+            f"{split.get('min_validation_clusters')}. Every number is descriptive."
+        )
+    return out
+
+
 def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
     c = report["counts"]
     m = report["models"]
@@ -160,6 +233,10 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         f"Base `{m['base']['slug']}`, adapted `{m['adapted']['slug']}` "
         f"(fingerprints `{m['base']['fingerprint'][:16]}`, `{m['adapted']['fingerprint'][:16]}`)."
         " Every number below is read from stored artifacts.\n",
+        "## Findings\n",
+        "\n".join(f"- {line}" for line in findings(report)) + "\n"
+        if findings(report)
+        else "_no analysis yet_\n",
         "## Counts\n",
         _md_table(
             [
