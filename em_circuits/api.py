@@ -174,7 +174,7 @@ def read_analysis(
 
     store = ResultsStore(results_dir)
     slugs = store.analysed_slugs() if adapted_slug is None else [adapted_slug]
-    if len(slugs) != 1 or not store.model_analysis_dir(slugs[0]).is_dir():
+    if len(slugs) != 1 or not store.latest_analysis_dir(slugs[0]).is_dir():
         found = ", ".join(slugs) or "none"
         raise FileNotFoundError(
             f"{store.analysis_dir}: expected one analysed model, found "

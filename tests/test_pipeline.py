@@ -168,7 +168,10 @@ def test_uninterrupted_run_writes_the_report(reference):
     ]
     assert modes.count("full") == len(viewer)
     assert modes.count("totals") == 2 * counts["graphs"]["adapted"]
-    analysis = reference / "analysis" / report["models"]["adapted"]["slug"]
+    from em_circuits.core.store import ResultsStore
+
+    analysis = ResultsStore(reference).latest_analysis_dir(report["models"]["adapted"]["slug"])
+    assert analysis.parent.name == "runs"  # each parameter set in its own folder
     for name in (
         "top_features_adapted.csv",
         "base_vs_adapted.csv",
@@ -357,3 +360,34 @@ def test_python_api_reads_and_reruns_the_analysis(reference, micro_specs, tmp_pa
     )
     assert summary["folder"].startswith("analysis/") and "/prompts-" in summary["folder"]
     assert (results / summary["folder"] / "top_features_adapted.csv").is_file()
+
+
+def test_each_analysis_parameter_set_keeps_its_own_folder(reference, micro_organism, tmp_path):
+    import shutil
+
+    from em_circuits.core.store import ResultsStore, read_json
+
+    results = tmp_path / "results"
+    shutil.copytree(reference, results)
+    store = ResultsStore(results)
+    (slug,) = store.analysed_slugs()
+    first = store.latest_analysis_dir(slug)
+    command = [
+        sys.executable,
+        "-m",
+        "em_circuits.cli.main",
+        "analyze",
+        "--results-dir",
+        str(results),
+        *model_args(micro_organism),
+        "--causal-top-k",
+        "0",
+        "--min-support",
+        "1",
+    ]
+    done = _run(command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    second = store.latest_analysis_dir(slug)
+    assert second != first and first.is_dir() and (first / "summary.json").is_file()
+    assert read_json(second / "summary.json")["params"]["min_support"] == 1
+    assert read_json(store.latest_analysis_path(slug))["params"]["causal_top_k"] == 0

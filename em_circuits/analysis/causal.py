@@ -415,7 +415,10 @@ def measured_ablation_effects(
     from em_circuits.analysis.intervene import UnsupportedInterventionError, real_model_logits
 
     rows = []
-    for prompt in prompts:
+    for number, prompt in enumerate(prompts, 1):
+        log.info(
+            "measured ablations: prompt %d/%d, %d features", number, len(prompts), len(features)
+        )
         ids = model.encode_prompt(dict(prompt))
         evil, safe = prompt["evil_ids"], prompt["safe_ids"]
         with torch.no_grad():

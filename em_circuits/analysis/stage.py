@@ -204,6 +204,15 @@ def _causal_prompts(store: ResultsStore, metas: dict[str, dict[str, Any]]) -> li
     return prompts
 
 
+def _point_latest(store: ResultsStore, slug: str, directory: Path, params: AnalysisParams) -> None:
+    """latest.json -> this run's folder (unless it already points there)."""
+    folder = directory.relative_to(store.root).as_posix()
+    path = store.latest_analysis_path(slug)
+    if path.is_file() and read_json(path, "table").get("folder") == folder:
+        return  # a run with nothing new to do writes nothing (read-only results work)
+    write_artifact(path, "table", {"folder": folder, "params": asdict(params)})
+
+
 def _write_split(directory: Path, split: Split) -> None:
     """split.json: each prompt's side and cluster, for readers and for checking the split."""
     rows = [
@@ -467,7 +476,9 @@ def run_analysis(
     fps = {role: fingerprint(spec, device) for role, spec in (("base", base), ("adapted", adapted))}
     specs = {"base": base, "adapted": adapted}
     slugs = {role: model_slug(specs[role], fp) for role, fp in fps.items()}
-    directory = store.model_analysis_dir(slugs["adapted"])
+    # Each parameter set keeps its own folder; latest.json says which one ran last.
+    run_key = params_key(asdict(params))
+    directory = store.analysis_run_dir(slugs["adapted"], run_key)
     if prompt_ids is not None:
         directory = directory / f"prompts-{params_key({'prompt_ids': sorted(prompt_ids)})}"
     graphs = {role: chosen_graphs(store, slug, prompt_ids) for role, slug in slugs.items()}
@@ -475,6 +486,8 @@ def run_analysis(
     stored = _up_to_date(directory, inputs_key)
     if stored is not None:
         log.info("analysis in %s is up to date (same graphs and parameters)", directory)
+        if prompt_ids is None:
+            _point_latest(store, slugs["adapted"], directory, params)
         return stored
     directory.mkdir(parents=True, exist_ok=True)
     left_out: list[str] = []
@@ -629,5 +642,7 @@ def run_analysis(
             )
     summary["tables"] = sorted(f"{name}.csv" for name in tables)
     write_artifact(directory / "summary.json", "table", summary)
+    if prompt_ids is None:
+        _point_latest(store, slugs["adapted"], directory, params)
     log.info("analysis written to %s", directory)
     return read_json(directory / "summary.json")

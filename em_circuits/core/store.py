@@ -314,6 +314,21 @@ class ResultsStore:
     def model_analysis_dir(self, adapted_slug: str) -> Path:
         return self.analysis_dir / adapted_slug
 
+    def analysis_run_dir(self, adapted_slug: str, params_key: str) -> Path:
+        """One analysis parameter set's folder: runs with other parameters keep theirs."""
+        return self.model_analysis_dir(adapted_slug) / "runs" / params_key
+
+    def latest_analysis_path(self, adapted_slug: str) -> Path:
+        """``latest.json``: which run folder the last analysis wrote, with its parameters."""
+        return self.model_analysis_dir(adapted_slug) / "latest.json"
+
+    def latest_analysis_dir(self, adapted_slug: str) -> Path:
+        """The folder of the last analysis run (what the report and notebooks read)."""
+        pointer = self.latest_analysis_path(adapted_slug)
+        if pointer.is_file():
+            return self.root / read_json(pointer, "table")["folder"]
+        return self.model_analysis_dir(adapted_slug)
+
     @property
     def merged_cache_dir(self) -> Path:
         return self.root / "cache" / "merged"
@@ -387,7 +402,8 @@ class ResultsStore:
         return self._subfolders(self.analysis_dir)
 
     def analysis_files(self, adapted_slug: str, pattern: str = "*") -> list[Path]:
-        return sorted(self.model_analysis_dir(adapted_slug).glob(pattern))
+        """Files of the last analysis run of one model."""
+        return sorted(self.latest_analysis_dir(adapted_slug).glob(pattern))
 
     def disk_usage(self) -> dict[str, int]:
         """Bytes per top-level folder."""

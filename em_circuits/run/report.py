@@ -70,7 +70,7 @@ def build_report(
 
     fps = {"base": fingerprint(base, device), "adapted": fingerprint(adapted, device)}
     slugs = {"base": model_slug(base, fps["base"]), "adapted": model_slug(adapted, fps["adapted"])}
-    analysis = store.model_analysis_dir(slugs["adapted"])
+    analysis = store.latest_analysis_dir(slugs["adapted"])
     top = _read_table(analysis, "top_features_adapted")
     if len(top):
         top = top[top["metric"] == "total"]
@@ -79,6 +79,9 @@ def build_report(
     dose = _read_table(analysis, "dose_response")
     measured = _read_table(analysis, "measured_ranking")
     em = read_json(analysis / "em_rate.json") if (analysis / "em_rate.json").is_file() else None
+    analysis_summary = (
+        read_json(analysis / "summary.json") if (analysis / "summary.json").is_file() else {}
+    )
     replication = _read_table(analysis, "validation_top_features")
     if len(replication):
         replication = replication[replication["metric"] == "total"]
@@ -119,6 +122,8 @@ def build_report(
         "validation": _records(replication, 20),
         "measured_ranking": _records(measured, 20),
         "em_rate": em,
+        "analysis_folder": analysis.relative_to(store.root).as_posix(),
+        "analysis_params": analysis_summary.get("params"),
         "base_vs_adapted": {
             "categories": comparison["category"].value_counts().to_dict()
             if len(comparison)
@@ -526,6 +531,13 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         ]
     else:
         out.append("_not run (no features under test, no EM judge, or --em-samples 0)_\n")
+    if report.get("analysis_params"):
+        out += [
+            "## Parameters of this analysis\n",
+            f"Folder `{report['analysis_folder']}` (each parameter set keeps its own; "
+            "`latest.json` beside them names the last run).\n",
+            "```json\n" + json.dumps(report["analysis_params"], indent=1) + "\n```\n",
+        ]
     calib = report["judge_calibration"]
     out += [
         "## Judge calibration (judge vs human)\n",
@@ -575,7 +587,7 @@ def write_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec, devic
     """Write report.json and report.md, unless both already say the same (so a run with
     nothing new to do writes nothing, and works on a read-only results directory)."""
     report = build_report(store, base, adapted, device)
-    analysis = store.model_analysis_dir(report["models"]["adapted"]["slug"])
+    analysis = store.latest_analysis_dir(report["models"]["adapted"]["slug"])
     analysis_rel = analysis.relative_to(store.root).as_posix()  # report.md links from the root
     report_json = json.dumps(report, indent=1, default=str, ensure_ascii=False) + "\n"
     report_md = render_markdown(report, analysis_rel)
