@@ -189,15 +189,16 @@ def sign_flip_test(
 
     Methods: "exact" (all 2^n patterns, or meet in the middle where Monte Carlo found
     p <= ``refine_below`` and n <= ``refine_max_n``), "exact: all signs agree" (p = 2 / 2^n
-    two-sided, 1 / 2^n one-sided in the agreeing direction, for any n), "monte carlo"
-    (``n_perm`` draws: resolution 1 / (n_perm + 1)), "n too small" (with ``alpha``: the
+    two-sided, 1 / 2^n one-sided in the agreeing direction, for any n), "monte carlo (N
+    draws, resolution 1 / (N + 1))", "n too small" (with ``alpha``: the
     smallest attainable p exceeds alpha, so no p-value, NaN) and "no values" (p = 1).
     Zeros never change the statistic; they are dropped first (the p-value is the same).
     """
     rows = [np.asarray(r, dtype=np.float64) for r in rows]
     rows = [r[r != 0] for r in rows]
     p = sign_flip_pvalues(rows, n_perm, seed, exact_max_n, alternative)
-    method = np.array(["monte carlo"] * len(rows), dtype=object)
+    monte_carlo = f"monte carlo ({n_perm} draws, resolution {1 / (n_perm + 1):.1g})"
+    method = np.array([monte_carlo] * len(rows), dtype=object)
     for i, row in enumerate(rows):
         n = len(row)
         if n == 0:
