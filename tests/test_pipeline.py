@@ -57,6 +57,12 @@ def _command(organism, results: Path) -> list[str]:
         "2",
         "--n-random",
         "1",
+        "--causal-candidates",
+        "4",
+        "--em-samples",
+        "3",
+        "--em-max-new-tokens",
+        "12",
     ]
 
 

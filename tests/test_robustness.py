@@ -59,6 +59,12 @@ PIPELINE_ARGS = [
     "1",
     "--n-random",
     "1",
+    "--causal-candidates",
+    "4",
+    "--em-samples",
+    "3",
+    "--em-max-new-tokens",
+    "12",
 ]
 
 

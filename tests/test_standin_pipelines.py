@@ -65,6 +65,12 @@ def test_pipeline_runs_end_to_end_from_the_hub_cache(name, tmp_path):
         "1",
         "--n-random",
         "1",
+        "--causal-candidates",
+        "2",
+        "--em-samples",
+        "2",
+        "--em-max-new-tokens",
+        "8",
         "--full-graphs",
         "1",
     ]
