@@ -412,8 +412,11 @@ def measured_ablation_effects(
     baseline, delta_frozen, delta_unfrozen (NaN when the transcoders cannot be intervened on
     outside circuit-tracer).
     """
-    from em_circuits.analysis.intervene import UnsupportedInterventionError, real_model_logits
+    from em_circuits.analysis.intervene import real_model_logits, unsupported_reason
 
+    unsupported = unsupported_reason(model)
+    if unsupported is not None:
+        log.warning("measured effects with nothing frozen are not available: %s", unsupported)
     rows = []
     for number, prompt in enumerate(prompts, 1):
         log.info(
@@ -426,11 +429,9 @@ def measured_ablation_effects(
         baseline = contrast_of(logits, evil, safe)
         active = active_instances(acts)
         allowed = _allowed_positions(active, len(ids), position)
-        try:
-            real_baseline: float | None = contrast_of(real_model_logits(model, ids, []), evil, safe)
-        except UnsupportedInterventionError as err:
-            log.info("measured effects with nothing frozen are not available: %s", err)
-            real_baseline = None
+        real_baseline: float | None = None
+        if unsupported is None:
+            real_baseline = contrast_of(real_model_logits(model, ids, []), evil, safe)
         for layer, feature in features:
             index = np.flatnonzero(
                 (active.layer == layer) & (active.feature == feature) & allowed

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -51,6 +52,15 @@ def transcoder_set(model: LoadedModel):
     return getattr(transcoders, "_module", transcoders)
 
 
+def unsupported_reason(model: LoadedModel) -> str | None:
+    """Why real-model interventions cannot run on this model, or None when they can."""
+    try:
+        _hook_sites(model, 0)
+    except UnsupportedInterventionError as err:
+        return str(err)
+    return None
+
+
 def _hook_sites(model: LoadedModel, layer: int) -> tuple[tuple, tuple]:
     """((module, side) where the transcoder reads, (module, side) where it writes)."""
     from circuit_tracer.transcoder import TranscoderSet
@@ -77,6 +87,84 @@ def _tensor_of(value):
     return value[0] if isinstance(value, tuple) else value
 
 
+def _edit_mlp_output(
+    model: LoadedModel, layer: int, change: Callable[[torch.Tensor], torch.Tensor]
+) -> list[Any]:
+    """Hooks that keep the transcoder's live input at ``layer`` (batch, positions, d_model)
+    and add ``change(input)`` to what the transcoder replaces there (the MLP output);
+    returns the hook handles."""
+    (reads, read_side), (writes, write_side) = _hook_sites(model, layer)
+    seen: dict[str, torch.Tensor] = {}
+
+    def read_pre(_module, args):
+        seen["x"] = args[0]
+
+    def read_post(_module, _args, output):
+        seen["x"] = _tensor_of(output)
+
+    def write_pre(_module, args):
+        return (args[0] + change(seen.pop("x")), *args[1:])
+
+    def write_post(_module, _args, output):
+        if isinstance(output, tuple):
+            return (output[0] + change(seen.pop("x")), *output[1:])
+        return output + change(seen.pop("x"))
+
+    handles = []
+    for module, side, pre, post in (
+        (reads, read_side, read_pre, read_post),
+        (writes, write_side, write_pre, write_post),
+    ):
+        if side == "input":
+            handles.append(module.register_forward_pre_hook(pre))
+        else:
+            handles.append(module.register_forward_hook(post))
+    return handles
+
+
+@contextmanager
+def _edits(
+    model: LoadedModel, changes: dict[int, Callable[[torch.Tensor], torch.Tensor]]
+) -> Iterator[None]:
+    handles: list[Any] = []
+    try:
+        for layer, change in changes.items():
+            handles += _edit_mlp_output(model, layer, change)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _set_to(transcoder: Any, changes: list[tuple[int, int, float]]):
+    """The MLP-output change that sets each (position, feature) to its value."""
+
+    def change(x: torch.Tensor) -> torch.Tensor:
+        acts = transcoder.encode(x[0])  # (positions, d_transcoder), live
+        out = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
+        for pos, feature, value in changes:
+            decoder = transcoder._get_decoder_vectors(torch.tensor([feature]))[0]
+            out[pos] += (value - acts[pos, feature].float()) * decoder.float()
+        return out.to(x.dtype)[None]
+
+    return change
+
+
+def _zeroed(transcoder: Any, features: list[int]):
+    """The MLP-output change that ablates these features at every position but BOS."""
+    index = torch.tensor(features)
+    decoders = transcoder._get_decoder_vectors(index).float()  # (k, d_model)
+
+    def change(x: torch.Tensor) -> torch.Tensor:
+        acts = transcoder.encode(x).float()[..., index.to(x.device)]  # (batch, positions, k)
+        removed = acts @ decoders.to(x.device)
+        if x.shape[1] > 1:
+            removed[:, 0] = 0  # a whole prompt: its first position is BOS
+        return (-removed).to(x.dtype)
+
+    return change
+
+
 @torch.no_grad()
 def real_model_logits(
     model: LoadedModel, ids: torch.Tensor, interventions: Sequence[Intervention]
@@ -86,51 +174,10 @@ def real_model_logits(
     by_layer: dict[int, list[tuple[int, int, float]]] = defaultdict(list)
     for layer, pos, feature, value in interventions:
         by_layer[int(layer)].append((int(pos), int(feature), float(value)))
-    handles = []
-    live_inputs: dict[int, torch.Tensor] = {}
-    try:
-        for layer, changes in by_layer.items():
-            (reads, read_side), (writes, write_side) = _hook_sites(model, layer)
-            transcoder = transcoder_set(model)[layer]
-
-            def remember(layer: int = layer, side: str = read_side):
-                def pre(_module, args):
-                    live_inputs[layer] = args[0]
-
-                def post(_module, _args, output):
-                    live_inputs[layer] = _tensor_of(output)
-
-                return pre if side == "input" else post
-
-            def delta(layer: int = layer, changes=changes, transcoder=transcoder) -> torch.Tensor:
-                x = live_inputs.pop(layer)
-                acts = transcoder.encode(x[0])  # (positions, d_transcoder), live
-                change = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
-                for pos, feature, value in changes:
-                    decoder = transcoder._get_decoder_vectors(torch.tensor([feature]))[0]
-                    change[pos] += (value - acts[pos, feature].float()) * decoder.float()
-                return change.to(x.dtype)
-
-            def write(layer: int = layer, side: str = write_side):
-                def pre(_module, args):
-                    return (args[0] + delta(layer)[None], *args[1:])
-
-                def post(_module, _args, output):
-                    if isinstance(output, tuple):
-                        return (output[0] + delta(layer)[None], *output[1:])
-                    return output + delta(layer)[None]
-
-                return pre if side == "input" else post
-
-            for module, side, make in ((reads, read_side, remember), (writes, write_side, write)):
-                if side == "input":
-                    handles.append(module.register_forward_pre_hook(make()))
-                else:
-                    handles.append(module.register_forward_hook(make()))
+    transcoders = transcoder_set(model)
+    changes = {layer: _set_to(transcoders[layer], items) for layer, items in by_layer.items()}
+    with _edits(model, changes):
         logits = model.hf_model(ids[None].to(model.device)).logits[0]
-    finally:
-        for handle in handles:
-            handle.remove()
     return logits.float()
 
 
@@ -143,49 +190,6 @@ def features_zeroed(model: LoadedModel, features: Sequence[tuple[int, int]]) -> 
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, feature in features:
         by_layer[int(layer)].append(int(feature))
-    handles = []
-    live_inputs: dict[int, torch.Tensor] = {}
-    try:
-        for layer, chosen in by_layer.items():
-            (reads, read_side), (writes, write_side) = _hook_sites(model, layer)
-            transcoder = transcoder_set(model)[layer]
-            index = torch.tensor(chosen)
-            decoders = transcoder._get_decoder_vectors(index).float()  # (k, d_model)
-
-            def remember(layer: int = layer, side: str = read_side):
-                def pre(_module, args):
-                    live_inputs[layer] = args[0]
-
-                def post(_module, _args, output):
-                    live_inputs[layer] = _tensor_of(output)
-
-                return pre if side == "input" else post
-
-            def removed(layer: int = layer, transcoder=transcoder, index=index, decoders=decoders):
-                x = live_inputs.pop(layer)
-                acts = transcoder.encode(x).float()[..., index.to(x.device)]  # (b, pos, k)
-                change = acts @ decoders.to(x.device)
-                if x.shape[1] > 1:
-                    change[:, 0] = 0  # a whole prompt: its first position is BOS
-                return change.to(x.dtype)
-
-            def write(layer: int = layer, side: str = write_side):
-                def pre(_module, args):
-                    return (args[0] - removed(layer), *args[1:])
-
-                def post(_module, _args, output):
-                    if isinstance(output, tuple):
-                        return (output[0] - removed(layer), *output[1:])
-                    return output - removed(layer)
-
-                return pre if side == "input" else post
-
-            for module, side, make in ((reads, read_side, remember), (writes, write_side, write)):
-                if side == "input":
-                    handles.append(module.register_forward_pre_hook(make()))
-                else:
-                    handles.append(module.register_forward_hook(make()))
+    transcoders = transcoder_set(model)
+    with _edits(model, {layer: _zeroed(transcoders[layer], f) for layer, f in by_layer.items()}):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
