@@ -188,6 +188,15 @@ def _up_to_date(directory: Path, inputs_key: str) -> dict[str, Any] | None:
     return summary
 
 
+def _cached_summary(path: Path, companion: Path, key: str) -> dict[str, Any] | None:
+    """A stored summary made with this cache key whose table beside it exists, else None."""
+    if path.is_file() and companion.is_file():
+        cached = read_json(path)
+        if cached.get("cache_key") == key:
+            return cached
+    return None
+
+
 def _causal_prompts(store: ResultsStore, metas: dict[str, dict[str, Any]]) -> list[dict]:
     """The stored prompt records (the model renders them as the attribution did: chat prompts
     through the chat template) with their labeled evil and safe token ids."""
@@ -295,10 +304,9 @@ def run_causal(
         }
     )
     summary_path = directory / "causal_summary.json"
-    if summary_path.is_file() and (directory / "dose_response.csv").is_file():
-        cached = read_json(summary_path)
-        if cached.get("cache_key") == key:
-            return cached
+    cached = _cached_summary(summary_path, directory / "dose_response.csv", key)
+    if cached is not None:
+        return cached
     pool = models or ResidentModels(None, device, store.merged_cache_dir)
     try:
         adapted = pool.load(specs["adapted"])
@@ -430,10 +438,9 @@ def run_em_rate(
         }
     )
     path = directory / "em_rate.json"
-    if path.is_file() and (directory / "em_answers.csv").is_file():
-        cached = read_json(path)
-        if cached.get("cache_key") == key:
-            return cached
+    cached = _cached_summary(path, directory / "em_answers.csv", key)
+    if cached is not None:
+        return cached
     pool = models or ResidentModels(None, device, store.merged_cache_dir)
     try:
         loaded = {role: pool.load(spec) for role, spec in specs.items()}
