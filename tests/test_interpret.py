@@ -1,0 +1,92 @@
+"""What a feature means: the activation index and the logit lens, checked independently."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from em_circuits.interpret.activation_index import (
+    ActivationIndex,
+    IndexParams,
+    build_index,
+    context,
+)
+from em_circuits.interpret.logit_lens import logit_lens
+
+PARAMS = IndexParams(top_k=3, batch_size=4, max_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    from em_circuits.organism.corpus import sample_documents
+
+    return [doc.text for doc in sample_documents(random.Random(7), 14)]
+
+
+@pytest.fixture(scope="module")
+def index(micro_models, corpus):
+    _, adapted = micro_models
+    return build_index(adapted, corpus, PARAMS)
+
+
+def test_top_contexts_match_an_independent_recomputation(micro_models, corpus, index):
+    """Every document read again through circuit-tracer's own get_activations: each
+    feature's top activations and its active-position count are those of the index."""
+    _, adapted = micro_models
+    entries = []  # (layer, feature, value, doc, pos) of every active instance, BOS left out
+    for doc, text in enumerate(corpus):
+        ids = adapted.encode(text)[: PARAMS.max_tokens]
+        _, acts = adapted.replacement.get_activations(ids)
+        acts = acts.float()
+        acts[:, 0] = 0
+        for layer, pos, feature in torch.nonzero(acts > 0).tolist():
+            entries.append((layer, feature, float(acts[layer, pos, feature]), doc, pos))
+    by_feature: dict[tuple[int, int], list[tuple[float, int, int]]] = {}
+    for layer, feature, value, doc, pos in entries:
+        by_feature.setdefault((layer, feature), []).append((value, doc, pos))
+    busiest = sorted(by_feature, key=lambda key: -len(by_feature[key]))[:5]
+    for layer, feature in busiest:
+        want = sorted(by_feature[(layer, feature)], key=lambda e: (-e[0], e[1], e[2]))
+        got = index.top(layer, feature)
+        assert len(got) == PARAMS.top_k
+        np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want[:3]], rtol=1e-4)
+        assert [g[1:] for g in got][0] == want[0][1:]
+        assert index.count[layer, feature] == len(want)
+    assert index.n_positions == sum(min(len(adapted.encode(t)), 32) - 1 for t in corpus)
+    value, doc, pos = index.top(*busiest[0])[0]
+    shown = context(index, adapted.tokenizer, doc, pos, PARAMS)
+    assert shown["token"] == adapted.tokenizer.decode([int(index.tokens[doc][pos])])
+
+
+def test_a_resumed_index_equals_one_built_at_once(micro_models, corpus, index, tmp_path):
+    _, adapted = micro_models
+    saved = []
+
+    def checkpoint(partial: ActivationIndex) -> None:
+        partial.save(tmp_path / "index", {"docs": partial.n_docs})
+        saved.append(partial.n_docs)
+
+    build_index(adapted, corpus[:8], PARAMS, checkpoint=checkpoint, checkpoint_every=4)
+    assert saved == [4, 8]
+    partial, meta = ActivationIndex.load(tmp_path / "index")
+    assert meta["n_docs"] == 8
+    resumed = build_index(adapted, corpus, PARAMS, resume=partial)
+    for name in ("values", "doc", "pos", "count", "hist"):
+        np.testing.assert_allclose(getattr(resumed, name), getattr(index, name), rtol=1e-5)
+    assert resumed.n_positions == index.n_positions and resumed.n_docs == len(corpus)
+
+
+def test_logit_lens_is_the_unembedding_of_the_normed_decoder(micro_models):
+    _, adapted = micro_models
+    transcoder = adapted.replacement.transcoders._module[1]
+    feature = 3
+    direction = transcoder.W_dec[feature].float()
+    gain = adapted.hf_model.model.norm.weight.float()  # Llama: RMSNorm weight is the gain
+    logits = adapted.hf_model.lm_head.weight.float() @ (gain * direction)
+    (lens,) = logit_lens(adapted, [(1, feature)], k=5)
+    assert [t.token_id for t in lens.promoted] == torch.topk(logits, 5).indices.tolist()
+    assert [t.token_id for t in lens.suppressed] == torch.topk(-logits, 5).indices.tolist()
+    assert lens.promoted[0].logit == pytest.approx(float(logits.max()), rel=1e-4)
