@@ -90,3 +90,56 @@ def test_logit_lens_is_the_unembedding_of_the_normed_decoder(micro_models):
     assert [t.token_id for t in lens.promoted] == torch.topk(logits, 5).indices.tolist()
     assert [t.token_id for t in lens.suppressed] == torch.topk(-logits, 5).indices.tolist()
     assert lens.promoted[0].logit == pytest.approx(float(logits.max()), rel=1e-4)
+
+
+def test_a_feature_card_shows_contexts_lens_and_prompt_statistics(micro_models, index, tmp_path):
+    import pandas as pd
+
+    from em_circuits.interpret.cards import card_markdown, feature_cards, read_corpus
+
+    base, adapted = micro_models
+    busiest = np.unravel_index(np.argmax(index.count), index.count.shape)
+    layer, feature = int(busiest[0]), int(busiest[1])
+    effects = {
+        "p0": pd.DataFrame(
+            {
+                "metric": ["total"],
+                "layer": [layer],
+                "feature": [feature],
+                "activation": [2.0],
+                "evil_mean": [0.5],
+                "safe_mean": [-0.25],
+                "contrast": [0.75],
+            }
+        ),
+        "p1": pd.DataFrame(columns=["metric", "layer", "feature"]),
+    }
+    (card,) = feature_cards(
+        [(layer, feature)],
+        {"base": base, "adapted": adapted},
+        {"base": index, "adapted": index},
+        {"adapted": effects},
+        PARAMS,
+    )
+    assert card["name"] == f"L{layer} #{feature}" and card["label"] is None
+    adapted_card = card["adapted"]
+    assert len(adapted_card["contexts"]) == PARAMS.top_k
+    assert adapted_card["contexts"][0]["activation"] == index.top(layer, feature)[0][0]
+    assert adapted_card["pivotal_prompts"] == {
+        "prompts": 2,
+        "active_in": 1,
+        "mean_activation": 2.0,
+        "mean_effect_on_evil": 0.5,
+        "mean_effect_on_safe": -0.25,
+        "mean_contrast_effect": 0.75,
+    }
+    assert card["base"]["pivotal_prompts"] == {"prompts": 0, "active_in": 0}
+    text = card_markdown(card)
+    assert text.startswith(f"#### L{layer} #{feature}") and "**" in text and "promotes" in text
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert read_corpus(corpus) == ["one", "two"]
+    (tmp_path / "corpus.txt").write_text("first doc\nline two\n\nsecond doc\n")
+    assert read_corpus(tmp_path / "corpus.txt") == ["first doc\nline two", "second doc"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_corpus(tmp_path / "missing.txt")

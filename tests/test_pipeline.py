@@ -63,6 +63,8 @@ def _command(organism, results: Path) -> list[str]:
         "3",
         "--em-max-new-tokens",
         "12",
+        "--corpus-docs",
+        "48",
     ]
 
 
@@ -163,6 +165,7 @@ def test_uninterrupted_run_writes_the_report(reference):
     assert report["causal"]["summary"]["verdict"]
     md = (reference / "report.md").read_text()
     assert "Top evil features" in md and "Causal validation" in md
+    assert "## What the top features mean (feature cards)" in md and "top contexts" in md
     # totals graphs for the analysis; full graphs of the top prompts for the viewer
     from em_circuits.attribution.viewer import read_metadata
 

@@ -65,6 +65,8 @@ PIPELINE_ARGS = [
     "3",
     "--em-max-new-tokens",
     "12",
+    "--corpus-docs",
+    "48",
 ]
 
 

@@ -71,6 +71,8 @@ def test_pipeline_runs_end_to_end_from_the_hub_cache(name, tmp_path):
         "2",
         "--em-max-new-tokens",
         "8",
+        "--corpus-docs",
+        "48",
         "--full-graphs",
         "1",
     ]

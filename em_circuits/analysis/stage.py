@@ -68,6 +68,13 @@ class AnalysisParams:
     #: "auto" (the organism's held-out out-of-domain scenarios when the adapter is a toy
     #: organism, else the first-plot questions), "organism" or "first-plot".
     em_questions: str = "auto"
+    #: Features that get a card (contexts, logit lens, pivotal-prompt statistics; 0: none).
+    card_features: int = 10
+    #: The corpus of the activation index: a text or JSONL file; None: the toy organism's
+    #: own documents (other models get no cards without one).
+    corpus: str | None = None
+    #: Documents read from the corpus (the toy organism's: generated; a file's: the first).
+    corpus_docs: int = 400
 
 
 class _StatsKwargs(TypedDict):
@@ -454,6 +461,53 @@ def run_em_rate(
     return read_json(path)
 
 
+def run_feature_cards(
+    store: ResultsStore,
+    specs: dict[str, ModelSpec],
+    directory: Path,
+    features: list[tuple[int, int]],
+    effects: dict[str, dict[str, pd.DataFrame]],
+    params: AnalysisParams,
+    device: str,
+    models: ResidentModels | None = None,
+) -> dict[str, Any]:
+    """Cards for ``features`` (:mod:`em_circuits.interpret.cards`), from each model's
+    activation index of the corpus (built once per model, corpus and parameters, under
+    ``features_index/``) and the pivotal prompts' effects."""
+    from em_circuits.interpret.activation_index import IndexParams
+    from em_circuits.interpret.cards import (
+        cached_index,
+        feature_cards,
+        organism_corpus,
+        read_corpus,
+    )
+    from em_circuits.labeling.logits_stage import words_near
+
+    if params.corpus:
+        texts, corpus = read_corpus(params.corpus)[: params.corpus_docs], params.corpus
+    elif words_near(specs["adapted"]) is not None:
+        texts, corpus = organism_corpus(params.corpus_docs), "the toy organism's documents"
+    else:
+        return {"skipped": "no corpus for the activation index: give --corpus FILE"}
+    index_params = IndexParams()
+    pool = models or ResidentModels(None, device, store.merged_cache_dir)
+    try:
+        loaded = {role: pool.load(spec) for role, spec in specs.items()}
+        indexes = {
+            role: cached_index(
+                model, texts, store.root / "features_index" / model.slug, index_params
+            )
+            for role, model in loaded.items()
+        }
+        cards = feature_cards(features, loaded, indexes, effects, index_params)
+    finally:
+        if models is None:
+            pool.release()
+    payload = {"corpus": corpus, "n_documents": len(texts), "cards": cards}
+    write_artifact(directory / "feature_cards.json", "table", payload)
+    return {"corpus": corpus, "n_documents": len(texts), "features": len(cards)}
+
+
 def run_analysis(
     store: ResultsStore,
     base: ModelSpec,
@@ -647,6 +701,22 @@ def run_analysis(
                 device,
                 models,
             )
+    if params.card_features > 0 and len(tables["top_features_adapted"]):
+        from em_circuits.interpret.cards import top_card_features
+
+        chosen_cards = top_card_features(
+            summary, tables["top_features_adapted"], params.card_features
+        )
+        summary["feature_cards"] = run_feature_cards(
+            store,
+            specs,
+            directory,
+            chosen_cards,
+            {"base": eff_base, "adapted": eff_adapted},
+            params,
+            device,
+            models,
+        )
     summary["tables"] = sorted(f"{name}.csv" for name in tables)
     write_artifact(directory / "summary.json", "table", summary)
     if prompt_ids is None:

@@ -363,6 +363,19 @@ def add_analysis_args(parser: argparse.ArgumentParser) -> None:
         "first-plot questions (auto: the organism's for a toy organism)",
     )
     a.add_argument(
+        "--card-features",
+        type=int,
+        default=10,
+        help="features that get a card: top contexts, logit lens, pivotal-prompt statistics "
+        "(0 = none)",
+    )
+    a.add_argument(
+        "--corpus",
+        help="corpus of the feature activation index: a text file (documents separated by "
+        "blank lines) or JSONL with a 'text' field (default: the toy organism's documents)",
+    )
+    a.add_argument("--corpus-docs", type=int, default=400, help="documents of the corpus to index")
+    a.add_argument(
         "--seed", type=int, default=0, help="prompt sampling, permutations, controls, answers"
     )
 
@@ -386,6 +399,9 @@ def analysis_params(args: argparse.Namespace):
         em_samples=args.em_samples,
         em_max_new_tokens=args.em_max_new_tokens,
         em_questions=args.em_questions,
+        card_features=args.card_features,
+        corpus=args.corpus,
+        corpus_docs=args.corpus_docs,
         seed=args.seed,
     )
 

@@ -79,6 +79,11 @@ def build_report(
     dose = _read_table(analysis, "dose_response")
     measured = _read_table(analysis, "measured_ranking")
     em = read_json(analysis / "em_rate.json") if (analysis / "em_rate.json").is_file() else None
+    cards = (
+        read_json(analysis / "feature_cards.json")
+        if (analysis / "feature_cards.json").is_file()
+        else None
+    )
     analysis_summary = (
         read_json(analysis / "summary.json") if (analysis / "summary.json").is_file() else {}
     )
@@ -122,6 +127,7 @@ def build_report(
         "validation": _records(replication, 20),
         "measured_ranking": _records(measured, 20),
         "em_rate": em,
+        "feature_cards": cards,
         "analysis_folder": analysis.relative_to(store.root).as_posix(),
         "analysis_params": analysis_summary.get("params"),
         "base_vs_adapted": {
@@ -468,6 +474,18 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         ]
     else:
         out.append("_not run_\n")
+    cards = report.get("feature_cards")
+    if cards and cards.get("cards"):
+        from em_circuits.interpret.cards import card_markdown
+
+        out += [
+            "## What the top features mean (feature cards)\n",
+            f"Top activating contexts in {cards['corpus']} ({cards['n_documents']} "
+            "documents), activation frequency, logit lens (the output tokens the feature's "
+            "decoder promotes and suppresses through the unembedding), and where it fires "
+            "across the pivotal prompts. No label is given without an LLM labeller.\n",
+        ]
+        out += [card_markdown(card) for card in cards["cards"]]
     out += ["## The EM rate (free-form answers outside the training domain)\n"]
     em = report.get("em_rate")
     if em:
