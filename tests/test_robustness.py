@@ -47,11 +47,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "em_circuits.cli.main", *args]
 
 
-PIPELINE_ARGS = [
-    "--n-prompts",
-    "8",
-    "--max-feature-nodes",
-    "120",
+ANALYSIS_ARGS = [
     "--causal-top-k",
     "2",
     "--scales",
@@ -68,6 +64,7 @@ PIPELINE_ARGS = [
     "--corpus-docs",
     "48",
 ]
+PIPELINE_ARGS = ["--n-prompts", "8", "--max-feature-nodes", "120", *ANALYSIS_ARGS]
 
 
 def _run(command: list[str], env: dict[str, str] | None = None, timeout: int = 600, **kw):
@@ -496,7 +493,7 @@ def test_a_read_only_results_directory(finished, micro_organism, tmp_path):
         for command in (
             ["run", "--status"],
             ["run", *PIPELINE_ARGS],
-            ["analyze", "--causal-top-k", "2", "--scales", "0", "1", "--n-random", "1"],
+            ["analyze", *ANALYSIS_ARGS],  # the run's parameters: its folder, up to date
             ["report"],
             ["graphs", "--only-evil", "--max-feature-nodes", "120"],
         ):
@@ -510,7 +507,8 @@ def test_a_read_only_results_directory(finished, micro_organism, tmp_path):
         )
         assert done.returncode == 2, done.stderr[-3000:]
         error = _assert_one_line_error(done, "Permission denied")
-        assert re.search(r"analysis/micro--\w+/top_features_adapted\.csv'$", error), error
+        # each parameter set has its own folder: the new one cannot be made
+        assert re.search(r"analysis/micro--\w+/runs/\w+'$", error), error
     finally:
         _set_writable(results, True)
 
