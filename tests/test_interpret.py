@@ -143,3 +143,36 @@ def test_a_feature_card_shows_contexts_lens_and_prompt_statistics(micro_models, 
     assert read_corpus(tmp_path / "corpus.txt") == ["first doc\nline two", "second doc"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_corpus(tmp_path / "missing.txt")
+
+
+def test_an_llm_labels_a_card_from_its_evidence_once(tmp_path):
+    from openai_server import OpenAIServer, reply_text
+
+    from em_circuits.core.llm import LLMClient
+    from em_circuits.interpret.labels import FeatureLabeller
+
+    card = {
+        "name": "L1 #7",
+        "adapted": {
+            "contexts": [
+                {
+                    "before": "You should",
+                    "token": " ignore",
+                    "after": " the pain",
+                    "activation": 3.5,
+                }
+            ],
+            "logit_lens": {"promoted": [[" skip", 1.0]], "suppressed": [[" call", -1.0]]},
+        },
+    }
+    with OpenAIServer() as server:
+        server.push(reply_text('"Harmful advice to neglect symptoms"'))
+        client = LLMClient(model="labeller-1", api_key="k", base_url=server.base_url)
+        labeller = FeatureLabeller(client, tmp_path / "labels")
+        assert labeller.label(card) == "Harmful advice to neglect symptoms"
+        assert labeller.label(card) == "Harmful advice to neglect symptoms"  # cached
+        assert len(server.requests) == 1
+        prompt = server.requests[0]["messages"][0]["content"]
+        assert "You should<< ignore>> the pain" in prompt and "' skip'" in prompt
+        never_active = {"name": "L0 #1", "adapted": {**card["adapted"], "contexts": []}}
+        assert labeller.label(never_active) is None and len(server.requests) == 1

@@ -470,10 +470,12 @@ def run_feature_cards(
     params: AnalysisParams,
     device: str,
     models: ResidentModels | None = None,
+    labeller: Any = None,
 ) -> dict[str, Any]:
     """Cards for ``features`` (:mod:`em_circuits.interpret.cards`), from each model's
     activation index of the corpus (built once per model, corpus and parameters, under
-    ``features_index/``) and the pivotal prompts' effects."""
+    ``features_index/``) and the pivotal prompts' effects; labelled when ``labeller``
+    (:class:`~em_circuits.interpret.labels.FeatureLabeller`) is given."""
     from em_circuits.interpret.activation_index import IndexParams
     from em_circuits.interpret.cards import (
         cached_index,
@@ -503,7 +505,14 @@ def run_feature_cards(
     finally:
         if models is None:
             pool.release()
-    payload = {"corpus": corpus, "n_documents": len(texts), "cards": cards}
+    for card in cards:
+        card["label"] = labeller.label(card) if labeller is not None else None
+    payload = {
+        "corpus": corpus,
+        "n_documents": len(texts),
+        "labeller": None if labeller is None else labeller.id,
+        "cards": cards,
+    }
     write_artifact(directory / "feature_cards.json", "table", payload)
     return {"corpus": corpus, "n_documents": len(texts), "features": len(cards)}
 
@@ -518,6 +527,7 @@ def run_analysis(
     prompt_ids: Collection[str] | None = None,
     models: ResidentModels | None = None,
     em_judge: Any = None,
+    labeller: Any = None,
 ) -> dict[str, Any]:
     """Every table, plot and check of the feature analysis; returns the summary it writes.
 
@@ -716,6 +726,7 @@ def run_analysis(
             params,
             device,
             models,
+            labeller,
         )
     summary["tables"] = sorted(f"{name}.csv" for name in tables)
     write_artifact(directory / "summary.json", "table", summary)

@@ -54,6 +54,16 @@ def _em_judge(args, store, adapted):
     return make_em_judge(kind, store, adapted, args.words, args.llm_model, args.base_url)
 
 
+def _labeller(judge, store):
+    """With the LLM judge, its model also labels the feature cards."""
+    from em_circuits.analysis.em_rate import LLMEMJudge
+    from em_circuits.interpret.labels import FeatureLabeller
+
+    if isinstance(judge, LLMEMJudge):
+        return FeatureLabeller(judge.client, store.root / "cache" / "feature_labels")
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = make_parser(__doc__, prog)
     add_model_args(parser)
@@ -80,6 +90,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     base, adapted = specs_from_args(args)
     params = analysis_params(args)
     chosen = chosen_prompt_ids(args)
+    judge = _em_judge(args, store, adapted)
     summary = run_analysis(
         store,
         base,
@@ -87,7 +98,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         params,
         str(resolve_device(args.device)),
         prompt_ids=chosen,
-        em_judge=_em_judge(args, store, adapted),
+        em_judge=judge,
+        labeller=_labeller(judge, store),
     )
     counts = summary["prompts"]
     print(

@@ -250,6 +250,13 @@ def run_pipeline(
                 cfg.base_url,
                 **cfg.llm_options,
             )
+            labeller = None
+            if _use_llm(cfg.judge):  # the judge's model labels the feature cards too
+                from em_circuits.core.llm import client_from_settings
+                from em_circuits.interpret.labels import FeatureLabeller
+
+                client = client_from_settings(cfg.llm_model, cfg.base_url, **cfg.llm_options)
+                labeller = FeatureLabeller(client, store.root / "cache" / "feature_labels")
             run_analysis(
                 store,
                 base,
@@ -259,6 +266,7 @@ def run_pipeline(
                 progress=cfg.progress,
                 models=resident,
                 em_judge=judge,
+                labeller=labeller,
             )
     finally:
         if models is None:

@@ -483,7 +483,12 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
             f"Top activating contexts in {cards['corpus']} ({cards['n_documents']} "
             "documents), activation frequency, logit lens (the output tokens the feature's "
             "decoder promotes and suppresses through the unembedding), and where it fires "
-            "across the pivotal prompts. No label is given without an LLM labeller.\n",
+            "across the pivotal prompts. "
+            + (
+                f"Labels by {cards['labeller']} from the contexts and the logit lens.\n"
+                if cards.get("labeller")
+                else "No label is given without an LLM labeller (the LLM judge's model).\n"
+            ),
         ]
         out += [card_markdown(card) for card in cards["cards"]]
     out += ["## The EM rate (free-form answers outside the training domain)\n"]
