@@ -87,38 +87,44 @@ def _tensor_of(value):
     return value[0] if isinstance(value, tuple) else value
 
 
+def record_transcoder_input(model: LoadedModel, layer: int, seen: dict[int, torch.Tensor]) -> Any:
+    """A hook that stores, at each forward pass, what the transcoder of ``layer`` reads (its
+    live input, batch x positions x d_model) in ``seen[layer]``; returns its handle."""
+    (reads, side), _ = _hook_sites(model, layer)
+
+    def pre(_module, args):
+        seen[layer] = args[0]
+
+    def post(_module, _args, output):
+        seen[layer] = _tensor_of(output)
+
+    if side == "input":
+        return reads.register_forward_pre_hook(pre)
+    return reads.register_forward_hook(post)
+
+
 def _edit_mlp_output(
     model: LoadedModel, layer: int, change: Callable[[torch.Tensor], torch.Tensor]
 ) -> list[Any]:
     """Hooks that keep the transcoder's live input at ``layer`` (batch, positions, d_model)
     and add ``change(input)`` to what the transcoder replaces there (the MLP output);
     returns the hook handles."""
-    (reads, read_side), (writes, write_side) = _hook_sites(model, layer)
-    seen: dict[str, torch.Tensor] = {}
-
-    def read_pre(_module, args):
-        seen["x"] = args[0]
-
-    def read_post(_module, _args, output):
-        seen["x"] = _tensor_of(output)
+    (_, (writes, write_side)) = _hook_sites(model, layer)
+    seen: dict[int, torch.Tensor] = {}
+    handles = [record_transcoder_input(model, layer, seen)]
 
     def write_pre(_module, args):
-        return (args[0] + change(seen.pop("x")), *args[1:])
+        return (args[0] + change(seen.pop(layer)), *args[1:])
 
     def write_post(_module, _args, output):
         if isinstance(output, tuple):
-            return (output[0] + change(seen.pop("x")), *output[1:])
-        return output + change(seen.pop("x"))
+            return (output[0] + change(seen.pop(layer)), *output[1:])
+        return output + change(seen.pop(layer))
 
-    handles = []
-    for module, side, pre, post in (
-        (reads, read_side, read_pre, read_post),
-        (writes, write_side, write_pre, write_post),
-    ):
-        if side == "input":
-            handles.append(module.register_forward_pre_hook(pre))
-        else:
-            handles.append(module.register_forward_hook(post))
+    if write_side == "input":
+        handles.append(writes.register_forward_pre_hook(write_pre))
+    else:
+        handles.append(writes.register_forward_hook(write_post))
     return handles
 
 

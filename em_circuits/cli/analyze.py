@@ -54,16 +54,6 @@ def _em_judge(args, store, adapted):
     return make_em_judge(kind, store, adapted, args.words, args.llm_model, args.base_url)
 
 
-def _labeller(judge, store):
-    """With the LLM judge, its model also labels the feature cards."""
-    from em_circuits.analysis.em_rate import LLMEMJudge
-    from em_circuits.interpret.labels import FeatureLabeller
-
-    if isinstance(judge, LLMEMJudge):
-        return FeatureLabeller(judge.client, store.root / "cache" / "feature_labels")
-    return None
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = make_parser(__doc__, prog)
     add_model_args(parser)
@@ -90,6 +80,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     base, adapted = specs_from_args(args)
     params = analysis_params(args)
     chosen = chosen_prompt_ids(args)
+    from em_circuits.interpret.labels import labeller_for
+
     judge = _em_judge(args, store, adapted)
     summary = run_analysis(
         store,
@@ -99,7 +91,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         str(resolve_device(args.device)),
         prompt_ids=chosen,
         em_judge=judge,
-        labeller=_labeller(judge, store),
+        labeller=labeller_for(judge, store.root / "cache"),
     )
     counts = summary["prompts"]
     print(

@@ -182,26 +182,6 @@ def n_layers_of(model: LoadedModel) -> int:
     return int(hf.config.num_hidden_layers)
 
 
-def _read_site_hooks(model: LoadedModel, seen: dict[int, torch.Tensor]) -> list[Any]:
-    from em_circuits.analysis.intervene import _hook_sites, _tensor_of
-
-    handles = []
-    for layer in range(n_layers_of(model)):
-        (module, side), _ = _hook_sites(model, layer)
-
-        def pre(_module, args, layer=layer):
-            seen[layer] = args[0]
-
-        def post(_module, _args, output, layer=layer):
-            seen[layer] = _tensor_of(output)
-
-        if side == "input":
-            handles.append(module.register_forward_pre_hook(pre))
-        else:
-            handles.append(module.register_forward_hook(post))
-    return handles
-
-
 @torch.no_grad()
 def build_index(
     model: LoadedModel,
@@ -215,7 +195,7 @@ def build_index(
     transcoders, in batches; ``resume`` continues a partial index (its documents are the
     first ones of ``texts``); ``checkpoint`` is called every ``checkpoint_every`` documents
     with the index so far (so a killed build resumes)."""
-    from em_circuits.analysis.intervene import transcoder_set
+    from em_circuits.analysis.intervene import record_transcoder_input, transcoder_set
 
     transcoders = transcoder_set(model)
     n_layers = n_layers_of(model)
@@ -223,7 +203,7 @@ def build_index(
     index = resume or ActivationIndex.empty(n_layers, d_transcoder, params.top_k)
     tokenizer = model.tokenizer
     seen: dict[int, torch.Tensor] = {}
-    handles = _read_site_hooks(model, seen)
+    handles = [record_transcoder_input(model, layer, seen) for layer in range(n_layers)]
     since_checkpoint = 0
     try:
         for start in range(index.n_docs, len(texts), params.batch_size):

@@ -65,3 +65,13 @@ class FeatureLabeller:
             {"labeller": self.id, "feature": card["name"], "evidence": evidence, "label": label},
         )
         return label
+
+
+def labeller_for(judge: Any, cache_root: Path) -> FeatureLabeller | None:
+    """With an LLM judge for the EM rate, its model (and client) labels the feature cards;
+    otherwise there is no labeller."""
+    from em_circuits.analysis.em_rate import LLMEMJudge
+
+    if isinstance(judge, LLMEMJudge):
+        return FeatureLabeller(judge.client, Path(cache_root) / "feature_labels")
+    return None

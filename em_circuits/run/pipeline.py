@@ -240,6 +240,7 @@ def run_pipeline(
             return None
         with stage("features"):
             from em_circuits.analysis.em_rate import make_em_judge
+            from em_circuits.interpret.labels import labeller_for
 
             judge = make_em_judge(
                 "llm" if _use_llm(cfg.judge) else "offline",
@@ -250,13 +251,6 @@ def run_pipeline(
                 cfg.base_url,
                 **cfg.llm_options,
             )
-            labeller = None
-            if _use_llm(cfg.judge):  # the judge's model labels the feature cards too
-                from em_circuits.core.llm import client_from_settings
-                from em_circuits.interpret.labels import FeatureLabeller
-
-                client = client_from_settings(cfg.llm_model, cfg.base_url, **cfg.llm_options)
-                labeller = FeatureLabeller(client, store.root / "cache" / "feature_labels")
             run_analysis(
                 store,
                 base,
@@ -266,7 +260,7 @@ def run_pipeline(
                 progress=cfg.progress,
                 models=resident,
                 em_judge=judge,
-                labeller=labeller,
+                labeller=labeller_for(judge, store.root / "cache"),
             )
     finally:
         if models is None:

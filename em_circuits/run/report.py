@@ -237,6 +237,7 @@ def findings(report: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
+    claims = findings(report)
     c = report["counts"]
     m = report["models"]
     out = [
@@ -245,9 +246,7 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         f"(fingerprints `{m['base']['fingerprint'][:16]}`, `{m['adapted']['fingerprint'][:16]}`)."
         " Every number below is read from stored artifacts.\n",
         "## Findings\n",
-        "\n".join(f"- {line}" for line in findings(report)) + "\n"
-        if findings(report)
-        else "_no analysis yet_\n",
+        "\n".join(f"- {line}" for line in claims) + "\n" if claims else "_no analysis yet_\n",
         "## Counts\n",
         _md_table(
             [
