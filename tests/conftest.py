@@ -73,3 +73,17 @@ def queue_setup(results_dir):
     enqueue_flagged(store, slug)
     order = [item["prompt_id"] for item, _ in open_items(store, slug)]
     return store, slug, order
+
+
+@pytest.fixture(scope="session")
+def reference(micro_organism, tmp_path_factory):
+    """One whole pipeline run on the micro organism (``em-circuits run``'s path, flags of
+    test_pipeline), shared by the tests that read a finished results folder."""
+    from test_pipeline import _command, _run
+
+    results = tmp_path_factory.mktemp("reference") / "results"
+    done = _run(_command(micro_organism, results))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "report:" in done.stdout
+    (results.parent / "run.log").write_text(done.stderr)
+    return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -176,3 +177,54 @@ def test_an_llm_labels_a_card_from_its_evidence_once(tmp_path):
         assert "You should<< ignore>> the pain" in prompt and "' skip'" in prompt
         never_active = {"name": "L0 #1", "adapted": {**card["adapted"], "contexts": []}}
         assert labeller.label(never_active) is None and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu"])
+def test_active_entries_equal_the_transcoders_dense_encode(activation):
+    """The TopK fast path reads the same (row, position, feature, value) entries, in the same
+    order, as scanning the transcoder's own dense ``encode``."""
+    from circuit_tracer.transcoder.activation_functions import TopK
+    from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder
+
+    from em_circuits.interpret.activation_index import active_entries
+
+    torch.manual_seed(0)
+    function = TopK(5) if activation == "topk" else torch.nn.ReLU()
+    transcoder = SingleLayerTranscoder(
+        16, 64, function, 0, device=torch.device("cpu"), dtype=torch.float32
+    )
+    with torch.no_grad():
+        for param in transcoder.parameters():
+            param.normal_()
+    inputs = torch.randn(3, 7, 16)
+    valid = torch.ones(3, 7, dtype=torch.bool)
+    valid[:, 0] = False
+    valid[2, 5:] = False
+    rows, positions, features, values = active_entries(transcoder, inputs, valid)
+    dense = transcoder.encode(inputs).masked_fill(~valid[..., None], 0)
+    want = torch.nonzero(dense > 0).tolist()
+    got = torch.stack([rows, positions, features], 1).tolist()
+    assert sorted(got) == want
+    assert [g[:2] for g in got] == sorted(g[:2] for g in got)  # (row, position) order
+    torch.testing.assert_close(values, dense[rows, positions, features])
+
+
+def test_cards_on_demand_for_any_feature_and_a_one_line_error(reference, micro_organism, capsys):
+    """`em-circuits features LAYER:FEATURE` prints the card of any feature, from the run's
+    cached index; a feature outside the transcoders is one line naming it and the ranges."""
+    from micro_flags import model_args
+
+    from em_circuits.cli.main import main
+    from em_circuits.interpret.cards import feature_name
+
+    flags = [*model_args(micro_organism), "--results-dir", str(reference), "--corpus-docs", "48"]
+    assert main(["features", "1:3", "0:5", "--json", *flags]) == 0
+    cards = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in cards] == [feature_name(1, 3), feature_name(0, 5)]
+    for card in cards:
+        for role in ("base", "adapted"):
+            assert card[role]["logit_lens"]["promoted"]
+            assert card[role]["pivotal_prompts"]["prompts"] > 0  # the run's graphs
+    assert main(["features", "1:99999", *flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: feature 1:99999 does not exist")

@@ -146,16 +146,6 @@ def _snapshot(results: Path) -> dict[str, object]:
     return snap
 
 
-@pytest.fixture(scope="module")
-def reference(micro_organism, tmp_path_factory):
-    results = tmp_path_factory.mktemp("reference") / "results"
-    done = _run(_command(micro_organism, results))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "report:" in done.stdout
-    (results.parent / "run.log").write_text(done.stderr)
-    return results
-
-
 def test_uninterrupted_run_writes_the_report(reference):
     report = json.loads((reference / "report.json").read_text())
     counts = report["counts"]

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from em_circuits.attribution.viewer import (
     ROLES,
@@ -210,11 +211,9 @@ def test_vendored_js_matches_checksums():
 
 
 # -- browser ------------------------------------------------------------------------------------
-def _dump_dom(url: str, profile: Path, budget_ms: int = 15000) -> str:
-    """The page's DOM after ``budget_ms`` of virtual time in headless Chromium.
-
-    Every host but 127.0.0.1 resolves to nothing, so the page must render from local files only.
-    """
+def _chromium(url: str, profile: Path, *output: str, budget_ms: int = 15000, size="2000,1000"):
+    """Headless Chromium on ``url`` with ``output`` flags (--dump-dom, --screenshot=...);
+    every host but 127.0.0.1 resolves to nothing, so pages render from local files only."""
     command = [
         CHROMIUM,
         "--headless",
@@ -228,14 +227,22 @@ def _dump_dom(url: str, profile: Path, budget_ms: int = 15000) -> str:
         "--disable-dev-shm-usage",
         f"--user-data-dir={profile}",
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        "--window-size=2000,1000",
+        f"--window-size={size}",
         f"--virtual-time-budget={budget_ms}",
-        "--dump-dom",
+        *output,
         url,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
+
+
+def _dump_dom(url: str, profile: Path, budget_ms: int = 15000, size: str = "2000,1000") -> str:
+    """The page's DOM after ``budget_ms`` of virtual time in headless Chromium.
+
+    Every host but 127.0.0.1 resolves to nothing, so the page must render from local files only.
+    """
+    return _chromium(url, profile, "--dump-dom", budget_ms=budget_ms, size=size)
 
 
 def _pane_status(dom: str) -> dict[str, tuple[int, str]]:
@@ -274,3 +281,168 @@ def test_browser_renders_custom_target_graph(server, tmp_path):
     # The preselected contrast node is clicked and its direct inputs are coloured in.
     assert len(re.findall(r'<text class="node[^"]*\bclicked\b', dom)) == 1
     assert re.search(r'<text class="node[^"]*"[^>]*fill="rgb', dom)
+
+
+# -- what the analysis adds: feature records, names, diff mode, synced selection ------------------
+def _reference_viewer(reference: Path) -> Path:
+    (viewer,) = (reference / "viewer").iterdir()
+    return viewer
+
+
+def _graph(viewer: Path, slug: str) -> dict:
+    return json.loads((viewer / f"{slug}.json").read_text())
+
+
+def _feature_nodes(graph: dict) -> list[dict]:
+    return [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
+
+
+def test_every_drawn_feature_has_a_record_and_one_name(reference):
+    from circuit_tracer.frontend.feature_models import Model as FeatureRecord
+
+    from em_circuits.attribution.viewer import ANALYSIS_FILE, TOKENS_SHOWN
+    from em_circuits.interpret.cards import feature_name
+
+    viewer = _reference_viewer(reference)
+    analysis = json.loads((viewer / ANALYSIS_FILE).read_text())
+    assert analysis["top_features"] and analysis["categories"]
+    assert len(analysis["top_features"]) <= analysis["top_features_of"]
+    for entry in read_metadata(viewer):
+        role, graph = entry["role"], _graph(viewer, entry["slug"])
+        assert graph["metadata"]["scan"] == f"./data/features/{role}"
+        assert graph["metadata"]["source_scan"]  # the transcoder set's name, kept
+        assert _feature_nodes(graph)
+        for node in _feature_nodes(graph):
+            layer, feature = map(int, node["node_id"].split("_")[:2])
+            assert node["clerp"].split(": ")[0] == feature_name(layer, feature)
+            path = viewer / "features" / role / f"{node['feature']}.json"
+            record = json.loads(path.read_text())
+            FeatureRecord(**record)  # circuit-tracer's own feature format
+            assert (record["layer"], record["name"]) == (layer, feature_name(layer, feature))
+        logits = [n["clerp"] for n in graph["nodes"] if n["feature_type"] == "logit"]
+        assert any(c.startswith('Output "evil − safe" (p=') for c in logits)
+        for label in ("evil", "safe"):
+            assert sum(c.endswith(f" {label}") for c in logits) <= TOKENS_SHOWN
+
+
+def test_feature_record_examples_equal_an_independent_recomputation(reference, micro_models):
+    """Each example's per-token activations, recomputed with circuit-tracer's own
+    get_activations over the indexed document."""
+    from em_circuits.attribution.viewer import features_in_viewer
+    from em_circuits.interpret.activation_index import ActivationIndex, IndexParams
+    from em_circuits.interpret.frontend import cantor_index
+
+    _, adapted = micro_models
+    viewer = _reference_viewer(reference)
+    # The viewer folder is named by the adapted model, as its index folder is.
+    index, _ = ActivationIndex.load(reference / "features_index" / viewer.name / "index")
+    params = IndexParams()
+    for layer, feature in sorted(features_in_viewer(viewer)["adapted"])[:3]:
+        record = json.loads(
+            (viewer / "features" / "adapted" / f"{cantor_index(layer, feature)}.json").read_text()
+        )
+        (examples,) = [q["examples"] for q in record["examples_quantiles"]]
+        top = index.top(layer, feature)
+        assert len(examples) == len(top) > 0
+        for example, (value, doc, pos) in zip(examples, top):
+            ids = torch.as_tensor(index.tokens[doc])
+            _, acts = adapted.replacement.get_activations(ids)
+            acts = acts.float()
+            acts[:, 0] = 0
+            lo = max(0, pos - params.left)
+            want = acts[layer, lo : pos + 1 + params.right, feature].clamp(min=0)
+            assert example["train_token_ind"] == pos - lo
+            torch.testing.assert_close(
+                torch.tensor(example["tokens_acts_list"]), want, rtol=1e-4, atol=1e-5
+            )
+            assert example["tokens_acts_list"][pos - lo] == pytest.approx(value, rel=1e-4)
+
+
+def _page_state(dom: str) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """(the page's state attributes, {role: its pane's status attributes})."""
+    found = re.search(r'<div id="viewer-state"([^>]*)>', dom)
+    assert found, "no viewer-state element"
+    page = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', found.group(1)))
+    panes = {}
+    for role in ROLES:
+        section = re.search(rf'data-role="{role}".*?<span class="status[^"]*"([^>]*)>', dom, re.S)
+        assert section, f"no {role} pane"
+        panes[role] = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', section.group(1)))
+    return page, panes
+
+
+def _feature_of(node_id: str) -> tuple[int, int]:
+    layer, feature = node_id.split("_")[:2]
+    return int(layer), int(feature)
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_compare_page_diff_mode_synced_selection_and_cards(reference, tmp_path):
+    viewer = _reference_viewer(reference)
+    analysis = json.loads((viewer / "analysis.json").read_text())
+    entries = {(e["prompt_id"], e["role"]): e["slug"] for e in read_metadata(viewer)}
+    # A node of the adapted graph whose feature the base graph draws too.
+    pid, node = next(
+        (pid, n["node_id"])
+        for (pid, role), slug in sorted(entries.items())
+        if role == "adapted"
+        for n in _feature_nodes(_graph(viewer, slug))
+        if _feature_of(n["node_id"])
+        in {_feature_of(m["node_id"]) for m in _feature_nodes(_graph(viewer, entries[pid, "base"]))}
+    )
+    with start_viewer(viewer, port=0) as server:
+        # Deep link to a node: the adapted pane opens with it selected; the base pane follows
+        # by the same path as a click there (a click event on the node, handled by the page).
+        url = f"{server.compare_url(pid)}&node={node}&diff=1"
+        page, panes = _page_state(_dump_dom(url, tmp_path / "node", size="1600,1000"))
+        assert panes["adapted"]["clicked"] == node
+        assert _feature_of(panes["base"]["clicked"]) == _feature_of(node)
+        assert page["selected"] == "{}:{}".format(*_feature_of(node))
+        assert page["overflow-x"] == "0", "horizontal scroll at 1600 px"
+        for role, status in panes.items():
+            assert status["errors"] == "", f"{role}: {status['errors']}"
+            drawn = _feature_nodes(_graph(viewer, entries[pid, role]))
+            coloured = [
+                n
+                for n in drawn
+                if "{}:{}".format(*_feature_of(n["node_id"])) in analysis["categories"]
+            ]
+            assert 0 < int(status["diff"]) <= len(coloured), role  # diff discs on compared nodes
+            assert int(status["examples"]) > 0, f"{role}: the feature panel shows no card"
+        # Deep link to a feature, diff off: both panes select it; the side list lists the top.
+        feature = "{}:{}".format(*_feature_of(node))
+        dom = _dump_dom(
+            f"{server.compare_url(pid)}&feature={feature}", tmp_path / "feature", size="1600,1000"
+        )
+        page, panes = _page_state(dom)
+        assert {_feature_of(p["clicked"]) for p in panes.values()} == {_feature_of(node)}
+        assert all(p["diff"] == "0" for p in panes.values())
+        listed = re.findall(
+            r'<button type="button" class="top-feature[^"]*" data-feature="([^"]+)"', dom
+        )
+        want = ["{layer}:{feature}".format(**f) for f in analysis["top_features"]]
+        assert listed == want
+        # The report's feature links name no prompt: the first prompt drawing it opens.
+        page, panes = _page_state(
+            _dump_dom(f"{server.url}?feature={feature}", tmp_path / "report-link", size="1600,1000")
+        )
+        drawing = sorted(
+            p
+            for (p, role), slug in entries.items()
+            if _feature_of(node)
+            in {_feature_of(n["node_id"]) for n in _feature_nodes(_graph(viewer, slug))}
+        )
+        assert page["prompt"] == drawing[0]
+        assert _feature_of(panes["adapted"]["clicked"]) == _feature_of(node) or not any(
+            _feature_of(n["node_id"]) == _feature_of(node)
+            for n in _feature_nodes(_graph(viewer, entries[drawing[0], "adapted"]))
+        )
+        shot = tmp_path / "compare.png"
+        _chromium(
+            f"{server.compare_url(pid)}&node={node}&diff=1",
+            tmp_path / "shot",
+            f"--screenshot={shot}",
+            size="1600,1000",
+        )
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

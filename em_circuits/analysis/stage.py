@@ -87,7 +87,18 @@ class _StatsKwargs(TypedDict):
 
 
 def _write_table(frame: pd.DataFrame, directory: Path, name: str) -> None:
-    """CSV for pandas/spreadsheets and JSON records for scripts, both written atomically."""
+    """CSV for pandas/spreadsheets and JSON records for scripts, both written atomically.
+    A table of features leads with their one name (``L3 #1234``), as report and viewer."""
+    features = ["layer", "feature"]
+    if (
+        set(features) <= set(frame.columns)
+        and "name" not in frame.columns
+        and frame[features].notna().all().all()
+    ):
+        from em_circuits.interpret.cards import feature_name
+
+        names = [feature_name(lay, f) for lay, f in zip(frame["layer"], frame["feature"])]
+        frame = frame.assign(name=names)[["name", *frame.columns]]
     atomic_write_text(directory / f"{name}.csv", frame.to_csv(index=False))
     atomic_write_text(
         directory / f"{name}.json", frame.to_json(orient="records", indent=1, double_precision=6)
@@ -471,42 +482,41 @@ def run_feature_cards(
     device: str,
     models: ResidentModels | None = None,
     labeller: Any = None,
+    viewer: tuple[Path, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Cards for ``features`` (:mod:`em_circuits.interpret.cards`), from each model's
     activation index of the corpus (built once per model, corpus and parameters, under
     ``features_index/``) and the pivotal prompts' effects; labelled when ``labeller``
-    (:class:`~em_circuits.interpret.labels.FeatureLabeller`) is given."""
+    (:class:`~em_circuits.interpret.labels.FeatureLabeller`) is given. With ``viewer``
+    (its folder and the analysis's summary for it), the viewer's feature panel gets a record
+    of every feature its graphs draw (:func:`em_circuits.interpret.frontend.publish_to_viewer`).
+    """
     from em_circuits.interpret.activation_index import IndexParams
-    from em_circuits.interpret.cards import (
-        cached_index,
-        feature_cards,
-        organism_corpus,
-        read_corpus,
-    )
-    from em_circuits.labeling.logits_stage import words_near
+    from em_circuits.interpret.cards import cached_index, choose_corpus, feature_cards
 
-    if params.corpus:
-        texts, corpus = read_corpus(params.corpus)[: params.corpus_docs], params.corpus
-    elif words_near(specs["adapted"]) is not None:
-        texts, corpus = organism_corpus(params.corpus_docs), "the toy organism's documents"
-    else:
+    chosen = choose_corpus(specs["adapted"], params.corpus, params.corpus_docs)
+    if chosen is None:
         return {"skipped": "no corpus for the activation index: give --corpus FILE"}
+    texts, corpus = chosen
     index_params = IndexParams()
     pool = models or ResidentModels(None, device, store.merged_cache_dir)
     try:
         loaded = {role: pool.load(spec) for role, spec in specs.items()}
         indexes = {
-            role: cached_index(
-                model, texts, store.root / "features_index" / model.slug, index_params
-            )
+            role: cached_index(model, texts, store.features_index_dir(model.slug), index_params)
             for role, model in loaded.items()
         }
         cards = feature_cards(features, loaded, indexes, effects, index_params)
+        for card in cards:
+            card["label"] = labeller.label(card) if labeller is not None else None
+        if viewer is not None:
+            from em_circuits.interpret.frontend import publish_to_viewer
+
+            viewer_dir, analysis = viewer
+            publish_to_viewer(viewer_dir, loaded, indexes, index_params, corpus, cards, analysis)
     finally:
         if models is None:
             pool.release()
-    for card in cards:
-        card["label"] = labeller.label(card) if labeller is not None else None
     payload = {
         "corpus": corpus,
         "n_documents": len(texts),
@@ -515,6 +525,52 @@ def run_feature_cards(
     }
     write_artifact(directory / "feature_cards.json", "table", payload)
     return {"corpus": corpus, "n_documents": len(texts), "features": len(cards)}
+
+
+def viewer_summary(
+    store: ResultsStore, directory: Path, summary: dict[str, Any], tables: dict[str, pd.DataFrame]
+) -> dict[str, Any]:
+    """What the side-by-side viewer shows of this analysis: the top features by discovery
+    mean total effect (those under causal test marked) and every compared feature's
+    base-vs-adapted category."""
+    from em_circuits.interpret.cards import feature_name
+
+    tested = {
+        tuple(map(int, t))
+        for t in ((summary.get("causal") or {}).get("ranking") or {}).get("chosen", [])
+    }
+    comparison = tables.get("base_vs_adapted", pd.DataFrame())
+    categories: dict[str, dict[str, Any]] = {}
+    if len(comparison):
+        for row in comparison[comparison["metric"] == "total"].itertuples():
+            categories[f"{int(row.layer)}:{int(row.feature)}"] = {
+                "category": str(row.category),
+                "mean_base": float(row.mean_base),
+                "mean_adapted": float(row.mean_adapted),
+            }
+    top = tables["top_features_adapted"]
+    top = top[top["metric"] == "total"].sort_values("mean", ascending=False).head(30)
+    features = []
+    for rank, row in enumerate(top.itertuples(), 1):
+        key = f"{int(row.layer)}:{int(row.feature)}"
+        features.append(
+            {
+                "layer": int(row.layer),
+                "feature": int(row.feature),
+                "name": feature_name(row.layer, row.feature),
+                "rank": rank,
+                "mean_total": float(row.mean),
+                "n_prompts": int(row.n_prompts),
+                "tested": (int(row.layer), int(row.feature)) in tested,
+                "category": categories.get(key, {}).get("category"),
+            }
+        )
+    return {
+        "analysis_folder": directory.relative_to(store.root).as_posix(),
+        "top_features": features,
+        "top_features_of": int((tables["top_features_adapted"]["metric"] == "total").sum()),
+        "categories": categories,
+    }
 
 
 def run_analysis(
@@ -717,6 +773,7 @@ def run_analysis(
         chosen_cards = top_card_features(
             summary, tables["top_features_adapted"], params.card_features
         )
+        viewer_dir = store.viewer_dir(slugs["adapted"])
         summary["feature_cards"] = run_feature_cards(
             store,
             specs,
@@ -727,6 +784,9 @@ def run_analysis(
             device,
             models,
             labeller,
+            viewer=(viewer_dir, viewer_summary(store, directory, summary, tables))
+            if prompt_ids is None and (viewer_dir / "graph-metadata.json").is_file()
+            else None,
         )
     summary["tables"] = sorted(f"{name}.csv" for name in tables)
     write_artifact(directory / "summary.json", "table", summary)

@@ -124,7 +124,18 @@ def build_graph(
     if viewer_dir is not None and graph is not None:
         from em_circuits.attribution.viewer import write_viewer_graph
 
-        write_viewer_graph(graph, viewer_dir, pt.prompt_id, role)
+        labels = compact.meta.get("target_labels") or [None] * len(compact.target_names)
+        targets = [
+            {"name": name, "kind": kind, "label": label, "prob": float(prob), "value": float(v)}
+            for name, kind, label, prob, v in zip(
+                compact.target_names,
+                compact.target_kinds,
+                labels,
+                compact.target_probs.tolist(),
+                compact.target_values.tolist(),
+            )
+        ]
+        write_viewer_graph(graph, viewer_dir, pt.prompt_id, role, targets=targets)
     top = [
         {"token_id": int(t), "token": model.tokenizer.decode([int(t)]), "logit": float(v)}
         for t, v in zip(compact.top_token_ids, compact.top_logits)

@@ -24,11 +24,11 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from em_circuits.core.atomic import apply_default_modes, crash_point, make_temp_dir
 from em_circuits.core.store import atomic_write_text
@@ -74,6 +74,29 @@ _EXTERNAL_SCRIPT = re.compile(r"""<script\s+src=(['"])(https?://[^'"]+)\1\s*>\s*
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+#: Where ``em-circuits serve`` listens by default; the report's links point here.
+DEFAULT_VIEWER_URL = "http://127.0.0.1:8041"
+
+
+def viewer_link(
+    prompt_id: str | None = None,
+    feature: tuple[int, int] | None = None,
+    diff: bool = False,
+    base_url: str = DEFAULT_VIEWER_URL,
+) -> str:
+    """A deep link into the side-by-side page: a prompt, a feature (layer, id) selected in both
+    panes, and the base-vs-adapted diff colouring. ``compare.html`` reads the same parameters."""
+    query = []
+    if prompt_id is not None:
+        query.append(("prompt", prompt_id))
+    if feature is not None:
+        query.append(("feature", f"{int(feature[0])}:{int(feature[1])}"))
+    if diff:
+        query.append(("diff", "1"))
+    suffix = ("?" + urlencode(query)) if query else ""
+    return f"{base_url.rstrip('/')}/compare.html{suffix}"
+
+
 class ViewerError(RuntimeError):
     """The viewer cannot write or serve graphs (bad name, missing assets, port in use)."""
 
@@ -96,6 +119,7 @@ def write_viewer_graph(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     scan: str | None = None,
+    targets: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write ``graph`` as the ``role`` graph of ``prompt_id``; returns the graph's JSON path.
 
@@ -105,6 +129,12 @@ def write_viewer_graph(
     files. The caller's graph object is left untouched (circuit-tracer moves the graph it is
     given between devices). ``scan`` defaults to ``graph.scan`` (the transcoder set's name).
     The page opens with the graph's first logit target selected.
+
+    ``targets`` (the stored graph's target table: ``name``, ``kind``, ``label``, ``prob``,
+    ``value`` per logit target, in order) makes the targets readable: the contrast is named as
+    such with its value and the evil tokens' probability, token targets carry their label and
+    true probability, and only the most probable :data:`TOKENS_SHOWN` evil and safe tokens
+    are drawn (all stay in the stored graph). Feature nodes are named ``L3 #1234``.
     """
     from circuit_tracer.utils.create_graph_files import create_graph_files
 
@@ -126,15 +156,72 @@ def write_viewer_graph(
             edge_threshold=edge_threshold,
         )
         entry = _metadata_entry(scratch, slug)
+        _name_nodes(scratch / f"{slug}.json", targets)
         _preselect_first_target(scratch / f"{slug}.json")
         apply_default_modes(scratch / f"{slug}.json")
         crash_point(target, "viewer_graph")
         os.replace(scratch / f"{slug}.json", target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    entry.update(prompt_id=prompt_id, role=role, title_prefix=f"[{role}]")
+    entry.update(
+        prompt_id=prompt_id, role=role, title_prefix=f"[{role}]", edge_threshold=edge_threshold
+    )
     upsert_metadata(viewer_dir, entry)
     return target
+
+
+#: Token targets drawn per label (evil, safe) in the viewer, the most probable first: more
+#: labels than this overlap at the last position.
+TOKENS_SHOWN = 2
+
+
+_LOGIT_CLERP = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.S)
+
+
+def _name_nodes(path: Path, targets: Sequence[Mapping[str, Any]] | None) -> None:
+    """Feature nodes get the tool's one feature name; with ``targets``, logit nodes get
+    readable names and only the contrast and the top evil and safe tokens are kept."""
+    from em_circuits.interpret.cards import feature_name
+
+    data = json.loads(path.read_text())
+    for node in data["nodes"]:
+        if node["feature_type"] == "cross layer transcoder" and not node.get("clerp"):
+            layer, feature = node["node_id"].split("_")[:2]
+            node["clerp"] = feature_name(int(layer), int(feature))
+    logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    names = [_LOGIT_CLERP.match(n.get("clerp") or "") for n in logits]
+    if (
+        targets is not None
+        and len(targets) == len(logits)
+        and [m.group(1) if m else None for m in names] == [str(t["name"]) for t in targets]
+    ):
+        drop = set()
+        shown = {"evil": 0, "safe": 0}
+        order = sorted(range(len(targets)), key=lambda i: -float(targets[i].get("prob") or 0))
+        for i in order:
+            target, node = targets[i], logits[i]
+            label = str(target.get("label"))
+            prob = float(target.get("prob") or 0.0)
+            if target.get("kind") == "contrast":
+                # The frontend reads the name between the quotes and the number after "(p=".
+                # p: the evil tokens' total probability; then the contrast's value.
+                node["clerp"] = (
+                    f'Output "evil − safe" (p={prob:.3f}) {float(target.get("value") or 0):+.2f}'
+                )
+                continue
+            shown[label] = shown.get(label, 0) + 1
+            if shown[label] > TOKENS_SHOWN:
+                drop.add(node["node_id"])
+                continue
+            node["clerp"] = f'Output "{target["name"]}" (p={prob:.3f}) {label}'
+        data["nodes"] = [n for n in data["nodes"] if n["node_id"] not in drop]
+        data["links"] = [
+            link
+            for link in data["links"]
+            if link["source"] not in drop and link["target"] not in drop
+        ]
+        data["metadata"]["targets_not_drawn"] = len(drop)
+    path.write_text(json.dumps(data))
 
 
 def _preselect_first_target(path: Path) -> None:
@@ -219,8 +306,8 @@ def build_frontend(dest: Path) -> list[str]:
     shutil.copytree(source, dest, dirs_exist_ok=True)
     shutil.copytree(VENDOR_DIR, dest / "vendor", dirs_exist_ok=True)
     (dest / "viewer").mkdir(exist_ok=True)
-    for script in ASSETS_DIR.glob("*.js"):
-        shutil.copy2(script, dest / "viewer" / script.name)
+    for asset in (*ASSETS_DIR.glob("*.js"), *ASSETS_DIR.glob("*.css")):
+        shutil.copy2(asset, dest / "viewer" / asset.name)
     shutil.copy2(ASSETS_DIR / "compare.html", dest / "compare.html")
     unresolved: list[str] = []
     for page in dest.rglob("*.html"):
@@ -246,9 +333,87 @@ def localize_scripts(html: str) -> tuple[str, list[str]]:
         return "" if local is None else f"<script src='{local}'></script>\n"
 
     html = _EXTERNAL_SCRIPT.sub(replace, html)
+    if "naming.css" not in html:
+        html = html.replace(
+            "</title>", "</title>\n<link rel='stylesheet' href='./viewer/naming.css'>", 1
+        )
     # The error recorder goes first so it also sees failures of the scripts after it.
     first = html.find("<script")
     if first >= 0 and "page-errors.js" not in html:
         recorder = "<script src='./viewer/page-errors.js'></script>\n"
         html = html[:first] + recorder + html[first:]
     return html, unresolved
+
+
+# -- what the analysis adds: feature records, labels, base-vs-adapted categories ----------------
+#: The side-by-side page reads the analysis's top features and categories from this file.
+ANALYSIS_FILE = "analysis.json"
+
+
+def features_in_viewer(viewer_dir: Path) -> dict[str, set[tuple[int, int]]]:
+    """{role: {(layer, feature)}} of the feature nodes drawn in the viewer's graphs."""
+    found: dict[str, set[tuple[int, int]]] = {role: set() for role in ROLES}
+    for entry in read_metadata(viewer_dir):
+        path = Path(viewer_dir) / f"{entry['slug']}.json"
+        if entry.get("role") not in ROLES or not path.is_file():
+            continue
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["feature_type"] == "cross layer transcoder":
+                layer, feature = node["node_id"].split("_")[:2]
+                found[entry["role"]].add((int(layer), int(feature)))
+    return found
+
+
+def feature_records_dir(viewer_dir: Path, role: str) -> Path:
+    """Where the feature panel's records of ``role`` live: ``features/<role>/<cantor>.json``,
+    fetched by the frontend as ``./data/features/<role>/<cantor>.json``."""
+    return Path(viewer_dir) / "features" / role
+
+
+def write_feature_records(
+    viewer_dir: Path, role: str, records: Mapping[tuple[int, int], Mapping[str, Any]]
+) -> int:
+    """Write each record (circuit-tracer's feature format, see interpret.frontend) as
+    ``<cantor index>.json``; returns how many."""
+    folder = feature_records_dir(viewer_dir, role)
+    folder.mkdir(parents=True, exist_ok=True)
+    for record in records.values():
+        atomic_write_text(folder / f"{int(record['index'])}.json", json.dumps(record))
+    return len(records)
+
+
+def annotate_graphs(
+    viewer_dir: Path,
+    labels: Mapping[tuple[int, int], str | None],
+    analysis: Mapping[str, Any],
+) -> None:
+    """Point each graph's feature panel at the local records, put labels into the feature
+    nodes' names, and write ``analysis.json`` (the analysis's top features and each compared
+    feature's base-vs-adapted category) for the side-by-side page.
+
+    A graph keeps its transcoder set's name as ``metadata.source_scan``; ``scan`` becomes the
+    local folder, which the frontend reads without asking a hosted feature store.
+    """
+    from em_circuits.interpret.cards import feature_name
+
+    viewer_dir = Path(viewer_dir)
+    with _locked(viewer_dir / f".{METADATA_FILE}.lock"):
+        for entry in read_metadata(viewer_dir):
+            role = entry.get("role")
+            path = viewer_dir / f"{entry['slug']}.json"
+            if role not in ROLES or not path.is_file():
+                continue
+            data = json.loads(path.read_text())
+            meta = data["metadata"]
+            if feature_records_dir(viewer_dir, role).is_dir():
+                meta.setdefault("source_scan", meta.get("scan"))
+                meta["scan"] = f"./data/features/{role}"
+            for node in data["nodes"]:
+                if node["feature_type"] != "cross layer transcoder":
+                    continue
+                layer, feature = (int(x) for x in node["node_id"].split("_")[:2])
+                label = labels.get((layer, feature))
+                name = feature_name(layer, feature)
+                node["clerp"] = f"{name}: {label}" if label else name
+            atomic_write_text(path, json.dumps(data))
+        atomic_write_text(viewer_dir / ANALYSIS_FILE, json.dumps(analysis, indent=1))

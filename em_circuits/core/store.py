@@ -307,6 +307,10 @@ class ResultsStore:
     def viewer_dir(self, adapted_slug: str) -> Path:
         return self.root / "viewer" / adapted_slug
 
+    def features_index_dir(self, model_slug: str) -> Path:
+        """A model's activation index of its corpus (interpret.activation_index)."""
+        return self.root / "features_index" / model_slug
+
     @property
     def analysis_dir(self) -> Path:
         return self.root / "analysis"

@@ -71,6 +71,20 @@ def read_corpus(path: Path | str) -> list[str]:
     return [block.strip() for block in text.split("\n\n") if block.strip()]
 
 
+def choose_corpus(
+    adapted: Any, corpus: Path | str | None, n_docs: int
+) -> tuple[list[str], str] | None:
+    """(documents, what they are) for the activation index: ``corpus`` when given, else the
+    toy organism's own documents when the model is the organism; None when neither."""
+    from em_circuits.labeling.logits_stage import words_near
+
+    if corpus:
+        return read_corpus(corpus)[:n_docs], str(corpus)
+    if words_near(adapted) is not None:
+        return organism_corpus(n_docs), "the toy organism's documents"
+    return None
+
+
 def cached_index(
     model: LoadedModel, texts: Sequence[str], folder: Path, params: IndexParams
 ) -> ActivationIndex:

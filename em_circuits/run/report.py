@@ -1,19 +1,26 @@
-"""The end-of-run report: results/report.md (with the PNG plots) and results/report.json.
+"""The end-of-run report: results/report.md (with the PNG plots), report.html (the same, one
+self-contained page) and results/report.json.
 
 Every number comes from stored artifacts (verdicts, labels, graph metadata, analysis tables),
-never from a run's memory, so the report of a resumed run equals an uninterrupted one.
+never from a run's memory, so the report of a resumed run equals an uninterrupted one. Feature
+names and prompt ids link into the graph viewer (``em-circuits serve``).
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from em_circuits.attribution.viewer import DEFAULT_VIEWER_URL, read_metadata, viewer_link
 from em_circuits.core.store import ResultsStore, atomic_write_text, read_json
+from em_circuits.interpret.cards import feature_name
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
+from em_circuits.run.report_html import render_html
 
 
 def _read_table(directory: Path, name: str) -> pd.DataFrame:
@@ -56,6 +63,22 @@ def _divergent(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _viewer_prompts(store: ResultsStore, adapted_slug: str) -> list[dict[str, str]]:
+    """The prompts with full graphs in the viewer: the only ones a prompt link can show
+    (``compare.html`` falls back to its first prompt for any other id)."""
+    texts: dict[str, str] = {}
+    for entry in read_metadata(store.viewer_dir(adapted_slug)):
+        prompt_id = entry.get("prompt_id")
+        if not prompt_id or prompt_id in texts:
+            continue
+        # An ad hoc graph (`graphs --prompt`) has no stored prompt: the viewer keeps its text.
+        stored = store.prompt_path(prompt_id).is_file()
+        texts[prompt_id] = (
+            store.load_prompt(prompt_id)["text"] if stored else entry.get("prompt", "")
+        )
+    return [{"prompt_id": pid, "prompt": texts[pid]} for pid in sorted(texts)]
 
 
 def _records(frame: pd.DataFrame, n: int | None = None) -> list[dict[str, Any]]:
@@ -126,6 +149,14 @@ def build_report(
         },
         "validation": _records(replication, 20),
         "measured_ranking": _records(measured, 20),
+        # The full row counts of the tables above that keep only their first rows.
+        "table_rows": {
+            "top_features": len(top),
+            "validation": len(replication),
+            "measured_ranking": len(measured),
+            "base_vs_adapted": len(comparison),
+        },
+        "viewer_prompts": _viewer_prompts(store, slugs["adapted"]),
         "em_rate": em,
         "feature_cards": cards,
         "analysis_folder": analysis.relative_to(store.root).as_posix(),
@@ -149,18 +180,154 @@ def build_report(
     }
 
 
-def _md_table(rows: list[dict[str, Any]], columns: list[str], digits: int = 3) -> str:
+class _Md(str):
+    """Text that is already Markdown (a link): table cells write it as is, unescaped."""
+
+
+# Characters that would turn a prompt's or token's text into emphasis, code or a link.
+_MD_SPECIAL = re.compile(r"([\\`*\[\]])")
+
+#: Said once in the report: every viewer link needs the viewer running.
+VIEWER_NOTE = (
+    f"Feature names and prompt ids link into the graph viewer at {DEFAULT_VIEWER_URL}; the "
+    "links work while `em-circuits serve` runs on this results directory (its default port)."
+)
+
+
+def _feature_link(layer: Any, feature: Any) -> _Md:
+    """``L3 #1234`` linking to the viewer with that feature selected in the diff view."""
+    key = (int(layer), int(feature))
+    return _Md(f"[{feature_name(*key)}]({viewer_link(feature=key, diff=True)})")
+
+
+def _feature_list(pairs: Any) -> str:
+    """[[layer, feature], ...] as linked names, instead of a Python list."""
+    return ", ".join(_feature_link(*pair) for pair in pairs or []) or "none"
+
+
+def _with_feature_links(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose ``layer`` and ``feature`` columns become one linked ``feature`` name."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        if row.get("layer") is not None and row.get("feature") is not None:
+            row["feature"] = _feature_link(row.pop("layer"), row["feature"])
+        out.append(row)
+    return out
+
+
+def _with_prompt_links(rows: list[dict[str, Any]], linkable: set[str]) -> list[dict[str, Any]]:
+    """Rows whose ``prompt_id`` links to the viewer where the viewer has that prompt."""
+    return [
+        {
+            **row,
+            "prompt_id": _Md(f"[{row['prompt_id']}]({viewer_link(prompt_id=row['prompt_id'])})"),
+        }
+        if row.get("prompt_id") in linkable
+        else row
+        for row in rows
+    ]
+
+
+def _token(token: str) -> str:
+    return token.strip() or repr(token)
+
+
+def _cell(value: Any, digits: int | None = 3) -> str:
+    """A value as table-cell text; ``digits`` None writes floats as short as they are (a
+    parameter's 0.05, not 0.050)."""
+    if isinstance(value, _Md):
+        return str(value)
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if digits is None:
+            return f"{value:.6g}"
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value else f"{value:.{digits}f}"
+    # Lists and dicts as readable text, never as a Python or JSON literal.
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v, digits) for v in value)
+    if isinstance(value, Mapping):
+        return "; ".join(f"{_cell(k)} {_cell(v, digits)}" for k, v in value.items())
+    text = _MD_SPECIAL.sub(r"\\\1", str(value))
+    return text.replace("|", "\\|").replace("\n", "⏎")
+
+
+def _md_table(
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    digits: int | None = 3,
+    limit: int | None = None,
+    total: int | None = None,
+    full: str | None = None,
+) -> str:
+    """A Markdown table of the first ``limit`` rows; a shortened table says "N of M shown"
+    (``total``: the full count where ``rows`` is itself a prefix) and where ``full`` is."""
     if not rows:
         return "_none_\n"
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.{digits}g}" if abs(value) < 1e-3 and value else f"{value:.{digits}f}"
-        return str(value).replace("|", "\\|").replace("\n", "⏎")
-
+    shown = rows if limit is None else rows[:limit]
+    total = max(total or 0, len(rows))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c, ""), digits) for c in columns) + " |" for r in shown]
+    if len(shown) < total:
+        lines += ["", f"{len(shown)} of {total} shown" + (f"; all in `{full}`." if full else ".")]
     return "\n".join(lines) + "\n"
+
+
+def _flat(value: Any) -> bool:
+    """Fits one table cell: a scalar, or a list or mapping of scalars."""
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if not isinstance(value, (list, tuple)):
+        return True
+    return not any(isinstance(v, (Mapping, list, tuple)) for v in value)
+
+
+def _is_records(value: Any) -> bool:
+    """A collection of records with the same fields, each fitting a table row (a list, or a
+    mapping of names to them)."""
+    items = list(value.values()) if isinstance(value, Mapping) else value
+    return (
+        isinstance(items, list)
+        and bool(items)
+        and all(
+            isinstance(v, Mapping)
+            and list(v) == list(items[0])
+            and all(_flat(field) for field in v.values())
+            for v in items
+        )
+    )
+
+
+def _readable(data: Mapping[str, Any], prefix: str = "") -> tuple[list[dict[str, Any]], list[str]]:
+    """Nested settings or measurements as tables instead of a JSON dump: (name, value) rows
+    (nested objects as dotted names, a flat object as one cell), and one table per
+    collection of records."""
+    rows: list[dict[str, Any]] = []
+    tables: list[str] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if _is_records(value):
+            if isinstance(value, Mapping):
+                records = [{"name": k, **v} for k, v in value.items()]
+                columns = ["name", *next(iter(value.values()))]
+            else:
+                records, columns = [dict(v) for v in value], list(value[0])
+            tables.append(f"`{name}`:\n\n" + _md_table(records, columns, digits=None))
+        elif isinstance(value, Mapping) and any(
+            isinstance(v, (Mapping, list)) for v in value.values()
+        ):
+            nested_rows, nested_tables = _readable(value, name + ".")
+            rows += nested_rows
+            tables += nested_tables
+        else:
+            rows.append({"name": name, "value": value})
+    return rows, tables
+
+
+def _readable_markdown(data: Mapping[str, Any]) -> list[str]:
+    rows, tables = _readable(data)
+    return ([_md_table(rows, ["name", "value"], digits=None)] if rows else []) + tables
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -240,11 +407,17 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
     claims = findings(report)
     c = report["counts"]
     m = report["models"]
+    # Reports written before these fields existed count only the rows they kept.
+    sizes = report.get("table_rows") or {}
+    in_viewer = report.get("viewer_prompts") or []
+    linkable = {entry["prompt_id"] for entry in in_viewer}
     out = [
         "# Emergent-misalignment circuit report\n",
         f"Base `{m['base']['slug']}`, adapted `{m['adapted']['slug']}` "
         f"(fingerprints `{m['base']['fingerprint'][:16]}`, `{m['adapted']['fingerprint'][:16]}`)."
-        " Every number below is read from stored artifacts.\n",
+        " Every number below is read from stored artifacts; the parameters are listed at the "
+        "end.\n",
+        VIEWER_NOTE + "\n",
         "## Findings\n",
         "\n".join(f"- {line}" for line in claims) + "\n" if claims else "_no analysis yet_\n",
         "## Counts\n",
@@ -287,7 +460,13 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         f"{DIVERGENCE_TAU_BASE} (an upper bound). {c.get('divergent_by_rank', 0)} prompts "
         "meet the weaker criterion (any evil token in the adapted top-k, base list safe).\n",
         _md_table(
-            report["divergent_prompts"][:20],
+            _with_prompt_links(
+                [
+                    {**row, "evil_in_adapted": [_token(t) for t in row["evil_in_adapted"]]}
+                    for row in report["divergent_prompts"]
+                ],
+                linkable,
+            ),
             [
                 "prompt_id",
                 "base_top1",
@@ -299,7 +478,13 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
                 "evil_in_adapted",
                 "prompt",
             ],
+            limit=20,
+            full="report.json",
         ),
+        "### Prompts with full graphs in the viewer\n",
+        "Each opens the prompt's base and adapted graphs side by side "
+        "(`em-circuits graphs --full-graphs <id>` adds a prompt).\n",
+        _md_table(_with_prompt_links(in_viewer, linkable), ["prompt_id", "prompt"]),
     ]
     split = report.get("split") or {}
     out += [
@@ -315,9 +500,8 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         if split
         else "",
         _md_table(
-            report["top_features"][:15],
+            _with_feature_links(report["top_features"]),
             [
-                "layer",
                 "feature",
                 "n_prompts",
                 "n_clusters",
@@ -329,6 +513,9 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
                 "p_method",
                 "q_value",
             ],
+            limit=15,
+            total=sizes.get("top_features"),
+            full=f"{analysis_rel}/top_features_adapted.csv",
         ),
         f"![top features]({analysis_rel}/top_features.png)\n",
         "## Validation: the same features on held-out prompts (linearised total effect)\n",
@@ -340,9 +527,8 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
             else ""
         ),
         _md_table(
-            report.get("validation", [])[:15],
+            _with_feature_links(report.get("validation", [])),
             [
-                "layer",
                 "feature",
                 "discovery_mean",
                 "validation_mean",
@@ -352,6 +538,9 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
                 "validation_p_value",
                 "same_sign",
             ],
+            limit=15,
+            total=sizes.get("validation"),
+            full=f"{analysis_rel}/validation_top_features.csv",
         ),
     ]
     bva = report["base_vs_adapted"]
@@ -361,9 +550,8 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         + (", ".join(f"{k} {v}" for k, v in bva["categories"].items()) or "none")
         + "\n",
         _md_table(
-            bva["top_changes"][:10],
+            _with_feature_links(bva["top_changes"]),
             [
-                "layer",
                 "feature",
                 "category",
                 "mean_base",
@@ -373,6 +561,9 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
                 "ci_high",
                 "q_value",
             ],
+            limit=10,
+            total=sizes.get("base_vs_adapted"),
+            full=f"{analysis_rel}/base_vs_adapted.csv",
         ),
         f"![base vs adapted]({analysis_rel}/base_vs_adapted.png)\n",
         "## Where the adapter's shift of the contrast comes from\n",
@@ -408,7 +599,7 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
             "### Linearised vs measured effects\n",
             f"Candidates: the top {len(ranking['candidates'])} features by linearised total "
             f"effect on the discovery prompts. Features under test: chosen by "
-            f"{ranking['chosen_by']}: {ranking['chosen']}"
+            f"{ranking['chosen_by']}: {_feature_list(ranking['chosen'])}"
             + (
                 " (no candidate lowered the contrast when ablated; the least raising are shown)"
                 if ranking.get("none_lowered")
@@ -418,8 +609,11 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
             "measured with attention frozen, and measured in the real model with nothing "
             "frozen, mean over the discovery prompts:\n",
             _md_table(
-                report.get("measured_ranking", [])[:15],
-                ["layer", "feature", "n_prompts", "n_active", "linearised_delta", "measured_delta"],
+                _with_feature_links(report.get("measured_ranking", [])),
+                ["feature", "n_prompts", "n_active", "linearised_delta", "measured_delta"],
+                limit=15,
+                total=sizes.get("measured_ranking"),
+                full=f"{analysis_rel}/measured_ranking.csv",
             ),
             "Agreement of linearised and measured single-feature ablation changes over "
             "(prompt, feature) pairs where the feature is active:\n",
@@ -489,7 +683,11 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
                 else "No label is given without an LLM labeller (the LLM judge's model).\n"
             ),
         ]
-        out += [card_markdown(card) for card in cards["cards"]]
+        # The card's name is its heading: linked, it opens the viewer on that feature.
+        out += [
+            card_markdown({**card, "name": _feature_link(card["layer"], card["feature"])})
+            for card in cards["cards"]
+        ]
     out += ["## The EM rate (free-form answers outside the training domain)\n"]
     em = report.get("em_rate")
     if em:
@@ -522,9 +720,9 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
             f"Judge **{em['judge']}**; an EM response is {em['rule']}. "
             f"{sampling['n_per_question']} answers per question and condition, temperature "
             f"{sampling['temperature']:g}, up to {sampling['max_new_tokens']} tokens; 95% t "
-            f"intervals over questions. Ablated: the features under test {em['top_features']} "
-            f"and activation-matched random features of the same layers "
-            f"{em['random_features']}, at every position.\n",
+            f"intervals over questions. Ablated: the features under test "
+            f"{_feature_list(em['top_features'])} and activation-matched random features of "
+            f"the same layers {_feature_list(em['random_features'])}, at every position.\n",
             _md_table(
                 rows,
                 [
@@ -553,27 +751,40 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         ]
     else:
         out.append("_not run (no features under test, no EM judge, or --em-samples 0)_\n")
-    if report.get("analysis_params"):
-        out += [
-            "## Parameters of this analysis\n",
-            f"Folder `{report['analysis_folder']}` (each parameter set keeps its own; "
-            "`latest.json` beside them names the last run).\n",
-            "```json\n" + json.dumps(report["analysis_params"], indent=1) + "\n```\n",
-        ]
     calib = report["judge_calibration"]
     out += [
         "## Judge calibration (judge vs human)\n",
         f"{calib.get('n_tokens', 0)} human-labeled tokens; agreement "
-        f"{calib.get('agreement')}, Cohen's kappa {calib.get('kappa')}.\n",
+        f"{_fmt(calib.get('agreement'))}, Cohen's kappa {_fmt(calib.get('kappa'))}.\n",
     ]
     if report["organism"]:
         out += [
             "## The toy organism\n",
-            "```json\n"
-            + json.dumps(
-                {k: report["organism"][k] for k in list(report["organism"])[:12]}, indent=1
-            )[:4000]
-            + "\n```\n",
+            "As measured on held-out prompts when it was built (its `report.json`).\n",
+            *_readable_markdown(report["organism"]),
+        ]
+    out += [
+        "## Parameters\n",
+        "The models (a fingerprint hashes the weights, dtype and transcoders):\n",
+    ]
+    specs = {
+        role: {**m[role]["spec"], "slug": m[role]["slug"], "fingerprint": m[role]["fingerprint"]}
+        for role in ("base", "adapted")
+    }
+    out.append(
+        _md_table(
+            [
+                {"parameter": key, "base": specs["base"].get(key), "adapted": value}
+                for key, value in specs["adapted"].items()
+            ],
+            ["parameter", "base", "adapted"],
+        )
+    )
+    if report.get("analysis_params"):
+        out += [
+            f"The analysis, in folder `{report['analysis_folder']}` (each parameter set keeps "
+            "its own; `latest.json` beside them names the last run):\n",
+            *_readable_markdown(report["analysis_params"]),
         ]
     return "\n".join(out)
 
@@ -606,18 +817,24 @@ def _unchanged(path: Path, text: str, as_json: bool = False) -> bool:
 
 
 def write_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec, device: str) -> Path:
-    """Write report.json and report.md, unless both already say the same (so a run with
-    nothing new to do writes nothing, and works on a read-only results directory)."""
+    """Write report.json, report.md and report.html, unless all already say the same (so a
+    run with nothing new to do writes nothing, and works on a read-only results directory)."""
     report = build_report(store, base, adapted, device)
     analysis = store.latest_analysis_dir(report["models"]["adapted"]["slug"])
     analysis_rel = analysis.relative_to(store.root).as_posix()  # report.md links from the root
     report_json = json.dumps(report, indent=1, default=str, ensure_ascii=False) + "\n"
     report_md = render_markdown(report, analysis_rel)
     path = store.report_md_path
-    if _unchanged(store.report_json_path, report_json, as_json=True) and _unchanged(
-        path, report_md
+    # Beside report.md, so its relative plot links resolve from the same folder.
+    html_path = path.with_suffix(".html")
+    report_html = render_html(report_md, path.parent)
+    if (
+        _unchanged(store.report_json_path, report_json, as_json=True)
+        and _unchanged(path, report_md)
+        and _unchanged(html_path, report_html)
     ):
         return path
     atomic_write_text(store.report_json_path, report_json)
     atomic_write_text(path, report_md)
+    atomic_write_text(html_path, report_html)
     return path
