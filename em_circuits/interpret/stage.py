@@ -47,9 +47,10 @@ def cards_on_demand(
             role: cached_index(model, texts, store.features_index_dir(model.slug), params)
             for role, model in loaded.items()
         }
+        # The pivotal prompts' effects (read from every stored graph) only for named cards.
         effects = {
             role: load_effects(store, model.slug, "any")[0]
-            if chosen_graphs(store, model.slug, None)
+            if features and chosen_graphs(store, model.slug, None)
             else {}
             for role, model in loaded.items()
         }
@@ -62,8 +63,7 @@ def cards_on_demand(
                 raise FileNotFoundError(
                     f"{viewer_dir}: no viewer graphs yet; run `em-circuits graphs` first"
                 )
-            analysis_file = viewer_dir / "analysis.json"
-            analysis = json.loads(analysis_file.read_text()) if analysis_file.is_file() else {}
+            analysis = _viewer_analysis(store, loaded["adapted"].slug)
             labels = [
                 {"layer": f["layer"], "feature": f["feature"], "label": f.get("label")}
                 for f in analysis.get("top_features", [])
@@ -72,6 +72,29 @@ def cards_on_demand(
     finally:
         pool.release()
     return cards
+
+
+def _viewer_analysis(store: ResultsStore, adapted_slug: str) -> dict[str, Any]:
+    """What the viewer shows of the last analysis: its ``analysis.json`` when the analysis
+    wrote one, else made from the last analysis's tables (results from before the viewer
+    had one), else nothing."""
+    import pandas as pd
+
+    from em_circuits.analysis.stage import viewer_summary
+    from em_circuits.core.store import read_json
+
+    written = store.viewer_dir(adapted_slug) / "analysis.json"
+    if written.is_file():
+        return dict(json.loads(written.read_text()))
+    folder = store.latest_analysis_dir(adapted_slug)
+    tables = {
+        name: pd.read_csv(folder / f"{name}.csv")
+        for name in ("top_features_adapted", "base_vs_adapted")
+        if (folder / f"{name}.csv").is_file() and (folder / f"{name}.csv").stat().st_size > 1
+    }
+    if "top_features_adapted" not in tables or not (folder / "summary.json").is_file():
+        return {}
+    return viewer_summary(store, folder, read_json(folder / "summary.json", "table"), tables)
 
 
 def _check_features(model: Any, features: Sequence[tuple[int, int]]) -> None:
