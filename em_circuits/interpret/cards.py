@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,17 @@ def feature_cards(
     return cards
 
 
+def _code(token: str) -> str:
+    """A token as a Markdown code span that shows it: blank or unprintable tokens as their
+    Python repr, and a span fence longer than any backtick run inside."""
+    shown = token.strip()
+    if not shown or not shown.isprintable():
+        shown = repr(token)
+    fence = "`" * (max((len(run) for run in re.findall("`+", shown)), default=0) + 1)
+    pad = " " if shown.startswith("`") or shown.endswith("`") else ""
+    return f"{fence}{pad}{shown}{pad}{fence}"
+
+
 def card_markdown(card: dict[str, Any], contexts: int = 5) -> str:
     """A card as Markdown, the activating token in bold."""
     out = [f"#### {card['name']}" + (f": {card['label']}" if card.get("label") else "") + "\n"]
@@ -208,12 +220,8 @@ def card_markdown(card: dict[str, Any], contexts: int = 5) -> str:
                 else ""
             )
         )
-    promoted = ", ".join(
-        f"`{t.strip() or repr(t)}`" for t, _ in adapted["logit_lens"]["promoted"][:8]
-    )
-    suppressed = ", ".join(
-        f"`{t.strip() or repr(t)}`" for t, _ in adapted["logit_lens"]["suppressed"][:8]
-    )
+    promoted = ", ".join(_code(t) for t, _ in adapted["logit_lens"]["promoted"][:8])
+    suppressed = ", ".join(_code(t) for t, _ in adapted["logit_lens"]["suppressed"][:8])
     out.append(f"- promotes {promoted}; suppresses {suppressed}")
     shown = adapted["contexts"][:contexts]
     if shown:
