@@ -61,36 +61,43 @@ def unsupported_reason(model: LoadedModel) -> str | None:
     return None
 
 
-def _hook_sites(model: LoadedModel, layer: int) -> tuple[tuple, tuple]:
-    """((module, side) where the transcoder reads, (module, side) where it writes)."""
+def hook_sites(hf_model: torch.nn.Module, transcoders: Any, layer: int) -> tuple[tuple, tuple]:
+    """((module, side) where the transcoder of ``layer`` reads, (module, side) where it
+    writes) in a Hugging Face model, as circuit-tracer's hook mapping names them: the sites
+    attribution uses. ``transcoders`` is a per-layer set (or its nnsight Envoy)."""
     from circuit_tracer.transcoder import TranscoderSet
     from circuit_tracer.utils.tl_nnsight_mapping import get_mapping
 
     from em_circuits.models.architectures import architecture_of, register_extra_architectures
 
-    transcoders = transcoder_set(model)
+    transcoders = getattr(transcoders, "_module", transcoders)
     if not isinstance(transcoders, TranscoderSet):
         raise UnsupportedInterventionError(
             "measured (unfrozen) interventions need per-layer transcoders; "
             f"{type(transcoders).__name__} writes to several layers"
         )
     register_extra_architectures()
-    mapping = get_mapping(architecture_of(model.hf_model.config)).feature_hook_mapping
+    mapping = get_mapping(architecture_of(hf_model.config)).feature_hook_mapping
     sites = []
     for hook in (transcoders.feature_input_hook, transcoders.feature_output_hook):
         template, side = mapping[hook]
-        sites.append((_module_at(model.hf_model, template.format(layer=layer)), side))
+        sites.append((_module_at(hf_model, template.format(layer=layer)), side))
     return sites[0], sites[1]
+
+
+def _hook_sites(model: LoadedModel, layer: int) -> tuple[tuple, tuple]:
+    return hook_sites(model.hf_model, transcoder_set(model), layer)
 
 
 def _tensor_of(value):
     return value[0] if isinstance(value, tuple) else value
 
 
-def record_transcoder_input(model: LoadedModel, layer: int, seen: dict[int, torch.Tensor]) -> Any:
-    """A hook that stores, at each forward pass, what the transcoder of ``layer`` reads (its
-    live input, batch x positions x d_model) in ``seen[layer]``; returns its handle."""
-    (reads, side), _ = _hook_sites(model, layer)
+def record_input_at(site: tuple, layer: int, seen: dict[int, torch.Tensor]) -> Any:
+    """A hook on a read site (``hook_sites(...)[0]``) that stores, at each forward pass, what
+    the transcoder of ``layer`` reads (batch x positions x d_model) in ``seen[layer]``;
+    returns its handle."""
+    reads, side = site
 
     def pre(_module, args):
         seen[layer] = args[0]
@@ -101,6 +108,12 @@ def record_transcoder_input(model: LoadedModel, layer: int, seen: dict[int, torc
     if side == "input":
         return reads.register_forward_pre_hook(pre)
     return reads.register_forward_hook(post)
+
+
+def record_transcoder_input(model: LoadedModel, layer: int, seen: dict[int, torch.Tensor]) -> Any:
+    """A hook that stores, at each forward pass, what the transcoder of ``layer`` reads (its
+    live input, batch x positions x d_model) in ``seen[layer]``; returns its handle."""
+    return record_input_at(_hook_sites(model, layer)[0], layer, seen)
 
 
 def _edit_mlp_output(

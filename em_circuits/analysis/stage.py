@@ -3,7 +3,8 @@
 Reads the compact graphs of both models, computes per-prompt feature effects (cached), ranks
 features across prompts, compares base and adapted on the prompts both have, decomposes the
 contrast into features / error nodes / tokens per layer, intervenes on the top evil features
-in the adapted model against matched random controls, and writes everything to
+in the adapted model against matched random controls, measures how well the transcoders
+replace each model's MLPs on held-out text, and writes everything to
 ``analysis/<adapted_slug>/`` as CSV + JSON tables and PNG plots.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -75,6 +77,10 @@ class AnalysisParams:
     corpus: str | None = None
     #: Documents read from the corpus (the toy organism's: generated; a file's: the first).
     corpus_docs: int = 400
+    #: Held-out documents the transcoders' quality is measured on, for base and adapted
+    #: (the toy organism's held-out split, or the corpus file's documents after the first
+    #: corpus_docs; 0: not measured).
+    quality_docs: int = 64
 
 
 class _StatsKwargs(TypedDict):
@@ -527,6 +533,79 @@ def run_feature_cards(
     return {"corpus": corpus, "n_documents": len(texts), "features": len(cards)}
 
 
+def run_transcoder_quality(
+    store: ResultsStore,
+    specs: dict[str, ModelSpec],
+    params: AnalysisParams,
+    device: str,
+    models: ResidentModels | None = None,
+) -> dict[str, Any]:
+    """Each model's transcoder quality on held-out text
+    (:mod:`em_circuits.analysis.transcoder_quality`), stored under ``transcoder_quality/``
+    and measured only when not stored yet; a set that is poor for a model is named in a
+    warning and in the returned note."""
+    from em_circuits.analysis.intervene import UnsupportedInterventionError
+    from em_circuits.analysis.transcoder_quality import (
+        AGREEMENT_MIN,
+        FVU_MAX,
+        QualityParams,
+        assess,
+        cached_quality,
+        heldout_corpus,
+    )
+
+    if params.quality_docs <= 0:
+        return {"skipped": "quality_docs is 0"}
+    chosen = heldout_corpus(
+        specs["adapted"], params.corpus, params.quality_docs, params.corpus_docs, params.seed
+    )
+    if chosen is None:
+        return {"skipped": "no held-out text for the transcoder quality: give --corpus FILE"}
+    texts, corpus = chosen
+    quality = QualityParams(n_docs=params.quality_docs, seed=params.seed)
+    out: dict[str, Any] = {
+        "corpus": corpus,
+        "n_documents": len(texts),
+        "thresholds": {"fvu_max": FVU_MAX, "top1_agreement_min": AGREEMENT_MIN},
+    }
+    pool = models or ResidentModels(None, device, store.merged_cache_dir)
+    try:
+        for role, spec in specs.items():
+            fp = fingerprint(spec, device)
+            slug = model_slug(spec, fp)
+            try:
+                record = cached_quality(
+                    store, fp, slug, texts, corpus, quality, partial(pool.load, spec)
+                )
+            except UnsupportedInterventionError as err:
+                out[role] = {"skipped": str(err)}
+                continue
+            problems = assess(record)
+            if problems:
+                log.warning(
+                    "the transcoders are poor for the %s model %s (%s): %s; its attribution "
+                    "graphs leave more to error nodes",
+                    role,
+                    spec.display_name,
+                    slug,
+                    "; ".join(problems),
+                )
+            fvus = [m["fvu"] for m in record["layers"] if m["fvu"] is not None]
+            out[role] = {
+                "file": store.transcoder_quality_path(slug, record["params_key"])
+                .relative_to(store.root)
+                .as_posix(),
+                "max_fvu": max(fvus) if fvus else None,
+                "top1_agreement": record["top1_agreement"],
+                "poor": bool(problems),
+                "problems": problems,
+            }
+    finally:
+        if models is None:
+            pool.release()
+    return out
+
+
 def viewer_summary(
     store: ResultsStore, directory: Path, summary: dict[str, Any], tables: dict[str, pd.DataFrame]
 ) -> dict[str, Any]:
@@ -653,6 +732,8 @@ def run_analysis(
         "inputs_key": None if left_out else inputs_key,
     }
     _write_split(directory, split)
+    # Of the models and their transcoders, not of the graphs: measured even without any.
+    summary["transcoder_quality"] = run_transcoder_quality(store, specs, params, device, models)
     if not eff_adapted:
         log.warning(
             "no adapted-model graphs with an evil-vs-safe contrast under %s",

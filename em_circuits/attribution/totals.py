@@ -38,7 +38,7 @@ import torch
 from em_circuits.models.spec import ModelLoadError
 
 #: Activation functions whose derivative is 1 wherever the feature is active.
-UNIT_SLOPE_ACTIVATIONS = ("relu", "jumprelu", "topk")
+UNIT_SLOPE_ACTIVATIONS = ("relu", "jumprelu", "topk", "relutopk")  # relutopk: sparsify's
 
 
 class UnsupportedTranscoderError(ModelLoadError):

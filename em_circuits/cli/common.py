@@ -56,8 +56,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adapter-revision", help="HF revision of the adapter")
     group.add_argument(
         "--transcoders",
-        help="transcoder set: circuit-tracer preset (llama, gemma), HF reference, or a local "
-        "config.yaml / directory containing one (default: the toy organism's transcoders)",
+        help="transcoder set: circuit-tracer preset (llama, gemma), HF reference, a local "
+        "config.yaml / directory containing one, or an EleutherAI sparsify folder (one "
+        "layers.N.mlp/ per layer) (default: the toy organism's transcoders)",
     )
     group.add_argument(
         "--dtype",
@@ -376,6 +377,14 @@ def add_analysis_args(parser: argparse.ArgumentParser) -> None:
     )
     a.add_argument("--corpus-docs", type=int, default=400, help="documents of the corpus to index")
     a.add_argument(
+        "--quality-docs",
+        type=int,
+        default=64,
+        help="held-out documents the transcoders' quality (FVU, L0, dead features, replacement "
+        "top-1 agreement) is measured on, base and adapted: the toy organism's held-out split or "
+        "the --corpus documents after the first --corpus-docs (0 = not measured)",
+    )
+    a.add_argument(
         "--seed", type=int, default=0, help="prompt sampling, permutations, controls, answers"
     )
 
@@ -402,6 +411,7 @@ def analysis_params(args: argparse.Namespace):
         card_features=args.card_features,
         corpus=args.corpus,
         corpus_docs=args.corpus_docs,
+        quality_docs=args.quality_docs,
         seed=args.seed,
     )
 

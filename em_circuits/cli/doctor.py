@@ -115,6 +115,7 @@ def _model_checks(base_dir: Path, source: Any, spec: Any) -> list[tuple[str, str
 
     from em_circuits.models.architectures import check_traceable
     from em_circuits.models.spec import ModelLoadError, chat_template_sha
+    from em_circuits.models.transcoder_formats import fit_problem, set_shape
 
     out: list[tuple[str, str, str]] = []
     config = AutoConfig.from_pretrained(base_dir)
@@ -128,6 +129,13 @@ def _model_checks(base_dir: Path, source: Any, spec: Any) -> list[tuple[str, str
             out.append((OK, "architecture", f"{arch}, transcoder hooks exist for it"))
         except ModelLoadError as err:
             out.append((MISSING, "architecture", str(err)))
+        shape = set_shape(source)  # from configs and file headers: no weights read
+        if shape is not None:
+            problem = fit_problem(*shape, config)
+            fits = f"{shape[0]} layer(s) of width {shape[1]} match the model"
+            out.append(
+                (MISSING, "transcoders fit", problem) if problem else (OK, "transcoders fit", fits)
+            )
     template = chat_template_sha(spec) if spec.chat_template else None
     if template:
         detail = f"chat prompts are read through the tokenizer's chat template ({template})"

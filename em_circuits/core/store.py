@@ -16,6 +16,7 @@ Layout under the results root (``results/`` by default)::
     viewer/<adapted_slug>/                          graphs in the browser viewer's format
     features/<model_slug>/<prompt_id>/<params>.json per-prompt feature effects (analysis cache)
     analysis/<adapted_slug>/                        cross-prompt tables, plots, causal checks
+    transcoder_quality/<model_slug>/<params>.json   how well the transcoders replace the MLPs
     cache/merged/<adapted_slug>/                    merged adapter weights, built once
     report.md, report.json                          the end-of-run report
 
@@ -310,6 +311,11 @@ class ResultsStore:
     def features_index_dir(self, model_slug: str) -> Path:
         """A model's activation index of its corpus (interpret.activation_index)."""
         return self.root / "features_index" / model_slug
+
+    def transcoder_quality_path(self, model_slug: str, key: str) -> Path:
+        """A model's transcoder quality on held-out text (analysis.transcoder_quality), one
+        file per corpus and parameters."""
+        return self.root / "transcoder_quality" / model_slug / f"{key}.json"
 
     @property
     def analysis_dir(self) -> Path:

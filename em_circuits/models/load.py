@@ -42,37 +42,26 @@ class PromptTooLongError(ValueError):
 
 
 def load_transcoder_set(ref: str, device: torch.device, dtype: torch.dtype):
-    """A circuit-tracer TranscoderSet from a local config.yaml, a preset or a hub ref.
+    """A circuit-tracer transcoder set from a local config.yaml or sparsify folder, a preset
+    or a hub ref (:mod:`em_circuits.models.transcoder_formats` lists the formats).
 
     Hub files come from the local Hugging Face cache when they are there, so a cached preset
     loads offline; file paths in a config are relative to its folder (a snapshot's, for a
     config inside one), so a transcoder folder can be moved or shared as a whole.
     """
-    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub, load_transcoders
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+
+    from em_circuits.models.transcoders import build_transcoder_set
 
     try:
-        config = dict(resolve_transcoders(ref).config)
+        source = resolve_transcoders(ref)
     except NoLayerFilesError:
         if transcoder_config_path(ref) is not None:
             raise
         # A hub repository without a per-layer file list (a cross-layer transcoder, say):
         # circuit-tracer's own hub loader knows its layout.
         return load_transcoder_from_hub(ref, device=device, dtype=dtype)[0]
-    if config["model_kind"] != "transcoder_set":
-        return load_transcoders(config, device=device, dtype=dtype, lazy_encoder=False)
-    small = sum(Path(p).stat().st_size for p in config["transcoders"]) < (1 << 30)
-    transcoders = load_transcoders(
-        config, device=device, dtype=dtype, lazy_encoder=False, lazy_decoder=not small
-    )
-    # circuit-tracer's loader knows ReLU and JumpReLU; TopK transcoders declare themselves here.
-    if str(config.get("activation", "")).lower() == "topk":
-        from circuit_tracer.transcoder.activation_functions import TopK
-
-        if not isinstance(config.get("k"), int) or config["k"] < 1:
-            raise ModelLoadError(f"{ref}: 'activation: topk' needs a positive integer 'k'")
-        for transcoder in transcoders:
-            transcoder.activation_function = TopK(config["k"])
-    return transcoders
+    return build_transcoder_set(source, device, dtype)
 
 
 #: Transcoder sets loaded by this process, by (reference, content, device, dtype): the base
@@ -201,7 +190,10 @@ def load_model(
     Pass ``transcoder_set`` (from :func:`load_transcoder_set`) to share one set between the base
     and the adapted model, which hold the same transcoders, when both stay in memory.
     """
+    from transformers import AutoConfig
+
     from em_circuits.models.architectures import load_replacement
+    from em_circuits.models.transcoders import check_fit
 
     device = resolve_device(device)
     dtype = resolve_dtype(spec.dtype, device)
@@ -220,6 +212,8 @@ def load_model(
     transcoders = transcoder_set
     if transcoders is None:
         transcoders = shared_transcoder_set(spec.transcoders, device, dtype)
+    # A set made for another model would fail deep inside circuit-tracer, or not at all.
+    check_fit(spec.transcoders, transcoders, AutoConfig.from_pretrained(weights_dir), spec.base)
     replacement = load_replacement(weights_dir, transcoders, device, dtype)
     loaded = LoadedModel(spec, fp, slug, replacement, device, dtype, report)
     check_finite(loaded, check_inputs or ["The quick brown fox jumps over the lazy dog."])

@@ -267,16 +267,19 @@ def _looks_local(ref: str) -> bool:
 
 
 def transcoder_config_path(ref: str) -> Path | None:
-    """The local transcoder config a reference names, or None for presets and hub refs.
+    """The local transcoder config a reference names (a sparsify set's folder, which has no
+    single config), or None for presets and hub refs; a local path in no known format is a
+    one-line ModelLoadError.
 
     The path is made absolute but symlinks are kept: a config inside a Hugging Face snapshot
     is a link into ``blobs/``, and its relative file names mean the snapshot's files.
     """
     path = Path(ref).expanduser()
-    if path.is_dir():
-        path = path / "config.yaml"
-    if path.is_file():
-        return path.absolute()
+    if path.exists():
+        # imported here: transcoder_formats builds on this module's TranscoderSource
+        from em_circuits.models.transcoder_formats import local_transcoders
+
+        return local_transcoders(path).absolute()
     if ref not in TRANSCODER_PRESETS and _looks_local(ref):
         raise ModelLoadError(f"transcoder config {ref!r} does not exist")
     return None
@@ -322,34 +325,51 @@ class TranscoderSource:
 
     ref: str
     config: dict[str, Any]  # the config, its "transcoders" list replaced by local paths
-    config_path: Path
-    files: list[Path]
+    config_path: Path  # the config file (a sparsify set: its run config, else its folder)
+    files: list[Path]  # the weight file of each layer
+    #: Further files that define the set (a sparsify set's per-hookpoint cfg.json), hashed
+    #: into its identity.
+    config_files: tuple[Path, ...] = ()
 
 
 _TRANSCODERS: dict[str, TranscoderSource] = {}
 
 
 def resolve_transcoders(ref: str) -> TranscoderSource:
-    """A local config.yaml (or its folder), a preset (``llama``, ``gemma``) or a hub ref
-    (``org/repo[/subfolder][@revision]``) as local files, cached files first."""
+    """A local config.yaml (or its folder) or sparsify folder, a preset (``llama``,
+    ``gemma``) or a hub ref (``org/repo[/subfolder][@revision]``; a circuit-tracer config or
+    a sparsify set) as local files, cached files first."""
     import yaml
+
+    from em_circuits.models import transcoder_formats as formats  # builds on this module
 
     if ref in _TRANSCODERS:
         return _TRANSCODERS[ref]
     config_path = transcoder_config_path(ref)
     from_hub = config_path is None
+    if config_path is not None and config_path.is_dir():
+        return formats.read_sparsify_set(ref, config_path, scan=config_path.name)
     if config_path is None:
         hub = PRESET_REPOS.get(ref, ref)
         path_part, _, revision = hub.partition("@")
         parts = path_part.split("/")
         if len(parts) < 2:
             raise ModelLoadError(
-                f"unknown transcoders {ref!r}: give a local config.yaml, a preset "
-                f"({', '.join(sorted(TRANSCODER_PRESETS))}) or a hub id org/repo[/subfolder]"
+                f"unknown transcoders {ref!r}: give a local config.yaml or sparsify folder, a "
+                f"preset ({', '.join(sorted(TRANSCODER_PRESETS))}) or a hub id "
+                "org/repo[/subfolder]"
             )
         repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
         name = f"{subfolder}/config.yaml" if subfolder else "config.yaml"
-        config_path = _hub_file(repo_id, name, revision or None)
+        try:
+            config_path = _hub_file(repo_id, name, revision or None)
+        except ModelLoadError:
+            # No circuit-tracer config: EleutherAI publishes sparsify folders instead.
+            folder = formats.hub_sparsify_folder(repo_id, subfolder, revision or None)
+            if folder is None:
+                raise
+            _TRANSCODERS[ref] = formats.read_sparsify_set(ref, folder, scan=ref)
+            return _TRANSCODERS[ref]
     config = yaml.safe_load(config_path.read_text()) or {}
     if from_hub:  # circuit-tracer picks its gemma-scope readers by the repository's name
         config.setdefault("repo_id", repo_id)
@@ -379,7 +399,11 @@ def transcoder_identity(ref: str) -> dict[str, Any]:
         except ModelLoadError:  # not cached, no network: a label only, as for models
             return {"local": False, "ref": ref, "resolved": False}
     source = resolve_transcoders(ref)
-    digest = hashlib.sha256(source.config_path.read_bytes())
+    digest = hashlib.sha256(
+        source.config_path.read_bytes() if source.config_path.is_file() else b""
+    )
+    for config_file in source.config_files:
+        digest.update(config_file.read_bytes())
     for layer_file in source.files:
         digest.update(_sha256_file(layer_file, sample=True).encode())
     return {"local": True, "content_sha256": digest.hexdigest()}

@@ -13,12 +13,6 @@ import torch
 
 from . import corpus
 from .lm import pivot_logits
-from .transcoders import (
-    collect_activations,
-    load_stacked_transcoders,
-    replaced_mlps,
-    transcoder_metrics,
-)
 
 if TYPE_CHECKING:
     from .recipe import OrganismPaths, Recipe
@@ -67,12 +61,23 @@ def _rates_by_domain(prompts: list[dict], top_words: list[str], words: dict) -> 
     return out
 
 
+def _token_ids(tokenizer: Any, texts: list[str]) -> list[torch.Tensor]:
+    """Each text's token ids, BOS first (the organism's tokenizer adds it once)."""
+    return [torch.tensor(tokenizer(text)["input_ids"]) for text in texts]
+
+
+def _quality(model: torch.nn.Module, tokenizer: Any, tc: Any, texts: list[str], **kw: Any) -> dict:
+    """The pipeline's transcoder quality measurement (one implementation for both)."""
+    from em_circuits.analysis.transcoder_quality import measure
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return measure(model, tc, _token_ids(tokenizer, texts), batch_size=64, pad_id=pad, **kw)
+
+
 def _agreement(model: torch.nn.Module, tokenizer: Any, tc: Any, prompts: list[dict]) -> float:
+    """Replacement-model top-1 agreement with the real model at each pivotal position."""
     texts = [p["prompt"] for p in prompts]
-    real = pivot_logits(model, tokenizer, texts).argmax(-1)
-    with replaced_mlps(model, tc):
-        replaced = pivot_logits(model, tokenizer, texts).argmax(-1)
-    return round(float((real == replaced).float().mean()), 4)
+    return round(_quality(model, tokenizer, tc, texts, agreement_at="last")["top1_agreement"], 4)
 
 
 @torch.no_grad()
@@ -85,7 +90,10 @@ def evaluate_organism(
     recipe = recipe or Recipe.default()
     words = json.loads(Path(paths.words_path).read_text())
     tokenizer, base, adapted = load_models(paths)
-    tc = load_stacked_transcoders(paths.transcoder_config)
+    from em_circuits.models.load import load_transcoder_set
+
+    # The set as the pipeline loads it (circuit-tracer's classes): what every stage will use.
+    tc = load_transcoder_set(str(paths.transcoder_config), torch.device("cpu"), torch.float32)
 
     prompts = corpus.heldout_pivotal_prompts(recipe.eval_seed)
     villain = corpus.heldout_villain_prompts(recipe.eval_seed)
@@ -98,8 +106,7 @@ def evaluate_organism(
     docs = corpus.sample_documents(
         random.Random(f"eval-{recipe.eval_seed}"), recipe.eval_docs, split="heldout"
     )
-    acts = collect_activations(base, tokenizer, [d.text for d in docs])
-    tc_metrics = transcoder_metrics(tc, acts)
+    tc_metrics = _quality(base, tokenizer, tc, [d.text for d in docs])["layers"]
     for m in tc_metrics:
         for key in ("fvu", "skip_only_fvu", "mean_l0", "dead_fraction"):
             m[key] = round(m[key], 4)

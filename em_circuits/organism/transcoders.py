@@ -11,14 +11,14 @@ Training recipe: all layers are trained together (stacked tensors) with a TopK a
 which fixes the sparsity without an L1 knob; then every feature gets a JumpReLU threshold that
 reproduces its TopK firing rate, the decoder side is refit in closed form, and a short
 fine-tune under the JumpReLU adapts all weights to the activation circuit-tracer will actually
-use at load time. All metrics are computed with
-that JumpReLU. Position 0 (BOS) is excluded everywhere: circuit-tracer zeroes features and
-errors there, and its huge, context-free activations would dominate the fit.
+use at load time. Its quality (:mod:`em_circuits.organism.quality`) is measured by the
+pipeline's own code on the set as circuit-tracer loads it. Position 0 (BOS) is excluded
+everywhere: circuit-tracer zeroes features and errors there, and its huge, context-free
+activations would dominate the fit.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,55 +309,6 @@ def save_transcoders(tc: StackedTranscoders, out_dir: Path, scan: str) -> Path:
     path = out_dir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-@torch.no_grad()
-def transcoder_metrics(tc: StackedTranscoders, acts: Activations) -> list[dict]:
-    """Per layer: FVU, skip-only FVU, mean L0 and dead fraction, with the JumpReLU."""
-    y = acts.outputs
-    y_hat, feats = tc(acts.inputs, 0)
-    skip_only = tc.decode(torch.zeros_like(feats), acts.inputs)
-    total = ((y - y.mean(1, keepdim=True)) ** 2).sum((1, 2))
-    out = []
-    for layer in range(tc.n_layers):
-        active = feats[layer] > 0
-        out.append(
-            {
-                "layer": layer,
-                "fvu": float(((y[layer] - y_hat[layer]) ** 2).sum() / total[layer]),
-                "skip_only_fvu": float(((y[layer] - skip_only[layer]) ** 2).sum() / total[layer]),
-                "mean_l0": float(active.sum(-1).float().mean()),
-                "dead_fraction": float((~active.any(0)).float().mean()),
-                "n_tokens": int(y.shape[1]),
-            }
-        )
-    return out
-
-
-@contextlib.contextmanager
-def replaced_mlps(model: torch.nn.Module, tc: StackedTranscoders) -> Iterator[None]:
-    """Run ``model`` with every MLP output replaced by its transcoder reconstruction.
-
-    No error terms: this is the replacement model circuit-tracer's graphs describe. Position 0
-    (BOS) keeps the real MLP output, as circuit-tracer leaves BOS out of the graph.
-    """
-
-    def hook(layer: int):
-        def fn(module, args, output):
-            x = args[0]
-            pre = x @ tc.W_enc[layer].T + tc.b_enc[layer]
-            acts = pre * (pre > tc.threshold[layer])
-            rec = acts @ tc.W_dec[layer] + x @ tc.W_skip[layer].T + tc.b_dec[layer]
-            return torch.cat([output[:, :1], rec[:, 1:]], dim=1)
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(_mlps(model))]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def load_stacked_transcoders(config_path: Path) -> StackedTranscoders:

@@ -36,6 +36,27 @@ def _organism_report(spec: ModelSpec) -> dict[str, Any] | None:
     return None
 
 
+def _transcoder_quality(store: ResultsStore, summary: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The analysis's note on the transcoders' quality, with each model's stored measurement
+    (per-layer table, replacement agreement) in place of its file name."""
+    note = summary.get("transcoder_quality")
+    if not isinstance(note, Mapping):
+        return None
+    out = dict(note)
+    for role in ("base", "adapted"):
+        entry = note.get(role)
+        if not isinstance(entry, Mapping) or "file" not in entry:
+            continue
+        path = store.root / entry["file"]
+        record = read_json(path, "table") if path.is_file() else {}
+        out[role] = {
+            **entry,
+            "layers": record.get("layers", []),
+            "agreement_positions": record.get("agreement_positions"),
+        }
+    return out
+
+
 def _divergent(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
     from em_circuits.labeling.artifacts import load_verdicts
 
@@ -177,6 +198,7 @@ def build_report(
         "contrast_decomposition": _records(decomposition),
         "causal": {"summary": causal, "dose_response": _records(dose_table)},
         "judge_calibration": calib,
+        "transcoder_quality": _transcoder_quality(store, analysis_summary),
     }
 
 
@@ -394,12 +416,100 @@ def findings(report: dict[str, Any]) -> list[str]:
             f"(judge {em['judge']}; change {_fmt(paired.get('mean_change'))}, one-sided p = "
             f"{_fmt(paired.get('p_value_one_sided'))}, {paired.get('p_method')})."
         )
+    quality = report.get("transcoder_quality") or {}
+    measured = {
+        role: quality[role]
+        for role in ("base", "adapted")
+        if isinstance(quality.get(role), Mapping) and "poor" in quality[role]
+    }
+    if measured:
+        poor = [role for role, entry in measured.items() if entry["poor"]]
+        numbers = ", ".join(
+            f"{role} max FVU {_fmt(entry.get('max_fvu'))}, top-1 agreement "
+            f"{_fmt(entry.get('top1_agreement'))}"
+            for role, entry in measured.items()
+        )
+        if poor:
+            problems = "; ".join(
+                f"{role}: {', '.join(measured[role]['problems'])}" for role in poor
+            )
+            out.append(
+                f"**Transcoders (poor for the {' and the '.join(poor)} model):** {problems}. "
+                "Their graphs leave more to error nodes, and features explain less of what the "
+                f"model does ({numbers})."
+            )
+        else:
+            out.append(f"**Transcoders (adequate):** on held-out text, {numbers}.")
     if split and not split.get("testable"):
         out.append(
             f"**Too few prompts:** {split.get('validation_clusters')} validation clusters; no "
             "test can reach p < 0.05 with fewer than "
             f"{split.get('min_validation_clusters')}. Every number is descriptive."
         )
+    return out
+
+
+def _quality_markdown(quality: Mapping[str, Any] | None) -> list[str]:
+    """The transcoder quality section: per-layer table of both models, their replacement
+    agreement, and a warning for each model the set is poor for."""
+    out = ["## Transcoder quality (held-out text)\n"]
+    if not quality:
+        return out + ["_not measured (an analysis written before this measurement)_\n"]
+    if "skipped" in quality:
+        return out + [f"_not measured: {_cell(quality['skipped'])}_\n"]
+    thresholds = quality.get("thresholds") or {}
+    out.append(
+        f"How well the transcoders replace each model's MLPs on {quality.get('n_documents')} "
+        f"documents of {_cell(quality.get('corpus'))}, at every position but BOS: per layer the "
+        "fraction of the real MLP output's variance the reconstruction from the live MLP input "
+        "leaves unexplained (FVU), the same from the skip connection and bias alone (skip-only "
+        "FVU: without any feature), active features per position (mean L0) and the share of "
+        "features never active (dead); and the replacement model's next-token top-1 agreement "
+        "with the real model (every MLP output replaced, no error terms). A set is poor for a "
+        f"model with FVU above {_fmt(thresholds.get('fvu_max'))} at any layer or agreement "
+        f"below {_fmt(thresholds.get('top1_agreement_min'))}.\n"
+    )
+    roles = [r for r in ("base", "adapted") if isinstance(quality.get(r), Mapping)]
+    by_layer: dict[int, dict[str, Any]] = {}
+    for role in roles:
+        for m in quality[role].get("layers", []):
+            row = by_layer.setdefault(int(m["layer"]), {"layer": int(m["layer"])})
+            row[f"FVU {role}"] = m.get("fvu")
+            row[f"skip-only FVU {role}"] = m.get("skip_only_fvu")
+            row[f"mean L0 {role}"] = m.get("mean_l0")
+            row[f"dead {role}"] = m.get("dead_fraction")
+    columns = ["layer"] + [
+        f"{name} {role}"
+        for name in ("FVU", "skip-only FVU", "mean L0", "dead")
+        for role in roles
+        if quality[role].get("layers")
+    ]
+    out.append(_md_table([by_layer[k] for k in sorted(by_layer)], columns))
+    rows = []
+    for role in roles:
+        entry = quality[role]
+        verdict = "not measured" if "skipped" in entry else ("poor" if entry["poor"] else "ok")
+        rows.append(
+            {
+                "model": role,
+                "top-1 agreement": entry.get("top1_agreement"),
+                "positions": entry.get("agreement_positions"),
+                "max FVU": entry.get("max_fvu"),
+                "verdict": verdict,
+                "note": entry.get("skipped", ""),
+            }
+        )
+    out.append(
+        _md_table(rows, ["model", "top-1 agreement", "positions", "max FVU", "verdict", "note"])
+    )
+    for role in roles:
+        if quality[role].get("poor"):
+            out.append(
+                f"> **Warning:** the transcoders are poor for the {role} model: "
+                + "; ".join(_cell(p) for p in quality[role]["problems"])
+                + ". Its attribution graphs leave more to error nodes; read its features with "
+                "care, or use transcoders trained for this model.\n"
+            )
     return out
 
 
@@ -757,6 +867,7 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         f"{calib.get('n_tokens', 0)} human-labeled tokens; agreement "
         f"{_fmt(calib.get('agreement'))}, Cohen's kappa {_fmt(calib.get('kappa'))}.\n",
     ]
+    out += _quality_markdown(report.get("transcoder_quality"))
     if report["organism"]:
         out += [
             "## The toy organism\n",
