@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 
 from em_circuits.core.store import ResultsStore, params_key, write_artifact
-from em_circuits.models.load import LoadedModel
+from em_circuits.models.load import LoadedModel, right_padded
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +185,7 @@ def _batches(
     out = []
     for start in range(0, len(sequences), batch_size):
         chunk = [torch.as_tensor(s, dtype=torch.long).cpu() for s in sequences[start:][:batch_size]]
-        length = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for row, tokens in enumerate(chunk):
-            ids[row, : len(tokens)] = tokens
-            mask[row, : len(tokens)] = 1
-        out.append((ids, mask))
+        out.append(right_padded(chunk, pad_id))
     return out
 
 

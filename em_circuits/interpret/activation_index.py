@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from em_circuits.models.load import LoadedModel
+from em_circuits.models.load import LoadedModel, right_padded
 
 log = logging.getLogger(__name__)
 
@@ -270,12 +270,7 @@ def _prefetched_batches(
             model.encode(text)[: params.max_tokens].cpu()
             for text in texts[start : start + params.batch_size]
         ]
-        length = max(len(ids) for ids in batch)
-        ids = torch.full((len(batch), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for row, tokens in enumerate(batch):
-            ids[row, : len(tokens)] = tokens
-            mask[row, : len(tokens)] = 1
+        ids, mask = right_padded(batch, pad)
         return start, batch, ids, mask
 
     starts = range(first, len(texts), params.batch_size)

@@ -6,6 +6,7 @@ import functools
 import gc
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -304,3 +305,17 @@ def release(model: LoadedModel | None) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def right_padded(
+    sequences: Sequence[torch.Tensor], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token-id sequences padded on the right into one batch: with
+    causal attention a real position never sees the padding after it."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return ids, mask
