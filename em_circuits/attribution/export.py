@@ -32,6 +32,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from em_circuits.attribution.viewer import (
+    FEATURE_NODE,
     METADATA_FILE,
     ROLES,
     ViewerError,
@@ -56,8 +57,6 @@ DEFAULT_CREATOR = "Anonymous (em-circuits)"
 #: circuit-tracer's ``attribute()`` and ``prune_graph()``).
 GENERATION_KEYS = ("max_n_logits", "desired_logit_prob", "batch_size", "max_feature_nodes")
 PRUNING_KEYS = ("node_threshold", "edge_threshold")
-
-FEATURE_NODE = "cross layer transcoder"
 
 #: Graph metadata circuit-tracer copies into a graph's ``graph-metadata.json`` entry.
 LISTED_KEYS = ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold")

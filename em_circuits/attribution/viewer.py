@@ -46,6 +46,10 @@ ROLES = ("base", "adapted")
 METADATA_FILE = "graph-metadata.json"
 
 
+#: circuit-tracer's node type of a transcoder feature in its frontend graphs.
+FEATURE_NODE = "cross layer transcoder"
+
+
 ASSETS_DIR = Path(__file__).with_name("viewer_assets")
 
 
@@ -156,8 +160,11 @@ def write_viewer_graph(
             edge_threshold=edge_threshold,
         )
         entry = _metadata_entry(scratch, slug)
-        _name_nodes(scratch / f"{slug}.json", targets)
-        _preselect_first_target(scratch / f"{slug}.json")
+        written = scratch / f"{slug}.json"
+        data = json.loads(written.read_text())
+        _name_nodes(data, targets)
+        _preselect_first_target(data)
+        written.write_text(json.dumps(data))
         apply_default_modes(scratch / f"{slug}.json")
         crash_point(target, "viewer_graph")
         os.replace(scratch / f"{slug}.json", target)
@@ -178,16 +185,21 @@ TOKENS_SHOWN = 2
 _LOGIT_CLERP = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.S)
 
 
-def _name_nodes(path: Path, targets: Sequence[Mapping[str, Any]] | None) -> None:
+def node_feature(node: Mapping[str, Any]) -> tuple[int, int]:
+    """(layer, transcoder feature id) of a feature node (its ``node_id`` is layer_feature_pos;
+    its ``feature`` field is circuit-tracer's pairing of the two)."""
+    layer, feature = node["node_id"].split("_")[:2]
+    return int(layer), int(feature)
+
+
+def _name_nodes(data: dict[str, Any], targets: Sequence[Mapping[str, Any]] | None) -> None:
     """Feature nodes get the tool's one feature name; with ``targets``, logit nodes get
     readable names and only the contrast and the top evil and safe tokens are kept."""
     from em_circuits.interpret.cards import feature_name
 
-    data = json.loads(path.read_text())
     for node in data["nodes"]:
-        if node["feature_type"] == "cross layer transcoder" and not node.get("clerp"):
-            layer, feature = node["node_id"].split("_")[:2]
-            node["clerp"] = feature_name(int(layer), int(feature))
+        if node["feature_type"] == FEATURE_NODE and not node.get("clerp"):
+            node["clerp"] = feature_name(*node_feature(node))
     logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
     names = [_LOGIT_CLERP.match(n.get("clerp") or "") for n in logits]
     if (
@@ -221,22 +233,18 @@ def _name_nodes(path: Path, targets: Sequence[Mapping[str, Any]] | None) -> None
             if link["source"] not in drop and link["target"] not in drop
         ]
         data["metadata"]["targets_not_drawn"] = len(drop)
-    path.write_text(json.dumps(data))
 
 
-def _preselect_first_target(path: Path) -> None:
+def _preselect_first_target(data: dict[str, Any]) -> None:
     """Open the graph with its first logit target clicked, its direct inputs highlighted.
 
     circuit-tracer's frontend means to do this itself but looks for a flag its graphs do not
     carry, so both panes would open with nothing selected. The pipeline's first target is the
     evil-vs-safe contrast, the node to compare across base and adapted.
     """
-    data = json.loads(path.read_text())
     first = next((n for n in data["nodes"] if n.get("is_target_logit")), None)
-    if first is None:
-        return
-    data["qParams"]["clickedId"] = first["node_id"]
-    path.write_text(json.dumps(data))
+    if first is not None:
+        data["qParams"]["clickedId"] = first["node_id"]
 
 
 def _scan_name(graph: Graph) -> str:
@@ -358,9 +366,8 @@ def features_in_viewer(viewer_dir: Path) -> dict[str, set[tuple[int, int]]]:
         if entry.get("role") not in ROLES or not path.is_file():
             continue
         for node in json.loads(path.read_text())["nodes"]:
-            if node["feature_type"] == "cross layer transcoder":
-                layer, feature = node["node_id"].split("_")[:2]
-                found[entry["role"]].add((int(layer), int(feature)))
+            if node["feature_type"] == FEATURE_NODE:
+                found[entry["role"]].add(node_feature(node))
     return found
 
 
@@ -409,11 +416,10 @@ def annotate_graphs(
                 meta.setdefault("source_scan", meta.get("scan"))
                 meta["scan"] = f"./data/features/{role}"
             for node in data["nodes"]:
-                if node["feature_type"] != "cross layer transcoder":
+                if node["feature_type"] != FEATURE_NODE:
                     continue
-                layer, feature = (int(x) for x in node["node_id"].split("_")[:2])
-                label = labels.get((layer, feature))
-                name = feature_name(layer, feature)
+                label = labels.get(node_feature(node))
+                name = feature_name(*node_feature(node))
                 node["clerp"] = f"{name}: {label}" if label else name
             atomic_write_text(path, json.dumps(data))
         atomic_write_text(viewer_dir / ANALYSIS_FILE, json.dumps(analysis, indent=1))

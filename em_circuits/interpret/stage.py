@@ -54,9 +54,8 @@ def cards_on_demand(
             else {}
             for role, model in loaded.items()
         }
+        # No labeller here: a card's label comes from an analysis run's labeller.
         cards = feature_cards(list(features), loaded, indexes, effects, params)
-        for card in cards:
-            card["label"] = None  # labels come from an analysis run's labeller
         if viewer:
             viewer_dir = store.viewer_dir(loaded["adapted"].slug)
             if not (viewer_dir / "graph-metadata.json").is_file():
