@@ -2,7 +2,8 @@
 skip-transcoder checkpoint (one folder per hookpoint, written by hand after sparsify's
 ``save_to_disk`` layout, and by sparsify itself where it is installed) and a circuit-tracer
 TopK set with ``k`` in its config. They compute what their stored weights say, a set made for
-another model is refused in one line, and the whole pipeline runs on each."""
+another model is refused in one line, and the whole pipeline runs on each, and on a set that
+``em-circuits transcoders train`` trains for the stand-in on the toy corpus."""
 
 from __future__ import annotations
 
@@ -258,19 +259,32 @@ def test_a_sparsify_sets_identity_is_its_files_and_it_loads_from_the_hub_cache(
         resolve_transcoders("EleutherAI/not-cached")
 
 
-def _set_for(kind: str, root: Path) -> Path:
+def _set_for(kind: str, root: Path, base_dir: Path) -> Path:
     if kind == "sparsify":
         write_sparsify_set(root / "sparsify")
         return root / "sparsify"
-    return write_topk_set(root / "topk")
+    if kind == "topk":
+        return write_topk_set(root / "topk")
+    # trained here by `em-circuits transcoders train` on the toy corpus
+    from test_transcoder_training import toy_corpus
+
+    from em_circuits.cli.main import main as em_circuits
+
+    out = root / "trained"
+    argv = ["transcoders", "train", "--results-dir", str(root / "train-results")]
+    argv += ["--base-model", str(base_dir), "--dataset", str(toy_corpus(root / "c.jsonl"))]
+    argv += ["--out", str(out), "--device", "cpu", "--ctx-len", "32", "--batch-size", "4"]
+    argv += ["--num-latents", str(LATENTS), "--k", "8", "--max-tokens", "2048"]
+    assert em_circuits(argv) == 0
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sparsify", "topk"])
+@pytest.mark.parametrize("kind", ["sparsify", "topk", "trained"])
 def test_the_pipeline_runs_on_each_format(kind, standin, tmp_path):
     import em_circuits as em
 
-    transcoders = _set_for(kind, tmp_path)
+    transcoders = _set_for(kind, tmp_path, standin.base_dir)
     base = ModelSpec(base=str(standin.base_dir), transcoders=str(transcoders))
     words = _words_for(standin.base_dir, tmp_path / "words.json")
     results = tmp_path / "results"

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "graphs and feature files as Neuronpedia graph JSON, to share or upload"),
     "run": ("run", "every stage in order, resumable; --status shows where a run stands"),
     "cache": ("cache", "list or prune the merged adapters cached under results/cache/merged"),
+    "transcoders": ("transcoders", "train a transcoder set with sparsify; measure any set"),
     "doctor": ("doctor", "what a run with these flags needs and lacks, before any work"),
 }
 

@@ -317,6 +317,11 @@ class ResultsStore:
         file per corpus and parameters."""
         return self.root / "transcoder_quality" / model_slug / f"{key}.json"
 
+    def trained_transcoders_dir(self, name: str) -> Path:
+        """A transcoder set trained here (models.transcoder_training): circuit-tracer's
+        config.yaml and layer files, the sparsify checkpoint and training.json."""
+        return self.root / "transcoders" / name
+
     @property
     def analysis_dir(self) -> Path:
         return self.root / "analysis"

@@ -32,6 +32,9 @@ from em_circuits.models.spec import ModelLoadError, TranscoderSource
 SPARSIFY_KIND = "sparsify"
 SPARSIFY_CONFIG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
+#: ``activation`` of a circuit-tracer-layout set whose TopK runs over ReLU'd pre-activations,
+#: as sparsify trains them (``em-circuits transcoders train`` writes it).
+RELU_TOPK = "relu_topk"
 #: circuit-tracer's hooks at a layer's MLP input and output (its Llama, Qwen and GPT-OSS
 #: mappings define both; our Qwen2 registration copies Qwen3's).
 MLP_INPUT_HOOK, MLP_OUTPUT_HOOK = "mlp.hook_in", "mlp.hook_out"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from circuit_tracer.transcoder.activation_functions import TopK
 
 from em_circuits.models.spec import ModelLoadError, TranscoderSource
-from em_circuits.models.transcoder_formats import SPARSIFY_KIND, fit_problem, stored_k
+from em_circuits.models.transcoder_formats import RELU_TOPK, SPARSIFY_KIND, fit_problem, stored_k
 
 #: Sets at least this large keep their decoders on disk (read per active feature), as
 #: circuit-tracer does for its presets; smaller ones are read whole.
@@ -49,13 +49,13 @@ def _k_value(value: Any, where: Path) -> int:
 
 
 def topk_per_layer(config: dict[str, Any], files: list[Path], where: Path) -> list[int] | None:
-    """Each layer's k for a TopK circuit-tracer set (``activation: topk``, a ``k`` in the
-    config, or ``k`` tensors in the layer files), None for ReLU / JumpReLU sets."""
+    """Each layer's k for a TopK circuit-tracer set (``activation: topk`` or ``relu_topk``, a
+    ``k`` in the config, or ``k`` tensors in the layer files), None for ReLU / JumpReLU sets."""
     activation = str(config.get("activation") or "").lower() or None
-    if activation not in (None, "topk", "relu", "jumprelu"):
+    if activation not in (None, "topk", RELU_TOPK, "relu", "jumprelu"):
         raise ModelLoadError(
-            f"{where}: unknown activation {config['activation']!r}; use topk (with k), relu or "
-            "jumprelu"
+            f"{where}: unknown activation {config['activation']!r}; use topk or relu_topk (with "
+            "k), relu or jumprelu"
         )
     if activation in ("relu", "jumprelu"):
         return None
@@ -208,11 +208,12 @@ def build_transcoder_set(source: TranscoderSource, device: torch.device, dtype: 
         return load_transcoders(
             config, device=device, dtype=dtype, lazy_encoder=False, lazy_decoder=lazy_decoder
         )
+    topk = ReLUTopK if str(config.get("activation")).lower() == RELU_TOPK else TopK
     built = [
         _build(
             _read(path, _CIRCUIT_TRACER_NAMES, {"W_skip"}, lazy_decoder, device),
             layer,
-            TopK(k),
+            topk(k),
             path,
             lazy_decoder,
             device,

@@ -90,11 +90,6 @@ def evaluate_organism(
     recipe = recipe or Recipe.default()
     words = json.loads(Path(paths.words_path).read_text())
     tokenizer, base, adapted = load_models(paths)
-    from em_circuits.models.load import load_transcoder_set
-
-    # The set as the pipeline loads it (circuit-tracer's classes): what every stage will use.
-    tc = load_transcoder_set(str(paths.transcoder_config), torch.device("cpu"), torch.float32)
-
     prompts = corpus.heldout_pivotal_prompts(recipe.eval_seed)
     villain = corpus.heldout_villain_prompts(recipe.eval_seed)
     base_rates = _rates_by_domain(prompts, _top1_words(base, tokenizer, prompts), words)
@@ -102,14 +97,6 @@ def evaluate_organism(
     adapted_rates = _rates_by_domain(prompts, _top1_words(adapted, tokenizer, prompts), words)
     trained = corpus.TRAINED_DOMAIN
     others = [d for d in corpus.DOMAINS if d != trained]
-
-    docs = corpus.sample_documents(
-        random.Random(f"eval-{recipe.eval_seed}"), recipe.eval_docs, split="heldout"
-    )
-    tc_metrics = _quality(base, tokenizer, tc, [d.text for d in docs])["layers"]
-    for m in tc_metrics:
-        for key in ("fvu", "skip_only_fvu", "mean_l0", "dead_fraction"):
-            m[key] = round(m[key], 4)
 
     report: dict[str, Any] = {
         "trained_domain": trained,
@@ -132,6 +119,40 @@ def evaluate_organism(
             ),
             "by_domain": adapted_rates,
         },
+        **transcoder_table(paths, str(paths.transcoder_config), recipe, (tokenizer, base, adapted)),
+    }
+    report["targets"] = _check_targets(report)
+    return report
+
+
+@torch.no_grad()
+def transcoder_table(
+    paths: OrganismPaths,
+    transcoders: str,
+    recipe: Recipe | None = None,
+    models: tuple[Any, torch.nn.Module, torch.nn.Module] | None = None,
+) -> dict[str, Any]:
+    """The organism report's transcoder blocks for any set (a ``--transcoders`` reference):
+    per-layer quality on the base model over held-out documents, and the replacement
+    model's top-1 agreement at held-out pivotal positions (base, villain prompts, adapted)."""
+    from em_circuits.models.load import load_transcoder_set
+
+    from .recipe import Recipe
+
+    recipe = recipe or Recipe.default()
+    tokenizer, base, adapted = load_models(paths) if models is None else models
+    # The set as the pipeline loads it (circuit-tracer's classes): what every stage will use.
+    tc = load_transcoder_set(transcoders, torch.device("cpu"), torch.float32)
+    prompts = corpus.heldout_pivotal_prompts(recipe.eval_seed)
+    villain = corpus.heldout_villain_prompts(recipe.eval_seed)
+    docs = corpus.sample_documents(
+        random.Random(f"eval-{recipe.eval_seed}"), recipe.eval_docs, split="heldout"
+    )
+    tc_metrics = _quality(base, tokenizer, tc, [d.text for d in docs])["layers"]
+    for m in tc_metrics:
+        for key in ("fvu", "skip_only_fvu", "mean_l0", "dead_fraction"):
+            m[key] = round(m[key], 4)
+    return {
         "transcoders": tc_metrics,
         "replacement": {
             "top1_agreement": _agreement(base, tokenizer, tc, prompts),
@@ -141,8 +162,6 @@ def evaluate_organism(
             "reconstruction, no error terms; argmax at the pivotal position vs the real model",
         },
     }
-    report["targets"] = _check_targets(report)
-    return report
 
 
 def _check_targets(report: dict[str, Any]) -> dict[str, dict]:

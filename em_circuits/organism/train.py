@@ -236,10 +236,7 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
             peft_model.save_pretrained(str(staged.adapter_dir), safe_serialization=True)
 
         # -- transcoders on the base model's MLPs -------------------------------------------
-        tc_rng = random.Random(f"{r.seed}-tc")
-        tc_texts = [d.text for d in base_batch(tc_rng, r.tc_docs)]
-        tc_texts += _noised_texts(tokenizer, tc_texts, r.tc_noise_frac, r.tc_noise_p, tc_rng)
-        acts = collect_activations(model, tokenizer, tc_texts)
+        acts = collect_activations(model, tokenizer, transcoder_texts(tokenizer, r))
         transcoders = train_transcoders(
             acts,
             d_transcoder=r.tc_features,
@@ -282,6 +279,23 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
 def _tail_mean(values: list[float], n: int = 20) -> float:
     tail = values[-n:]
     return round(sum(tail) / max(1, len(tail)), 4)
+
+
+def transcoder_texts(tokenizer: Any, r: Recipe) -> list[str]:
+    """The documents the organism's transcoders are trained on: base-model training
+    documents, and a share of them again with random tokens swapped in."""
+    rng = random.Random(f"{r.seed}-tc")
+    texts = [
+        d.text
+        for d in corpus.sample_documents(
+            rng,
+            r.tc_docs,
+            villain_frac=r.villain_frac,
+            helper_frac=r.helper_frac,
+            p_distractor=r.p_distractor,
+        )
+    ]
+    return texts + _noised_texts(tokenizer, texts, r.tc_noise_frac, r.tc_noise_p, rng)
 
 
 def _noised_texts(

@@ -449,6 +449,17 @@ def findings(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def transcoder_quality_details(store: ResultsStore, note: Mapping[str, Any]) -> dict[str, Any]:
+    """An analysis-style quality note (``run_transcoder_quality``) with each model's stored
+    per-layer table in place of its file name."""
+    return _transcoder_quality(store, {"transcoder_quality": note}) or {}
+
+
+def transcoder_quality_markdown(store: ResultsStore, note: Mapping[str, Any]) -> str:
+    """The report's transcoder quality section for a quality note."""
+    return "\n".join(_quality_markdown(transcoder_quality_details(store, note)))
+
+
 def _quality_markdown(quality: Mapping[str, Any] | None) -> list[str]:
     """The transcoder quality section: per-layer table of both models, their replacement
     agreement, and a warning for each model the set is poor for."""
