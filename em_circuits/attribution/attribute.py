@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from em_circuits.attribution.adapter_nodes import AdapterWrites, prompt_adapter_writes
 from em_circuits.attribution.storage import (
     CompactGraph,
     DenseGraph,
@@ -194,6 +195,10 @@ def totals_prompt(
         return torch.stack([_direction(unembed, pt, row) for row in rows])
 
     started = time.perf_counter()
+    adapter: AdapterWrites | str | None = None
+    if params.adapter_nodes and model.spec.adapter is not None:
+        adapter = prompt_adapter_writes(model, ids)
+    writes = adapter if isinstance(adapter, AdapterWrites) else None
     try:
         effects = exact_effects(
             rm,
@@ -201,13 +206,14 @@ def totals_prompt(
             directions_for,
             check_context=lambda ctx: _check_context(ctx, where),
             offload=params.offload,
+            adapter_writes=writes.writes if writes is not None else None,
         )
     except torch.cuda.OutOfMemoryError as err:
         raise GraphError(f"{where}: out of GPU memory ({err}); try --offload cpu") from None
     seconds = time.perf_counter() - started
-    for name in ("direct", "total"):
+    for name in ("direct", "total", "adapter_direct", "adapter_total"):
         matrix = getattr(effects, name)
-        if not torch.isfinite(matrix).all():
+        if matrix is not None and not torch.isfinite(matrix).all():
             raise NonFiniteError(f"{where}: NaN/Inf in the {name} effects (try --dtype float32)")
     rows = chosen["rows"]
     table, labels = _target_table(model, pt, rows, effects.logits)
@@ -227,7 +233,9 @@ def totals_prompt(
             "prompt_id": pt.prompt_id,
             "mode": "totals",
             "features_stored": "all active",
+            **_adapter_meta(adapter),
         },
+        **_adapter_fields(writes, effects),
     )
     n_active = int(effects.features.shape[0])
     info = {
@@ -238,6 +246,28 @@ def totals_prompt(
         "logits": effects.logits,
     }
     return compact, None, info
+
+
+def _adapter_meta(adapter: AdapterWrites | str | None) -> dict[str, Any]:
+    if adapter is None:
+        return {}
+    if isinstance(adapter, str):
+        return {"adapter_nodes": {"none": adapter}}
+    return {
+        "adapter_modules": adapter.modules,
+        "adapter_nodes": {"n": adapter.n_nodes, "not_nodes": adapter.not_nodes},
+    }
+
+
+def _adapter_fields(writes: AdapterWrites | None, effects: Any) -> dict[str, Any]:
+    if writes is None:
+        return {}
+    return {
+        "adapter_nodes": writes.nodes,
+        "adapter_activations": writes.activations,
+        "adapter_direct": effects.adapter_direct,
+        "adapter_total": effects.adapter_total,
+    }
 
 
 def full_prompt(

@@ -64,6 +64,16 @@ class CompactGraph:
     edge_index: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 0, dtype=torch.int32))
     edge_weight: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float16))
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Adapter nodes (attribution.adapter_nodes), outside the source layout: (n, 4) int64
+    #: layer, module code (meta["adapter_modules"]), component, position; their activations
+    #: and their direct and total effects on each target. The error columns then hold what
+    #: the adapter nodes at their layer and position do not.
+    adapter_nodes: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(0, 4, dtype=torch.int64)
+    )
+    adapter_activations: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    adapter_direct: torch.Tensor | None = None  # (n_targets, n_adapter_nodes)
+    adapter_total: torch.Tensor | None = None
 
     # -- node layout ------------------------------------------------------------------------
     @property
@@ -94,9 +104,16 @@ class CompactGraph:
         return self.n_features + layer * self.n_pos + pos
 
     @property
+    def n_adapter_nodes(self) -> int:
+        return int(self.adapter_nodes.shape[0])
+
+    @property
     def bias(self) -> torch.Tensor:
         """Per target: the part of its value no node explains (transcoder biases, BOS)."""
-        return self.target_values - self.direct.sum(dim=1)
+        explained = self.direct.sum(dim=1)
+        if self.adapter_direct is not None and self.n_adapter_nodes:
+            explained = explained + self.adapter_direct.sum(dim=1)
+        return self.target_values - explained
 
     def contrast_index(self) -> int | None:
         return self.target_kinds.index("contrast") if "contrast" in self.target_kinds else None
@@ -115,6 +132,10 @@ def content_fingerprint(graph: CompactGraph) -> str:
         graph.target_token_ids,
     ):
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if graph.n_adapter_nodes:  # absent from graphs without adapter nodes: their hashes stay
+        for part in (graph.adapter_nodes, graph.adapter_direct, graph.adapter_total):
+            assert part is not None
+            digest.update(part.detach().cpu().contiguous().numpy().tobytes())
     labels = graph.meta.get("target_labels")
     digest.update(repr((graph.n_layers, graph.target_names, graph.target_kinds, labels)).encode())
     return digest.hexdigest()
@@ -183,6 +204,12 @@ def save_compact(graph: CompactGraph, path: Path) -> int:
         "edge_index": graph.edge_index.to(torch.int32).contiguous(),
         "edge_weight": graph.edge_weight.to(torch.float16).contiguous(),
     }
+    if graph.n_adapter_nodes:
+        assert graph.adapter_direct is not None and graph.adapter_total is not None
+        tensors["adapter_nodes"] = graph.adapter_nodes.to(torch.int64).contiguous()
+        tensors["adapter_activations"] = graph.adapter_activations.float().contiguous()
+        tensors["adapter_direct"] = graph.adapter_direct.float().contiguous()
+        tensors["adapter_total"] = graph.adapter_total.float().contiguous()
     header = {
         "format": GRAPH_FORMAT,
         "n_layers": str(graph.n_layers),
@@ -236,7 +263,17 @@ def load_compact(path: Path) -> CompactGraph:
         edge_index=tensors["edge_index"],
         edge_weight=tensors["edge_weight"],
         meta=json.loads(header.get("meta", "{}")),
+        **_adapter_fields(tensors),
     )
+
+
+def _adapter_fields(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    if "adapter_nodes" not in tensors:
+        return {}
+    return {
+        name: tensors[name]
+        for name in ("adapter_nodes", "adapter_activations", "adapter_direct", "adapter_total")
+    }
 
 
 @dataclass

@@ -42,6 +42,9 @@ class AttributionParams:
     salient_logits: int = 0
     edge_keep: int = 50_000
     top_k: int = 10
+    #: totals mode: the adapter's down_proj writes as nodes of the adapted model's graphs
+    #: (attribution.adapter_nodes), carved out of the error nodes
+    adapter_nodes: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in GRAPH_MODES:
@@ -60,6 +63,8 @@ class AttributionParams:
         if self.mode == "totals":
             fields.pop("max_feature_nodes")
             fields.pop("edge_keep")
+        else:
+            fields.pop("adapter_nodes")  # full graphs have none yet
         fields["format"] = GRAPH_FORMAT
         return fields
 

@@ -24,6 +24,11 @@ The rows use circuit-tracer's node layout ``[active features | error nodes (laye
 token nodes]`` and equal, to float rounding, the target rows of ``attribute(...,
 max_feature_nodes=None)`` (direct) and of the activation-normalised linear solve over its
 full adjacency (:func:`~em_circuits.attribution.storage.total_effects`).
+
+With an adapter's writes (:mod:`~em_circuits.attribution.adapter_nodes`), each adapter node is
+scored where it writes, with the same gradient as that layer's error nodes, into rows of its
+own, and its score is taken out of the error node at its layer and position (which by
+linearity then holds the remainder of the error vector).
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ class ExactEffects:
     logits: torch.Tensor  # (vocab,) float32, the last position of the same forward pass
     n_layers: int
     n_pos: int
+    #: (n_targets, n_adapter_nodes) float32, in the order of the AdapterWrites' nodes
+    adapter_direct: torch.Tensor | None = None
+    adapter_total: torch.Tensor | None = None
 
 
 def _activation_names(transcoders: Any) -> list[str]:
@@ -86,9 +94,14 @@ class _TotalsBackward:
     """Runs the one backward over a circuit-tracer ``AttributionContext`` (after its forward
     pass cached residuals for ``2 * n_targets`` batch rows)."""
 
-    def __init__(self, ctx: Any, n_targets: int) -> None:
+    def __init__(
+        self, ctx: Any, n_targets: int, adapter_writes: dict[int, torch.Tensor] | None = None
+    ) -> None:
         self.ctx = ctx
         self.n_targets = n_targets
+        self.adapter_writes = adapter_writes or {}
+        #: layer -> (n_pos * nodes per position, rows) scores of its adapter nodes
+        self.adapter_scores: dict[int, torch.Tensor] = {}
         feature_layers, feature_pos, _ = ctx.activation_matrix.indices()
         values = ctx.activation_matrix.values()
         self.feature_pos = feature_pos
@@ -145,6 +158,8 @@ class _TotalsBackward:
                     grad = ctx._feature_output_activations[layer + 1].grad.clone()
                     ctx.compute_feature_attributions(layer, grad)
                     ctx.compute_error_attributions(layer, grad)
+                    if layer in self.adapter_writes:
+                        proxy.score_adapter(layer, grad)
                     point = ctx._resid_activations[layer]
                     point.grad = proxy.reinjection(layer, point.grad)
                 else:
@@ -154,7 +169,26 @@ class _TotalsBackward:
                     point.grad = seeded
             ctx.compute_token_attributions(ctx._feature_output_activations[0].grad)
         buffer, ctx._batch_buffer = ctx._batch_buffer, None
+        n_active = int(ctx.activation_matrix._nnz())
+        for layer, scores in self.adapter_scores.items():
+            # The error node keeps what the adapter nodes at its layer and position do not.
+            per_position = scores.reshape(n_pos, -1, rows).sum(1)
+            start = n_active + layer * n_pos
+            buffer[start : start + n_pos] -= per_position.to(buffer.dtype)
         return buffer.T
+
+    def score_adapter(self, layer: int, grad: torch.Tensor) -> None:
+        """Each adapter node's score at ``layer``: the gradient at its position dotted with
+        its write (as circuit-tracer scores an error node with the error vector)."""
+        writes = self.adapter_writes[layer].to(grad.device, torch.float32)
+        scores = torch.einsum("bpd,pmd->pmb", grad.float(), writes)
+        self.adapter_scores[layer] = scores.reshape(-1, scores.shape[-1])
+
+    def adapter_rows(self) -> torch.Tensor:
+        """``(2 * n_targets, n_adapter_nodes)``, layers in ascending order."""
+        if not self.adapter_scores:
+            return torch.zeros(2 * self.n_targets, 0)
+        return torch.cat([self.adapter_scores[k] for k in sorted(self.adapter_scores)]).T
 
 
 def exact_effects(
@@ -163,6 +197,7 @@ def exact_effects(
     directions_for: Callable[[torch.Tensor], torch.Tensor],
     check_context: Callable[[Any], None] | None = None,
     offload: Literal["cpu", "disk"] | None = None,
+    adapter_writes: dict[int, torch.Tensor] | None = None,
 ) -> ExactEffects:
     """Direct and total effects of every active feature, error and token node on each target.
 
@@ -170,6 +205,7 @@ def exact_effects(
     and returns the target directions ``(n_targets, d_model)`` in the residual basis (as
     circuit-tracer's logit vectors), so targets may depend on that same pass. ``check_context``
     sees circuit-tracer's context before anything else runs (e.g. a NaN check).
+    ``adapter_writes`` (``AdapterWrites.writes``) adds adapter nodes, carved out of the errors.
     """
     from circuit_tracer.utils.disk_offload import offload_modules
 
@@ -192,7 +228,9 @@ def exact_effects(
         if offload:
             handles += offload_modules(replacement.get_offload_targets_phase1(), offload)
             handles += offload_modules(replacement.get_offload_targets_phase2(), offload)
-        rows = _TotalsBackward(ctx, directions.shape[0]).run(directions)
+        backward = _TotalsBackward(ctx, directions.shape[0], adapter_writes)
+        rows = backward.run(directions)
+        adapter_rows = backward.adapter_rows().float().cpu()
     finally:
         for reload in handles:
             reload()
@@ -207,4 +245,6 @@ def exact_effects(
         logits=logits.cpu(),
         n_layers=int(n_layers),
         n_pos=int(n_pos),
+        adapter_direct=adapter_rows[:t] if adapter_writes else None,
+        adapter_total=adapter_rows[t:] if adapter_writes else None,
     )
