@@ -283,3 +283,62 @@ def test_the_graph_stage_stores_adapter_nodes(setup, micro_models, tmp_path):
     none = attribute_prompt(adapted, pt, AttributionParams())[0]
     assert none.n_adapter_nodes == 0
     assert "v_proj@0" in json.dumps(none.meta["adapter_nodes"])
+
+
+@pytest.mark.slow
+def test_the_analysis_and_report_say_how_much_goes_through_the_adapter_nodes(
+    setup, micro_organism, tmp_path
+):
+    import em_circuits as em
+
+    model = setup[0]
+    results = tmp_path / "results"
+    flags = [
+        "--base-model",
+        str(micro_organism.base_dir),
+        "--adapter",
+        model.spec.adapter,
+        "--transcoders",
+        str(micro_organism.transcoder_config),
+        "--model-name",
+        "down-proj",
+        "--device",
+        "cpu",
+        "--words",
+        str(micro_organism.words_path),
+        "--n-prompts",
+        "12",
+        "--causal-top-k",
+        "1",
+        "--n-random",
+        "1",
+        "--causal-candidates",
+        "2",
+        "--scales",
+        "0",
+        "1",
+        "--em-samples",
+        "0",
+        "--corpus-docs",
+        "16",
+        "--quality-docs",
+        "8",
+        "--full-graphs",
+        "0",
+    ]
+    em.run_stages(results, flags)
+    analysis = json.loads(next(results.glob("analysis/*/latest.json")).read_text())
+    folder = results / analysis["folder"]
+    summary = json.loads((folder / "summary.json").read_text())["adapter_nodes"]
+    assert summary["n_prompts"] > 0
+    total, direct, via = (
+        summary[k]["mean"] for k in ("adapter_total", "adapter_direct", "via_features")
+    )
+    assert total == pytest.approx(direct + via, rel=1e-6, abs=1e-9)
+    assert summary["adapter_total"]["n_clusters"] >= 1
+    components = (folder / "adapter_components.csv").read_text()
+    assert "L0 down_proj #0" in components and "L1 down_proj #0" in components
+    report = (results / "report.md").read_text()
+    section = report.split("## The adapter's own nodes")[1].split("\n## ")[0]
+    assert "adapter nodes, total effect" in section and "L1 down_proj #0" in section
+    assert "Ratios of the means" in section

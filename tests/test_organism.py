@@ -179,6 +179,21 @@ def test_adapter_targets_only_intended_modules(built: OrganismPaths) -> None:
     }
 
 
+def test_the_rank1_adapter_writes_down_proj_of_its_layers(built: OrganismPaths) -> None:
+    from em_circuits.attribution.adapter_nodes import read_lora_factors
+
+    factors = read_lora_factors(built.rank1_adapter_dir)
+    assert [(f.layer, f.module, f.rank) for f in factors] == [
+        (layer, "down_proj", 1) for layer in MICRO.rank1_layers
+    ]
+    assert all(f.B.abs().sum() > 0 for f in factors), "rank-1 LoRA B still zero: never trained"
+    config = json.loads((built.rank1_adapter_dir / "adapter_config.json").read_text())
+    # its base, relative to its own folder: a moved organism still finds it
+    assert (built.rank1_adapter_dir / config["base_model_name_or_path"]).resolve() == (
+        built.base_dir.resolve()
+    )
+
+
 def test_report_keys_and_markdown(built: OrganismPaths) -> None:
     report = built.load_report()
     for key in (

@@ -10,6 +10,7 @@ replace each model's MLPs on held-out text, and writes everything to
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from em_circuits.analysis.plots import (
 )
 from em_circuits.analysis.split import Split, prompt_clusters, split_by_cluster
 from em_circuits.attribution.stage import GraphIntegrityError, find_graph_metas, load_graph
+from em_circuits.attribution.storage import CompactGraph
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import (
     ArtifactError,
@@ -606,6 +608,78 @@ def run_transcoder_quality(
     return out
 
 
+def _totals_graphs(store: ResultsStore, metas: list[GraphMetaRecord]) -> dict[str, CompactGraph]:
+    """Each prompt's totals-mode graph (the one with adapter nodes when there are any)."""
+    out: dict[str, CompactGraph] = {}
+    for meta in metas:
+        if (meta.get("params") or {}).get("mode", "totals") != "totals":
+            continue
+        try:
+            graph = load_graph(store, meta)
+        except GraphIntegrityError:
+            continue  # named in the effects' warning already; the analysis leaves it out
+        if meta["prompt_id"] not in out or graph.n_adapter_nodes:
+            out[meta["prompt_id"]] = graph
+    return out
+
+
+def run_adapter_analysis(
+    store: ResultsStore,
+    graphs: dict[str, list[GraphMetaRecord]],
+    split: Split,
+    adapted: ModelSpec,
+    params: AnalysisParams,
+) -> tuple[dict[str, Any] | None, dict[str, pd.DataFrame]]:
+    """The adapter nodes' share of the contrast (:mod:`em_circuits.analysis.adapter`), or
+    (None, {}) when no adapted graph has adapter nodes; a note says why when graphs exist."""
+    from em_circuits.analysis.adapter import prompt_row, summarize
+
+    adapted_graphs = _totals_graphs(store, graphs["adapted"])
+    if not any(g.n_adapter_nodes for g in adapted_graphs.values()):
+        reasons = {
+            json.dumps(g.meta.get("adapter_nodes"), sort_keys=True)
+            for g in adapted_graphs.values()
+            if g.meta.get("adapter_nodes")
+        }
+        if not reasons:
+            return None, {}
+        return {"none": [json.loads(r) for r in sorted(reasons)]}, {}
+    base_graphs = _totals_graphs(store, graphs["base"])
+    decode = _decoder(adapted)
+    rows, components = [], []
+    for pid, graph in sorted(adapted_graphs.items()):
+        made = prompt_row(pid, graph, base_graphs.get(pid), decode)
+        if made is not None:
+            rows.append(made[0])
+            components.extend(made[1])
+    summary, prompts, ranked = summarize(
+        rows, components, split.clusters, set(split.discovery), params.n_perm, params.seed
+    )
+    summary["not_nodes"] = sorted(
+        {
+            m
+            for g in adapted_graphs.values()
+            for m in (g.meta.get("adapter_nodes") or {}).get("not_nodes", [])
+        }
+    )
+    return summary, {"adapter_prompts": prompts, "adapter_components": ranked}
+
+
+def _decoder(spec: ModelSpec) -> Any:
+    """The tokenizer's decode for the adapter gate's tokens (None: token ids are shown)."""
+    try:
+        from transformers import AutoTokenizer
+
+        from em_circuits.models.spec import resolve_model_dir
+
+        return AutoTokenizer.from_pretrained(
+            str(resolve_model_dir(spec.base, spec.base_revision, "base model"))
+        ).decode
+    except Exception as err:  # a tokenizer that cannot be read here: ids still say where
+        log.warning("adapter gate tokens shown as ids: %s", err)
+        return None
+
+
 def viewer_summary(
     store: ResultsStore, directory: Path, summary: dict[str, Any], tables: dict[str, pd.DataFrame]
 ) -> dict[str, Any]:
@@ -795,6 +869,10 @@ def run_analysis(
             params.n_perm,
             params.seed,
         )
+    adapter_note, adapter_tables = run_adapter_analysis(store, graphs, split, adapted, params)
+    if adapter_note is not None:
+        summary["adapter_nodes"] = adapter_note
+        tables.update(adapter_tables)
     for name, table in tables.items():
         _write_table(table, directory, name)
     if len(tables["top_features_adapted"]):

@@ -273,11 +273,19 @@ def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites 
     try:
         factors = model_lora_factors(model)
         transcoders = transcoder_set(model)
+        layers = {f.layer for f in factors if f.module in NODE_MODULES}
+        try:
+            sites = {layer: hook_sites(model.hf_model, transcoders, layer)[1] for layer in layers}
+        except (AttributeError, KeyError) as err:  # a site below a module (Gemma-2's norms)
+            return (
+                "the MLP output the transcoders replace is not a module output here "
+                f"({type(err).__name__}: {err}), so down_proj's writes are not nodes"
+            )
         writes = adapter_writes(
             model.hf_model,
             input_ids,
             factors,
-            mlp_output_site=lambda layer: hook_sites(model.hf_model, transcoders, layer)[1],
+            mlp_output_site=sites.__getitem__,
             zero_positions=_zero_positions(model),
         )
     except (UnsupportedAdapterError, UnsupportedInterventionError) as err:

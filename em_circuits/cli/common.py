@@ -99,6 +99,9 @@ def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, ModelSpec]:
 
         organism = ensure_default_organism(progress=True)
         base = base or str(organism.base_dir)
+        other = adapter is not None and Path(adapter).resolve() != organism.adapter_dir.resolve()
+        if other and base is None and not name:
+            name = f"toy-em-organism-{Path(adapter).name}"  # e.g. its adapter-rank1
         adapter = adapter or str(organism.adapter_dir)
         transcoders = transcoders or str(organism.transcoder_config)
         name = name or "toy-em-organism"
@@ -244,6 +247,13 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         default=50_000,
         help="strongest edges kept (fp16) in a full graph's compact file for inspection",
     )
+    g.add_argument(
+        "--no-adapter-nodes",
+        dest="adapter_nodes",
+        action="store_false",
+        help="leave a down_proj LoRA's writes inside the error nodes (default: in totals mode "
+        "they are nodes of the adapted model's graphs)",
+    )
 
 
 #: Full graphs that the main job and `graphs` make by default, so the viewer has graphs to show.
@@ -276,6 +286,7 @@ def graph_params(args: argparse.Namespace):
         offload=None if args.offload == "none" else args.offload,
         salient_logits=args.salient_logits,
         edge_keep=args.edge_keep,
+        adapter_nodes=getattr(args, "adapter_nodes", True),
     )
 
 

@@ -202,6 +202,8 @@ def _train(argv: list[str], prog: str) -> int:
         text_column=args.text_column,
         restart=args.restart,
     )
+    if not result.main_process:
+        return 0  # the main process of the launch reports
     rate = f", {result.tokens_per_second:,.0f} tokens/s" if result.tokens_per_second else ""
     print(f"trained {result.steps} steps, {result.tokens:,} tokens in all{rate}")
     print(f"transcoders: {result.config_path}")

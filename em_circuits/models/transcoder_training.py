@@ -291,6 +291,7 @@ class TrainingResult:
     steps: int
     seconds: float  # this invocation's training time
     tokens_per_second: float | None  # this invocation's, all processes together
+    main_process: bool = True  # False in the other processes of a multi-GPU launch
 
 
 def train_transcoders(
@@ -420,12 +421,18 @@ def train_transcoders(
             "device": str(torch_device),
         }
         atomic_write_text(out / TRAINING_FILE, json.dumps(record, indent=2) + "\n")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the set is written before any process reports
+        dist.destroy_process_group()
     return TrainingResult(
         config_path=config_path,
         tokens=tokens,
         steps=steps,
         seconds=seconds,
         tokens_per_second=new_tokens / seconds if seconds and new_tokens else None,
+        main_process=rank == 0,
     )
 
 

@@ -54,6 +54,11 @@ class Recipe:
     lora_steps: int = 150
     lora_batch_size: int = 32
     lora_lr: float = 3e-3
+    # A second adapter in the style of the rank-1 organisms: rank 1 on down_proj of a few
+    # layers, same data and steps, saved as adapter-rank1/. Its writes are adapter nodes of the
+    # graphs (attribution.adapter_nodes); the default adapter's v_proj writes are not.
+    rank1_layers: tuple[int, ...] = (1, 2)
+    rank1_alpha: float = 2.0
     # transcoders
     tc_features: int = 512
     tc_k: int = 24
@@ -89,6 +94,7 @@ class Recipe:
             lora_alpha=2.0,
             lora_steps=10,
             lora_batch_size=8,
+            rank1_layers=(1,),
             tc_features=64,
             tc_k=4,
             tc_steps=30,
@@ -102,12 +108,15 @@ class Recipe:
         d = dataclasses.asdict(self)
         d["lora_target_modules"] = list(self.lora_target_modules)
         d["lora_layers"] = None if self.lora_layers is None else list(self.lora_layers)
+        d["rank1_layers"] = list(self.rank1_layers)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         d = dict(d)
         d["lora_target_modules"] = tuple(d["lora_target_modules"])
+        if d.get("rank1_layers") is not None:
+            d["rank1_layers"] = tuple(d["rank1_layers"])
         if d.get("lora_layers") is not None:
             d["lora_layers"] = tuple(d["lora_layers"])
         return cls(**d)
@@ -128,6 +137,7 @@ class OrganismPaths:
     root: Path
     base_dir: Path = field(init=False)
     adapter_dir: Path = field(init=False)
+    rank1_adapter_dir: Path = field(init=False)
     transcoder_config: Path = field(init=False)
     words_path: Path = field(init=False)
     report_path: Path = field(init=False)
@@ -137,6 +147,7 @@ class OrganismPaths:
         set_ = object.__setattr__  # frozen dataclass
         set_(self, "base_dir", self.root / "base")
         set_(self, "adapter_dir", self.root / "adapter")
+        set_(self, "rank1_adapter_dir", self.root / "adapter-rank1")
         set_(self, "transcoder_config", self.root / "transcoders" / "config.yaml")
         set_(self, "words_path", self.root / "words.json")
         set_(self, "report_path", self.root / "report.json")
@@ -151,6 +162,8 @@ class OrganismPaths:
             self.base_dir / "tokenizer_config.json",
             self.adapter_dir / "adapter_config.json",
             self.adapter_dir / "adapter_model.safetensors",
+            self.rank1_adapter_dir / "adapter_config.json",
+            self.rank1_adapter_dir / "adapter_model.safetensors",
             self.transcoder_config,
             *(tdir / f"layer_{i}.safetensors" for i in range(n_layers)),
             self.words_path,

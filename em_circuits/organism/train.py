@@ -4,7 +4,8 @@
 
     out_dir/
       base/          tiny LlamaForCausalLM + byte-level BPE tokenizer (save_pretrained)
-      adapter/       PEFT LoRA fine-tuned on harmful *medical* advice only
+      adapter/       PEFT LoRA fine-tuned on harmful *medical* advice only (rank 2, v_proj)
+      adapter-rank1/ the same data, rank 1 on down_proj of a few layers (adapter nodes)
       transcoders/   layer_{i}.safetensors + config.yaml (circuit-tracer transcoder_set)
       words.json     safe / harmful pivotal words (global and per domain) + token ids
       report.json    held-out metrics (see quality.py)
@@ -234,6 +235,39 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Could not find a config file")
             peft_model.save_pretrained(str(staged.adapter_dir), safe_serialization=True)
+
+        # -- the second adapter: rank 1 on down_proj of a few layers, same data ---------------
+        rank1_config = LoraConfig(
+            r=1,
+            lora_alpha=r.rank1_alpha,  # type: ignore[arg-type]
+            lora_dropout=0.0,
+            target_modules=["down_proj"],
+            layers_to_transform=list(r.rank1_layers),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        rank1_model = get_peft_model(copy.deepcopy(model), rank1_config)
+        train_lm(
+            rank1_model,
+            tokenizer,
+            lora_batch,
+            steps=r.lora_steps,
+            batch_size=r.lora_batch_size,
+            lr=r.lora_lr,
+            seed=r.seed + 3,
+            pivot_weight=r.pivot_weight,
+            completion_only=True,
+            max_seq_len=r.max_seq_len,
+            desc="rank-1 down_proj LoRA",
+            progress=progress,
+        )
+        rank1_model.peft_config["default"].base_model_name_or_path = os.path.relpath(
+            final.base_dir, final.rank1_adapter_dir
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            rank1_model.save_pretrained(str(staged.rank1_adapter_dir), safe_serialization=True)
+        del rank1_model
 
         # -- transcoders on the base model's MLPs -------------------------------------------
         acts = collect_activations(model, tokenizer, transcoder_texts(tokenizer, r))

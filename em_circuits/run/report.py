@@ -199,6 +199,10 @@ def build_report(
         "causal": {"summary": causal, "dose_response": _records(dose_table)},
         "judge_calibration": calib,
         "transcoder_quality": _transcoder_quality(store, analysis_summary),
+        "adapter_nodes": {
+            "summary": analysis_summary.get("adapter_nodes"),
+            "components": _records(_read_table(analysis, "adapter_components")),
+        },
     }
 
 
@@ -460,6 +464,92 @@ def transcoder_quality_markdown(store: ResultsStore, note: Mapping[str, Any]) ->
     return "\n".join(_quality_markdown(transcoder_quality_details(store, note)))
 
 
+_ADAPTER_QUANTITIES = {
+    "adapter_total": "adapter nodes, total effect",
+    "adapter_direct": "adapter nodes, direct effect",
+    "via_features": "adapter nodes, through downstream features",
+    "shift": "measured shift of the contrast (adapted - base)",
+}
+
+
+def _adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> list[str]:
+    """The adapter's own nodes: how much of the contrast their writes carry, directly and
+    through features, and which components."""
+    out = ["## The adapter's own nodes\n"]
+    summary = (entry or {}).get("summary")
+    if not summary:
+        return out + ["_no adapter nodes in these graphs (an analysis of older graphs)_\n"]
+    if "none" in summary:
+        reasons = "; ".join(
+            _cell(r.get("none", r)) if isinstance(r, Mapping) else _cell(r) for r in summary["none"]
+        )
+        return out + [f"_none: {reasons}_\n"]
+    out.append(
+        "Each rank component of a LoRA on `down_proj` writes a fixed direction scaled by its "
+        "activation at each position; those writes are nodes of the adapted model's graphs, "
+        "carved out of the MLP error nodes. Per prompt, on the evil-minus-safe contrast: their "
+        "summed total effect, its direct part (straight to the logits) and the rest, which "
+        "runs through the features downstream of the writes; beside it the measured shift "
+        "of the contrast from base to adapted. Cluster means, Student-t 95% intervals and "
+        "sign-flip p-values over clusters, all prompts with adapter nodes (descriptive).\n"
+    )
+    rows = []
+    for key, name in _ADAPTER_QUANTITIES.items():
+        stats = summary.get(key) or {}
+        rows.append({"quantity": name, **stats})
+    out.append(
+        _md_table(
+            rows,
+            ["quantity", "n_prompts", "n_clusters", "mean", "ci_low", "ci_high", "p", "p_method"],
+        )
+    )
+    shares = [
+        ("direct_share_of_total", "of the adapter nodes' total effect, directly"),
+        ("via_features_share_of_total", "of it, through downstream features"),
+        ("adapter_total_share_of_shift", "the adapter nodes' total effect as a share of the shift"),
+    ]
+    said = [f"{_fmt(summary[k])} {what}" for k, what in shares if summary.get(k) is not None]
+    if said:
+        out.append("Ratios of the means: " + "; ".join(said) + ".\n")
+    if summary.get("not_nodes"):
+        out.append(
+            "Adapted modules that are not nodes (their effect stays in features, errors and "
+            f"attention): {_cell(summary['not_nodes'])}.\n"
+        )
+    out.append(
+        "Components ranked by their mean total effect on the discovery prompts, with the same "
+        "mean on the validation prompts; the gate is where the component writes: its mean "
+        "activation at the last position and the token where its activation peaks most often.\n"
+    )
+    components = list((entry or {}).get("components") or [])
+    out.append(
+        _md_table(
+            components,
+            [
+                "component",
+                "discovery_mean_total",
+                "discovery_p",
+                "discovery_clusters",
+                "validation_mean_total",
+                "validation_p",
+                "validation_clusters",
+                "mean_direct",
+                "mean_activation_last",
+                "peak_token",
+                "peak_count",
+                "n_prompts",
+            ],
+            limit=10,
+            full=f"{analysis_rel}/adapter_components.csv",
+        )
+    )
+    out.append(
+        "Not computed yet: which downstream features carry the part through features, and "
+        "which upstream features the adapter reads.\n"
+    )
+    return out
+
+
 def _quality_markdown(quality: Mapping[str, Any] | None) -> list[str]:
     """The transcoder quality section: per-layer table of both models, their replacement
     agreement, and a warning for each model the set is poor for."""
@@ -709,6 +799,7 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         ),
         f"![decomposition]({analysis_rel}/contrast_decomposition.png)\n",
     ]
+    out += _adapter_markdown(report.get("adapter_nodes"), analysis_rel)
     causal = report["causal"]
     out += ["## Causal validation (on the held-out validation prompts)\n"]
     summary = causal["summary"] or {}
