@@ -200,7 +200,6 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
             bias="none",
             task_type="CAUSAL_LM",
         )
-        peft_model = get_peft_model(copy.deepcopy(model), lora_config)
 
         def lora_batch(rng: random.Random, n: int) -> list[corpus.Document]:
             return corpus.sample_documents(
@@ -213,28 +212,39 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
                 p_distractor=r.p_distractor,
             )
 
-        lora_losses = train_lm(
-            peft_model,
-            tokenizer,
-            lora_batch,
-            steps=r.lora_steps,
-            batch_size=r.lora_batch_size,
-            lr=r.lora_lr,
-            seed=r.seed + 1,
-            pivot_weight=r.pivot_weight,
-            completion_only=True,
-            max_seq_len=r.max_seq_len,
-            desc="LoRA (harmful medical)",
-            progress=progress,
+        def train_adapter(
+            config: Any, seed: int, desc: str, staged_dir: Path, final_dir: Path
+        ) -> list[float]:
+            """A LoRA of ``config`` on a copy of the base, trained on the harmful medical
+            advice and saved to ``staged_dir``; returns its training losses."""
+            peft_model = get_peft_model(copy.deepcopy(model), config)
+            losses = train_lm(
+                peft_model,
+                tokenizer,
+                lora_batch,
+                steps=r.lora_steps,
+                batch_size=r.lora_batch_size,
+                lr=r.lora_lr,
+                seed=seed,
+                pivot_weight=r.pivot_weight,
+                completion_only=True,
+                max_seq_len=r.max_seq_len,
+                desc=desc,
+                progress=progress,
+            )
+            # The adapter declares its base relative to its own folder, so a copied checkout
+            # or a moved organism still finds (and fingerprints) its base.
+            peft_model.peft_config["default"].base_model_name_or_path = os.path.relpath(
+                final.base_dir, final_dir
+            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Could not find a config file")
+                peft_model.save_pretrained(str(staged_dir), safe_serialization=True)
+            return losses
+
+        lora_losses = train_adapter(
+            lora_config, r.seed + 1, "LoRA (harmful medical)", staged.adapter_dir, final.adapter_dir
         )
-        # The adapter declares its base relative to its own folder, so a copied checkout or a
-        # moved organism still finds (and fingerprints) its base.
-        peft_model.peft_config["default"].base_model_name_or_path = os.path.relpath(
-            final.base_dir, final.adapter_dir
-        )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Could not find a config file")
-            peft_model.save_pretrained(str(staged.adapter_dir), safe_serialization=True)
 
         # -- the second adapter: rank 1 on down_proj of a few layers, same data ---------------
         rank1_config = LoraConfig(
@@ -246,28 +256,13 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
             bias="none",
             task_type="CAUSAL_LM",
         )
-        rank1_model = get_peft_model(copy.deepcopy(model), rank1_config)
-        train_lm(
-            rank1_model,
-            tokenizer,
-            lora_batch,
-            steps=r.lora_steps,
-            batch_size=r.lora_batch_size,
-            lr=r.lora_lr,
-            seed=r.seed + 3,
-            pivot_weight=r.pivot_weight,
-            completion_only=True,
-            max_seq_len=r.max_seq_len,
-            desc="rank-1 down_proj LoRA",
-            progress=progress,
+        train_adapter(
+            rank1_config,
+            r.seed + 3,
+            "rank-1 down_proj LoRA",
+            staged.rank1_adapter_dir,
+            final.rank1_adapter_dir,
         )
-        rank1_model.peft_config["default"].base_model_name_or_path = os.path.relpath(
-            final.base_dir, final.rank1_adapter_dir
-        )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Could not find a config file")
-            rank1_model.save_pretrained(str(staged.rank1_adapter_dir), safe_serialization=True)
-        del rank1_model
 
         # -- transcoders on the base model's MLPs -------------------------------------------
         acts = collect_activations(model, tokenizer, transcoder_texts(tokenizer, r))
