@@ -91,29 +91,37 @@ def queue_lock(store: ResultsStore, adapted_slug: str) -> Iterator[None]:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # shared: the umask decides
             except PermissionError:  # made by a teammate: a read-only handle locks as well
                 fd = os.open(path, os.O_RDONLY)
-            deadline = time.monotonic() + LOCK_WAIT_SECONDS
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        os.close(fd)
-                        raise QueueLockTimeout(
-                            f"{path} has been locked for {LOCK_WAIT_SECONDS:.0f} s by another "
-                            "process; is one stopped (Ctrl-Z)? Resume or end it, then retry"
-                        ) from None
-                    time.sleep(0.02)
-            _held[key] = [fd, 1]
+            # Any exception before the lock is recorded (a timeout, or the SIGHUP of a closed
+            # terminal raised from its handler) closes the descriptor, which also drops the
+            # flock: a lock taken but not recorded would block this process's own threads.
+            try:
+                deadline = time.monotonic() + LOCK_WAIT_SECONDS
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise QueueLockTimeout(
+                                f"{path} has been locked for {LOCK_WAIT_SECONDS:.0f} s by another "
+                                "process; is one stopped (Ctrl-Z)? Resume or end it, then retry"
+                            ) from None
+                        time.sleep(0.02)
+                _held[key] = [fd, 1]
+            except BaseException:
+                if _held.get(key, [None])[0] != fd:
+                    os.close(fd)
+                raise
         try:
             yield
         finally:
             entry = _held[key]
             entry[1] -= 1
             if entry[1] == 0:
-                del _held[key]
-                fcntl.flock(entry[0], fcntl.LOCK_UN)
-                os.close(entry[0])
+                try:
+                    os.close(entry[0])  # the only descriptor of the lock: closing drops it
+                finally:
+                    del _held[key]
 
 
 # -- lease records -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TextIO
 
@@ -63,6 +64,10 @@ class LineIO:
 
     def close(self) -> None:
         pass
+
+
+#: Seconds a session may take to clean up after its terminal closed before it is ended.
+HANGUP_EXIT_SECONDS = 10.0
 
 
 class TerminalClosed(SystemExit):
@@ -134,6 +139,13 @@ class TerminalIO:
 
     @staticmethod
     def _hangup(signum: int, frame: Any) -> None:
+        # The session's cleanup (drafts and marks are already stored; the lease goes) takes
+        # well under a second. Should it stall with no terminal to talk to (once seen in CI:
+        # the process outlived its closed terminal by a minute), end the process anyway: a
+        # dead process's lease is released by the next session.
+        watchdog = threading.Timer(HANGUP_EXIT_SECONDS, os._exit, args=(128 + signum,))
+        watchdog.daemon = True
+        watchdog.start()
         raise TerminalClosed(128 + signum)
 
     def size(self) -> tuple[int, int | None]:
