@@ -67,7 +67,7 @@ class LineIO:
 
 
 #: Seconds a session may take to clean up after its terminal closed before it is ended.
-HANGUP_EXIT_SECONDS = 10.0
+HANGUP_EXIT_SECONDS = 30.0
 
 
 class TerminalClosed(SystemExit):
