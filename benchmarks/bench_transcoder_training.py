@@ -72,14 +72,8 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
     from em_circuits.organism import ensure_default_organism
     from em_circuits.organism.quality import load_models, transcoder_table
     from em_circuits.organism.recipe import Recipe
-    from em_circuits.organism.train import transcoder_texts
-    from em_circuits.organism.transcoders import (
-        collect_activations,
-        save_transcoders,
-    )
-    from em_circuits.organism.transcoders import (
-        train_transcoders as train_by_hand,
-    )
+    from em_circuits.organism.train import recipe_transcoders, transcoder_texts
+    from em_circuits.organism.transcoders import save_transcoders
 
     torch.set_num_threads(args.threads)
     recipe = Recipe.default()
@@ -91,21 +85,9 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
 
     log(f"hand-written trainer on {len(texts)} documents")
     start = time.perf_counter()
-    acts = collect_activations(models[1], tokenizer, texts)
-    by_hand = train_by_hand(
-        acts,
-        d_transcoder=recipe.tc_features,
-        k=recipe.tc_k,
-        steps=recipe.tc_steps,
-        finetune_steps=recipe.tc_finetune_steps,
-        batch_size=recipe.tc_batch_size,
-        lr=recipe.tc_lr,
-        seed=recipe.seed + 2,
-        progress=False,
-    )
+    by_hand = recipe_transcoders(models[1], tokenizer, texts, recipe, progress=False)
     hand_seconds = time.perf_counter() - start
     hand_config = save_transcoders(by_hand, work / "by-hand", scan="by-hand")
-    del acts
 
     log(f"sparsify through em-circuits transcoders train: {TOY_SETTINGS}")
     params = TrainingParams(**TOY_SETTINGS, save_every=10**9)

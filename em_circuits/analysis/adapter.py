@@ -35,18 +35,17 @@ QUANTITIES = ("adapter_total", "adapter_direct", "via_features", "shift")
 
 
 def prompt_row(
-    prompt_id: str, adapted: CompactGraph, base: CompactGraph | None, decode: Any = None
+    prompt_id: str, adapted: CompactGraph, base_value: float | None, decode: Any = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
     """(the prompt's row, one row per adapter component) on the contrast, or None when the
-    graph has no contrast or no adapter nodes."""
+    graph has no contrast or no adapter nodes. ``base_value``: the base model's contrast
+    value on the same prompt, if it has a graph."""
     c = adapted.contrast_index()
     if c is None or not adapted.n_adapter_nodes or adapted.adapter_total is None:
         return None
     assert adapted.adapter_direct is not None
     direct, total = adapted.adapter_direct[c].double(), adapted.adapter_total[c].double()
-    cb = base.contrast_index() if base is not None else None
     value = float(adapted.target_values[c])
-    base_value = float(base.target_values[cb]) if base is not None and cb is not None else None
     row = {
         "prompt_id": prompt_id,
         "contrast_adapted": value,
@@ -138,12 +137,11 @@ def summarize(
     out = []
     for name, group in table.groupby("component", sort=False):
         entry: dict[str, Any] = {"component": name, "layer": int(group["layer"].iloc[0])}
-        for side, members in (("discovery", discovery), ("validation", None)):
-            part = group[
-                group["prompt_id"].isin(discovery)
-                if members is not None
-                else ~group["prompt_id"].isin(discovery)
-            ]
+        on_discovery = group["prompt_id"].isin(discovery)
+        for side, part in (
+            ("discovery", group[on_discovery]),
+            ("validation", group[~on_discovery]),
+        ):
             stats = _cluster_stats(
                 dict(zip(part["prompt_id"], part["total"])), clusters, n_perm, seed
             )

@@ -33,7 +33,6 @@ from em_circuits.analysis.plots import (
 )
 from em_circuits.analysis.split import Split, prompt_clusters, split_by_cluster
 from em_circuits.attribution.stage import GraphIntegrityError, find_graph_metas, load_graph
-from em_circuits.attribution.storage import CompactGraph
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import (
     ArtifactError,
@@ -608,19 +607,19 @@ def run_transcoder_quality(
     return out
 
 
-def _totals_graphs(store: ResultsStore, metas: list[GraphMetaRecord]) -> dict[str, CompactGraph]:
+def _totals_metas(metas: list[GraphMetaRecord]) -> dict[str, GraphMetaRecord]:
     """Each prompt's totals-mode graph (the one with adapter nodes when there are any)."""
-    out: dict[str, CompactGraph] = {}
+    out: dict[str, GraphMetaRecord] = {}
     for meta in metas:
         if (meta.get("params") or {}).get("mode", "totals") != "totals":
             continue
-        try:
-            graph = load_graph(store, meta)
-        except GraphIntegrityError:
-            continue  # named in the effects' warning already; the analysis leaves it out
-        if meta["prompt_id"] not in out or graph.n_adapter_nodes:
-            out[meta["prompt_id"]] = graph
+        if meta["prompt_id"] not in out or (meta.get("adapter_nodes") or {}).get("n"):
+            out[meta["prompt_id"]] = meta
     return out
+
+
+def _contrast_value(meta: GraphMetaRecord) -> float | None:
+    return next((t["value"] for t in meta["targets"] if t["kind"] == "contrast"), None)
 
 
 def run_adapter_analysis(
@@ -631,37 +630,34 @@ def run_adapter_analysis(
     params: AnalysisParams,
 ) -> tuple[dict[str, Any] | None, dict[str, pd.DataFrame]]:
     """The adapter nodes' share of the contrast (:mod:`em_circuits.analysis.adapter`), or
-    (None, {}) when no adapted graph has adapter nodes; a note says why when graphs exist."""
+    (None, {}) when no adapted graph has adapter nodes; a note says why when graphs exist.
+    Only graphs with adapter nodes are read; the rest is in their metadata."""
     from em_circuits.analysis.adapter import prompt_row, summarize
 
-    adapted_graphs = _totals_graphs(store, graphs["adapted"])
-    if not any(g.n_adapter_nodes for g in adapted_graphs.values()):
-        reasons = {
-            json.dumps(g.meta.get("adapter_nodes"), sort_keys=True)
-            for g in adapted_graphs.values()
-            if g.meta.get("adapter_nodes")
-        }
+    adapted_metas = _totals_metas(graphs["adapted"])
+    notes = {pid: m.get("adapter_nodes") or {} for pid, m in adapted_metas.items()}
+    with_nodes = sorted(pid for pid, note in notes.items() if note.get("n"))
+    if not with_nodes:
+        reasons = {json.dumps(note, sort_keys=True) for note in notes.values() if note}
         if not reasons:
             return None, {}
         return {"none": [json.loads(r) for r in sorted(reasons)]}, {}
-    base_graphs = _totals_graphs(store, graphs["base"])
+    base_values = {pid: _contrast_value(m) for pid, m in _totals_metas(graphs["base"]).items()}
     decode = _decoder(adapted)
     rows, components = [], []
-    for pid, graph in sorted(adapted_graphs.items()):
-        made = prompt_row(pid, graph, base_graphs.get(pid), decode)
+    for pid in with_nodes:
+        try:
+            graph = load_graph(store, adapted_metas[pid])
+        except GraphIntegrityError:
+            continue  # named in the effects' warning already; the analysis leaves it out
+        made = prompt_row(pid, graph, base_values.get(pid), decode)
         if made is not None:
             rows.append(made[0])
             components.extend(made[1])
     summary, prompts, ranked = summarize(
         rows, components, split.clusters, set(split.discovery), params.n_perm, params.seed
     )
-    summary["not_nodes"] = sorted(
-        {
-            m
-            for g in adapted_graphs.values()
-            for m in (g.meta.get("adapter_nodes") or {}).get("not_nodes", [])
-        }
-    )
+    summary["not_nodes"] = sorted({m for pid in with_nodes for m in notes[pid]["not_nodes"]})
     return summary, {"adapter_prompts": prompts, "adapter_components": ranked}
 
 

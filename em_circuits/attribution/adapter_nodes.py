@@ -156,6 +156,8 @@ def adapter_writes(
     transcoder's output is written (``analysis.intervene.hook_sites``); there, the MLP output
     must equal ``down_proj``'s, else the writes are not the replaced output and this raises
     :class:`UnsupportedAdapterError`."""
+    from em_circuits.analysis.intervene import record_input_at  # records any site's value
+
     node_factors = [f for f in factors if f.module in NODE_MODULES]
     others: dict[str, list[int]] = {}
     for f in factors:
@@ -163,7 +165,9 @@ def adapter_writes(
             others.setdefault(f.module, []).append(f.layer)
     not_nodes = [f"{m}@{','.join(map(str, sorted(set(ls))))}" for m, ls in sorted(others.items())]
     if not node_factors:
-        return AdapterWrites(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0), {}, [], not_nodes)
+        return AdapterWrites(
+            torch.zeros(0, 4, dtype=torch.long), torch.zeros(0), not_nodes=not_nodes
+        )
     inputs: dict[tuple[int, str], torch.Tensor] = {}
     outputs: dict[tuple[int, str], torch.Tensor] = {}
     site_outputs: dict[int, torch.Tensor] = {}
@@ -176,25 +180,12 @@ def adapter_writes(
 
         return hook
 
-    def keep_site(layer: int, side: str):
-        def post(_module, _args, output):
-            site_outputs[layer] = (output[0] if isinstance(output, tuple) else output)[0].float()
-
-        def pre(_module, args):
-            site_outputs[layer] = args[0][0].float()
-
-        return post if side == "output" else pre
-
     try:
         for f in node_factors:
             module = _module_of(hf_model, f.layer, f.module)
             handles.append(module.register_forward_hook(keep((f.layer, f.module))))
             if mlp_output_site is not None and f.module == "down_proj":
-                site, side = mlp_output_site(f.layer)
-                if side == "output":
-                    handles.append(site.register_forward_hook(keep_site(f.layer, side)))
-                else:
-                    handles.append(site.register_forward_pre_hook(keep_site(f.layer, side)))
+                handles.append(record_input_at(mlp_output_site(f.layer), f.layer, site_outputs))
         device = next(hf_model.parameters()).device
         hf_model(input_ids.reshape(1, -1).to(device))
     finally:
@@ -207,7 +198,7 @@ def adapter_writes(
     for f in node_factors:
         x = inputs[f.layer, f.module]  # (n_pos, d_in)
         if f.module == "down_proj" and f.layer in site_outputs:
-            written, replaced = outputs[f.layer, f.module], site_outputs[f.layer]
+            written, replaced = outputs[f.layer, f.module], site_outputs[f.layer][0].float()
             scale = float(replaced.abs().max().clamp_min(1e-6))
             if not torch.allclose(written, replaced, atol=1e-3 * scale, rtol=1e-3):
                 raise UnsupportedAdapterError(

@@ -189,6 +189,12 @@ def build_graph(
             "n_pos": compact.n_pos,
             "n_layers": compact.n_layers,
             "seconds": round(info["seconds"], 3),
+            # how many adapter nodes the graph holds, or why none (read without the graph)
+            **(
+                {"adapter_nodes": compact.meta["adapter_nodes"]}
+                if "adapter_nodes" in compact.meta
+                else {}
+            ),
         },
     )
 

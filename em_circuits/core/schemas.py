@@ -354,6 +354,7 @@ class GraphMetaRecord(_GraphMetaKeys, total=False):
     graph_fingerprint: str
     n_features_active: int
     n_features_selected: int
+    adapter_nodes: dict[str, Any]  # {"n": .., "not_nodes": [..]} or {"none": reason}
     input_format: str
     n_pos: int
     n_layers: int

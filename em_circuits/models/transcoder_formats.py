@@ -32,6 +32,14 @@ from em_circuits.models.spec import ModelLoadError, TranscoderSource
 SPARSIFY_KIND = "sparsify"
 SPARSIFY_CONFIG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
+#: circuit-tracer's tensor names -> sparsify's, in a hookpoint's ``sae.safetensors``.
+SPARSIFY_TENSOR_NAMES = {
+    "W_enc": "encoder.weight",
+    "b_enc": "encoder.bias",
+    "W_dec": "W_dec",
+    "b_dec": "b_dec",
+    "W_skip": "W_skip",
+}
 #: ``activation`` of a circuit-tracer-layout set whose TopK runs over ReLU'd pre-activations,
 #: as sparsify trains them (``em-circuits transcoders train`` writes it).
 RELU_TOPK = "relu_topk"

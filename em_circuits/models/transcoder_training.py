@@ -26,7 +26,6 @@ there would dominate the fit.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -35,10 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from em_circuits.core.atomic import atomic_path, atomic_write_text
-from em_circuits.models.spec import ModelLoadError
-from em_circuits.models.transcoder_formats import MLP_INPUT_HOOK, MLP_OUTPUT_HOOK, RELU_TOPK
-
-log = logging.getLogger(__name__)
+from em_circuits.models.spec import ModelLoadError, TranscoderSource
+from em_circuits.models.transcoder_formats import (
+    MLP_INPUT_HOOK,
+    MLP_OUTPUT_HOOK,
+    RELU_TOPK,
+    SPARSIFY_TENSOR_NAMES,
+    read_sparsify_set,
+)
 
 CHECKPOINT_DIR = "checkpoint"
 RUN_NAME = "sparsify"
@@ -395,11 +398,10 @@ def train_transcoders(
     if rank == 0:
         # From the checkpoint, not the live modules: a schedule-free optimizer (signum) keeps
         # its training iterate in them and swaps in the averaged weights only to save.
-        from sparsify import SparseCoder
-
-        coders = SparseCoder.load_many(str(checkpoint), local=True)
         config_path = write_circuit_tracer_set(
-            coders, out, scan=out.name, k=params.k, base_model=model_ref
+            read_sparsify_set(str(checkpoint), checkpoint, scan=out.name),
+            out,
+            base_model=model_ref,
         )
         record = {
             "identity": identity,
@@ -446,48 +448,36 @@ def _sparsify_version() -> str | None:
 
 
 def write_circuit_tracer_set(
-    coders: dict[str, Any], out: Path, *, scan: str, k: int, base_model: str | None = None
+    source: TranscoderSource, out: Path, *, base_model: str | None = None
 ) -> Path:
-    """sparsify's transcoders (hookpoint -> SparseCoder, one per layer) as circuit-tracer's
-    per-layer files and ``config.yaml``; each file is written whole or not at all, the config
-    last. Returns the config's path."""
+    """A resolved sparsify set (:func:`read_sparsify_set`, one k for all layers) as
+    circuit-tracer's per-layer files and ``config.yaml``; each file is written whole or not
+    at all, the config last. Returns the config's path."""
     import yaml
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
-    from em_circuits.models.transcoder_formats import mlp_layer
-
-    by_layer = {}
-    for hookpoint, coder in coders.items():
-        layer = mlp_layer(hookpoint)
-        if layer is None:
-            raise ValueError(f"{hookpoint}: not a layers.N.mlp hookpoint")
-        by_layer[layer] = coder
-    if sorted(by_layer) != list(range(len(by_layer))):
-        raise ValueError(f"transcoders for layers {sorted(by_layer)}: need every layer from 0")
+    ks = set(source.config["k"])
+    if len(ks) != 1:
+        raise ValueError(f"{source.ref}: layers differ in k ({sorted(ks)}); need one k")
     files = []
-    for layer in range(len(by_layer)):
-        coder = by_layer[layer]
+    for layer, path in enumerate(source.files):
+        stored = load_file(str(path))
         state = {
-            "W_enc": coder.encoder.weight,
-            "b_enc": coder.encoder.bias,
-            "W_dec": coder.W_dec,
-            "b_dec": coder.b_dec,
+            ours: stored[theirs].float().contiguous()
+            for ours, theirs in SPARSIFY_TENSOR_NAMES.items()
+            if theirs in stored
         }
-        if coder.W_skip is not None:
-            state["W_skip"] = coder.W_skip
         name = f"layer_{layer}.safetensors"
         with atomic_path(out / name) as tmp:
-            save_file(
-                {key: t.detach().float().cpu().contiguous() for key, t in state.items()}, str(tmp)
-            )
+            save_file(state, str(tmp))
         files.append(name)
     config = {
         "model_kind": "transcoder_set",
         "feature_input_hook": MLP_INPUT_HOOK,
         "feature_output_hook": MLP_OUTPUT_HOOK,
         "activation": RELU_TOPK,
-        "k": int(k),
-        "scan": scan,
+        "k": ks.pop(),
+        "scan": source.config["scan"],
         "transcoders": files,
     }
     if base_model is not None:

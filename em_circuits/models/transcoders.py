@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from circuit_tracer.transcoder.activation_functions import TopK
 
 from em_circuits.models.spec import ModelLoadError, TranscoderSource
-from em_circuits.models.transcoder_formats import RELU_TOPK, SPARSIFY_KIND, fit_problem, stored_k
+from em_circuits.models.transcoder_formats import (
+    RELU_TOPK,
+    SPARSIFY_KIND,
+    SPARSIFY_TENSOR_NAMES,
+    fit_problem,
+    stored_k,
+)
 
 #: Sets at least this large keep their decoders on disk (read per active feature), as
 #: circuit-tracer does for its presets; smaller ones are read whole.
@@ -151,13 +157,6 @@ def _read(
 
 
 _CIRCUIT_TRACER_NAMES = {n: n for n in ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip")}
-_SPARSIFY_NAMES = {
-    "W_enc": "encoder.weight",
-    "b_enc": "encoder.bias",
-    "W_dec": "W_dec",
-    "b_dec": "b_dec",
-    "W_skip": "W_skip",
-}
 
 
 def _as_set(transcoders: list[Any], config: dict[str, Any]) -> Any:
@@ -179,7 +178,7 @@ def _sparsify_set(
     built = []
     for layer, (path, k) in enumerate(zip(source.files, config["k"])):
         optional = set() if skip else {"W_skip"}
-        state = _read(path, _SPARSIFY_NAMES, optional, lazy_decoder, device)
+        state = _read(path, SPARSIFY_TENSOR_NAMES, optional, lazy_decoder, device)
         if not skip and "W_skip" in state:
             raise ModelLoadError(
                 f"{path}: holds W_skip but its cfg.json says skip_connection false"

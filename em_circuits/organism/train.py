@@ -139,7 +139,7 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
 
     from . import quality
     from .lm import make_model, train_lm
-    from .transcoders import collect_activations, save_transcoders, train_transcoders
+    from .transcoders import save_transcoders
 
     start = time.perf_counter()
     r = recipe
@@ -265,19 +265,9 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
         )
 
         # -- transcoders on the base model's MLPs -------------------------------------------
-        acts = collect_activations(model, tokenizer, transcoder_texts(tokenizer, r))
-        transcoders = train_transcoders(
-            acts,
-            d_transcoder=r.tc_features,
-            k=r.tc_k,
-            steps=r.tc_steps,
-            finetune_steps=r.tc_finetune_steps,
-            batch_size=r.tc_batch_size,
-            lr=r.tc_lr,
-            seed=r.seed + 2,
-            progress=progress,
+        transcoders = recipe_transcoders(
+            model, tokenizer, transcoder_texts(tokenizer, r), r, progress
         )
-        del acts
         save_transcoders(transcoders, staged.transcoder_config.parent, scan=DEFAULT_DIRNAME)
 
         # -- words, evaluation, report --------------------------------------------------------
@@ -308,6 +298,27 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
 def _tail_mean(values: list[float], n: int = 20) -> float:
     tail = values[-n:]
     return round(sum(tail) / max(1, len(tail)), 4)
+
+
+def recipe_transcoders(
+    model: torch.nn.Module, tokenizer: Any, texts: list[str], r: Recipe, progress: bool
+) -> Any:
+    """The organism's transcoders (a StackedTranscoders) trained on ``texts`` with the
+    recipe's settings: the build's own training, also timed by the benchmarks."""
+    from .transcoders import collect_activations, train_transcoders
+
+    acts = collect_activations(model, tokenizer, texts)
+    return train_transcoders(
+        acts,
+        d_transcoder=r.tc_features,
+        k=r.tc_k,
+        steps=r.tc_steps,
+        finetune_steps=r.tc_finetune_steps,
+        batch_size=r.tc_batch_size,
+        lr=r.tc_lr,
+        seed=r.seed + 2,
+        progress=progress,
+    )
 
 
 def transcoder_texts(tokenizer: Any, r: Recipe) -> list[str]:
