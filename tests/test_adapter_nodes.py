@@ -81,9 +81,14 @@ def setup(micro_organism, tmp_path_factory):
     return model, direction, ids, merged
 
 
-def _effects(model, ids, direction, writes=None):
+def _effects(model, ids, direction, writes=None, split=0):
     return exact_effects(
-        model.replacement, ids, lambda logits: direction[None], adapter_writes=writes
+        model.replacement,
+        ids,
+        lambda logits: direction[None],
+        adapter=writes,
+        split_target=0 if split else None,
+        split_features=split,
     )
 
 
@@ -127,7 +132,7 @@ def test_conservation_and_completeness(setup):
     model, direction, ids, _ = setup
     writes = prompt_adapter_writes(model, ids)
     without = _effects(model, ids, direction)
-    with_nodes = _effects(model, ids, direction, writes.writes)
+    with_nodes = _effects(model, ids, direction, writes)
     n_features, n_layers, n_pos = without.features.shape[0], without.n_layers, without.n_pos
     errors = slice(n_features, n_features + n_layers * n_pos)
     for name in ("direct", "total"):
@@ -155,7 +160,7 @@ def test_conservation_and_completeness(setup):
 def test_the_planted_adapter_is_the_top_adapter_node(setup):
     model, direction, ids, _ = setup
     writes = prompt_adapter_writes(model, ids)
-    effects = _effects(model, ids, direction, writes.writes)
+    effects = _effects(model, ids, direction, writes)
     for matrix in (effects.adapter_direct, effects.adapter_total):
         top = int(matrix[0].abs().argmax())
         layer, module, component, position = writes.nodes[top].tolist()
@@ -176,10 +181,14 @@ def _frozen_attention(module, query, key, value, _mask, scaling, dropout=0.0, **
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-def _linearised_effects(merged, transcoders, ids, direction, writes, with_features):
+def _linearised_effects(merged, transcoders, ids, direction, writes, with_features, read=None):
     """d(target)/d(coefficient of each adapter node's write), by autograd through the merged
     model with frozen attention patterns and norm scales, each MLP output's gradient through
-    its transcoder's skip connection (and, for totals, its active features at unit slope)."""
+    its transcoder's skip connection (and, for totals, its active features at unit slope), and
+    for direct effects each attention update taken out of its module's output and added back
+    as a constant (for totals the gradient passes through it, as through a feature).
+    ``read(mlp_inputs)``, if given, is differentiated instead of the target (e.g. a feature's
+    pre-activation, with ``mlp_inputs[layer]`` the MLP's input)."""
     from transformers import AttentionInterface
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -187,8 +196,10 @@ def _linearised_effects(merged, transcoders, ids, direction, writes, with_featur
     old = merged.config._attn_implementation
     merged.config._attn_implementation = "em_frozen_test"
     coefficients = {
-        layer: torch.zeros(w.shape[:2], requires_grad=True) for layer, w in writes.items()
+        layer: torch.zeros(w.shape[:2], requires_grad=True) for layer, w in writes.writes.items()
     }
+    attention = [torch.zeros(w.activations.shape, requires_grad=True) for w in writes.attention]
+    mlp_inputs = {}
     handles = []
 
     def frozen_norm(module, args, _output):
@@ -201,15 +212,28 @@ def _linearised_effects(merged, transcoders, ids, direction, writes, with_featur
 
         def hook(_module, args, output):
             x = args[0]
+            mlp_inputs[layer] = x[0]
             linear = x @ tc.W_skip.T
             if with_features:
                 active = tc.encode(x.detach()) != 0
                 active[:, 0] = False  # circuit-tracer zeroes features at BOS
                 linear = linear + ((x @ tc.W_enc.T + tc.b_enc) * active) @ tc.W_dec
             out = output.detach() + linear - linear.detach()
-            if layer in writes:
-                out = out + (coefficients[layer][..., None] * writes[layer]).sum(1)[None]
+            if layer in writes.writes:
+                out = out + (coefficients[layer][..., None] * writes.writes[layer]).sum(1)[None]
             return out
+
+        return hook
+
+    def detached_update(index, write):
+        f = write.factor
+
+        def hook(_module, args, output):
+            node_writes = (attention[index] * write.activations)[..., None] * f.B.T[None]
+            if with_features:  # total effects pass through the node, as through a feature
+                return output + node_writes.sum(1)[None]
+            update = write.update(args[0])
+            return output - update + update.detach() + node_writes.sum(1)[None]
 
         return hook
 
@@ -219,17 +243,25 @@ def _linearised_effects(merged, transcoders, ids, direction, writes, with_featur
                 handles.append(module.register_forward_hook(frozen_norm))
         for layer, block in enumerate(merged.model.layers):
             handles.append(block.mlp.register_forward_hook(replaced_mlp(layer)))
+        for index, write in enumerate(writes.attention):
+            block = merged.model.layers[write.factor.layer].self_attn
+            module = getattr(block, write.factor.module)
+            handles.append(module.register_forward_hook(detached_update(index, write)))
         hidden = merged.model(ids[None]).last_hidden_state[0, -1]
-        value = hidden @ direction
+        value = hidden @ direction if read is None else read(mlp_inputs)
         value.backward()
     finally:
         for handle in handles:
             handle.remove()
         merged.config._attn_implementation = old
-    with torch.no_grad():  # the linearised model runs at the real model's operating point
-        real = merged.model(ids[None]).last_hidden_state[0, -1] @ direction
-    torch.testing.assert_close(value.detach(), real, rtol=1e-5, atol=1e-5)
-    return torch.cat([coefficients[layer].grad.reshape(-1) for layer in sorted(writes)])
+    if read is None:  # the linearised model runs at the real model's operating point
+        with torch.no_grad():
+            real = merged.model(ids[None]).last_hidden_state[0, -1] @ direction
+        torch.testing.assert_close(value.detach(), real, rtol=1e-5, atol=1e-5)
+    leaves = [coefficients[layer] for layer in sorted(writes.writes)] + attention
+    # a node above what ``read`` reads is not reached: no gradient, no effect
+    grads = [c.grad if c.grad is not None else torch.zeros_like(c) for c in leaves]
+    return torch.cat([g.reshape(-1) for g in grads])
 
 
 def test_effects_agree_with_an_independent_linearised_model(setup, micro_organism):
@@ -237,14 +269,12 @@ def test_effects_agree_with_an_independent_linearised_model(setup, micro_organis
 
     model, direction, ids, merged = setup
     writes = prompt_adapter_writes(model, ids)
-    effects = _effects(model, ids, direction, writes.writes)
+    effects = _effects(model, ids, direction, writes)
     transcoders = load_transcoder_set(
         str(micro_organism.transcoder_config), torch.device("cpu"), torch.float32
     )
     for with_features, ours in ((False, effects.adapter_direct), (True, effects.adapter_total)):
-        reference = _linearised_effects(
-            merged, transcoders, ids, direction, writes.writes, with_features
-        )
+        reference = _linearised_effects(merged, transcoders, ids, direction, writes, with_features)
         error = float((ours[0] - reference).norm() / reference.norm())
         assert error < 1e-4, (with_features, error)
     # the features matter: totals differ from direct effects somewhere
@@ -268,27 +298,39 @@ def test_the_graph_stage_stores_adapter_nodes(setup, micro_models, tmp_path):
     )
     graph = attribute_prompt(model, pt, AttributionParams())[0]
     assert graph.n_adapter_nodes == 2 * graph.n_pos
-    assert graph.meta["adapter_modules"] == ["down_proj"]
+    assert graph.meta["adapter_modules"][0] == "down_proj"
     assert graph.adapter_total.shape == (len(graph.target_names), graph.n_adapter_nodes)
+    k = len(graph.adapter_edge_features)
+    assert 0 < k <= AttributionParams().adapter_split_features
+    assert graph.adapter_edges.shape == (k, graph.n_adapter_nodes)
     save_compact(graph, tmp_path / "g.safetensors")
     loaded = load_compact(tmp_path / "g.safetensors")
     torch.testing.assert_close(loaded.adapter_total, graph.adapter_total)
+    torch.testing.assert_close(loaded.adapter_edges, graph.adapter_edges)
+    assert loaded.adapter_edge_features.tolist() == graph.adapter_edge_features.tolist()
     torch.testing.assert_close(loaded.bias, graph.bias)
     # without adapter nodes, the same graph's bias is the same: nodes only redistribute
     plain = attribute_prompt(model, pt, AttributionParams(adapter_nodes=False))[0]
     assert plain.n_adapter_nodes == 0
     torch.testing.assert_close(plain.bias, graph.bias, rtol=1e-4, atol=1e-4)
-    # the toy organism's adapter (v_proj) writes no nodes, and the graph says why
+    # the toy organism's adapter (on v_proj) writes attention nodes
     adapted = micro_models[1]
-    none = attribute_prompt(adapted, pt, AttributionParams())[0]
-    assert none.n_adapter_nodes == 0
-    assert "v_proj@0" in json.dumps(none.meta["adapter_nodes"])
+    v_nodes = attribute_prompt(adapted, pt, AttributionParams())[0]
+    ranks = sum(f.rank for f in read_lora_factors(Path(adapted.spec.adapter)))
+    assert v_nodes.n_adapter_nodes == ranks * v_nodes.n_pos > 0
+    modules = v_nodes.meta["adapter_modules"]
+    assert {modules[code] for code in v_nodes.adapter_nodes[:, 1].tolist()} == {"v_proj"}
+    # without nodes the graph says so
+    none = attribute_prompt(adapted, pt, AttributionParams(adapter_nodes=False))[0]
+    assert none.n_adapter_nodes == 0 and "adapter_nodes" not in none.meta
 
 
 @pytest.mark.slow
 def test_the_analysis_and_report_say_how_much_goes_through_the_adapter_nodes(
     setup, micro_organism, tmp_path
 ):
+    import pandas as pd
+
     import em_circuits as em
 
     model = setup[0]
@@ -332,9 +374,16 @@ def test_the_analysis_and_report_say_how_much_goes_through_the_adapter_nodes(
     summary = json.loads((folder / "summary.json").read_text())["adapter_nodes"]
     assert summary["n_prompts"] > 0
     total, direct, via = (
-        summary[k]["mean"] for k in ("adapter_total", "adapter_direct", "via_features")
+        summary[k]["mean"] for k in ("adapter_total", "adapter_direct", "via_downstream")
     )
     assert total == pytest.approx(direct + via, rel=1e-6, abs=1e-9)
+    listed, nodes, other = (
+        summary[k]["mean"] for k in ("via_listed", "via_adapter_nodes", "via_other")
+    )
+    assert via == pytest.approx(listed + nodes + other, rel=1e-6, abs=1e-9)
+    carriers = pd.read_csv(folder / "adapter_features.csv")
+    assert {"name", "discovery_mean_via", "validation_mean_via", "adapter"} <= set(carriers)
+    assert carriers["adapter"].isin(["excites", "inhibits"]).all()
     assert summary["adapter_total"]["n_clusters"] >= 1
     components = (folder / "adapter_components.csv").read_text()
     assert "L0 down_proj #0" in components and "L1 down_proj #0" in components
@@ -342,3 +391,280 @@ def test_the_analysis_and_report_say_how_much_goes_through_the_adapter_nodes(
     section = report.split("## The adapter's own nodes")[1].split("\n## ")[0]
     assert "adapter nodes, total effect" in section and "L1 down_proj #0" in section
     assert "Ratios of the means" in section
+    assert "Which features carry it" in section and carriers["name"][0] in section
+
+
+# -- every module kind: attention (o_proj, v_proj), MLP nonlinear (gate_proj, up_proj) ------
+
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def every_module(micro_organism, tmp_path_factory):
+    """(adapted LoadedModel, direction, ids, merged HF model, base HF model) for a rank-2
+    LoRA on every linear module of both layers, as the published all-module organisms."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from em_circuits.models.load import load_model
+    from em_circuits.models.spec import ModelSpec
+    from em_circuits.organism import heldout_pivotal_prompts
+
+    root = tmp_path_factory.mktemp("every-module")
+    base_dir = str(micro_organism.base_dir)
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+        LoraConfig(r=2, lora_alpha=4, target_modules=ALL_MODULES, lora_dropout=0.0),
+    )
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=gen) / param.shape[1] ** 0.5)
+    peft.peft_config["default"].base_model_name_or_path = base_dir
+    peft.save_pretrained(str(root / "adapter"))
+    spec = ModelSpec(
+        base=base_dir,
+        adapter=str(root / "adapter"),
+        transcoders=str(micro_organism.transcoder_config),
+        name="every-module",
+    )
+    model = load_model(spec, "cpu", root / "merged")
+    ids = model.encode(heldout_pivotal_prompts()[1]["prompt"])
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    merged = (
+        PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base_dir), str(root / "adapter")
+        )
+        .merge_and_unload()
+        .eval()
+    )
+    direction = torch.randn(base.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    return model, direction, ids, merged, base
+
+
+def test_every_linear_module_kind_becomes_nodes_and_the_rest_is_named(every_module):
+    from em_circuits.attribution.adapter_nodes import NODE_MODULES
+
+    model, _, ids, merged, base = every_module
+    writes = prompt_adapter_writes(model, ids)
+    assert not isinstance(writes, str)
+    assert writes.not_nodes == ["k_proj@0,1", "q_proj@0,1"]
+    n_pos = len(ids)
+    counts = torch.bincount(writes.nodes[:, 1], minlength=len(NODE_MODULES)).tolist()
+    per_module = dict(zip(NODE_MODULES, counts))
+    # rank 2 on each linear module, one node per position for each nonlinear one, 2 layers
+    assert per_module == {
+        "down_proj": 2 * 2 * n_pos,
+        "o_proj": 2 * 2 * n_pos,
+        "v_proj": 2 * 2 * n_pos,
+        "gate_proj": 2 * n_pos,
+        "up_proj": 2 * n_pos,
+    }
+    assert (writes.activations[writes.nodes[:, 3] == 0] == 0).all()  # nothing at BOS
+    # a nonlinear node's write is the measured change of the MLP output: the merged MLP on
+    # the same input with and without that module's update (base weights put back)
+    for layer in (0, 1):
+        mlp = merged.model.layers[layer].mlp
+        seen: dict[str, torch.Tensor] = {}
+        handle = mlp.register_forward_hook(lambda _m, a, o, seen=seen: seen.update(x=a[0], out=o))
+        with torch.no_grad():
+            merged(ids[None])
+        handle.remove()
+        mlp_nodes = writes.nodes[: sum(w.shape[0] * w.shape[1] for w in writes.writes.values())]
+        columns = mlp_nodes[(mlp_nodes[:, 0] == layer) & (mlp_nodes[:, 3] == 1)]
+        codes = [NODE_MODULES[c] for c in columns[:, 1].tolist()]
+        assert codes == ["down_proj", "down_proj", "gate_proj", "up_proj"]
+        for name in ("gate_proj", "up_proj"):
+            module = getattr(mlp, name)
+            kept = module.weight.data.clone()
+            module.weight.data.copy_(getattr(base.model.layers[layer].mlp, name).weight.data)
+            with torch.no_grad():
+                without = mlp(seen["x"])
+            module.weight.data.copy_(kept)
+            change = (seen["out"] - without)[0]
+            change[0] = 0
+            torch.testing.assert_close(
+                writes.writes[layer][:, codes.index(name)], change, rtol=1e-4, atol=1e-5
+            )
+
+
+def test_mlp_nodes_are_carved_out_of_the_errors_with_every_module(every_module):
+    """With the attention updates detached either way, adding the MLP nodes (down_proj,
+    gate_proj, up_proj) moves mass only out of the error nodes, position by position."""
+    from em_circuits.attribution.adapter_nodes import (
+        ATTENTION_LINEAR,
+        adapter_writes,
+        model_lora_factors,
+    )
+
+    model, direction, ids, _, _ = every_module
+    everything = prompt_adapter_writes(model, ids)
+    attention_factors = [f for f in model_lora_factors(model) if f.module in ATTENTION_LINEAR]
+    attention_only = adapter_writes(model.hf_model, ids, attention_factors)
+    assert attention_only.n_nodes == 2 * 2 * 2 * len(ids) and not attention_only.writes
+    before = _effects(model, ids, direction, attention_only)
+    after = _effects(model, ids, direction, everything)
+    n_features, n_layers, n_pos = after.features.shape[0], after.n_layers, after.n_pos
+    errors = slice(n_features, n_features + n_layers * n_pos)
+    n_mlp = everything.n_nodes - attention_only.n_nodes  # MLP nodes come first
+    for name in ("direct", "total"):
+        plain, carved = getattr(before, name), getattr(after, name)
+        torch.testing.assert_close(carved[:, :n_features], plain[:, :n_features])
+        torch.testing.assert_close(carved[:, errors.stop :], plain[:, errors.stop :])
+        nodes = getattr(after, f"adapter_{name}")
+        torch.testing.assert_close(nodes[:, n_mlp:], getattr(before, f"adapter_{name}"))
+        per_position = torch.zeros(1, n_layers * n_pos)
+        for (layer, _, _, pos), value in zip(
+            everything.nodes[:n_mlp].tolist(), nodes[0, :n_mlp].tolist()
+        ):
+            per_position[0, layer * n_pos + pos] += value
+        torch.testing.assert_close(carved[:, errors] + per_position, plain[:, errors])
+
+
+def test_every_node_kind_agrees_with_the_independent_linearised_model(every_module, micro_organism):
+    from em_circuits.models.load import load_transcoder_set
+
+    model, direction, ids, merged, _ = every_module
+    writes = prompt_adapter_writes(model, ids)
+    effects = _effects(model, ids, direction, writes)
+    transcoders = load_transcoder_set(
+        str(micro_organism.transcoder_config), torch.device("cpu"), torch.float32
+    )
+    for with_features, ours in ((False, effects.adapter_direct), (True, effects.adapter_total)):
+        reference = _linearised_effects(merged, transcoders, ids, direction, writes, with_features)
+        error = float((ours[0] - reference).norm() / reference.norm())
+        assert error < 1e-4, (with_features, error)
+        # and node by node for each module kind, not only in bulk
+        for code in writes.nodes[:, 1].unique().tolist():
+            rows = writes.nodes[:, 1] == code
+            part = float((ours[0, rows] - reference[rows]).norm() / reference[rows].norm())
+            assert part < 1e-3, (code, with_features, part)
+
+
+def test_the_through_features_part_splits_exactly_over_the_features(every_module, micro_organism):
+    """total - direct of every adapter node = sum over the first node of each path (features,
+    and o_proj/v_proj adapter nodes, which pass total effects on) of the edge into it times
+    the target's total derivative with respect to it; edges match the reference."""
+    from em_circuits.attribution.adapter_nodes import NODE_MODULES
+    from em_circuits.models.load import load_transcoder_set
+
+    model, direction, ids, merged, _ = every_module
+    writes = prompt_adapter_writes(model, ids)
+    effects = exact_effects(
+        model.replacement,
+        ids,
+        lambda logits: direction[None],
+        adapter=writes,
+        split_target=0,
+        split_features=10**6,
+        read_nodes=10**6,
+    )
+    listed = effects.adapter_edge_features
+    # every feature at or above the lowest adapter layer (0 here) is listed
+    assert len(listed) == effects.features.shape[0]
+    derivative = effects.total[0, listed] / effects.activations[listed]
+    through = (effects.adapter_edges * derivative[:, None]).sum(0)
+    read = effects.adapter_read_nodes
+    n_sources = effects.direct.shape[1]
+    activation = writes.activations[read]
+    per_unit = torch.where(activation != 0, effects.adapter_total[0, read] / activation, 0.0)
+    # only attention nodes pass effects on; the MLP nodes are sources, as error nodes
+    passing = torch.isin(writes.nodes[read, 1], torch.tensor([1, 2]))  # o_proj, v_proj
+    assert [NODE_MODULES[i] for i in (1, 2)] == ["o_proj", "v_proj"]
+    through_nodes = (effects.adapter_reads[:, n_sources:] * (per_unit * passing)[:, None]).sum(0)
+    expected = effects.adapter_total[0] - effects.adapter_direct[0]
+    assert float(through_nodes.abs().sum()) > 1e-3 * float(expected.abs().sum())
+    assert float((through + through_nodes - expected).norm() / expected.norm()) < 1e-4
+    # the edges themselves: a feature's pre-activation differentiated in the reference model
+    transcoders = load_transcoder_set(
+        str(micro_organism.transcoder_config), torch.device("cpu"), torch.float32
+    )
+    strongest = effects.adapter_edges.abs().sum(1).argsort(descending=True)[:3].tolist()
+    for row in strongest:
+        layer, pos, feature = effects.features[listed[row]].tolist()
+        tc = transcoders[layer]
+
+        def pre_activation(mlp_inputs, layer=layer, pos=pos, feature=feature, tc=tc):
+            return mlp_inputs[layer][pos] @ tc.W_enc[feature]
+
+        reference = _linearised_effects(
+            merged, transcoders, ids, direction, writes, False, read=pre_activation
+        )
+        ours = effects.adapter_edges[row]
+        assert float((ours - reference).norm() / reference.norm()) < 1e-4, (layer, feature)
+    # top-k: the k features with the largest total effects, a subset of the same rows
+    top = _effects(model, ids, direction, writes, split=5)
+    assert len(top.adapter_edge_features) == 5
+    order = effects.total[0, listed].abs().argsort(descending=True)[:5]
+    assert sorted(listed[order].tolist()) == top.adapter_edge_features.tolist()
+    rows = [listed.tolist().index(i) for i in top.adapter_edge_features.tolist()]
+    torch.testing.assert_close(top.adapter_edges, effects.adapter_edges[rows])
+
+
+def test_total_effects_pass_through_the_adapter_nodes(every_module):
+    """Every feature's and token's total effect is the same with adapter nodes as without:
+    totals pass through o_proj/v_proj nodes (linear reads, like features) and the MLP nodes
+    only split the error nodes; direct effects move to the adapter nodes."""
+    model, direction, ids, _, _ = every_module
+    writes = prompt_adapter_writes(model, ids)
+    without = _effects(model, ids, direction)
+    with_nodes = _effects(model, ids, direction, writes)
+    n_features = without.features.shape[0]
+    errors_end = n_features + without.n_layers * without.n_pos
+    for part in (slice(0, n_features), slice(errors_end, None)):
+        torch.testing.assert_close(with_nodes.total[:, part], without.total[:, part])
+    assert not torch.allclose(with_nodes.direct[:, :n_features], without.direct[:, :n_features])
+
+
+def test_the_reads_into_linear_adapter_nodes(every_module, micro_organism):
+    """Edges from upstream nodes into adapter nodes: a layer-0 v_proj node reads only the
+    token embeddings, exactly (its edges add up to its activation); a layer-1 v_proj node's
+    edge from a layer-0 feature is that feature's write read through the frozen norm and the
+    LoRA's A, at the node's own position only."""
+    from em_circuits.attribution.adapter_nodes import NODE_MODULES
+    from em_circuits.models.load import load_transcoder_set
+
+    model, direction, ids, merged, _ = every_module
+    writes = prompt_adapter_writes(model, ids)
+    effects = exact_effects(
+        model.replacement,
+        ids,
+        lambda logits: direction[None],
+        adapter=writes,
+        split_target=0,
+        read_nodes=10**6,
+    )
+    read = effects.adapter_read_nodes
+    assert not writes.linear()[read].logical_not().any()  # no gate/up node is read
+    assert len(read) == int(writes.linear().sum())
+    n_features = effects.features.shape[0]
+    tokens = slice(n_features + effects.n_layers * effects.n_pos, effects.direct.shape[1])
+    v_proj = NODE_MODULES.index("v_proj")
+    factor = next(f for f in writes.factors if (f.layer, f.module) == (1, "v_proj"))
+    transcoders = load_transcoder_set(
+        str(micro_organism.transcoder_config), torch.device("cpu"), torch.float32
+    )
+    with torch.no_grad():
+        resid = merged.model(ids[None], output_hidden_states=True).hidden_states[1][0]
+    norm = merged.model.layers[1].input_layernorm
+    rms = torch.rsqrt(resid.pow(2).mean(-1) + norm.variance_epsilon)
+    checked = 0
+    for row, node in zip(effects.adapter_reads, writes.nodes[read].tolist()):
+        layer, code, component, position = node
+        if code != v_proj or position == 0:
+            continue
+        activation = float(writes.activations[writes.nodes.tolist().index(node)])
+        if layer == 0:
+            assert float(row[: tokens.start].abs().max()) == 0.0
+            assert float(row[tokens].sum()) == pytest.approx(activation, rel=1e-4, abs=1e-6)
+            continue
+        reader = factor.scale * factor.A[component] * norm.weight * rms[position]
+        layer0 = effects.features[:, 0] == 0
+        expected = torch.zeros(n_features)
+        here = layer0 & (effects.features[:, 1] == position)
+        decoders = transcoders[0].W_dec[effects.features[here, 2]]
+        expected[here] = effects.activations[here] * (decoders @ reader).detach()
+        torch.testing.assert_close(row[:n_features][layer0], expected[layer0], rtol=1e-4, atol=1e-6)
+        checked += 1
+    assert checked > 0

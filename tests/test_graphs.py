@@ -73,7 +73,18 @@ def _constant_vectors(model, ids):
 
 @pytest.mark.parametrize("params", [PARAMS, TOTALS], ids=["full", "totals"])
 def test_direct_effects_plus_bias_terms_reproduce_each_target(micro_models, prompt_targets, params):
-    """Completeness: sum of direct effects + independently computed bias terms = target value."""
+    """Completeness: sum of direct effects (adapter nodes included) + independently computed
+    bias terms = target value. With attention adapter nodes (the micro adapter's v_proj) the
+    bias terms are those of the graph with the updates detached: the adapter nodes' writes
+    include the updates' action on the constants."""
+    from contextlib import nullcontext
+
+    from em_circuits.attribution.adapter_nodes import (
+        AdapterTape,
+        prompt_adapter_writes,
+        taped_adapter,
+    )
+
     for model in micro_models:
         compact, _, _ = attribute_prompt(model, prompt_targets[0], params)
         rm = model.replacement
@@ -82,7 +93,15 @@ def test_direct_effects_plus_bias_terms_reproduce_each_target(micro_models, prom
         # Attribute the same targets with the error vectors swapped for the constant vectors:
         # the "error" columns then hold the bias terms.
         ctx.error_vectors = _constant_vectors(model, ids).to(ctx.error_vectors.dtype)
-        rm.run_forward_pass(ids, 8, ctx)
+        detached = nullcontext()
+        if params.mode == "totals":  # the adapted model's totals graph has adapter nodes
+            assert bool(compact.n_adapter_nodes) == (model.spec.adapter is not None)
+        if compact.n_adapter_nodes:
+            writes = prompt_adapter_writes(model, ids)
+            assert not isinstance(writes, str) and writes.attention
+            detached = taped_adapter(rm._model, writes, AdapterTape(detached_rows=8))
+        with detached:
+            rm.run_forward_pass(ids, 8, ctx)
         unembed = rm.unembed_proj.detach().float()
         evil, safe = prompt_targets[0].evil_ids, prompt_targets[0].safe_ids
         vecs = [unembed[evil].mean(0) - unembed[safe].mean(0)]
@@ -96,6 +115,8 @@ def test_direct_effects_plus_bias_terms_reproduce_each_target(micro_models, prom
         n_feat_all = ctx.activation_matrix._nnz()
         bias = rows[:, n_feat_all : n_feat_all + n_layers * n_pos].sum(1).cpu()
         explained = compact.direct.sum(1) + bias
+        if compact.n_adapter_nodes:
+            explained = explained + compact.adapter_direct.sum(1)
         assert torch.allclose(explained, compact.target_values, atol=1e-3, rtol=1e-3), (
             explained,
             compact.target_values,

@@ -155,13 +155,17 @@ def test_non_unit_slope_activation_is_refused_in_one_line(micro_organism):
 
 
 def test_totals_and_full_graphs_give_the_analysis_the_same_effects(micro_models, prompts):
-    """With every feature visited, a full graph and a totals graph are the same analysis input."""
+    """With every feature visited, a full graph and a totals graph are the same analysis input
+    (without adapter nodes; with them, the features' total effects stay the same, since total
+    effects pass through the adapter nodes, and their direct effects lose what now goes
+    through an adapter node)."""
     from em_circuits.analysis.effects import prompt_effects
 
     model = micro_models[1]
     pt = prompts[1]
-    totals, graph, _ = attribute_prompt(model, pt, AttributionParams())
-    assert graph is None and totals.meta["mode"] == "totals"
+    with_nodes, graph, _ = attribute_prompt(model, pt, AttributionParams())
+    assert graph is None and with_nodes.meta["mode"] == "totals" and with_nodes.n_adapter_nodes
+    totals = attribute_prompt(model, pt, AttributionParams(adapter_nodes=False))[0]
     full, _, _ = attribute_prompt(
         model, pt, AttributionParams(mode="full", max_feature_nodes=100_000, batch_size=64)
     )
@@ -174,6 +178,11 @@ def test_totals_and_full_graphs_give_the_analysis_the_same_effects(micro_models,
     assert list(a.columns) == list(b.columns) and len(a) == len(b)
     for column in ("contrast", "evil_mean", "safe_mean"):
         np.testing.assert_allclose(a[column], b[column], rtol=1e-4, atol=1e-6)
+    n, tokens = with_nodes.n_features, with_nodes.token_slice
+    assert _relative_error(with_nodes.total[:, :n], full.total[:, :n]) <= TOLERANCE
+    assert _relative_error(with_nodes.total[:, tokens], full.total[:, tokens]) <= TOLERANCE
+    # the embeddings' direct path through layer 0's v_proj update is now the adapter node's
+    assert _relative_error(with_nodes.direct[:, tokens], full.direct[:, tokens]) > TOLERANCE
 
 
 def test_graph_stage_default_is_totals_with_full_graphs_for_the_top_prompts(

@@ -446,3 +446,51 @@ def test_compare_page_diff_mode_synced_selection_and_cards(reference, tmp_path):
             size="1600,1000",
         )
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_adapter_nodes_are_drawn_as_their_own_node_type(reference, tmp_path):
+    """The adapted graphs draw the adapter's strongest nodes (the micro organism's v_proj
+    LoRA) as nodes of their own type, linked to the targets; the base graphs have none; the
+    page marks them and renders without errors; the Neuronpedia export leaves them out."""
+    from em_circuits.attribution.export import export_graphs
+    from em_circuits.attribution.viewer import ADAPTER_NODE, ADAPTER_NODES_SHOWN
+
+    viewer = _reference_viewer(reference)
+    entries = {(e["prompt_id"], e["role"]): e["slug"] for e in read_metadata(viewer)}
+    drawn = {}
+    for (pid, role), slug in entries.items():
+        graph = _graph(viewer, slug)
+        adapter = [n for n in graph["nodes"] if n["feature_type"] == ADAPTER_NODE]
+        if role == "base":
+            assert not adapter and "adapter_nodes" not in graph["metadata"]
+            continue
+        assert 0 < len(adapter) <= ADAPTER_NODES_SHOWN
+        assert graph["metadata"]["adapter_nodes"]["drawn"] == len(adapter)
+        ids = {n["node_id"] for n in graph["nodes"]}
+        logits = {n["node_id"] for n in graph["nodes"] if n["feature_type"] == "logit"}
+        for node in adapter:
+            assert node["clerp"].startswith("LoRA L0 v_proj #")
+            out = [link for link in graph["links"] if link["source"] == node["node_id"]]
+            assert {link["target"] for link in out} & logits  # its direct effects
+            assert all(link["target"] in ids for link in out)
+            # it reads the token embeddings (layer 0's v_proj reads nothing else)
+            into = [link for link in graph["links"] if link["target"] == node["node_id"]]
+            assert all(link["source"].startswith("E_") for link in into)
+        drawn[pid] = len(adapter)
+    pid = sorted(drawn)[0]
+    with start_viewer(viewer, port=0) as server:
+        page, panes = _page_state(
+            _dump_dom(server.compare_url(pid), tmp_path / "adapter", size="1600,1000")
+        )
+    assert panes["adapted"]["adapter"] == str(drawn[pid])
+    assert panes["base"]["adapter"] == "0"
+    for role, status in panes.items():
+        assert status["errors"] == "", f"{role}: {status['errors']}"
+    written = export_graphs(viewer, tmp_path / "export", prompt_ids=sorted(drawn))
+    assert written
+    for path in written:
+        exported = json.loads(path.read_text())
+        assert not [n for n in exported["nodes"] if n["feature_type"] == ADAPTER_NODE]
+        assert all(not link["source"].startswith("A") for link in exported["links"])

@@ -3,10 +3,21 @@
 Reads the adapted model's totals graphs that carry adapter nodes
 (:mod:`em_circuits.attribution.adapter_nodes`). Per prompt, on the contrast target:
 
-* the adapter nodes' summed total effect (everything the adapter's down_proj writes do to the
+* the adapter nodes' summed total effect (everything the adapter's node writes do to the
   contrast in the linearised adapted model), split into their direct effect (straight to the
   logits, through frozen attention and skip connections) and the rest, which runs through the
   features downstream of the writes;
+* that rest split by the first node it passes through: for each of the features with the
+  largest total effects on the contrast, the adapter nodes' summed edge into the feature's
+  pre-activation (positive: the adapter excites it; negative: inhibits it) times the
+  contrast's total derivative with respect to the feature; through the read adapter nodes
+  (``o_proj``, ``v_proj`` nodes downstream, which pass total effects on as features do);
+  the nodes not listed get the remainder, shown as one row;
+* what the adapter reads: for the linear adapter nodes with the largest total effects on the
+  contrast, each upstream feature's edge into the node's activation times the node's total
+  effect per unit activation, summed over those nodes: the part of their effect that the
+  feature sends through them (for ``down_proj`` nodes the read passes the MLP's nonlinearity
+  and is its gradient at the operating point, a linearisation);
 * the contrast's measured shift, adapted minus base (from the two models' graphs), for scale:
   the adapter's nodes are one part of that shift (the adapter also changes which features
   fire, and writes through modules that are not nodes).
@@ -16,7 +27,9 @@ sign-flip p-values over clusters. Each adapter component (layer, module, rank co
 writes summed over positions) is ranked by its mean total effect on the discovery prompts and
 its mean on the validation prompts is shown beside it. For each component the activation over
 positions is its gate: where in the prompt the adapter writes, summarised as the mean
-activation at the last position and the token where it is largest most often.
+activation at the last position and the token where it is largest most often. Each feature
+(summed over its positions) is ranked the same way by the part of the adapter's effect it
+carries; a prompt where the feature was not listed counts as 0 there.
 """
 
 from __future__ import annotations
@@ -27,19 +40,117 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from em_circuits.attribution.storage import CompactGraph
 from em_circuits.core.stats import cluster_rows, sign_flip_test, t_mean_ci
 
-QUANTITIES = ("adapter_total", "adapter_direct", "via_features", "shift")
+QUANTITIES = (
+    "adapter_total",
+    "adapter_direct",
+    "via_downstream",
+    "via_listed",
+    "via_adapter_nodes",
+    "via_other",
+    "shift",
+)
+
+
+def feature_rows(prompt_id: str, adapted: CompactGraph, contrast: int) -> list[dict[str, Any]]:
+    """One row per listed feature (summed over its positions): the adapter nodes' summed
+    edge into it and the part of their effect on the contrast that runs through it first."""
+    if adapted.adapter_edges is None or adapted.adapter_edge_features is None:
+        return []
+    index = adapted.adapter_edge_features.long()
+    edge = adapted.adapter_edges.double().sum(1)
+    derivative = adapted.total[contrast, index].double() / adapted.activations[index].double()
+    via = edge * derivative
+    keys = adapted.features[index, 0] * (1 << 40) + adapted.features[index, 2]
+    out = []
+    for key in keys.unique().tolist():
+        rows = keys == key
+        out.append(
+            {
+                "prompt_id": prompt_id,
+                "layer": int(key >> 40),
+                "feature": int(key & ((1 << 40) - 1)),
+                "edge": float(edge[rows].sum()),
+                "via": float(via[rows].sum()),
+                "positions": int(rows.sum()),
+            }
+        )
+    return out
+
+
+def read_rows(prompt_id: str, adapted: CompactGraph, contrast: int) -> list[dict[str, Any]]:
+    """One row per upstream feature with an edge into the read adapter nodes (summed over
+    the feature's positions): its summed edge and the part of the nodes' effect on the
+    contrast it sends through them."""
+    if adapted.adapter_reads is None or adapted.adapter_read_nodes is None:
+        return []
+    per_unit = _per_unit(adapted, contrast)
+    reads = adapted.adapter_reads[:, : adapted.n_features].double()  # (m, n_features)
+    edge = reads.sum(0)
+    through = (reads * per_unit[:, None]).sum(0)
+    present = torch.nonzero(reads.abs().sum(0) > 0).flatten()
+    keys = adapted.features[present, 0] * (1 << 40) + adapted.features[present, 2]
+    out = []
+    for key in keys.unique().tolist():
+        index = present[keys == key]
+        out.append(
+            {
+                "prompt_id": prompt_id,
+                "layer": int(key >> 40),
+                "feature": int(key & ((1 << 40) - 1)),
+                "edge": float(edge[index].sum()),
+                "via": float(through[index].sum()),
+                "positions": int(len(index)),
+            }
+        )
+    return out
+
+
+def _per_unit(adapted: CompactGraph, contrast: int) -> torch.Tensor:
+    """The read adapter nodes' total effects on the contrast per unit of their activation."""
+    assert adapted.adapter_read_nodes is not None and adapted.adapter_total is not None
+    nodes = adapted.adapter_read_nodes.long()
+    activation = adapted.adapter_activations[nodes].double()
+    effect = adapted.adapter_total[contrast, nodes].double()
+    return torch.where(activation != 0, effect / activation.where(activation != 0, 1.0), 0.0)
+
+
+def _via_adapter_nodes(adapted: CompactGraph, contrast: int) -> float | None:
+    """The part of the adapter nodes' effect that runs first through another adapter node
+    (an ``o_proj`` or ``v_proj`` node downstream, whose activation reads the residual), over
+    the read nodes: their edges from the adapter nodes times their total effect per unit."""
+    from em_circuits.attribution.adapter_nodes import ATTENTION_LINEAR
+
+    if adapted.adapter_reads is None or adapted.adapter_read_nodes is None:
+        return None
+    modules = adapted.meta.get("adapter_modules") or []
+    codes = [modules.index(m) for m in ATTENTION_LINEAR if m in modules]
+    # only attention nodes pass effects on; MLP nodes are sources, as error nodes are
+    read_modules = adapted.adapter_nodes[adapted.adapter_read_nodes.long(), 1]
+    passing = torch.isin(read_modules, torch.tensor(codes))
+    from_nodes = adapted.adapter_reads[:, adapted.n_sources :].double()
+    return float((from_nodes.sum(1) * _per_unit(adapted, contrast) * passing).sum())
+
+
+def _read_from_all(adapted: CompactGraph, contrast: int) -> float:
+    """The read nodes' effect as their edges from every feature, error and token node
+    account for it: equal to their total effect where the read is linear and has no bias."""
+    assert adapted.adapter_reads is not None
+    per_unit = _per_unit(adapted, contrast)
+    return float((adapted.adapter_reads.double().sum(1) * per_unit).sum())
 
 
 def prompt_row(
     prompt_id: str, adapted: CompactGraph, base_value: float | None, decode: Any = None
-) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-    """(the prompt's row, one row per adapter component) on the contrast, or None when the
-    graph has no contrast or no adapter nodes. ``base_value``: the base model's contrast
-    value on the same prompt, if it has a graph."""
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """(the prompt's row, one row per adapter component, one row per listed downstream
+    feature, one row per upstream feature read) on the contrast, or None when the graph has
+    no contrast or no adapter nodes. ``base_value``: the base model's contrast value on the
+    same prompt, if it has a graph."""
     c = adapted.contrast_index()
     if c is None or not adapted.n_adapter_nodes or adapted.adapter_total is None:
         return None
@@ -53,9 +164,26 @@ def prompt_row(
         "shift": value - base_value if base_value is not None else None,
         "adapter_total": float(total.sum()),
         "adapter_direct": float(direct.sum()),
-        "via_features": float((total - direct).sum()),
+        "via_downstream": float((total - direct).sum()),
         "n_adapter_nodes": adapted.n_adapter_nodes,
     }
+    features = feature_rows(prompt_id, adapted, c)
+    listed = sum(f["via"] for f in features) if adapted.adapter_edges is not None else None
+    row["via_listed"] = listed
+    row["via_adapter_nodes"] = _via_adapter_nodes(adapted, c)
+    row["via_other"] = (
+        row["via_downstream"] - listed - (row["via_adapter_nodes"] or 0.0)
+        if listed is not None
+        else None
+    )
+    row["n_listed_features"] = len(features)
+    reads = read_rows(prompt_id, adapted, c)
+    if adapted.adapter_read_nodes is not None:
+        read = adapted.adapter_read_nodes.long()
+        row["n_read_nodes"] = len(read)
+        row["read_nodes_total"] = float(total[read].sum())
+        row["read_from_features"] = float(sum(r["via"] for r in reads))
+        row["read_from_all"] = _read_from_all(adapted, contrast=c)
     modules = adapted.meta.get("adapter_modules") or []
     components = []
     nodes = adapted.adapter_nodes.tolist()
@@ -81,7 +209,7 @@ def prompt_row(
                 "peak_token": decode([token]) if decode is not None else str(token),
             }
         )
-    return row, components
+    return row, components, features, reads
 
 
 def _cluster_stats(
@@ -114,12 +242,15 @@ def summarize(
     discovery: set[str],
     n_perm: int = 9999,
     seed: int = 0,
-) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
-    """(summary, per-prompt table, per-component table) across prompts."""
+    features: Sequence[dict[str, Any]] = (),
+    reads: Sequence[dict[str, Any]] = (),
+) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(summary, per-prompt table, per-component table, per-feature table of the downstream
+    features, per-feature table of the features read) across prompts."""
     prompts = pd.DataFrame(list(rows))
     summary: dict[str, Any] = {"n_prompts": len(prompts)}
     if prompts.empty:
-        return summary, prompts, pd.DataFrame()
+        return summary, prompts, pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
     for name in QUANTITIES:
         values = dict(zip(prompts["prompt_id"], prompts[name]))
         summary[name] = _cluster_stats(values, clusters, n_perm, seed)
@@ -128,12 +259,32 @@ def summarize(
     shift = summary["shift"].get("mean")
     if total:
         summary["direct_share_of_total"] = direct / total if direct is not None else None
-        summary["via_features_share_of_total"] = 1 - direct / total if direct is not None else None
+        summary["via_downstream_share_of_total"] = (
+            1 - direct / total if direct is not None else None
+        )
     if shift:
         summary["adapter_total_share_of_shift"] = total / shift if total is not None else None
+    via, listed = summary["via_downstream"].get("mean"), summary["via_listed"].get("mean")
+    if via and listed is not None:
+        summary["listed_share_of_via_downstream"] = listed / via
+    for name in ("read_nodes_total", "read_from_features", "read_from_all"):
+        if name in prompts:
+            summary[name] = _cluster_stats(
+                dict(zip(prompts["prompt_id"], prompts[name])), clusters, n_perm, seed
+            )
+    ids = list(prompts["prompt_id"])
+    feature_table = _rank_features(
+        pd.DataFrame(list(features)), ids, clusters, discovery, n_perm, seed
+    )
+    read_table = _rank_features(pd.DataFrame(list(reads)), ids, clusters, discovery, n_perm, seed)
+    if len(read_table):
+        read_table = read_table.rename(columns={"adapter": "feature_to_adapter"})
+        read_table["feature_to_adapter"] = read_table["feature_to_adapter"].map(
+            {"excites": "raises", "inhibits": "lowers"}
+        )
     table = pd.DataFrame(list(components))
     if table.empty:
-        return summary, prompts, table
+        return summary, prompts, table, feature_table, read_table
     out = []
     for name, group in table.groupby("component", sort=False):
         entry: dict[str, Any] = {"component": name, "layer": int(group["layer"].iloc[0])}
@@ -156,4 +307,39 @@ def summarize(
         out.append(entry)
     ranked = pd.DataFrame(out)
     order = ranked["discovery_mean_total"].abs().fillna(-1).sort_values(ascending=False).index
-    return summary, prompts, ranked.loc[order].reset_index(drop=True)
+    return summary, prompts, ranked.loc[order].reset_index(drop=True), feature_table, read_table
+
+
+def _rank_features(
+    table: pd.DataFrame,
+    prompt_ids: list[str],
+    clusters: Mapping[str, str],
+    discovery: set[str],
+    n_perm: int,
+    seed: int,
+) -> pd.DataFrame:
+    """Per feature: the part of the adapter's effect it carries, cluster means over the
+    discovery and the validation prompts (0 where it was not listed), and its edge."""
+    if table.empty:
+        return table
+    out = []
+    for (layer, feature), group in table.groupby(["layer", "feature"], sort=False):
+        via = dict(zip(group["prompt_id"], group["via"]))
+        entry: dict[str, Any] = {"layer": int(layer), "feature": int(feature)}
+        for side, chosen in (
+            ("discovery", [p for p in prompt_ids if p in discovery]),
+            ("validation", [p for p in prompt_ids if p not in discovery]),
+        ):
+            stats = _cluster_stats({p: via.get(p, 0.0) for p in chosen}, clusters, n_perm, seed)
+            entry[f"{side}_mean_via"] = stats.get("mean")
+            entry[f"{side}_ci_low"] = stats.get("ci_low")
+            entry[f"{side}_ci_high"] = stats.get("ci_high")
+            entry[f"{side}_p"] = stats.get("p")
+            entry[f"{side}_clusters"] = stats.get("n_clusters")
+        entry["mean_edge"] = float(group["edge"].mean())
+        entry["adapter"] = "excites" if entry["mean_edge"] > 0 else "inhibits"
+        entry["n_prompts_listed"] = len(group)
+        out.append(entry)
+    ranked = pd.DataFrame(out)
+    order = ranked["discovery_mean_via"].abs().fillna(-1).sort_values(ascending=False).index
+    return ranked.loc[order].reset_index(drop=True)

@@ -622,6 +622,10 @@ def _contrast_value(meta: GraphMetaRecord) -> float | None:
     return next((t["value"] for t in meta["targets"] if t["kind"] == "contrast"), None)
 
 
+#: How many of the features carrying the adapter nodes' effect get feature cards.
+ADAPTER_CARDS = 3
+
+
 def run_adapter_analysis(
     store: ResultsStore,
     graphs: dict[str, list[GraphMetaRecord]],
@@ -644,7 +648,7 @@ def run_adapter_analysis(
         return {"none": [json.loads(r) for r in sorted(reasons)]}, {}
     base_values = {pid: _contrast_value(m) for pid, m in _totals_metas(graphs["base"]).items()}
     decode = _decoder(adapted)
-    rows, components = [], []
+    rows, components, features, reads = [], [], [], []
     for pid in with_nodes:
         try:
             graph = load_graph(store, adapted_metas[pid])
@@ -654,11 +658,25 @@ def run_adapter_analysis(
         if made is not None:
             rows.append(made[0])
             components.extend(made[1])
-    summary, prompts, ranked = summarize(
-        rows, components, split.clusters, set(split.discovery), params.n_perm, params.seed
+            features.extend(made[2])
+            reads.extend(made[3])
+    summary, prompts, ranked, carriers, read = summarize(
+        rows,
+        components,
+        split.clusters,
+        set(split.discovery),
+        params.n_perm,
+        params.seed,
+        features,
+        reads,
     )
     summary["not_nodes"] = sorted({m for pid in with_nodes for m in notes[pid]["not_nodes"]})
-    return summary, {"adapter_prompts": prompts, "adapter_components": ranked}
+    tables = {"adapter_prompts": prompts, "adapter_components": ranked}
+    if len(carriers):
+        tables["adapter_features"] = carriers
+    if len(read):
+        tables["adapter_reads"] = read
+    return summary, tables
 
 
 def _decoder(spec: ModelSpec) -> Any:
@@ -928,6 +946,12 @@ def run_analysis(
         chosen_cards = top_card_features(
             summary, tables["top_features_adapted"], params.card_features
         )
+        # the features that carry most of the adapter nodes' effect get cards too
+        carriers = tables.get("adapter_features")
+        if carriers is not None:
+            for key in zip(carriers["layer"][:ADAPTER_CARDS], carriers["feature"][:ADAPTER_CARDS]):
+                if tuple(map(int, key)) not in chosen_cards:
+                    chosen_cards.append(tuple(map(int, key)))
         viewer_dir = store.viewer_dir(slugs["adapted"])
         summary["feature_cards"] = run_feature_cards(
             store,

@@ -3,30 +3,42 @@
 A LoRA update of a module is ``dW = s B A`` (``A``: r x d_in, ``B``: d_out x r, ``s`` =
 alpha / r, or alpha / sqrt(r) with rsLoRA). On an input ``x`` it adds ``s B (A x)``: ``r``
 scalar activations ``a_j = s A_j . x`` times fixed directions ``B_j`` (the columns of B).
+Three kinds of module become nodes, each (layer, module, component j, position) one node:
 
-For ``down_proj`` that sum is part of the MLP output the transcoder reconstructs; what the
-transcoder misses is the MLP's error node. In the adapted model the adapter's part of the MLP
-output is known exactly, so each ``(layer, down_proj, j, position)`` becomes a node of its
-own: a constant write ``a_j B_j`` into the MLP output, scored like an error node (its direct
-and total effect on a target is the target's gradient there, in the direct and in the total
-rows of the totals backward, dotted with the write), and carved out of the error node, which
-keeps the remainder. By linearity the error node's effect without adapter nodes equals its
-remainder's plus the adapter nodes' effects at that layer and position, exactly.
+* ``down_proj`` (linear): its update is part of the MLP output the transcoder reconstructs;
+  what the transcoder misses is the MLP's error node. Each node is a constant write
+  ``a_j B_j`` into the MLP output, scored like an error node (the target's gradient there, in
+  the direct and in the total rows of the totals backward, dotted with the write), and carved
+  out of the error node, which keeps the remainder. By linearity the error node's effect
+  without adapter nodes equals its remainder's plus the adapter nodes' at that layer and
+  position, exactly.
+* ``o_proj``, ``v_proj`` (linear through the frozen attention pattern): the update is taken
+  out of the module's output and added back detached, like an error node, so the gradient
+  through attention follows the base weights and the update's write ``a_j B_j`` (at the
+  module's output; for ``v_proj`` mixed over positions by the frozen pattern and ``o_proj``)
+  is scored with the gradient at that output.
+* ``gate_proj``, ``up_proj`` (through the MLP's nonlinearity): one node per position (j = 0)
+  carrying the measured difference the module's update makes to the MLP output (the MLP run
+  on the same input with and without it), carved out of the error node like ``down_proj``'s.
+  Not linear: their activation is the difference's norm, their read has no edges, and the
+  differences of several such modules need not add up to their joint difference.
 
-Position 0 gets no adapter node, as it gets no feature and no error node: circuit-tracer
-zeroes those at BOS. Adapter nodes exist only where the module's output is the output
-circuit-tracer's transcoder replaces (checked on the first prompt: a model that normalises the
-MLP output after ``down_proj``, as Gemma-2 does, gets none, with the reason).
+``q_proj`` and ``k_proj`` change attention patterns, which the attribution freezes at the
+adapted model's; they are not nodes, and the graph records that their effect stays in the
+other nodes.
 
-Other modules (``o_proj``, ``v_proj`` through the frozen pattern; ``gate_proj``, ``up_proj``,
-``q_proj``, ``k_proj`` through nonlinearities) are not nodes yet; the attribution records which
-adapter modules the graph leaves in its other nodes.
+Position 0 gets no adapter node activity, as it gets no feature and no error node:
+circuit-tracer zeroes those at BOS. MLP-output nodes exist only where the module's output is
+the output circuit-tracer's transcoder replaces (checked on each prompt: a model that
+normalises the MLP output after ``down_proj``, as Gemma-2 does, gets none, with the reason).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +47,14 @@ import torch
 
 from em_circuits.models.spec import ModelLoadError
 
+#: Linear writes into the MLP output, carved out of the MLP error node.
+MLP_LINEAR = ("down_proj",)
+#: Linear writes through the frozen attention, detached at the module's output.
+ATTENTION_LINEAR = ("o_proj", "v_proj")
+#: Updates behind the MLP's nonlinearity: one node per position, the measured difference.
+MLP_NONLINEAR = ("gate_proj", "up_proj")
 #: Adapter modules whose writes become nodes, in the order their codes name them.
-NODE_MODULES = ("down_proj",)
+NODE_MODULES = MLP_LINEAR + ATTENTION_LINEAR + MLP_NONLINEAR
 
 _LORA_KEY = re.compile(
     r"(?:base_model\.model\.)?(?:model\.)?(?:language_model\.)?layers\.(\d+)\."
@@ -112,23 +130,125 @@ def read_lora_factors(adapter_dir: Path) -> list[LoraFactor]:
 
 
 @dataclass
-class AdapterWrites:
-    """One prompt's adapter nodes: which they are, their activations and their writes."""
+class AttentionWrite:
+    """One attention module's update as nodes. In the attribution forward pass the update is
+    taken out of the module's output and added back detached (:func:`detached_attention`),
+    so each node ``a_j B_j`` is scored with the gradient at that output."""
 
-    #: (n_nodes, 4) int64: layer, module code (index into ``modules``), component, position;
-    #: ordered by layer, position, module, component (the order the backward scores them).
+    factor: LoraFactor
+    activations: torch.Tensor  # (n_pos, r): a_j at each position (0 before zero_positions)
+    zero_positions: int
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """The update ``s B A x`` of input ``x`` (rows, n_pos, d_in), zero at the positions
+        that have no nodes (so the attribution keeps it in the other nodes there)."""
+        f = self.factor
+        delta = f.scale * ((x @ f.A.to(x).T) @ f.B.to(x).T)
+        keep = torch.ones(x.shape[-2], 1, dtype=x.dtype, device=x.device)
+        keep[: self.zero_positions] = 0
+        return delta * keep
+
+    def scores(self, grad: torch.Tensor) -> torch.Tensor:
+        """(n_pos * r, rows): each node's write dotted with ``grad`` (rows, n_pos, d_out), the
+        gradient at the module's output; nodes position-major, components within."""
+        per = (grad.float() @ self.factor.B.to(grad.device).float()) * self.activations.to(
+            grad.device
+        )
+        return per.permute(1, 2, 0).reshape(-1, grad.shape[0])
+
+
+@dataclass
+class AdapterWrites:
+    """One prompt's adapter nodes: which they are, their activations and their writes.
+
+    Node order: the MLP-output nodes layer by layer (within a layer position-major, then
+    module, then component: the order the backward scores them), then each attention
+    module's nodes (position-major, then component)."""
+
+    #: (n_nodes, 4) int64: layer, module code (index into ``modules``), component, position
     nodes: torch.Tensor
     activations: torch.Tensor  # (n_nodes,) float32: a_j at the node's position
-    #: layer -> (n_pos, nodes per position, d_model) float32: a_j B_j at each position
+    #: MLP-output nodes, carved out of the error nodes: layer -> (n_pos, nodes per position,
+    #: d_model) float32, each node's write at each position
     writes: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: attention-module nodes, detached at the module's output
+    attention: list[AttentionWrite] = field(default_factory=list)
     modules: list[str] = field(default_factory=lambda: list(NODE_MODULES))
     #: adapted modules that are not nodes, as "module@layers" (their effect stays in other
     #: nodes: features, errors, attention)
     not_nodes: list[str] = field(default_factory=list)
+    #: the LoRA factors of the modules that are nodes
+    factors: list[LoraFactor] = field(default_factory=list)
 
     @property
     def n_nodes(self) -> int:
         return int(self.nodes.shape[0])
+
+    def linear(self) -> torch.Tensor:
+        """(n_nodes,) bool: nodes whose activation is a linear read (not gate/up nodes)."""
+        nonlinear = [NODE_MODULES.index(m) for m in MLP_NONLINEAR]
+        return ~torch.isin(self.nodes[:, 1], torch.tensor(nonlinear))
+
+
+@dataclass
+class AdapterTape:
+    """What the attribution forward and backward passes record of the adapter: the gradient
+    at each attention update's detached output (by its index in ``AdapterWrites.attention``;
+    refilled by every backward pass) and each linear node module's activations ``s A x`` as
+    tensors of the autograd graph, (rows, n_pos, r) by (layer, module), to differentiate."""
+
+    grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    activations: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    #: batch rows (the first ones) whose attention updates are detached: the rows of direct
+    #: effects; in the others (total effects) gradients pass through the adapter nodes, as
+    #: through features
+    detached_rows: int = 0
+
+
+@contextmanager
+def taped_adapter(
+    hf_model: torch.nn.Module, adapter: AdapterWrites, tape: AdapterTape
+) -> Iterator[None]:
+    """While open, every forward pass of ``hf_model`` takes each attention update out of its
+    module's output in the first ``tape.detached_rows`` batch rows and adds it back detached
+    (the value is unchanged and the gradient through attention follows the base weights:
+    the update is a node of its own, reached only through its activation), records the
+    gradient at each such module's output in ``tape``, and records every linear node
+    module's activations in ``tape``."""
+    handles = []
+
+    def detach(index: int, write: AttentionWrite):
+        def fn(_module, args, output):
+            update = write.update(args[0])
+            rows = torch.zeros(output.shape[0], 1, 1, dtype=output.dtype, device=output.device)
+            rows[: tape.detached_rows] = 1
+            detached = update * rows
+            probe = torch.zeros_like(output, requires_grad=True)  # the gradient at the output
+            probe.register_hook(lambda grad: tape.grads.__setitem__(index, grad))
+            record(write.factor)(_module, args, output)
+            return output - detached + detached.detach() + probe
+
+        return fn
+
+    def record(f: LoraFactor):
+        def fn(_module, args, _output):
+            x = args[0]
+            tape.activations[f.layer, f.module] = f.scale * (x @ f.A.to(x).T)
+
+        return fn
+
+    try:
+        for index, write in enumerate(adapter.attention):
+            module = _module_of(hf_model, write.factor.layer, write.factor.module)
+            handles.append(module.register_forward_hook(detach(index, write)))
+        for f in adapter.factors:
+            if f.module in MLP_LINEAR:
+                module = _module_of(hf_model, f.layer, f.module)
+                handles.append(module.register_forward_hook(record(f)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _module_of(hf_model: torch.nn.Module, layer: int, module: str) -> torch.nn.Module:
@@ -143,6 +263,44 @@ def _module_of(hf_model: torch.nn.Module, layer: int, module: str) -> torch.nn.M
     raise UnsupportedAdapterError(f"layer {layer} of the model has no module {module!r}")
 
 
+def _mlp_of(hf_model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    from em_circuits.models.load import decoder_layers
+
+    mlp = getattr(decoder_layers(hf_model)[layer], "mlp", None)
+    if mlp is None:
+        raise UnsupportedAdapterError(f"layer {layer} of the model has no mlp module")
+    return mlp
+
+
+@torch.no_grad()
+def _without_update(
+    hf_model: torch.nn.Module, factor: LoraFactor, mlp_input: torch.Tensor
+) -> torch.Tensor:
+    """The MLP's output on ``mlp_input`` with ``factor``'s update taken out of its module."""
+    module = _module_of(hf_model, factor.layer, factor.module)
+
+    def subtract(_module, args, output):
+        x = args[0]
+        return output - factor.scale * ((x @ factor.A.to(x).T) @ factor.B.to(x).T)
+
+    handle = module.register_forward_hook(subtract)
+    try:
+        out: torch.Tensor = _mlp_of(hf_model, factor.layer)(mlp_input)
+    finally:
+        handle.remove()
+    return out
+
+
+def _not_nodes(factors: list[LoraFactor], leave_out: Any = None) -> list[str]:
+    """The adapted modules left out, as "module@layers": by default those not in
+    NODE_MODULES; ``leave_out(modules)`` picks others."""
+    others: dict[str, list[int]] = {}
+    for f in factors:
+        if (leave_out or (lambda m: m not in NODE_MODULES))(f.module):
+            others.setdefault(f.module, []).append(f.layer)
+    return [f"{m}@{','.join(map(str, sorted(set(ls))))}" for m, ls in sorted(others.items())]
+
+
 @torch.no_grad()
 def adapter_writes(
     hf_model: torch.nn.Module,
@@ -154,85 +312,125 @@ def adapter_writes(
     """The adapter nodes of one prompt (``input_ids``, as attribution feeds them) in the
     adapted model ``hf_model``. ``mlp_output_site(layer)`` gives the (module, side) where the
     transcoder's output is written (``analysis.intervene.hook_sites``); there, the MLP output
-    must equal ``down_proj``'s, else the writes are not the replaced output and this raises
-    :class:`UnsupportedAdapterError`."""
+    must equal the MLP module's, else the MLP-output writes are not part of the replaced
+    output and this raises :class:`UnsupportedAdapterError`."""
     from em_circuits.analysis.intervene import record_input_at  # records any site's value
 
     node_factors = [f for f in factors if f.module in NODE_MODULES]
-    others: dict[str, list[int]] = {}
-    for f in factors:
-        if f.module not in NODE_MODULES:
-            others.setdefault(f.module, []).append(f.layer)
-    not_nodes = [f"{m}@{','.join(map(str, sorted(set(ls))))}" for m, ls in sorted(others.items())]
+    not_nodes = _not_nodes(factors)
     if not node_factors:
         return AdapterWrites(
             torch.zeros(0, 4, dtype=torch.long), torch.zeros(0), not_nodes=not_nodes
         )
     inputs: dict[tuple[int, str], torch.Tensor] = {}
-    outputs: dict[tuple[int, str], torch.Tensor] = {}
+    mlp_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     site_outputs: dict[int, torch.Tensor] = {}
     handles = []
 
-    def keep(key: tuple[int, str]):
-        def hook(_module, args, output):
-            inputs[key] = args[0][0].float()
-            outputs[key] = output[0].float()
+    def keep_input(key: tuple[int, str]):
+        def hook(_module, args, _output):
+            inputs[key] = args[0][0]
 
         return hook
 
+    def keep_mlp(layer: int):
+        def hook(_module, args, output):
+            mlp_io[layer] = (args[0], output)
+
+        return hook
+
+    mlp_layers = sorted({f.layer for f in node_factors if f.module not in ATTENTION_LINEAR})
     try:
         for f in node_factors:
             module = _module_of(hf_model, f.layer, f.module)
-            handles.append(module.register_forward_hook(keep((f.layer, f.module))))
-            if mlp_output_site is not None and f.module == "down_proj":
-                handles.append(record_input_at(mlp_output_site(f.layer), f.layer, site_outputs))
+            handles.append(module.register_forward_hook(keep_input((f.layer, f.module))))
+        for layer in mlp_layers:
+            handles.append(_mlp_of(hf_model, layer).register_forward_hook(keep_mlp(layer)))
+            if mlp_output_site is not None:
+                handles.append(record_input_at(mlp_output_site(layer), layer, site_outputs))
         device = next(hf_model.parameters()).device
         hf_model(input_ids.reshape(1, -1).to(device))
     finally:
         for handle in handles:
             handle.remove()
+    for layer in mlp_layers:
+        _check_replaced_output(layer, mlp_io[layer][1][0].float(), site_outputs.get(layer))
 
     acts_by_layer: dict[int, list[torch.Tensor]] = {}
     writes_by_layer: dict[int, list[torch.Tensor]] = {}
     codes_by_layer: dict[int, list[tuple[int, int]]] = {}
+    attention = []
     for f in node_factors:
-        x = inputs[f.layer, f.module]  # (n_pos, d_in)
-        if f.module == "down_proj" and f.layer in site_outputs:
-            written, replaced = outputs[f.layer, f.module], site_outputs[f.layer][0].float()
-            scale = float(replaced.abs().max().clamp_min(1e-6))
-            if not torch.allclose(written, replaced, atol=1e-3 * scale, rtol=1e-3):
-                raise UnsupportedAdapterError(
-                    f"layer {f.layer}: the MLP output the transcoders replace is not down_proj's "
-                    "output (a norm after the MLP?), so down_proj's adapter writes are not "
-                    "nodes of this graph"
-                )
+        code = NODE_MODULES.index(f.module)
+        if f.module in MLP_NONLINEAR:
+            x_mlp, out = mlp_io[f.layer]
+            diff = (out - _without_update(hf_model, f, x_mlp))[0].float()  # (n_pos, d_model)
+            diff[:zero_positions] = 0
+            acts_by_layer.setdefault(f.layer, []).append(diff.norm(dim=-1, keepdim=True))
+            writes_by_layer.setdefault(f.layer, []).append(diff[:, None])
+            codes_by_layer.setdefault(f.layer, []).append((code, 1))
+            continue
+        x = inputs[f.layer, f.module].float()  # (n_pos, d_in)
         a = f.scale * (x @ f.A.to(x.device).T)  # (n_pos, r)
         a[:zero_positions] = 0
+        if f.module in ATTENTION_LINEAR:
+            attention.append(AttentionWrite(f, a.cpu(), zero_positions))
+            continue
         acts_by_layer.setdefault(f.layer, []).append(a)
         writes_by_layer.setdefault(f.layer, []).append(a[:, :, None] * f.B.to(x.device).T[None])
-        codes_by_layer.setdefault(f.layer, []).append((NODE_MODULES.index(f.module), f.rank))
+        codes_by_layer.setdefault(f.layer, []).append((code, f.rank))
     writes, nodes, activations = {}, [], []
     for layer in sorted(acts_by_layer):
         acts = torch.cat(acts_by_layer[layer], dim=1)  # (n_pos, m): module-major components
         writes[layer] = torch.cat(writes_by_layer[layer], dim=1)  # (n_pos, m, d_model)
-        n_pos, m = acts.shape
-        codes = torch.cat([torch.full((r,), code) for code, r in codes_by_layer[layer]])
-        components = torch.cat([torch.arange(r) for _, r in codes_by_layer[layer]])
-        nodes.append(
-            torch.stack(
-                [
-                    torch.full((n_pos * m,), layer),
-                    codes.repeat(n_pos),
-                    components.repeat(n_pos),
-                    torch.arange(n_pos).repeat_interleave(m),
-                ],
-                1,
-            )
-        )
+        nodes.append(_node_table(layer, codes_by_layer[layer], acts.shape[0]))
         activations.append(acts.reshape(-1).cpu())
+    for write in attention:
+        code = NODE_MODULES.index(write.factor.module)
+        n_pos = len(write.activations)
+        nodes.append(_node_table(write.factor.layer, [(code, write.factor.rank)], n_pos))
+        activations.append(write.activations.reshape(-1))
     return AdapterWrites(
-        torch.cat(nodes), torch.cat(activations), writes, list(NODE_MODULES), not_nodes
+        torch.cat(nodes),
+        torch.cat(activations).float(),
+        writes,
+        attention,
+        list(NODE_MODULES),
+        not_nodes,
+        node_factors,
     )
+
+
+def _node_table(layer: int, codes: list[tuple[int, int]], n_pos: int) -> torch.Tensor:
+    """(n_pos * m, 4) rows (layer, module code, component, position), position-major, for
+    modules ``codes`` = [(code, rank), ...] in that order."""
+    module_codes = torch.cat([torch.full((r,), code) for code, r in codes])
+    components = torch.cat([torch.arange(r) for _, r in codes])
+    m = len(components)
+    return torch.stack(
+        [
+            torch.full((n_pos * m,), layer),
+            module_codes.repeat(n_pos),
+            components.repeat(n_pos),
+            torch.arange(n_pos).repeat_interleave(m),
+        ],
+        1,
+    )
+
+
+def _check_replaced_output(
+    layer: int, written: torch.Tensor, replaced: torch.Tensor | None
+) -> None:
+    if replaced is None:
+        return
+    replaced = replaced[0].float()
+    scale = float(replaced.abs().max().clamp_min(1e-6))
+    if not torch.allclose(written, replaced, atol=1e-3 * scale, rtol=1e-3):
+        raise UnsupportedAdapterError(
+            f"layer {layer}: the MLP output the transcoders replace is not the MLP module's "
+            "output (a norm after the MLP?), so the adapter's MLP writes are not nodes of "
+            "this graph"
+        )
 
 
 _FACTORS: dict[str, list[LoraFactor]] = {}
@@ -264,21 +462,30 @@ def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites 
     try:
         factors = model_lora_factors(model)
         transcoders = transcoder_set(model)
-        layers = {f.layer for f in factors if f.module in NODE_MODULES}
+        mlp_modules = MLP_LINEAR + MLP_NONLINEAR
+        layers = {f.layer for f in factors if f.module in mlp_modules}
+        unplaced = ""
         try:
             sites = {layer: hook_sites(model.hf_model, transcoders, layer)[1] for layer in layers}
         except (AttributeError, KeyError) as err:  # a site below a module (Gemma-2's norms)
-            return (
+            unplaced = (
                 "the MLP output the transcoders replace is not a module output here "
-                f"({type(err).__name__}: {err}), so down_proj's writes are not nodes"
+                f"({type(err).__name__}: {err}), so the adapter's MLP writes are not nodes"
             )
+            if not any(f.module in ATTENTION_LINEAR for f in factors):
+                return unplaced
+            sites = {}
+        kept = [f for f in factors if not (unplaced and f.module in mlp_modules)]
         writes = adapter_writes(
             model.hf_model,
             input_ids,
-            factors,
-            mlp_output_site=sites.__getitem__,
+            kept,
+            mlp_output_site=sites.__getitem__ if sites else None,
             zero_positions=_zero_positions(model),
         )
+        if unplaced:
+            left_out = [f for f in factors if f.module in mlp_modules]
+            writes.not_nodes += _not_nodes(left_out, lambda _m: True)
     except (UnsupportedAdapterError, UnsupportedInterventionError) as err:
         return str(err)  # also a cross-layer set: its output sites are not one MLP's
     if not writes.n_nodes:

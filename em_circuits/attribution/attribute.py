@@ -7,7 +7,11 @@ from typing import Any
 
 import torch
 
-from em_circuits.attribution.adapter_nodes import AdapterWrites, prompt_adapter_writes
+from em_circuits.attribution.adapter_nodes import (
+    MLP_NONLINEAR,
+    AdapterWrites,
+    prompt_adapter_writes,
+)
 from em_circuits.attribution.storage import (
     CompactGraph,
     DenseGraph,
@@ -206,12 +210,23 @@ def totals_prompt(
             directions_for,
             check_context=lambda ctx: _check_context(ctx, where),
             offload=params.offload,
-            adapter_writes=writes.writes if writes is not None else None,
+            adapter=writes,
+            # the contrast comes first when the prompt has both labels (_target_rows)
+            split_target=0 if pt.evil_ids and pt.safe_ids else None,
+            split_features=params.adapter_split_features,
+            read_nodes=params.adapter_read_nodes,
         )
     except torch.cuda.OutOfMemoryError as err:
         raise GraphError(f"{where}: out of GPU memory ({err}); try --offload cpu") from None
     seconds = time.perf_counter() - started
-    for name in ("direct", "total", "adapter_direct", "adapter_total"):
+    for name in (
+        "direct",
+        "total",
+        "adapter_direct",
+        "adapter_total",
+        "adapter_edges",
+        "adapter_reads",
+    ):
         matrix = getattr(effects, name)
         if matrix is not None and not torch.isfinite(matrix).all():
             raise NonFiniteError(f"{where}: NaN/Inf in the {name} effects (try --dtype float32)")
@@ -255,6 +270,7 @@ def _adapter_meta(adapter: AdapterWrites | str | None) -> dict[str, Any]:
         return {"adapter_nodes": {"none": adapter}}
     return {
         "adapter_modules": adapter.modules,
+        "adapter_nonlinear": list(MLP_NONLINEAR),
         "adapter_nodes": {"n": adapter.n_nodes, "not_nodes": adapter.not_nodes},
     }
 
@@ -267,6 +283,10 @@ def _adapter_fields(writes: AdapterWrites | None, effects: Any) -> dict[str, Any
         "adapter_activations": writes.activations,
         "adapter_direct": effects.adapter_direct,
         "adapter_total": effects.adapter_total,
+        "adapter_edge_features": effects.adapter_edge_features,
+        "adapter_edges": effects.adapter_edges,
+        "adapter_read_nodes": effects.adapter_read_nodes,
+        "adapter_reads": effects.adapter_reads,
     }
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from em_circuits.attribution.viewer import (
+    ADAPTER_NODE,
     FEATURE_NODE,
     METADATA_FILE,
     ROLES,
@@ -182,11 +183,18 @@ def _load_graph(viewer_dir: Path, entry: dict[str, Any], options: ExportOptions)
     except (KeyError, TypeError) as err:
         raise ExportError(f"{path}: not a circuit-tracer graph (no {err})") from err
     local_scan = str(metadata.get("scan", ""))
+    # Adapter nodes are this tool's own node type, which Neuronpedia does not know.
+    adapter_ids = {n.get("node_id") for n in nodes if n.get("feature_type") == ADAPTER_NODE}
+    metadata.pop("adapter_nodes", None)
     graph = {
         "metadata": _metadata(metadata, entry, role, path, options),
         "qParams": data.get("qParams"),
-        "nodes": [_node(n, path) for n in nodes],
-        "links": data.get("links"),
+        "nodes": [_node(n, path) for n in nodes if n.get("node_id") not in adapter_ids],
+        "links": [
+            link
+            for link in data.get("links") or []
+            if link.get("source") not in adapter_ids and link.get("target") not in adapter_ids
+        ],
     }
     _validate_graph(graph, path)
     features = _features(viewer_dir, local_scan, role, graph["nodes"])

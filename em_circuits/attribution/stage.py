@@ -135,7 +135,14 @@ def build_graph(
                 compact.target_values.tolist(),
             )
         ]
-        write_viewer_graph(graph, viewer_dir, pt.prompt_id, role, targets=targets)
+        write_viewer_graph(
+            graph,
+            viewer_dir,
+            pt.prompt_id,
+            role,
+            targets=targets,
+            adapter_graph=_adapter_overlay(model, pt, params),
+        )
     top = [
         {"token_id": int(t), "token": model.tokenizer.decode([int(t)]), "logit": float(v)}
         for t, v in zip(compact.top_token_ids, compact.top_logits)
@@ -197,6 +204,28 @@ def build_graph(
             ),
         },
     )
+
+
+#: Features (by total effect on the contrast) whose edges from the adapter nodes the viewer
+#: may draw: the viewer's pruned graph draws the most influential ones.
+VIEWER_ADAPTER_FEATURES = 256
+
+
+def _adapter_overlay(
+    model: LoadedModel, pt: PromptTargets, params: AttributionParams
+) -> CompactGraph | None:
+    """The adapted model's adapter nodes for the viewer's full graph of ``pt``: a totals
+    graph of the same prompt with its adapter nodes, their edges into the features most
+    influential on the contrast and what they read; None without adapter nodes."""
+    from dataclasses import replace
+
+    from em_circuits.attribution.attribute import totals_prompt
+
+    if model.spec.adapter is None or not params.adapter_nodes:
+        return None
+    totals = replace(params, mode="totals", adapter_split_features=VIEWER_ADAPTER_FEATURES)
+    compact = totals_prompt(model, pt, totals)[0]
+    return compact if compact.n_adapter_nodes else None
 
 
 def load_graph(store: ResultsStore, meta: GraphMetaRecord) -> CompactGraph:

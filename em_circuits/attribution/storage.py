@@ -74,6 +74,16 @@ class CompactGraph:
     adapter_activations: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     adapter_direct: torch.Tensor | None = None  # (n_targets, n_adapter_nodes)
     adapter_total: torch.Tensor | None = None
+    #: (k,) int64 indices into ``features`` and (k, n_adapter_nodes) float32: each adapter
+    #: node's direct effect on those features' pre-activations (the features with the
+    #: largest total effects on the contrast; attribution.totals)
+    adapter_edge_features: torch.Tensor | None = None
+    adapter_edges: torch.Tensor | None = None
+    #: (m,) int64 indices into the adapter nodes and (m, n_sources) float32: the direct
+    #: effects of every feature, error and token node on those adapter nodes' activations
+    #: (the linear nodes with the largest total effects on the contrast)
+    adapter_read_nodes: torch.Tensor | None = None
+    adapter_reads: torch.Tensor | None = None
 
     # -- node layout ------------------------------------------------------------------------
     @property
@@ -136,6 +146,14 @@ def content_fingerprint(graph: CompactGraph) -> str:
         for part in (graph.adapter_nodes, graph.adapter_direct, graph.adapter_total):
             assert part is not None
             digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+        for part in (
+            graph.adapter_edge_features,
+            graph.adapter_edges,
+            graph.adapter_read_nodes,
+            graph.adapter_reads,
+        ):
+            if part is not None:
+                digest.update(part.detach().cpu().contiguous().numpy().tobytes())
     labels = graph.meta.get("target_labels")
     digest.update(repr((graph.n_layers, graph.target_names, graph.target_kinds, labels)).encode())
     return digest.hexdigest()
@@ -210,6 +228,13 @@ def save_compact(graph: CompactGraph, path: Path) -> int:
         tensors["adapter_activations"] = graph.adapter_activations.float().contiguous()
         tensors["adapter_direct"] = graph.adapter_direct.float().contiguous()
         tensors["adapter_total"] = graph.adapter_total.float().contiguous()
+        if graph.adapter_edges is not None and graph.adapter_edge_features is not None:
+            edge_features = graph.adapter_edge_features.to(torch.int64).contiguous()
+            tensors["adapter_edge_features"] = edge_features
+            tensors["adapter_edges"] = graph.adapter_edges.float().contiguous()
+        if graph.adapter_reads is not None and graph.adapter_read_nodes is not None:
+            tensors["adapter_read_nodes"] = graph.adapter_read_nodes.to(torch.int64).contiguous()
+            tensors["adapter_reads"] = graph.adapter_reads.float().contiguous()
     header = {
         "format": GRAPH_FORMAT,
         "n_layers": str(graph.n_layers),
@@ -270,9 +295,10 @@ def load_compact(path: Path) -> CompactGraph:
 def _adapter_fields(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     if "adapter_nodes" not in tensors:
         return {}
-    return {
-        name: tensors[name]
-        for name in ("adapter_nodes", "adapter_activations", "adapter_direct", "adapter_total")
+    names = ("adapter_nodes", "adapter_activations", "adapter_direct", "adapter_total")
+    edges = ("adapter_edge_features", "adapter_edges", "adapter_read_nodes", "adapter_reads")
+    return {name: tensors[name] for name in names} | {
+        name: tensors[name] for name in edges if name in tensors
     }
 
 

@@ -42,9 +42,15 @@ class AttributionParams:
     salient_logits: int = 0
     edge_keep: int = 50_000
     top_k: int = 10
-    #: totals mode: the adapter's down_proj writes as nodes of the adapted model's graphs
-    #: (attribution.adapter_nodes), carved out of the error nodes
+    #: totals mode: the adapter's writes as nodes of the adapted model's graphs
+    #: (attribution.adapter_nodes)
     adapter_nodes: bool = True
+    #: totals mode, with adapter nodes: their edges into this many features with the largest
+    #: total effects on the contrast (which features carry the adapter's effect)
+    adapter_split_features: int = 32
+    #: totals mode, with adapter nodes: the edges from every upstream node into this many
+    #: linear adapter nodes with the largest total effects on the contrast (what they read)
+    adapter_read_nodes: int = 8
 
     def __post_init__(self) -> None:
         if self.mode not in GRAPH_MODES:
@@ -65,6 +71,8 @@ class AttributionParams:
             fields.pop("edge_keep")
         else:
             fields.pop("adapter_nodes")  # full graphs have none yet
+            fields.pop("adapter_split_features")
+            fields.pop("adapter_read_nodes")
         fields["format"] = GRAPH_FORMAT
         return fields
 

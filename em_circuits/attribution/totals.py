@@ -25,21 +25,37 @@ token nodes]`` and equal, to float rounding, the target rows of ``attribute(...,
 max_feature_nodes=None)`` (direct) and of the activation-normalised linear solve over its
 full adjacency (:func:`~em_circuits.attribution.storage.total_effects`).
 
-With an adapter's writes (:mod:`~em_circuits.attribution.adapter_nodes`), each adapter node is
-scored where it writes, with the same gradient as that layer's error nodes, into rows of its
-own, and its score is taken out of the error node at its layer and position (which by
-linearity then holds the remainder of the error vector).
+With an adapter's nodes (:mod:`~em_circuits.attribution.adapter_nodes`), each MLP-output
+adapter node is scored where it writes, with the same gradient as that layer's error nodes,
+into rows of its own, and its score is taken out of the error node at its layer and position
+(which by linearity then holds the remainder of the error vector). Each attention adapter
+node is scored with the gradient at its module's output, where its update was detached in the
+forward pass.
+
+Which features carry the adapter nodes' effect: the through-features part of an adapter
+node's total effect, ``total - direct``, is a sum over the first feature on each path,
+``sum_f A[f, n] * s_f / a_f``, with ``A[f, n]`` the node's direct effect on feature ``f``'s
+pre-activation (an edge, as circuit-tracer's adjacency has them between features) and
+``s_f / a_f`` the target's total derivative with respect to ``f``. The edges come from
+backward passes injected at the encoders of the features with the largest total effects on
+one target (circuit-tracer's feature rows), scoring only the adapter nodes.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
+from em_circuits.attribution.adapter_nodes import (
+    AdapterTape,
+    AdapterWrites,
+    taped_adapter,
+)
 from em_circuits.models.spec import ModelLoadError
 
 #: Activation functions whose derivative is 1 wherever the feature is active.
@@ -64,6 +80,14 @@ class ExactEffects:
     #: (n_targets, n_adapter_nodes) float32, in the order of the AdapterWrites' nodes
     adapter_direct: torch.Tensor | None = None
     adapter_total: torch.Tensor | None = None
+    #: (k,) int64 indices into ``features``, and (k, n_adapter_nodes) float32: each adapter
+    #: node's direct effect on those features' pre-activations
+    adapter_edge_features: torch.Tensor | None = None
+    adapter_edges: torch.Tensor | None = None
+    #: (m,) int64 indices into the adapter nodes, and (m, n_sources) float32: the direct
+    #: effects of every feature, error and token node on those adapter nodes' activations
+    adapter_read_nodes: torch.Tensor | None = None
+    adapter_reads: torch.Tensor | None = None
 
 
 def _activation_names(transcoders: Any) -> list[str]:
@@ -94,16 +118,18 @@ class _TotalsBackward:
     """Runs the one backward over a circuit-tracer ``AttributionContext`` (after its forward
     pass cached residuals for ``2 * n_targets`` batch rows)."""
 
-    def __init__(
-        self, ctx: Any, n_targets: int, adapter_writes: dict[int, torch.Tensor] | None = None
-    ) -> None:
+    def __init__(self, ctx: Any, n_targets: int, adapter: AdapterWrites | None = None) -> None:
         self.ctx = ctx
         self.n_targets = n_targets
-        self.adapter_writes = adapter_writes or {}
-        #: layer -> (n_pos * nodes per position, rows) scores of its adapter nodes
+        self.mlp_writes = adapter.writes if adapter is not None else {}
+        self.attention = adapter.attention if adapter is not None else []
+        #: the adapter's activations and the gradients at its detached attention updates
+        self.tape = AdapterTape()
+        #: layer -> (n_pos * nodes per position, rows) scores of its MLP-output adapter nodes
         self.adapter_scores: dict[int, torch.Tensor] = {}
         feature_layers, feature_pos, _ = ctx.activation_matrix.indices()
         values = ctx.activation_matrix.values()
+        self.feature_layers = feature_layers
         self.feature_pos = feature_pos
         # 1 / a_f turns a score (scaled by the activation) into the derivative d target / d a_f.
         self.inverse_activation = torch.where(
@@ -139,7 +165,7 @@ class _TotalsBackward:
         out[t:] += added.to(out.dtype)
         return out
 
-    def run(self, directions: torch.Tensor) -> torch.Tensor:
+    def run(self, directions: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
         """``(2 * n_targets, row_size)``: direct rows, then total rows."""
         ctx = self.ctx
         n_layers, n_pos, _ = ctx.activation_matrix.shape
@@ -152,13 +178,15 @@ class _TotalsBackward:
         last = torch.full((rows,), n_pos - 1, device=top.device)
         inject = torch.cat([directions, directions])
         proxy = weakref.proxy(self)
-        with top.backward(gradient=torch.zeros_like(top), retain_graph=False):
+        self.adapter_scores = {}
+        self.tape.grads.clear()
+        with top.backward(gradient=torch.zeros_like(top), retain_graph=retain_graph):
             for layer in reversed(range(n_layers + 1)):
                 if layer != n_layers:
                     grad = ctx._feature_output_activations[layer + 1].grad.clone()
                     ctx.compute_feature_attributions(layer, grad)
                     ctx.compute_error_attributions(layer, grad)
-                    if layer in self.adapter_writes:
+                    if layer in self.mlp_writes:
                         proxy.score_adapter(layer, grad)
                     point = ctx._resid_activations[layer]
                     point.grad = proxy.reinjection(layer, point.grad)
@@ -178,17 +206,112 @@ class _TotalsBackward:
         return buffer.T
 
     def score_adapter(self, layer: int, grad: torch.Tensor) -> None:
-        """Each adapter node's score at ``layer``: the gradient at its position dotted with
-        its write (as circuit-tracer scores an error node with the error vector)."""
-        writes = self.adapter_writes[layer].to(grad.device, torch.float32)
+        """Each MLP-output adapter node's score at ``layer``: the gradient at its position
+        dotted with its write (as circuit-tracer scores an error node with the error vector)."""
+        writes = self.mlp_writes[layer].to(grad.device, torch.float32)
         scores = torch.einsum("bpd,pmd->pmb", grad.float(), writes)
         self.adapter_scores[layer] = scores.reshape(-1, scores.shape[-1])
 
-    def adapter_rows(self) -> torch.Tensor:
-        """``(2 * n_targets, n_adapter_nodes)``, layers in ascending order."""
-        if not self.adapter_scores:
-            return torch.zeros(2 * self.n_targets, 0)
-        return torch.cat([self.adapter_scores[k] for k in sorted(self.adapter_scores)]).T
+    def adapter_rows(self, rows: int) -> torch.Tensor:
+        """``(rows, n_adapter_nodes)`` from the last backward pass, in the nodes' order (the
+        MLP-output nodes by layer, then the attention nodes)."""
+        parts = []
+        for layer in sorted(self.mlp_writes):
+            scores = self.adapter_scores.get(layer)
+            n = self.mlp_writes[layer].shape[0] * self.mlp_writes[layer].shape[1]
+            parts.append(scores.float().cpu() if scores is not None else torch.zeros(n, rows))
+        for index, write in enumerate(self.attention):
+            grad = self.tape.grads.get(index)  # none: no path from the injection to it
+            n = write.activations.numel()
+            parts.append(write.scores(grad).cpu() if grad is not None else torch.zeros(n, rows))
+        if not parts:
+            return torch.zeros(rows, 0)
+        return torch.cat(parts).T
+
+    def adapter_edges(self, index: torch.Tensor) -> torch.Tensor:
+        """``(len(index), n_adapter_nodes)``: each adapter node's direct effect on the
+        pre-activation of the active features ``index``, from backward passes injected at
+        their encoders (as circuit-tracer's feature rows), the direct way (no re-injection), in
+        the direct rows of the batch (where attention updates are detached)."""
+        ctx = self.ctx
+        rows = int(ctx._resid_activations[0].shape[0])
+        direct_rows = self.n_targets
+        out = []
+        proxy = weakref.proxy(self)
+        for chunk in index.split(direct_rows):
+            layers = self.feature_layers[chunk]
+            positions = self.feature_pos[chunk]
+            inject = ctx.encoder_vecs[chunk]
+            batch = torch.arange(len(chunk), device=positions.device)
+            last = int(layers.max())
+            start = ctx._resid_activations[last]
+            self.adapter_scores = {}
+            self.tape.grads.clear()
+            with start.backward(gradient=torch.zeros_like(start), retain_graph=True):
+                for layer in reversed(range(last + 1)):
+                    if layer != last and layer in self.mlp_writes:
+                        grad = ctx._feature_output_activations[layer + 1].grad.clone()
+                        proxy.score_adapter(layer, grad)
+                    mask = layers == layer
+                    if mask.any():
+                        point = ctx._resid_activations[layer]
+                        grad = point.grad.clone()
+                        grad.index_put_(
+                            (batch[mask].to(grad.device), positions[mask].to(grad.device)),
+                            inject[mask].to(grad.device, grad.dtype),
+                        )
+                        point.grad = grad
+            out.append(self.adapter_rows(rows)[: len(chunk)])
+        return torch.cat(out) if out else torch.zeros(0, 0)
+
+    def adapter_reads(self, nodes: torch.Tensor, modules: list[str]) -> torch.Tensor:
+        """``(len(nodes), row_size + n_adapter_nodes)``: each listed adapter node's activation
+        (rows of ``AdapterWrites.nodes``; linear modules only) differentiated the direct way
+        with respect to every upstream feature, error and token node (in circuit-tracer's node
+        layout) and every adapter node: their edges into it (as circuit-tracer's feature
+        rows, from a backward pass per batch of direct rows)."""
+        ctx = self.ctx
+        rows = int(ctx._resid_activations[0].shape[0])
+        proxy = weakref.proxy(self)
+        out = []
+        for chunk in nodes.split(self.n_targets):
+            picked = []
+            for row, (layer, code, component, position) in enumerate(chunk.tolist()):
+                activations = self.tape.activations[layer, modules[code]]
+                picked.append(activations[row, position, component])
+            start = torch.stack(picked).sum()  # batch rows are independent copies
+            top = int(chunk[:, 0].max())
+            ctx._batch_buffer = torch.zeros(
+                ctx._row_size, rows, dtype=ctx.decoder_vecs.dtype, device=ctx.decoder_vecs.device
+            )
+            self.adapter_scores = {}
+            self.tape.grads.clear()
+            with start.backward(retain_graph=True):
+                for layer in reversed(range(top)):
+                    grad = ctx._feature_output_activations[layer + 1].grad.clone()
+                    ctx.compute_feature_attributions(layer, grad)
+                    ctx.compute_error_attributions(layer, grad)
+                    if layer in self.mlp_writes:
+                        proxy.score_adapter(layer, grad)
+                ctx.compute_token_attributions(ctx._feature_output_activations[0].grad)
+            buffer, ctx._batch_buffer = ctx._batch_buffer, None
+            from_nodes = self.adapter_rows(rows)[: len(chunk)]
+            out.append(torch.cat([buffer.T[: len(chunk)].float().cpu(), from_nodes], dim=1))
+        n = ctx._row_size + self.adapter_rows(rows).shape[1]
+        return torch.cat(out) if out else torch.zeros(0, n)
+
+
+def split_candidates(
+    features: torch.Tensor, total_row: torch.Tensor, first_layer: int, k: int
+) -> torch.Tensor:
+    """Indices of the ``k`` active features at layer >= ``first_layer`` (the lowest layer an
+    adapter node writes at) with the largest absolute total effect ``total_row``."""
+    eligible = torch.nonzero(features[:, 0] >= first_layer).flatten()
+    if k <= 0 or eligible.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    strength = total_row[eligible].abs()
+    order = torch.argsort(strength, descending=True, stable=True)[:k]
+    return eligible[order].sort().values
 
 
 def exact_effects(
@@ -197,7 +320,10 @@ def exact_effects(
     directions_for: Callable[[torch.Tensor], torch.Tensor],
     check_context: Callable[[Any], None] | None = None,
     offload: Literal["cpu", "disk"] | None = None,
-    adapter_writes: dict[int, torch.Tensor] | None = None,
+    adapter: AdapterWrites | None = None,
+    split_target: int | None = None,
+    split_features: int = 0,
+    read_nodes: int = 0,
 ) -> ExactEffects:
     """Direct and total effects of every active feature, error and token node on each target.
 
@@ -205,7 +331,10 @@ def exact_effects(
     and returns the target directions ``(n_targets, d_model)`` in the residual basis (as
     circuit-tracer's logit vectors), so targets may depend on that same pass. ``check_context``
     sees circuit-tracer's context before anything else runs (e.g. a NaN check).
-    ``adapter_writes`` (``AdapterWrites.writes``) adds adapter nodes, carved out of the errors.
+    ``adapter`` adds its adapter nodes. With ``split_target``, the adapter nodes' edges into
+    the ``split_features`` features with the largest total effects on that target (at or above
+    the lowest adapter layer) are computed too, and the edges into the ``read_nodes`` linear
+    adapter nodes with the largest total effects on it from every upstream node.
     """
     from circuit_tracer.utils.disk_offload import offload_modules
 
@@ -220,22 +349,50 @@ def exact_effects(
         raise ValueError(
             f"need a (n_targets, d_model) direction matrix, got {tuple(directions.shape)}"
         )
+    t = directions.shape[0]
+    has_nodes = adapter is not None and adapter.n_nodes > 0
+    split = has_nodes and split_target is not None and split_features > 0
+    read = has_nodes and split_target is not None and read_nodes > 0
+    backward = _TotalsBackward(ctx, t, adapter if has_nodes else None)
     handles: list = []
     try:
         if offload:
             handles += offload_modules(replacement.get_offload_targets_phase0(), offload)
-        replacement.run_forward_pass(ids, 2 * directions.shape[0], ctx)
+        taping = (
+            taped_adapter(replacement._model, adapter, backward.tape)
+            if has_nodes and adapter is not None
+            else nullcontext()
+        )
+        backward.tape.detached_rows = t  # the direct rows; totals pass through the nodes
+        with taping:
+            replacement.run_forward_pass(ids, 2 * t, ctx)
         if offload:
             handles += offload_modules(replacement.get_offload_targets_phase1(), offload)
             handles += offload_modules(replacement.get_offload_targets_phase2(), offload)
-        backward = _TotalsBackward(ctx, directions.shape[0], adapter_writes)
-        rows = backward.run(directions)
-        adapter_rows = backward.adapter_rows().float().cpu()
+        rows = backward.run(directions, retain_graph=split or read)
+        adapter_rows = backward.adapter_rows(2 * t).float()
+        edge_features = edges = read_index = reads = None
+        if split:
+            assert adapter is not None and split_target is not None
+            features = ctx.activation_matrix.indices().T.detach().long().cpu()
+            edge_features = split_candidates(
+                features,
+                rows[t + split_target, : features.shape[0]].float().cpu(),
+                int(adapter.nodes[:, 0].min()),
+                split_features,
+            )
+            edges = backward.adapter_edges(edge_features.to(backward.feature_pos.device))
+        if read:
+            assert adapter is not None and split_target is not None
+            strength = adapter_rows[t + split_target].abs().cpu()
+            strength[~adapter.linear()] = -1  # a nonlinear node's activation is no read
+            order = torch.argsort(strength, descending=True, stable=True)
+            read_index = order[strength[order] >= 0][:read_nodes].sort().values
+            reads = backward.adapter_reads(adapter.nodes[read_index], adapter.modules)
     finally:
         for reload in handles:
             reload()
     n_layers, n_pos, _ = ctx.activation_matrix.shape
-    t = directions.shape[0]
     active = ctx.activation_matrix
     return ExactEffects(
         features=active.indices().T.detach().long().cpu(),
@@ -245,6 +402,10 @@ def exact_effects(
         logits=logits.cpu(),
         n_layers=int(n_layers),
         n_pos=int(n_pos),
-        adapter_direct=adapter_rows[:t] if adapter_writes else None,
-        adapter_total=adapter_rows[t:] if adapter_writes else None,
+        adapter_direct=adapter_rows[:t] if has_nodes else None,
+        adapter_total=adapter_rows[t:] if has_nodes else None,
+        adapter_edge_features=edge_features,
+        adapter_edges=edges.float().cpu() if edges is not None else None,
+        adapter_read_nodes=read_index,
+        adapter_reads=reads,
     )

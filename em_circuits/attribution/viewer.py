@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from circuit_tracer import Graph
 
+    from em_circuits.attribution.storage import CompactGraph
+
 
 ROLES = ("base", "adapted")
 
@@ -48,6 +50,16 @@ METADATA_FILE = "graph-metadata.json"
 
 #: circuit-tracer's node type of a transcoder feature in its frontend graphs.
 FEATURE_NODE = "cross layer transcoder"
+
+#: The node type of an adapter node (attribution.adapter_nodes) in the adapted graphs.
+ADAPTER_NODE = "lora adapter"
+
+#: Adapter nodes drawn per graph: those with the largest total effects on the contrast.
+ADAPTER_NODES_SHOWN = 8
+
+#: Strongest links into and out of each drawn adapter node to features and embeddings (its
+#: links to the logit targets are all drawn).
+ADAPTER_LINKS_SHOWN = 10
 
 
 ASSETS_DIR = Path(__file__).with_name("viewer_assets")
@@ -124,6 +136,7 @@ def write_viewer_graph(
     edge_threshold: float = 0.98,
     scan: str | None = None,
     targets: Sequence[Mapping[str, Any]] | None = None,
+    adapter_graph: CompactGraph | None = None,
 ) -> Path:
     """Write ``graph`` as the ``role`` graph of ``prompt_id``; returns the graph's JSON path.
 
@@ -139,6 +152,10 @@ def write_viewer_graph(
     such with its value and the evil tokens' probability, token targets carry their label and
     true probability, and only the most probable :data:`TOKENS_SHOWN` evil and safe tokens
     are drawn (all stay in the stored graph). Feature nodes are named ``L3 #1234``.
+
+    ``adapter_graph`` (a totals graph of the same prompt with adapter nodes) adds the adapter
+    nodes with the largest total effects on the contrast as nodes of type
+    :data:`ADAPTER_NODE` (:func:`add_adapter_nodes`).
     """
     from circuit_tracer.utils.create_graph_files import create_graph_files
 
@@ -163,6 +180,8 @@ def write_viewer_graph(
         written = scratch / f"{slug}.json"
         data = json.loads(written.read_text())
         _name_nodes(data, targets)
+        if adapter_graph is not None:
+            add_adapter_nodes(data, adapter_graph)
         _preselect_first_target(data)
         written.write_text(json.dumps(data))
         apply_default_modes(scratch / f"{slug}.json")
@@ -233,6 +252,127 @@ def _name_nodes(data: dict[str, Any], targets: Sequence[Mapping[str, Any]] | Non
             if link["source"] not in drop and link["target"] not in drop
         ]
         data["metadata"]["targets_not_drawn"] = len(drop)
+
+
+def adapter_node_name(layer: int, module: str, component: int) -> str:
+    """The one name of an adapter component: ``LoRA L2 down_proj #0``."""
+    return f"LoRA L{int(layer)} {module} #{int(component)}"
+
+
+def add_adapter_nodes(
+    data: dict[str, Any], adapter: CompactGraph, shown: int = ADAPTER_NODES_SHOWN
+) -> int:
+    """Draw ``adapter``'s adapter nodes with the largest total effects on its contrast into
+    the frontend graph ``data`` of the same prompt, as nodes of type :data:`ADAPTER_NODE` at
+    their layer and position, linked to the drawn logit targets (their direct effects), to
+    the drawn features they write into (their edges into those features' pre-activations)
+    and from the drawn features and token embeddings they read (for the nodes whose reads
+    were computed). The effects come from the totals graph with adapter nodes, where the
+    adapter's writes are taken out of the errors and attention; the graph's other edges are
+    those of the graph drawn. Returns how many were drawn."""
+    contrast = adapter.contrast_index()
+    if not adapter.n_adapter_nodes or adapter.adapter_total is None or contrast is None:
+        return 0
+    assert adapter.adapter_direct is not None
+    modules = adapter.meta.get("adapter_modules") or []
+    strength = adapter.adapter_total[contrast].abs()
+    chosen = [int(i) for i in strength.argsort(descending=True)[:shown] if strength[i] > 0]
+    nodes = data["nodes"]
+    drawn_features = {
+        (int(n["layer"]), node_feature(n)[1], int(n["ctx_idx"])): n["node_id"]
+        for n in nodes
+        if n["feature_type"] == FEATURE_NODE
+    }
+    embeddings = {
+        int(n["ctx_idx"]): n["node_id"] for n in nodes if n["feature_type"] == "embedding"
+    }
+    logits = _logit_nodes(nodes, adapter)
+    feature_index = {
+        (layer, feature, pos): i
+        for i, (layer, pos, feature) in enumerate(adapter.features.tolist())
+    }
+    edge_rows = _positions(adapter.adapter_edge_features)  # feature index -> row of the edges
+    read_rows = _positions(adapter.adapter_read_nodes)  # adapter node -> row of the reads
+    links = data["links"]
+    n_pos = len(data["metadata"].get("prompt_tokens") or []) or adapter.n_pos
+    token_start = adapter.n_features + adapter.n_errors
+    for i in chosen:
+        layer, code, component, pos = (int(v) for v in adapter.adapter_nodes[i].tolist())
+        module = modules[code] if code < len(modules) else str(code)
+        node_id = f"A{layer}_{code * 10_000 + component}_{pos}"
+        nodes.append(
+            {
+                "node_id": node_id,
+                "feature": -2 - i,
+                "layer": str(layer),
+                "ctx_idx": pos,
+                "feature_type": ADAPTER_NODE,
+                "token_prob": 0.0,
+                "is_target_logit": False,
+                "run_idx": 0,
+                "reverse_ctx_idx": 0,
+                "jsNodeId": f"A{layer}_{code * 10_000 + component}-{n_pos - pos}",
+                "clerp": f"{adapter_node_name(layer, module, component)} "
+                f"(total {float(adapter.adapter_total[contrast, i]):+.2f} on evil − safe)",
+                "influence": 0.0,
+                "activation": float(adapter.adapter_activations[i]),
+            }
+        )
+        for row, logit_id in logits.items():
+            links.append(_link(node_id, logit_id, adapter.adapter_direct[row, i]))
+        writes, reads = [], []
+        if adapter.adapter_edges is not None:
+            for (f_layer, feature, f_pos), feature_id in drawn_features.items():
+                k = edge_rows.get(feature_index.get((f_layer, feature, f_pos), -1))
+                if k is not None:
+                    writes.append(_link(node_id, feature_id, adapter.adapter_edges[k, i]))
+        r = read_rows.get(i)
+        if r is not None and adapter.adapter_reads is not None:
+            row_reads = adapter.adapter_reads[r]
+            for (f_layer, feature, f_pos), feature_id in drawn_features.items():
+                index = feature_index.get((f_layer, feature, f_pos))
+                if index is not None:
+                    reads.append(_link(feature_id, node_id, row_reads[index]))
+            for e_pos, embedding_id in embeddings.items():
+                reads.append(_link(embedding_id, node_id, row_reads[token_start + e_pos]))
+        links += _strongest(writes) + _strongest(reads)
+    data["links"] = [link for link in links if link is not None]
+    data["metadata"]["adapter_nodes"] = {
+        "drawn": len(chosen),
+        "of": adapter.n_adapter_nodes,
+        "source": "totals graph of the same prompt with adapter nodes",
+    }
+    return len(chosen)
+
+
+def _positions(index: Any) -> dict[int, int]:
+    """{value: its position} of a 1-D index tensor (empty for None)."""
+    return {} if index is None else {int(v): k for k, v in enumerate(index.tolist())}
+
+
+def _strongest(links: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The :data:`ADAPTER_LINKS_SHOWN` links of largest absolute weight."""
+    kept = [link for link in links if link is not None]
+    return sorted(kept, key=lambda link: -abs(link["weight"]))[:ADAPTER_LINKS_SHOWN]
+
+
+def _link(source: str, target: str, weight: Any) -> dict[str, Any] | None:
+    value = float(weight)
+    return {"source": source, "target": target, "weight": value} if value != 0 else None
+
+
+def _logit_nodes(nodes: list[dict[str, Any]], adapter: CompactGraph) -> dict[int, str]:
+    """Target row -> drawn logit node id: the contrast by its name, tokens by their id."""
+    out = {}
+    for row, (kind, token) in enumerate(zip(adapter.target_kinds, adapter.target_token_ids)):
+        for node in nodes:
+            if node["feature_type"] != "logit":
+                continue
+            if kind == "contrast" and "evil − safe" in (node.get("clerp") or ""):
+                out[row] = node["node_id"]
+            elif kind == "token" and int(node["feature"]) == int(token):
+                out[row] = node["node_id"]
+    return out
 
 
 def _preselect_first_target(data: dict[str, Any]) -> None:

@@ -251,8 +251,26 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         "--no-adapter-nodes",
         dest="adapter_nodes",
         action="store_false",
-        help="leave a down_proj LoRA's writes inside the error nodes (default: in totals mode "
-        "they are nodes of the adapted model's graphs)",
+        help="leave a LoRA's writes inside the error nodes and attention (default: in totals "
+        "mode they are nodes of the adapted model's graphs)",
+    )
+    g.add_argument(
+        "--adapter-split-features",
+        type=int,
+        default=32,
+        metavar="K",
+        help="with adapter nodes: compute their edges into the K features with the largest "
+        "total effects on the contrast, to say which features carry the adapter's effect "
+        "(default 32; 0: none)",
+    )
+    g.add_argument(
+        "--adapter-read-nodes",
+        type=int,
+        default=8,
+        metavar="M",
+        help="with adapter nodes: compute the edges from every upstream feature into the M "
+        "linear adapter nodes with the largest total effects on the contrast, to say what the "
+        "adapter reads (default 8; 0: none)",
     )
 
 
@@ -287,6 +305,8 @@ def graph_params(args: argparse.Namespace):
         salient_logits=args.salient_logits,
         edge_keep=args.edge_keep,
         adapter_nodes=getattr(args, "adapter_nodes", True),
+        adapter_split_features=getattr(args, "adapter_split_features", 32),
+        adapter_read_nodes=getattr(args, "adapter_read_nodes", 8),
     )
 
 

@@ -25,7 +25,12 @@
     '.header-top-row { min-width: 0; overflow: hidden; }',
     '.feature-title, .pp-clerp { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }',
     '.em-diff circle { pointer-events: none; }',
+    '.em-adapter rect { pointer-events: none; }',
   ].join('\n')
+  // Adapter nodes (the LoRA's own writes, node type "lora adapter"): a reddish-purple
+  // diamond behind each, so they read as their own kind of node next to the features.
+  var ADAPTER_TYPE = 'lora adapter'
+  var ADAPTER_COLOUR = '#CC79A7'
 
   var params = new URLSearchParams(location.search)
   var select = document.getElementById('prompt-select')
@@ -324,6 +329,39 @@
 
   function paintAll() { ROLES.forEach(paint) }
 
+  // Marks the adapter nodes of a pane in a layer of its own; returns how many are drawn.
+  function markAdapter(role) {
+    var doc = frameDoc(role)
+    var nodes = drawnNodes(doc).filter(function (n) {
+      return n.__data__ && n.__data__.feature_type === ADAPTER_TYPE
+    })
+    var all = drawnNodes(doc)
+    if (!all.length) return 0
+    var svg = all[0].parentNode
+    var layer = svg.querySelector('g.em-adapter')
+    var key = nodes.map(function (n) { return n.getAttribute('transform') }).join(';')
+    if (layer && layer.dataset.key === key) return layer.childElementCount
+    if (layer) layer.remove()
+    if (!nodes.length) return 0
+    layer = doc.createElementNS('http://www.w3.org/2000/svg', 'g')
+    layer.setAttribute('class', 'em-adapter')
+    layer.dataset.key = key
+    nodes.forEach(function (n) {
+      var mark = doc.createElementNS('http://www.w3.org/2000/svg', 'rect')
+      mark.setAttribute('x', '-6')
+      mark.setAttribute('y', '-6')
+      mark.setAttribute('width', '12')
+      mark.setAttribute('height', '12')
+      mark.setAttribute('transform', (n.getAttribute('transform') || '') + ' rotate(45)')
+      mark.setAttribute('fill', ADAPTER_COLOUR)
+      mark.setAttribute('fill-opacity', '0.8')
+      mark.setAttribute('data-node', n.__data__.nodeId)
+      layer.appendChild(mark)
+    })
+    svg.insertBefore(layer, svg.firstChild)
+    return layer.childElementCount
+  }
+
   function embed(role) {
     var doc = frameDoc(role)
     if (!doc || !doc.head || doc.getElementById('em-embed')) return
@@ -411,7 +449,9 @@
         widest = Math.max(widest, doc.documentElement.scrollWidth - doc.documentElement.clientWidth)
       }
       var discs = paint(role)
+      var adapterNodes = markAdapter(role)
       status.dataset.nodes = String(nodes)
+      status.dataset.adapter = String(adapterNodes)
       status.dataset.errors = errors.join('\n')
       status.dataset.diff = String(discs)
       status.dataset.clicked = clickedIn(role) || ''
@@ -420,6 +460,7 @@
       status.title = errors.concat(offline).join('\n')
       var parts = frame.hidden ? [] : [nodes + ' nodes']
       if (discs) parts.push(discs + ' changed')
+      if (adapterNodes) parts.push(adapterNodes + ' adapter')
       if (errors.length) parts.push(errors.length + ' page error(s)')
       if (offline.length) parts.push('hosted feature examples unreachable')
       status.textContent = parts.join(', ')
