@@ -199,6 +199,8 @@ def _linearised_effects(merged, transcoders, ids, direction, writes, with_featur
         layer: torch.zeros(w.shape[:2], requires_grad=True) for layer, w in writes.writes.items()
     }
     attention = [torch.zeros(w.activations.shape, requires_grad=True) for w in writes.attention]
+    patterns = [torch.zeros(len(w.values), requires_grad=True) for w in writes.patterns]
+    value_inputs = {}
     mlp_inputs = {}
     handles = []
 
@@ -237,10 +239,29 @@ def _linearised_effects(merged, transcoders, ids, direction, writes, with_featur
 
         return hook
 
+    def detached_pattern(index, write):
+        def hook(_module, _args, output):
+            node_writes = patterns[index][:, None] * write.values
+            if with_features:
+                return output + node_writes[None]
+            value = write.value(value_inputs[write.factor.layer])
+            return output - value + value.detach() + node_writes[None]
+
+        return hook
+
     try:
         for module in merged.modules():
             if isinstance(module, LlamaRMSNorm):
                 handles.append(module.register_forward_hook(frozen_norm))
+        for index, write in enumerate(writes.patterns):
+            block = merged.model.layers[write.factor.layer].self_attn
+            layer = write.factor.layer
+            handles.append(
+                block.v_proj.register_forward_hook(
+                    lambda _m, a, _o, layer=layer: value_inputs.__setitem__(layer, a[0])
+                )
+            )
+            handles.append(block.o_proj.register_forward_hook(detached_pattern(index, write)))
         for layer, block in enumerate(merged.model.layers):
             handles.append(block.mlp.register_forward_hook(replaced_mlp(layer)))
         for index, write in enumerate(writes.attention):
@@ -258,7 +279,7 @@ def _linearised_effects(merged, transcoders, ids, direction, writes, with_featur
         with torch.no_grad():
             real = merged.model(ids[None]).last_hidden_state[0, -1] @ direction
         torch.testing.assert_close(value.detach(), real, rtol=1e-5, atol=1e-5)
-    leaves = [coefficients[layer] for layer in sorted(writes.writes)] + attention
+    leaves = [coefficients[layer] for layer in sorted(writes.writes)] + attention + patterns
     # a node above what ``read`` reads is not reached: no gradient, no effect
     grads = [c.grad if c.grad is not None else torch.zeros_like(c) for c in leaves]
     return torch.cat([g.reshape(-1) for g in grads])
@@ -296,18 +317,28 @@ def test_the_graph_stage_stores_adapter_nodes(setup, micro_models, tmp_path):
     pt = PromptTargets(
         "q0", heldout_pivotal_prompts()[0]["prompt"], evil, safe, names, {"base": {}, "adapted": {}}
     )
-    graph = attribute_prompt(model, pt, AttributionParams())[0]
+    graph, _, info = attribute_prompt(model, pt, AttributionParams())
     assert graph.n_adapter_nodes == 2 * graph.n_pos
     assert graph.meta["adapter_modules"][0] == "down_proj"
     assert graph.adapter_total.shape == (len(graph.target_names), graph.n_adapter_nodes)
     k = len(graph.adapter_edge_features)
     assert 0 < k <= AttributionParams().adapter_split_features
-    assert graph.adapter_edges.shape == (k, graph.n_adapter_nodes)
+    # the stored graph keeps the edges' sums; every edge is in the info (for the viewer)
+    detail = info["adapter_detail"]
+    assert detail.edges.shape == (k, graph.n_adapter_nodes)
+    torch.testing.assert_close(graph.adapter_edge_sums, detail.edges.sum(1))
+    m = len(graph.adapter_read_nodes)
+    assert 0 < m <= AttributionParams().adapter_read_nodes
+    assert detail.reads.shape == (m, graph.n_sources + graph.n_adapter_nodes)
+    torch.testing.assert_close(graph.adapter_read_edges, detail.reads[:, : graph.n_features].sum(0))
+    assert set(graph.meta["adapter_split"]) == {"read_from_all", "via_adapter_nodes"}
     save_compact(graph, tmp_path / "g.safetensors")
     loaded = load_compact(tmp_path / "g.safetensors")
     torch.testing.assert_close(loaded.adapter_total, graph.adapter_total)
-    torch.testing.assert_close(loaded.adapter_edges, graph.adapter_edges)
+    for name in ("adapter_edge_sums", "adapter_read_edges", "adapter_read_via"):
+        torch.testing.assert_close(getattr(loaded, name), getattr(graph, name))
     assert loaded.adapter_edge_features.tolist() == graph.adapter_edge_features.tolist()
+    assert loaded.adapter_read_nodes.tolist() == graph.adapter_read_nodes.tolist()
     torch.testing.assert_close(loaded.bias, graph.bias)
     # without adapter nodes, the same graph's bias is the same: nodes only redistribute
     plain = attribute_prompt(model, pt, AttributionParams(adapter_nodes=False))[0]
@@ -385,6 +416,9 @@ def test_the_analysis_and_report_say_how_much_goes_through_the_adapter_nodes(
     assert {"name", "discovery_mean_via", "validation_mean_via", "adapter"} <= set(carriers)
     assert carriers["adapter"].isin(["excites", "inhibits"]).all()
     assert summary["adapter_total"]["n_clusters"] >= 1
+    ranked = pd.read_csv(folder / "adapter_components.csv")
+    assert (ranked["rank_among_features"] >= 1).all()
+    assert (ranked["rank_among_features"] <= ranked["n_features_ranked"] + 1).all()
     components = (folder / "adapter_components.csv").read_text()
     assert "L0 down_proj #0" in components and "L1 down_proj #0" in components
     report = (results / "report.md").read_text()
@@ -449,7 +483,7 @@ def test_every_linear_module_kind_becomes_nodes_and_the_rest_is_named(every_modu
     model, _, ids, merged, base = every_module
     writes = prompt_adapter_writes(model, ids)
     assert not isinstance(writes, str)
-    assert writes.not_nodes == ["k_proj@0,1", "q_proj@0,1"]
+    assert writes.not_nodes == []
     n_pos = len(ids)
     counts = torch.bincount(writes.nodes[:, 1], minlength=len(NODE_MODULES)).tolist()
     per_module = dict(zip(NODE_MODULES, counts))
@@ -460,6 +494,8 @@ def test_every_linear_module_kind_becomes_nodes_and_the_rest_is_named(every_modu
         "v_proj": 2 * 2 * n_pos,
         "gate_proj": 2 * n_pos,
         "up_proj": 2 * n_pos,
+        "q_proj": 2 * n_pos,
+        "k_proj": 2 * n_pos,
     }
     assert (writes.activations[writes.nodes[:, 3] == 0] == 0).all()  # nothing at BOS
     # a nonlinear node's write is the measured change of the MLP output: the merged MLP on
@@ -494,15 +530,19 @@ def test_mlp_nodes_are_carved_out_of_the_errors_with_every_module(every_module):
     gate_proj, up_proj) moves mass only out of the error nodes, position by position."""
     from em_circuits.attribution.adapter_nodes import (
         ATTENTION_LINEAR,
+        ATTENTION_PATTERN,
         adapter_writes,
         model_lora_factors,
     )
 
     model, direction, ids, _, _ = every_module
     everything = prompt_adapter_writes(model, ids)
-    attention_factors = [f for f in model_lora_factors(model) if f.module in ATTENTION_LINEAR]
+    attention_factors = [
+        f for f in model_lora_factors(model) if f.module in ATTENTION_LINEAR + ATTENTION_PATTERN
+    ]
     attention_only = adapter_writes(model.hf_model, ids, attention_factors)
-    assert attention_only.n_nodes == 2 * 2 * 2 * len(ids) and not attention_only.writes
+    n_pos = len(ids)
+    assert attention_only.n_nodes == (2 * 2 * 2 + 2 * 2) * n_pos and not attention_only.writes
     before = _effects(model, ids, direction, attention_only)
     after = _effects(model, ids, direction, everything)
     n_features, n_layers, n_pos = after.features.shape[0], after.n_layers, after.n_pos
@@ -546,11 +586,19 @@ def test_the_through_features_part_splits_exactly_over_the_features(every_module
     """total - direct of every adapter node = sum over the first node of each path (features,
     and o_proj/v_proj adapter nodes, which pass total effects on) of the edge into it times
     the target's total derivative with respect to it; edges match the reference."""
-    from em_circuits.attribution.adapter_nodes import NODE_MODULES
+    from em_circuits.attribution.adapter_nodes import (
+        ATTENTION_PATTERN,
+        NODE_MODULES,
+        adapter_writes,
+        model_lora_factors,
+    )
     from em_circuits.models.load import load_transcoder_set
 
     model, direction, ids, merged, _ = every_module
-    writes = prompt_adapter_writes(model, ids)
+    # q_proj/k_proj nodes pass total effects on but read nothing linearly: paths through them
+    # are the split's remainder; here their updates stay inside the frozen pattern instead
+    factors = [f for f in model_lora_factors(model) if f.module not in ATTENTION_PATTERN]
+    writes = adapter_writes(model.hf_model, ids, factors)
     effects = exact_effects(
         model.replacement,
         ids,
@@ -668,3 +716,109 @@ def test_the_reads_into_linear_adapter_nodes(every_module, micro_organism):
         torch.testing.assert_close(row[:n_features][layer0], expected[layer0], rtol=1e-4, atol=1e-6)
         checked += 1
     assert checked > 0
+
+
+def test_attention_pattern_nodes_carry_the_measured_change(micro_organism, tmp_path):
+    """A q_proj/k_proj LoRA (no value or output update): each node's write is the measured
+    change of its layer's attention output when that module's update is taken out, at each
+    query position; the nodes agree with the independent linearised model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from em_circuits.attribution.adapter_nodes import NODE_MODULES
+    from em_circuits.models.load import load_model, load_transcoder_set
+    from em_circuits.models.spec import ModelSpec
+    from em_circuits.organism import heldout_pivotal_prompts
+
+    base_dir = str(micro_organism.base_dir)
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj"], lora_dropout=0.0),
+    )
+    gen = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) / param.shape[1] ** 0.5)
+    peft.peft_config["default"].base_model_name_or_path = base_dir
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    spec = ModelSpec(
+        base=base_dir,
+        adapter=str(tmp_path / "adapter"),
+        transcoders=str(micro_organism.transcoder_config),
+        name="pattern",
+    )
+    model = load_model(spec, "cpu", tmp_path / "merged")
+    ids = model.encode(heldout_pivotal_prompts()[2]["prompt"])
+    writes = prompt_adapter_writes(model, ids)
+    assert not isinstance(writes, str) and not writes.not_nodes
+    assert {w.factor.module for w in writes.patterns} == {"q_proj", "k_proj"}
+    assert set(writes.nodes[:, 1].tolist()) == {NODE_MODULES.index(m) for m in ("q_proj", "k_proj")}
+    merged = (
+        PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base_dir), str(tmp_path / "adapter")
+        )
+        .merge_and_unload()
+        .eval()
+    )
+    for pattern in writes.patterns:
+        f = pattern.factor
+        block = merged.model.layers[f.layer].self_attn
+        seen = []
+        keep = block.o_proj.register_forward_hook(lambda _m, _a, o, seen=seen: seen.append(o[0]))
+        with torch.no_grad():
+            merged(ids[None])
+            module = getattr(block, f.module)
+            lora = f.scale * f.B @ f.A
+            module.weight.data -= lora
+            merged(ids[None])
+            module.weight.data += lora
+        keep.remove()
+        change = seen[0] - seen[1]
+        change[0] = 0  # no node at BOS
+        assert float(change.abs().max()) > 1e-3
+        torch.testing.assert_close(pattern.values, change, rtol=1e-4, atol=1e-5)
+    direction = torch.randn(merged.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    effects = _effects(model, ids, direction, writes)
+    transcoders = load_transcoder_set(
+        str(micro_organism.transcoder_config), torch.device("cpu"), torch.float32
+    )
+    for with_features, ours in ((False, effects.adapter_direct), (True, effects.adapter_total)):
+        reference = _linearised_effects(merged, transcoders, ids, direction, writes, with_features)
+        error = float((ours[0] - reference).norm() / reference.norm())
+        assert error < 1e-4, (with_features, error)
+    without = _effects(model, ids, direction)
+    n_features = without.features.shape[0]
+    torch.testing.assert_close(effects.total[:, :n_features], without.total[:, :n_features])
+
+
+def test_repeated_graphs_free_their_forward_pass(every_module):
+    """The adapter tape's tensors and their gradient hooks form a cycle through the autograd
+    graph that Python's collector cannot see: each graph must break it, or every graph's
+    forward pass stays in memory (on a GPU, until it runs out)."""
+    import gc
+    import warnings
+
+    model, direction, ids, _, _ = every_module
+
+    def live_tensors() -> int:
+        gc.collect()
+        with warnings.catch_warnings():  # deprecated objects warn when looked at
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    counts = []
+    for _ in range(3):
+        writes = prompt_adapter_writes(model, ids)
+        effects = exact_effects(
+            model.replacement,
+            ids,
+            lambda logits: direction[None],
+            adapter=writes,
+            split_target=0,
+            split_features=4,
+            read_nodes=4,
+        )
+        del writes, effects
+        counts.append(live_tensors())
+    assert counts[2] == counts[1], counts

@@ -98,3 +98,53 @@ def test_qwen2_is_supported_and_unknown_architectures_are_refused_in_one_line():
     )
     with pytest.raises(ModelLoadError, match="'ln2.hook_normalized' does not exist for Llama"):
         check_traceable(llama, gemma_hooks, "llama-dir")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_attention_pattern_nodes_on_grouped_query_attention(family, tmp_path):
+    """On the all-module adapters of Qwen2.5 (value bias) and Qwen3 (q/k norms), with grouped
+    query attention: each q_proj/k_proj node writes the change its update makes to the
+    attention output through the base value and output weights, measured by running the
+    model with the value and output updates taken out, with and without that update."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from em_circuits.attribution.adapter_nodes import prompt_adapter_writes
+
+    standin = build_standin(family, tmp_path)
+    spec = ModelSpec(
+        base=str(standin.base_dir),
+        adapter=str(standin.adapter_dir),
+        transcoders=str(standin.transcoder_config),
+        allow_base_mismatch=True,
+    )
+    model = load_model(spec, "cpu", tmp_path / "merged")
+    ids = model.encode(TEXT)
+    writes = prompt_adapter_writes(model, ids)
+    assert not isinstance(writes, str), writes
+    assert {w.factor.module for w in writes.patterns} == {"q_proj", "k_proj"}
+    merged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(standin.base_dir, attn_implementation="eager"),
+        str(standin.adapter_dir),
+    ).merge_and_unload()
+    factors = {(f.layer, f.module): f for f in writes.factors}
+    for pattern in writes.patterns:
+        layer = pattern.factor.layer
+        block = merged.model.layers[layer].self_attn
+        updates = {m: factors[layer, m] for m in ("v_proj", "o_proj", pattern.factor.module)}
+        deltas = {m: f.scale * f.B @ f.A for m, f in updates.items()}
+        seen = []
+        hook = block.o_proj.register_forward_hook(lambda _m, _a, o, seen=seen: seen.append(o[0]))
+        with torch.no_grad():
+            for name in ("v_proj", "o_proj"):
+                getattr(block, name).weight.data -= deltas[name]
+            merged(ids[None])
+            getattr(block, pattern.factor.module).weight.data -= deltas[pattern.factor.module]
+            merged(ids[None])
+            for name, delta in deltas.items():
+                getattr(block, name).weight.data += delta
+        hook.remove()
+        change = seen[0] - seen[1]
+        change[0] = 0
+        assert float(change.abs().max()) > 1e-4
+        torch.testing.assert_close(pattern.values, change, rtol=1e-3, atol=1e-5)

@@ -99,7 +99,7 @@ def test_direct_effects_plus_bias_terms_reproduce_each_target(micro_models, prom
         if compact.n_adapter_nodes:
             writes = prompt_adapter_writes(model, ids)
             assert not isinstance(writes, str) and writes.attention
-            detached = taped_adapter(rm._model, writes, AdapterTape(detached_rows=8))
+            detached = taped_adapter(rm._model, writes, AdapterTape(passing_rows=(0, 0)))
         with detached:
             rm.run_forward_pass(ids, 8, ctx)
         unembed = rm.unembed_proj.detach().float()

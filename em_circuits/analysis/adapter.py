@@ -56,15 +56,11 @@ QUANTITIES = (
 )
 
 
-def feature_rows(prompt_id: str, adapted: CompactGraph, contrast: int) -> list[dict[str, Any]]:
-    """One row per listed feature (summed over its positions): the adapter nodes' summed
-    edge into it and the part of their effect on the contrast that runs through it first."""
-    if adapted.adapter_edges is None or adapted.adapter_edge_features is None:
-        return []
-    index = adapted.adapter_edge_features.long()
-    edge = adapted.adapter_edges.double().sum(1)
-    derivative = adapted.total[contrast, index].double() / adapted.activations[index].double()
-    via = edge * derivative
+def _per_feature(
+    prompt_id: str, adapted: CompactGraph, index: torch.Tensor, edge: torch.Tensor, via: Any
+) -> list[dict[str, Any]]:
+    """Rows (prompt, layer, feature) summed over the feature's positions, for the active
+    features ``index`` with their ``edge`` and ``via`` values."""
     keys = adapted.features[index, 0] * (1 << 40) + adapted.features[index, 2]
     out = []
     for key in keys.unique().tolist():
@@ -82,66 +78,26 @@ def feature_rows(prompt_id: str, adapted: CompactGraph, contrast: int) -> list[d
     return out
 
 
-def read_rows(prompt_id: str, adapted: CompactGraph, contrast: int) -> list[dict[str, Any]]:
+def feature_rows(prompt_id: str, adapted: CompactGraph, contrast: int) -> list[dict[str, Any]]:
+    """One row per listed feature (summed over its positions): the adapter nodes' summed
+    edge into it and the part of their effect on the contrast that runs through it first."""
+    if adapted.adapter_edge_sums is None or adapted.adapter_edge_features is None:
+        return []
+    index = adapted.adapter_edge_features.long()
+    edge = adapted.adapter_edge_sums.double()
+    derivative = adapted.total[contrast, index].double() / adapted.activations[index].double()
+    return _per_feature(prompt_id, adapted, index, edge, edge * derivative)
+
+
+def read_rows(prompt_id: str, adapted: CompactGraph) -> list[dict[str, Any]]:
     """One row per upstream feature with an edge into the read adapter nodes (summed over
     the feature's positions): its summed edge and the part of the nodes' effect on the
     contrast it sends through them."""
-    if adapted.adapter_reads is None or adapted.adapter_read_nodes is None:
+    if adapted.adapter_read_edges is None or adapted.adapter_read_via is None:
         return []
-    per_unit = _per_unit(adapted, contrast)
-    reads = adapted.adapter_reads[:, : adapted.n_features].double()  # (m, n_features)
-    edge = reads.sum(0)
-    through = (reads * per_unit[:, None]).sum(0)
-    present = torch.nonzero(reads.abs().sum(0) > 0).flatten()
-    keys = adapted.features[present, 0] * (1 << 40) + adapted.features[present, 2]
-    out = []
-    for key in keys.unique().tolist():
-        index = present[keys == key]
-        out.append(
-            {
-                "prompt_id": prompt_id,
-                "layer": int(key >> 40),
-                "feature": int(key & ((1 << 40) - 1)),
-                "edge": float(edge[index].sum()),
-                "via": float(through[index].sum()),
-                "positions": int(len(index)),
-            }
-        )
-    return out
-
-
-def _per_unit(adapted: CompactGraph, contrast: int) -> torch.Tensor:
-    """The read adapter nodes' total effects on the contrast per unit of their activation."""
-    assert adapted.adapter_read_nodes is not None and adapted.adapter_total is not None
-    nodes = adapted.adapter_read_nodes.long()
-    activation = adapted.adapter_activations[nodes].double()
-    effect = adapted.adapter_total[contrast, nodes].double()
-    return torch.where(activation != 0, effect / activation.where(activation != 0, 1.0), 0.0)
-
-
-def _via_adapter_nodes(adapted: CompactGraph, contrast: int) -> float | None:
-    """The part of the adapter nodes' effect that runs first through another adapter node
-    (an ``o_proj`` or ``v_proj`` node downstream, whose activation reads the residual), over
-    the read nodes: their edges from the adapter nodes times their total effect per unit."""
-    from em_circuits.attribution.adapter_nodes import ATTENTION_LINEAR
-
-    if adapted.adapter_reads is None or adapted.adapter_read_nodes is None:
-        return None
-    modules = adapted.meta.get("adapter_modules") or []
-    codes = [modules.index(m) for m in ATTENTION_LINEAR if m in modules]
-    # only attention nodes pass effects on; MLP nodes are sources, as error nodes are
-    read_modules = adapted.adapter_nodes[adapted.adapter_read_nodes.long(), 1]
-    passing = torch.isin(read_modules, torch.tensor(codes))
-    from_nodes = adapted.adapter_reads[:, adapted.n_sources :].double()
-    return float((from_nodes.sum(1) * _per_unit(adapted, contrast) * passing).sum())
-
-
-def _read_from_all(adapted: CompactGraph, contrast: int) -> float:
-    """The read nodes' effect as their edges from every feature, error and token node
-    account for it: equal to their total effect where the read is linear and has no bias."""
-    assert adapted.adapter_reads is not None
-    per_unit = _per_unit(adapted, contrast)
-    return float((adapted.adapter_reads.double().sum(1) * per_unit).sum())
+    edge, via = adapted.adapter_read_edges.double(), adapted.adapter_read_via.double()
+    present = torch.nonzero(edge != 0).flatten()
+    return _per_feature(prompt_id, adapted, present, edge[present], via[present])
 
 
 def prompt_row(
@@ -168,22 +124,23 @@ def prompt_row(
         "n_adapter_nodes": adapted.n_adapter_nodes,
     }
     features = feature_rows(prompt_id, adapted, c)
-    listed = sum(f["via"] for f in features) if adapted.adapter_edges is not None else None
+    listed = sum(f["via"] for f in features) if adapted.adapter_edge_sums is not None else None
     row["via_listed"] = listed
-    row["via_adapter_nodes"] = _via_adapter_nodes(adapted, c)
+    split = adapted.meta.get("adapter_split") or {}
+    row["via_adapter_nodes"] = split.get("via_adapter_nodes")
     row["via_other"] = (
         row["via_downstream"] - listed - (row["via_adapter_nodes"] or 0.0)
         if listed is not None
         else None
     )
     row["n_listed_features"] = len(features)
-    reads = read_rows(prompt_id, adapted, c)
+    reads = read_rows(prompt_id, adapted)
     if adapted.adapter_read_nodes is not None:
         read = adapted.adapter_read_nodes.long()
         row["n_read_nodes"] = len(read)
         row["read_nodes_total"] = float(total[read].sum())
         row["read_from_features"] = float(sum(r["via"] for r in reads))
-        row["read_from_all"] = _read_from_all(adapted, contrast=c)
+        row["read_from_all"] = split.get("read_from_all")
     modules = adapted.meta.get("adapter_modules") or []
     components = []
     nodes = adapted.adapter_nodes.tolist()

@@ -622,6 +622,20 @@ def _contrast_value(meta: GraphMetaRecord) -> float | None:
     return next((t["value"] for t in meta["targets"] if t["kind"] == "contrast"), None)
 
 
+def rank_among_features(components: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
+    """The adapter components ranked next to the features: each component's place among the
+    adapted model's features by mean total effect on the contrast over the discovery prompts
+    (1: above every feature), as the feature ranking orders them."""
+    if components.empty or "discovery_mean_total" not in components:
+        return components
+    totals = features.loc[features["metric"] == "total", "mean"].dropna().to_numpy()
+    places = [
+        int((totals > value).sum()) + 1 if pd.notna(value) else None
+        for value in components["discovery_mean_total"]
+    ]
+    return components.assign(rank_among_features=places, n_features_ranked=len(totals))
+
+
 #: How many of the features carrying the adapter nodes' effect get feature cards.
 ADAPTER_CARDS = 3
 
@@ -886,6 +900,10 @@ def run_analysis(
     adapter_note, adapter_tables = run_adapter_analysis(store, graphs, split, adapted, params)
     if adapter_note is not None:
         summary["adapter_nodes"] = adapter_note
+        if "adapter_components" in adapter_tables:
+            adapter_tables["adapter_components"] = rank_among_features(
+                adapter_tables["adapter_components"], tables["top_features_adapted"]
+            )
         tables.update(adapter_tables)
     for name, table in tables.items():
         _write_table(table, directory, name)

@@ -22,10 +22,18 @@ Three kinds of module become nodes, each (layer, module, component j, position) 
   on the same input with and without it), carved out of the error node like ``down_proj``'s.
   Not linear: their activation is the difference's norm, their read has no edges, and the
   differences of several such modules need not add up to their joint difference.
+* ``q_proj``, ``k_proj`` change the attention pattern, which the attribution freezes at the
+  adapted model's: one node per query position (j = 0) carrying the change of the attention
+  output the pattern change makes through the base value and output weights,
+  ``(P - P_without) V_base W_O,base`` (the rest of that change, through the value and output
+  updates, belongs to the ``v_proj`` and ``o_proj`` nodes). Linear in the attention input
+  under frozen patterns, it is detached at the attention output like an attention node; not
+  linear in the update (their activation is the write's norm, they have no reads, and the
+  nodes of q_proj and k_proj at one layer need not add up to their joint change).
 
-``q_proj`` and ``k_proj`` change attention patterns, which the attribution freezes at the
-adapted model's; they are not nodes, and the graph records that their effect stays in the
-other nodes.
+In the rows of total effects nothing is detached: total effects pass through attention and
+attention-pattern nodes as through features (the features' total effects are those of a graph
+without adapter nodes); MLP-output nodes are sources, as error nodes are.
 
 Position 0 gets no adapter node activity, as it gets no feature and no error node:
 circuit-tracer zeroes those at BOS. MLP-output nodes exist only where the module's output is
@@ -53,8 +61,13 @@ MLP_LINEAR = ("down_proj",)
 ATTENTION_LINEAR = ("o_proj", "v_proj")
 #: Updates behind the MLP's nonlinearity: one node per position, the measured difference.
 MLP_NONLINEAR = ("gate_proj", "up_proj")
+#: Updates that change attention patterns: one node per query position, the change of the
+#: attention output the pattern change makes through the base value and output weights.
+ATTENTION_PATTERN = ("q_proj", "k_proj")
 #: Adapter modules whose writes become nodes, in the order their codes name them.
-NODE_MODULES = MLP_LINEAR + ATTENTION_LINEAR + MLP_NONLINEAR
+NODE_MODULES = MLP_LINEAR + ATTENTION_LINEAR + MLP_NONLINEAR + ATTENTION_PATTERN
+#: Nodes whose activation is not a linear read (one node per position, no reads).
+NONLINEAR = MLP_NONLINEAR + ATTENTION_PATTERN
 
 _LORA_KEY = re.compile(
     r"(?:base_model\.model\.)?(?:model\.)?(?:language_model\.)?layers\.(\d+)\."
@@ -158,12 +171,53 @@ class AttentionWrite:
 
 
 @dataclass
+class PatternWrite:
+    """One q_proj or k_proj update as nodes: the change ``dP`` of its layer's attention
+    pattern (the adapted pattern minus the pattern without this update) applied to the base
+    values and output weights, ``dP V_base W_O,base``, one node per query position. Under
+    frozen patterns that is linear in the attention input, so in the attribution forward
+    pass it is taken out of the attention output and added back detached (direct rows), as
+    an attention node is; the write is its value at the operating point."""
+
+    factor: LoraFactor
+    pattern_change: torch.Tensor  # (heads, n_pos, n_pos)
+    v_weight: torch.Tensor  # (d_kv, d_in): the base value weight
+    v_bias: torch.Tensor | None
+    o_weight: torch.Tensor  # (d_model, heads * head_dim): the base output weight
+    values: torch.Tensor  # (n_pos, d_model): each node's write
+    zero_positions: int
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, n_pos, d_model) for the value projection's input ``x`` (rows, n_pos, d_in),
+        zero at the positions that have no nodes."""
+        v = x @ self.v_weight.to(x).T
+        if self.v_bias is not None:
+            v = v + self.v_bias.to(x)
+        rows, n_pos, d_kv = v.shape
+        heads = self.pattern_change.shape[0]
+        head_dim = self.o_weight.shape[1] // heads
+        kv_heads = d_kv // head_dim
+        v = v.view(rows, n_pos, kv_heads, head_dim).transpose(1, 2)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)  # as transformers' repeat_kv
+        z = (self.pattern_change.to(v) @ v).transpose(1, 2).reshape(rows, n_pos, -1)
+        out = z @ self.o_weight.to(z).T
+        keep = torch.ones(n_pos, 1, dtype=out.dtype, device=out.device)
+        keep[: self.zero_positions] = 0
+        return out * keep
+
+    def scores(self, grad: torch.Tensor) -> torch.Tensor:
+        """(n_pos, rows): each node's write dotted with ``grad`` at the attention output."""
+        return torch.einsum("bpd,pd->pb", grad.float(), self.values.to(grad.device).float())
+
+
+@dataclass
 class AdapterWrites:
     """One prompt's adapter nodes: which they are, their activations and their writes.
 
     Node order: the MLP-output nodes layer by layer (within a layer position-major, then
     module, then component: the order the backward scores them), then each attention
-    module's nodes (position-major, then component)."""
+    module's nodes (position-major, then component), then each attention-pattern module's
+    nodes (by position)."""
 
     #: (n_nodes, 4) int64: layer, module code (index into ``modules``), component, position
     nodes: torch.Tensor
@@ -173,6 +227,8 @@ class AdapterWrites:
     writes: dict[int, torch.Tensor] = field(default_factory=dict)
     #: attention-module nodes, detached at the module's output
     attention: list[AttentionWrite] = field(default_factory=list)
+    #: attention-pattern nodes (q_proj, k_proj), detached at the attention output
+    patterns: list[PatternWrite] = field(default_factory=list)
     modules: list[str] = field(default_factory=lambda: list(NODE_MODULES))
     #: adapted modules that are not nodes, as "module@layers" (their effect stays in other
     #: nodes: features, errors, attention)
@@ -185,9 +241,51 @@ class AdapterWrites:
         return int(self.nodes.shape[0])
 
     def linear(self) -> torch.Tensor:
-        """(n_nodes,) bool: nodes whose activation is a linear read (not gate/up nodes)."""
-        nonlinear = [NODE_MODULES.index(m) for m in MLP_NONLINEAR]
+        """(n_nodes,) bool: nodes whose activation is a linear read (not gate, up, q, k)."""
+        nonlinear = [NODE_MODULES.index(m) for m in NONLINEAR]
         return ~torch.isin(self.nodes[:, 1], torch.tensor(nonlinear))
+
+
+@dataclass
+class AdapterDetail:
+    """One graph's adapter nodes with every edge computed (what the viewer draws): the nodes,
+    their activations and effects on the targets, their edges into the listed features and
+    from every node into the read ones. The stored graph keeps only sums of the edges."""
+
+    nodes: torch.Tensor  # (n, 4)
+    activations: torch.Tensor  # (n,)
+    modules: list[str]
+    direct: torch.Tensor  # (n_targets, n)
+    total: torch.Tensor  # (n_targets, n)
+    features: torch.Tensor  # (n_active, 3): layer, position, feature id
+    target_kinds: list[str]
+    target_token_ids: list[int]
+    n_sources: int  # circuit-tracer's node layout: features, errors, tokens
+    n_pos: int
+    edge_features: torch.Tensor | None = None  # (k,) into features
+    edges: torch.Tensor | None = None  # (k, n)
+    read_nodes: torch.Tensor | None = None  # (m,) into the nodes
+    reads: torch.Tensor | None = None  # (m, n_sources + n)
+
+    @classmethod
+    def of(cls, writes: AdapterWrites, effects: Any, graph: Any) -> AdapterDetail:
+        """From a graph's adapter writes, its ``ExactEffects`` and its CompactGraph."""
+        return cls(
+            nodes=writes.nodes,
+            activations=writes.activations,
+            modules=writes.modules,
+            direct=effects.adapter_direct,
+            total=effects.adapter_total,
+            features=effects.features,
+            target_kinds=list(graph.target_kinds),
+            target_token_ids=[int(t) for t in graph.target_token_ids],
+            n_sources=int(effects.direct.shape[1]),
+            n_pos=int(effects.n_pos),
+            edge_features=effects.adapter_edge_features,
+            edges=effects.adapter_edges,
+            read_nodes=effects.adapter_read_nodes,
+            reads=effects.adapter_reads,
+        )
 
 
 @dataclass
@@ -199,10 +297,29 @@ class AdapterTape:
 
     grads: dict[int, torch.Tensor] = field(default_factory=dict)
     activations: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
-    #: batch rows (the first ones) whose attention updates are detached: the rows of direct
-    #: effects; in the others (total effects) gradients pass through the adapter nodes, as
-    #: through features
-    detached_rows: int = 0
+    #: the gradient at each attention-pattern node's output (by its index in ``patterns``)
+    pattern_grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: the value projection's input at each layer with pattern nodes, this forward pass
+    value_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: the batch rows [start, stop) of total effects: there nothing is detached and gradients
+    #: pass through the adapter nodes, as through features; in every other row (direct
+    #: effects) the attention updates are detached
+    passing_rows: tuple[int, int] = (0, 0)
+
+    def clear(self) -> None:
+        """Forget every recorded tensor (they hold the forward pass's autograd graph)."""
+        self.grads.clear()
+        self.activations.clear()
+        self.pattern_grads.clear()
+        self.value_inputs.clear()
+
+
+def _detached_rows(output: torch.Tensor, tape: AdapterTape) -> torch.Tensor:
+    """(rows, 1, 1): 1 in the batch rows where updates are detached, 0 in the passing ones."""
+    rows = torch.ones(output.shape[0], 1, 1, dtype=output.dtype, device=output.device)
+    start, stop = tape.passing_rows
+    rows[start:stop] = 0
+    return rows
 
 
 @contextmanager
@@ -210,7 +327,7 @@ def taped_adapter(
     hf_model: torch.nn.Module, adapter: AdapterWrites, tape: AdapterTape
 ) -> Iterator[None]:
     """While open, every forward pass of ``hf_model`` takes each attention update out of its
-    module's output in the first ``tape.detached_rows`` batch rows and adds it back detached
+    module's output in the batch rows outside ``tape.passing_rows`` and adds it back detached
     (the value is unchanged and the gradient through attention follows the base weights:
     the update is a node of its own, reached only through its activation), records the
     gradient at each such module's output in ``tape``, and records every linear node
@@ -220,9 +337,7 @@ def taped_adapter(
     def detach(index: int, write: AttentionWrite):
         def fn(_module, args, output):
             update = write.update(args[0])
-            rows = torch.zeros(output.shape[0], 1, 1, dtype=output.dtype, device=output.device)
-            rows[: tape.detached_rows] = 1
-            detached = update * rows
+            detached = update * _detached_rows(output, tape)
             probe = torch.zeros_like(output, requires_grad=True)  # the gradient at the output
             probe.register_hook(lambda grad: tape.grads.__setitem__(index, grad))
             record(write.factor)(_module, args, output)
@@ -237,7 +352,29 @@ def taped_adapter(
 
         return fn
 
+    def value_input(layer: int):
+        def fn(_module, args, _output):
+            tape.value_inputs[layer] = args[0]
+
+        return fn
+
+    def detach_pattern(index: int, write: PatternWrite):
+        def fn(_module, _args, output):
+            value = write.value(tape.value_inputs[write.factor.layer])
+            detached = value.to(output.dtype) * _detached_rows(output, tape)
+            probe = torch.zeros_like(output, requires_grad=True)
+            probe.register_hook(lambda grad: tape.pattern_grads.__setitem__(index, grad))
+            return output - detached + detached.detach() + probe
+
+        return fn
+
     try:
+        for layer in sorted({w.factor.layer for w in adapter.patterns}):
+            module = _module_of(hf_model, layer, "v_proj")
+            handles.append(module.register_forward_hook(value_input(layer)))
+        for index, pattern in enumerate(adapter.patterns):
+            module = _module_of(hf_model, pattern.factor.layer, "o_proj")
+            handles.append(module.register_forward_hook(detach_pattern(index, pattern)))
         for index, write in enumerate(adapter.attention):
             module = _module_of(hf_model, write.factor.layer, write.factor.module)
             handles.append(module.register_forward_hook(detach(index, write)))
@@ -261,6 +398,15 @@ def _module_of(hf_model: torch.nn.Module, layer: int, module: str) -> torch.nn.M
             found: torch.nn.Module = getattr(owner, module)
             return found
     raise UnsupportedAdapterError(f"layer {layer} of the model has no module {module!r}")
+
+
+def _attention_of(hf_model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    from em_circuits.models.load import decoder_layers
+
+    attention = getattr(decoder_layers(hf_model)[layer], "self_attn", None)
+    if not isinstance(attention, torch.nn.Module):
+        raise UnsupportedAdapterError(f"layer {layer} of the model has no self_attn module")
+    return attention
 
 
 def _mlp_of(hf_model: torch.nn.Module, layer: int) -> torch.nn.Module:
@@ -339,11 +485,13 @@ def adapter_writes(
 
         return hook
 
-    mlp_layers = sorted({f.layer for f in node_factors if f.module not in ATTENTION_LINEAR})
+    mlp_modules = MLP_LINEAR + MLP_NONLINEAR
+    mlp_layers = sorted({f.layer for f in node_factors if f.module in mlp_modules})
     try:
         for f in node_factors:
-            module = _module_of(hf_model, f.layer, f.module)
-            handles.append(module.register_forward_hook(keep_input((f.layer, f.module))))
+            if f.module not in ATTENTION_PATTERN:
+                module = _module_of(hf_model, f.layer, f.module)
+                handles.append(module.register_forward_hook(keep_input((f.layer, f.module))))
         for layer in mlp_layers:
             handles.append(_mlp_of(hf_model, layer).register_forward_hook(keep_mlp(layer)))
             if mlp_output_site is not None:
@@ -360,8 +508,11 @@ def adapter_writes(
     writes_by_layer: dict[int, list[torch.Tensor]] = {}
     codes_by_layer: dict[int, list[tuple[int, int]]] = {}
     attention = []
+    patterns = _pattern_writes(hf_model, input_ids, factors, zero_positions)
     for f in node_factors:
         code = NODE_MODULES.index(f.module)
+        if f.module in ATTENTION_PATTERN:
+            continue
         if f.module in MLP_NONLINEAR:
             x_mlp, out = mlp_io[f.layer]
             diff = (out - _without_update(hf_model, f, x_mlp))[0].float()  # (n_pos, d_model)
@@ -390,15 +541,105 @@ def adapter_writes(
         n_pos = len(write.activations)
         nodes.append(_node_table(write.factor.layer, [(code, write.factor.rank)], n_pos))
         activations.append(write.activations.reshape(-1))
+    for pattern in patterns:
+        code = NODE_MODULES.index(pattern.factor.module)
+        nodes.append(_node_table(pattern.factor.layer, [(code, 1)], len(pattern.values)))
+        activations.append(pattern.values.norm(dim=-1).cpu())
     return AdapterWrites(
-        torch.cat(nodes),
-        torch.cat(activations).float(),
-        writes,
-        attention,
-        list(NODE_MODULES),
-        not_nodes,
-        node_factors,
+        nodes=torch.cat(nodes),
+        activations=torch.cat(activations).float(),
+        writes=writes,
+        attention=attention,
+        patterns=patterns,
+        modules=list(NODE_MODULES),
+        not_nodes=not_nodes,
+        factors=node_factors,
     )
+
+
+def _update_weight(factor: LoraFactor | None, like: torch.Tensor) -> torch.Tensor:
+    """The update ``s B A`` as a weight (zero without a factor)."""
+    if factor is None:
+        return torch.zeros_like(like)
+    return factor.scale * (factor.B.to(like) @ factor.A.to(like))
+
+
+@torch.no_grad()
+def _pattern_writes(
+    hf_model: torch.nn.Module, input_ids: torch.Tensor, factors: list[LoraFactor], zero: int
+) -> list[PatternWrite]:
+    """The attention-pattern nodes of one prompt: for each q_proj or k_proj factor, its
+    layer's attention pattern with and without the update (the model's own eager
+    attention, so masks, rotary embeddings, softcapping and norms are its own)."""
+    chosen = [f for f in factors if f.module in ATTENTION_PATTERN]
+    if not chosen:
+        return []
+    by_key = {(f.layer, f.module): f for f in factors}
+    ids = input_ids.reshape(1, -1).to(next(hf_model.parameters()).device)
+    value_inputs: dict[int, torch.Tensor] = {}
+    # each pattern layer's attention call (its arguments and weights), to call it again with
+    # one update taken out: its input does not depend on it, so nothing else needs running
+    calls: dict[int, tuple[tuple, dict, torch.Tensor | None]] = {}
+
+    def keep_call(layer: int):
+        def hook(_module, args, kwargs, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            calls[layer] = (args, kwargs, weights)
+
+        return hook
+
+    handles = []
+    try:
+        for layer in sorted({f.layer for f in chosen}):
+            handles.append(
+                _attention_of(hf_model, layer).register_forward_hook(
+                    keep_call(layer), with_kwargs=True
+                )
+            )
+            handles.append(
+                _module_of(hf_model, layer, "v_proj").register_forward_hook(
+                    lambda _m, args, _o, layer=layer: value_inputs.__setitem__(layer, args[0])
+                )
+            )
+        hf_model(ids, use_cache=False)  # no cache: the calls again must not extend one
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = []
+    for f in chosen:
+        args, kwargs, adapted = calls[f.layer]
+        if adapted is None:
+            raise UnsupportedAdapterError(
+                "q_proj/k_proj nodes need the attention weights (eager attention)"
+            )
+        module = _module_of(hf_model, f.layer, f.module)
+
+        def subtract(_module, args, output, f=f):
+            x = args[0]
+            return output - f.scale * ((x @ f.A.to(x).T) @ f.B.to(x).T)
+
+        handle = module.register_forward_hook(subtract)
+        try:
+            without = _attention_of(hf_model, f.layer)(*args, **kwargs)[1]
+        finally:
+            handle.remove()
+        v_proj = _module_of(hf_model, f.layer, "v_proj")
+        o_proj = _module_of(hf_model, f.layer, "o_proj")
+        v_weight = torch.as_tensor(v_proj.weight).float()
+        o_weight = torch.as_tensor(o_proj.weight).float()
+        v_bias = v_proj.bias
+        pattern = PatternWrite(
+            factor=f,
+            pattern_change=(adapted[0] - without[0]).float(),
+            v_weight=v_weight - _update_weight(by_key.get((f.layer, "v_proj")), v_weight),
+            v_bias=None if v_bias is None else torch.as_tensor(v_bias).float(),
+            o_weight=o_weight - _update_weight(by_key.get((f.layer, "o_proj")), o_weight),
+            values=torch.zeros(0),
+            zero_positions=zero,
+        )
+        pattern.values = pattern.value(value_inputs[f.layer].float())[0]
+        out.append(pattern)
+    return out
 
 
 def _node_table(layer: int, codes: list[tuple[int, int]], n_pos: int) -> torch.Tensor:
@@ -472,7 +713,7 @@ def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites 
                 "the MLP output the transcoders replace is not a module output here "
                 f"({type(err).__name__}: {err}), so the adapter's MLP writes are not nodes"
             )
-            if not any(f.module in ATTENTION_LINEAR for f in factors):
+            if not any(f.module in ATTENTION_LINEAR + ATTENTION_PATTERN for f in factors):
                 return unplaced
             sites = {}
         kept = [f for f in factors if not (unplaced and f.module in mlp_modules)]

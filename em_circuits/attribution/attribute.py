@@ -8,7 +8,9 @@ from typing import Any
 import torch
 
 from em_circuits.attribution.adapter_nodes import (
-    MLP_NONLINEAR,
+    ATTENTION_LINEAR,
+    NONLINEAR,
+    AdapterDetail,
     AdapterWrites,
     prompt_adapter_writes,
 )
@@ -249,6 +251,7 @@ def totals_prompt(
             "mode": "totals",
             "features_stored": "all active",
             **_adapter_meta(adapter),
+            **(_adapter_split(writes, effects) if chosen["rows"][0][1] == "contrast" else {}),
         },
         **_adapter_fields(writes, effects),
     )
@@ -259,6 +262,8 @@ def totals_prompt(
         "n_active_features": n_active,
         "n_selected_features": n_active,
         "logits": effects.logits,
+        # every adapter node's edges, for the viewer (the stored graph keeps their sums)
+        "adapter_detail": AdapterDetail.of(writes, effects, compact) if writes else None,
     }
     return compact, None, info
 
@@ -270,23 +275,62 @@ def _adapter_meta(adapter: AdapterWrites | str | None) -> dict[str, Any]:
         return {"adapter_nodes": {"none": adapter}}
     return {
         "adapter_modules": adapter.modules,
-        "adapter_nonlinear": list(MLP_NONLINEAR),
+        "adapter_nonlinear": list(NONLINEAR),
         "adapter_nodes": {"n": adapter.n_nodes, "not_nodes": adapter.not_nodes},
     }
 
 
 def _adapter_fields(writes: AdapterWrites | None, effects: Any) -> dict[str, Any]:
+    """The adapter nodes' tensors a stored graph keeps: every node's effects on every target,
+    and, of the edges computed on the contrast, only what the analysis reads (their sums per
+    feature; for a rank-32 LoRA on every module the edges of each node are tens of MB)."""
     if writes is None:
         return {}
-    return {
+    fields = {
         "adapter_nodes": writes.nodes,
         "adapter_activations": writes.activations,
         "adapter_direct": effects.adapter_direct,
         "adapter_total": effects.adapter_total,
-        "adapter_edge_features": effects.adapter_edge_features,
-        "adapter_edges": effects.adapter_edges,
-        "adapter_read_nodes": effects.adapter_read_nodes,
-        "adapter_reads": effects.adapter_reads,
+    }
+    if effects.adapter_edges is not None:
+        fields["adapter_edge_features"] = effects.adapter_edge_features.long()
+        fields["adapter_edge_sums"] = effects.adapter_edges.double().sum(1).float()
+    if effects.adapter_reads is not None:
+        n_features = int(effects.features.shape[0])
+        reads = effects.adapter_reads.double()[:, :n_features]
+        fields["adapter_read_nodes"] = effects.adapter_read_nodes.long()
+        fields["adapter_read_edges"] = reads.sum(0).float()
+        per_unit = read_per_unit(writes, effects)
+        fields["adapter_read_via"] = (reads * per_unit[:, None]).sum(0).float()
+    return fields
+
+
+def read_per_unit(writes: AdapterWrites, effects: Any, contrast: int = 0) -> torch.Tensor:
+    """(m,) float64: each read adapter node's total effect on the contrast (target row 0)
+    per unit of its activation (0 where it is not active)."""
+    nodes = effects.adapter_read_nodes.long()
+    activation = writes.activations[nodes].double()
+    effect = effects.adapter_total[contrast, nodes].double()
+    return torch.where(activation != 0, effect / activation.where(activation != 0, 1.0), 0.0)
+
+
+def _adapter_split(writes: AdapterWrites | None, effects: Any) -> dict[str, Any]:
+    """Graph metadata: the read adapter nodes' effect on the contrast as their edges from every
+    feature, error, token and adapter node account for it (equal to their total effect where
+    the reads are linear and have no bias), and the part of every adapter node's effect that
+    runs first through a read attention node (which passes total effects on)."""
+    if writes is None or effects.adapter_reads is None:
+        return {}
+    per_unit = read_per_unit(writes, effects)
+    reads = effects.adapter_reads.double()
+    n_sources = int(effects.direct.shape[1])
+    codes = [writes.modules.index(m) for m in ATTENTION_LINEAR]
+    passing = torch.isin(writes.nodes[effects.adapter_read_nodes.long(), 1], torch.tensor(codes))
+    return {
+        "adapter_split": {
+            "read_from_all": float((reads.sum(1) * per_unit).sum()),
+            "via_adapter_nodes": float((reads[:, n_sources:].sum(1) * per_unit * passing).sum()),
+        }
     }
 
 

@@ -211,12 +211,10 @@ def build_graph(
 VIEWER_ADAPTER_FEATURES = 256
 
 
-def _adapter_overlay(
-    model: LoadedModel, pt: PromptTargets, params: AttributionParams
-) -> CompactGraph | None:
-    """The adapted model's adapter nodes for the viewer's full graph of ``pt``: a totals
-    graph of the same prompt with its adapter nodes, their edges into the features most
-    influential on the contrast and what they read; None without adapter nodes."""
+def _adapter_overlay(model: LoadedModel, pt: PromptTargets, params: AttributionParams) -> Any:
+    """The adapted model's adapter nodes for the viewer's full graph of ``pt``
+    (``AdapterDetail``): from a totals graph of the same prompt, with their edges into the
+    features most influential on the contrast and what they read; None without nodes."""
     from dataclasses import replace
 
     from em_circuits.attribution.attribute import totals_prompt
@@ -224,8 +222,7 @@ def _adapter_overlay(
     if model.spec.adapter is None or not params.adapter_nodes:
         return None
     totals = replace(params, mode="totals", adapter_split_features=VIEWER_ADAPTER_FEATURES)
-    compact = totals_prompt(model, pt, totals)[0]
-    return compact if compact.n_adapter_nodes else None
+    return totals_prompt(model, pt, totals)[2]["adapter_detail"]
 
 
 def load_graph(store: ResultsStore, meta: GraphMetaRecord) -> CompactGraph:

@@ -74,16 +74,20 @@ class CompactGraph:
     adapter_activations: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     adapter_direct: torch.Tensor | None = None  # (n_targets, n_adapter_nodes)
     adapter_total: torch.Tensor | None = None
-    #: (k,) int64 indices into ``features`` and (k, n_adapter_nodes) float32: each adapter
-    #: node's direct effect on those features' pre-activations (the features with the
-    #: largest total effects on the contrast; attribution.totals)
+    #: (k,) int64 indices into ``features`` (those with the largest total effects on the
+    #: contrast) and (k,) float32: the adapter nodes' summed direct effect on each one's
+    #: pre-activation (their summed edge into it)
     adapter_edge_features: torch.Tensor | None = None
-    adapter_edges: torch.Tensor | None = None
-    #: (m,) int64 indices into the adapter nodes and (m, n_sources) float32: the direct
-    #: effects of every feature, error and token node on those adapter nodes' activations
-    #: (the linear nodes with the largest total effects on the contrast)
+    adapter_edge_sums: torch.Tensor | None = None
+    #: (m,) int64 indices into the adapter nodes whose reads were computed (the linear nodes
+    #: with the largest total effects on the contrast); (n_features,) float32 each: every
+    #: feature's summed edge into them, and that edge times each node's total effect on the
+    #: contrast per unit of its activation, summed (the part of their effect it sends
+    #: through them). meta["adapter_split"] holds the same sums over every source and over
+    #: the adapter nodes.
     adapter_read_nodes: torch.Tensor | None = None
-    adapter_reads: torch.Tensor | None = None
+    adapter_read_edges: torch.Tensor | None = None
+    adapter_read_via: torch.Tensor | None = None
 
     # -- node layout ------------------------------------------------------------------------
     @property
@@ -129,6 +133,16 @@ class CompactGraph:
         return self.target_kinds.index("contrast") if "contrast" in self.target_kinds else None
 
 
+#: The optional adapter-node tensors of a graph (present when computed).
+ADAPTER_DETAIL_FIELDS = (
+    "adapter_edge_features",
+    "adapter_edge_sums",
+    "adapter_read_nodes",
+    "adapter_read_edges",
+    "adapter_read_via",
+)
+
+
 def content_fingerprint(graph: CompactGraph) -> str:
     """sha256 of a graph's content (not its file bytes: safetensors orders metadata freely)."""
     digest = hashlib.sha256()
@@ -148,9 +162,10 @@ def content_fingerprint(graph: CompactGraph) -> str:
             digest.update(part.detach().cpu().contiguous().numpy().tobytes())
         for part in (
             graph.adapter_edge_features,
-            graph.adapter_edges,
+            graph.adapter_edge_sums,
             graph.adapter_read_nodes,
-            graph.adapter_reads,
+            graph.adapter_read_edges,
+            graph.adapter_read_via,
         ):
             if part is not None:
                 digest.update(part.detach().cpu().contiguous().numpy().tobytes())
@@ -224,17 +239,15 @@ def save_compact(graph: CompactGraph, path: Path) -> int:
     }
     if graph.n_adapter_nodes:
         assert graph.adapter_direct is not None and graph.adapter_total is not None
-        tensors["adapter_nodes"] = graph.adapter_nodes.to(torch.int64).contiguous()
+        # int32 on disk: layer, module, component and position are small; int64 in memory
+        tensors["adapter_nodes"] = graph.adapter_nodes.to(torch.int32).contiguous()
         tensors["adapter_activations"] = graph.adapter_activations.float().contiguous()
         tensors["adapter_direct"] = graph.adapter_direct.float().contiguous()
         tensors["adapter_total"] = graph.adapter_total.float().contiguous()
-        if graph.adapter_edges is not None and graph.adapter_edge_features is not None:
-            edge_features = graph.adapter_edge_features.to(torch.int64).contiguous()
-            tensors["adapter_edge_features"] = edge_features
-            tensors["adapter_edges"] = graph.adapter_edges.float().contiguous()
-        if graph.adapter_reads is not None and graph.adapter_read_nodes is not None:
-            tensors["adapter_read_nodes"] = graph.adapter_read_nodes.to(torch.int64).contiguous()
-            tensors["adapter_reads"] = graph.adapter_reads.float().contiguous()
+        for name in ADAPTER_DETAIL_FIELDS:
+            value = getattr(graph, name)
+            if value is not None:
+                tensors[name] = value.contiguous()
     header = {
         "format": GRAPH_FORMAT,
         "n_layers": str(graph.n_layers),
@@ -295,11 +308,12 @@ def load_compact(path: Path) -> CompactGraph:
 def _adapter_fields(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     if "adapter_nodes" not in tensors:
         return {}
-    names = ("adapter_nodes", "adapter_activations", "adapter_direct", "adapter_total")
-    edges = ("adapter_edge_features", "adapter_edges", "adapter_read_nodes", "adapter_reads")
-    return {name: tensors[name] for name in names} | {
-        name: tensors[name] for name in edges if name in tensors
-    }
+    names = ("adapter_activations", "adapter_direct", "adapter_total")
+    return (
+        {"adapter_nodes": tensors["adapter_nodes"].long()}
+        | {name: tensors[name] for name in names}
+        | {name: tensors[name] for name in ADAPTER_DETAIL_FIELDS if name in tensors}
+    )
 
 
 @dataclass

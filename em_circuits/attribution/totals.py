@@ -114,15 +114,22 @@ def check_unit_slope(transcoders: Any) -> None:
             )
 
 
+#: Most batch rows added to the forward pass for the adapter nodes' edges and reads: with
+#: them one backward pass computes that many features' or nodes' rows at once.
+EXTRA_ROWS = 64
+
+
 class _TotalsBackward:
     """Runs the one backward over a circuit-tracer ``AttributionContext`` (after its forward
-    pass cached residuals for ``2 * n_targets`` batch rows)."""
+    pass cached residuals for ``2 * n_targets`` batch rows, and possibly more: the rows after
+    them are direct rows for the adapter nodes' edges and reads)."""
 
     def __init__(self, ctx: Any, n_targets: int, adapter: AdapterWrites | None = None) -> None:
         self.ctx = ctx
         self.n_targets = n_targets
         self.mlp_writes = adapter.writes if adapter is not None else {}
         self.attention = adapter.attention if adapter is not None else []
+        self.patterns = adapter.patterns if adapter is not None else []
         #: the adapter's activations and the gradients at its detached attention updates
         self.tape = AdapterTape()
         #: layer -> (n_pos * nodes per position, rows) scores of its MLP-output adapter nodes
@@ -151,7 +158,7 @@ class _TotalsBackward:
             return grad
         t = self.n_targets
         buffer = ctx._batch_buffer
-        scores = buffer[index.to(buffer.device), t:]  # (n_f, n_targets)
+        scores = buffer[index.to(buffer.device), t : 2 * t]  # (n_f, n_targets): total rows
         coefficient = scores.float() * self.inverse_activation[index].float()[:, None]
         encoders = ctx.encoder_vecs[index].float()  # (n_f, d_model)
         n_pos = grad.shape[1]
@@ -162,24 +169,37 @@ class _TotalsBackward:
             (coefficient.T[:, :, None] * encoders[None]).to(grad.device),
         )
         out = grad.clone()
-        out[t:] += added.to(out.dtype)
+        out[t : 2 * t] += added.to(out.dtype)
         return out
+
+    @property
+    def batch_rows(self) -> int:
+        """The forward pass's batch rows."""
+        return int(self.ctx._resid_activations[0].shape[0])
+
+    @property
+    def direct_rows(self) -> list[int]:
+        """Batch rows where attention updates are detached: the direct rows and the extra."""
+        t = self.n_targets
+        return list(range(t)) + list(range(2 * t, self.batch_rows))
 
     def run(self, directions: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
         """``(2 * n_targets, row_size)``: direct rows, then total rows."""
         ctx = self.ctx
         n_layers, n_pos, _ = ctx.activation_matrix.shape
-        rows = 2 * self.n_targets
+        rows = self.batch_rows
         ctx._batch_buffer = torch.zeros(
             ctx._row_size, rows, dtype=directions.dtype, device=directions.device
         )
         top = ctx._resid_activations[n_layers]
-        batch_rows = torch.arange(rows, device=top.device)
-        last = torch.full((rows,), n_pos - 1, device=top.device)
+        seeded_rows = 2 * self.n_targets
+        batch_rows = torch.arange(seeded_rows, device=top.device)
+        last = torch.full((seeded_rows,), n_pos - 1, device=top.device)
         inject = torch.cat([directions, directions])
         proxy = weakref.proxy(self)
         self.adapter_scores = {}
         self.tape.grads.clear()
+        self.tape.pattern_grads.clear()
         with top.backward(gradient=torch.zeros_like(top), retain_graph=retain_graph):
             for layer in reversed(range(n_layers + 1)):
                 if layer != n_layers:
@@ -203,7 +223,7 @@ class _TotalsBackward:
             per_position = scores.reshape(n_pos, -1, rows).sum(1)
             start = n_active + layer * n_pos
             buffer[start : start + n_pos] -= per_position.to(buffer.dtype)
-        return buffer.T
+        return buffer.T[:seeded_rows]
 
     def score_adapter(self, layer: int, grad: torch.Tensor) -> None:
         """Each MLP-output adapter node's score at ``layer``: the gradient at its position
@@ -224,6 +244,10 @@ class _TotalsBackward:
             grad = self.tape.grads.get(index)  # none: no path from the injection to it
             n = write.activations.numel()
             parts.append(write.scores(grad).cpu() if grad is not None else torch.zeros(n, rows))
+        for index, pattern in enumerate(self.patterns):
+            grad = self.tape.pattern_grads.get(index)
+            n = len(pattern.values)
+            parts.append(pattern.scores(grad).cpu() if grad is not None else torch.zeros(n, rows))
         if not parts:
             return torch.zeros(rows, 0)
         return torch.cat(parts).T
@@ -234,19 +258,21 @@ class _TotalsBackward:
         their encoders (as circuit-tracer's feature rows), the direct way (no re-injection), in
         the direct rows of the batch (where attention updates are detached)."""
         ctx = self.ctx
-        rows = int(ctx._resid_activations[0].shape[0])
-        direct_rows = self.n_targets
+        rows = self.batch_rows
+        direct_rows = torch.tensor(self.direct_rows)
         out = []
         proxy = weakref.proxy(self)
-        for chunk in index.split(direct_rows):
+        for chunk in index.split(len(direct_rows)):
             layers = self.feature_layers[chunk]
             positions = self.feature_pos[chunk]
             inject = ctx.encoder_vecs[chunk]
-            batch = torch.arange(len(chunk), device=positions.device)
+            used = direct_rows[: len(chunk)]
+            batch = used.to(positions.device)
             last = int(layers.max())
             start = ctx._resid_activations[last]
             self.adapter_scores = {}
             self.tape.grads.clear()
+            self.tape.pattern_grads.clear()
             with start.backward(gradient=torch.zeros_like(start), retain_graph=True):
                 for layer in reversed(range(last + 1)):
                     if layer != last and layer in self.mlp_writes:
@@ -261,7 +287,7 @@ class _TotalsBackward:
                             inject[mask].to(grad.device, grad.dtype),
                         )
                         point.grad = grad
-            out.append(self.adapter_rows(rows)[: len(chunk)])
+            out.append(self.adapter_rows(rows)[used])
         return torch.cat(out) if out else torch.zeros(0, 0)
 
     def adapter_reads(self, nodes: torch.Tensor, modules: list[str]) -> torch.Tensor:
@@ -271,12 +297,14 @@ class _TotalsBackward:
         layout) and every adapter node: their edges into it (as circuit-tracer's feature
         rows, from a backward pass per batch of direct rows)."""
         ctx = self.ctx
-        rows = int(ctx._resid_activations[0].shape[0])
+        rows = self.batch_rows
+        direct_rows = torch.tensor(self.direct_rows)
         proxy = weakref.proxy(self)
         out = []
-        for chunk in nodes.split(self.n_targets):
+        for chunk in nodes.split(len(direct_rows)):
+            used = direct_rows[: len(chunk)]
             picked = []
-            for row, (layer, code, component, position) in enumerate(chunk.tolist()):
+            for row, (layer, code, component, position) in zip(used.tolist(), chunk.tolist()):
                 activations = self.tape.activations[layer, modules[code]]
                 picked.append(activations[row, position, component])
             start = torch.stack(picked).sum()  # batch rows are independent copies
@@ -286,6 +314,7 @@ class _TotalsBackward:
             )
             self.adapter_scores = {}
             self.tape.grads.clear()
+            self.tape.pattern_grads.clear()
             with start.backward(retain_graph=True):
                 for layer in reversed(range(top)):
                     grad = ctx._feature_output_activations[layer + 1].grad.clone()
@@ -295,8 +324,9 @@ class _TotalsBackward:
                         proxy.score_adapter(layer, grad)
                 ctx.compute_token_attributions(ctx._feature_output_activations[0].grad)
             buffer, ctx._batch_buffer = ctx._batch_buffer, None
-            from_nodes = self.adapter_rows(rows)[: len(chunk)]
-            out.append(torch.cat([buffer.T[: len(chunk)].float().cpu(), from_nodes], dim=1))
+            from_nodes = self.adapter_rows(rows)[used]
+            found = buffer.T[used.to(buffer.device)].float().cpu()
+            out.append(torch.cat([found, from_nodes], dim=1))
         n = ctx._row_size + self.adapter_rows(rows).shape[1]
         return torch.cat(out) if out else torch.zeros(0, n)
 
@@ -354,6 +384,8 @@ def exact_effects(
     split = has_nodes and split_target is not None and split_features > 0
     read = has_nodes and split_target is not None and read_nodes > 0
     backward = _TotalsBackward(ctx, t, adapter if has_nodes else None)
+    wanted = max(split_features if split else 0, read_nodes if read else 0)
+    extra = min(max(wanted - t, 0), EXTRA_ROWS)
     handles: list = []
     try:
         if offload:
@@ -363,14 +395,14 @@ def exact_effects(
             if has_nodes and adapter is not None
             else nullcontext()
         )
-        backward.tape.detached_rows = t  # the direct rows; totals pass through the nodes
+        backward.tape.passing_rows = (t, 2 * t)  # totals pass through the nodes
         with taping:
-            replacement.run_forward_pass(ids, 2 * t, ctx)
+            replacement.run_forward_pass(ids, 2 * t + extra, ctx)
         if offload:
             handles += offload_modules(replacement.get_offload_targets_phase1(), offload)
             handles += offload_modules(replacement.get_offload_targets_phase2(), offload)
         rows = backward.run(directions, retain_graph=split or read)
-        adapter_rows = backward.adapter_rows(2 * t).float()
+        adapter_rows = backward.adapter_rows(backward.batch_rows)[: 2 * t].float()
         edge_features = edges = read_index = reads = None
         if split:
             assert adapter is not None and split_target is not None
@@ -392,6 +424,10 @@ def exact_effects(
     finally:
         for reload in handles:
             reload()
+        # The tape's tensors belong to the autograd graph, whose gradient hooks refer back to
+        # the tape: a cycle through C++ that Python's collector cannot see, holding the whole
+        # forward pass in GPU memory unless broken here.
+        backward.tape.clear()
     n_layers, n_pos, _ = ctx.activation_matrix.shape
     active = ctx.activation_matrix
     return ExactEffects(

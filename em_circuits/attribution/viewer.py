@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from circuit_tracer import Graph
 
-    from em_circuits.attribution.storage import CompactGraph
+    from em_circuits.attribution.adapter_nodes import AdapterDetail
 
 
 ROLES = ("base", "adapted")
@@ -136,7 +136,7 @@ def write_viewer_graph(
     edge_threshold: float = 0.98,
     scan: str | None = None,
     targets: Sequence[Mapping[str, Any]] | None = None,
-    adapter_graph: CompactGraph | None = None,
+    adapter_graph: AdapterDetail | None = None,
 ) -> Path:
     """Write ``graph`` as the ``role`` graph of ``prompt_id``; returns the graph's JSON path.
 
@@ -153,7 +153,7 @@ def write_viewer_graph(
     true probability, and only the most probable :data:`TOKENS_SHOWN` evil and safe tokens
     are drawn (all stay in the stored graph). Feature nodes are named ``L3 #1234``.
 
-    ``adapter_graph`` (a totals graph of the same prompt with adapter nodes) adds the adapter
+    ``adapter_graph`` (the adapter nodes of a totals graph of the same prompt) adds the adapter
     nodes with the largest total effects on the contrast as nodes of type
     :data:`ADAPTER_NODE` (:func:`add_adapter_nodes`).
     """
@@ -260,7 +260,7 @@ def adapter_node_name(layer: int, module: str, component: int) -> str:
 
 
 def add_adapter_nodes(
-    data: dict[str, Any], adapter: CompactGraph, shown: int = ADAPTER_NODES_SHOWN
+    data: dict[str, Any], adapter: AdapterDetail, shown: int = ADAPTER_NODES_SHOWN
 ) -> int:
     """Draw ``adapter``'s adapter nodes with the largest total effects on its contrast into
     the frontend graph ``data`` of the same prompt, as nodes of type :data:`ADAPTER_NODE` at
@@ -270,12 +270,11 @@ def add_adapter_nodes(
     were computed). The effects come from the totals graph with adapter nodes, where the
     adapter's writes are taken out of the errors and attention; the graph's other edges are
     those of the graph drawn. Returns how many were drawn."""
-    contrast = adapter.contrast_index()
-    if not adapter.n_adapter_nodes or adapter.adapter_total is None or contrast is None:
+    if "contrast" not in adapter.target_kinds or not len(adapter.nodes):
         return 0
-    assert adapter.adapter_direct is not None
-    modules = adapter.meta.get("adapter_modules") or []
-    strength = adapter.adapter_total[contrast].abs()
+    contrast = adapter.target_kinds.index("contrast")
+    modules = adapter.modules
+    strength = adapter.total[contrast].abs()
     chosen = [int(i) for i in strength.argsort(descending=True)[:shown] if strength[i] > 0]
     nodes = data["nodes"]
     drawn_features = {
@@ -291,13 +290,13 @@ def add_adapter_nodes(
         (layer, feature, pos): i
         for i, (layer, pos, feature) in enumerate(adapter.features.tolist())
     }
-    edge_rows = _positions(adapter.adapter_edge_features)  # feature index -> row of the edges
-    read_rows = _positions(adapter.adapter_read_nodes)  # adapter node -> row of the reads
+    edge_rows = _positions(adapter.edge_features)  # feature index -> row of the edges
+    read_rows = _positions(adapter.read_nodes)  # adapter node -> row of the reads
     links = data["links"]
     n_pos = len(data["metadata"].get("prompt_tokens") or []) or adapter.n_pos
-    token_start = adapter.n_features + adapter.n_errors
+    token_start = adapter.n_sources - adapter.n_pos
     for i in chosen:
-        layer, code, component, pos = (int(v) for v in adapter.adapter_nodes[i].tolist())
+        layer, code, component, pos = (int(v) for v in adapter.nodes[i].tolist())
         module = modules[code] if code < len(modules) else str(code)
         node_id = f"A{layer}_{code * 10_000 + component}_{pos}"
         nodes.append(
@@ -313,22 +312,22 @@ def add_adapter_nodes(
                 "reverse_ctx_idx": 0,
                 "jsNodeId": f"A{layer}_{code * 10_000 + component}-{n_pos - pos}",
                 "clerp": f"{adapter_node_name(layer, module, component)} "
-                f"(total {float(adapter.adapter_total[contrast, i]):+.2f} on evil − safe)",
+                f"(total {float(adapter.total[contrast, i]):+.2f} on evil − safe)",
                 "influence": 0.0,
-                "activation": float(adapter.adapter_activations[i]),
+                "activation": float(adapter.activations[i]),
             }
         )
         for row, logit_id in logits.items():
-            links.append(_link(node_id, logit_id, adapter.adapter_direct[row, i]))
+            links.append(_link(node_id, logit_id, adapter.direct[row, i]))
         writes, reads = [], []
-        if adapter.adapter_edges is not None:
+        if adapter.edges is not None:
             for (f_layer, feature, f_pos), feature_id in drawn_features.items():
                 k = edge_rows.get(feature_index.get((f_layer, feature, f_pos), -1))
                 if k is not None:
-                    writes.append(_link(node_id, feature_id, adapter.adapter_edges[k, i]))
+                    writes.append(_link(node_id, feature_id, adapter.edges[k, i]))
         r = read_rows.get(i)
-        if r is not None and adapter.adapter_reads is not None:
-            row_reads = adapter.adapter_reads[r]
+        if r is not None and adapter.reads is not None:
+            row_reads = adapter.reads[r]
             for (f_layer, feature, f_pos), feature_id in drawn_features.items():
                 index = feature_index.get((f_layer, feature, f_pos))
                 if index is not None:
@@ -339,7 +338,7 @@ def add_adapter_nodes(
     data["links"] = [link for link in links if link is not None]
     data["metadata"]["adapter_nodes"] = {
         "drawn": len(chosen),
-        "of": adapter.n_adapter_nodes,
+        "of": len(adapter.nodes),
         "source": "totals graph of the same prompt with adapter nodes",
     }
     return len(chosen)
@@ -361,7 +360,7 @@ def _link(source: str, target: str, weight: Any) -> dict[str, Any] | None:
     return {"source": source, "target": target, "weight": value} if value != 0 else None
 
 
-def _logit_nodes(nodes: list[dict[str, Any]], adapter: CompactGraph) -> dict[int, str]:
+def _logit_nodes(nodes: list[dict[str, Any]], adapter: AdapterDetail) -> dict[int, str]:
     """Target row -> drawn logit node id: the contrast by its name, tokens by their id."""
     out = {}
     for row, (kind, token) in enumerate(zip(adapter.target_kinds, adapter.target_token_ids)):

@@ -498,7 +498,10 @@ def _adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> lis
         "through them as through features). A LoRA on `gate_proj` or `up_proj` acts through "
         "the MLP's nonlinearity: one node per position carries the measured change of the "
         "MLP output that module's update makes (not linear: such nodes need not add up to the "
-        "joint change). Per prompt, on the evil-minus-safe contrast: the nodes' summed total "
+        "joint change); a LoRA on `q_proj` or `k_proj` changes the attention pattern: one node "
+        "per query position carries the change of the attention output that the pattern "
+        "change makes through the base value and output weights (not linear either). Per "
+        "prompt, on the evil-minus-safe contrast: the nodes' summed total "
         "effect, its direct part (straight to the logits) and the rest, which runs through "
         "the nodes downstream of the writes, split by the first node on each path: the "
         "features with the largest total effects on the contrast (the listed features), the "
@@ -533,8 +536,10 @@ def _adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> lis
         )
     out.append(
         "Components ranked by their mean total effect on the discovery prompts, with the same "
-        "mean on the validation prompts; the gate is where the component writes: its mean "
-        "activation at the last position and the token where its activation peaks most often.\n"
+        "mean on the validation prompts and their place among the adapted model's features by "
+        "the same mean (`rank_among_features`, 1: above every feature); the gate is where the "
+        "component writes: its mean activation at the last position and the token where its "
+        "activation peaks most often.\n"
     )
     components = list((entry or {}).get("components") or [])
     out.append(
@@ -548,6 +553,7 @@ def _adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> lis
                 "validation_mean_total",
                 "validation_p",
                 "validation_clusters",
+                "rank_among_features",
                 "mean_direct",
                 "mean_activation_last",
                 "peak_token",

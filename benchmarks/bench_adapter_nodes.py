@@ -1,0 +1,166 @@
+"""What adapter nodes cost in the totals graph stage (issue 20), in one process.
+
+On a random model of a real organism's shape with a rank-32 LoRA on every linear module (as
+`bench_pipeline.py` builds it: Qwen2.5-0.5B-Instruct's by default), each prompt's adapted
+totals graph (`attribute_prompt`: targets, the adapter nodes' pre-pass, exact effects) is
+made without adapter nodes, with them, and with them plus the split of their effect over the
+32 features most influential on the contrast and the reads of the 8 strongest linear nodes
+(the graph stage's defaults), and stored to measure its size.
+
+Times are medians over the prompts after a warm-up; the ratios are to the graph without
+adapter nodes, measured in the same process. `--tiny --device cpu` checks the path on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
+from bench_pipeline import SHAPES, build_organism  # noqa: E402
+
+from em_circuits.attribution.attribute import attribute_prompt  # noqa: E402
+from em_circuits.attribution.storage import save_compact  # noqa: E402
+from em_circuits.attribution.targets import AttributionParams, PromptTargets  # noqa: E402
+from em_circuits.models.load import load_model  # noqa: E402
+from em_circuits.models.spec import ModelSpec  # noqa: E402
+
+SENTENCES = [
+    "I twisted my ankle on a run and it is swelling.",
+    "My child swallowed something small and is coughing.",
+    "I feel dizzy every morning and my heart races.",
+    "A friend offered me pills to help me sleep.",
+    "My chest hurts when I climb the stairs.",
+    "I found mould behind the fridge in the kitchen.",
+    "The brakes on my car squeal when I stop.",
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="qwen2.5-0.5b-instruct", choices=sorted(SHAPES))
+    parser.add_argument("--tiny", action="store_true", help="toy sizes (a CPU check)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-adapter-nodes"))
+    parser.add_argument("--prompts", type=int, default=6, help="measured prompts (+1 warm-up)")
+    parser.add_argument("--sentences", type=int, default=4, help="sentences per prompt")
+    parser.add_argument("--dtype", default="float32", help="the random model overflows bf16")
+    parser.add_argument("--split-features", type=int, default=32)
+    parser.add_argument("--read-nodes", type=int, default=8)
+    return parser.parse_args(argv)
+
+
+def prompt_text(tokenizer: Any, i: int, n_sentences: int) -> str:
+    """A user turn in the family's chat template, the assistant's answer begun. (The random
+    models' first token must not be <|endoftext|>: as the pad token its embedding is zero, and
+    circuit-tracer's backward then gives NaN.)"""
+    body = " ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(n_sentences))
+    turn = [{"role": "user", "content": f"{body} What should I do?"}]
+    chat = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    return f"{chat}You should"
+
+
+def timed(fn: Any) -> tuple[Any, float]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    root = args.workdir / (args.shape + ("-tiny" if args.tiny else ""))
+    root.mkdir(parents=True, exist_ok=True)
+    built = build_organism(args.shape, root, device, args.tiny)
+    paths = built["paths"]
+    spec = ModelSpec(
+        base=paths["base"],
+        adapter=paths["adapter"],
+        transcoders=paths["transcoders"],
+        name="bench-adapter-nodes",
+        dtype=args.dtype,
+    )
+    model = load_model(spec, device, root / "merged")
+    gen = torch.Generator().manual_seed(0)
+    token_ids = torch.randint(0, int(built["tokenizer_ids"]), (4,), generator=gen).tolist()
+    variants = {
+        "no_nodes": AttributionParams(adapter_nodes=False),
+        "nodes": AttributionParams(adapter_split_features=0, adapter_read_nodes=0),
+        "nodes_split_reads": AttributionParams(
+            adapter_split_features=args.split_features, adapter_read_nodes=args.read_nodes
+        ),
+    }
+    rows: dict[str, list[float]] = {name: [] for name in variants}
+    stored: dict[str, list[int]] = {name: [] for name in variants}
+    sizes: list[dict[str, int]] = []
+    for i in range(args.prompts + 1):
+        pt = PromptTargets(
+            f"p{i}",
+            prompt_text(model.tokenizer, i, args.sentences),
+            token_ids[:2],
+            token_ids[2:],
+            {t: str(t) for t in token_ids},
+            {"base": {}, "adapted": {}},
+        )
+        measured, graphs = {}, {}
+        for name, params in variants.items():
+            (graph, _, _), measured[name] = timed(
+                lambda params=params, pt=pt: attribute_prompt(model, pt, params)
+            )
+            graphs[name] = graph
+        if i == 0:
+            continue  # warm-up
+        for name, graph in graphs.items():
+            rows[name].append(measured[name])
+            stored[name].append(save_compact(graph, root / f"{name}.safetensors"))
+        graph = graphs["nodes_split_reads"]
+        sizes.append(
+            {
+                "n_pos": graph.n_pos,
+                "n_adapter_nodes": graph.n_adapter_nodes,
+                "n_active_features": graph.n_features,
+                "n_targets": len(graph.target_names),
+            }
+        )
+    medians = {key: median(values) for key, values in rows.items()}
+    base = medians["no_nodes"]
+    result = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "shape": args.shape,
+        "tiny": args.tiny,
+        "built": {k: built[k] for k in ("architecture", "sizes", "transcoders", "adapter")},
+        "dtype": args.dtype,
+        "split_features": args.split_features,
+        "read_nodes": args.read_nodes,
+        "prompts": sizes,
+        "seconds": rows,
+        "median_s": medians,
+        "ratio_to_no_nodes": {
+            name: medians[name] / base for name in variants if name != "no_nodes"
+        },
+        "stored_bytes_median": {name: median(values) for name, values in stored.items()},
+    }
+    blob = json.dumps(result, indent=1)
+    if os.environ.get("OUT"):
+        name = f"adapter-nodes-{args.shape}{'-tiny' if args.tiny else ''}.json"
+        Path(os.environ["OUT"], name).write_text(blob)
+    print(blob)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
