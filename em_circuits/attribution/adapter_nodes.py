@@ -145,7 +145,7 @@ def read_lora_factors(adapter_dir: Path) -> list[LoraFactor]:
 @dataclass
 class AttentionWrite:
     """One attention module's update as nodes. In the attribution forward pass the update is
-    taken out of the module's output and added back detached (:func:`detached_attention`),
+    taken out of the module's output and added back detached (:func:`taped_adapter`),
     so each node ``a_j B_j`` is scored with the gradient at that output."""
 
     factor: LoraFactor

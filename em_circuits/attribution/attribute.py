@@ -326,10 +326,12 @@ def _adapter_split(writes: AdapterWrites | None, effects: Any) -> dict[str, Any]
     n_sources = int(effects.direct.shape[1])
     codes = [writes.modules.index(m) for m in ATTENTION_LINEAR]
     passing = torch.isin(writes.nodes[effects.adapter_read_nodes.long(), 1], torch.tensor(codes))
+    via_nodes = float((reads[:, n_sources:].sum(1) * per_unit * passing).sum())
     return {
         "adapter_split": {
             "read_from_all": float((reads.sum(1) * per_unit).sum()),
-            "via_adapter_nodes": float((reads[:, n_sources:].sum(1) * per_unit * passing).sum()),
+            # none without an attention node among the read ones: nothing passes effects on
+            "via_adapter_nodes": via_nodes if bool(passing.any()) else None,
         }
     }
 

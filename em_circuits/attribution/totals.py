@@ -30,15 +30,18 @@ adapter node is scored where it writes, with the same gradient as that layer's e
 into rows of its own, and its score is taken out of the error node at its layer and position
 (which by linearity then holds the remainder of the error vector). Each attention adapter
 node is scored with the gradient at its module's output, where its update was detached in the
-forward pass.
+direct rows of the forward pass; in the total rows nothing is detached, so total effects pass
+through those nodes as through features.
 
-Which features carry the adapter nodes' effect: the through-features part of an adapter
-node's total effect, ``total - direct``, is a sum over the first feature on each path,
-``sum_f A[f, n] * s_f / a_f``, with ``A[f, n]`` the node's direct effect on feature ``f``'s
-pre-activation (an edge, as circuit-tracer's adjacency has them between features) and
-``s_f / a_f`` the target's total derivative with respect to ``f``. The edges come from
-backward passes injected at the encoders of the features with the largest total effects on
-one target (circuit-tracer's feature rows), scoring only the adapter nodes.
+Which nodes carry the adapter nodes' effect: the through-nodes part of an adapter node's total
+effect, ``total - direct``, is a sum over the first node on each path, ``sum_f A[f, n] *
+s_f / a_f`` over features plus the same over the attention nodes it reaches, with ``A[f, n]``
+the node's direct effect on ``f``'s pre-activation (an edge, as circuit-tracer's adjacency has
+them between features) and ``s_f / a_f`` the target's total derivative with respect to ``f``.
+The edges come from backward passes injected at the encoders of the features with the largest
+total effects on one target (circuit-tracer's feature rows), scoring only the adapter nodes,
+and from backward passes started at the strongest linear adapter nodes' activations (their
+reads). Both use extra direct rows of the batch, so one backward pass serves many features.
 """
 
 from __future__ import annotations
@@ -84,8 +87,9 @@ class ExactEffects:
     #: node's direct effect on those features' pre-activations
     adapter_edge_features: torch.Tensor | None = None
     adapter_edges: torch.Tensor | None = None
-    #: (m,) int64 indices into the adapter nodes, and (m, n_sources) float32: the direct
-    #: effects of every feature, error and token node on those adapter nodes' activations
+    #: (m,) int64 indices into the adapter nodes, and (m, n_sources + n_adapter_nodes)
+    #: float32: the direct effects of every feature, error, token and adapter node on those
+    #: adapter nodes' activations
     adapter_read_nodes: torch.Tensor | None = None
     adapter_reads: torch.Tensor | None = None
 

@@ -513,7 +513,8 @@ def _adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> lis
     rows = []
     for key, name in _ADAPTER_QUANTITIES.items():
         stats = summary.get(key) or {}
-        rows.append({"quantity": name, **stats})
+        if stats.get("n_prompts"):  # e.g. no attention node to pass effects on
+            rows.append({"quantity": name, **stats})
     out.append(
         _md_table(
             rows,
@@ -610,10 +611,19 @@ def _adapter_reads_markdown(
     """What the adapter nodes read: the upstream features whose edges feed them."""
     total, from_features = summary.get("read_nodes_total"), summary.get("read_from_features")
     from_all = summary.get("read_from_all") or {}
-    if not reads or not total:
+    if not total or not total.get("n_prompts"):
         return [
             "_What the adapter reads: not computed for these graphs (made with "
             "`--adapter-read-nodes 0`, or before reads existed)._\n"
+        ]
+    if not reads:
+        return [
+            "What the adapter reads: the linear adapter nodes with the largest total effects on "
+            "the contrast (their total effect, mean "
+            f"{_fmt(total.get('mean'))} over {total.get('n_clusters')} clusters) have no edge "
+            "from any feature: they read only token embeddings, error nodes and other adapter "
+            "nodes (as a layer-0 module does, below every feature); their edges from every "
+            f"node add up to {_fmt(from_all.get('mean'))}.\n"
         ]
     out = [
         "What the adapter reads: for the linear adapter nodes with the largest total effects "
