@@ -60,22 +60,27 @@ def _per_feature(
     prompt_id: str, adapted: CompactGraph, index: torch.Tensor, edge: torch.Tensor, via: Any
 ) -> list[dict[str, Any]]:
     """Rows (prompt, layer, feature) summed over the feature's positions, for the active
-    features ``index`` with their ``edge`` and ``via`` values."""
-    keys = adapted.features[index, 0] * (1 << 40) + adapted.features[index, 2]
-    out = []
-    for key in keys.unique().tolist():
-        rows = keys == key
-        out.append(
-            {
-                "prompt_id": prompt_id,
-                "layer": int(key >> 40),
-                "feature": int(key & ((1 << 40) - 1)),
-                "edge": float(edge[rows].sum()),
-                "via": float(via[rows].sum()),
-                "positions": int(rows.sum()),
-            }
+    features ``index`` with their ``edge`` and ``via`` values (one grouping pass: a read can
+    list every upstream feature of a graph)."""
+    pairs = adapted.features[index][:, [0, 2]]  # layer, feature id
+    keys, group = torch.unique(pairs, dim=0, return_inverse=True)
+    n = len(keys)
+    edges = torch.zeros(n, dtype=torch.float64).index_add_(0, group, edge.double())
+    vias = torch.zeros(n, dtype=torch.float64).index_add_(0, group, torch.as_tensor(via).double())
+    counts = torch.bincount(group, minlength=n)
+    return [
+        {
+            "prompt_id": prompt_id,
+            "layer": int(layer),
+            "feature": int(feature),
+            "edge": float(e),
+            "via": float(v),
+            "positions": int(c),
+        }
+        for (layer, feature), e, v, c in zip(
+            keys.tolist(), edges.tolist(), vias.tolist(), counts.tolist()
         )
-    return out
+    ]
 
 
 def feature_rows(prompt_id: str, adapted: CompactGraph, contrast: int) -> list[dict[str, Any]]:
@@ -141,32 +146,56 @@ def prompt_row(
         row["read_nodes_total"] = float(total[read].sum())
         row["read_from_features"] = float(sum(r["via"] for r in reads))
         row["read_from_all"] = split.get("read_from_all")
+    components = _component_rows(prompt_id, adapted, direct, total, decode)
+    return row, components, features, reads
+
+
+def _component_rows(
+    prompt_id: str, adapted: CompactGraph, direct: torch.Tensor, total: torch.Tensor, decode: Any
+) -> list[dict[str, Any]]:
+    """One row per adapter component (layer, module, rank component): its nodes' effects on
+    the contrast summed over positions, and its gate: the activation at the last position
+    and where the activation is largest in magnitude (the first such position). Grouped in
+    one pass: an all-module rank-32 LoRA has hundreds of thousands of nodes."""
     modules = adapted.meta.get("adapter_modules") or []
-    components = []
-    nodes = adapted.adapter_nodes.tolist()
-    keys = sorted({(layer, module, comp) for layer, module, comp, _ in nodes})
+    nodes = adapted.adapter_nodes.long()
+    keys, group = torch.unique(nodes[:, :3], dim=0, return_inverse=True)
+    n = len(keys)
+    acts = adapted.adapter_activations.double()
+    magnitude = acts.abs()
+    peak_magnitude = torch.zeros(n, dtype=torch.float64).scatter_reduce_(
+        0, group, magnitude, reduce="amax", include_self=False
+    )
+    order = torch.arange(len(nodes))
+    at_peak = magnitude == peak_magnitude[group]
+    first_peak = torch.full((n,), len(nodes)).scatter_reduce_(
+        0, group[at_peak], order[at_peak], reduce="amin", include_self=True
+    )
     last = adapted.n_pos - 1
-    for key in keys:
-        index = [i for i, node in enumerate(nodes) if tuple(node[:3]) == key]
-        positions = [nodes[i][3] for i in index]
-        acts = adapted.adapter_activations[index].double()
-        peak = positions[int(acts.abs().argmax())]
+    at_last = nodes[:, 3] == last
+    activation_last = torch.zeros(n, dtype=torch.float64).index_add_(
+        0, group[at_last], acts[at_last]
+    )
+    totals = torch.zeros(n, dtype=torch.float64).index_add_(0, group, total)
+    directs = torch.zeros(n, dtype=torch.float64).index_add_(0, group, direct)
+    rows = []
+    for k, (layer, module, comp) in enumerate(keys.tolist()):
+        peak = int(nodes[first_peak[k], 3])
         token = int(adapted.input_tokens[peak])
-        layer, module, comp = key
-        components.append(
+        rows.append(
             {
                 "prompt_id": prompt_id,
                 "component": f"L{layer} {modules[module] if module < len(modules) else module}"
                 f" #{comp}",
                 "layer": layer,
-                "total": float(total[index].sum()),
-                "direct": float(direct[index].sum()),
-                "activation_last": float(acts[positions.index(last)]) if last in positions else 0.0,
+                "total": float(totals[k]),
+                "direct": float(directs[k]),
+                "activation_last": float(activation_last[k]),
                 "peak_from_end": last - peak,
                 "peak_token": decode([token]) if decode is not None else str(token),
             }
         )
-    return row, components, features, reads
+    return rows
 
 
 def _cluster_stats(

@@ -94,6 +94,18 @@ class LoraFactor:
     def rank(self) -> int:
         return int(self.A.shape[0])
 
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """``s A x`` for an input ``x`` (..., d_in): the r activations, (..., r)."""
+        return self.scale * (x @ self.A.to(x).T)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """``s B A x``: what the update adds to the module's output on ``x``."""
+        return self.scale * ((x @ self.A.to(x).T) @ self.B.to(x).T)
+
+    def weight(self, like: torch.Tensor) -> torch.Tensor:
+        """``s B A`` as a weight matrix in ``like``'s dtype and device."""
+        return self.scale * (self.B.to(like) @ self.A.to(like))
+
 
 def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     """PEFT's per-module override (rank_pattern, alpha_pattern): a key matches a module whose
@@ -142,6 +154,14 @@ def read_lora_factors(adapter_dir: Path) -> list[LoraFactor]:
     return factors
 
 
+def _zeroed_before(t: torch.Tensor, positions: int) -> torch.Tensor:
+    """``t`` (..., n_pos, d) with the first ``positions`` positions zeroed, out of place (the
+    positions that have no nodes: circuit-tracer has no feature or error node there)."""
+    keep = torch.ones(t.shape[-2], 1, dtype=t.dtype, device=t.device)
+    keep[:positions] = 0
+    return t * keep
+
+
 @dataclass
 class AttentionWrite:
     """One attention module's update as nodes. In the attribution forward pass the update is
@@ -155,11 +175,7 @@ class AttentionWrite:
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """The update ``s B A x`` of input ``x`` (rows, n_pos, d_in), zero at the positions
         that have no nodes (so the attribution keeps it in the other nodes there)."""
-        f = self.factor
-        delta = f.scale * ((x @ f.A.to(x).T) @ f.B.to(x).T)
-        keep = torch.ones(x.shape[-2], 1, dtype=x.dtype, device=x.device)
-        keep[: self.zero_positions] = 0
-        return delta * keep
+        return _zeroed_before(self.factor.update(x), self.zero_positions)
 
     def scores(self, grad: torch.Tensor) -> torch.Tensor:
         """(n_pos * r, rows): each node's write dotted with ``grad`` (rows, n_pos, d_out), the
@@ -200,10 +216,7 @@ class PatternWrite:
         v = v.view(rows, n_pos, kv_heads, head_dim).transpose(1, 2)
         v = v.repeat_interleave(heads // kv_heads, dim=1)  # as transformers' repeat_kv
         z = (self.pattern_change.to(v) @ v).transpose(1, 2).reshape(rows, n_pos, -1)
-        out = z @ self.o_weight.to(z).T
-        keep = torch.ones(n_pos, 1, dtype=out.dtype, device=out.device)
-        keep[: self.zero_positions] = 0
-        return out * keep
+        return _zeroed_before(z @ self.o_weight.to(z).T, self.zero_positions)
 
     def scores(self, grad: torch.Tensor) -> torch.Tensor:
         """(n_pos, rows): each node's write dotted with ``grad`` at the attention output."""
@@ -295,10 +308,10 @@ class AdapterTape:
     refilled by every backward pass) and each linear node module's activations ``s A x`` as
     tensors of the autograd graph, (rows, n_pos, r) by (layer, module), to differentiate."""
 
-    grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: the gradient at each detached update's output, by ("attention", index) or
+    #: ("pattern", index) into ``AdapterWrites.attention`` / ``.patterns``
+    grads: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     activations: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
-    #: the gradient at each attention-pattern node's output (by its index in ``patterns``)
-    pattern_grads: dict[int, torch.Tensor] = field(default_factory=dict)
     #: the value projection's input at each layer with pattern nodes, this forward pass
     value_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     #: the batch rows [start, stop) of total effects: there nothing is detached and gradients
@@ -310,7 +323,6 @@ class AdapterTape:
         """Forget every recorded tensor (they hold the forward pass's autograd graph)."""
         self.grads.clear()
         self.activations.clear()
-        self.pattern_grads.clear()
         self.value_inputs.clear()
 
 
@@ -334,21 +346,24 @@ def taped_adapter(
     module's activations in ``tape``."""
     handles = []
 
+    def detached(output: torch.Tensor, part: torch.Tensor, key: tuple[str, int]):
+        """``output`` with ``part`` of it detached in the detached rows, and a zero probe
+        whose gradient (the gradient at the output) lands in ``tape.grads[key]``."""
+        part = part.to(output.dtype) * _detached_rows(output, tape)
+        probe = torch.zeros_like(output, requires_grad=True)
+        probe.register_hook(lambda grad: tape.grads.__setitem__(key, grad))
+        return output - part + part.detach() + probe
+
     def detach(index: int, write: AttentionWrite):
         def fn(_module, args, output):
-            update = write.update(args[0])
-            detached = update * _detached_rows(output, tape)
-            probe = torch.zeros_like(output, requires_grad=True)  # the gradient at the output
-            probe.register_hook(lambda grad: tape.grads.__setitem__(index, grad))
             record(write.factor)(_module, args, output)
-            return output - detached + detached.detach() + probe
+            return detached(output, write.update(args[0]), ("attention", index))
 
         return fn
 
     def record(f: LoraFactor):
         def fn(_module, args, _output):
-            x = args[0]
-            tape.activations[f.layer, f.module] = f.scale * (x @ f.A.to(x).T)
+            tape.activations[f.layer, f.module] = f.activation(args[0])
 
         return fn
 
@@ -361,10 +376,7 @@ def taped_adapter(
     def detach_pattern(index: int, write: PatternWrite):
         def fn(_module, _args, output):
             value = write.value(tape.value_inputs[write.factor.layer])
-            detached = value.to(output.dtype) * _detached_rows(output, tape)
-            probe = torch.zeros_like(output, requires_grad=True)
-            probe.register_hook(lambda grad: tape.pattern_grads.__setitem__(index, grad))
-            return output - detached + detached.detach() + probe
+            return detached(output, value, ("pattern", index))
 
         return fn
 
@@ -418,33 +430,33 @@ def _mlp_of(hf_model: torch.nn.Module, layer: int) -> torch.nn.Module:
     return mlp
 
 
+@contextmanager
+def _update_removed(hf_model: torch.nn.Module, factor: LoraFactor) -> Iterator[None]:
+    """While open, ``factor``'s module computes its output without the update."""
+    module = _module_of(hf_model, factor.layer, factor.module)
+    handle = module.register_forward_hook(lambda _m, args, output: output - factor.update(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def _without_update(
     hf_model: torch.nn.Module, factor: LoraFactor, mlp_input: torch.Tensor
 ) -> torch.Tensor:
     """The MLP's output on ``mlp_input`` with ``factor``'s update taken out of its module."""
-    module = _module_of(hf_model, factor.layer, factor.module)
-
-    def subtract(_module, args, output):
-        x = args[0]
-        return output - factor.scale * ((x @ factor.A.to(x).T) @ factor.B.to(x).T)
-
-    handle = module.register_forward_hook(subtract)
-    try:
+    with _update_removed(hf_model, factor):
         out: torch.Tensor = _mlp_of(hf_model, factor.layer)(mlp_input)
-    finally:
-        handle.remove()
     return out
 
 
-def _not_nodes(factors: list[LoraFactor], leave_out: Any = None) -> list[str]:
-    """The adapted modules left out, as "module@layers": by default those not in
-    NODE_MODULES; ``leave_out(modules)`` picks others."""
-    others: dict[str, list[int]] = {}
+def _modules_at_layers(factors: list[LoraFactor]) -> list[str]:
+    """``factors``' modules as "module@layers", one entry a module."""
+    layers: dict[str, set[int]] = {}
     for f in factors:
-        if (leave_out or (lambda m: m not in NODE_MODULES))(f.module):
-            others.setdefault(f.module, []).append(f.layer)
-    return [f"{m}@{','.join(map(str, sorted(set(ls))))}" for m, ls in sorted(others.items())]
+        layers.setdefault(f.module, set()).add(f.layer)
+    return [f"{m}@{','.join(map(str, sorted(ls)))}" for m, ls in sorted(layers.items())]
 
 
 @torch.no_grad()
@@ -463,7 +475,7 @@ def adapter_writes(
     from em_circuits.analysis.intervene import record_input_at  # records any site's value
 
     node_factors = [f for f in factors if f.module in NODE_MODULES]
-    not_nodes = _not_nodes(factors)
+    not_nodes = _modules_at_layers([f for f in factors if f.module not in NODE_MODULES])
     if not node_factors:
         return AdapterWrites(
             torch.zeros(0, 4, dtype=torch.long), torch.zeros(0), not_nodes=not_nodes
@@ -522,7 +534,7 @@ def adapter_writes(
             codes_by_layer.setdefault(f.layer, []).append((code, 1))
             continue
         x = inputs[f.layer, f.module].float()  # (n_pos, d_in)
-        a = f.scale * (x @ f.A.to(x.device).T)  # (n_pos, r)
+        a = f.activation(x)  # (n_pos, r)
         a[:zero_positions] = 0
         if f.module in ATTENTION_LINEAR:
             attention.append(AttentionWrite(f, a.cpu(), zero_positions))
@@ -557,11 +569,9 @@ def adapter_writes(
     )
 
 
-def _update_weight(factor: LoraFactor | None, like: torch.Tensor) -> torch.Tensor:
-    """The update ``s B A`` as a weight (zero without a factor)."""
-    if factor is None:
-        return torch.zeros_like(like)
-    return factor.scale * (factor.B.to(like) @ factor.A.to(like))
+def _base_weight(merged: torch.Tensor, factor: LoraFactor | None) -> torch.Tensor:
+    """A merged module's weight without its update (as it is where there is none)."""
+    return merged if factor is None else merged - factor.weight(merged)
 
 
 @torch.no_grad()
@@ -612,17 +622,8 @@ def _pattern_writes(
             raise UnsupportedAdapterError(
                 "q_proj/k_proj nodes need the attention weights (eager attention)"
             )
-        module = _module_of(hf_model, f.layer, f.module)
-
-        def subtract(_module, args, output, f=f):
-            x = args[0]
-            return output - f.scale * ((x @ f.A.to(x).T) @ f.B.to(x).T)
-
-        handle = module.register_forward_hook(subtract)
-        try:
+        with _update_removed(hf_model, f):
             without = _attention_of(hf_model, f.layer)(*args, **kwargs)[1]
-        finally:
-            handle.remove()
         v_proj = _module_of(hf_model, f.layer, "v_proj")
         o_proj = _module_of(hf_model, f.layer, "o_proj")
         v_weight = torch.as_tensor(v_proj.weight).float()
@@ -631,9 +632,9 @@ def _pattern_writes(
         pattern = PatternWrite(
             factor=f,
             pattern_change=(adapted[0] - without[0]).float(),
-            v_weight=v_weight - _update_weight(by_key.get((f.layer, "v_proj")), v_weight),
+            v_weight=_base_weight(v_weight, by_key.get((f.layer, "v_proj"))),
             v_bias=None if v_bias is None else torch.as_tensor(v_bias).float(),
-            o_weight=o_weight - _update_weight(by_key.get((f.layer, "o_proj")), o_weight),
+            o_weight=_base_weight(o_weight, by_key.get((f.layer, "o_proj"))),
             values=torch.zeros(0),
             zero_positions=zero,
         )
@@ -726,7 +727,7 @@ def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites 
         )
         if unplaced:
             left_out = [f for f in factors if f.module in mlp_modules]
-            writes.not_nodes += _not_nodes(left_out, lambda _m: True)
+            writes.not_nodes += _modules_at_layers(left_out)
     except (UnsupportedAdapterError, UnsupportedInterventionError) as err:
         return str(err)  # also a cross-layer set: its output sites are not one MLP's
     if not writes.n_nodes:

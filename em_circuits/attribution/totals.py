@@ -134,6 +134,7 @@ class _TotalsBackward:
         self.mlp_writes = adapter.writes if adapter is not None else {}
         self.attention = adapter.attention if adapter is not None else []
         self.patterns = adapter.patterns if adapter is not None else []
+        self.n_adapter_nodes = adapter.n_nodes if adapter is not None else 0
         #: the adapter's activations and the gradients at its detached attention updates
         self.tape = AdapterTape()
         #: layer -> (n_pos * nodes per position, rows) scores of its MLP-output adapter nodes
@@ -201,9 +202,7 @@ class _TotalsBackward:
         last = torch.full((seeded_rows,), n_pos - 1, device=top.device)
         inject = torch.cat([directions, directions])
         proxy = weakref.proxy(self)
-        self.adapter_scores = {}
-        self.tape.grads.clear()
-        self.tape.pattern_grads.clear()
+        self.forget_scores()
         with top.backward(gradient=torch.zeros_like(top), retain_graph=retain_graph):
             for layer in reversed(range(n_layers + 1)):
                 if layer != n_layers:
@@ -229,6 +228,11 @@ class _TotalsBackward:
             buffer[start : start + n_pos] -= per_position.to(buffer.dtype)
         return buffer.T[:seeded_rows]
 
+    def forget_scores(self) -> None:
+        """Before a backward pass: no adapter node is scored yet."""
+        self.adapter_scores = {}
+        self.tape.grads.clear()
+
     def score_adapter(self, layer: int, grad: torch.Tensor) -> None:
         """Each MLP-output adapter node's score at ``layer``: the gradient at its position
         dotted with its write (as circuit-tracer scores an error node with the error vector)."""
@@ -245,11 +249,11 @@ class _TotalsBackward:
             n = self.mlp_writes[layer].shape[0] * self.mlp_writes[layer].shape[1]
             parts.append(scores.float().cpu() if scores is not None else torch.zeros(n, rows))
         for index, write in enumerate(self.attention):
-            grad = self.tape.grads.get(index)  # none: no path from the injection to it
+            grad = self.tape.grads.get(("attention", index))  # none: not reached
             n = write.activations.numel()
             parts.append(write.scores(grad).cpu() if grad is not None else torch.zeros(n, rows))
         for index, pattern in enumerate(self.patterns):
-            grad = self.tape.pattern_grads.get(index)
+            grad = self.tape.grads.get(("pattern", index))
             n = len(pattern.values)
             parts.append(pattern.scores(grad).cpu() if grad is not None else torch.zeros(n, rows))
         if not parts:
@@ -274,9 +278,7 @@ class _TotalsBackward:
             batch = used.to(positions.device)
             last = int(layers.max())
             start = ctx._resid_activations[last]
-            self.adapter_scores = {}
-            self.tape.grads.clear()
-            self.tape.pattern_grads.clear()
+            self.forget_scores()
             with start.backward(gradient=torch.zeros_like(start), retain_graph=True):
                 for layer in reversed(range(last + 1)):
                     if layer != last and layer in self.mlp_writes:
@@ -316,9 +318,7 @@ class _TotalsBackward:
             ctx._batch_buffer = torch.zeros(
                 ctx._row_size, rows, dtype=ctx.decoder_vecs.dtype, device=ctx.decoder_vecs.device
             )
-            self.adapter_scores = {}
-            self.tape.grads.clear()
-            self.tape.pattern_grads.clear()
+            self.forget_scores()
             with start.backward(retain_graph=True):
                 for layer in reversed(range(top)):
                     grad = ctx._feature_output_activations[layer + 1].grad.clone()
@@ -331,8 +331,7 @@ class _TotalsBackward:
             from_nodes = self.adapter_rows(rows)[used]
             found = buffer.T[used.to(buffer.device)].float().cpu()
             out.append(torch.cat([found, from_nodes], dim=1))
-        n = ctx._row_size + self.adapter_rows(rows).shape[1]
-        return torch.cat(out) if out else torch.zeros(0, n)
+        return torch.cat(out) if out else torch.zeros(0, ctx._row_size + self.n_adapter_nodes)
 
 
 def split_candidates(
@@ -384,10 +383,10 @@ def exact_effects(
             f"need a (n_targets, d_model) direction matrix, got {tuple(directions.shape)}"
         )
     t = directions.shape[0]
-    has_nodes = adapter is not None and adapter.n_nodes > 0
-    split = has_nodes and split_target is not None and split_features > 0
-    read = has_nodes and split_target is not None and read_nodes > 0
-    backward = _TotalsBackward(ctx, t, adapter if has_nodes else None)
+    nodes = adapter if adapter is not None and adapter.n_nodes else None
+    split = nodes is not None and split_target is not None and split_features > 0
+    read = nodes is not None and split_target is not None and read_nodes > 0
+    backward = _TotalsBackward(ctx, t, nodes)
     wanted = max(split_features if split else 0, read_nodes if read else 0)
     extra = min(max(wanted - t, 0), EXTRA_ROWS)
     handles: list = []
@@ -395,8 +394,8 @@ def exact_effects(
         if offload:
             handles += offload_modules(replacement.get_offload_targets_phase0(), offload)
         taping = (
-            taped_adapter(replacement._model, adapter, backward.tape)
-            if has_nodes and adapter is not None
+            taped_adapter(replacement._model, nodes, backward.tape)
+            if nodes is not None
             else nullcontext()
         )
         backward.tape.passing_rows = (t, 2 * t)  # totals pass through the nodes
@@ -409,22 +408,22 @@ def exact_effects(
         adapter_rows = backward.adapter_rows(backward.batch_rows)[: 2 * t].float()
         edge_features = edges = read_index = reads = None
         if split:
-            assert adapter is not None and split_target is not None
+            assert nodes is not None and split_target is not None
             features = ctx.activation_matrix.indices().T.detach().long().cpu()
             edge_features = split_candidates(
                 features,
                 rows[t + split_target, : features.shape[0]].float().cpu(),
-                int(adapter.nodes[:, 0].min()),
+                int(nodes.nodes[:, 0].min()),
                 split_features,
             )
             edges = backward.adapter_edges(edge_features.to(backward.feature_pos.device))
         if read:
-            assert adapter is not None and split_target is not None
+            assert nodes is not None and split_target is not None
             strength = adapter_rows[t + split_target].abs().cpu()
-            strength[~adapter.linear()] = -1  # a nonlinear node's activation is no read
+            strength[~nodes.linear()] = -1  # a nonlinear node's activation is no read
             order = torch.argsort(strength, descending=True, stable=True)
             read_index = order[strength[order] >= 0][:read_nodes].sort().values
-            reads = backward.adapter_reads(adapter.nodes[read_index], adapter.modules)
+            reads = backward.adapter_reads(nodes.nodes[read_index], nodes.modules)
     finally:
         for reload in handles:
             reload()
@@ -442,8 +441,8 @@ def exact_effects(
         logits=logits.cpu(),
         n_layers=int(n_layers),
         n_pos=int(n_pos),
-        adapter_direct=adapter_rows[:t] if has_nodes else None,
-        adapter_total=adapter_rows[t:] if has_nodes else None,
+        adapter_direct=adapter_rows[:t] if nodes is not None else None,
+        adapter_total=adapter_rows[t:] if nodes is not None else None,
         adapter_edge_features=edge_features,
         adapter_edges=edges.float().cpu() if edges is not None else None,
         adapter_read_nodes=read_index,
