@@ -132,18 +132,19 @@ def analyze(
     """Run the feature analysis (as ``em-circuits analyze``) on the stored graphs.
 
     ``spec`` is the adapted model (default: the toy organism); its base is ``spec.base_only()``.
-    Keyword arguments set :class:`~em_circuits.analysis.stage.AnalysisParams` fields, e.g.
-    ``position="last"``, ``causal_top_k=0``. Returns the summary; read the tables with
-    :func:`read_analysis`.
+    Keyword arguments set :class:`~em_circuits.run.steps.AnalysisParams` fields wherever
+    they live (``AnalysisParams.of``), e.g. ``position="last"``, ``causal_top_k=0``. Returns
+    the summary; read the tables with :func:`read_analysis`.
     """
-    from em_circuits.analysis.stage import AnalysisParams, run_analysis
+    from em_circuits.run.analysis import run_analysis
+    from em_circuits.run.steps import AnalysisParams
 
     adapted = spec if spec is not None else toy_organism_spec()
     return run_analysis(
         ResultsStore(results_dir),
         adapted.base_only(),
         adapted,
-        AnalysisParams(**params),
+        AnalysisParams.of(**params),
         device,
         prompt_ids=prompt_ids,
     )

@@ -224,7 +224,7 @@ def test_fdr_finds_planted_effect_among_nulls():
         nodes = [(0, 3, 1000)] + [(1, 3, i) for i in range(n_null)]
         contrast = [1.0 + 0.3 * rng.normal()] + list(rng.normal(size=n_null))
         frames[f"p{p}"] = prompt_effects(hand_graph(nodes, contrast))
-    table = aggregate_effects(frames, metrics=("direct",), n_perm=4999, n_boot=500)
+    table = aggregate_effects(frames, metrics=("direct",), n_perm=4999)
     planted = _row(table, 0, 1000)
     assert table.iloc[0]["feature"] == 1000
     # every sign agrees: exact, far below the Monte Carlo floor of 1 / 5000
@@ -374,7 +374,7 @@ def test_paired_categories():
         },
         n,
     )
-    table = compare_models(base, adapted, metric="total", threshold=0.05, n_boot=500)
+    table = compare_models(base, adapted, metric="total", threshold=0.05)
     category = {(r.layer, r.feature): r.category for r in table.itertuples()}
     assert category == {
         (0, 1): "gained",
@@ -391,7 +391,7 @@ def test_paired_categories():
     assert list(table["mean_diff"]) == sorted(table["mean_diff"], reverse=True)
     # unpaired prompts are ignored
     adapted_extra = {**adapted, "extra": adapted["p0"]}
-    again = compare_models(base, adapted_extra, n_boot=500)
+    again = compare_models(base, adapted_extra)
     assert (again["n_prompts"] == n).all()
 
 
@@ -472,8 +472,8 @@ def test_plots_write_pngs(tmp_path):
         f"p{i}": prompt_effects(hand_graph([(1, 3, 7), (0, 2, 5)], [0.8 + i, -0.4]))
         for i in range(3)
     }
-    table = aggregate_effects(frames, n_boot=100, n_perm=99)
-    comparison = compare_models(frames, frames, n_boot=100, n_perm=99)
+    table = aggregate_effects(frames, n_perm=99)
+    comparison = compare_models(frames, frames, n_perm=99)
     graph = hand_graph([(1, 3, 7)], [0.5])
     parts = {"p0": contrast_parts(graph), "p1": contrast_parts(graph)}
     summary = summarize_decomposition(parts, parts, n_perm=99)

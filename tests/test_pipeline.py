@@ -361,7 +361,7 @@ def test_python_api_reads_and_reruns_the_analysis(reference, micro_specs, tmp_pa
     assert (results / summary["folder"] / "top_features_adapted.csv").is_file()
 
 
-def test_each_analysis_parameter_set_keeps_its_own_folder(reference, micro_organism, tmp_path):
+def test_another_analysis_name_keeps_its_own_folder(reference, micro_organism, tmp_path):
     import shutil
 
     from em_circuits.core.store import ResultsStore, read_json
@@ -383,10 +383,13 @@ def test_each_analysis_parameter_set_keeps_its_own_folder(reference, micro_organ
         "0",
         "--min-support",
         "1",
+        "--analysis-name",
+        "loose",
     ]
     done = _run(command)
     assert done.returncode == 0, done.stderr[-3000:]
     second = store.latest_analysis_dir(slug)
-    assert second != first and first.is_dir() and (first / "summary.json").is_file()
+    assert second.name == "loose" and first.name == "main"
+    assert (first / "summary.json").is_file() and (first / "causal_summary.json").is_file()
     assert read_json(second / "summary.json")["params"]["min_support"] == 1
     assert read_json(store.latest_analysis_path(slug))["params"]["causal_top_k"] == 0

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from em_circuits.attribution.viewer import DEFAULT_VIEWER_URL
+from em_circuits.core.naming import DEFAULT_VIEWER_URL
 from em_circuits.interpret.cards import feature_name
 from em_circuits.run.report_html import render_html
 

@@ -24,7 +24,6 @@ def compare_models(
     threshold: float = 0.05,
     min_support: int = 2,
     ci_min_n: int = 3,
-    n_boot: int = 2000,
     n_perm: int = 9999,
     ci: float = 0.95,
     seed: int = 0,

@@ -102,6 +102,27 @@ class Split:
         """Enough validation clusters for a causal test to reach p < 0.05."""
         return self.n_clusters("validation") >= MIN_VALIDATION_CLUSTERS
 
+    def record(self) -> dict[str, Any]:
+        """What split.json holds: :meth:`describe` and each prompt's side and cluster."""
+        rows = [
+            {"prompt_id": pid, "side": side, "cluster": self.clusters[pid]}
+            for side in ("discovery", "validation")
+            for pid in getattr(self, side)
+        ]
+        return {**self.describe(), "prompts": rows}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Split:
+        """The split :meth:`record` wrote."""
+        rows = record["prompts"]
+        return cls(
+            discovery=[r["prompt_id"] for r in rows if r["side"] == "discovery"],
+            validation=[r["prompt_id"] for r in rows if r["side"] == "validation"],
+            clusters={r["prompt_id"]: r["cluster"] for r in rows},
+            validation_fraction=record["validation_fraction"],
+            seed=record["seed"],
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "discovery_prompts": len(self.discovery),

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 from em_circuits.core.atomic import apply_default_modes, crash_point, make_temp_dir
 from em_circuits.core.store import atomic_write_text
@@ -91,28 +91,6 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 #: Where ``em-circuits serve`` listens by default; the report's links point here.
-DEFAULT_VIEWER_URL = "http://127.0.0.1:8041"
-
-
-def viewer_link(
-    prompt_id: str | None = None,
-    feature: tuple[int, int] | None = None,
-    diff: bool = False,
-    base_url: str = DEFAULT_VIEWER_URL,
-) -> str:
-    """A deep link into the side-by-side page: a prompt, a feature (layer, id) selected in both
-    panes, and the base-vs-adapted diff colouring. ``compare.html`` reads the same parameters."""
-    query = []
-    if prompt_id is not None:
-        query.append(("prompt", prompt_id))
-    if feature is not None:
-        query.append(("feature", f"{int(feature[0])}:{int(feature[1])}"))
-    if diff:
-        query.append(("diff", "1"))
-    suffix = ("?" + urlencode(query)) if query else ""
-    return f"{base_url.rstrip('/')}/compare.html{suffix}"
-
-
 class ViewerError(RuntimeError):
     """The viewer cannot write or serve graphs (bad name, missing assets, port in use)."""
 
@@ -214,7 +192,7 @@ def node_feature(node: Mapping[str, Any]) -> tuple[int, int]:
 def _name_nodes(data: dict[str, Any], targets: Sequence[Mapping[str, Any]] | None) -> None:
     """Feature nodes get the tool's one feature name; with ``targets``, logit nodes get
     readable names and only the contrast and the top evil and safe tokens are kept."""
-    from em_circuits.interpret.cards import feature_name
+    from em_circuits.core.naming import feature_name
 
     for node in data["nodes"]:
         if node["feature_type"] == FEATURE_NODE and not node.get("clerp"):
@@ -540,7 +518,7 @@ def annotate_graphs(
     A graph keeps its transcoder set's name as ``metadata.source_scan``; ``scan`` becomes the
     local folder, which the frontend reads without asking a hosted feature store.
     """
-    from em_circuits.interpret.cards import feature_name
+    from em_circuits.core.naming import feature_name
 
     viewer_dir = Path(viewer_dir)
     with _locked(viewer_dir / f".{METADATA_FILE}.lock"):

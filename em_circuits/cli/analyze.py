@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     store = setup(args)
 
-    from em_circuits.analysis.stage import run_analysis
     from em_circuits.models.spec import resolve_device
+    from em_circuits.run.analysis import run_analysis
 
     base, adapted = specs_from_args(args)
     params = analysis_params(args)
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         prompt_ids=chosen,
         em_judge=judge,
         labeller=labeller_for(judge, store.root / "cache"),
+        name=args.analysis_name,
     )
     counts = summary["prompts"]
     print(

@@ -311,139 +311,31 @@ def graph_params(args: argparse.Namespace):
 
 
 def add_analysis_args(parser: argparse.ArgumentParser) -> None:
-    """Feature-analysis flags, shared by `analyze` and `run`."""
-    a = parser.add_argument_group("feature analysis")
-    a.add_argument(
-        "--position",
-        default="any",
-        help="feature identity: any (summed over positions), last, or rel:-k "
-        "(k-th position from the end); features are never matched by graph index",
-    )
-    a.add_argument(
-        "--min-support", type=int, default=2, help="prompts a feature must appear in to be ranked"
-    )
-    a.add_argument(
-        "--absent",
-        choices=["zero", "missing"],
-        default="zero",
-        help="a feature absent from a prompt's graph counts as 0, or is left out",
-    )
-    a.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for CIs")
-    a.add_argument(
-        "--n-perm",
-        type=int,
-        default=9999,
-        help="Monte Carlo sign flips where the test is not exact (exact up to 16 clusters, "
-        "when every sign agrees, and up to 40 clusters where p is small)",
-    )
-    a.add_argument(
-        "--threshold",
-        type=float,
-        default=0.05,
-        help="|adapted - base| mean contrast effect that counts as a change",
-    )
-    a.add_argument(
-        "--causal-top-k",
-        type=int,
-        default=5,
-        help="top evil features to intervene on (0 = no causal check)",
-    )
-    a.add_argument(
-        "--scales",
-        type=float,
-        nargs="+",
-        default=[0, 0.5, 1, 1.5, 2, 3],
-        help="activation multipliers of the dose-response (0 = ablation)",
-    )
-    a.add_argument(
-        "--n-random", type=int, default=3, help="random matched-activation control draws per prompt"
-    )
-    a.add_argument(
-        "--causal-prompts",
-        type=int,
-        default=20,
-        help="prompts (by id order) of each side the interventions run on",
-    )
-    a.add_argument(
-        "--causal-candidates",
-        type=int,
-        default=20,
-        help="top features by linearised effect whose measured ablation effects (discovery "
-        "prompts) choose the --causal-top-k under test",
-    )
-    a.add_argument(
-        "--validation-fraction",
-        type=float,
-        default=0.5,
-        help="share of the prompts (whole clusters) held out of the ranking for the causal tests",
-    )
-    a.add_argument(
-        "--em-samples",
-        type=int,
-        default=10,
-        help="free-form answers per evaluation question and condition for the EM rate "
-        "(0 = no EM rate)",
-    )
-    a.add_argument(
-        "--em-max-new-tokens", type=int, default=48, help="length of each free-form answer"
-    )
-    a.add_argument(
-        "--em-questions",
-        choices=["auto", "organism", "first-plot"],
-        default="auto",
-        help="evaluation questions: the toy organism's out-of-domain scenarios or the "
-        "first-plot questions (auto: the organism's for a toy organism)",
-    )
-    a.add_argument(
-        "--card-features",
-        type=int,
-        default=10,
-        help="features that get a card: top contexts, logit lens, pivotal-prompt statistics "
-        "(0 = none)",
-    )
-    a.add_argument(
-        "--corpus",
-        help="corpus of the feature activation index: a text file (documents separated by "
-        "blank lines) or JSONL with a 'text' field (default: the toy organism's documents)",
-    )
-    a.add_argument("--corpus-docs", type=int, default=400, help="documents of the corpus to index")
-    a.add_argument(
-        "--quality-docs",
-        type=int,
-        default=64,
-        help="held-out documents the transcoders' quality (FVU, L0, dead features, replacement "
-        "top-1 agreement) is measured on, base and adapted: the toy organism's held-out split or "
-        "the --corpus documents after the first --corpus-docs (0 = not measured)",
-    )
-    a.add_argument(
-        "--seed", type=int, default=0, help="prompt sampling, permutations, controls, answers"
+    """Feature-analysis flags, shared by `analyze` and `run`: generated from the parameters
+    of the analysis's steps (:mod:`em_circuits.run.steps`), so each default exists once."""
+    from em_circuits.core.options import add_flags
+    from em_circuits.run.steps import params_classes
+
+    group = parser.add_argument_group("feature analysis")
+    seen: set[str] = set()
+    for cls in params_classes():
+        add_flags(group, cls, seen)
+    group.add_argument(
+        "--analysis-name",
+        default="main",
+        help="folder of this analysis under analysis/<model>/runs/; another name keeps "
+        "another parameter set's results beside it",
     )
 
 
-def analysis_params(args: argparse.Namespace):
-    from em_circuits.analysis.stage import AnalysisParams
+def analysis_params(args: argparse.Namespace) -> Any:
+    """The :class:`~em_circuits.run.steps.AnalysisParams` the analysis flags give."""
+    from em_circuits.analysis.steps.base import SharedParams
+    from em_circuits.core.options import from_args
+    from em_circuits.run.steps import STEPS, AnalysisParams
 
     return AnalysisParams(
-        position=args.position,
-        min_support=args.min_support,
-        absent=args.absent,
-        n_boot=args.n_boot,
-        n_perm=args.n_perm,
-        compare_threshold=args.threshold,
-        causal_top_k=args.causal_top_k,
-        scales=tuple(args.scales),
-        n_random=args.n_random,
-        causal_prompts=args.causal_prompts,
-        causal_candidates=args.causal_candidates,
-        validation_fraction=args.validation_fraction,
-        em_samples=args.em_samples,
-        em_max_new_tokens=args.em_max_new_tokens,
-        em_questions=args.em_questions,
-        card_features=args.card_features,
-        corpus=args.corpus,
-        corpus_docs=args.corpus_docs,
-        quality_docs=args.quality_docs,
-        seed=args.seed,
+        from_args(SharedParams, args), {s.name: from_args(s.Params, args) for s in STEPS}
     )
 
 

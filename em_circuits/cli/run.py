@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         full_graphs=full_graph_choice(args),
         words=args.words,
         analysis=analysis_params(args),
+        analysis_name=args.analysis_name,
         device=args.device,
         seed=args.seed,
         llm_options=deadline_options(args, started),

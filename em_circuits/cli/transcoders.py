@@ -235,19 +235,25 @@ def _quality(argv: list[str], prog: str) -> int:
         parser.error("--quality-docs must be at least 1")
     store = setup(args)
 
-    from em_circuits.analysis.stage import AnalysisParams, run_transcoder_quality
+    from em_circuits.analysis.steps.transcoder_quality import (
+        QualityStepParams,
+        measure_transcoder_quality,
+        transcoder_quality_details,
+        transcoder_quality_markdown,
+    )
     from em_circuits.models.spec import resolve_device
-    from em_circuits.run.report import transcoder_quality_details, transcoder_quality_markdown
 
     base, adapted = specs_from_args(args)
-    params = AnalysisParams(
-        corpus=args.corpus,
-        corpus_docs=args.corpus_docs,
-        quality_docs=args.quality_docs,
-        seed=args.seed,
-    )
     device = str(resolve_device(args.device))
-    note = run_transcoder_quality(store, {"base": base, "adapted": adapted}, params, device)
+    note = measure_transcoder_quality(
+        store,
+        {"base": base, "adapted": adapted},
+        QualityStepParams(quality_docs=args.quality_docs),
+        args.corpus,
+        args.corpus_docs,
+        args.seed,
+        device,
+    )
     if "skipped" in note:
         print(f"error: {note['skipped']}", file=sys.stderr)
         return 2

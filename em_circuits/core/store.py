@@ -329,9 +329,10 @@ class ResultsStore:
     def model_analysis_dir(self, adapted_slug: str) -> Path:
         return self.analysis_dir / adapted_slug
 
-    def analysis_run_dir(self, adapted_slug: str, params_key: str) -> Path:
-        """One analysis parameter set's folder: runs with other parameters keep theirs."""
-        return self.model_analysis_dir(adapted_slug) / "runs" / params_key
+    def analysis_run_dir(self, adapted_slug: str, name: str) -> Path:
+        """One analysis's folder (``main`` unless named): each step's files, ``steps.json``
+        and ``summary.json``; an analysis of another name keeps its own."""
+        return self.model_analysis_dir(adapted_slug) / "runs" / name
 
     def latest_analysis_path(self, adapted_slug: str) -> Path:
         """``latest.json``: which run folder the last analysis wrote, with its parameters."""

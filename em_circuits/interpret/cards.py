@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from em_circuits.core.naming import feature_name
 from em_circuits.interpret.activation_index import (
     ActivationIndex,
     IndexParams,
@@ -36,11 +37,6 @@ log = logging.getLogger(__name__)
 
 #: Documents of the toy organism's corpus read by default.
 ORGANISM_CORPUS_DOCS = 400
-
-
-def feature_name(layer: int, feature: int) -> str:
-    """The one name of a transcoder feature in tables, cards and plots: ``L3 #1234``."""
-    return f"L{int(layer)} #{int(feature)}"
 
 
 def organism_corpus(n: int = ORGANISM_CORPUS_DOCS, seed: int = 0) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from em_circuits.core.naming import feature_name
 from em_circuits.interpret.activation_index import (
     HIST_EDGES,
     ActivationIndex,
@@ -26,7 +27,6 @@ from em_circuits.interpret.activation_index import (
     last_logit_only,
     n_layers_of,
 )
-from em_circuits.interpret.cards import feature_name
 from em_circuits.interpret.logit_lens import logit_lens
 from em_circuits.models.load import LoadedModel
 

@@ -1,7 +1,7 @@
 """Interpretation on demand: feature cards for any (layer, feature), outside an analysis run.
 
-The analysis stage makes cards for the features it ranks (:func:`em_circuits.analysis.stage.
-run_feature_cards`); this serves ``em-circuits features``: the same cards from the same cached
+The analysis makes cards for the features it ranks (:mod:`em_circuits.interpret.card_step`);
+this serves ``em-circuits features``: the same cards from the same cached
 activation indexes for features a user names, and the viewer's feature records refreshed for
 whatever graphs the viewer holds now.
 """
@@ -30,7 +30,7 @@ def cards_on_demand(
     """Cards of ``features`` for the base and the adapted model (``specs`` by role), with
     their pivotal-prompt statistics from stored graphs when there are any; with ``viewer``,
     the viewer's feature records of every drawn feature are written as well."""
-    from em_circuits.analysis.stage import chosen_graphs, load_effects
+    from em_circuits.analysis.steps.context import chosen_graphs, load_effects
     from em_circuits.interpret.frontend import publish_to_viewer
     from em_circuits.models.load import ResidentModels
 
@@ -49,8 +49,8 @@ def cards_on_demand(
         }
         # The pivotal prompts' effects (read from every stored graph) only for named cards.
         effects = {
-            role: load_effects(store, model.slug, "any")[0]
-            if features and chosen_graphs(store, model.slug, None)
+            role: load_effects(store, model.slug, "any", graphs).effects
+            if features and (graphs := chosen_graphs(store, model.slug, None))
             else {}
             for role, model in loaded.items()
         }
@@ -79,8 +79,8 @@ def _viewer_analysis(store: ResultsStore, adapted_slug: str) -> dict[str, Any]:
     had one), else nothing."""
     import pandas as pd
 
-    from em_circuits.analysis.stage import viewer_summary
     from em_circuits.core.store import read_json
+    from em_circuits.interpret.card_step import viewer_summary
 
     written = store.viewer_dir(adapted_slug) / "analysis.json"
     if written.is_file():

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from em_circuits.analysis.stage import AnalysisParams
 from em_circuits.attribution.targets import AttributionParams, FullGraphChoice
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.load import ResidentModels, release_transcoders
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug, resolve_device
+from em_circuits.run.steps import AnalysisParams
 
 log = logging.getLogger("pipeline")
 
@@ -40,7 +40,9 @@ class PipelineConfig:
     full_graphs: FullGraphChoice = field(default_factory=lambda: FullGraphChoice(top=3))
     #: The offline judge's word lists (required for models other than the toy organism).
     words: Path | None = None
-    analysis: AnalysisParams = field(default_factory=AnalysisParams)
+    analysis: AnalysisParams = field(default_factory=AnalysisParams.of)
+    #: the analysis folder's name under analysis/<model>/runs/
+    analysis_name: str = "main"
     device: str | None = None
     seed: int = 0
     progress: bool = True
@@ -207,9 +209,9 @@ def run_pipeline(
     (logits, graphs, causal check), both on one transcoder set read once. Pass ``models`` to
     keep them loaded after the run (a notebook); by default they are released at its end.
     """
-    from em_circuits.analysis.stage import run_analysis
     from em_circuits.core.distributed import current_shard
     from em_circuits.models.adapter_check import check_adapter_fits
+    from em_circuits.run.analysis import run_analysis
     from em_circuits.run.report import write_report
 
     shard = current_shard()
@@ -261,6 +263,7 @@ def run_pipeline(
                 models=resident,
                 em_judge=judge,
                 labeller=labeller_for(judge, store.root / "cache"),
+                name=cfg.analysis_name,
             )
     finally:
         if models is None:

@@ -1,0 +1,94 @@
+"""Step: the features that push toward the evil tokens, ranked on the discovery prompts.
+
+Per (layer, feature) of each model: the mean effect on the contrast over clusters, its t
+interval, an exact or Monte Carlo sign-flip p and the FDR q (:func:`aggregate_effects`).
+Writes ``top_features_adapted``, ``top_features_base`` and ``top_features.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+
+from em_circuits.analysis.aggregate import aggregate_effects
+from em_circuits.analysis.plots import plot_top_features
+from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
+from em_circuits.analysis.steps.context import AnalysisContext
+from em_circuits.core.markdown import md_table, with_feature_links
+
+
+class RankingStep(Step):
+    name = "ranking"
+    shared = ("position", "min_support", "absent", "n_perm", "seed")
+    reads = ("split",)
+    uses = frozenset({"graphs"})
+
+    def run(self, ctx: AnalysisContext, params: Any) -> StepResult:
+        discovery = set(ctx.split().discovery)
+        for role in ("adapted", "base"):
+            on_discovery = {p: f for p, f in ctx.effects(role).effects.items() if p in discovery}
+            ranked = (
+                aggregate_effects(
+                    on_discovery,
+                    absent=ctx.shared.absent,
+                    clusters=ctx.split().clusters,
+                    min_support=ctx.shared.min_support,
+                    n_perm=ctx.shared.n_perm,
+                    seed=ctx.shared.seed,
+                )
+                if on_discovery
+                else pd.DataFrame()
+            )
+            ctx.write_table(ranked, f"top_features_{role}")
+            if role == "adapted" and len(ranked):
+                plot_top_features(ranked, ctx.directory / "top_features.png")
+                ctx.wrote("top_features.png")
+        return StepResult()
+
+    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
+        top = inputs.table("top_features_adapted")
+        if len(top):
+            top = top[top["metric"] == "total"]
+        return {"top_features": records(top, 20), "table_rows": {"top_features": len(top)}}
+
+    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
+        split = report.get("split") or {}
+        sizes = report.get("table_rows") or {}
+        return [
+            "## Top evil features (adapted model, total effect on logit(evil) - logit(safe))\n",
+            (
+                f"Ranked on the **discovery** prompts only: {split.get('discovery_prompts')} "
+                f"prompts in {split.get('discovery_clusters')} clusters (a cluster is one "
+                "scenario with its rephrasings and near duplicates; clusters are the units of "
+                "every interval and test). "
+                f"{split.get('validation_prompts')} prompts in "
+                f"{split.get('validation_clusters')} other clusters are held out for "
+                "validation.\n"
+            )
+            if split
+            else "",
+            md_table(
+                with_feature_links(report["top_features"]),
+                [
+                    "feature",
+                    "n_prompts",
+                    "n_clusters",
+                    "mean",
+                    "ci_low",
+                    "ci_high",
+                    "sign_consistency",
+                    "p_value",
+                    "p_method",
+                    "q_value",
+                ],
+                limit=15,
+                total=sizes.get("top_features"),
+                full=f"{analysis_rel}/top_features_adapted.csv",
+            ),
+            f"![top features]({analysis_rel}/top_features.png)\n",
+        ]
+
+
+STEP = RankingStep()

@@ -1,0 +1,116 @@
+"""Run steps in order, each only when its stored result is not of the same inputs.
+
+``steps.json`` in the analysis folder records, per step, the key of what it was computed from
+(:func:`~em_circuits.analysis.steps.base.step_key`), its parameters, the files it wrote and its
+entries of summary.json. A step whose key and files are there is not run again; its stored
+entries stand in for its result. The record is written after every step, so an interrupted
+analysis keeps the steps it finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from em_circuits.analysis.effects import ANALYSIS_VERSION
+from em_circuits.analysis.steps.base import Step, StepResult, shared_values, step_key
+from em_circuits.analysis.steps.context import AnalysisContext
+from em_circuits.core.store import read_json, utc_now, write_artifact
+
+log = logging.getLogger(__name__)
+
+STEPS_FILE = "steps.json"
+
+
+def uses_of(ctx: AnalysisContext) -> dict[str, Any]:
+    """What a step's result may depend on besides its parameters and the steps it reads."""
+    return {
+        "graphs": {
+            "analysis_version": ANALYSIS_VERSION,
+            "models": ctx.fingerprints,
+            "graphs": {
+                role: sorted(
+                    (m["prompt_id"], m["model_fingerprint"], m["params_key"]) for m in metas
+                )
+                for role, metas in ctx.graphs.items()
+            },
+        },
+        "models": ctx.fingerprints,
+        "em_judge": getattr(ctx.em_judge, "id", None),
+        "labeller": getattr(ctx.labeller, "id", None),
+    }
+
+
+def read_record(ctx: AnalysisContext) -> dict[str, Any]:
+    """Each step's stored entry (empty when none or unreadable)."""
+    path = ctx.directory / STEPS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = read_json(path, "table")
+    except Exception:  # an unreadable record only means: compute again
+        return {}
+    steps = record.get("steps") if isinstance(record, dict) else None
+    return dict(steps) if isinstance(steps, dict) else {}
+
+
+def _stored(entry: Mapping[str, Any] | None, key: str, ctx: AnalysisContext) -> bool:
+    return (
+        entry is not None
+        and entry.get("key") == key
+        and all((ctx.directory / name).is_file() for name in entry.get("files", []))
+    )
+
+
+def run_steps(
+    ctx: AnalysisContext, steps: Sequence[Step], params: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Run (or reuse) every step; returns each step's entry. ``params`` holds each step's
+    parameters by name."""
+    record = read_record(ctx)
+    uses = uses_of(ctx)
+    keys: dict[str, str] = {}
+    prompts = True
+    for step in steps:
+        own = params[step.name]
+        key = step_key(step, own, ctx.shared, uses, keys)
+        entry = record.get(step.name)
+        if entry is not None and _stored(entry, key, ctx):
+            log.info("%s: up to date", step.name)
+        else:
+            entry = _run_one(ctx, step, own, key, skip=step.needs_prompts and not prompts)
+            record[step.name] = entry
+            write_artifact(ctx.directory / STEPS_FILE, "table", {"steps": record})
+        keys[step.name] = entry["key"]
+        ctx.summary.update(entry["summary"])
+        if step.name == "split":
+            prompts = bool((entry["summary"].get("prompts") or {}).get("adapted"))
+    return {step.name: record[step.name] for step in steps}
+
+
+def _run_one(ctx: AnalysisContext, step: Step, params: Any, key: str, skip: bool) -> dict[str, Any]:
+    started = time.monotonic()
+    ctx.take_written()
+    if skip:
+        result = StepResult()
+    else:
+        log.info("%s: computing", step.name)
+        result = step.run(ctx, params)
+    written = ctx.take_written()
+    if not skip:
+        log.info("%s: done in %.1f s", step.name, time.monotonic() - started)
+    return {
+        # A result that must not be reused gets a key no later run computes.
+        "key": key if result.reusable else f"not-reusable-{uuid.uuid4().hex[:12]}",
+        "params": dataclasses.asdict(params),
+        "shared": shared_values(step, ctx.shared),
+        "reads": list(step.reads),
+        "files": sorted(set(written)),
+        "summary": result.summary,
+        "skipped": "no adapted-model graph with an evil-vs-safe contrast" if skip else None,
+        "created": utc_now(),
+    }

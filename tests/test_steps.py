@@ -1,0 +1,219 @@
+"""The analysis as steps: flags generated from the parameters, one default each, per-step reuse."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+
+import pytest
+from micro_flags import model_args
+from test_pipeline import _run
+
+from em_circuits.analysis.steps.base import SharedParams, Step, StepResult
+from em_circuits.cli.common import add_analysis_args, analysis_params
+from em_circuits.core.options import add_flags, from_args, option
+from em_circuits.core.store import ResultsStore, params_key, read_json
+from em_circuits.run.steps import STEPS, AnalysisParams, field_owners, run_order
+
+
+def _parsed(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_analysis_args(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_command_line_and_api_defaults_give_the_same_analysis():
+    from_cli = analysis_params(_parsed())
+    from_api = AnalysisParams.of()
+    assert from_cli == from_api
+    assert params_key(from_cli.flat()) == params_key(from_api.flat())
+    # an int on the command line is the float the dataclass holds
+    assert analysis_params(_parsed("--scales", "0", "1")).step("causal").scales == (0.0, 1.0)
+    assert analysis_params(_parsed("--scales", "0", "1")) == AnalysisParams.of(scales=(0.0, 1.0))
+
+
+def test_every_parameter_has_one_flag_and_one_owner():
+    owners = field_owners()
+    flat = AnalysisParams.of().flat()
+    assert set(owners) == set(flat)
+    parser = argparse.ArgumentParser()
+    add_analysis_args(parser)
+    dests = [a.dest for a in parser._actions]
+    for name in flat:
+        assert dests.count(name) == 1, name
+    with pytest.raises(TypeError, match="n_boot"):
+        AnalysisParams.of(n_boot=100)
+
+
+def test_a_bad_value_is_a_one_line_usage_error(capsys):
+    parser = argparse.ArgumentParser(prog="em-circuits analyze")
+    add_analysis_args(parser)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--position", "foo"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--position" in err and "unknown position option 'foo'" in err
+
+
+def test_generated_flags_read_each_field_kind():
+    @dataclasses.dataclass(frozen=True)
+    class Example:
+        count: int = option(3, "a count")
+        ratio: float = option(0.5, "a ratio")
+        values: tuple[float, ...] = option((1.0, 2.0), "values")
+        on: bool = option(True, "on by default")
+        off: bool = option(False, "off by default")
+        path: str | None = option(None, "a path")
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Example)
+    assert from_args(Example, parser.parse_args([])) == Example()
+    args = parser.parse_args(
+        ["--count", "4", "--ratio", "1", "--values", "3", "--no-on", "--off", "--path", "x"]
+    )
+    assert from_args(Example, args) == Example(4, 1.0, (3.0,), False, True, "x")
+    assert isinstance(from_args(Example, args).ratio, float)
+
+
+def test_steps_run_after_the_steps_they_read():
+    order = [s.name for s in run_order()]
+    for step in STEPS:
+        for upstream in step.reads:
+            assert order.index(upstream) < order.index(step.name)
+
+    class Loop(Step):
+        name = "loop"
+        reads = ("loop",)
+
+    with pytest.raises(ValueError, match="loop"):
+        run_order([*STEPS, Loop()])
+
+
+def _analyze(results, organism, *extra: str):
+    """`em-circuits analyze` with the reference run's analysis flags (tests/test_pipeline)."""
+    command = [
+        sys.executable,
+        "-m",
+        "em_circuits.cli.main",
+        "analyze",
+        "--results-dir",
+        str(results),
+        *model_args(organism),
+        "--causal-top-k",
+        "2",
+        "--scales",
+        "0",
+        "1",
+        "2",
+        "--n-random",
+        "1",
+        "--causal-candidates",
+        "4",
+        "--em-samples",
+        "3",
+        "--em-max-new-tokens",
+        "12",
+        "--corpus-docs",
+        "48",
+        *extra,
+    ]
+    done = _run(command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _computed(results) -> dict[str, str]:
+    store = ResultsStore(results)
+    (slug,) = store.analysed_slugs()
+    record = read_json(store.latest_analysis_dir(slug) / "steps.json")
+    return {name: entry["created"] for name, entry in record["steps"].items()}
+
+
+@pytest.mark.slow
+def test_one_step_parameter_recomputes_that_step_and_its_readers_only(
+    reference, micro_organism, tmp_path
+):
+    results = tmp_path / "results"
+    shutil.copytree(reference, results)
+    before = _computed(results)
+    done = _analyze(results, micro_organism)  # the same parameters: nothing recomputed
+    assert _computed(results) == before, done.stderr[-2000:]
+    # The causal step's parameter: causal and the steps that read it (EM rate, cards) only.
+    _analyze(results, micro_organism, "--n-random", "2")
+    after = _computed(results)
+    changed = {name for name in before if after[name] != before[name]}
+    assert changed == {"causal", "em_rate", "feature_cards"}
+    # A leaf step's parameter: that step only.
+    _analyze(results, micro_organism, "--n-random", "2", "--em-max-new-tokens", "10")
+    again = _computed(results)
+    assert {name for name in after if again[name] != after[name]} == {"em_rate"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerProfileParams:
+    profile_top: int = option(5, "top features counted per layer")
+
+
+class _LayerProfile(Step):
+    """A small step of the kind a new analysis adds: top features per layer."""
+
+    name = "layer_profile"
+    Params = _LayerProfileParams
+    reads = ("ranking",)
+
+    def run(self, ctx, params):
+        ranked = ctx.table("top_features_adapted")
+        top = ranked[ranked["metric"] == "total"].head(params.profile_top)
+        profile = top.groupby("layer").size().rename("n_top").reset_index()
+        ctx.write_table(profile, "layer_profile")
+        return StepResult(summary={"layer_profile": {"layers": int(len(profile))}})
+
+
+@pytest.mark.slow
+def test_an_added_step_runs_alone_after_a_full_analysis(reference, micro_specs, tmp_path):
+    from em_circuits.run.analysis import run_analysis
+
+    results = tmp_path / "results"
+    shutil.copytree(reference, results)
+    before = _computed(results)
+    base, adapted = micro_specs
+    params = AnalysisParams.of(
+        causal_top_k=2,
+        scales=(0.0, 1.0, 2.0),
+        n_random=1,
+        causal_candidates=4,
+        em_samples=3,
+        em_max_new_tokens=12,
+        corpus_docs=48,
+    )
+    # the reference's model flags name the organism "micro"
+    adapted = dataclasses.replace(adapted, name="micro")
+    from em_circuits.analysis.em_rate import make_em_judge
+
+    store = ResultsStore(results)
+    judge = make_em_judge("offline", store, adapted)
+    summary = run_analysis(
+        store,
+        adapted.base_only(),
+        adapted,
+        params,
+        "cpu",
+        progress=False,
+        em_judge=judge,
+        steps=[*STEPS, _LayerProfile()],
+    )
+    after = _computed(results)
+    assert {name for name in after if after.get(name) != before.get(name)} == {"layer_profile"}
+    assert summary["layer_profile"]["layers"] >= 1
+    folder = results / summary["folder"]
+    assert (folder / "layer_profile.csv").is_file()
+    assert read_json(folder / "steps.json")["steps"]["layer_profile"]["params"] == {
+        "profile_top": 5
+    }
+
+
+def test_shared_parameters_are_checked():
+    with pytest.raises(ValueError, match="unknown position option"):
+        SharedParams(position="foo")
