@@ -95,7 +95,7 @@ def phase_seconds(model: Any, texts: list[str], params: Any, batches: int = 6) -
     from em_circuits.analysis.intervene import record_transcoder_input, transcoder_set
     from em_circuits.interpret.activation_index import (
         ActivationIndex,
-        _LiveIndex,
+        LiveIndex,
         active_entries,
         n_layers_of,
     )
@@ -103,7 +103,7 @@ def phase_seconds(model: Any, texts: list[str], params: Any, batches: int = 6) -
     transcoders = transcoder_set(model)
     n_layers = n_layers_of(model)
     device = torch.device(model.device)
-    live = _LiveIndex(
+    live = LiveIndex(
         ActivationIndex.empty(n_layers, int(transcoders.d_transcoder), params.top_k), device
     )
     seen: dict[int, torch.Tensor] = {}

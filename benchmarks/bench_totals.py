@@ -177,16 +177,16 @@ def exactness(
     """Totals against every-feature ``attribute()`` plus the linear solve, base model."""
     from circuit_tracer import attribute
 
-    from em_circuits.attribution.attribute import _direction, _target_rows
+    from em_circuits.attribution.attribute import target_direction, target_rows
 
     model = resident.get("base")
     rm = model.replacement
     rows = []
     for pt in prompts:
         ids = model.encode(pt.text)
-        targets = _target_rows(model, pt, [])
+        targets = target_rows(model, pt, [])
         unembed = rm.unembed_proj.detach()
-        directions = torch.stack([_direction(unembed, pt, row) for row in targets])
+        directions = torch.stack([target_direction(unembed, pt, row) for row in targets])
         effects, m_totals = measure(
             lambda ids=ids, d=directions: exact_effects(rm, ids, lambda _: d)
         )
@@ -202,7 +202,7 @@ def exactness(
         )
         n_features = int(graph.active_features.shape[0])
         n_sources = n_features + (graph.cfg.n_layers + 1) * graph.n_pos
-        target_rows = torch.arange(n_sources, n_sources + len(targets), device=model.device)
+        target_nodes = torch.arange(n_sources, n_sources + len(targets), device=model.device)
         adjacency = graph.adjacency_matrix.to(model.device)
         solve = functools.partial(
             total_effects,
@@ -211,10 +211,10 @@ def exactness(
             n_sources,
             graph.activation_values.to(model.device),
             graph.cfg.n_layers,
-            target_rows,
+            target_nodes,
         )
         total, m_solve = measure(solve)
-        direct = adjacency[target_rows, :n_sources]
+        direct = adjacency[target_nodes, :n_sources]
         row = {
             "n_active_features": n_features,
             "n_targets": len(targets),
