@@ -8,32 +8,29 @@ made without adapter nodes, with them, and with them plus the split of their eff
 (the graph stage's defaults), and stored to measure its size.
 
 Times are medians over the prompts after a warm-up; the ratios are to the graph without
-adapter nodes, measured in the same process. `--tiny --device cpu` checks the path on a CPU.
+adapter nodes, measured in the same process. `--tiny --device cpu` checks the path on a CPU;
+`--smoke` shrinks it further (one prompt, one sentence). Writes
+`adapter-nodes-<shape>[-tiny]-<device>.json` (see harness.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from pathlib import Path
 from statistics import median
 from typing import Any
 
+import harness  # the offline switches and the import path first
 import torch
+from bench_pipeline import SHAPES, build_organism
+from harness import measure
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-
-from bench_pipeline import SHAPES, build_organism  # noqa: E402
-
-from em_circuits.attribution.attribute import attribute_prompt  # noqa: E402
-from em_circuits.attribution.storage import save_compact  # noqa: E402
-from em_circuits.attribution.targets import AttributionParams, PromptTargets  # noqa: E402
-from em_circuits.models.load import load_model  # noqa: E402
-from em_circuits.models.spec import ModelSpec  # noqa: E402
+from em_circuits.attribution.attribute import attribute_prompt
+from em_circuits.attribution.storage import save_compact
+from em_circuits.attribution.targets import AttributionParams, PromptTargets
+from em_circuits.models.load import load_model
+from em_circuits.models.spec import ModelSpec
 
 SENTENCES = [
     "I twisted my ankle on a run and it is swelling.",
@@ -50,14 +47,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="qwen2.5-0.5b-instruct", choices=sorted(SHAPES))
     parser.add_argument("--tiny", action="store_true", help="toy sizes (a CPU check)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-adapter-nodes"))
     parser.add_argument("--prompts", type=int, default=6, help="measured prompts (+1 warm-up)")
     parser.add_argument("--sentences", type=int, default=4, help="sentences per prompt")
-    parser.add_argument("--dtype", default="float32", help="the random model overflows bf16")
     parser.add_argument("--split-features", type=int, default=32)
     parser.add_argument("--read-nodes", type=int, default=8)
-    return parser.parse_args(argv)
+    harness.add_common_options(parser, dtype_help="the random model overflows bfloat16")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.tiny, args.prompts, args.sentences = True, 1, 1
+    return args
 
 
 def prompt_text(tokenizer: Any, i: int, n_sentences: int) -> str:
@@ -68,16 +67,6 @@ def prompt_text(tokenizer: Any, i: int, n_sentences: int) -> str:
     turn = [{"role": "user", "content": f"{body} What should I do?"}]
     chat = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
     return f"{chat}You should"
-
-
-def timed(fn: Any) -> tuple[Any, float]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         measured, graphs = {}, {}
         for name, params in variants.items():
-            (graph, _, _), measured[name] = timed(
+            (graph, _, _), took = measure(
                 lambda params=params, pt=pt: attribute_prompt(model, pt, params)
             )
+            measured[name] = took.seconds
             graphs[name] = graph
         if i == 0:
             continue  # warm-up
@@ -139,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     medians = {key: median(values) for key, values in rows.items()}
     base = medians["no_nodes"]
     result = {
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "shape": args.shape,
         "tiny": args.tiny,
         "built": {k: built[k] for k in ("architecture", "sizes", "transcoders", "adapter")},
@@ -154,11 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "stored_bytes_median": {name: median(values) for name, values in stored.items()},
     }
-    blob = json.dumps(result, indent=1)
-    if os.environ.get("OUT"):
-        name = f"adapter-nodes-{args.shape}{'-tiny' if args.tiny else ''}.json"
-        Path(os.environ["OUT"], name).write_text(blob)
-    print(blob)
+    name = f"adapter-nodes-{args.shape}{'-tiny' if args.tiny else ''}"
+    harness.write_record(args, name, result)
+    print({key: result[key] for key in ("median_s", "ratio_to_no_nodes")})
     return 0
 
 

@@ -11,32 +11,28 @@ Two workloads:
   tokens of random-word documents. Goal: 10 million tokens in under 10 minutes on one H100.
 
 Each run records documents, positions, seconds and tokens per second (positions read, BOS
-left out) as JSON under $OUT (or ``--workdir``).
+left out) in ``index-toy-<device>.json`` or ``index-<shape>[-tiny]-<device>.json`` (see
+harness.py). ``--smoke`` runs the ``--shape`` path at toy sizes on a few thousand tokens.
 
 Examples::
 
     python benchmarks/bench_index.py --toy
     python benchmarks/bench_index.py --shape llama-3.2-1b-instruct --tokens 10000000
+    python benchmarks/bench_index.py --smoke --device cpu
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import torch  # noqa: E402
+import harness  # the offline switches and the import path first
+import torch
+from harness import sync
 
 
 def log(message: str) -> None:
@@ -51,8 +47,7 @@ def timed_build(
     rate)."""
     from em_circuits.interpret.activation_index import build_index
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
 
     def note(partial: Any) -> None:
@@ -72,8 +67,7 @@ def timed_build(
     index = build_index(
         model, texts, params, progress=True, checkpoint=note, checkpoint_every=16384
     )
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - start
     return {
         "documents": index.n_docs,
@@ -95,7 +89,7 @@ def phase_seconds(model: Any, texts: list[str], params: Any, batches: int = 6) -
     from em_circuits.analysis.intervene import record_transcoder_input, transcoder_set
     from em_circuits.interpret.activation_index import (
         ActivationIndex,
-        _LiveIndex,
+        LiveIndex,
         active_entries,
         n_layers_of,
     )
@@ -103,7 +97,7 @@ def phase_seconds(model: Any, texts: list[str], params: Any, batches: int = 6) -
     transcoders = transcoder_set(model)
     n_layers = n_layers_of(model)
     device = torch.device(model.device)
-    live = _LiveIndex(
+    live = LiveIndex(
         ActivationIndex.empty(n_layers, int(transcoders.d_transcoder), params.top_k), device
     )
     seen: dict[int, torch.Tensor] = {}
@@ -182,7 +176,7 @@ def shape(args: argparse.Namespace) -> dict[str, Any]:
     spec = ModelSpec(
         base=built["paths"]["base"],
         transcoders=built["paths"]["transcoders"],
-        dtype="bfloat16",
+        dtype=args.dtype,
         name=args.shape,
     )
     model = load_model(spec, device, merged_cache=root / "merged")
@@ -199,12 +193,12 @@ def shape(args: argparse.Namespace) -> dict[str, Any]:
     log(f"seconds per batch of {args.batch_docs} documents: {json.dumps(phases)}")
     if args.profile_only:
         return {"workload": args.shape, "phase_seconds_per_batch": phases}
-    progress = Path(os.environ.get("OUT", args.workdir)) / f"index-{args.shape}-progress.json"
+    progress = harness.out_dir(args) / f"index-{args.shape}-progress.json"
     got = timed_build(model, texts, params, progress)
     return {
         "workload": f"random {args.shape} ({built['sizes']['num_hidden_layers']} layers, "
         f"{built['transcoders']['features']} features per layer, TopK k = "
-        f"{built['transcoders']['k']}, bfloat16)",
+        f"{built['transcoders']['k']}, {args.dtype})",
         "setup_seconds": setup,
         "phase_seconds_per_batch": phases,
         **got,
@@ -217,28 +211,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", default="llama-3.2-1b-instruct")
     parser.add_argument("--tokens", type=int, default=10_000_000)
     parser.add_argument("--batch-docs", type=int, default=64)
-    parser.add_argument("--device", default=None, help="default: cpu for --toy, else cuda")
     parser.add_argument("--profile-only", action="store_true", help="phase timings only")
     parser.add_argument("--tiny", action="store_true", help="toy sizes of --shape (CPU check)")
     parser.add_argument("--workdir", default="/tmp/bench-index")
+    harness.add_common_options(
+        parser,
+        dtype="bfloat16",
+        dtype_help="the --shape model's dtype",
+        device_help="default: cpu for --toy, else cuda when there is one",
+    )
+    parser.set_defaults(device=None)
     args = parser.parse_args(argv)
-    args.device = args.device or ("cpu" if args.toy else "cuda")
+    args.device = args.device or ("cpu" if args.toy or not harness.cuda() else "cuda")
+    if args.smoke:  # the --shape path at toy sizes: no organism to build
+        args.toy, args.tiny, args.tokens, args.batch_docs = False, True, 2000, 8
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
     measured = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "args": vars(args),
         **(toy(args) if args.toy else shape(args)),
     }
-    out = Path(os.environ.get("OUT", args.workdir))
-    name = "index-toy-cpu.json" if args.toy else f"index-{args.shape}-{device.type}.json"
-    (out / name).write_text(json.dumps(measured, indent=2))
+    name = "index-toy" if args.toy else f"index-{args.shape}{'-tiny' if args.tiny else ''}"
+    harness.write_record(args, name, measured)
     if "positions" in measured:
         log(
-            f"{measured['workload']} on {measured['device']}: {measured['positions']} tokens in "
-            f"{measured['seconds']:.1f} s = {measured['tokens_per_second']:.0f} tokens/s"
+            f"{measured['workload']} on {harness.device_name(args.device)}: "
+            f"{measured['positions']} tokens in {measured['seconds']:.1f} s = "
+            f"{measured['tokens_per_second']:.0f} tokens/s"
         )
 
 

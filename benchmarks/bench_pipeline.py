@@ -15,10 +15,13 @@ The random model's tied embedding rows beyond the tokenizer's ~600 ids are zero,
 next-token choices fall on real tokenizer words that the judge can label; the unembedding
 still spans the full vocabulary, so every stage does the real model's work.
 
+Writes ``pipeline[-tiny]-<device>.json`` (see harness.py), after each shape.
+
 Examples::
 
     python benchmarks/bench_pipeline.py                       # both shapes, on cuda
     python benchmarks/bench_pipeline.py --device cpu --tiny   # the same path at toy sizes
+    python benchmarks/bench_pipeline.py --smoke --device cpu  # one shape, tiny, 2 prompts
 """
 
 from __future__ import annotations
@@ -34,13 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import torch  # noqa: E402
+import harness  # the offline switches and the import path first
+import torch
+from harness import REPO
 
 LLAMA_ROPE = {
     "rope_type": "llama3",
@@ -243,21 +242,15 @@ def run_pipeline(built: dict[str, Any], results: Path, args: argparse.Namespace)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument("--workdir", default="/tmp/bench-pipeline")
     parser.add_argument("--tiny", action="store_true", help="toy sizes (a CPU check)")
+    harness.add_common_options(parser, dtype="bfloat16")
     args = parser.parse_args(argv)
-    out = Path(os.environ.get("OUT", args.workdir))
-    out.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        args.shapes, args.tiny, args.prompts = args.shapes[:1], True, 2
     device = torch.device(args.device)
-    measured: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "args": vars(args),
-        "shapes": {},
-    }
+    measured: dict[str, Any] = {"shapes": {}}
     for shape in args.shapes:
         root = Path(args.workdir) / (shape + ("-tiny" if args.tiny else ""))
         log(f"{shape}: building the random organism under {root}")
@@ -269,10 +262,10 @@ def main(argv: list[str] | None = None) -> None:
         again = run_pipeline(built, results, args)
         log(f"{shape}: second run {again['wall_seconds']:.1f} s: {again['stage_seconds']}")
         measured["shapes"][shape] = {**built, "first_run": first, "second_run": again}
-        (out / "pipeline.json").write_text(json.dumps(measured, indent=2))
+        path = harness.write_record(args, "pipeline-tiny" if args.tiny else "pipeline", measured)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    print(render(measured))
+    print(render(json.loads(path.read_text())))
 
 
 def render(measured: dict[str, Any]) -> str:

@@ -15,7 +15,9 @@ On the same workload as ``run_benchmarks.py`` (see README.md), measures:
 
 With ``--stage-only`` it instead times the graph stage over ``--prompts`` prompts with the
 models already loaded, in this process or in each process of an ``accelerate launch``; the
-main process writes ``stage-<processes>.json`` to ``$OUT`` (the multi-GPU speed-up).
+main process writes ``stage-<processes>gpu-<device>.json`` (the multi-GPU speed-up); otherwise
+it writes ``totals-<device>.json`` (see harness.py). ``--smoke`` shrinks the random workload to
+toy sizes and a few prompts (a CPU check).
 
 Examples::
 
@@ -24,6 +26,7 @@ Examples::
     accelerate launch --num_processes 2 benchmarks/bench_totals.py --stage-only --prompts 128
     python benchmarks/bench_totals.py --device cpu --layers 2 --d-model 128 --d-mlp 256 \\
         --vocab 1000 --features 4096 --k 16 --prompts 3 --exact-prompts 1   # CPU check
+    python benchmarks/bench_totals.py --smoke --device cpu                 # smaller still
 """
 
 from __future__ import annotations
@@ -31,16 +34,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-import run_benchmarks  # sets the offline switches and the import path first
+import harness  # the offline switches and the import path first
+import run_benchmarks
 import torch
-from harness import Budget, Estimates, environment, free_memory, log, measure, median
+from harness import Budget, Estimates, free_memory, log, measure, median
 from sections.common import Settings, analyse
 from sections.fast_dtype import feature_agreement
 from sections.graph_stage import raw_attribute_calls
@@ -67,12 +69,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     own.add_argument("--stage-only", action="store_true")
     own.add_argument("--raw-prompts", type=int, default=3, help="prompts given to attribute()")
     own.add_argument("--exact-prompts", type=int, default=2, help="prompts checked for exactness")
+    harness.add_record_options(own)  # run_benchmarks' parser has --device and --dtype
     mine, rest = own.parse_known_args(argv)
     args = run_benchmarks.parse_args(rest)
     for key, value in vars(mine).items():
         setattr(args, key, value)
     args.graph_mode = "totals"  # run_benchmarks.py measures full graphs (issue 9)
+    if args.smoke:
+        vars(args).update(SMOKE)
     return args
+
+
+#: What ``--smoke`` sets: the random workload at toy sizes, a warm-up and two prompts.
+SMOKE: dict[str, Any] = {
+    "workload": "llama1b-random",
+    "layers": 2,
+    "d_model": 64,
+    "heads": 4,
+    "kv_heads": 2,
+    "d_mlp": 128,
+    "vocab": 1000,
+    "features": 1024,
+    "k": 8,
+    "prompts": 2,
+    "logit_prompts": 2,
+    "raw_prompts": 1,
+    "exact_prompts": 1,
+    "batch_size": 64,
+}
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -177,16 +201,16 @@ def exactness(
     """Totals against every-feature ``attribute()`` plus the linear solve, base model."""
     from circuit_tracer import attribute
 
-    from em_circuits.attribution.attribute import _direction, _target_rows
+    from em_circuits.attribution.attribute import target_direction, target_rows
 
     model = resident.get("base")
     rm = model.replacement
     rows = []
     for pt in prompts:
         ids = model.encode(pt.text)
-        targets = _target_rows(model, pt, [])
+        targets = target_rows(model, pt, [])
         unembed = rm.unembed_proj.detach()
-        directions = torch.stack([_direction(unembed, pt, row) for row in targets])
+        directions = torch.stack([target_direction(unembed, pt, row) for row in targets])
         effects, m_totals = measure(
             lambda ids=ids, d=directions: exact_effects(rm, ids, lambda _: d)
         )
@@ -202,7 +226,7 @@ def exactness(
         )
         n_features = int(graph.active_features.shape[0])
         n_sources = n_features + (graph.cfg.n_layers + 1) * graph.n_pos
-        target_rows = torch.arange(n_sources, n_sources + len(targets), device=model.device)
+        target_nodes = torch.arange(n_sources, n_sources + len(targets), device=model.device)
         adjacency = graph.adjacency_matrix.to(model.device)
         solve = functools.partial(
             total_effects,
@@ -211,10 +235,10 @@ def exactness(
             n_sources,
             graph.activation_values.to(model.device),
             graph.cfg.n_layers,
-            target_rows,
+            target_nodes,
         )
         total, m_solve = measure(solve)
-        direct = adjacency[target_rows, :n_sources]
+        direct = adjacency[target_nodes, :n_sources]
         row = {
             "n_active_features": n_features,
             "n_targets": len(targets),
@@ -371,35 +395,23 @@ def stage_only(args: argparse.Namespace) -> dict[str, Any] | None:
         "n_pairs": n_pairs,
         "seconds": seconds,
         "pairs_per_hour": 3600.0 * n_pairs / seconds,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "dtype": args.dtype,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env = environment()
     if args.stage_only:
         result = stage_only(args)
         if result is None:
             return 0
-        name = f"stage-{result['processes']}.json"
+        name = f"stage-{result['processes']}gpu"
     else:
-        result = {"environment": env, "args": vars(args) | {"skip": sorted(args.skip)}}
-        result.update(full_benchmark(args))
-        name = "totals.json"
-    blob = json.dumps(result, indent=1, default=str)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], name).write_text(blob)
-    print(
-        blob
-        if args.stage_only
-        else json.dumps(
-            {k: v for k, v in result.items() if k not in ("environment", "args")},
-            indent=1,
-            default=str,
-        )
-    )
+        result = full_benchmark(args)
+        name = "totals"
+    args.skip = sorted(args.skip)  # a set is no JSON
+    harness.write_record(args, name, result)
+    print(json.dumps(result, indent=1, default=str))
     return 0
 
 

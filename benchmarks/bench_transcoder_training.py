@@ -17,34 +17,29 @@ Two workloads, both through ``em_circuits.models.transcoder_training.train_trans
   documents, pivotal-position agreement) for that set and for the hand-written one, whose
   training is timed again here on the same documents.
 
-Writes ``transcoder-training-*.json`` to $OUT (or ``--workdir``).
+Writes ``transcoder-training-toy-<device>.json`` or
+``transcoder-training-<shape>[-tiny]-<device>[-<tag>].json`` (see harness.py). ``--smoke``
+runs the ``--shape`` path at toy sizes on a few thousand tokens.
 
 Examples::
 
     python benchmarks/bench_transcoder_training.py --toy
     python benchmarks/bench_transcoder_training.py --shape qwen2.5-0.5b-instruct \\
         --budgets 2e6,6e6,14e6 --deadline 480
+    python benchmarks/bench_transcoder_training.py --smoke --device cpu
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import torch  # noqa: E402
+import harness  # the offline switches and the import path first
+import torch
 
 #: The toy settings compared with the hand-written trainer: its width and k, Adam at its
 #: learning rate with a short warm-up, ten passes over its documents.
@@ -121,12 +116,11 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
         "workload": "toy organism: hand-written trainer vs sparsify, same documents",
         "documents": len(texts),
         "torch_threads": args.threads,
-        "device": "cpu",
         **measured,
     }
 
 
-def _random_word_rows(tokenizer: Any, n_docs: int, seed: int) -> list[str]:
+def random_word_rows(tokenizer: Any, n_docs: int, seed: int) -> list[str]:
     words = sorted(
         {
             word
@@ -138,7 +132,7 @@ def _random_word_rows(tokenizer: Any, n_docs: int, seed: int) -> list[str]:
     return [" ".join(rng.choices(words, k=rng.randint(200, 1200))) for _ in range(n_docs)]
 
 
-def _quality_on(
+def quality_on(
     model_dir: Path, transcoders: Path, rows: torch.Tensor, device: torch.device
 ) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
@@ -177,7 +171,7 @@ def shape(args: argparse.Namespace) -> dict[str, Any]:
     budgets = [int(float(b)) for b in args.budgets.split(",")]
     ctx = 2048 if not args.tiny else 128
     n_docs = max(budgets) // 700 + 64
-    texts = _random_word_rows(tokenizer, n_docs, seed=0)
+    texts = random_word_rows(tokenizer, n_docs, seed=0)
     rows = tokenized_rows(datasets.Dataset.from_dict({"text": texts}), tokenizer, ctx)
     heldout = torch.stack(
         [row["input_ids"][:512] for row in rows.select(range(len(rows) - 16, len(rows)))]
@@ -214,10 +208,10 @@ def shape(args: argparse.Namespace) -> dict[str, Any]:
             dataset_name="random-word documents",
             params=TrainingParams(**params, max_tokens=budget),
             device=str(device),
-            dtype="bfloat16" if device.type == "cuda" else "float32",
+            dtype=args.dtype or ("bfloat16" if device.type == "cuda" else "float32"),
         )
         record = json.loads((out / "training.json").read_text())
-        quality = _quality_on(base_dir, out, heldout, device)
+        quality = quality_on(base_dir, out, heldout, device)
         fvus = [m["fvu"] for m in quality["layers"]]
         stage = {
             "tokens_total": result.tokens,
@@ -240,7 +234,6 @@ def shape(args: argparse.Namespace) -> dict[str, Any]:
         "workload": f"{args.shape}, random weights, random-word documents",
         "architecture": built["architecture"],
         "sizes": built["sizes"],
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "settings": {**params, "lr": args.lr or "sparsify's default for the width"},
         "features_per_layer": args.expansion_factor * built["sizes"]["hidden_size"],
         "usable_threshold": f"every layer's held-out FVU below {FVU_MAX}",
@@ -251,10 +244,9 @@ def shape(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--toy", action="store_true")
+    parser.add_argument("--toy", action="store_true", help="the toy organism (always on cpu)")
     parser.add_argument("--shape", choices=["qwen2.5-0.5b-instruct"])
     parser.add_argument("--tiny", action="store_true", help="toy sizes (checks the GPU path)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budgets", default="2e6,6e6,14e6", help="token budgets of the stages")
     parser.add_argument("--deadline", type=float, default=480.0, help="seconds for all stages")
     parser.add_argument("--k", type=int, default=32)
@@ -265,18 +257,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr-warmup-steps", type=int, default=1000, help="adam's warm-up")
     parser.add_argument("--tag", default="", help="appended to the output file's name")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (--toy)")
-    parser.add_argument("--workdir", default=os.environ.get("OUT", "/tmp/bench-tc"))
+    parser.add_argument("--workdir", default="/tmp/bench-tc")
+    harness.add_common_options(
+        parser, dtype=None, dtype_help="transcoder training dtype (default: bf16 on cuda)"
+    )
     args = parser.parse_args(argv)
+    if args.smoke:  # the --shape path at toy sizes: no organism to build
+        args.toy, args.shape, args.tiny = False, args.shape or "qwen2.5-0.5b-instruct", True
+        args.budgets, args.expansion_factor, args.k, args.batch_rows = "2048", 4, 8, 2
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.toy:
-        measured, name = toy(args), "transcoder-training-toy-cpu.json"
+        args.device = "cpu"
+        harness.write_record(args, "transcoder-training-toy", toy(args))
     elif args.shape:
-        measured, name = shape(args), f"transcoder-training-{args.shape}{args.tag}.json"
+        name = f"transcoder-training-{args.shape}{'-tiny' if args.tiny else ''}"
+        harness.write_record(args, name, shape(args), tag=args.tag.strip("-"))
     else:
-        parser.error("give --toy or --shape")
-    out = Path(os.environ.get("OUT", args.workdir)) / name
-    out.write_text(json.dumps(measured, indent=2) + "\n")
-    log(f"wrote {out}")
+        parser.error("give --toy, --shape or --smoke")
 
 
 if __name__ == "__main__":

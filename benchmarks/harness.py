@@ -1,24 +1,42 @@
-"""Timing, memory measurement, the time budget, section records and the environment.
+"""What every benchmark shares: the common flags, timing, memory measurement, the time
+budget, section records, the environment, and the one JSON record each run writes.
 
-Nothing here knows what a section measures: the sections and the report build on it.
+Nothing here knows what a benchmark measures. Importing it sets the offline switches (nothing
+is downloaded) and puts the repository and the test suite's stand-ins on the import path.
 """
 
 from __future__ import annotations
 
-import gc
-import importlib.metadata
-import math
-import platform
-import shlex
-import statistics
+import os
 import sys
-import time
-import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
 
-import torch
+# Offline before anything imports transformers or huggingface_hub.
+for _switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_switch, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+MEASURED = BENCHMARKS / "measured"
+for _path in (BENCHMARKS, REPO / "tests", REPO):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import gc  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
+
+import torch  # noqa: E402
 
 GIB = float(1 << 30)
 RESERVE_S = 10.0  # kept for writing the report
@@ -245,3 +263,102 @@ def environment() -> dict[str, Any]:
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
+
+
+# --- the common flags and the one JSON record of a run ----------------------------------
+
+#: Fields every record written by :func:`write_record` has, whatever the benchmark. Records
+#: measured before the harness lack some of them; ``tables.py`` reads those too.
+RECORD_FIELDS = ("benchmark", "device", "date", "environment", "args", "smoke")
+
+
+def add_common_options(
+    parser: Any,
+    *,
+    dtype: str | None = "float32",
+    dtype_choices: Sequence[str] | None = None,
+    dtype_help: str = "model dtype",
+    device_help: str = "torch device (default: cuda when there is one, else cpu)",
+) -> None:
+    """``--device``, ``--dtype`` (default ``dtype``), ``--out`` and ``--smoke``."""
+    default_device = "cuda" if cuda() else "cpu"
+    parser.add_argument("--device", default=default_device, help=device_help)
+    parser.add_argument("--dtype", default=dtype, choices=dtype_choices, help=dtype_help)
+    add_record_options(parser)
+
+
+def add_record_options(parser: Any) -> None:
+    """``--out`` and ``--smoke`` (for a parser that has its own ``--device``)."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="folder of the JSON record (default: $OUT when set, else benchmarks/measured; "
+        "with --smoke, a temporary folder)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="shrink the workload to seconds on a CPU (checks the path; the numbers mean "
+        "nothing and never go to benchmarks/measured unless --out says so)",
+    )
+
+
+def device_name(device: str | torch.device) -> str:
+    """The device as records name it: the GPU's model name, or ``cpu``."""
+    device = torch.device(device)
+    if device.type == "cuda" and cuda():
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def device_slug(name: str) -> str:
+    """A record file's device part: ``NVIDIA H100 80GB HBM3`` -> ``h100``, ``cpu`` -> ``cpu``."""
+    words = name.lower().replace("nvidia", " ").split()
+    for word in words:  # the model number (h100, a100, l40s, ...), as the files are named
+        if any(c.isdigit() for c in word) and word[0].isalpha() and "gb" not in word:
+            return word
+    return "-".join(words) or "unknown"
+
+
+def out_dir(args: Any) -> Path:
+    """Where this run's record goes (see ``--out``)."""
+    if getattr(args, "out", None):
+        return Path(args.out)
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"])
+    if getattr(args, "smoke", False):
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / "em-circuits-bench-smoke"
+    return MEASURED
+
+
+def record_path(args: Any, name: str, device: str, tag: str = "") -> Path:
+    """``<out>/<name>-<device>[-<tag>][-smoke].json``: the names in benchmarks/measured."""
+    parts = [name, device_slug(device_name(device)), tag, "smoke" if args.smoke else ""]
+    return out_dir(args) / ("-".join(p for p in parts if p) + ".json")
+
+
+def write_record(
+    args: Any, name: str, results: dict[str, Any], *, device: str | None = None, tag: str = ""
+) -> Path:
+    """Write one run's record: :data:`RECORD_FIELDS`, then the benchmark's own results (which
+    keep the fields the records measured before the harness have)."""
+    device = device or args.device
+    clash = sorted(set(results) & set(RECORD_FIELDS))
+    if clash:
+        raise ValueError(f"results may not set the record's own fields {clash}")
+    record = {
+        "benchmark": name,
+        "device": device_name(device),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "environment": environment(),
+        "args": vars(args),
+        "smoke": bool(args.smoke),
+        **results,
+    }
+    path = record_path(args, name, device, tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    log(f"wrote {path}")
+    return path

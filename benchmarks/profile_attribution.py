@@ -34,7 +34,7 @@ def main() -> None:
     load_resident(ctx, resident)
     from circuit_tracer import attribute
 
-    from em_circuits.attribution.attribute import _custom_targets, _target_rows, attribute_prompt
+    from em_circuits.attribution.attribute import attribute_prompt, custom_targets, target_rows
 
     _, model = resident.pair()
     params = ctx.params
@@ -53,8 +53,8 @@ def main() -> None:
         "custom": lambda pt, ids: attribute(
             ids,
             rm,
-            attribution_targets=_custom_targets(
-                model, pt, _target_rows(model, pt, []), {t: 1.0 for t in pt.evil_ids + pt.safe_ids}
+            attribution_targets=custom_targets(
+                model, pt, target_rows(model, pt, []), {t: 1.0 for t in pt.evil_ids + pt.safe_ids}
             ),
             batch_size=params.batch_size,
             max_feature_nodes=params.max_feature_nodes,

@@ -21,14 +21,14 @@ from harness import Budget, Estimates, log, median, sync
 from sections.common import Settings, analyse
 from sections.setup import prepare
 
-from em_circuits.attribution.attribute import _direction, _target_rows
+from em_circuits.attribution.attribute import target_direction, target_rows
 from em_circuits.attribution.stage import (
     ResidentModels,
     find_graph_metas,
     load_graph,
     run_graph_stage,
 )
-from em_circuits.attribution.totals import _TotalsBackward
+from em_circuits.attribution.totals import TotalsBackward
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -64,15 +64,15 @@ def main() -> None:
     steps: dict[str, list[float]] = {}
     for i, pt in enumerate(ctx.workload.prompts):
         ids = model.encode(pt.text)
-        rows = _target_rows(model, pt, [])
+        rows = target_rows(model, pt, [])
         unembed = rm.unembed_proj.detach()
-        directions = torch.stack([_direction(unembed, pt, row) for row in rows])
+        directions = torch.stack([target_direction(unembed, pt, row) for row in rows])
         attribution, t_setup = timed(lambda ids=ids: rm.setup_attribution(ids))
         _, t_forward = timed(
             lambda ids=ids, a=attribution, n=len(rows): rm.run_forward_pass(ids, 2 * n, a)
         )
         _, t_backward = timed(
-            lambda a=attribution, d=directions: _TotalsBackward(a, d.shape[0]).run(
+            lambda a=attribution, d=directions: TotalsBackward(a, d.shape[0]).run(
                 d.to(a.decoder_vecs.dtype)
             )
         )

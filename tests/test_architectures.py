@@ -10,7 +10,7 @@ import pytest
 import torch
 from standins import FAMILIES, build_standin
 
-from em_circuits.attribution.attribute import _direction, _target_rows, attribute_prompt
+from em_circuits.attribution.attribute import attribute_prompt, target_direction, target_rows
 from em_circuits.attribution.storage import total_effects
 from em_circuits.attribution.targets import AttributionParams, PromptTargets
 from em_circuits.attribution.totals import exact_effects
@@ -76,8 +76,10 @@ def test_every_stand_in_gets_a_graph(loaded):
     pt = PromptTargets("p", TEXT, [40], [41], {40: "a", 41: "b"}, {})
     graph, _, _ = attribute_prompt(model, pt, AttributionParams())
     assert graph.target_kinds[0] == "contrast" and torch.isfinite(graph.total).all()
-    rows = _target_rows(model, pt, [])
-    assert len(rows) == 3 and _direction(model.replacement.unembed_proj, pt, rows[0]).ndim == 1
+    rows = target_rows(model, pt, [])
+    assert (
+        len(rows) == 3 and target_direction(model.replacement.unembed_proj, pt, rows[0]).ndim == 1
+    )
 
 
 def test_qwen2_is_supported_and_unknown_architectures_are_refused_in_one_line():

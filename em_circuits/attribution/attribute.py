@@ -24,7 +24,7 @@ from em_circuits.attribution.targets import AttributionParams, GraphError, Promp
 from em_circuits.models.load import LoadedModel, NonFiniteError
 
 
-def _target_rows(model: LoadedModel, pt: PromptTargets, salient_ids: list[int]) -> list[TargetRow]:
+def target_rows(model: LoadedModel, pt: PromptTargets, salient_ids: list[int]) -> list[TargetRow]:
     """The contrast first (when both sets exist), then evil, safe and salient other tokens."""
     rows: list[TargetRow] = []
     if pt.evil_ids and pt.safe_ids:
@@ -36,13 +36,13 @@ def _target_rows(model: LoadedModel, pt: PromptTargets, salient_ids: list[int]) 
     return rows
 
 
-def _direction(unembed: torch.Tensor, pt: PromptTargets, row: TargetRow) -> torch.Tensor:
+def target_direction(unembed: torch.Tensor, pt: PromptTargets, row: TargetRow) -> torch.Tensor:
     if row[1] == "contrast":
         return unembed[pt.evil_ids].mean(0) - unembed[pt.safe_ids].mean(0)
     return unembed[row[3]] - unembed.mean(0)
 
 
-def _custom_targets(
+def custom_targets(
     model: LoadedModel, pt: PromptTargets, rows: list[TargetRow], prob: dict[int, float]
 ) -> list:
     """circuit-tracer custom targets. Their weights only steer which features are attributed:
@@ -58,7 +58,7 @@ def _custom_targets(
     for row in rows:
         weight = 0.5 if row[1] == "contrast" else share * token_p[row[3]] / total
         targets.append(
-            CustomTarget(row[0], float(weight), _direction(unembed, pt, row).to(model.dtype))
+            CustomTarget(row[0], float(weight), target_direction(unembed, pt, row).to(model.dtype))
         )
     return targets
 
@@ -148,8 +148,8 @@ def attribution_targets(
         salient_ids = _salient_ids(pt, plain, params.salient_logits)
         labeled = set(pt.evil_ids) | set(pt.safe_ids)
         prob = {t: float(plain[t]) for t in [*labeled, *salient_ids]}
-    rows = _target_rows(model, pt, salient_ids)
-    return rows, (_custom_targets(model, pt, rows, prob) if rows else [])
+    rows = target_rows(model, pt, salient_ids)
+    return rows, (custom_targets(model, pt, rows, prob) if rows else [])
 
 
 def prompt_ids(model: LoadedModel, pt: PromptTargets) -> torch.Tensor:
@@ -193,12 +193,12 @@ def totals_prompt(
     chosen: dict[str, list[TargetRow]] = {}
 
     def directions_for(logits: torch.Tensor) -> torch.Tensor:
-        rows = _target_rows(model, pt, _salient_ids(pt, logits, params.salient_logits))
+        rows = target_rows(model, pt, _salient_ids(pt, logits, params.salient_logits))
         if not rows:
             raise GraphError(f"{where}: no evil or safe labels, nothing to attribute to")
         chosen["rows"] = rows
         unembed = rm.unembed_proj.detach()
-        return torch.stack([_direction(unembed, pt, row) for row in rows])
+        return torch.stack([target_direction(unembed, pt, row) for row in rows])
 
     started = time.perf_counter()
     adapter: AdapterWrites | str | None = None
@@ -213,7 +213,7 @@ def totals_prompt(
             check_context=lambda ctx: _check_context(ctx, where),
             offload=params.offload,
             adapter=writes,
-            # the contrast comes first when the prompt has both labels (_target_rows)
+            # the contrast comes first when the prompt has both labels (target_rows)
             split_target=0 if pt.evil_ids and pt.safe_ids else None,
             split_features=params.adapter_split_features,
             read_nodes=params.adapter_read_nodes,

@@ -123,7 +123,7 @@ def check_unit_slope(transcoders: Any) -> None:
 EXTRA_ROWS = 64
 
 
-class _TotalsBackward:
+class TotalsBackward:
     """Runs the one backward over a circuit-tracer ``AttributionContext`` (after its forward
     pass cached residuals for ``2 * n_targets`` batch rows, and possibly more: the rows after
     them are direct rows for the adapter nodes' edges and reads)."""
@@ -386,7 +386,7 @@ def exact_effects(
     nodes = adapter if adapter is not None and adapter.n_nodes else None
     split = nodes is not None and split_target is not None and split_features > 0
     read = nodes is not None and split_target is not None and read_nodes > 0
-    backward = _TotalsBackward(ctx, t, nodes)
+    backward = TotalsBackward(ctx, t, nodes)
     wanted = max(split_features if split else 0, read_nodes if read else 0)
     extra = min(max(wanted - t, 0), EXTRA_ROWS)
     handles: list = []

@@ -156,7 +156,7 @@ def n_layers_of(model: LoadedModel) -> int:
     return int(hf.config.num_hidden_layers)
 
 
-class _LiveIndex:
+class LiveIndex:
     """The index's arrays as tensors on the model's device while a build runs, so the merge
     of each batch runs where the activations are (a GPU merges millions of active entries per
     second; copying them to the host first would dominate)."""
@@ -306,7 +306,7 @@ def build_index(
     d_transcoder = int(transcoders.d_transcoder)
     index = resume or ActivationIndex.empty(n_layers, d_transcoder, params.top_k)
     device = torch.device(model.device)
-    live = _LiveIndex(index, device)
+    live = LiveIndex(index, device)
     seen: dict[int, torch.Tensor] = {}
     handles = [record_transcoder_input(model, layer, seen) for layer in range(n_layers)]
     since_checkpoint = 0
