@@ -113,6 +113,7 @@ def checks(args: Any) -> list[tuple[str, str, str]]:
 def _model_checks(base_dir: Path, source: Any, spec: Any) -> list[tuple[str, str, str]]:
     from transformers import AutoConfig
 
+    from em_circuits.analysis.intervene import sites_problem
     from em_circuits.models.architectures import check_traceable
     from em_circuits.models.spec import ModelLoadError, chat_template_sha
     from em_circuits.models.transcoder_formats import fit_problem, set_shape
@@ -127,6 +128,9 @@ def _model_checks(base_dir: Path, source: Any, spec: Any) -> list[tuple[str, str
         try:
             arch = check_traceable(config, hooks, str(base_dir))
             out.append((OK, "architecture", f"{arch}, transcoder hooks exist for it"))
+            problem = sites_problem(arch, hooks.feature_input_hook, hooks.feature_output_hook)
+            if problem:  # graphs still run; these stages are skipped with this note
+                out.append((WARN, "interventions", f"{problem}: those stages are skipped"))
         except ModelLoadError as err:
             out.append((MISSING, "architecture", str(err)))
         shape = set_shape(source)  # from configs and file headers: no weights read
