@@ -31,7 +31,14 @@ def checks(args: Any) -> list[tuple[str, str, str]]:
     """(status, what, detail) for everything a run with ``args`` needs."""
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
-    from em_circuits.models.spec import ModelLoadError, ModelSpec, local_model_dir, resolve_device
+    from em_circuits.models.spec import (
+        ModelLoadError,
+        ModelSpec,
+        local_model_dir,
+        looks_like_path,
+        missing_path_message,
+        resolve_device,
+    )
 
     out: list[tuple[str, str, str]] = []
     try:
@@ -65,9 +72,12 @@ def checks(args: Any) -> list[tuple[str, str, str]]:
             continue
         folder = local_model_dir(ref, revision)
         folders[what] = folder
+        if folder is None and looks_like_path(ref):
+            out.append((MISSING, what, missing_path_message(ref, what)))
+            continue
         if folder is None:
             how = "not in the Hugging Face cache"
-        elif os.path.isdir(ref):
+        elif os.path.isdir(os.path.expanduser(ref)):
             how = "local folder"
         else:
             how = f"in the Hugging Face cache (commit {folder.name[:12]})"
