@@ -85,7 +85,6 @@ def test_adapter_mlp_writes_after_a_norm_are_named_not_nodes(loaded, tmp_path):
         base=str(standin.base_dir),
         adapter=str(standin.adapter_dir),
         transcoders=str(standin.transcoder_config),
-        allow_base_mismatch=True,
     )
     adapted = load_model(spec, "cpu", tmp_path / "merged")
     why = prompt_adapter_writes(adapted, adapted.encode(TEXT))

@@ -700,6 +700,7 @@ def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites 
         hook_sites,
         transcoder_set,
     )
+    from em_circuits.models.adapter_scope import spec_outside_changes
 
     try:
         factors = model_lora_factors(model)
@@ -734,6 +735,7 @@ def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites 
             writes.not_nodes += _modules_at_layers(left_out)
     except (UnsupportedAdapterError, UnsupportedInterventionError) as err:
         return str(err)  # also a cross-layer set: its output sites are not one MLP's
+    writes.not_nodes += spec_outside_changes(model.spec)
     if not writes.n_nodes:
         adapted = ", ".join(writes.not_nodes) or "none"
         return (

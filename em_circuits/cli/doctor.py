@@ -96,8 +96,9 @@ def checks(args: Any) -> list[tuple[str, str, str]]:
         from em_circuits.models.adapter_check import check_adapter_fits
 
         try:
-            check_adapter_fits(spec)
+            notes = check_adapter_fits(spec)
             out.append((OK, "adapter fits base", "declared base and LoRA shapes checked"))
+            out += [(WARN, "adapter", note) for note in notes]
         except ModelLoadError as err:
             out.append((MISSING, "adapter fits base", str(err)))
     source = None
