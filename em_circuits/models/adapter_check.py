@@ -238,3 +238,13 @@ def check_adapter_fits(spec: ModelSpec) -> list[str]:
     for note in notes:
         log.warning("%s: %s", spec.adapter, note)
     return notes
+
+
+def check_start_up(spec: ModelSpec) -> list[str]:
+    """Everything checkable before any work, from configs and file headers: the transcoder
+    set fits the base (:func:`~em_circuits.models.transcoder_formats.check_transcoders_fit`)
+    and the adapter fits it (:func:`check_adapter_fits`, whose notes are returned)."""
+    from em_circuits.models.transcoder_formats import check_transcoders_fit
+
+    check_transcoders_fit(spec)
+    return check_adapter_fits(spec)
