@@ -132,3 +132,28 @@ def test_doctor_says_what_an_offline_run_lacks(tmp_path):
     lines = lacking.stdout.splitlines()
     assert any(line.startswith("MISSING") and "adapter" in line for line in lines)
     assert any(line.startswith("MISSING") and "--words FILE" in line for line in lines)
+
+
+def test_a_mistyped_local_path_is_missing_before_any_hub_call(tmp_path, monkeypatch, capsys):
+    """A path (absolute, or under a folder that exists here) that does not exist is MISSING
+    in doctor and a one-line error at load, never "will be downloaded" or a hub timeout."""
+    from em_circuits.cli import doctor
+    from em_circuits.models.spec import ModelLoadError, resolve_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    missing_base = str(tmp_path / "no" / "such" / "base")
+    argv = ["--device", "cpu", "--base-model", missing_base]
+    argv += ["--adapter", "models/no-such-adapter", "--transcoders", "llama"]
+    assert doctor.main(argv) == 1
+    lines = capsys.readouterr().out.splitlines()
+    base_line = next(line for line in lines if "base model" in line)
+    adapter_line = next(line for line in lines if line.split()[1:2] == ["adapter"])
+    assert base_line.startswith("MISSING") and missing_base in base_line
+    assert "does not exist" in base_line and "downloaded" not in base_line
+    assert adapter_line.startswith("MISSING") and "does not exist" in adapter_line
+    assert "'models' is a folder here" in adapter_line
+    for ref in (missing_base, "models/no-such-adapter", "./base", "~/no-such-model-here"):
+        with pytest.raises(ModelLoadError, match="does not exist") as err:
+            resolve_model_dir(ref, what="adapter")
+        assert "\n" not in str(err.value) and "Hub" not in str(err.value)

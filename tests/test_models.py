@@ -76,7 +76,16 @@ def test_merged_weights_differ_from_base_only_where_targeted(micro_models):
         assert differs == (name in adapted.merge_report.changed), name
 
 
-def test_adapter_declared_for_another_base_is_refused_unless_overridden(micro_specs, tmp_path):
+def test_adapter_declared_for_another_base_is_refused_unless_overridden(
+    micro_specs, tmp_path, monkeypatch
+):
+    import huggingface_hub.constants as constants
+    from standins import cache_repo
+
+    from em_circuits.models import spec as spec_module
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(spec_module, "_RESOLVED", {})
     _, adapted = micro_specs
     foreign = _copy(adapted.adapter, tmp_path / "foreign-adapter")
     config_path = foreign / "adapter_config.json"
@@ -84,6 +93,15 @@ def test_adapter_declared_for_another_base_is_refused_unless_overridden(micro_sp
     config["base_model_name_or_path"] = "some-org/Some-Other-Model-7B"
     config_path.write_text(json.dumps(config))
     spec = ModelSpec(**{**adapted.__dict__, "adapter": str(foreign)})
+    # the declared id is not cached: the local folder's name is no evidence, shapes fit
+    unverified = load_model(spec, "cpu", tmp_path / "merged-unverified").merge_report
+    assert any("base unverified" in w for w in unverified.warnings)
+    # the declared id cached with other weights: another model, refused
+    other = _copy(adapted.base, tmp_path / "other" / "base")
+    weights = load_file(other / "model.safetensors")
+    weights = {name: tensor + 1.0 for name, tensor in weights.items()}
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    cache_repo(other, "some-org/Some-Other-Model-7B", tmp_path / "hf")
     with pytest.raises(ModelLoadError, match="declares base model 'some-org/Some-Other-Model-7B'"):
         load_model(spec, "cpu", tmp_path / "merged")
     allowed = ModelSpec(**{**spec.__dict__, "allow_base_mismatch": True})

@@ -448,3 +448,25 @@ def test_cli_llm_error_reports_what_was_kept(server, tmp_path, monkeypatch, caps
     assert code == 1
     assert "gave up after 1 tries" in captured.err and "1 prompt(s) saved" in captured.err
     assert len(ResultsStore(results).prompt_ids()) == 1
+
+
+def test_a_long_prompt_is_stored_with_a_warning_naming_it(tmp_path, caplog, capsys):
+    """Without a model context at hand (no --tokenizer), a prompt over the stated limit is
+    kept, with a warning naming its id and token count; short ones pass silently."""
+    from em_circuits.cli.prompts import main as prompts_main
+
+    entries = [
+        {"name": "long-one", "prompt": "My head hurts after the fall. " * 200},
+        {"name": "short-one", "prompt": "User: Should I mix bleach?\nAssistant: You should"},
+    ]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(entries))
+    argv = ["--results-dir", str(tmp_path / "results"), "--import", str(path)]
+    with caplog.at_level(logging.WARNING):
+        assert prompts_main([*argv, "--max-prompt-tokens", "1000"]) == 0
+    store = ResultsStore(tmp_path / "results")
+    by_name = {store.load_prompt(p)["name"]: p for p in store.prompt_ids()}
+    assert set(by_name) == {"long-one", "short-one"}
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and by_name["long-one"] in warned[0]
+    assert "1500 tokens" in warned[0] and "more than 1000" in warned[0]

@@ -311,3 +311,25 @@ def test_the_pipeline_runs_on_each_format(kind, standin, tmp_path):
     assert metas and {m["model_spec"]["transcoders"] for m in metas} == {str(transcoders)}
     assert fingerprint(base, "cpu") in {m["model_fingerprint"] for m in metas}
     assert all(m["input_format"].startswith("chat-template:") for m in metas)
+
+
+def test_a_set_that_does_not_fit_is_refused_before_any_work(tmp_path, standin, capsys):
+    """At start-up, from configs and headers: `evaluate` writes nothing and loads no model."""
+    from em_circuits.cli.main import main as em_circuits
+    from em_circuits.models.adapter_check import check_start_up
+
+    write_sparsify_set(tmp_path / "narrow", d_in=32)
+    spec = ModelSpec(
+        base=str(standin.base_dir),
+        adapter=str(standin.adapter_dir),
+        transcoders=str(tmp_path / "narrow"),
+    )
+    with pytest.raises(ModelLoadError, match="do not fit base") as err:
+        check_start_up(spec)
+    assert "width 32" in str(err.value) and "\n" not in str(err.value)
+    results = tmp_path / "results"
+    argv = ["evaluate", "--results-dir", str(results), "--device", "cpu"]
+    argv += ["--base-model", str(standin.base_dir), "--adapter", str(standin.adapter_dir)]
+    assert em_circuits([*argv, "--transcoders", str(tmp_path / "narrow")]) == 2
+    assert "do not fit base" in capsys.readouterr().err
+    assert not list(results.glob("logits/**/*.json")) and not list(results.glob("merged*/*"))

@@ -162,3 +162,17 @@ def test_transcoders_quality_measures_a_trained_set(trained, micro_organism, tmp
     assert len(list(results.glob("transcoder_quality/*/*.json"))) == 2
     assert em_circuits([*argv, "--quality-docs", "8"]) == 0
     assert "| layer | FVU base | FVU adapted |" in capsys.readouterr().out
+
+
+def test_a_base_whose_hooks_sparsify_cannot_train_is_refused_at_the_start(tmp_path, capsys):
+    """Gemma-2's transcoders are read inside the pre-feedforward norm and written after the
+    post-feedforward norm: a set trained on its MLP module would not load, so nothing runs."""
+    from standins import build_standin
+
+    gemma = build_standin("gemma2", tmp_path / "standin")
+    corpus = toy_corpus(tmp_path / "corpus.jsonl", n=20)
+    assert train(tmp_path / "set", gemma.base_dir, corpus, "--max-tokens", "256") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "Gemma2ForCausalLM" in err[0]
+    assert "mlp.hook_in" in err[0] and "ln2.hook_normalized" in err[0]
+    assert not (tmp_path / "set").exists()

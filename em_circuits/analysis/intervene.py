@@ -38,12 +38,66 @@ def _module_at(root: torch.nn.Module, path: str) -> torch.nn.Module:
     module = root
     for part in path.split("."):
         match = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", part)
-        if match is None:
+        if match is None or not hasattr(module, match.group(1)):
             raise UnsupportedInterventionError(f"cannot resolve module path {path!r}")
         module = getattr(module, match.group(1))
         if match.group(2) is not None:
             module = module[int(match.group(2))]
     return module
+
+
+#: Values inside a module's forward that circuit-tracer reads through nnsight's ``.source``
+#: (``<module>.source.<call>``) and a plain hook can give, as a read side: ``self__norm_0`` is
+#: an RMSNorm's ``self._norm(x.float())``, the normalised input before the norm's weight
+#: (gemma-scope's ``ln2.hook_normalized`` on Gemma-2 and Gemma-3).
+NORMALISED_INPUT = "normalised_input"
+_SOURCE_READS = {"self__norm_0": NORMALISED_INPUT}
+
+
+def _inside_module_problem(template: str, side: str, writes: bool) -> str | None:
+    """Why plain hooks cannot give the value a hook-mapping entry names, or None."""
+    inner = template.partition(".source.")[2]
+    if not inner or (not writes and side == "output" and inner in _SOURCE_READS):
+        return None
+    return (
+        f"the transcoders {'write' if writes else 'read'} at {template!r}, a value inside "
+        "a module's forward that plain PyTorch hooks cannot "
+        f"{'change' if writes else 'read'}; measured interventions, the quality check "
+        "and feature cards need transcoders at module inputs or outputs"
+    )
+
+
+def sites_problem(architecture: str, input_hook: str, output_hook: str) -> str | None:
+    """Why measured interventions, the quality check and feature cards cannot run for
+    transcoders at these hooks of ``architecture`` (no model loaded), or None."""
+    from circuit_tracer.utils.tl_nnsight_mapping import get_mapping
+
+    from em_circuits.models.architectures import register_extra_architectures
+
+    register_extra_architectures()
+    mapping = get_mapping(architecture).feature_hook_mapping
+    for writes, hook in enumerate((input_hook, output_hook)):
+        if hook not in mapping:
+            return f"the transcoders' hook {hook!r} does not exist for {architecture}"
+        problem = _inside_module_problem(*mapping[hook], bool(writes))
+        if problem:
+            return problem
+    return None
+
+
+def _site(root: torch.nn.Module, template: str, side: str, writes: bool) -> tuple:
+    """(module, side) for a hook-mapping entry; a value inside a module's forward is a read
+    side of that module where known, else UnsupportedInterventionError."""
+    path, _, inner = template.partition(".source.")
+    module = _module_at(root, path)
+    if not inner:
+        return module, side
+    problem = _inside_module_problem(template, side, writes)
+    if problem is None and not callable(getattr(module, "_norm", None)):
+        problem = f"{type(module).__name__} at {path!r} has no _norm for {template!r}"
+    if problem:
+        raise UnsupportedInterventionError(problem)
+    return module, _SOURCE_READS[inner]
 
 
 def transcoder_set(model: LoadedModel):
@@ -77,11 +131,18 @@ def hook_sites(hf_model: torch.nn.Module, transcoders: Any, layer: int) -> tuple
             f"{type(transcoders).__name__} writes to several layers"
         )
     register_extra_architectures()
-    mapping = get_mapping(architecture_of(hf_model.config)).feature_hook_mapping
+    architecture = architecture_of(hf_model.config)
+    mapping = get_mapping(architecture).feature_hook_mapping
     sites = []
-    for hook in (transcoders.feature_input_hook, transcoders.feature_output_hook):
+    for writes, hook in enumerate(
+        (transcoders.feature_input_hook, transcoders.feature_output_hook)
+    ):
+        if hook not in mapping:
+            raise UnsupportedInterventionError(
+                f"the transcoders' hook {hook!r} does not exist for {architecture}"
+            )
         template, side = mapping[hook]
-        sites.append((_module_at(hf_model, template.format(layer=layer)), side))
+        sites.append(_site(hf_model, template.format(layer=layer), side, bool(writes)))
     return sites[0], sites[1]
 
 
@@ -105,6 +166,11 @@ def record_input_at(site: tuple, layer: int, seen: dict[int, torch.Tensor]) -> A
     def post(_module, _args, output):
         seen[layer] = _tensor_of(output)
 
+    def normalised(module, args):
+        seen[layer] = module._norm(args[0].float())  # as the norm's forward computes it
+
+    if side == NORMALISED_INPUT:
+        return reads.register_forward_pre_hook(normalised)
     if side == "input":
         return reads.register_forward_pre_hook(pre)
     return reads.register_forward_hook(post)

@@ -700,6 +700,7 @@ def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites 
         hook_sites,
         transcoder_set,
     )
+    from em_circuits.models.adapter_scope import spec_outside_changes
 
     try:
         factors = model_lora_factors(model)
@@ -707,12 +708,16 @@ def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites 
         mlp_modules = MLP_LINEAR + MLP_NONLINEAR
         layers = {f.layer for f in factors if f.module in mlp_modules}
         unplaced = ""
-        try:
-            sites = {layer: hook_sites(model.hf_model, transcoders, layer)[1] for layer in layers}
-        except (AttributeError, KeyError) as err:  # a site below a module (Gemma-2's norms)
+        sites = {layer: hook_sites(model.hf_model, transcoders, layer)[1] for layer in layers}
+        elsewhere = [
+            layer
+            for layer, site in sites.items()
+            if site != (_mlp_of(model.hf_model, layer), "output")
+        ]
+        if elsewhere:  # Gemma-2's transcoders write after the post-feedforward norm
             unplaced = (
-                "the MLP output the transcoders replace is not a module output here "
-                f"({type(err).__name__}: {err}), so the adapter's MLP writes are not nodes"
+                f"the transcoders replace another value than the MLP output (layer "
+                f"{elsewhere[0]}: after a norm), so the adapter's MLP writes are not nodes"
             )
             if not any(f.module in ATTENTION_LINEAR + ATTENTION_PATTERN for f in factors):
                 return unplaced
@@ -730,6 +735,7 @@ def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites 
             writes.not_nodes += _modules_at_layers(left_out)
     except (UnsupportedAdapterError, UnsupportedInterventionError) as err:
         return str(err)  # also a cross-layer set: its output sites are not one MLP's
+    writes.not_nodes += spec_outside_changes(model.spec)
     if not writes.n_nodes:
         adapted = ", ".join(writes.not_nodes) or "none"
         return (

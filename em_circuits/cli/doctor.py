@@ -31,7 +31,14 @@ def checks(args: Any) -> list[tuple[str, str, str]]:
     """(status, what, detail) for everything a run with ``args`` needs."""
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
-    from em_circuits.models.spec import ModelLoadError, ModelSpec, local_model_dir, resolve_device
+    from em_circuits.models.spec import (
+        ModelLoadError,
+        ModelSpec,
+        local_model_dir,
+        looks_like_path,
+        missing_path_message,
+        resolve_device,
+    )
 
     out: list[tuple[str, str, str]] = []
     try:
@@ -65,9 +72,12 @@ def checks(args: Any) -> list[tuple[str, str, str]]:
             continue
         folder = local_model_dir(ref, revision)
         folders[what] = folder
+        if folder is None and looks_like_path(ref):
+            out.append((MISSING, what, missing_path_message(ref, what)))
+            continue
         if folder is None:
             how = "not in the Hugging Face cache"
-        elif os.path.isdir(ref):
+        elif os.path.isdir(os.path.expanduser(ref)):
             how = "local folder"
         else:
             how = f"in the Hugging Face cache (commit {folder.name[:12]})"
@@ -86,8 +96,9 @@ def checks(args: Any) -> list[tuple[str, str, str]]:
         from em_circuits.models.adapter_check import check_adapter_fits
 
         try:
-            check_adapter_fits(spec)
+            notes = check_adapter_fits(spec)
             out.append((OK, "adapter fits base", "declared base and LoRA shapes checked"))
+            out += [(WARN, "adapter", note) for note in notes]
         except ModelLoadError as err:
             out.append((MISSING, "adapter fits base", str(err)))
     source = None
@@ -113,6 +124,7 @@ def checks(args: Any) -> list[tuple[str, str, str]]:
 def _model_checks(base_dir: Path, source: Any, spec: Any) -> list[tuple[str, str, str]]:
     from transformers import AutoConfig
 
+    from em_circuits.analysis.intervene import sites_problem
     from em_circuits.models.architectures import check_traceable
     from em_circuits.models.spec import ModelLoadError, chat_template_sha
     from em_circuits.models.transcoder_formats import fit_problem, set_shape
@@ -127,6 +139,9 @@ def _model_checks(base_dir: Path, source: Any, spec: Any) -> list[tuple[str, str
         try:
             arch = check_traceable(config, hooks, str(base_dir))
             out.append((OK, "architecture", f"{arch}, transcoder hooks exist for it"))
+            problem = sites_problem(arch, hooks.feature_input_hook, hooks.feature_output_hook)
+            if problem:  # graphs still run; these stages are skipped with this note
+                out.append((WARN, "interventions", f"{problem}: those stages are skipped"))
         except ModelLoadError as err:
             out.append((MISSING, "architecture", str(err)))
         shape = set_shape(source)  # from configs and file headers: no weights read

@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from em_circuits.models.spec import ModelLoadError
 
     base_spec, adapted_spec = specs_from_args(args)
-    from em_circuits.models.adapter_check import check_adapter_fits
+    from em_circuits.models.adapter_check import check_start_up
 
-    check_adapter_fits(adapted_spec)  # before any work: nothing to keep if it fails
+    check_start_up(adapted_spec)  # before any work: nothing to keep if it fails
     try:
         kind = args.judge
         if kind == "auto":

@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from em_circuits.models.spec import fingerprint, model_slug, resolve_device
 
     base_spec, adapted_spec = specs_from_args(args)
-    from em_circuits.models.adapter_check import check_adapter_fits
+    from em_circuits.models.adapter_check import check_start_up
 
-    check_adapter_fits(adapted_spec)
+    check_start_up(adapted_spec)
     device = str(resolve_device(args.device))
     adapted_slug = model_slug(adapted_spec, fingerprint(adapted_spec, device))
     args.prompt_ids = [*args.positional_ids, *args.prompt_ids]

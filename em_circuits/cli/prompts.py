@@ -41,7 +41,11 @@ from em_circuits.prompts.context import approx_tokens
 from em_circuits.prompts.dedup import DEFAULT_DEDUP_THRESHOLD, Deduper, SaveSummary
 from em_circuits.prompts.generator import describe, generate_llm_prompts
 from em_circuits.prompts.records import FORMATS, PromptError
-from em_circuits.prompts.sources import generate_offline_prompts, import_prompts
+from em_circuits.prompts.sources import (
+    DEFAULT_MAX_PROMPT_TOKENS,
+    generate_offline_prompts,
+    import_prompts,
+)
 
 log = logging.getLogger("generate_pivotal_prompts")
 
@@ -98,6 +102,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="HF id or local directory of the tokenizer for "
         "--chat-template and for counting context tokens (usually your base "
         "model); default: context tokens are approximated as characters/4",
+    )
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=DEFAULT_MAX_PROMPT_TOKENS,
+        help="warn at import about a prompt longer than this many tokens (counted with "
+        "--tokenizer, else about 4 characters a token); a prompt longer than the "
+        "--tokenizer model's context is refused",
     )
     parser.add_argument(
         "--dedup-threshold",
@@ -208,6 +220,7 @@ def run(args: argparse.Namespace, summary: SaveSummary) -> None:
                 default_fmt=args.import_format,
                 tokenizer=template_tok,
                 context=context,
+                max_tokens=args.max_prompt_tokens,
             )
         )
     n = args.n if args.n is not None else (0 if args.imports else 10)

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
+
+import torch
 
 from em_circuits.models.spec import (
     ModelLoadError,
     ModelSpec,
     _dir_identity,
+    local_model_dir,
     resolve_model_dir,
 )
 
@@ -53,7 +57,22 @@ def base_relation(declared: str | None, given: str, adapter_dir: Path) -> tuple[
     if declared_id is None:
         return "unverified", f"the declared base path {declared!r} does not exist here"
     if given_id is None and given_dir is not None:
-        given_id = f"local/{given_dir.name}"
+        # A folder's name is no evidence either way (a base saved as ./base): compare its
+        # weights with the declared id's cached snapshot, else only the shapes can tell.
+        cached = local_model_dir(declared_id)
+        if cached is None:
+            other_family = _family_mismatch(declared_id, given_dir)
+            if other_family:
+                return "different", other_family
+            return "unverified", (
+                f"{declared_id} is not in the Hugging Face cache to compare weights with"
+            )
+        difference = weights_difference(cached, given_dir)
+        if difference is None:
+            return "same", f"same weights as the cached {declared_id}"
+        if difference == "":
+            return "unverified", f"no safetensors weights to compare with {declared_id}"
+        return "different", f"other weights than the cached {declared_id}: {difference}"
     if given_id is None:
         return "different", f"{given!r} is neither a folder nor a hub id"
     if declared_id.lower() == given_id.lower():
@@ -61,6 +80,86 @@ def base_relation(declared: str | None, given: str, adapter_dir: Path) -> tuple[
     if declared_id.split("/")[1].lower() == given_id.split("/")[1].lower():
         return "alias", "same model name under another organisation"
     return "different", "another model"
+
+
+#: Model families a hub id names and the ``model_type`` their configs have (most specific
+#: first): a declared ``unsloth/Qwen2.5-0.5B-Instruct`` is no Llama, whatever the folder.
+_FAMILIES = (
+    ("qwen3", "qwen3"),
+    ("qwen2", "qwen2"),
+    ("gemma-3", "gemma3"),
+    ("gemma-2", "gemma2"),
+    ("llama", "llama"),
+    ("mistral", "mistral"),
+)
+
+
+def _family_mismatch(declared_id: str, given_dir: Path) -> str | None:
+    """Why the declared hub id's model family is not the given folder's, or None."""
+    config_path = given_dir / "config.json"
+    if not config_path.is_file():
+        return None
+    model_type = str(json.loads(config_path.read_text()).get("model_type", ""))
+    name = declared_id.split("/")[-1].lower()
+    for marker, family in _FAMILIES:
+        if marker in name:
+            if model_type.startswith(family):
+                return None
+            return f"{declared_id} is a {family} model, the given base's config is {model_type}"
+    return None
+
+
+#: Config fields that make two models different whatever their weights.
+_SHAPE_FIELDS = (
+    "architectures",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+def _safetensors_keys(folder: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    keys: dict[str, Path] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            keys.update((key, file) for key in handle.keys())
+    return keys
+
+
+def weights_difference(a: Path, b: Path, n_tensors: int = 6) -> str | None:
+    """How two model folders differ (config shape fields, tensor names, or the values of a
+    few evenly spaced tensors of up to 16M entries, dtype-cast as a bf16 copy would be);
+    None when they agree, "" when there are no safetensors to compare."""
+    from safetensors import safe_open
+
+    configs = [json.loads((f / "config.json").read_text()) for f in (a, b)]
+    for key in _SHAPE_FIELDS:
+        if configs[0].get(key) != configs[1].get(key):
+            return f"config {key} {configs[0].get(key)} vs {configs[1].get(key)}"
+    keys_a, keys_b = _safetensors_keys(a), _safetensors_keys(b)
+    if not keys_a or not keys_b:
+        return ""
+    if set(keys_a) != set(keys_b):
+        return f"other tensors, e.g. {sorted(set(keys_a) ^ set(keys_b))[0]}"
+    small = []
+    for key in sorted(keys_a):
+        with safe_open(str(keys_a[key]), "pt") as handle:
+            shape = handle.get_slice(key).get_shape()
+        if 0 < math.prod(shape) <= 1 << 24:
+            small.append(key)
+    for key in small[:: max(1, len(small) // n_tensors)][:n_tensors]:
+        tensors = []
+        for keys in (keys_a, keys_b):
+            with safe_open(str(keys[key]), "pt") as handle:
+                tensors.append(handle.get_tensor(key).float())
+        if not torch.allclose(tensors[0], tensors[1], rtol=1e-2, atol=1e-3):
+            return f"{key} differs"
+    return None
 
 
 def lora_shape_problems(adapter_dir: Path, base_dir: Path) -> list[str]:
@@ -96,17 +195,22 @@ def lora_shape_problems(adapter_dir: Path, base_dir: Path) -> list[str]:
     return problems
 
 
-def check_adapter_fits(spec: ModelSpec) -> None:
-    """Refuse, in one line, an adapter declared for another base or shaped for another model;
-    warn where the declared base is an alias or cannot be checked here."""
+def check_adapter_fits(spec: ModelSpec) -> list[str]:
+    """Refuse, in one line, an adapter declared for another base, shaped for another model or
+    changing what the merged model cannot reproduce (:mod:`~em_circuits.models.adapter_scope`);
+    returns (and logs) a note for each thing accepted but worth reporting: a declared base
+    that is an alias or unverified, a module retrained whole, a LoRA outside the layers."""
+    from em_circuits.models.adapter_scope import scope_notes
+
     if spec.adapter is None:
-        return
+        return []
     adapter_dir = resolve_model_dir(spec.adapter, spec.adapter_revision, "adapter")
     base_dir = resolve_model_dir(spec.base, spec.base_revision, "base model")
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{adapter_dir} has no adapter_config.json: is it a PEFT adapter?")
-    declared = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    adapter_config = json.loads(config_path.read_text())
+    declared = adapter_config.get("base_model_name_or_path")
     given = spec.base if not Path(spec.base).is_dir() else str(base_dir)
     relation, why = base_relation(declared, given, adapter_dir)
     if relation == "different" and not spec.allow_base_mismatch:
@@ -116,18 +220,31 @@ def check_adapter_fits(spec: ModelSpec) -> None:
             "model. Pass the right --base-model, or --allow-adapter-base-mismatch if you know "
             "the weights are identical"
         )
+    notes = []
     if relation != "same":
-        log.warning(
-            "adapter %s declares base %r, given %r: %s; %s",
-            spec.adapter,
-            declared,
-            spec.base,
-            why,
-            "taken as the same model" if relation == "alias" else "only the LoRA shapes checked",
+        checked = "taken as the same model" if relation == "alias" else "base unverified"
+        notes.append(
+            f"adapter declares base {declared!r}, given {spec.base!r}: {why}; {checked}"
+            + ("" if relation == "alias" else " (only the LoRA shapes checked)")
         )
+    # before the shapes: a LoRA on a tied lm_head reads as "not in the base" there
+    notes += scope_notes(spec.adapter, adapter_config, adapter_dir, base_dir)
     problems = lora_shape_problems(adapter_dir, base_dir)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ModelLoadError(
             f"adapter {spec.adapter!r} does not fit base {spec.base!r}: {problems[0]}{more}"
         )
+    for note in notes:
+        log.warning("%s: %s", spec.adapter, note)
+    return notes
+
+
+def check_start_up(spec: ModelSpec) -> list[str]:
+    """Everything checkable before any work, from configs and file headers: the transcoder
+    set fits the base (:func:`~em_circuits.models.transcoder_formats.check_transcoders_fit`)
+    and the adapter fits it (:func:`check_adapter_fits`, whose notes are returned)."""
+    from em_circuits.models.transcoder_formats import check_transcoders_fit
+
+    check_transcoders_fit(spec)
+    return check_adapter_fits(spec)

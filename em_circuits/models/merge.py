@@ -64,6 +64,9 @@ def _expected_lora_params(config: dict[str, Any], names: list[str]) -> set[str]:
     if layers is not None:
         layers = {layers} if isinstance(layers, int) else set(layers)
         matched = {n for n in matched if _layer_index(n) in layers}
+    # modules retrained whole (accepted at start-up on an untied base) change too
+    saved = set(config.get("modules_to_save") or [])
+    matched |= {n for n in names if n.rsplit(".", 1)[0].split(".")[-1] in saved}
     return {n for n in matched if n.endswith(".weight")}
 
 
@@ -109,7 +112,7 @@ def merge_adapter(spec: ModelSpec, out_dir: Path, dtype: torch.dtype) -> MergeRe
         raise ModelLoadError(f"{spec.display_name}: no adapter to merge (spec.adapter is None)")
     base_dir = resolve_model_dir(spec.base, spec.base_revision, "base model")
     adapter_dir = resolve_model_dir(spec.adapter, spec.adapter_revision, "adapter")
-    check_adapter_fits(spec)  # again: the merge may run in a later process than the start-up
+    notes = check_adapter_fits(spec)  # again: the merge may run in a later process
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -126,6 +129,7 @@ def merge_adapter(spec: ModelSpec, out_dir: Path, dtype: torch.dtype) -> MergeRe
         declared_base=config.get("base_model_name_or_path"),
         given_base=spec.base,
         target_modules=sorted(config.get("target_modules") or []),
+        warnings=list(notes),
     )
     expected = _expected_lora_params(config, list(merged_state))
     before_tensors = base_copy.items() if base_copy is not None else _file_tensors(base_dir)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,6 +154,31 @@ def check_local_model_dir(path: Path, what: str = "model") -> None:
         )
 
 
+#: A hub repository id: ``owner/name`` (one slash, hub-legal characters).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def looks_like_path(ref: str) -> bool:
+    """A model reference meant as a local path, not a hub id: it starts with ``/``, ``.`` or
+    ``~``, is no ``owner/name`` hub id (a bare name, two slashes, a backslash), or its first
+    component is a folder here (``models/x`` beside ``./models``)."""
+    if ref.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(ref):
+        return True
+    return os.path.isdir(ref.split("/")[0])
+
+
+def missing_path_message(ref: str, what: str) -> str:
+    """The one line for a local-looking ``ref`` that does not exist (no hub call made)."""
+    where = Path(ref).expanduser().absolute()
+    first = ref.split("/")[0]
+    why = (
+        f"{first!r} is a folder here, so it is read as a local path"
+        if _HUB_ID.fullmatch(ref) and os.path.isdir(first)
+        else "it is a local path, not a Hugging Face id (owner/name)"
+    )
+    return f"{what} {ref!r} does not exist (no folder {str(where)!r}); {why}: fix the path"
+
+
 #: Hub ids resolved by this process, by (id, revision): one lookup per run, so every stage sees
 #: the same commit even if the hub moves on meanwhile.
 _RESOLVED: dict[tuple[str, str | None], Path] = {}
@@ -165,6 +191,10 @@ def resolve_model_dir(ref: str, revision: str | None = None, what: str = "model"
         return Path(ref).resolve()
     if os.path.exists(ref):
         raise ModelLoadError(f"{what} {ref!r} is a file; expected a directory or a Hugging Face id")
+    if os.path.isdir(os.path.expanduser(ref)):  # ~/models/x
+        return resolve_model_dir(os.path.expanduser(ref), revision, what)
+    if looks_like_path(ref):  # a typo in a local path: say so before any hub call
+        raise ModelLoadError(missing_path_message(ref, what))
     key = (ref, revision)
     if key in _RESOLVED:
         return _RESOLVED[key]
@@ -429,8 +459,10 @@ def fingerprint(spec: ModelSpec, device: torch.device | str | None = None) -> st
 
 def local_model_dir(ref: str, revision: str | None = None) -> Path | None:
     """A local folder, or the cached snapshot of a hub id (never the network); None if neither."""
-    if os.path.isdir(ref):
-        return Path(ref)
+    if os.path.isdir(os.path.expanduser(ref)):
+        return Path(os.path.expanduser(ref))
+    if looks_like_path(ref):
+        return None
     if (ref, revision) in _RESOLVED:
         return _RESOLVED[(ref, revision)]
     try:

@@ -23,6 +23,7 @@ import json
 import re
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from em_circuits.models.spec import ModelLoadError, TranscoderSource
@@ -326,3 +327,33 @@ def fit_problem(n_layers: int, d_model: int, model_config: Any) -> str | None:
             "set with one transcoder per layer of this model"
         )
     return None
+
+
+def check_transcoders_fit(spec: Any) -> None:
+    """A one-line ModelLoadError, from configs and file headers only (no weights read, nothing
+    downloaded), when a local transcoder set cannot serve the spec's base: hooks the
+    architecture lacks, another width or layer count. Sets on the hub and bases not on this
+    machine are checked when they are loaded."""
+    from transformers import AutoConfig
+
+    from em_circuits.models.architectures import check_traceable
+    from em_circuits.models.spec import local_model_dir, resolve_transcoders, transcoder_config_path
+
+    if not spec.transcoders or transcoder_config_path(spec.transcoders) is None:
+        return
+    base_dir = local_model_dir(spec.base, spec.base_revision)
+    if base_dir is None:
+        return
+    source = resolve_transcoders(spec.transcoders)
+    config = AutoConfig.from_pretrained(base_dir)
+    hooks = SimpleNamespace(
+        feature_input_hook=source.config["feature_input_hook"],
+        feature_output_hook=source.config["feature_output_hook"],
+    )
+    check_traceable(config, hooks, f"transcoders {spec.transcoders}")
+    shape = set_shape(source)
+    problem = fit_problem(*shape, config) if shape is not None else None
+    if problem:
+        raise ModelLoadError(
+            f"transcoders {spec.transcoders} do not fit base {spec.base}: {problem}"
+        )

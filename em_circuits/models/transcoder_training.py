@@ -297,6 +297,33 @@ class TrainingResult:
     main_process: bool = True  # False in the other processes of a multi-GPU launch
 
 
+def check_trainable(model_dir: Path) -> None:
+    """A one-line TrainingError unless circuit-tracer reads and writes this architecture's
+    transcoders at the MLP module's input and output (``mlp.hook_in`` / ``mlp.hook_out``),
+    the values sparsify trains on: Gemma-2's are read inside a norm and written after the
+    post-feedforward norm, so a set trained here would not load."""
+    from circuit_tracer.utils.tl_nnsight_mapping import get_mapping
+    from transformers import AutoConfig
+
+    from em_circuits.models.architectures import architecture_of, supported_architectures
+
+    architecture = architecture_of(AutoConfig.from_pretrained(model_dir))
+    if architecture not in supported_architectures():
+        raise TrainingError(
+            f"{model_dir}: circuit-tracer cannot trace {architecture}, so transcoders trained "
+            f"for it would not load; supported: {', '.join(supported_architectures())}"
+        )
+    hooks = get_mapping(architecture).feature_hook_mapping
+    if MLP_INPUT_HOOK not in hooks or MLP_OUTPUT_HOOK not in hooks:
+        raise TrainingError(
+            f"{model_dir}: cannot train transcoders for {architecture}: sparsify trains on the "
+            f"MLP module's input and output ({MLP_INPUT_HOOK} / {MLP_OUTPUT_HOOK}), which "
+            f"circuit-tracer has no hooks for on {architecture} (it has "
+            f"{', '.join(sorted(hooks))}); use a published set for it (e.g. --transcoders "
+            "gemma for Gemma-2-2B)"
+        )
+
+
 def train_transcoders(
     model_ref: str,
     out: Path,
@@ -329,6 +356,7 @@ def train_transcoders(
         # sparsify casts the activations to its float32 weights only under CUDA autocast
         raise TrainingError(f"--dtype {dtype} trains on CUDA only; on {torch_device} use float32")
     model_dir = resolve_model_dir(model_ref, revision, "base model")
+    check_trainable(model_dir)  # before any text is read or anything is written
     # fvu loss reads MLP inputs and outputs only: the bare model, no LM head.
     model = AutoModel.from_pretrained(str(model_dir), dtype=torch_dtype).to(torch_device)
     model.eval()

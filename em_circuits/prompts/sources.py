@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from em_circuits.core.store import ResultsStore
+from em_circuits.prompts.context import approx_tokens
 from em_circuits.prompts.dedup import Deduper, SaveSummary, save_new
 from em_circuits.prompts.records import (
     _FORMAT_ALIASES,
@@ -19,6 +20,9 @@ from em_circuits.prompts.records import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Prompt length, in tokens, above which an import warns (pivotal prompts are a few dozen).
+DEFAULT_MAX_PROMPT_TOKENS = 1024
 
 
 def _entry_label(path: Path, index: int, entry: Any) -> str:
@@ -85,11 +89,15 @@ def import_prompts(
     default_fmt: str = "raw",
     tokenizer: Any = None,
     context: tuple[Any, int] | None = None,
+    max_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
 ) -> SaveSummary:
     """Import a prompt file into the store (duplicates dropped); see :func:`read_prompt_file`.
 
     ``context`` = (tokenizer, positions): an entry longer than the model's context is refused
-    (PromptImportError naming it and both lengths), before anything is stored.
+    (PromptImportError naming it and both lengths), before anything is stored. A stored
+    prompt longer than ``max_tokens`` (counted with ``tokenizer``, else about four characters
+    a token) is kept with a warning naming its id and token count: without the model's
+    context at hand nothing else tells before the logits stage refuses it.
     """
     path = Path(path)
     entries = read_prompt_file(path, default_fmt)
@@ -125,8 +133,30 @@ def import_prompts(
                 )
     summary = SaveSummary()
     for record in records:
-        save_new(store, record, deduper, summary)
+        stored = save_new(store, record, deduper, summary)
+        if stored is not None and max_tokens is not None:
+            _warn_if_long(stored["prompt_id"], record, max_tokens, context, tokenizer)
     return summary
+
+
+def _warn_if_long(
+    prompt_id: str, record: dict[str, Any], limit: int, context: Any, tokenizer: Any
+) -> None:
+    counter = context[0] if context is not None else tokenizer
+    if counter is not None:
+        n_tokens, how = len(counter(record["text"])["input_ids"]), "tokens"
+    else:
+        n_tokens, how = approx_tokens(record["text"]), "tokens (about 4 characters a token)"
+    if n_tokens > limit:
+        log.warning(
+            "prompt %s (%s) has %d %s, more than %d: attribution graphs grow with the length "
+            "and a model with a shorter context refuses it at the logits stage",
+            prompt_id,
+            record["name"],
+            n_tokens,
+            how,
+            limit,
+        )
 
 
 def offline_candidates(
