@@ -7,11 +7,7 @@
   graphs side by side, with a selector over all prompts; ``/index.html?slug=<slug>`` is
   circuit-tracer's single-graph page.
 
-circuit-tracer's frontend loads d3, its "jetpack" helpers, an npy loader, dagre and pako from
-CDNs, which clusters without internet cannot reach. The viewer therefore serves a copy of the
-frontend whose pages load local files instead: d3, dagre and pako vendored from npm under
-``viewer_assets/vendor`` (see scripts/install_viewer_deps.sh) and small local shims for the rest.
-site-packages is never modified.
+The frontend is served from an offline copy (``viewer_frontend.build_frontend``).
 """
 
 from __future__ import annotations
@@ -25,11 +21,15 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
-from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
+from em_circuits.attribution.viewer_frontend import (  # noqa: F401  (re-exported)
+    ASSETS_DIR,
+    VENDOR_DIR,
+    VENDOR_FILES,
+    build_frontend,
+)
 from em_circuits.core.atomic import apply_default_modes, crash_point, make_temp_dir
 from em_circuits.core.store import atomic_write_text
 
@@ -60,31 +60,6 @@ ADAPTER_NODES_SHOWN = 8
 #: Strongest links into and out of each drawn adapter node to features and embeddings (its
 #: links to the logit targets are all drawn).
 ADAPTER_LINKS_SHOWN = 10
-
-
-ASSETS_DIR = Path(__file__).with_name("viewer_assets")
-
-
-VENDOR_DIR = ASSETS_DIR / "vendor"
-
-
-VENDOR_FILES = ("d3.min.js", "dagre.min.js", "pako_inflate.min.js")
-
-
-INSTALL_HINT = "run scripts/install_viewer_deps.sh to restore the viewer's vendored JavaScript"
-
-
-SCRIPT_REPLACEMENTS: dict[str, str | None] = {
-    "hotserver-client-ws.js": None,  # live reload while editing the frontend; not needed
-    "d3.js": "./vendor/d3.min.js",
-    "jetpack_2024-07-20.js": "./viewer/jetpack-shim.js",
-    "npy_v0.js": "./viewer/npy-shim.js",
-    "dagre.min.js": "./vendor/dagre.min.js",
-    "pako.min.js": "./vendor/pako_inflate.min.js",
-}
-
-
-_EXTERNAL_SCRIPT = re.compile(r"""<script\s+src=(['"])(https?://[^'"]+)\1\s*>\s*</script>\n?""")
 
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -414,60 +389,6 @@ def _locked(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def build_frontend(dest: Path) -> list[str]:
-    """Copy circuit-tracer's frontend into ``dest`` with local scripts instead of CDN ones.
-
-    Adds the vendored libraries (``vendor/``), the shims and the side-by-side page
-    (``viewer/``, ``compare.html``). Returns the CDN scripts it could not replace (a newer
-    circuit-tracer may add some); they are left in place and logged.
-    """
-    missing = [name for name in VENDOR_FILES if not (VENDOR_DIR / name).is_file()]
-    if missing:
-        raise ViewerError(f"missing {', '.join(missing)} in {VENDOR_DIR}; {INSTALL_HINT}")
-    dest = Path(dest)
-    source = Path(str(files("circuit_tracer") / "frontend" / "assets"))
-    shutil.copytree(source, dest, dirs_exist_ok=True)
-    shutil.copytree(VENDOR_DIR, dest / "vendor", dirs_exist_ok=True)
-    (dest / "viewer").mkdir(exist_ok=True)
-    for asset in (*ASSETS_DIR.glob("*.js"), *ASSETS_DIR.glob("*.css")):
-        shutil.copy2(asset, dest / "viewer" / asset.name)
-    shutil.copy2(ASSETS_DIR / "compare.html", dest / "compare.html")
-    unresolved: list[str] = []
-    for page in dest.rglob("*.html"):
-        text, left = localize_scripts(page.read_text(encoding="utf-8"))
-        page.write_text(text, encoding="utf-8")
-        unresolved += left
-    for url in sorted(set(unresolved)):
-        log.warning("viewer: no local copy of %s; that page needs internet access", url)
-    return sorted(set(unresolved))
-
-
-def localize_scripts(html: str) -> tuple[str, list[str]]:
-    """Point a frontend page's CDN scripts at local files; returns (page, unreplaced URLs)."""
-    unresolved: list[str] = []
-
-    def replace(match: re.Match[str]) -> str:
-        url = match.group(2)
-        name = urlsplit(url).path.rsplit("/", 1)[-1]
-        if name not in SCRIPT_REPLACEMENTS:
-            unresolved.append(url)
-            return match.group(0)
-        local = SCRIPT_REPLACEMENTS[name]
-        return "" if local is None else f"<script src='{local}'></script>\n"
-
-    html = _EXTERNAL_SCRIPT.sub(replace, html)
-    if "naming.css" not in html:
-        html = html.replace(
-            "</title>", "</title>\n<link rel='stylesheet' href='./viewer/naming.css'>", 1
-        )
-    # The error recorder goes first so it also sees failures of the scripts after it.
-    first = html.find("<script")
-    if first >= 0 and "page-errors.js" not in html:
-        recorder = "<script src='./viewer/page-errors.js'></script>\n"
-        html = html[:first] + recorder + html[first:]
-    return html, unresolved
 
 
 # -- what the analysis adds: feature records, labels, base-vs-adapted categories ----------------

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
-import ipaddress
 import logging
 import os
 import shutil
@@ -16,11 +16,16 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
-
-from circuit_tracer.frontend.local_server import CircuitGraphHandler, ReusableTCPServer
+from urllib.parse import quote
 
 from em_circuits.attribution.viewer import ViewerError, build_frontend, viewer_slug
+from em_circuits.attribution.viewer_http import (
+    ThreadingViewerServer,
+    ThreadingViewerServer6,
+    ViewerRequestHandler,
+    is_loopback,
+)
+from em_circuits.core.atomic import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -29,77 +34,6 @@ DEFAULT_HOST = "127.0.0.1"
 
 
 DEFAULT_PORT = 8041
-
-
-class ViewerRequestHandler(CircuitGraphHandler):
-    """circuit-tracer's handler with three guards it lacks.
-
-    * /data/ and /graph_data/ paths may not leave the data directory (``..``);
-    * on a loopback address, requests must name a loopback host, so a web page cannot reach the
-      viewer through DNS rebinding;
-    * the frontend's "save" POST must come from the viewer's own pages (no cross-site writes).
-    Graph data is sent with ``Cache-Control: no-store`` because the frontend fetches it with
-    ``force-cache`` and a rewritten graph would otherwise show stale.
-    """
-
-    def do_GET(self) -> None:
-        if not self._host_allowed():
-            self.send_error(403, "unexpected Host header")
-            return
-        if self._is_data_path() and not self._inside_data_dir():
-            self.send_error(404)
-            return
-        super().do_GET()
-
-    def do_POST(self) -> None:
-        origin = self.headers.get("Origin")
-        if not self._host_allowed() or (origin and urlsplit(origin).netloc != self.headers["Host"]):
-            self.send_error(403, "cross-origin request")
-            return
-        super().do_POST()
-
-    def end_headers(self) -> None:
-        if self._is_data_path():
-            self.send_header("Cache-Control", "no-store")
-        super().end_headers()
-
-    def _is_data_path(self) -> bool:
-        return self.path.startswith(("/data/", "/graph_data/"))
-
-    def _inside_data_dir(self) -> bool:
-        rel = self.path.split("?", 1)[0].split("/", 2)[2]
-        root = os.path.realpath(self.data_dir)
-        # The parent handler joins the raw path; check both raw and percent-decoded forms.
-        return all(
-            os.path.realpath(os.path.join(root, candidate)).startswith(root + os.sep)
-            for candidate in (rel, unquote(rel))
-        )
-
-    def _host_allowed(self) -> bool:
-        address = self.server.server_address
-        if not isinstance(address, tuple):  # (host, port[, flow, scope]) for TCP servers
-            raise TypeError(f"the viewer serves over TCP, not at {address!r}")
-        bound = address[0]
-        if not _is_loopback(bound):
-            return True
-        host = urlsplit("//" + self.headers.get("Host", "")).hostname or ""
-        return host == "localhost" or _is_loopback(host)
-
-
-class _ThreadingServer(socketserver.ThreadingMixIn, ReusableTCPServer):
-    # Threads, so the two panes' many requests do not queue behind each other.
-    daemon_threads = True
-
-
-class _ThreadingServer6(_ThreadingServer):
-    address_family = socket.AF_INET6
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 @dataclass
@@ -165,34 +99,83 @@ def start_viewer(
     Binds 127.0.0.1 unless told otherwise: the graphs are research data and the frontend can
     write to them. From another machine, forward the port (``ssh -L 8041:127.0.0.1:8041``).
     """
+    check_port(port)
     viewer_dir = Path(viewer_dir).resolve()
     viewer_dir.mkdir(parents=True, exist_ok=True)
-    if not _is_loopback(host):
+    remove_stale_frontends()
+    frontend_dir = Path(tempfile.mkdtemp(prefix=_frontend_prefix(os.getpid())))
+    try:
+        build_frontend(frontend_dir)
+        handler = functools.partial(
+            ViewerRequestHandler, frontend_dir=str(frontend_dir), data_dir=str(viewer_dir)
+        )
+        server_cls = ThreadingViewerServer6 if ":" in host else ThreadingViewerServer
+        try:
+            httpd = server_cls((host, port), handler)
+        except OSError as err:  # only binding: a failed frontend copy is not a port problem
+            raise ViewerError(bind_error_message(host, port, err)) from err
+    except BaseException:
+        shutil.rmtree(frontend_dir, ignore_errors=True)
+        raise
+    if not is_loopback(host):
         log.warning(
             "viewer listens on %r: anyone who can reach this machine can read and "
             "modify the graphs in %s",
             host or "all interfaces",
             viewer_dir,
         )
-    frontend_dir = Path(tempfile.mkdtemp(prefix="em-viewer-frontend-"))
-    try:
-        build_frontend(frontend_dir)
-        handler = functools.partial(
-            ViewerRequestHandler, frontend_dir=str(frontend_dir), data_dir=str(viewer_dir)
-        )
-        server_cls = _ThreadingServer6 if ":" in host else _ThreadingServer
-        try:
-            httpd = server_cls((host, port), handler)
-        except OSError as err:  # only binding: a failed frontend copy is not a port problem
-            raise ViewerError(
-                f"cannot listen on {host}:{port} ({err}); pick another --port"
-            ) from err
-    except BaseException:
-        shutil.rmtree(frontend_dir, ignore_errors=True)
-        raise
     thread = threading.Thread(target=httpd.serve_forever, name="em-viewer", daemon=True)
     thread.start()
     return ViewerServer(viewer_dir, httpd, thread, frontend_dir)
+
+
+def check_port(port: int) -> None:
+    """Raise ViewerError unless ``port`` is one a server can listen on (0: any free one)."""
+    if not 0 <= int(port) <= 65535:
+        raise ViewerError(
+            f"--port {port} is not a port number: use one in 1-65535, or 0 for any free port"
+        )
+
+
+def bind_error_message(host: str, port: int, err: OSError) -> str:
+    """What went wrong when listening on ``host:port`` and which flag fixes it."""
+    default = f"servers bind to {DEFAULT_HOST} (this machine only) unless --host says otherwise"
+    if isinstance(err, socket.gaierror):  # not an IP address, and no such host name
+        return f"--host {host!r} is not a valid address or host name; {default}"
+    if err.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} on {host} is in use (another viewer?); pick another --port, "
+            "or --port 0 for any free one"
+        )
+    if err.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host} is not an address of this machine; {default}"
+    if err.errno == errno.EACCES:
+        return f"port {port} needs administrator rights; pick a --port above 1023, or 0"
+    return f"cannot listen on {host}:{port} ({err.strerror or err}); check --host and --port"
+
+
+#: The frontend copy of a running viewer is named after its host and process, so that a
+#: later viewer can remove the copies of viewers that were killed (kill -9 runs no cleanup).
+_FRONTEND_PREFIX = "em-viewer-frontend-"
+
+
+def _frontend_prefix(pid: int) -> str:
+    return f"{_FRONTEND_PREFIX}{socket.gethostname().replace('-', '_')}-{pid}-"
+
+
+def remove_stale_frontends(tmp_dir: Path | None = None) -> int:
+    """Delete the frontend copies of this host's viewers whose process is gone; returns how
+    many. A copy of a live viewer, or of another host sharing the folder, is kept."""
+    root = Path(tmp_dir or tempfile.gettempdir())
+    host = socket.gethostname().replace("-", "_")
+    removed = 0
+    for path in root.glob(f"{_FRONTEND_PREFIX}{host}-*"):
+        pid_text = path.name[len(_FRONTEND_PREFIX) + len(host) + 1 :].split("-", 1)[0]
+        if not pid_text.isdigit() or pid_alive(int(pid_text)) or not path.is_dir():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += not path.exists()
+    return removed
 
 
 def serve_forever(viewer_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
@@ -200,7 +183,7 @@ def serve_forever(viewer_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAUL
     server = start_viewer(viewer_dir, host, port)
     print(f"Graph viewer for {server.viewer_dir}: {server.url}  (Ctrl-C stops)", flush=True)
     print(full_graph_listing(server.viewer_dir), flush=True)
-    if _is_loopback(server.host):
+    if is_loopback(server.host):
         print(
             f"From another machine: ssh -L {server.port}:127.0.0.1:{server.port} <this host>",
             flush=True,

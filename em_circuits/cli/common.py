@@ -349,6 +349,7 @@ def adapted_slug_from_args(args: argparse.Namespace) -> str:
 
 #: Errors a user can fix: printed as one line naming the file or flag (traceback with -v).
 def user_error_types() -> tuple[type[BaseException], ...]:
+    from em_circuits.attribution.viewer import ViewerError
     from em_circuits.core.llm import LLMError
     from em_circuits.core.store import ArtifactError
     from em_circuits.labeling.artifacts import QueueError
@@ -357,6 +358,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from em_circuits.prompts.records import PromptError
 
     return (
+        ViewerError,
         ArtifactError,
         ModelLoadError,
         LLMError,

@@ -76,6 +76,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=8041, help="viewer port")
     args = parser.parse_args(argv)
+    if args.serve:  # a bad --port is told now, not after the graphs are computed
+        from em_circuits.attribution.viewer import ViewerError
+        from em_circuits.attribution.viewer_server import check_port
+
+        try:
+            check_port(args.port)
+        except ViewerError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     store = setup(args)
 
     from em_circuits.attribution.stage import run_graph_stage
@@ -140,9 +149,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         + ("" if args.serve or viewer_dir is None else "; `em-circuits serve` shows the graphs")
     )
     if args.serve and viewer_dir is not None:
+        from em_circuits.attribution.viewer import ViewerError
         from em_circuits.attribution.viewer_server import serve_forever
 
-        serve_forever(viewer_dir, args.host, args.port)
+        try:
+            serve_forever(viewer_dir, args.host, args.port)
+        except ViewerError as err:  # the graphs are stored; only serving them failed
+            print(f"error: {err}; the graphs are stored: `em-circuits serve`", file=sys.stderr)
+            return 2
     return 2 if failed else 0
 
 

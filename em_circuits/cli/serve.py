@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    from em_circuits.attribution.viewer import ViewerError
     from em_circuits.attribution.viewer_server import serve_forever
 
-    serve_forever(viewer_dir, args.host, args.port)
+    try:
+        serve_forever(viewer_dir, args.host, args.port)
+    except ViewerError as err:  # a busy port, a bad --host or --port: the flag to change
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -210,14 +210,14 @@ def run_pipeline(
     keep them loaded after the run (a notebook); by default they are released at its end.
     """
     from em_circuits.core.distributed import current_shard
-    from em_circuits.models.adapter_check import check_adapter_fits
+    from em_circuits.models.adapter_check import check_start_up
     from em_circuits.run.analysis import run_analysis
     from em_circuits.run.report import write_report
 
     shard = current_shard()
     device = str(resolve_device(cfg.device))
     # Before any work: an adapter for another base or shape fails now, not after the logits.
-    check_adapter_fits(adapted)
+    check_start_up(adapted)  # a misfitting transcoder set or adapter: before any prompt
     cfg.device = device
     cfg.llm_options.setdefault("run_started", time.monotonic())
     _check_llm_settings(cfg)

@@ -133,7 +133,7 @@ def transcoder_quality_report(
 
 
 def transcoder_quality_details(store: ResultsStore, note: Mapping[str, Any]) -> dict[str, Any]:
-    """An analysis-style quality note (``run_transcoder_quality``) with each model's stored
+    """An analysis-style quality note (``measure_transcoder_quality``) with each model's stored
     per-layer table in place of its file name."""
     return transcoder_quality_report(store, {"transcoder_quality": note}) or {}
 

@@ -38,6 +38,7 @@
   var diffToggle = document.getElementById('diff-toggle')
   var topList = document.getElementById('top-features')
   var state = document.getElementById('viewer-state')
+  var featureNote = document.getElementById('feature-note')
 
   var analysis = await loadJson('./data/analysis.json')
   var prompts = groupByPrompt(((await loadJson('./data/graph-metadata.json')) || {}).graphs || [])
@@ -93,8 +94,9 @@
 
   // A link to a feature without a prompt (the report's) opens the first prompt whose
   // graphs draw that feature.
-  async function firstPromptDrawing(f) {
+  async function firstPromptDrawing(f, skip) {
     for (var i = 0; i < ids.length; i++) {
+      if (ids[i] === skip) continue
       for (var r = 0; r < ROLES.length; r++) {
         var slug = prompts[ids[i]][ROLES[r]]
         if (slug && nodeOfFeature(await loadJson('./graph_data/' + slug + '.json'), f, null)) {
@@ -119,12 +121,6 @@
   function featureOfNode(nodeId) {
     var match = /^(\d+)_(\d+)_(\d+)$/.exec(nodeId || '')
     return match ? {layer: +match[1], feature: +match[2], pos: +match[3]} : null
-  }
-
-  function isFeatureNode(data, nodeId) {
-    return !!data && data.nodes.some(function (n) {
-      return n.node_id === nodeId && n.feature_type === 'cross layer transcoder'
-    })
   }
 
   function isFeatureNode(data, nodeId) {
@@ -178,6 +174,41 @@
     })
     updateUrl()
     renderTopList()
+    await noteUndrawn(selected)
+  }
+
+  // A feature asked for (a report's link, a click in the top list) that a graph of this
+  // prompt does not draw (pruned away, or not active here) is said so in the page, with a
+  // prompt that draws it; otherwise the panes would just show nothing selected.
+  async function noteUndrawn(f) {
+    var missing = !f ? [] : ROLES.filter(function (role) {
+      return graphs[role] && graphs[role].data && !nodeOfFeature(graphs[role].data, f, null)
+    })
+    featureNote.textContent = ''
+    featureNote.hidden = !missing.length
+    if (!missing.length) return
+    var name = featureName(f)
+    var where = missing.length === ROLES.length ? 'this prompt\'s graphs'
+      : 'the ' + missing[0] + ' graph of this prompt'
+    featureNote.append(name + ' is not drawn in ' + where +
+      ' (below the graph\'s pruning threshold, or not active on this prompt).')
+    var other = await firstPromptDrawing(f, select.value)
+    if (featureKey(selected) !== featureKey(f)) return  // the selection moved on meanwhile
+    if (other) {
+      var link = document.createElement('a')
+      link.href = '?' + new URLSearchParams({prompt: other, feature: featureKey(f)})
+      link.textContent = 'prompt ' + other + ' draws it'
+      featureNote.append(' ', link, '.')
+    } else {
+      featureNote.append(' No prompt in this viewer draws it.')
+    }
+  }
+
+  function featureName(f) {
+    var top = analysis && (analysis.top_features || []).find(function (t) {
+      return featureKey(t) === featureKey(f)
+    })
+    return top && top.name ? top.name : 'L' + f.layer + ' #' + f.feature
   }
 
   function updateUrl() {
@@ -259,6 +290,7 @@
       selected = {layer: f.layer, feature: f.feature}
       updateUrl()
       renderTopList()
+      noteUndrawn(selected)
       ROLES.forEach(function (other) {
         if (other === role) return
         var target = nodeOfFeature(graphs[other] && graphs[other].data, selected, f.pos)
@@ -277,6 +309,7 @@
     selected = f
     updateUrl()
     renderTopList()
+    noteUndrawn(f)
     ROLES.forEach(function (role) {
       var target = nodeOfFeature(graphs[role] && graphs[role].data, f, null)
       if (target && target !== clickedIn(role)) pending[role] = target
@@ -456,6 +489,10 @@
       status.dataset.diff = String(discs)
       status.dataset.clicked = clickedIn(role) || ''
       status.dataset.examples = String(examples)
+      status.dataset.labelGap = String(smallestLabelGap(doc))
+      var graphBox = doc && doc.querySelector('.link-graph')
+      status.dataset.paneWidth = String(Math.round(section.getBoundingClientRect().width))
+      status.dataset.graphWidth = String(graphBox ? Math.round(graphBox.getBoundingClientRect().width) : 0)
       status.classList.toggle('has-errors', errors.length > 0)
       status.title = errors.concat(offline).join('\n')
       var parts = frame.hidden ? [] : [nodes + ' nodes']
@@ -468,6 +505,22 @@
     state.dataset.overflowX = String(Math.max(0, widest))
     state.dataset.selected = featureKey(selected)
     state.dataset.prompt = select.value
+    state.dataset.note = featureNote.hidden ? '' : featureNote.textContent
+  }
+
+  // Smallest horizontal distance in px between the anchors of two shown token labels under a
+  // pane's graph (12 px labels at 45 degrees overlap below about 17 px); -1 with fewer than two.
+  function smallestLabelGap(doc) {
+    if (!doc) return -1
+    var xs = Array.prototype.slice.call(doc.querySelectorAll('g.prompt-token text'))
+      .filter(function (t) { return t.style.display !== 'none' && t.getScreenCTM() })
+      .map(function (t) { return t.getScreenCTM().e })  // the label's anchor on screen
+      .sort(function (a, b) { return a - b })
+    var gap = -1
+    for (var i = 1; i < xs.length; i++) {
+      if (gap < 0 || xs[i] - xs[i - 1] < gap) gap = xs[i] - xs[i - 1]
+    }
+    return Math.round(gap)
   }
 
   function truncate(text, n) {
