@@ -333,3 +333,18 @@ def test_a_set_that_does_not_fit_is_refused_before_any_work(tmp_path, standin, c
     assert em_circuits([*argv, "--transcoders", str(tmp_path / "narrow")]) == 2
     assert "do not fit base" in capsys.readouterr().err
     assert not list(results.glob("logits/**/*.json")) and not list(results.glob("merged*/*"))
+
+
+def test_the_pipeline_refuses_a_set_that_does_not_fit_before_writing_prompts(
+    tmp_path, standin, capsys
+):
+    """`em-circuits run` with a misfitting set: one line, and no prompt stored."""
+    from em_circuits.cli.main import main as em_circuits
+
+    write_sparsify_set(tmp_path / "narrow", d_in=32)
+    results = tmp_path / "results"
+    argv = ["run", "--results-dir", str(results), "--device", "cpu", "--n-prompts", "2"]
+    argv += ["--base-model", str(standin.base_dir), "--adapter", str(standin.adapter_dir)]
+    assert em_circuits([*argv, "--transcoders", str(tmp_path / "narrow")]) == 2
+    assert "do not fit base" in capsys.readouterr().err
+    assert not list(results.glob("prompts/*.json"))

@@ -106,7 +106,14 @@ def adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> list
             full=f"{analysis_rel}/adapter_components.csv",
         )
     )
-    features = list((entry or {}).get("features") or [])
+    out += _carriers_markdown(list((entry or {}).get("features") or []), analysis_rel)
+    out += _adapter_reads_markdown(summary, list((entry or {}).get("reads") or []), analysis_rel)
+    return out
+
+
+def _carriers_markdown(features: list[dict[str, Any]], analysis_rel: str) -> list[str]:
+    """Which features carry the adapter nodes' effect on to the logits."""
+    out: list[str] = []
     if features:
         out.append(
             "Which features carry it: each feature's share of the adapter nodes' effect on the "
@@ -142,7 +149,6 @@ def adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> list
             "_Which features carry it: not computed for these graphs (made with "
             "`--adapter-split-features 0`, or before the split existed)._\n"
         )
-    out += _adapter_reads_markdown(summary, list((entry or {}).get("reads") or []), analysis_rel)
     return out
 
 
