@@ -21,8 +21,9 @@ demo: setup
 test: setup viewer-deps
 	$(PY) -m pytest
 
+# Fails past 120 s (EM_CIRCUITS_TEST_BUDGET_S, checked in tests/conftest.py).
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	EM_CIRCUITS_TEST_BUDGET_S=120 $(PY) -m pytest -m "not slow" --durations=10
 
 lint: setup
 	.venv/bin/ruff check .

@@ -87,3 +87,23 @@ def reference(micro_organism, tmp_path_factory):
     assert "report:" in done.stdout
     (results.parent / "run.log").write_text(done.stderr)
     return results
+
+
+# `make test-fast` sets a wall-clock budget: a whole-pipeline fixture that slips into the quick
+# tests makes the run fail here, by name, instead of slowly growing the loop everyone waits on.
+_BUDGET = os.environ.get("EM_CIRCUITS_TEST_BUDGET_S")
+_STARTED = __import__("time").monotonic()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _BUDGET:
+        return
+    import time
+
+    took = time.monotonic() - _STARTED
+    if took > float(_BUDGET):
+        print(
+            f"\nerror: the quick tests took {took:.0f} s, over their {_BUDGET} s budget: mark "
+            "whole-pipeline tests `@pytest.mark.slow` (see `--durations=20`)"
+        )
+        session.exitstatus = 1
