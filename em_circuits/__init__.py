@@ -21,6 +21,8 @@ from em_circuits.api import (  # noqa: E402
 )
 
 __all__ = [
+    "AnalysisParams",
+    "PipelineConfig",
     "__version__",
     "analyze",
     "attribute_text",
@@ -30,3 +32,16 @@ __all__ = [
     "run_stages",
     "toy_organism_spec",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The parameter classes on first use: importing them loads the analysis steps.
+    if name == "AnalysisParams":
+        from em_circuits.run.steps import AnalysisParams
+
+        return AnalysisParams
+    if name == "PipelineConfig":
+        from em_circuits.run.pipeline import PipelineConfig
+
+        return PipelineConfig
+    raise AttributeError(f"module 'em_circuits' has no attribute {name!r}")

@@ -9,7 +9,7 @@ researcher can stay in one Python session::
     graph = em.attribute_text(spec, "User: I have a headache.\\nAssistant: You should",
                               evil=[" ignore"], safe=[" rest"])
     graph.features, graph.total                    # node table, total effects per target
-    em.run_stages(results_dir="results")           # the whole pipeline, resumable
+    em.run_stages(spec, "results")                 # the whole pipeline, resumable
     tables = em.read_analysis("results")           # pandas DataFrames of the analysis
 
 Heavy imports (torch, circuit-tracer) happen inside the functions, so ``import em_circuits``
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from em_circuits.attribution.storage import CompactGraph
     from em_circuits.models.load import LoadedModel
     from em_circuits.models.spec import ModelSpec
+    from em_circuits.run.pipeline import PipelineConfig
 
 
 def model_spec(
@@ -150,17 +151,33 @@ def analyze(
     )
 
 
-def run_stages(results_dir: Path | str = "results", argv: list[str] | None = None) -> Path:
+def run_stages(
+    spec: ModelSpec | None = None,
+    results_dir: Path | str = "results",
+    config: PipelineConfig | None = None,
+    **analysis: Any,
+) -> Path:
     """Run the whole pipeline (as ``em-circuits run``) and return the report's path.
 
-    ``argv`` takes the command's flags, e.g. ``["--n-prompts", "8", "--device", "cpu"]``.
+    ``spec`` is the adapted model (default: the toy organism); ``config`` the stages' settings
+    (:class:`~em_circuits.run.pipeline.PipelineConfig`: prompts, judge, graphs, analysis,
+    device); keyword arguments set analysis parameters by name, e.g. ``causal_top_k=1``.
     """
-    from em_circuits.cli.run import main
+    import dataclasses
 
-    code = main(["--results-dir", str(results_dir), *(argv or [])])
-    if code != 0:
-        raise RuntimeError(f"the pipeline stopped with exit code {code}; see the log above")
-    return ResultsStore(results_dir).report_md_path
+    from em_circuits.run.pipeline import PipelineConfig, run_pipeline
+    from em_circuits.run.steps import AnalysisParams
+
+    adapted = spec if spec is not None else toy_organism_spec()
+    cfg = config if config is not None else PipelineConfig()
+    if analysis:
+        cfg = dataclasses.replace(
+            cfg, analysis=AnalysisParams.of(**{**cfg.analysis.flat(), **analysis})
+        )
+    store = ResultsStore(results_dir)
+    store.root.mkdir(parents=True, exist_ok=True)
+    report = run_pipeline(store, adapted.base_only(), adapted, cfg)
+    return report if report is not None else store.report_md_path
 
 
 def read_analysis(

@@ -377,43 +377,36 @@ def test_the_analysis_and_report_say_how_much_goes_through_the_adapter_nodes(
     import pandas as pd
 
     import em_circuits as em
+    from em_circuits.attribution.targets import FullGraphChoice
+    from em_circuits.models.spec import ModelSpec
+    from em_circuits.run.pipeline import PipelineConfig
 
     model = setup[0]
     results = tmp_path / "results"
-    flags = [
-        "--base-model",
-        str(micro_organism.base_dir),
-        "--adapter",
-        model.spec.adapter,
-        "--transcoders",
-        str(micro_organism.transcoder_config),
-        "--model-name",
-        "down-proj",
-        "--device",
-        "cpu",
-        "--words",
-        str(micro_organism.words_path),
-        "--n-prompts",
-        "12",
-        "--causal-top-k",
-        "1",
-        "--n-random",
-        "1",
-        "--causal-candidates",
-        "2",
-        "--scales",
-        "0",
-        "1",
-        "--em-samples",
-        "0",
-        "--corpus-docs",
-        "16",
-        "--quality-docs",
-        "8",
-        "--full-graphs",
-        "0",
-    ]
-    em.run_stages(results, flags)
+    spec = ModelSpec(
+        base=str(micro_organism.base_dir),
+        adapter=model.spec.adapter,
+        transcoders=str(micro_organism.transcoder_config),
+        name="down-proj",
+    )
+    config = PipelineConfig(
+        n_prompts=12,
+        words=micro_organism.words_path,
+        device="cpu",
+        full_graphs=FullGraphChoice(top=0),
+    )
+    em.run_stages(
+        spec,
+        results,
+        config,
+        causal_top_k=1,
+        n_random=1,
+        causal_candidates=2,
+        scales=(0.0, 1.0),
+        em_samples=0,
+        corpus_docs=16,
+        quality_docs=8,
+    )
     analysis = json.loads(next(results.glob("analysis/*/latest.json")).read_text())
     folder = results / analysis["folder"]
     summary = json.loads((folder / "summary.json").read_text())["adapter_nodes"]

@@ -283,28 +283,37 @@ def _set_for(kind: str, root: Path, base_dir: Path) -> Path:
 @pytest.mark.parametrize("kind", ["sparsify", "topk", "trained"])
 def test_the_pipeline_runs_on_each_format(kind, standin, tmp_path):
     import em_circuits as em
+    from em_circuits.attribution.targets import FullGraphChoice
+    from em_circuits.run.pipeline import PipelineConfig
 
     transcoders = _set_for(kind, tmp_path, standin.base_dir)
     base = ModelSpec(base=str(standin.base_dir), transcoders=str(transcoders))
     words = _words_for(standin.base_dir, tmp_path / "words.json")
     results = tmp_path / "results"
-    flags = {
-        "--base-model": standin.base_dir,
-        "--adapter": standin.adapter_dir,
-        "--transcoders": transcoders,
-        "--device": "cpu",
-        "--words": words,
-        "--n-prompts": 3,
-        "--causal-top-k": 1,
-        "--n-random": 1,
-        "--causal-candidates": 2,
-        "--em-samples": 2,
-        "--em-max-new-tokens": 4,
-        "--corpus-docs": 16,
-        "--full-graphs": 0,  # totals graphs only: full graphs add ~10 s a prompt here
-    }
-    argv = [str(x) for pair in flags.items() for x in pair]
-    em.run_stages(results, [*argv, "--scales", "0", "1", "--allow-adapter-base-mismatch"])
+    spec = ModelSpec(
+        base=str(standin.base_dir),
+        adapter=str(standin.adapter_dir),
+        transcoders=str(transcoders),
+        allow_base_mismatch=True,
+    )
+    config = PipelineConfig(
+        n_prompts=3,
+        words=words,
+        device="cpu",
+        full_graphs=FullGraphChoice(top=0),  # totals graphs only: full graphs add ~10 s a prompt
+    )
+    em.run_stages(
+        spec,
+        results,
+        config,
+        causal_top_k=1,
+        n_random=1,
+        causal_candidates=2,
+        scales=(0.0, 1.0),
+        em_samples=2,
+        em_max_new_tokens=4,
+        corpus_docs=16,
+    )
     report = json.loads((results / "report.json").read_text())
     assert report["counts"]["graphs"]["adapted"] > 0
     metas = [json.loads(p.read_text()) for p in results.glob("graphs/*/*/*.json")]
