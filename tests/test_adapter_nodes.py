@@ -804,7 +804,9 @@ def test_the_analysis_of_a_single_graphed_prompt(setup, side):
         (read_table, "mean_via"),
     ):
         assert len(table) > 0
-        means = table[f"{side}_{column}"].abs()
-        assert means.is_monotonic_decreasing, table
+        means = table[f"{side}_{column}"]
+        assert means.notna().all(), table
+        if side == "discovery":  # the ranking reads the discovery prompts only
+            assert means.abs().is_monotonic_decreasing, table
         other = "validation" if side == "discovery" else "discovery"
         assert table[f"{other}_{column}"].isna().all()
