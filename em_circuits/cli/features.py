@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from em_circuits.cli.common import add_model_args, make_parser, setup, specs_from_args
+from em_circuits.core.store import require_results_dir
 
 _FEATURE = re.compile(r"^(\d+):(\d+)$")
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.features and not args.viewer:
         parser.error("name at least one feature (LAYER:FEATURE) or give --viewer")
+    require_results_dir(args.results_dir)  # reads stored results: a mistyped folder is an error
     store = setup(args)
 
     from em_circuits.interpret.cards import card_markdown

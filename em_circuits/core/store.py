@@ -93,6 +93,26 @@ class ArtifactError(ValueError):
         super().__init__(message)
 
 
+class MissingResultsDirError(ArtifactError):
+    """A command that only reads results was pointed at a folder that does not exist."""
+
+
+def require_results_dir(path: Path | str) -> Path:
+    """The results root of a command that only reads (report, inspect, serve, export, features,
+    the status views), which must exist already: a mistyped --results-dir would otherwise be
+    created and read as an empty store. Raises MissingResultsDirError; creates nothing."""
+    root = Path(path)
+    if root.is_dir():
+        return root
+    problem = "not a directory" if root.exists() else "no such results directory"
+    raise MissingResultsDirError(
+        root,
+        f"--results-dir: {problem}",
+        "give the folder an earlier run wrote (default: results), or run `em-circuits run` "
+        "first; this command only reads and creates nothing",
+    )
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
