@@ -108,7 +108,7 @@ def require_results_dir(path: Path | str) -> Path:
     raise MissingResultsDirError(
         root,
         f"--results-dir: {problem}",
-        "give the folder an earlier run wrote (default: results), or run `em-circuits run` "
+        "give the folder an earlier run wrote, by default results/, or run `em-circuits run` "
         "first; this command only reads and creates nothing",
     )
 
