@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"Exported {len(written)} graph(s) from {viewer_dir} to {args.out}")
+    for line in written.left_out:
+        print(f"Note: {line}")
     print(
         f"Next: em-circuits serve --viewer-dir {args.out}   "
         f"(uploading to Neuronpedia: {args.out / README_FILE})"
