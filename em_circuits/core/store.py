@@ -401,6 +401,18 @@ class ResultsStore:
     def logits_paths(self, model_slug: str) -> list[Path]:
         return self._per_prompt(self.logits_dir(model_slug))
 
+    def written_since(self, since: float) -> int:
+        """How many logits and verdict files (any model's) were written at or after ``since``
+        (a ``time.time()`` value): whether a stage that stopped had finished anything."""
+        paths = [*self._per_prompt(self.root / "logits", "*/*.json"), *self.verdict_paths()]
+        count = 0
+        for path in paths:
+            try:
+                count += path.stat().st_mtime >= since
+            except FileNotFoundError:
+                continue  # moved aside meanwhile (stale/)
+        return count
+
     def verdict_paths(self, adapted_slug: str | None = None) -> list[Path]:
         """One adapted model's verdicts, or (no slug) every model's, sorted by path."""
         if adapted_slug is None:
