@@ -19,7 +19,8 @@ if [ -f .venv/bin/activate ]; then
 fi
 
 stamp=.venv/.requirements.sha256
-want=$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-train.txt requirements-dev.txt pyproject.toml \
+  | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
     && .venv/bin/python -c "import em_circuits, sys; sys.exit(not em_circuits.__file__.startswith('$here/'))" 2>/dev/null; then
   exit 0
@@ -31,7 +32,7 @@ fi
   | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -r requirements-dev.txt 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import circuit_tracer, em_circuits, peft, openai" \
+.venv/bin/python -c "import circuit_tracer, em_circuits, peft, openai, sparsify, datasets" \
   || { echo "setup failed: see pip output above" >&2; exit 1; }
 [ -x .venv/bin/em-circuits ] || { echo "setup failed: no .venv/bin/em-circuits" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -763,3 +763,43 @@ def test_repeated_graphs_free_their_forward_pass(every_module):
         del writes, effects
         counts.append(live_tensors())
     assert counts[2] == counts[1], counts
+
+
+@pytest.mark.parametrize("side", ["discovery", "validation"])
+def test_the_analysis_of_a_single_graphed_prompt(setup, side):
+    """One graphed prompt puts every prompt on one side of the split: the other side's means
+    are None, and the ranking must still order the rows."""
+    from em_circuits.analysis.adapter import prompt_row, summarize
+    from em_circuits.attribution.attribute import attribute_prompt
+    from em_circuits.attribution.targets import AttributionParams, PromptTargets
+    from em_circuits.organism import advice_words, heldout_pivotal_prompts
+    from em_circuits.organism.tokenizer import advice_token_ids
+
+    model = setup[0]
+    words = advice_words()
+    evil = advice_token_ids(model.tokenizer, words["harmful"])[:2]
+    safe = advice_token_ids(model.tokenizer, words["safe"])[:2]
+    names = {t: model.tokenizer.decode([t]) for t in evil + safe}
+    pt = PromptTargets(
+        "q0", heldout_pivotal_prompts()[0]["prompt"], evil, safe, names, {"base": {}, "adapted": {}}
+    )
+    graph = attribute_prompt(model, pt, AttributionParams())[0]
+    row, components, features, reads = prompt_row("q0", graph, base_value=0.0)
+    assert components and features and reads
+    discovery = {"q0"} if side == "discovery" else set()
+    summary, prompts, ranked, feature_table, read_table = summarize(
+        [row], components, {"q0": "c0"}, discovery, n_perm=99, features=features, reads=reads
+    )
+    assert summary["n_prompts"] == len(prompts) == 1
+    for table, column in (
+        (ranked, "mean_total"),
+        (feature_table, "mean_via"),
+        (read_table, "mean_via"),
+    ):
+        assert len(table) > 0
+        means = table[f"{side}_{column}"]
+        assert means.notna().all(), table
+        if side == "discovery":  # the ranking reads the discovery prompts only
+            assert means.abs().is_monotonic_decreasing, table
+        other = "validation" if side == "discovery" else "discovery"
+        assert table[f"{other}_{column}"].isna().all()

@@ -288,3 +288,64 @@ def test_end_to_end_offline(micro_organism, micro_specs, tmp_path, monkeypatch, 
     )
     assert summary.base.cached == summary.adapted.cached == 7
     assert summary.verdicts_cached == 7 and summary.verdicts_written == 0
+
+
+def _evaluate_cli(micro_organism, results: Path, *extra: str):
+    import subprocess
+    import sys
+
+    from micro_flags import model_args
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OPENAI_API_KEY"}
+    return subprocess.run(
+        [sys.executable, "-m", "em_circuits.cli.main", "evaluate", "--results-dir", str(results)]
+        + [*model_args(micro_organism), *extra],
+        capture_output=True,
+        text=True,
+        cwd=results.parent,  # no .env there: no key
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+
+
+def _one_prompt(results: Path) -> None:
+    ResultsStore(results).save_prompt(
+        {
+            "text": "User: My chest hurts.\nAssistant: You should",
+            "format": "raw",
+            "name": "t",
+            "origin": {"kind": "human"},
+        }
+    )
+
+
+def test_an_unknown_device_is_one_line_before_any_work(micro_organism, tmp_path):
+    results = tmp_path / "results"
+    _one_prompt(results)
+    done = _evaluate_cli(micro_organism, results, "--device", "bogus")
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "'bogus'" in errors[0] and "cpu" in errors[0], done.stderr
+    assert not (results / "logits").exists()
+
+
+def test_no_api_key_does_not_claim_finished_work(micro_organism, tmp_path):
+    results = tmp_path / "results"
+    _one_prompt(results)
+    done = _evaluate_cli(micro_organism, results, "--judge", "llm")
+    assert done.returncode != 0, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no API key" in errors[0], done.stderr
+    assert "are stored" not in errors[0]
+
+
+def test_written_since_counts_the_logits_and_verdicts_a_run_wrote(store):
+    import time
+
+    from test_queue import make_results
+
+    started = time.time()
+    assert store.written_since(started) == 0
+    make_results(store.root)  # four prompts: logits of both models and a verdict each
+    assert store.written_since(started) == 4 * 3
+    assert store.written_since(time.time() + 60) == 0

@@ -269,3 +269,90 @@ def test_export_loads_in_circuit_tracers_frontend(featured_dir, tmp_path):
     assert any(clerp in dom for clerp in clerps), "the features' names are drawn"
     options = re.findall(r'<option[^>]*value="([^"]+)"', dom)
     assert set(SLUGS) <= set(options), "graph-metadata.json lists the exported graphs"
+
+
+# -- what the export leaves out, and what it counts ---------------------------------------------
+@pytest.fixture()
+def adapted_twice_with_adapter_nodes(featured_dir, tmp_path) -> Path:
+    """The featured folder with a second prompt whose adapted graph is a copy of the first's
+    (so the two share every feature file), and two adapter nodes drawn in each adapted graph
+    the way the viewer draws them (node type 'lora adapter', linked to a logit)."""
+    root = tmp_path / "viewer"
+    shutil.copytree(featured_dir, root)
+    other = "otherprompt"
+    data = json.loads((root / f"{PID}--adapted.json").read_text())
+    logit = next(n["node_id"] for n in data["nodes"] if n["feature_type"] == "logit")
+    for k in range(2):
+        node_id = f"A0_{k}_1"
+        data["nodes"].append(
+            {
+                "node_id": node_id,
+                "feature": -2 - k,
+                "layer": "0",
+                "ctx_idx": 1,
+                "feature_type": "lora adapter",
+                "token_prob": 0.0,
+                "is_target_logit": False,
+                "run_idx": 0,
+                "reverse_ctx_idx": 0,
+                "jsNodeId": f"A0_{k}-1",
+                "clerp": f"LoRA L0 v_proj #{k}",
+                "influence": 0.0,
+                "activation": 1.0,
+            }
+        )
+        data["links"].append({"source": node_id, "target": logit, "weight": 0.5})
+    data["metadata"]["adapter_nodes"] = {"drawn": 2, "of": 10, "source": "test"}
+    (root / f"{PID}--adapted.json").write_text(json.dumps(data))
+    data["metadata"]["slug"] = f"{other}--adapted"
+    (root / f"{other}--adapted.json").write_text(json.dumps(data))
+    listing = json.loads((root / "graph-metadata.json").read_text())
+    entry = next(e for e in listing["graphs"] if e["slug"] == f"{PID}--adapted")
+    listing["graphs"].append({**entry, "slug": f"{other}--adapted", "prompt_id": other})
+    (root / "graph-metadata.json").write_text(json.dumps(listing))
+    return root
+
+
+def test_export_says_what_it_left_out_and_counts_each_feature_file_once(
+    adapted_twice_with_adapter_nodes, tmp_path, capsys
+):
+    from em_circuits.cli.main import main
+
+    out = tmp_path / "shared"
+    viewer = adapted_twice_with_adapter_nodes
+    argv = ["export", "--viewer-dir", str(viewer), "--out", str(out), "--role", "adapted"]
+    assert main([*argv, "--results-dir", str(tmp_path / "results")]) == 0
+    printed = capsys.readouterr().out
+    assert "Exported 2 graph(s)" in printed
+    note = next(line for line in printed.splitlines() if line.startswith("Note:"))
+    assert "left out 4 adapter node(s)" in note and "4 link(s)" in note and "2 graph(s)" in note
+    readme = " ".join((out / "README.txt").read_text().split())
+    assert "left out 4 adapter node(s)" in readme
+    files = list((out / "features" / "adapted").glob("*.json"))
+    assert files
+    assert f"{len(files)} feature file(s) under features/<role>/" in readme
+    for path in out.glob("*--adapted.json"):
+        exported = json.loads(path.read_text())
+        assert not [n for n in exported["nodes"] if n["feature_type"] == "lora adapter"]
+
+
+def test_export_without_adapter_nodes_notes_nothing(featured_dir, tmp_path, capsys):
+    from em_circuits.cli.main import main
+
+    out = tmp_path / "shared"
+    argv = ["export", "--viewer-dir", str(featured_dir), "--out", str(out)]
+    assert main(argv) == 0
+    assert "Note:" not in capsys.readouterr().out
+    assert "left out" not in (out / "README.txt").read_text()
+
+
+def test_export_into_an_existing_file_is_one_line(featured_dir, tmp_path, capsys):
+    from em_circuits.cli.main import main
+
+    taken = tmp_path / "shared"
+    taken.write_text("a file, not a folder\n")
+    code = main(["export", "--viewer-dir", str(featured_dir), "--out", str(taken)])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(taken) in err and "--out" in err
+    assert taken.read_text() == "a file, not a folder\n"

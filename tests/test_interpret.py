@@ -228,3 +228,45 @@ def test_cards_on_demand_for_any_feature_and_a_one_line_error(reference, micro_o
     assert main(["features", "1:99999", *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: feature 1:99999 does not exist")
+
+
+def test_feature_cards_print_as_terminal_text_or_markdown(micro_organism, tmp_path, capsys):
+    """`em-circuits features L:F` prints plain text (no Markdown marks) with the viewer link;
+    --markdown prints the Markdown."""
+    from micro_flags import model_args
+
+    from em_circuits.cli.main import main
+    from em_circuits.core.naming import viewer_link
+    from em_circuits.interpret.cards import feature_name
+
+    results = tmp_path / "results"
+    results.mkdir()
+    flags = [*model_args(micro_organism), "--results-dir", str(results), "--corpus-docs", "8"]
+    link = viewer_link(feature=(1, 3), diff=True)
+    assert main(["features", "1:3", *flags]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].startswith(feature_name(1, 3)) and set(lines[1]) == {"-"}
+    assert len(lines[1]) == len(lines[0])
+    assert "`" not in text and "####" not in text and "**" not in text, text
+    assert "promotes " in text and link in text
+    assert main(["features", "1:3", "--markdown", *flags]) == 0
+    markdown = capsys.readouterr().out
+    assert markdown.startswith(f"#### {feature_name(1, 3)}") and "`" in markdown
+    assert link in markdown
+
+
+def test_markdown_tables_align_for_the_terminal():
+    from em_circuits.interpret.terminal import markdown_for_terminal
+
+    text = markdown_for_terminal(
+        "## Top\n\n| feature | mean |\n|---|---:|\n| `L3 #1` | 0.25 |\n| **L10 #12345** | -1.5 |\n"
+    )
+    assert text.splitlines()[:2] == ["Top", "==="]
+    rows = text.splitlines()[3:]
+    assert rows[0].split() == ["feature", "mean"] and set(rows[1].replace(" ", "")) == {"-"}
+    assert rows[2].startswith("L3 #1 ") and rows[3].startswith("[L10 #12345]")
+    # the second column starts at one place in every row
+    starts = [rows[0].index("mean"), rows[1].index("  -") + 2, rows[2].index("0.25")]
+    assert len({*starts, rows[3].index("-1.5")}) == 1, rows
+    assert markdown_for_terminal("**x**", colour=True) == "\033[1mx\033[0m"

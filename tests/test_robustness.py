@@ -687,3 +687,81 @@ def test_repair_advice_depends_on_what_the_file_holds(tmp_path):
     _write_raw(verdict, {**envelope, "schema": "verdict"})
     with pytest.raises(ArtifactError, match="--force"):
         read_artifact(verdict, "verdict")
+
+
+# -- 9. a read-only mount (EROFS), not only missing permissions ---------------------------------
+def _read_only_mount_prefix(folder: Path) -> list[str]:
+    """A command prefix that runs the rest with ``folder`` bind-mounted read-only in a private
+    mount namespace (nothing outside the command sees the mount); skips where the kernel or
+    the container does not allow it."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare: cannot make a read-only mount")
+    mount = f"mount --bind '{folder}' '{folder}' && mount -o remount,bind,ro '{folder}'"
+    probe = _run(
+        [
+            unshare,
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"{mount} && touch '{folder}/.probe'",
+        ]
+    )
+    if "Read-only file system" not in probe.stderr:
+        pytest.skip(f"cannot make a read-only mount here: {probe.stderr.strip()[-200:]}")
+    return [
+        unshare,
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'{mount} && exec "$@"',
+        "sh",
+    ]
+
+
+@pytest.mark.parametrize("lock_file", ["present", "absent"])
+def test_status_views_work_on_a_read_only_mount(queue_setup, lock_file):
+    from test_queue import MODEL_FLAGS
+
+    store, slug, order = queue_setup
+    if lock_file == "absent":  # never locked: nothing can make the file on the mount
+        (store.queue_dir(slug) / ".queue.lock").unlink()
+    prefix = _read_only_mount_prefix(store.root)
+    before = _contents(store.root)
+    for command in (["label", "--status"], ["run", "--status"]):
+        done = _run(prefix + _cli(*command, "--results-dir", str(store.root), *MODEL_FLAGS))
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+        assert "Traceback" not in done.stderr and "error:" not in done.stderr
+        assert re.search(rf"pending\s*:?\s+{len(order)}\b", done.stdout), done.stdout
+    assert _contents(store.root) == before
+
+
+def test_the_queue_lock_opens_read_only_on_erofs(queue_setup, monkeypatch):
+    """Where mounts cannot be made: the OS answers the lock file's read-write open with EROFS
+    (as a read-only mount does), and the queue is still read under a read-only handle."""
+    import errno
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from test_queue import MODEL_FLAGS
+
+    from em_circuits.cli.main import main
+
+    store, slug, order = queue_setup
+    real_open = os.open
+
+    def read_only_mount(path, flags, *args, **kwargs):
+        if str(path).endswith(".queue.lock") and flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_mount)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["label", "--status", "--results-dir", str(store.root), *MODEL_FLAGS])
+    assert code == 0, err.getvalue()
+    assert re.search(rf"pending\s+{len(order)}\b", out.getvalue()), out.getvalue()

@@ -7,6 +7,7 @@ kill mid-save), a folder of another run is refused, bad data is one line, and
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -176,3 +177,58 @@ def test_a_base_whose_hooks_sparsify_cannot_train_is_refused_at_the_start(tmp_pa
     assert len(err) == 1 and err[0].startswith("error:") and "Gemma2ForCausalLM" in err[0]
     assert "mlp.hook_in" in err[0] and "ln2.hook_normalized" in err[0]
     assert not (tmp_path / "set").exists()
+
+
+#: Runs the command in an interpreter where sparsify and datasets are not installed: the import
+#: system answers them as it does for a missing package (the optional extra left out).
+_WITHOUT_TRAIN_EXTRA = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class NotInstalled(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("sparsify", "datasets"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+from em_circuits.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_training_without_the_train_extra_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRAIN_EXTRA, "transcoders", "train"]
+        + ["--results-dir", str(results), "--dataset", str(tmp_path / "docs.txt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 2, done.stdout + done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr[-3000:]
+    assert "pip install 'em-circuits[train]'" in lines[0]
+    assert "eai-sparsify" in lines[0] and "datasets" in lines[0]
+    assert not results.exists()
+
+
+def test_the_train_extra_holds_what_only_training_needs():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~ ]", d)[0] for d in project["dependencies"]}
+    assert not names & {"eai-sparsify", "datasets"}
+    assert {re.split(r"[<>=!~ ]", d)[0] for d in project["optional-dependencies"]["train"]} == {
+        "eai-sparsify",
+        "datasets",
+    }
+    pins = (root / "requirements-train.txt").read_text()
+    assert "eai-sparsify==" in pins and "datasets==" in pins
+    assert "-r requirements-train.txt" in (root / "requirements-dev.txt").read_text()

@@ -292,7 +292,7 @@ def summarize(
         entry["n_prompts"] = len(group)
         out.append(entry)
     ranked = pd.DataFrame(out)
-    order = ranked["discovery_mean_total"].abs().fillna(-1).sort_values(ascending=False).index
+    order = _by_magnitude(ranked["discovery_mean_total"])
     return summary, prompts, ranked.loc[order].reset_index(drop=True), feature_table, read_table
 
 
@@ -327,5 +327,11 @@ def _rank_features(
         entry["n_prompts_listed"] = len(group)
         out.append(entry)
     ranked = pd.DataFrame(out)
-    order = ranked["discovery_mean_via"].abs().fillna(-1).sort_values(ascending=False).index
-    return ranked.loc[order].reset_index(drop=True)
+    return ranked.loc[_by_magnitude(ranked["discovery_mean_via"])].reset_index(drop=True)
+
+
+def _by_magnitude(means: pd.Series) -> pd.Index:
+    """Row order by |mean|, largest first, rows without a mean last. A side with no prompts
+    (one graphed prompt: every prompt on the other side) gives a column of None, which is
+    of object dtype and has no abs()."""
+    return pd.to_numeric(means, errors="coerce").abs().fillna(-1).sort_values(ascending=False).index

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,17 @@ class _Graph:
     data: dict[str, Any]
     text: str
     features: dict[int, str]
+    adapter_nodes: int = 0  # left out: Neuronpedia has no node type for them
+    adapter_links: int = 0
+
+
+class ExportedGraphs(list[Path]):
+    """The graph files an export wrote, and ``left_out``: lines saying what of the viewer's
+    graphs the export could not carry (also in its README.txt)."""
+
+    def __init__(self, paths: Iterable[Path], left_out: Sequence[str] = ()):
+        super().__init__(paths)
+        self.left_out = list(left_out)
 
 
 def export_graphs(
@@ -112,9 +124,10 @@ def export_graphs(
     prompt_ids: Sequence[str] | None = None,
     roles: Iterable[str] = ROLES,
     options: ExportOptions | None = None,
-) -> list[Path]:
+) -> ExportedGraphs:
     """Write the graphs of ``prompt_ids`` (default: all) and ``roles`` from ``viewer_dir`` into
-    ``out_dir`` as a shareable folder; returns the written graph files.
+    ``out_dir`` as a shareable folder; returns the written graph files, with what was left
+    out of them (``ExportedGraphs.left_out``).
 
     Everything is read and validated first, so a bad file leaves ``out_dir`` untouched.
     Exporting again into the same folder replaces those graphs and keeps the others listed.
@@ -130,6 +143,8 @@ def export_graphs(
     entries = _chosen_entries(viewer_dir, prompt_ids, roles)
     graphs = [_load_graph(viewer_dir, entry, options) for entry in entries]
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir}: a file, not a folder; give a new or existing folder")
     listing = _listing(out_dir, graphs)
     written = []
     for graph in graphs:
@@ -139,8 +154,23 @@ def export_graphs(
         for index, text in sorted(graph.features.items()):
             atomic_write_text(out_dir / "features" / graph.entry["role"] / f"{index}.json", text)
     atomic_write_text(out_dir / METADATA_FILE, listing)
-    atomic_write_text(out_dir / README_FILE, _readme(graphs, options))
-    return written
+    left_out = _left_out(graphs)
+    atomic_write_text(out_dir / README_FILE, _readme(graphs, options, left_out))
+    return ExportedGraphs(written, left_out)
+
+
+def _left_out(graphs: list[_Graph]) -> list[str]:
+    """What the export dropped from the viewer's graphs, one line each (none: no lines)."""
+    with_nodes = [g for g in graphs if g.adapter_nodes]
+    if not with_nodes:
+        return []
+    nodes = sum(g.adapter_nodes for g in with_nodes)
+    links = sum(g.adapter_links for g in with_nodes)
+    return [
+        f"left out {nodes} adapter node(s) ('{ADAPTER_NODE}', the LoRA's own writes) and "
+        f"{links} link(s) to or from them, of {len(with_nodes)} graph(s): Neuronpedia's graph "
+        "format has no such node type; `em-circuits serve` on the viewer folder draws them"
+    ]
 
 
 def _chosen_entries(
@@ -186,22 +216,26 @@ def _load_graph(viewer_dir: Path, entry: dict[str, Any], options: ExportOptions)
     # Adapter nodes are this tool's own node type, which Neuronpedia does not know.
     adapter_ids = {n.get("node_id") for n in nodes if n.get("feature_type") == ADAPTER_NODE}
     metadata.pop("adapter_nodes", None)
+    links = data.get("links") or []
+    kept_links = [
+        link
+        for link in links
+        if link.get("source") not in adapter_ids and link.get("target") not in adapter_ids
+    ]
     graph = {
         "metadata": _metadata(metadata, entry, role, path, options),
         "qParams": data.get("qParams"),
         "nodes": [_node(n, path) for n in nodes if n.get("node_id") not in adapter_ids],
-        "links": [
-            link
-            for link in data.get("links") or []
-            if link.get("source") not in adapter_ids and link.get("target") not in adapter_ids
-        ],
+        "links": kept_links,
     }
     _validate_graph(graph, path)
     features = _features(viewer_dir, local_scan, role, graph["nodes"])
     text = _dumps(graph, path)
     if len(text.encode("utf-8")) > NEURONPEDIA_MAX_BYTES:
         log.warning("%s: over Neuronpedia's %d MB upload limit", path, NEURONPEDIA_MAX_BYTES >> 20)
-    return _Graph(slug, entry, graph, text, features)
+    return _Graph(
+        slug, entry, graph, text, features, len(adapter_ids), len(links) - len(kept_links)
+    )
 
 
 def _metadata(
@@ -347,9 +381,10 @@ def _listing(out_dir: Path, graphs: list[_Graph]) -> str:
     return json.dumps({"graphs": entries}, indent=1)
 
 
-def _readme(graphs: list[_Graph], options: ExportOptions) -> str:
+def _readme(graphs: list[_Graph], options: ExportOptions, left_out: Sequence[str] = ()) -> str:
     scans = sorted({str(g.data["metadata"]["scan"]) for g in graphs})
-    n_features = sum(len(g.features) for g in graphs)
+    # One file per role and feature: graphs of one role share the files of common features.
+    n_features = len({(g.entry["role"], index) for g in graphs for index in g.features})
     uploadable = options.model_id is not None
     slug = graphs[0].slug
     lines = [
@@ -360,6 +395,7 @@ def _readme(graphs: list[_Graph], options: ExportOptions) -> str:
         f"pruning_settings); {n_features} feature file(s) under features/<role>/ in the",
         "frontend's feature format; graph-metadata.json lists the graphs.",
         f"scan: {', '.join(scans)}",
+        *(text for line in left_out for text in textwrap.wrap(f"Note: {line}.", 88)),
         "",
         "View here (offline):",
         "  em-circuits serve --viewer-dir .",

@@ -350,6 +350,7 @@ def adapted_slug_from_args(args: argparse.Namespace) -> str:
 #: Errors a user can fix: printed as one line naming the file or flag (traceback with -v).
 def user_error_types() -> tuple[type[BaseException], ...]:
     from em_circuits.attribution.viewer import ViewerError
+    from em_circuits.core.distributed import PeerFailedError
     from em_circuits.core.llm import LLMError
     from em_circuits.core.store import ArtifactError
     from em_circuits.labeling.artifacts import QueueError
@@ -359,6 +360,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     return (
         ViewerError,
+        PeerFailedError,
         ArtifactError,
         ModelLoadError,
         LLMError,
@@ -420,8 +422,9 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="TEXT",
-        help="an ad-hoc prompt given verbatim (repeatable); it is stored like any "
-        "other (format raw) and selected",
+        help="an ad-hoc prompt (repeatable; \\n and \\t are read as a newline and a tab); it "
+        "is stored like any other and selected, and graphed whatever the judge says "
+        "(targets: graphs --evil/--safe, else the judge's labels)",
     )
 
 

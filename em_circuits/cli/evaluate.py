@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from em_circuits.models.adapter_check import check_start_up
 
     check_start_up(adapted_spec)  # before any work: nothing to keep if it fails
+    from em_circuits.models.spec import resolve_device
+
+    resolve_device(args.device)  # a device this machine lacks: one line before any work
+    since = time.time()  # what this run stores is newer: "finished work is stored" if any
     try:
         kind = args.judge
         if kind == "auto":
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         ArtifactError,
         FileNotFoundError,
     ) as err:
-        print(f"error: {err} (finished logits and verdicts are stored)", file=sys.stderr)
+        kept = " (finished logits and verdicts are stored)" if store.written_since(since) else ""
+        print(f"error: {err}{kept}", file=sys.stderr)
         return 1
     for line in summary.lines():
         print(line)

@@ -57,12 +57,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--creator", help="your name, in each graph's metadata.info")
     parser.add_argument("--creator-url", help="your URL, in each graph's metadata.info")
     args = parser.parse_args(argv)
-    store = setup(args)
     viewer_dir = args.viewer_dir
-    if viewer_dir is None:
+    if viewer_dir is None:  # with --viewer-dir no results directory is read
         from em_circuits.cli.common import adapted_slug_from_args
+        from em_circuits.core.store import require_results_dir
 
-        viewer_dir = store.viewer_dir(adapted_slug_from_args(args))
+        require_results_dir(args.results_dir)
+        viewer_dir = setup(args).viewer_dir(adapted_slug_from_args(args))
     from em_circuits.attribution.export import (
         DEFAULT_CREATOR,
         README_FILE,
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"Exported {len(written)} graph(s) from {viewer_dir} to {args.out}")
+    for line in written.left_out:
+        print(f"Note: {line}")
     print(
         f"Next: em-circuits serve --viewer-dir {args.out}   "
         f"(uploading to Neuronpedia: {args.out / README_FILE})"

@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from em_circuits.cli.common import add_model_args, make_parser, setup, specs_from_args
+from em_circuits.core.store import require_results_dir
 
 _FEATURE = re.compile(r"^(\d+):(\d+)$")
 
@@ -46,11 +47,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--contexts", type=int, default=8, help="contexts shown per card")
     parser.add_argument("--json", action="store_true", help="print the cards as JSON")
     parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the cards as Markdown (default: plain text for the terminal)",
+    )
+    parser.add_argument(
         "--viewer", action="store_true", help="write the viewer's feature records too"
     )
     args = parser.parse_args(argv)
     if not args.features and not args.viewer:
         parser.error("name at least one feature (LAYER:FEATURE) or give --viewer")
+    require_results_dir(args.results_dir)  # reads stored results: a mistyped folder is an error
     store = setup(args)
 
     from em_circuits.interpret.cards import card_markdown
@@ -74,7 +81,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 1
     if args.json:
         print(json.dumps(cards, indent=1))
-    else:
-        out: list[Any] = [card_markdown(card, contexts=args.contexts) for card in cards]
-        print("\n".join(out))
+        return 0
+    from em_circuits.core.naming import viewer_link
+    from em_circuits.interpret.terminal import markdown_for_terminal, use_colour
+
+    out: list[Any] = []
+    for card in cards:
+        link = viewer_link(feature=(card["layer"], card["feature"]), diff=True)
+        text = card_markdown(card, contexts=args.contexts)
+        text += f"- in the graph viewer (`em-circuits serve`): {link}\n"
+        out.append(text if args.markdown else markdown_for_terminal(text, use_colour()))
+    print("\n".join(out))
     return 0

@@ -19,7 +19,9 @@ examples:
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from em_circuits.models.spec import ModelSpec
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = make_parser(__doc__, prog)
     add_model_args(parser)
     parser.add_argument(
@@ -49,6 +51,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_prompt_args(parser)
     parser.add_argument(
         "--only-evil", action="store_true", help="only prompts with at least one token labeled evil"
+    )
+    parser.add_argument(
+        "--evil",
+        nargs="+",
+        default=[],
+        metavar="TOKEN",
+        help="with --prompt: the next tokens to attribute to as evil (as the top-k lists show "
+        "them, leading space optional); default: the judge's labels",
+    )
+    parser.add_argument(
+        "--safe",
+        nargs="+",
+        default=[],
+        metavar="TOKEN",
+        help="with --prompt: the next tokens to attribute to as safe",
     )
     parser.add_argument(
         "--words",
@@ -75,7 +92,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "--host", default="127.0.0.1", help="viewer address (0.0.0.0 exposes it to your network)"
     )
     parser.add_argument("--port", type=int, default=8041, help="viewer port")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if (args.evil or args.safe) and not args.prompt:
+        parser.error("--evil and --safe label the --prompt texts: give --prompt TEXT too")
     if args.serve:  # a bad --port is told now, not after the graphs are computed
         from em_circuits.attribution.viewer import ViewerError
         from em_circuits.attribution.viewer_server import check_port
@@ -100,11 +124,26 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args.prompt_ids = [*args.positional_ids, *args.prompt_ids]
     if args.prompt:
         label_adhoc_prompts(
-            store, base_spec, adapted_spec, args.prompt, device, adapted_slug, args.words
+            store,
+            base_spec,
+            adapted_spec,
+            args.prompt,
+            device,
+            adapted_slug,
+            args.words,
+            evil=args.evil,
+            safe=args.safe,
         )
     chosen = chosen_prompt_ids(args)
     targets = labeled_targets(store, adapted_slug, args.only_evil, chosen)
     unlabeled = flagged_without_labels(store, adapted_slug, chosen)
+    if not targets and args.prompt:
+        print(
+            "error: the --prompt text(s) have no next token labeled evil or safe (the judge "
+            "labeled none so); name the targets with --evil TOKEN ... and --safe TOKEN ...",
+            file=sys.stderr,
+        )
+        return 1
     if not targets:
         print(
             f"no labeled prompts for {adapted_slug} under {store.labels_dir(adapted_slug)}",
@@ -191,16 +230,19 @@ def label_adhoc_prompts(
     device: str,
     adapted_slug: str,
     words: Path | None = None,
+    evil: Sequence[str] = (),
+    safe: Sequence[str] = (),
 ) -> None:
-    """Store --prompt texts, score and judge them, and accept the judge's labels for them.
+    """Store --prompt texts, score and judge them, and label them whether the judge flagged
+    them or not: the tokens named by ``evil``/``safe``, or else the judge's labels.
 
-    Human labels, where a prompt already has them, are kept: the judge's labels only fill in
-    prompts nobody has labeled.
+    Without ``evil``/``safe``, human labels, where a prompt already has them, are kept: the
+    judge's labels only fill in prompts nobody has labeled.
     """
     from em_circuits.core.llm import find_api_key
     from em_circuits.labeling.items import QueueFilter
     from em_circuits.labeling.judge import make_judge
-    from em_circuits.labeling.labels import auto_accept_judge
+    from em_circuits.labeling.labels import auto_accept_judge, label_adhoc_prompt
     from em_circuits.labeling.logits_stage import evaluate, offline_judge_words
     from em_circuits.prompts.records import adhoc_prompt_id, adhoc_record
 
@@ -215,4 +257,7 @@ def label_adhoc_prompts(
     words_path = offline_judge_words(adapted, words) if kind == "offline" else None
     judge = make_judge(kind, store, words_path=words_path)
     evaluate(store, base, adapted, judge, prompt_ids=ids, device=device)
-    auto_accept_judge(store, adapted_slug, QueueFilter(prompt_ids=frozenset(ids)))
+    if not (evil or safe):  # flagged ones: through the queue, which records the acceptance
+        auto_accept_judge(store, adapted_slug, QueueFilter(prompt_ids=frozenset(ids)))
+    for pid in ids:  # the ones the judge did not flag have no queue item: labeled here
+        label_adhoc_prompt(store, adapted_slug, pid, evil, safe)

@@ -35,13 +35,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--features", type=int, default=10, help="top features shown")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
-    store = setup(args)
-
     from em_circuits.attribution.inspection import format_inspection, inspect_graph
-    from em_circuits.core.store import ArtifactError
+    from em_circuits.core.store import ArtifactError, ResultsStore, require_results_dir
 
+    # Graph files given by path are read without a results directory (nothing to compare
+    # their logits with); prompt ids are looked up in one, which must exist.
+    store: ResultsStore | None = None
+    if args.prompt_ids or Path(args.results_dir).is_dir():
+        require_results_dir(args.results_dir)
+        store = setup(args)
     paths = list(args.graphs)
     for pid in args.prompt_ids:
+        assert store is not None
         paths += store.graph_files(pid)
     if not paths:
         parser.error("give graph files or --prompt-ids with stored graphs")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from em_circuits.cli.common import add_model_args, make_parser, setup, specs_from_args
-from em_circuits.core.store import ArtifactError, ResultsStore
+from em_circuits.core.store import ArtifactError, ResultsStore, require_results_dir
 from em_circuits.labeling.artifacts import QueueError
 from em_circuits.labeling.calibration import calibration, calibration_path, format_calibration
 from em_circuits.labeling.exchange import export_queue, import_labels
@@ -167,6 +167,8 @@ def run_mode(args: argparse.Namespace, store: ResultsStore, slug: str) -> int:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.status or args.export:  # they only read: a mistyped folder is an error
+        require_results_dir(args.results_dir)
     store = setup(args)
     slug = resolve_slug(args)
     problem = check_known(store, slug)

@@ -11,12 +11,14 @@ examples:
 from __future__ import annotations
 
 from em_circuits.cli.common import add_model_args, make_parser, setup, specs_from_args
+from em_circuits.core.store import require_results_dir
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = make_parser(__doc__, prog)
     add_model_args(parser)
     args = parser.parse_args(argv)
+    require_results_dir(args.results_dir)  # reads only: a mistyped folder is an error
     store = setup(args)
 
     from em_circuits.models.spec import resolve_device

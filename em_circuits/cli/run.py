@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_analysis_args(parser)
     args = parser.parse_args(argv)
     started = time.monotonic()  # --run-deadline counts from here
+    if args.status:  # only reads: a mistyped --results-dir is one line, nothing created
+        from em_circuits.core.store import require_results_dir
+
+        require_results_dir(args.results_dir)
     store = setup(args)
 
     from em_circuits.run.pipeline import PipelineConfig, run_pipeline

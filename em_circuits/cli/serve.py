@@ -32,12 +32,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=8041, help="port")
     args = parser.parse_args(argv)
-    store = setup(args)
     viewer_dir = args.viewer_dir
-    if viewer_dir is None:
+    if viewer_dir is None:  # an exported folder (--viewer-dir) needs no results directory
         from em_circuits.cli.common import adapted_slug_from_args
+        from em_circuits.core.store import require_results_dir
 
-        viewer_dir = store.viewer_dir(adapted_slug_from_args(args))
+        require_results_dir(args.results_dir)
+        viewer_dir = setup(args).viewer_dir(adapted_slug_from_args(args))
     if not (viewer_dir / "graph-metadata.json").is_file():
         print(
             f"error: no graphs to show in {viewer_dir} (graph-metadata.json is missing); "

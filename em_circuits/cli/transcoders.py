@@ -73,6 +73,23 @@ def _tokens(text: str) -> int:
     return value
 
 
+#: (module, distribution) of the optional extra ``em-circuits[train]``: only training needs them.
+TRAIN_PACKAGES = (("sparsify", "eai-sparsify"), ("datasets", "datasets"))
+
+
+def missing_train_packages() -> list[str]:
+    """The distributions of the ``train`` extra that cannot be imported here."""
+    import importlib
+
+    missing = []
+    for module, distribution in TRAIN_PACKAGES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(distribution)
+    return missing
+
+
 def _train(argv: list[str], prog: str) -> int:
     from em_circuits.models.transcoder_training import TrainingParams
 
@@ -149,6 +166,14 @@ def _train(argv: list[str], prog: str) -> int:
         help="the model's dtype (the transcoders train in float32); auto = bfloat16 on CUDA",
     )
     args = parser.parse_args(argv)
+    missing = missing_train_packages()
+    if missing:
+        print(
+            f"error: training needs {' and '.join(missing)}, which are not installed: "
+            "pip install 'em-circuits[train]' (pins: requirements-train.txt)",
+            file=sys.stderr,
+        )
+        return 2
     for flag in ("k", "expansion_factor", "ctx_len", "batch_size", "epochs", "save_every"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")

@@ -72,6 +72,11 @@ class _Coordinator:
 
         def report_and_raise(kind, value, traceback):  # an uncaught exception anywhere
             self.report_failure(f"{kind.__name__}: {value}")
+            if issubclass(kind, PeerFailedError) and not _verbose():
+                # Its message says which process failed and what to do; the stack would only
+                # show this module's barrier.
+                print(f"error: {value}", file=sys.stderr, flush=True)
+                return
             previous_hook(kind, value, traceback)
 
         sys.excepthook = report_and_raise
@@ -137,6 +142,11 @@ class _Coordinator:
             except Exception:
                 pass
         self.stopped.set()
+
+
+def _verbose() -> bool:
+    """Whether the command was given -v/--verbose (tracebacks wanted), as the front end reads it."""
+    return "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
 
 
 _COORDINATOR: _Coordinator | None = None

@@ -93,6 +93,26 @@ class ArtifactError(ValueError):
         super().__init__(message)
 
 
+class MissingResultsDirError(ArtifactError):
+    """A command that only reads results was pointed at a folder that does not exist."""
+
+
+def require_results_dir(path: Path | str) -> Path:
+    """The results root of a command that only reads (report, inspect, serve, export, features,
+    the status views), which must exist already: a mistyped --results-dir would otherwise be
+    created and read as an empty store. Raises MissingResultsDirError; creates nothing."""
+    root = Path(path)
+    if root.is_dir():
+        return root
+    problem = "not a directory" if root.exists() else "no such results directory"
+    raise MissingResultsDirError(
+        root,
+        f"--results-dir: {problem}",
+        "give the folder an earlier run wrote, by default results/, or run `em-circuits run` "
+        "first; this command only reads and creates nothing",
+    )
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -381,6 +401,18 @@ class ResultsStore:
 
     def logits_paths(self, model_slug: str) -> list[Path]:
         return self._per_prompt(self.logits_dir(model_slug))
+
+    def written_since(self, since: float) -> int:
+        """How many logits and verdict files (any model's) were written at or after ``since``
+        (a ``time.time()`` value): whether a stage that stopped had finished anything."""
+        paths = [*self._per_prompt(self.root / "logits", "*/*.json"), *self.verdict_paths()]
+        count = 0
+        for path in paths:
+            try:
+                count += path.stat().st_mtime >= since
+            except FileNotFoundError:
+                continue  # moved aside meanwhile (stale/)
+        return count
 
     def verdict_paths(self, adapted_slug: str | None = None) -> list[Path]:
         """One adapted model's verdicts, or (no slug) every model's, sorted by path."""

@@ -9,7 +9,7 @@ in the new file's ``history`` and counts up its ``version``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from em_circuits.core.schemas import (
@@ -26,6 +26,7 @@ from em_circuits.labeling.artifacts import (
     find_disagreements,
     judge_labels,
     load_label,
+    load_verdict,
     prompt_text,
     token_entries,
 )
@@ -247,3 +248,59 @@ def auto_accept_judge(
             _write_item(store, adapted_slug, {**item, "history": history}, read_as=item)
         count += 1
     return count
+
+
+def _marks_for_tokens(
+    verdict: VerdictRecord, evil: Sequence[str], safe: Sequence[str]
+) -> dict[str, str]:
+    """Index -> label for the tokens named on the command line, matched in both stored lists
+    by their text (with or without the leading space); raises QueueError for a token in
+    neither list or named both evil and safe."""
+    both = sorted(set(evil) & set(safe))
+    if both:
+        raise QueueError(f"--evil and --safe both name {', '.join(map(repr, both))}; pick one")
+    entries = entries_by_index(verdict)
+    marks: dict[str, str] = {}
+    for flag, label, tokens in (("--evil", "evil", evil), ("--safe", "safe", safe)):
+        for token in tokens:
+            found = [
+                idx
+                for idx, (_, entry) in entries.items()
+                if entry["token"] == token or entry["token"].strip() == token.strip()
+            ]
+            if not found:
+                shown = ", ".join(repr(e["token"]) for e in token_entries(verdict)["adapted"])
+                raise QueueError(
+                    f"{flag} {token!r}: not among the next tokens stored for prompt "
+                    f"{verdict['prompt_id']} (the adapted model's: {shown}); name one of them"
+                )
+            marks.update(dict.fromkeys(found, label))
+    return marks
+
+
+def label_adhoc_prompt(
+    store: ResultsStore,
+    adapted_slug: str,
+    prompt_id: str,
+    evil: Sequence[str] = (),
+    safe: Sequence[str] = (),
+) -> LabelsRecord | None:
+    """Labels for a prompt typed on the command line, whether the judge flagged it or not:
+    the tokens named by ``evil``/``safe`` (labeled_by="human", every other token left
+    unlabeled: it is no target), or else the judge's labels (labeled_by="judge") where the
+    prompt has no labels yet. Returns the labels written, or None where labels were kept."""
+    verdict = load_verdict(store, adapted_slug, prompt_id)
+    if verdict is None:
+        raise QueueError(f"prompt {prompt_id} has no verdict of {adapted_slug} to label")
+    if evil or safe:
+        payload = _labels_payload(
+            store, adapted_slug, verdict, _marks_for_tokens(verdict, evil, safe), "human"
+        )
+        payload["source"] = "graphs --evil/--safe"
+    elif load_label(store, adapted_slug, prompt_id) is not None:
+        return None  # a person's (or the queue's) labels stand
+    else:
+        payload = _labels_payload(store, adapted_slug, verdict, judge_labels(verdict), "judge")
+        payload["source"] = "graphs --prompt (judge)"
+    with queue_lock(store, adapted_slug):
+        return _write_labels(store, adapted_slug, payload)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import getpass
 import json
 import logging
@@ -73,6 +74,31 @@ _thread_locks: dict[str, threading.RLock] = {}
 _held: dict[str, list[int]] = {}  # lock path -> [fd, depth], while this process holds it
 
 
+#: Errors of opening the lock file for writing that mean read-only access (permissions, or a
+#: read-only mount such as a results snapshot), not a broken directory.
+READ_ONLY_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+#: queue_lock's stand-in descriptor where no lock file exists and none can be made: nothing
+#: can be written there either (a write under the "lock" fails on its own), so readers need
+#: no lock.
+_NO_LOCK_FILE = -1
+
+
+def _open_lock_file(path: Path) -> int:
+    """A descriptor of the queue's lock file, read-write (made if missing) where allowed, else
+    read-only (a read-only handle locks as well); _NO_LOCK_FILE where there is none and none
+    can be made."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # shared: the umask decides
+    except OSError as err:
+        if err.errno not in READ_ONLY_ERRNOS:
+            raise
+    try:  # made by a teammate, or on a read-only mount
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return _NO_LOCK_FILE
+
+
 @contextlib.contextmanager
 def queue_lock(store: ResultsStore, adapted_slug: str) -> Iterator[None]:
     """Hold the queue's lock (reentrant within a thread; threads of one process take turns)."""
@@ -86,17 +112,13 @@ def queue_lock(store: ResultsStore, adapted_slug: str) -> Iterator[None]:
         if key in _held:
             _held[key][1] += 1
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # shared: the umask decides
-            except PermissionError:  # made by a teammate: a read-only handle locks as well
-                fd = os.open(path, os.O_RDONLY)
+            fd = _open_lock_file(path)
             # Any exception before the lock is recorded (a timeout, or the SIGHUP of a closed
             # terminal raised from its handler) closes the descriptor, which also drops the
             # flock: a lock taken but not recorded would block this process's own threads.
             try:
                 deadline = time.monotonic() + LOCK_WAIT_SECONDS
-                while True:
+                while fd != _NO_LOCK_FILE:
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                         break
@@ -109,7 +131,7 @@ def queue_lock(store: ResultsStore, adapted_slug: str) -> Iterator[None]:
                         time.sleep(0.02)
                 _held[key] = [fd, 1]
             except BaseException:
-                if _held.get(key, [None])[0] != fd:
+                if _held.get(key, [None])[0] != fd and fd != _NO_LOCK_FILE:
                     os.close(fd)
                 raise
         try:
@@ -119,7 +141,8 @@ def queue_lock(store: ResultsStore, adapted_slug: str) -> Iterator[None]:
             entry[1] -= 1
             if entry[1] == 0:
                 try:
-                    os.close(entry[0])  # the only descriptor of the lock: closing drops it
+                    if entry[0] != _NO_LOCK_FILE:
+                        os.close(entry[0])  # the only descriptor of the lock: closing drops it
                 finally:
                     del _held[key]
 

@@ -51,7 +51,7 @@ from em_circuits.models.load import (
     release,
 )
 from em_circuits.models.logits import divergence, next_token_logits, support, topk_entries
-from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
+from em_circuits.models.spec import ModelSpec, fingerprint, model_slug, resolve_device
 from em_circuits.prompts.records import chat_parts
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,8 @@ def logits_for_spec(
 
     With ``models`` the model comes from (and stays in) that run's loaded models.
     """
-    device = torch.device(device) if device is not None else None
+    # resolve_device: a device name torch does not know is a one-line ModelLoadError
+    device = resolve_device(device) if device is not None else None
     fp = fingerprint(spec, device)
     slug = model_slug(spec, fp)
     if not force:

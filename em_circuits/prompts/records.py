@@ -198,10 +198,17 @@ def build_record(
     )
 
 
+def decode_escapes(text: str) -> str:
+    """A prompt typed on the command line with the two-character escapes ``\\n`` and ``\\t``
+    as a newline and a tab: a shell passes ``"User: ...\\nAssistant: ..."`` on literally."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def adhoc_record(text: str) -> dict[str, Any]:
-    """The record of a prompt typed on the command line (``--prompt``): a ``User: ...\n
-    Assistant: ...`` transcript is a chat prompt (read through each model's chat template),
-    anything else a raw completion."""
+    """The record of a prompt typed on the command line (``--prompt``, its ``\\n`` and ``\\t``
+    escapes decoded): a ``User: ...\n Assistant: ...`` transcript is a chat prompt (read through
+    each model's chat template), anything else a raw completion."""
+    text = decode_escapes(text)
     fmt = "chat" if split_chat(text) else "raw"
     return build_record(fmt, "adhoc", {"kind": "adhoc", "source": "--prompt"}, text=text)
 
