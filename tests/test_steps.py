@@ -217,3 +217,59 @@ def test_an_added_step_runs_alone_after_a_full_analysis(reference, micro_specs, 
 def test_shared_parameters_are_checked():
     with pytest.raises(ValueError, match="unknown position option"):
         SharedParams(position="foo")
+
+
+#: Every subcommand that talks to an LLM (generator, judges, feature labels).
+LLM_COMMANDS = ("prompts", "evaluate", "graphs", "analyze", "run", "doctor")
+
+
+@pytest.mark.parametrize("command", LLM_COMMANDS)
+def test_every_llm_subcommand_accepts_the_same_llm_flags(command):
+    """One LLMSettings: the same flags, defaults and help in every command, parsed alike."""
+    import subprocess
+
+    from em_circuits.core.llm_settings import LLMSettings
+    from em_circuits.core.options import flag_name, option_fields
+
+    done = subprocess.run(
+        [sys.executable, "-m", "em_circuits.cli.main", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    help_text = " ".join(done.stdout.split())
+    for f, spec, _ in option_fields(LLMSettings):
+        assert flag_name(f, spec) in help_text, (command, f.name)
+        assert " ".join(spec.help.split())[:60] in help_text, (command, f.name)
+
+
+def test_llm_flags_parse_into_one_settings_object():
+    from em_circuits.cli.common import add_llm_args, llm_settings
+    from em_circuits.core.llm_settings import LLMSettings
+
+    parser = argparse.ArgumentParser()
+    add_llm_args(parser)
+    assert llm_settings(parser.parse_args([])) == LLMSettings()
+    argv = ["--llm-model", "m", "--base-url", "http://127.0.0.1:9/v1", "--env-file", "x.env"]
+    argv += ["--timeout", "3", "--llm-max-tries", "2", "--llm-deadline", "0"]
+    argv += ["--run-deadline", "9"]
+    settings = llm_settings(parser.parse_args(argv))
+    assert settings == LLMSettings("m", "http://127.0.0.1:9/v1", "x.env", 3.0, 2, 0.0, 9.0)
+    options = settings.client_options(started=5.0)
+    assert options["deadline"] is None and options["run_deadline"] == 9.0
+    assert options["run_started"] == 5.0 and options["timeout"] == 3.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--llm-deadline", "-1"])
+
+
+def test_the_llm_is_used_when_asked_or_when_auto_finds_a_key(tmp_path, monkeypatch):
+    from em_circuits.core.llm_settings import LLMSettings
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # no .env above
+    assert not LLMSettings().wants_llm("auto") and LLMSettings().wants_llm("llm")
+    assert not LLMSettings().wants_llm("offline")
+    env = tmp_path / "keys.env"
+    env.write_text("OPENAI_API_KEY=sk-test\n")
+    assert LLMSettings(env_file=str(env)).wants_llm("auto")

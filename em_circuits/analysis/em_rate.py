@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from em_circuits.core.llm_settings import LLMSettings
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -336,18 +337,15 @@ def make_em_judge(
     store: Any,
     adapted: Any,
     words: Path | str | None = None,
-    llm_model: str = "o3",
-    base_url: str | None = None,
-    **llm_options: Any,
+    llm: LLMSettings | None = None,
+    started: float | None = None,
 ) -> EMJudge | None:
     """The judge of the EM rate: "offline" (word lists: ``words``, or the toy organism's),
     "llm" (an OpenAI-compatible model; scores cached under the results' cache), "none"."""
     if kind == "none":
         return None
     if kind == "llm":
-        from em_circuits.core.llm import client_from_settings
-
-        client = client_from_settings(llm_model, base_url, **llm_options)
+        client = (llm or LLMSettings()).client(started)
         return LLMEMJudge(client, Path(store.root) / "cache" / "em_judge")
     if kind != "offline":
         raise ValueError(f"EM judge must be offline, llm or none, not {kind!r}")

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 from em_circuits.cli.common import (
     add_analysis_args,
+    add_llm_args,
     add_model_args,
     add_prompt_args,
     analysis_params,
     chosen_prompt_ids,
+    llm_settings,
     make_parser,
     setup,
     specs_from_args,
@@ -40,18 +42,18 @@ from em_circuits.cli.common import (
 
 def _em_judge(args, store, adapted):
     from em_circuits.analysis.em_rate import make_em_judge
-    from em_circuits.core.llm import find_api_key
     from em_circuits.labeling.logits_stage import words_near
 
+    settings = llm_settings(args)
     kind = args.em_judge
     if kind == "auto":
-        if find_api_key() is not None:
+        if settings.wants_llm("auto"):
             kind = "llm"
         elif args.words or words_near(adapted) is not None:
             kind = "offline"
         else:
             kind = "none"
-    return make_em_judge(kind, store, adapted, args.words, args.llm_model, args.base_url)
+    return make_em_judge(kind, store, adapted, args.words, settings)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -69,8 +71,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "offline when word lists exist, else none)",
     )
     g.add_argument("--words", help="word lists for the offline judge (JSON: harmful, safe)")
-    g.add_argument("--llm-model", default="o3", help="the LLM judge's model")
-    g.add_argument("--base-url", help="OpenAI-compatible endpoint (or OPENAI_BASE_URL)")
+    add_llm_args(parser)
     args = parser.parse_args(argv)
     store = setup(args)
 

@@ -161,38 +161,26 @@ def setup(args: argparse.Namespace) -> ResultsStore:
     return ResultsStore(root)
 
 
-DEFAULT_LLM_DEADLINE = 600.0
+def add_llm_args(parser: argparse.ArgumentParser) -> None:
+    """The LLM flags (:class:`~em_circuits.core.llm_settings.LLMSettings`), the same in every
+    command that talks to an LLM."""
+    from em_circuits.core.llm_settings import LLMSettings
+    from em_circuits.core.options import add_flags
 
-
-def add_deadline_args(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
-    """--llm-deadline and --run-deadline, for every command that calls an LLM."""
-    group.add_argument(
-        "--llm-deadline",
-        type=float,
-        default=DEFAULT_LLM_DEADLINE,
-        metavar="SECONDS",
-        help="most seconds one LLM call may take, every retry and re-ask included; then the "
-        "command stops with finished work stored (0 = no limit)",
-    )
-    group.add_argument(
-        "--run-deadline",
-        type=float,
-        metavar="SECONDS",
-        help="most seconds all LLM calls of this command may take, counted from its start; "
-        "then it stops with finished work stored (default: no limit)",
+    add_flags(
+        parser.add_argument_group(
+            "LLM", "the generator, the judges and the feature labels (any OpenAI-compatible API)"
+        ),
+        LLMSettings,
     )
 
 
-def deadline_options(args: argparse.Namespace, started: float | None = None) -> dict[str, Any]:
-    """LLMClient options from --llm-deadline / --run-deadline (``started``: the run's start,
-    a ``time.monotonic`` value; default now)."""
-    import time
+def llm_settings(args: argparse.Namespace) -> Any:
+    """The :class:`~em_circuits.core.llm_settings.LLMSettings` the LLM flags give."""
+    from em_circuits.core.llm_settings import LLMSettings
+    from em_circuits.core.options import from_args
 
-    return {
-        "deadline": args.llm_deadline or None,
-        "run_deadline": args.run_deadline or None,
-        "run_started": time.monotonic() if started is None else started,
-    }
+    return from_args(LLMSettings, args)
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from em_circuits.cli.common import add_model_args, make_parser, setup
+from em_circuits.cli.common import add_llm_args, add_model_args, llm_settings, make_parser, setup
 
 OK, WARN, MISSING = "ok", "warn", "MISSING"
 
@@ -165,12 +165,12 @@ def _model_checks(base_dir: Path, source: Any, spec: Any) -> list[tuple[str, str
 
 
 def _judge_check(args: Any, spec: Any) -> tuple[str, str, str]:
-    from em_circuits.core.llm import find_api_key
     from em_circuits.labeling.judge import JudgeError
     from em_circuits.labeling.logits_stage import offline_judge_words
 
-    key = find_api_key(getattr(args, "env_file", None))
-    if args.judge == "llm" or (args.judge == "auto" and key):
+    settings = llm_settings(args)
+    key = settings.api_key()
+    if settings.wants_llm(args.judge):
         if key:
             return OK, "judge", "LLM judge: an API key is set (not shown)"
         return MISSING, "judge", "--judge llm needs OPENAI_API_KEY (environment or .env)"
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_model_args(parser)
     parser.add_argument("--judge", choices=["auto", "offline", "llm"], default="auto")
     parser.add_argument("--words", type=Path, help="offline judge word lists to check")
-    parser.add_argument("--env-file", type=Path, help=".env file with OPENAI_API_KEY")
+    add_llm_args(parser)
     args = parser.parse_args(argv)
     setup(args)
     results = checks(args)

@@ -30,14 +30,13 @@ import sys
 import time
 
 from em_circuits.cli.common import (
-    add_deadline_args,
+    add_llm_args,
     add_model_args,
-    deadline_options,
+    llm_settings,
     make_parser,
     setup,
     specs_from_args,
 )
-from em_circuits.core.llm import DEFAULT_MODEL, find_api_key
 from em_circuits.labeling import DEFAULT_LOGITS_BATCH_SIZE, DEFAULT_TOP_K
 
 log = logging.getLogger("evaluate_logits")
@@ -86,33 +85,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="auto = llm if OPENAI_API_KEY is set (environment or .env), else offline",
     )
     judge.add_argument(
-        "--llm-model",
-        "--judge-model",
-        default=DEFAULT_MODEL,
-        dest="llm_model",
-        help="LLM judge model name",
-    )
-    judge.add_argument(
-        "--base-url",
-        help="OpenAI-compatible endpoint for the judge (default: "
-        "OPENAI_BASE_URL, else the OpenAI API)",
-    )
-    judge.add_argument(
-        "--env-file",
-        help="a .env file with OPENAI_API_KEY / OPENAI_BASE_URL "
-        "(default: the nearest .env from the working directory)",
-    )
-    judge.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
-    judge.add_argument(
-        "--max-tries", type=int, default=5, help="tries per judge request on 429, 5xx, timeouts"
-    )
-    add_deadline_args(judge)
-    judge.add_argument(
         "--words",
         help="offline judge word lists (JSON with 'safe' and 'harmful' lists; default: "
         "words.json next to the adapter or base, as the toy organism has; required for other "
         "models with the offline judge)",
     )
+    add_llm_args(parser)
     return parser
 
 
@@ -138,19 +116,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     resolve_device(args.device)  # a device this machine lacks: one line before any work
     since = time.time()  # what this run stores is newer: "finished work is stored" if any
     try:
-        kind = args.judge
-        if kind == "auto":
-            kind = "llm" if find_api_key(args.env_file) else "offline"
+        settings = llm_settings(args)
+        kind = "llm" if settings.wants_llm(args.judge) else "offline"
         judge = make_judge(
             kind,
             store,
-            model=args.llm_model,
-            base_url=args.base_url,
-            env_file=args.env_file,
             words_path=offline_judge_words(adapted_spec, args.words) if kind == "offline" else None,
-            timeout=args.timeout,
-            max_tries=args.max_tries,
-            **(deadline_options(args, started) if kind == "llm" else {}),
+            llm=settings,
+            started=started,
         )
         log.info("judge: %s (%s)", judge.kind, judge.model)
         summary = evaluate(

@@ -27,17 +27,20 @@ from typing import TYPE_CHECKING
 
 from em_circuits.cli.common import (
     add_graph_args,
+    add_llm_args,
     add_model_args,
     add_prompt_args,
     chosen_prompt_ids,
     full_graph_choice,
     graph_params,
+    llm_settings,
     make_parser,
     setup,
     specs_from_args,
 )
 
 if TYPE_CHECKING:
+    from em_circuits.core.llm_settings import LLMSettings
     from em_circuits.core.store import ResultsStore
     from em_circuits.models.spec import ModelSpec
 
@@ -92,6 +95,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="viewer address (0.0.0.0 exposes it to your network)"
     )
     parser.add_argument("--port", type=int, default=8041, help="viewer port")
+    add_llm_args(parser)
     return parser
 
 
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             args.words,
             evil=args.evil,
             safe=args.safe,
+            llm=llm_settings(args),
         )
     chosen = chosen_prompt_ids(args)
     targets = labeled_targets(store, adapted_slug, args.only_evil, chosen)
@@ -232,6 +237,7 @@ def label_adhoc_prompts(
     words: Path | None = None,
     evil: Sequence[str] = (),
     safe: Sequence[str] = (),
+    llm: LLMSettings | None = None,
 ) -> None:
     """Store --prompt texts, score and judge them, and label them whether the judge flagged
     them or not: the tokens named by ``evil``/``safe``, or else the judge's labels.
@@ -239,7 +245,7 @@ def label_adhoc_prompts(
     Without ``evil``/``safe``, human labels, where a prompt already has them, are kept: the
     judge's labels only fill in prompts nobody has labeled.
     """
-    from em_circuits.core.llm import find_api_key
+    from em_circuits.core.llm_settings import LLMSettings
     from em_circuits.labeling.items import QueueFilter
     from em_circuits.labeling.judge import make_judge
     from em_circuits.labeling.labels import auto_accept_judge, label_adhoc_prompt
@@ -253,9 +259,10 @@ def label_adhoc_prompts(
         if not store.prompt_path(pid).is_file():
             store.save_prompt({**record, "name": f"adhoc-{pid[:8]}"})
         ids.append(pid)
-    kind = "llm" if find_api_key() else "offline"
+    llm = llm or LLMSettings()
+    kind = "llm" if llm.wants_llm("auto") else "offline"
     words_path = offline_judge_words(adapted, words) if kind == "offline" else None
-    judge = make_judge(kind, store, words_path=words_path)
+    judge = make_judge(kind, store, words_path=words_path, llm=llm)
     evaluate(store, base, adapted, judge, prompt_ids=ids, device=device)
     if not (evil or safe):  # flagged ones: through the queue, which records the acceptance
         auto_accept_judge(store, adapted_slug, QueueFilter(prompt_ids=frozenset(ids)))

@@ -34,8 +34,8 @@ import sys
 import time
 from typing import Any
 
-from em_circuits.cli.common import add_deadline_args, deadline_options, make_parser, setup
-from em_circuits.core.llm import DEFAULT_MODEL, LLMError, client_from_settings, find_api_key
+from em_circuits.cli.common import add_llm_args, llm_settings, make_parser, setup
+from em_circuits.core.llm import LLMError
 from em_circuits.models.spec import ModelLoadError
 from em_circuits.prompts.context import approx_tokens
 from em_circuits.prompts.dedup import DEFAULT_DEDUP_THRESHOLD, Deduper, SaveSummary
@@ -119,39 +119,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "stored prompt is at least this",
     )
 
-    llm = parser.add_argument_group("llm generator")
-    llm.add_argument(
-        "--llm-model",
-        "--model",
-        default=DEFAULT_MODEL,
-        dest="llm_model",
-        help="generator model name",
-    )
-    llm.add_argument(
-        "--base-url",
-        help="OpenAI-compatible endpoint, e.g. "
-        "http://localhost:8000/v1 (default: OPENAI_BASE_URL, else the OpenAI API)",
-    )
-    llm.add_argument(
-        "--env-file",
-        help="a .env file with OPENAI_API_KEY / OPENAI_BASE_URL "
-        "(default: the nearest .env from the working directory)",
-    )
-    llm.add_argument(
+    add_llm_args(parser)
+    parser.add_argument(
         "--context-tokens",
         type=int,
         default=4000,
         help="token budget for earlier prompts, verdicts and human feedback shown "
-        "to the generator (disagreements and rejections first, then newest)",
+        "to the LLM generator (disagreements and rejections first, then newest)",
     )
-    llm.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    llm.add_argument(
-        "--max-tries",
-        type=int,
-        default=5,
-        help="tries per request on 429, 5xx, timeouts (exponential backoff)",
-    )
-    add_deadline_args(llm)
 
     off = parser.add_argument_group("offline generator")
     off.add_argument("--seed", type=int, default=0, help="shuffles the template combinations")
@@ -196,7 +171,7 @@ def model_context(ref: str, tokenizer: Any) -> tuple[Any, int] | None:
 def choose_generator(args: argparse.Namespace) -> str:
     if args.generator != "auto":
         return args.generator
-    return "llm" if find_api_key(args.env_file) else "offline"
+    return "llm" if llm_settings(args).wants_llm("auto") else "offline"
 
 
 def run(args: argparse.Namespace, summary: SaveSummary) -> None:
@@ -242,14 +217,7 @@ def run(args: argparse.Namespace, summary: SaveSummary) -> None:
             )
         )
         return
-    client = client_from_settings(
-        args.llm_model,
-        args.base_url,
-        args.env_file,
-        timeout=args.timeout,
-        max_tries=args.max_tries,
-        **deadline_options(args, args.started),
-    )
+    client = llm_settings(args).client(args.started)
     log.info("llm generator: %s at %s", client.model, client.endpoint)
     count = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None else approx_tokens
     generate_llm_prompts(

@@ -25,13 +25,13 @@ from pathlib import Path
 
 from em_circuits.cli.common import (
     add_analysis_args,
-    add_deadline_args,
     add_graph_args,
+    add_llm_args,
     add_model_args,
     analysis_params,
-    deadline_options,
     full_graph_choice,
     graph_params,
+    llm_settings,
     make_parser,
     setup,
     specs_from_args,
@@ -72,9 +72,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         default="auto",
         help="auto = llm if OPENAI_API_KEY is set, else the organism's word lists",
     )
-    g.add_argument("--llm-model", default="o3", help="generator and judge model")
-    g.add_argument("--base-url", help="OpenAI-compatible endpoint (or OPENAI_BASE_URL)")
-    add_deadline_args(g)
     g.add_argument(
         "--labels",
         choices=["auto", "interactive", "import"],
@@ -96,6 +93,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     add_graph_args(parser)
     add_analysis_args(parser)
+    add_llm_args(parser)
     args = parser.parse_args(argv)
     started = time.monotonic()  # --run-deadline counts from here
     if args.status:  # only reads: a mistyped --results-dir is one line, nothing created
@@ -117,8 +115,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         prompt_files=args.prompts,
         generator=args.generator,
         judge=args.judge,
-        llm_model=args.llm_model,
-        base_url=args.base_url,
+        llm=llm_settings(args),
         labels=args.labels,
         labels_file=args.labels_file,
         only_evil=not args.all_labeled,
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         analysis_name=args.analysis_name,
         device=args.device,
         seed=args.seed,
-        llm_options=deadline_options(args, started),
+        started=started,
     )
     report = run_pipeline(store, base, adapted, cfg)
     if report is not None:  # None on the non-main processes of a multi-process launch

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from em_circuits.core.llm_settings import LLMSettings
 from em_circuits.core.store import ResultsStore, utc_now
 
 RUBRIC_VERSION = "2025-11-25.1"
@@ -119,20 +120,18 @@ def make_judge(
     kind: str,
     store: ResultsStore,
     *,
-    model: str = "o3",
-    base_url: str | None = None,
-    env_file: Path | str | None = None,
     words_path: Path | str | None = None,
-    **client_options: Any,
+    llm: LLMSettings | None = None,
+    started: float | None = None,
 ) -> Judge:
-    """``offline`` -> WordListJudge; ``llm`` -> LLMJudge with a client from env/.env settings."""
+    """``offline`` -> WordListJudge; ``llm`` -> LLMJudge with a client of ``llm`` (default
+    settings: the key and endpoint from the environment or .env); ``started`` is the run's
+    start, from which --run-deadline counts."""
     if kind == "offline":
         words, source = load_word_lists(words_path)
         return WordListJudge(words, source)
     if kind == "llm":
-        from em_circuits.core.llm import client_from_settings
         from em_circuits.labeling.llm_judge import LLMJudge
 
-        client = client_from_settings(model, base_url, env_file, **client_options)
-        return LLMJudge(client, store)
+        return LLMJudge((llm or LLMSettings()).client(started), store)
     raise ValueError(f"unknown judge {kind!r}; use offline or llm")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from em_circuits.attribution.targets import AttributionParams, FullGraphChoice
+from em_circuits.core.llm_settings import LLMSettings
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.load import ResidentModels, release_transcoders
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug, resolve_device
@@ -30,8 +31,8 @@ class PipelineConfig:
     prompt_files: list[Path] = field(default_factory=list)
     generator: str = "auto"  # auto | offline | llm
     judge: str = "auto"  # auto | offline | llm
-    llm_model: str = "o3"
-    base_url: str | None = None
+    #: the LLM of the generator, the judges and the feature labels
+    llm: LLMSettings = field(default_factory=LLMSettings)
     labels: str = "auto"  # auto (judge labels, marked as judge-made) | interactive | import
     labels_file: Path | None = None
     only_evil: bool = True
@@ -46,9 +47,9 @@ class PipelineConfig:
     device: str | None = None
     seed: int = 0
     progress: bool = True
-    #: Extra LLMClient options for the generator and the judge (deadline, run_deadline,
-    #: run_started: see :class:`em_circuits.core.llm.LLMClient`).
-    llm_options: dict[str, Any] = field(default_factory=dict)
+    #: The run's start (``time.monotonic``), from which --run-deadline counts; None: when
+    #: run_pipeline starts.
+    started: float | None = None
 
 
 @contextmanager
@@ -59,19 +60,11 @@ def stage(name: str) -> Iterator[None]:
     log.info("[%s] done in %.1f s", name, time.perf_counter() - started)
 
 
-def _use_llm(choice: str) -> bool:
-    from em_circuits.core.llm import find_api_key
-
-    return choice == "llm" or (choice == "auto" and find_api_key() is not None)
-
-
 def _check_llm_settings(cfg: PipelineConfig) -> None:
     """Fail before any stage runs when an LLM is asked for but cannot be used (no API key),
     not after the prompts are written and both models have computed their logits."""
     if "llm" in (cfg.generator, cfg.judge):
-        from em_circuits.core.llm import client_from_settings
-
-        client_from_settings(cfg.llm_model, cfg.base_url, **cfg.llm_options)
+        cfg.llm.client(cfg.started)
 
 
 def run_prompts(store: ResultsStore, adapted: ModelSpec, cfg: PipelineConfig) -> None:
@@ -91,12 +84,10 @@ def run_prompts(store: ResultsStore, adapted: ModelSpec, cfg: PipelineConfig) ->
     if missing <= 0:
         log.info("[prompts] %d stored, nothing to generate", len(store.prompt_ids()))
         return
-    if _use_llm(cfg.generator):
-        from em_circuits.core.llm import client_from_settings
+    if cfg.llm.wants_llm(cfg.generator):
         from em_circuits.prompts.generator import generate_llm_prompts
 
-        client = client_from_settings(cfg.llm_model, cfg.base_url, **cfg.llm_options)
-        generate_llm_prompts(client, store, missing, deduper)
+        generate_llm_prompts(cfg.llm.client(cfg.started), store, missing, deduper)
     else:
         summary = generate_offline_prompts(store, missing, deduper, seed=cfg.seed)
         log.info(
@@ -116,14 +107,13 @@ def run_logits(
     from em_circuits.labeling.judge import make_judge
     from em_circuits.labeling.logits_stage import evaluate, offline_judge_words
 
-    kind = "llm" if _use_llm(cfg.judge) else "offline"
+    kind = "llm" if cfg.llm.wants_llm(cfg.judge) else "offline"
     judge = make_judge(
         kind,
         store,
-        model=cfg.llm_model,
-        base_url=cfg.base_url,
         words_path=offline_judge_words(adapted, cfg.words) if kind == "offline" else None,
-        **(cfg.llm_options if kind == "llm" else {}),
+        llm=cfg.llm,
+        started=cfg.started,
     )
     summary = evaluate(store, base, adapted, judge, device=cfg.device, models=models)
     for line in summary.lines():
@@ -219,7 +209,8 @@ def run_pipeline(
     # Before any work: an adapter for another base or shape fails now, not after the logits.
     check_start_up(adapted)  # a misfitting transcoder set or adapter: before any prompt
     cfg.device = device
-    cfg.llm_options.setdefault("run_started", time.monotonic())
+    if cfg.started is None:
+        cfg.started = time.monotonic()
     _check_llm_settings(cfg)
     adapted_slug = model_slug(adapted, fingerprint(adapted, device))
     resident = models or ResidentModels(
@@ -245,13 +236,12 @@ def run_pipeline(
             from em_circuits.interpret.labels import labeller_for
 
             judge = make_em_judge(
-                "llm" if _use_llm(cfg.judge) else "offline",
+                "llm" if cfg.llm.wants_llm(cfg.judge) else "offline",
                 store,
                 adapted,
                 cfg.words,
-                cfg.llm_model,
-                cfg.base_url,
-                **cfg.llm_options,
+                cfg.llm,
+                cfg.started,
             )
             run_analysis(
                 store,
