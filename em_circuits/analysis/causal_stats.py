@@ -54,7 +54,8 @@ def _slope(curve: list[dict[str, Any]], group: str, key: str) -> float | None:
     points = [(c["scale"], c[key]) for c in curve if c["group"] == group and c.get(key) is not None]
     if len(points) < 2:
         return None
-    return float(np.polyfit(*zip(*points), 1)[0])
+    scales, means = np.array(points, dtype=np.float64).T
+    return float(np.polyfit(scales, means, 1)[0])
 
 
 def ablation_test(
