@@ -153,8 +153,8 @@ def _verdict(s: dict[str, Any], alpha: float) -> str:
     return (
         f"Ablating the top features ({s['measure']}) {outcome} the evil-minus-safe logit "
         f"contrast more than matched random features: mean change over "
-        f"{s['n_clusters']} cluster means {s['mean_delta_top']:+.3f} (top) vs "
-        f"{s['mean_delta_random']:+.3f} (random); top lower on {s['prompts_top_lower']} of "
+        f"{s['n_clusters']} cluster means {s['mean_delta_top']:+.3g} (top) vs "
+        f"{s['mean_delta_random']:+.3g} (random); top lower on {s['prompts_top_lower']} of "
         f"{s['n_paired_prompts']} prompts; {test}."
     )
 

@@ -293,7 +293,7 @@ def _frozen_beside(causal: Mapping[str, Any]) -> str:
         return ""
     return (
         f" With attention frozen (as attribution assumes, not the headline): mean change "
-        f"{frozen['mean_delta_top']:+.3f} (top) vs {frozen['mean_delta_random']:+.3f} "
+        f"{frozen['mean_delta_top']:+.3g} (top) vs {frozen['mean_delta_random']:+.3g} "
         f"(random), one-sided p = {fmt(frozen.get('p_value_one_sided'))}."
     )
 
