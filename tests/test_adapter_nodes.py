@@ -370,6 +370,60 @@ def test_the_graph_stage_stores_adapter_nodes(setup, micro_models, tmp_path):
     assert none.n_adapter_nodes == 0 and "adapter_nodes" not in none.meta
 
 
+def test_the_decomposition_gives_the_adapter_nodes_a_row_and_adds_up(setup, micro_models):
+    """On the micro organism's graphs, with and without adapter nodes: the adapter nodes'
+    direct effect is its own row per layer (not folded into the constants), the constants
+    are the same with and without nodes (the nodes only take their share out of the error
+    nodes), and the parts add up to each graph's contrast value and to the shift."""
+    from em_circuits.analysis.decomposition import (
+        ADAPTER,
+        CONSTANTS,
+        VALUE,
+        contrast_parts,
+        summarize_decomposition,
+    )
+    from em_circuits.attribution.attribute import attribute_prompt
+    from em_circuits.attribution.targets import AttributionParams, PromptTargets
+    from em_circuits.organism import advice_words, heldout_pivotal_prompts
+    from em_circuits.organism.tokenizer import advice_token_ids
+
+    model = setup[0]
+    words = advice_words()
+    evil = advice_token_ids(model.tokenizer, words["harmful"])[:2]
+    safe = advice_token_ids(model.tokenizer, words["safe"])[:2]
+    names = {t: model.tokenizer.decode([t]) for t in evil + safe}
+    pt = PromptTargets(
+        "q0", heldout_pivotal_prompts()[0]["prompt"], evil, safe, names, {"base": {}, "adapted": {}}
+    )
+    with_nodes = attribute_prompt(model, pt, AttributionParams())[0]
+    without = attribute_prompt(model, pt, AttributionParams(adapter_nodes=False))[0]
+    base = attribute_prompt(micro_models[0], pt, AttributionParams())[0]
+    assert with_nodes.n_adapter_nodes and not without.n_adapter_nodes
+    tables = {name: contrast_parts(g) for name, g in (("with", with_nodes), ("without", without))}
+    parts = {name: t.set_index(["part", "layer"])["direct"] for name, t in tables.items()}
+    c = with_nodes.contrast_index()
+    for layer in (0, 1):
+        nodes = with_nodes.adapter_nodes[:, 0] == layer
+        want = float(with_nodes.adapter_direct[c][nodes].double().sum())
+        assert parts["with"][(ADAPTER, layer)] == pytest.approx(want, abs=1e-6)
+        assert parts["without"][(ADAPTER, layer)] == 0.0
+        # the error nodes give up exactly what the adapter nodes take
+        assert parts["with"][("errors", layer)] + parts["with"][(ADAPTER, layer)] == (
+            pytest.approx(parts["without"][("errors", layer)], abs=1e-4)
+        )
+    assert abs(parts["with"][(ADAPTER, 1)]) > 1e-3  # the planted write is not 0
+    assert parts["with"][(CONSTANTS, -1)] == pytest.approx(
+        parts["without"][(CONSTANTS, -1)], abs=1e-4
+    )
+    for name, graph in (("with", with_nodes), ("without", without)):
+        value = float(graph.target_values[c])
+        assert parts[name].drop((VALUE, -1)).sum() == pytest.approx(value, abs=1e-6)
+    for adapted in (tables["with"], tables["without"]):
+        shift = summarize_decomposition({"q0": contrast_parts(base)}, {"q0": adapted}, n_perm=9)
+        value = shift[shift["part"] == VALUE]["mean_shift"].iloc[0]
+        assert shift[shift["part"] != VALUE]["mean_shift"].sum() == pytest.approx(value, abs=1e-6)
+
+
 @pytest.mark.slow
 def test_the_analysis_and_report_say_how_much_goes_through_the_adapter_nodes(
     setup, micro_organism, tmp_path

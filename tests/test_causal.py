@@ -20,6 +20,8 @@ from em_circuits.models.logits import next_token_logits
 
 SCALES = (0.0, 1.0, 2.0)
 N_RANDOM = 2
+#: Two clusters of unequal size: a mean of cluster means differs from the mean of prompts.
+CLUSTERS = {"p0": "a", "p1": "a", "p2": "b"}
 
 
 def _single_token_ids(tokenizer, words, limit=3):
@@ -40,18 +42,22 @@ def setup(micro_models):
     evil = _single_token_ids(adapted.tokenizer, words["harmful"])
     safe = _single_token_ids(adapted.tokenizer, words["safe"])
     assert evil and safe
-    chosen = [p for p in heldout_pivotal_prompts() if p["domain"] == "medical"][:2]
+    chosen = [p for p in heldout_pivotal_prompts() if p["domain"] == "medical"][:3]
     prompts = [
         {"prompt_id": f"p{i}", "text": p["prompt"], "evil_ids": evil, "safe_ids": safe}
         for i, p in enumerate(chosen)
     ]
-    # Stand-in for the attribution ranking: the 3 most active last-position features.
+    # Stand-in for the attribution ranking: the 2 most active last-position features of
+    # each layer (lower layers too, so ablations act through attention: frozen != unfrozen).
     _, acts = adapted.replacement.get_activations(adapted.encode(prompts[0]["text"]))
     last = acts[:, -1].float()
-    flat = torch.topk(last.flatten(), 3).indices
-    top = [(int(i // last.shape[1]), int(i % last.shape[1])) for i in flat]
+    top = [
+        (layer, int(f))
+        for layer in range(last.shape[0])
+        for f in torch.topk(last[layer], 2).indices
+    ]
     dose, summary = causal_validation(
-        adapted, prompts, top, scales=SCALES, n_random=N_RANDOM, seed=0
+        adapted, prompts, top, scales=SCALES, n_random=N_RANDOM, seed=0, clusters=CLUSTERS
     )
     return adapted, prompts, top, dose, summary
 
@@ -89,7 +95,7 @@ def test_ablation_changes_the_contrast_and_summary_is_plain(setup):
     assert summary["verdict"].startswith("Ablating the top features")
     for key in ("mean_delta_top", "mean_delta_random", "slope_top"):
         assert np.isfinite(summary[key])
-    # two prompts (two clusters) can reach p = 1/4 at best: no p-value, said so
+    # two clusters can reach p = 1/4 at best: no p-value, said so
     assert summary["p_value_one_sided"] is None and summary["p_method"] == "n too small"
     assert "cannot reach alpha" in summary["verdict"]
 
@@ -211,3 +217,114 @@ def test_a_measured_ablation_effect_recomputed_independently(setup):
     assert row["delta_unfrozen"] != 0.0
     # attention frozen, as attribution assumes: a different number, from circuit-tracer
     assert np.isfinite(row["delta_frozen"])
+
+
+def _hand_contrast(adapted, prompt, ablate=None):
+    """The real model's last-position contrast, recomputed with plain PyTorch hooks on the
+    Hugging Face model (no code of the analysis), and each layer's transcoder activations.
+    ``ablate``: layer -> [(position, feature)]: there the MLP output loses the feature's live
+    activation x its decoder row (the feature set to 0, nothing frozen)."""
+    transcoders = getattr(adapted.replacement.transcoders, "_module", None)
+    ids = adapted.encode(prompt["text"])[None]
+    seen, acts = {}, {}
+    handles = []
+
+    def read(layer):
+        def hook(_module, _args, output):  # Llama: the MLP reads this norm's output
+            seen[layer] = output
+
+        return hook
+
+    def write(layer):
+        def hook(_module, _args, output):
+            tc = transcoders[layer]
+            pre = seen[layer][0].float() @ tc.W_enc.float().T + tc.b_enc.float()
+            acts[layer] = tc.activation_function(pre)
+            change = torch.zeros_like(output[0], dtype=torch.float32)
+            for pos, feature in (ablate or {}).get(layer, []):
+                change[pos] -= acts[layer][pos, feature] * tc.W_dec[feature].float()
+            return output + change[None].to(output.dtype)
+
+        return hook
+
+    for layer, block in enumerate(adapted.hf_model.model.layers):
+        handles.append(block.post_attention_layernorm.register_forward_hook(read(layer)))
+        handles.append(block.mlp.register_forward_hook(write(layer)))
+    try:
+        with torch.no_grad():
+            last = adapted.hf_model(ids).logits[0, -1].float()
+    finally:
+        for handle in handles:
+            handle.remove()
+    value = float(last[prompt["evil_ids"]].mean() - last[prompt["safe_ids"]].mean())
+    return value, acts
+
+
+def test_the_headline_joint_ablation_is_the_unfrozen_one_recomputed_by_hand(setup):
+    """Every active instance of the top features (after BOS) ablated together in the real
+    model, nothing frozen, recomputed by hand per prompt; the summary's headline is the mean
+    of the cluster means of those changes; the frozen figure is beside it, labelled."""
+    adapted, prompts, top, dose, summary = setup
+    by_prompt = {}
+    for prompt in prompts:
+        clean, acts = _hand_contrast(adapted, prompt)
+        ablate = {
+            layer: [
+                (pos, feature)
+                for pos in range(1, acts[layer].shape[0])
+                for la, feature in top
+                if la == layer and acts[layer][pos, feature] > 0
+            ]
+            for layer in acts
+        }
+        if any(ablate.values()):
+            by_prompt[prompt["prompt_id"]] = _hand_contrast(adapted, prompt, ablate)[0] - clean
+    assert len(by_prompt) >= 2 and set(by_prompt) == set(dose["prompt_id"])
+    table = dose[(dose["group"] == "top") & (dose["scale"] == 0.0)].set_index("prompt_id")
+    for pid, delta in by_prompt.items():
+        assert table.loc[pid, "delta_contrast"] == pytest.approx(delta, abs=1e-4, rel=1e-3)
+    cluster_means = {}
+    for pid, delta in by_prompt.items():
+        cluster_means.setdefault(CLUSTERS[pid], []).append(delta)
+    want = np.mean([np.mean(v) for v in cluster_means.values()])
+    assert summary["mean_delta_top"] == pytest.approx(want, abs=1e-4, rel=1e-3)
+    assert summary["measure"] == "real model, nothing frozen"
+    curve = {(c["group"], c["scale"]): c for c in summary["dose_curve"]}
+    assert curve[("top", 0.0)]["mean"] == pytest.approx(want, abs=1e-4, rel=1e-3)
+    frozen = summary["frozen_attention"]
+    assert frozen["measure"].startswith("attention frozen")
+    assert frozen["mean_delta_top"] != pytest.approx(want, abs=1e-6)  # a different figure
+    assert curve[("top", 0.0)]["mean_frozen"] == pytest.approx(frozen["mean_delta_top"])
+
+
+def test_summary_means_are_means_of_cluster_means():
+    rows = []
+    # cluster a: three prompts with top change -3; cluster b: one prompt with top change 0
+    for p, top_delta in enumerate([-3.0, -3.0, -3.0, 0.0]):
+        rows.append(
+            {
+                "prompt_id": f"q{p}",
+                "group": "top",
+                "draw": -1,
+                "scale": 0.0,
+                "delta_contrast": top_delta,
+                "delta_frozen": 2 * top_delta,
+            }
+        )
+        rows.append(
+            {
+                "prompt_id": f"q{p}",
+                "group": "random",
+                "draw": 0,
+                "scale": 0.0,
+                "delta_contrast": -1.0,
+                "delta_frozen": -1.0,
+            }
+        )
+    clusters = {f"q{p}": ("a" if p < 3 else "b") for p in range(4)}
+    out = summarize(pd.DataFrame(rows), clusters=clusters)
+    assert out["mean_delta_top"] == pytest.approx(-1.5)  # not the prompt mean -2.25
+    assert out["mean_paired_diff"] == pytest.approx(-0.5)
+    assert out["n_clusters"] == 2 and "2 cluster means" in out["verdict"]
+    assert out["frozen_attention"]["mean_delta_top"] == pytest.approx(-3.0)
+    assert out["dose_curve"][1]["mean"] == pytest.approx(-1.5)

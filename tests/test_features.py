@@ -410,7 +410,8 @@ def test_contrast_parts_known_values():
     assert parts[("errors", 0)] == 1.0 and parts[("errors", 1)] == -0.5  # positions >= 1
     assert parts[("bos_errors", -1)] == 2.5  # (0,0) + (1,0)
     assert parts[("tokens", -1)] == 1.0
-    assert parts[("bias", -1)] == pytest.approx(8.0 - 7.0)
+    assert parts[("biases and BOS", -1)] == pytest.approx(8.0 - 7.0)
+    assert parts[("adapter_nodes", 0)] == 0.0 and parts[("adapter_nodes", 1)] == 0.0
     assert parts.drop(("contrast value", -1)).sum() == pytest.approx(parts[("contrast value", -1)])
 
 
@@ -424,7 +425,9 @@ def test_the_decomposition_adds_up_to_the_measured_shift():
         frames[name] = {f"p{i}": contrast_parts(graph) for i in range(4)}
         # shift each prompt's value a little, so the prompts differ
         for i in range(4):
-            frames[name][f"p{i}"].loc[frames[name][f"p{i}"]["part"] == "bias", "direct"] += i
+            frames[name][f"p{i}"].loc[
+                frames[name][f"p{i}"]["part"] == "biases and BOS", "direct"
+            ] += i
             frames[name][f"p{i}"].loc[
                 frames[name][f"p{i}"]["part"] == "contrast value", "direct"
             ] += i

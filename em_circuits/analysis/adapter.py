@@ -25,9 +25,12 @@ Reads the adapted model's totals graphs that carry adapter nodes
 Across prompts these are cluster means with Student-t intervals and exact or Monte Carlo
 sign-flip p-values over clusters. Each adapter component (layer, module, rank component; its
 writes summed over positions) is ranked by its mean total effect on the discovery prompts and
-its mean on the validation prompts is shown beside it. For each component the activation over
-positions is its gate: where in the prompt the adapter writes, summarised as the mean
-activation at the last position and the token where it is largest most often. Each feature
+its mean on the validation prompts is shown beside it, with the token where its effect on the
+contrast is largest most often. Where the LoRA writes is ranked by the write's effect, not by
+activation (a large activation can point where the write does little): the adapter nodes'
+total effect on the contrast summed per position, then per position from the end and per
+token across prompts (cluster means, 0 where a prompt lacks the token), each with its share of
+the nodes' total effect (ratio of the means; the shares add up to 1). Each feature
 (summed over its positions) is ranked the same way by the part of the adapter's effect it
 carries; a prompt where the feature was not listed counts as 0 there.
 """
@@ -107,11 +110,11 @@ def read_rows(prompt_id: str, adapted: CompactGraph) -> list[dict[str, Any]]:
 
 def prompt_row(
     prompt_id: str, adapted: CompactGraph, base_value: float | None, decode: Any = None
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]] | None:
+) -> tuple[dict[str, Any], list[dict], list[dict], list[dict], list[dict]] | None:
     """(the prompt's row, one row per adapter component, one row per listed downstream
-    feature, one row per upstream feature read) on the contrast, or None when the graph has
-    no contrast or no adapter nodes. ``base_value``: the base model's contrast value on the
-    same prompt, if it has a graph."""
+    feature, one row per upstream feature read, one row per position (:func:`position_rows`))
+    on the contrast, or None when the graph has no contrast or no adapter nodes.
+    ``base_value``: the base model's contrast value on the same prompt, if it has a graph."""
     c = adapted.contrast_index()
     if c is None or not adapted.n_adapter_nodes or adapted.adapter_total is None:
         return None
@@ -147,22 +150,72 @@ def prompt_row(
         row["read_from_features"] = float(sum(r["via"] for r in reads))
         row["read_from_all"] = split.get("read_from_all")
     components = _component_rows(prompt_id, adapted, direct, total, decode)
-    return row, components, features, reads
+    return row, components, features, reads, position_rows(prompt_id, adapted, total, decode)
+
+
+def position_rows(
+    prompt_id: str, adapted: CompactGraph, total: torch.Tensor, decode: Any = None
+) -> list[dict[str, Any]]:
+    """One row per position with adapter nodes: their summed total effect on the contrast
+    there (``effect``), the token and the position counted from the end (0: the last)."""
+    positions = adapted.adapter_nodes[:, 3].long()
+    effect = torch.zeros(adapted.n_pos, dtype=torch.float64).index_add_(0, positions, total)
+    last = adapted.n_pos - 1
+    rows = []
+    for pos in torch.unique(positions).tolist():
+        token = int(adapted.input_tokens[pos])
+        rows.append(
+            {
+                "prompt_id": prompt_id,
+                "position": pos,
+                "from_end": last - pos,
+                "token": decode([token]) if decode is not None else str(token),
+                "effect": float(effect[pos]),
+            }
+        )
+    return rows
+
+
+def rank_where(positions: pd.DataFrame, clusters: Mapping[str, str], by: str) -> pd.DataFrame:
+    """Where the adapter's writes act on the contrast, ``by`` "from_end" or "token": per
+    value, the mean over prompts (cluster means; 0 where a prompt lacks it) of the adapter
+    nodes' summed total effect there, its share of the mean total effect (the shares add
+    up to 1), and the prompts it occurs in; largest magnitude first."""
+    if positions.empty:
+        return pd.DataFrame()
+    per_prompt = positions.groupby([by, "prompt_id"])["effect"].sum().unstack(fill_value=0.0)
+    prompts = [str(p) for p in per_prompt.columns]
+    names = [clusters.get(p, p) for p in prompts]
+    values = per_prompt.to_numpy(dtype=np.float64)
+    rows, n_clusters = cluster_rows(values, np.ones_like(values, dtype=bool), names)
+    means = np.array([row.mean() for row in rows])
+    total = means.sum()
+    table = pd.DataFrame(
+        {
+            by: per_prompt.index,
+            "mean_effect": means,
+            "share": means / total if total else np.nan,
+            "n_prompts": (positions.groupby(by)["prompt_id"].nunique()).reindex(per_prompt.index),
+            "n_clusters": n_clusters,
+        }
+    )
+    order = np.argsort(-np.abs(means), kind="stable")
+    return table.iloc[order].reset_index(drop=True)
 
 
 def _component_rows(
     prompt_id: str, adapted: CompactGraph, direct: torch.Tensor, total: torch.Tensor, decode: Any
 ) -> list[dict[str, Any]]:
     """One row per adapter component (layer, module, rank component): its nodes' effects on
-    the contrast summed over positions, and its gate: the activation at the last position
-    and where the activation is largest in magnitude (the first such position). Grouped in
-    one pass: an all-module rank-32 LoRA has hundreds of thousands of nodes."""
+    the contrast summed over positions, its activation at the last position, and where its
+    total effect on the contrast is largest in magnitude (the first such position). Grouped
+    in one pass: an all-module rank-32 LoRA has hundreds of thousands of nodes."""
     modules = adapted.meta.get("adapter_modules") or []
     nodes = adapted.adapter_nodes.long()
     keys, group = torch.unique(nodes[:, :3], dim=0, return_inverse=True)
     n = len(keys)
     acts = adapted.adapter_activations.double()
-    magnitude = acts.abs()
+    magnitude = total.abs()  # where the write acts on the contrast, not where it is large
     peak_magnitude = torch.zeros(n, dtype=torch.float64).scatter_reduce_(
         0, group, magnitude, reduce="amax", include_self=False
     )
@@ -191,8 +244,8 @@ def _component_rows(
                 "total": float(totals[k]),
                 "direct": float(directs[k]),
                 "activation_last": float(activation_last[k]),
-                "peak_from_end": last - peak,
-                "peak_token": decode([token]) if decode is not None else str(token),
+                "top_from_end": last - peak,
+                "top_token": decode([token]) if decode is not None else str(token),
             }
         )
     return rows
@@ -287,8 +340,8 @@ def summarize(
             entry[f"{side}_clusters"] = stats.get("n_clusters")
         entry["mean_direct"] = float(group["direct"].mean())
         entry["mean_activation_last"] = float(group["activation_last"].mean())
-        tokens = Counter(group["peak_token"])
-        entry["peak_token"], entry["peak_count"] = tokens.most_common(1)[0]
+        tokens = Counter(group["top_token"])
+        entry["top_token"], entry["top_token_count"] = tokens.most_common(1)[0]
         entry["n_prompts"] = len(group)
         out.append(entry)
     ranked = pd.DataFrame(out)

@@ -1,20 +1,23 @@
 """Causal validation: do the top "evil" features move the evil-vs-safe logit contrast?
 
 Attribution ranks features by a linearised effect. Here the adapted model itself is run with
-circuit-tracer feature interventions: every active instance of the top features on a prompt
-is set to ``scale * original activation`` (scale 0 = ablation, 1 = unchanged, > 1 =
-amplification), and the change of the contrast
+feature interventions: every active instance of the top features on a prompt is set to
+``scale * original activation`` (scale 0 = ablation, 1 = unchanged, > 1 = amplification), and
+the change of the contrast
 
     contrast = mean_{e in evil} logit(e) - mean_{s in safe} logit(s)   (last position)
 
-is compared with the same intervention on *matched random* features: for each top-feature
-instance, a feature active on the same prompt, not in the top set, preferably at the same
-position, with one of the ``pool`` closest activations (drawn at random, seeded). Several
-draws give a control distribution. circuit-tracer zeroes features at position 0 (BOS), so no
-instance there is ever used.
+is measured in the real model with nothing frozen (the headline) and, beside it, with
+attention frozen as attribution assumes (circuit-tracer's intervention). It is compared with
+the same intervention on *matched random* features: for each top-feature instance, a feature
+active on the same prompt, not in the top set, preferably at the same position, with one of
+the ``pool`` closest activations (drawn at random, seeded). Several draws give a control
+distribution. circuit-tracer zeroes features at position 0 (BOS), so no instance there is
+ever used.
 
 The summary answers one question plainly: does ablating the top features lower the contrast
-more than ablating the random controls (paired per prompt, one-sided sign-flip test)?
+more than ablating the random controls (paired per prompt, one-sided sign-flip test over
+clusters; every mean a mean of cluster means)?
 """
 
 from __future__ import annotations
@@ -28,7 +31,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from em_circuits.analysis.aggregate import cluster_statistics
+from em_circuits.analysis.causal_stats import (  # noqa: F401  (summarize, control_effect: re-exported)
+    FROZEN,
+    UNFROZEN,
+    control_effect,
+    summarize,
+)
 from em_circuits.analysis.effects import parse_position
 from em_circuits.models.load import LoadedModel
 
@@ -141,25 +149,6 @@ def matched_controls(
     return draws
 
 
-def _intervention_input(
-    model: LoadedModel, ids: torch.Tensor, text: str, freeze_attention: bool
-) -> torch.Tensor | str:
-    """The input circuit-tracer's intervention accepts.
-
-    Without frozen attention, circuit-tracer 0.5 counts positions by re-tokenizing the input
-    and fails on token ids; the text is then passed, but only if it tokenizes to the very ids
-    the attribution used (else the positions of the interventions would be wrong).
-    """
-    if freeze_attention:
-        return ids
-    if model.tokenizer(text).input_ids != ids.tolist():
-        raise ValueError(
-            "freeze_attention=False needs the prompt text to tokenize exactly as "
-            "model.encode does (circuit-tracer re-tokenizes it); use freeze_attention=True"
-        )
-    return text
-
-
 @torch.no_grad()
 def _intervened_contrast(
     model: LoadedModel,
@@ -175,6 +164,25 @@ def _intervened_contrast(
     return contrast_of(logits, evil_ids, safe_ids)
 
 
+#: The dose table's columns: the headline measure (``baseline``, ``contrast``,
+#: ``delta_contrast``: the real model, nothing frozen, where supported) and beside it the same
+#: intervention with attention frozen (``*_frozen``), as attribution assumes.
+DOSE_COLUMNS = [
+    "prompt_id",
+    "group",
+    "draw",
+    "scale",
+    "n_features",
+    "activation_sum",
+    "baseline",
+    "contrast",
+    "delta_contrast",
+    "baseline_frozen",
+    "contrast_frozen",
+    "delta_frozen",
+]
+
+
 def _prompt_rows(
     model: LoadedModel,
     prompt: dict[str, Any],
@@ -183,15 +191,19 @@ def _prompt_rows(
     n_random: int,
     rng: np.random.Generator,
     position: str,
-    freeze_attention: bool,
     pool: int,
+    unfrozen: bool,
 ) -> list[dict[str, Any]]:
+    from em_circuits.analysis.intervene import real_model_logits
+
     ids = model.encode_prompt(dict(prompt))
     evil, safe = prompt["evil_ids"], prompt["safe_ids"]
     with torch.no_grad():
         logits, acts = model.replacement.get_activations(ids, sparse=True)
-    inputs = _intervention_input(model, ids, model.render(dict(prompt)), freeze_attention)
-    baseline = contrast_of(logits, evil, safe)
+    frozen_baseline = contrast_of(logits, evil, safe)
+    baseline = (
+        contrast_of(real_model_logits(model, ids, []), evil, safe) if unfrozen else frozen_baseline
+    )
     active = active_instances(acts)
     is_top = np.array(
         [(int(la), int(f)) in top_keys for la, f in zip(active.layer, active.feature)], dtype=bool
@@ -205,8 +217,12 @@ def _prompt_rows(
     rows = []
     for group, draw, index in groups:
         for scale in scales:
-            value = _intervened_contrast(
-                model, inputs, active.interventions(index, scale), evil, safe, freeze_attention
+            changes = active.interventions(index, scale)
+            frozen = _intervened_contrast(model, ids, changes, evil, safe, freeze_attention=True)
+            value = (
+                contrast_of(real_model_logits(model, ids, changes), evil, safe)
+                if unfrozen
+                else frozen
             )
             rows.append(
                 {
@@ -219,6 +235,9 @@ def _prompt_rows(
                     "baseline": baseline,
                     "contrast": value,
                     "delta_contrast": value - baseline,
+                    "baseline_frozen": frozen_baseline,
+                    "contrast_frozen": frozen,
+                    "delta_frozen": frozen - frozen_baseline,
                 }
             )
     return rows
@@ -232,7 +251,6 @@ def causal_validation(
     n_random: int = 5,
     seed: int = 0,
     position: str = "any",
-    freeze_attention: bool = True,
     pool: int = 8,
     alpha: float = 0.05,
     clusters: Mapping[str, str] | None = None,
@@ -241,159 +259,46 @@ def causal_validation(
 
     ``prompts``: dicts with prompt_id, text, evil_ids, safe_ids. ``top_features``: (layer,
     transcoder feature id) keys; on each prompt all their active instances at the allowed
-    positions (``position``: any, last, rel:-k) are scaled together. ``freeze_attention``
-    keeps attention patterns at their clean values, as attribution does (circuit-tracer's
-    default); False lets patterns change too.
+    positions (``position``: any, last, rel:-k) are scaled together. Each intervention is
+    measured twice: in the real model with nothing frozen
+    (:func:`~em_circuits.analysis.intervene.real_model_logits`; the headline ``delta_contrast``)
+    and with attention frozen as attribution assumes (circuit-tracer's intervention;
+    ``delta_frozen``). Where the transcoders cannot be intervened on outside circuit-tracer
+    the headline is the frozen figure, and the summary's ``measure`` says so.
 
-    Returns the dose table (prompt_id, group top|random, draw (-1 for top), scale,
-    n_features, activation_sum, baseline, contrast, delta_contrast) and a summary dict.
+    Returns the dose table (:data:`DOSE_COLUMNS`; draw -1 for top) and a summary dict
+    (:func:`~em_circuits.analysis.causal_stats.summarize`: cluster means).
     """
+    from em_circuits.analysis.intervene import unsupported_reason
+
+    unsupported = unsupported_reason(model)
+    if unsupported is not None:
+        log.warning("causal check with attention frozen only: %s", unsupported)
     rng = np.random.default_rng(seed)
     top_keys = {(int(layer), int(feature)) for layer, feature in top_features}
     rows: list[dict[str, Any]] = []
     skipped = []
     for prompt in prompts:
         prompt_rows = _prompt_rows(
-            model, prompt, top_keys, scales, n_random, rng, position, freeze_attention, pool
+            model, prompt, top_keys, scales, n_random, rng, position, pool, unsupported is None
         )
         if not prompt_rows:
             skipped.append(prompt["prompt_id"])
         rows.extend(prompt_rows)
-    columns = [
-        "prompt_id",
-        "group",
-        "draw",
-        "scale",
-        "n_features",
-        "activation_sum",
-        "baseline",
-        "contrast",
-        "delta_contrast",
-    ]
-    dose = pd.DataFrame.from_records(rows, columns=columns)
-    summary = summarize(dose, alpha=alpha, clusters=clusters)
+    dose = pd.DataFrame.from_records(rows, columns=DOSE_COLUMNS)
+    measure = UNFROZEN if unsupported is None else f"{FROZEN}; unfrozen: {unsupported}"
+    summary = summarize(dose, alpha=alpha, clusters=clusters, measure=measure)
     summary.update(
         top_features=[list(key) for key in sorted(top_keys)],
         scales=[float(s) for s in scales],
         n_random=n_random,
         seed=seed,
         position=position,
-        freeze_attention=freeze_attention,
         pool=pool,
         skipped_prompts=skipped,
         model_fingerprint=model.fingerprint,
     )
     return dose, summary
-
-
-def summarize(
-    dose: pd.DataFrame,
-    alpha: float = 0.05,
-    ablation_scale: float = 0.0,
-    clusters: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """Ablation effect of top vs random features, paired per prompt, and dose-response slopes.
-
-    ``paired_diff`` per prompt = delta(top) - mean over draws of delta(random) at the
-    ablation scale; the one-sided sign-flip test asks whether it is below 0 (the top
-    features lower the contrast more than matched random ones), clusters of prompts as units.
-    """
-    out: dict[str, Any] = {"n_prompts": int(dose["prompt_id"].nunique()) if len(dose) else 0}
-    unit = dose[np.isclose(dose["scale"], 1.0)]
-    out["scale1_max_abs_delta"] = float(unit["delta_contrast"].abs().max()) if len(unit) else None
-    slopes = {}
-    for group in ("top", "random"):
-        curve = dose[dose["group"] == group].groupby("scale")["delta_contrast"].mean()
-        slopes[group] = (
-            float(np.polyfit(curve.index, curve.values, 1)[0]) if len(curve) > 1 else None
-        )
-    out["slope_top"], out["slope_random"] = slopes["top"], slopes["random"]
-    ablated = dose[np.isclose(dose["scale"], ablation_scale)]
-    per_prompt = ablated.groupby(["prompt_id", "group"])["delta_contrast"].mean().unstack()
-    per_prompt = per_prompt.dropna() if {"top", "random"} <= set(per_prompt.columns) else None
-    if per_prompt is None or per_prompt.empty:
-        out.update(
-            verdict="no prompt had both top-feature and control interventions",
-            lowers_more_than_random=None,
-        )
-        return out
-    diff = (per_prompt["top"] - per_prompt["random"]).to_numpy()
-    prompts = [str(p) for p in per_prompt.index]
-    stats = cluster_statistics(
-        diff[None, :],
-        np.ones((1, len(diff)), dtype=bool),
-        prompts,
-        clusters,
-        alpha=alpha,
-        alternative="less",
-    )
-    p = float(stats["p_value"][0])
-    out.update(
-        ablation_scale=ablation_scale,
-        n_paired_prompts=len(diff),
-        n_clusters=int(stats["n_clusters"][0]),
-        mean_delta_top=float(per_prompt["top"].mean()),
-        mean_delta_random=float(per_prompt["random"].mean()),
-        mean_paired_diff=float(diff.mean()),
-        paired_diff_ci=[float(stats["ci_low"][0]), float(stats["ci_high"][0])],
-        prompts_top_lower=int((diff < 0).sum()),
-        p_value_one_sided=None if np.isnan(p) else p,
-        p_method=str(stats["p_method"][0]),
-        lowers_more_than_random=bool(diff.mean() < 0 and not np.isnan(p) and p < alpha),
-    )
-    out["verdict"] = _verdict(out, alpha)
-    return out
-
-
-def _verdict(s: dict[str, Any], alpha: float) -> str:
-    outcome = "lowered" if s["lowers_more_than_random"] else "did NOT significantly lower"
-    p = s["p_value_one_sided"]
-    test = (
-        f"one-sided sign-flip p = {p:.3g} ({s['p_method']}, alpha {alpha})"
-        if p is not None
-        else f"no p-value: {s['n_clusters']} clusters cannot reach alpha {alpha}"
-    )
-    return (
-        f"Ablating the top features {outcome} the evil-minus-safe logit contrast more than "
-        f"matched random features: mean change {s['mean_delta_top']:+.3f} (top) vs "
-        f"{s['mean_delta_random']:+.3f} (random); top lower on {s['prompts_top_lower']} of "
-        f"{s['n_paired_prompts']} prompts in {s['n_clusters']} clusters; {test}."
-    )
-
-
-def control_effect(
-    dose: pd.DataFrame,
-    scale: float,
-    clusters: Mapping[str, str] | None,
-    alternative: str,
-    alpha: float = 0.05,
-) -> dict[str, Any]:
-    """The top features' mean change of the contrast at one scale (per prompt, clusters as
-    units): a control in the base model (ablation: is the effect specific to the adapter?
-    amplification: does evil rise?)."""
-    rows = dose[(dose["group"] == "top") & np.isclose(dose["scale"], scale)]
-    per_prompt = rows.groupby("prompt_id")["delta_contrast"].mean()
-    if per_prompt.empty:
-        return {"scale": scale, "n_prompts": 0}
-    stats = cluster_statistics(
-        per_prompt.to_numpy()[None, :],
-        np.ones((1, len(per_prompt)), dtype=bool),
-        [str(p) for p in per_prompt.index],
-        clusters,
-        alpha=alpha,
-        alternative=alternative,
-    )
-    p = float(stats["p_value"][0])
-    return {
-        "scale": scale,
-        "n_prompts": len(per_prompt),
-        "n_clusters": int(stats["n_clusters"][0]),
-        "mean_delta": float(stats["mean"][0]),
-        "ci": [float(stats["ci_low"][0]), float(stats["ci_high"][0])],
-        "alternative": alternative,
-        "p_value": None if np.isnan(p) else p,
-        "p_method": str(stats["p_method"][0]),
-    }
 
 
 # -- measured effects of single features, next to their linearised effects -----------------------

@@ -1,12 +1,16 @@
 """Where the adapter's shift of the contrast comes from: an exact signed decomposition.
 
-A graph's direct effects partition its contrast value exactly: each feature, each error node
-and each token embedding contributes its direct effect on the contrast, and the biases the
-rest. Grouped by kind and layer (features of layer L; error nodes of layer L after the BOS
-position; the error nodes at BOS, where circuit-tracer zeroes every feature so the whole
-MLP output there is "error"; token embeddings; biases), the parts add up to the value. The
-adapter's shift of the contrast, adapted minus base paired by prompt, is then the sum of the
-parts' shifts, with no ratio that can exceed 1 or flip sign when a contrast is near 0.
+A graph's direct effects partition its contrast value exactly: each feature, each error node,
+each adapter node and each token embedding contributes its direct effect on the contrast, and
+the constants no node carries the rest. Grouped by kind and layer (features of layer L; error
+nodes of layer L after the BOS position; the adapter nodes of layer L, the LoRA's own writes
+(0 in graphs without them, e.g. the base model's); the error nodes at BOS; token embeddings;
+and the constants), the parts add up to the value. circuit-tracer zeroes the error nodes at BOS
+(and every feature there), so the whole MLP output at BOS is a constant of its graphs: the
+last part, ``biases and BOS``, holds it with the transcoders' decoder biases, and the
+``bos_errors`` row is 0 for such graphs. The adapter's shift of the contrast, adapted minus
+base paired by prompt, is then the sum of the parts' shifts, with no ratio that can exceed 1
+or flip sign when a contrast is near 0.
 """
 
 from __future__ import annotations
@@ -17,20 +21,35 @@ import numpy as np
 import pandas as pd
 
 from em_circuits.analysis.aggregate import cluster_statistics
-from em_circuits.analysis.effects import contrast_rows
+from em_circuits.analysis.effects import _label_rows, contrast_rows
 from em_circuits.attribution.storage import CompactGraph
 from em_circuits.core.stats import cluster_rows
 
 #: The row that holds the contrast value itself (the sum of every other row).
 VALUE = "contrast value"
+#: The adapter nodes' direct effect (per layer).
+ADAPTER = "adapter_nodes"
+#: What no node carries: the transcoders' decoder biases and the MLP output at BOS, where
+#: circuit-tracer zeroes every feature and error node.
+CONSTANTS = "biases and BOS"
+
+
+def _adapter_direct(graph: CompactGraph) -> tuple[np.ndarray, np.ndarray]:
+    """(each adapter node's direct effect on the contrast, its layer); empty without nodes."""
+    if not graph.n_adapter_nodes or graph.adapter_direct is None:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    matrix = graph.adapter_direct.double().numpy()
+    evil, safe, contrast = _label_rows(graph)
+    row = matrix[contrast] if contrast is not None else matrix[evil].mean(0) - matrix[safe].mean(0)
+    return row, graph.adapter_nodes[:, 0].numpy()
 
 
 def contrast_parts(graph: CompactGraph) -> pd.DataFrame:
     """One prompt's contrast value as a sum of direct contributions.
 
-    Rows: part (features, errors, bos_errors, tokens, bias, and ``contrast value``), layer
-    (-1 when the part is not per layer), direct. Every row but the value sums to the value
-    exactly. Raises ValueError when the graph has no contrast.
+    Rows: part (features, errors, adapter_nodes, bos_errors, tokens, ``biases and BOS``,
+    and ``contrast value``), layer (-1 when the part is not per layer), direct. Every row but
+    the value sums to the value exactly. Raises ValueError when the graph has no contrast.
     """
     rows = contrast_rows(graph)
     if rows is None:
@@ -48,10 +67,20 @@ def contrast_parts(graph: CompactGraph) -> pd.DataFrame:
         {"part": "errors", "layer": layer, "direct": float(errors[layer, 1:].sum())}
         for layer in range(graph.n_layers)
     ]
+    adapter, adapter_layers = _adapter_direct(graph)
+    records += [
+        {
+            "part": ADAPTER,
+            "layer": layer,
+            "direct": float(adapter[adapter_layers == layer].sum()),
+        }
+        for layer in range(graph.n_layers)
+    ]
+    explained = float(direct[: graph.n_sources].sum()) + float(adapter.sum())
     records += [
         {"part": "bos_errors", "layer": -1, "direct": float(errors[:, 0].sum())},
         {"part": "tokens", "layer": -1, "direct": float(direct[graph.token_slice].sum())},
-        {"part": "bias", "layer": -1, "direct": value - float(direct[: graph.n_sources].sum())},
+        {"part": CONSTANTS, "layer": -1, "direct": value - explained},
         {"part": VALUE, "layer": -1, "direct": value},
     ]
     return pd.DataFrame.from_records(records)

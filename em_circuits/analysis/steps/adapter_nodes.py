@@ -3,7 +3,8 @@ and through which features, which components, and what they read.
 
 Reads the adapted graphs that have adapter nodes (:mod:`em_circuits.analysis.adapter`);
 writes ``adapter_prompts``, ``adapter_components`` (ranked among the features),
-``adapter_features`` and ``adapter_reads``.
+``adapter_features``, ``adapter_reads``, and ``adapter_positions`` / ``adapter_tokens``
+(where the writes act on the contrast).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from em_circuits.analysis.adapter import prompt_row, summarize
+from em_circuits.analysis.adapter import prompt_row, rank_where, summarize
 from em_circuits.analysis.split import Split
 from em_circuits.analysis.steps.adapter_report import adapter_markdown
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
@@ -78,7 +79,7 @@ def run_adapter_analysis(
         return {"none": [json.loads(r) for r in sorted(reasons)]}, {}
     base_values = {pid: _contrast_value(m) for pid, m in _totals_metas(graphs["base"]).items()}
     decode = _decoder(adapted)
-    rows, components, features, reads = [], [], [], []
+    rows, components, features, reads, positions = [], [], [], [], []
     for pid in with_nodes:
         try:
             graph = load_graph(store, adapted_metas[pid])
@@ -90,6 +91,7 @@ def run_adapter_analysis(
             components.extend(made[1])
             features.extend(made[2])
             reads.extend(made[3])
+            positions.extend(made[4])
     summary, prompts, ranked, carriers, read = summarize(
         rows,
         components,
@@ -106,6 +108,10 @@ def run_adapter_analysis(
         tables["adapter_features"] = carriers
     if len(read):
         tables["adapter_reads"] = read
+    # where the writes act on the contrast (by effect, not by activation)
+    where = pd.DataFrame(positions)
+    tables["adapter_positions"] = rank_where(where, split.clusters, "from_end")
+    tables["adapter_tokens"] = rank_where(where, split.clusters, "token")
     return summary, tables
 
 
@@ -148,12 +154,16 @@ class AdapterNodesStep(Step):
         return StepResult(summary={"adapter_nodes": note})
 
     def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
+        positions, tokens = inputs.table("adapter_positions"), inputs.table("adapter_tokens")
         return {
             "adapter_nodes": {
                 "summary": inputs.summary.get("adapter_nodes"),
                 "components": records(inputs.table("adapter_components")),
                 "features": records(inputs.table("adapter_features")),
                 "reads": records(inputs.table("adapter_reads")),
+                "positions": records(positions, 5),
+                "tokens": records(tokens, 5),
+                "where_rows": {"positions": len(positions), "tokens": len(tokens)},
             }
         }
 

@@ -76,12 +76,13 @@ def adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> list
             "Adapted modules that are not nodes (their effect stays in features, errors and "
             f"attention): {cell(summary['not_nodes'])}.\n"
         )
+    out += _where_markdown(entry or {}, analysis_rel)
     out.append(
         "Components ranked by their mean total effect on the discovery prompts, with the same "
         "mean on the validation prompts and their place among the adapted model's features by "
-        "the same mean (`rank_among_features`, 1: above every feature); the gate is where the "
-        "component writes: its mean activation at the last position and the token where its "
-        "activation peaks most often.\n"
+        "the same mean (`rank_among_features`, 1: above every feature); its mean activation at "
+        "the last position, and `top_token`: the token where its effect on the contrast is "
+        "largest most often (`top_token_count` prompts).\n"
     )
     components = list((entry or {}).get("components") or [])
     out.append(
@@ -98,8 +99,8 @@ def adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> list
                 "rank_among_features",
                 "mean_direct",
                 "mean_activation_last",
-                "peak_token",
-                "peak_count",
+                "top_token",
+                "top_token_count",
                 "n_prompts",
             ],
             limit=10,
@@ -109,6 +110,33 @@ def adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> list
     out += _carriers_markdown(list((entry or {}).get("features") or []), analysis_rel)
     out += _adapter_reads_markdown(summary, list((entry or {}).get("reads") or []), analysis_rel)
     return out
+
+
+def _where_markdown(entry: Mapping[str, Any], analysis_rel: str) -> list[str]:
+    """Where the LoRA's writes act on the contrast: positions and tokens ranked by effect."""
+    positions, tokens = entry.get("positions") or [], entry.get("tokens") or []
+    sizes = entry.get("where_rows") or {}
+    if not positions and not tokens:
+        return []
+    return [
+        "Where the LoRA writes, ranked by the writes' effect on the contrast (not by "
+        "activation): the adapter nodes' total effect summed per position, mean over cluster "
+        "means (0 where a prompt lacks the token), and its share of the nodes' total effect "
+        "(the shares of all positions, or of all tokens, add up to 1); positions counted "
+        "from the end (0: the last):\n",
+        md_table(
+            positions,
+            ["from_end", "mean_effect", "share", "n_prompts", "n_clusters"],
+            total=sizes.get("positions"),
+            full=f"{analysis_rel}/adapter_positions.csv",
+        ),
+        md_table(
+            [{**t, "token": repr(str(t.get("token")))} for t in tokens],
+            ["token", "mean_effect", "share", "n_prompts", "n_clusters"],
+            total=sizes.get("tokens"),
+            full=f"{analysis_rel}/adapter_tokens.csv",
+        ),
+    ]
 
 
 def _carriers_markdown(features: list[dict[str, Any]], analysis_rel: str) -> list[str]:

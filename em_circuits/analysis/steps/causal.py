@@ -6,8 +6,9 @@
    features under test.
 2. On the validation prompts: the same single-feature measurements next to the linearised
    effects (their agreement); the joint dose-response of the chosen features against
-   activation-matched random features in the adapted model; and, as controls, the same
-   features ablated and amplified in the base model.
+   activation-matched random features in the adapted model, measured in the real model with
+   nothing frozen (the headline) and with attention frozen beside it; and, as controls, the
+   same features ablated and amplified in the base model (nothing frozen).
 
 Writes ``measured_effects``, ``measured_ranking``, ``dose_response``, ``dose_response_base``,
 ``dose_response.png`` and ``causal_summary.json``.
@@ -214,8 +215,8 @@ class CausalStep(Step):
         plot_dose_response(
             dose,
             ctx.directory / "dose_response.png",
-            title=f"adapted model, {summary['n_prompts']} validation prompts, "
-            f"top {len(measured.top)} features",
+            title=f"adapted model ({summary['measure']}), {summary['n_prompts']} validation "
+            f"prompts, top {len(measured.top)} features",
         )
         summary = _summarize(
             summary,
@@ -233,21 +234,15 @@ class CausalStep(Step):
         return StepResult(summary={"causal": read_json(path)})
 
     def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
-        dose = inputs.table("dose_response")
         measured = inputs.table("measured_ranking")
-        dose_table = (
-            dose.groupby(["group", "scale"])["delta_contrast"]
-            .agg(["mean", "std", "count"])
-            .reset_index()
-            if len(dose)
-            else pd.DataFrame()
-        )
+        summary = inputs.json("causal_summary.json")
         return {
             "measured_ranking": records(measured, 20),
             "table_rows": {"measured_ranking": len(measured)},
             "causal": {
-                "summary": inputs.json("causal_summary.json"),
-                "dose_response": records(dose_table),
+                "summary": summary,
+                # cluster means per group and scale, nothing frozen and attention frozen
+                "dose_response": list((summary or {}).get("dose_curve") or []),
             },
         }
 
@@ -275,7 +270,7 @@ class CausalStep(Step):
             )
         if causal.get("verdict"):
             held = "held" if causal.get("lowers_more_than_random") else "not shown"
-            out.append(f"**Causal ({held}):** {causal['verdict']}")
+            out.append(f"**Causal ({held}):** {causal['verdict']}{_frozen_beside(causal)}")
         ablation = (causal.get("controls") or {}).get("base_ablation") or {}
         if ablation.get("n_prompts"):
             low, high = ablation["ci"]
@@ -289,6 +284,18 @@ class CausalStep(Step):
                 + ("." if specific else "; they matter in the base model too.")
             )
         return out
+
+
+def _frozen_beside(causal: Mapping[str, Any]) -> str:
+    """The frozen-attention figure, labelled, to stand beside the headline."""
+    frozen = causal.get("frozen_attention") or {}
+    if frozen.get("mean_delta_top") is None:
+        return ""
+    return (
+        f" With attention frozen (as attribution assumes, not the headline): mean change "
+        f"{frozen['mean_delta_top']:+.3g} (top) vs {frozen['mean_delta_random']:+.3g} "
+        f"(random), one-sided p = {fmt(frozen.get('p_value_one_sided'))}."
+    )
 
 
 def _ranking_markdown(report: Mapping[str, Any], analysis_rel: str) -> list[str]:
@@ -355,8 +362,8 @@ def _controls_markdown(report: Mapping[str, Any], analysis_rel: str) -> list[str
         ]
         out += [
             "Controls: " + str(controls.get("random_features", "")) + "; the same features "
-            "ablated (scale 0) and amplified in the **base** model (is the effect specific to "
-            "the adapter? does evil rise?):\n",
+            "ablated (scale 0) and amplified in the **base** model, nothing frozen (is the "
+            "effect specific to the adapter? does evil rise?):\n",
             md_table(
                 rows,
                 [
@@ -375,8 +382,13 @@ def _controls_markdown(report: Mapping[str, Any], analysis_rel: str) -> list[str
         ]
     if causal["summary"]:
         out += [
-            causal["summary"].get("verdict", "") + "\n",
-            md_table(causal["dose_response"], ["group", "scale", "mean", "std", "count"]),
+            causal["summary"].get("verdict", "") + _frozen_beside(causal["summary"]) + "\n",
+            "Dose-response: mean change of the contrast over cluster means, measured in the "
+            "real model with nothing frozen (`mean`) and with attention frozen (`mean_frozen`):"
+            "\n",
+            md_table(
+                causal["dose_response"], ["group", "scale", "mean", "mean_frozen", "n_clusters"]
+            ),
             f"![dose response]({analysis_rel}/dose_response.png)\n",
         ]
     else:

@@ -46,10 +46,13 @@ class DecompositionStep(Step):
         return [
             "## Where the adapter's shift of the contrast comes from\n",
             "Adapted minus base, paired by prompt (every prompt with both graphs), split into "
-            "the direct effects on the contrast of each layer's features and error nodes, the "
-            "error nodes at BOS (where circuit-tracer zeroes every feature), token embeddings "
-            "and biases. The parts add up exactly to the shift of the contrast value (last "
-            "row); intervals are Student t over clusters.\n",
+            "the direct effects on the contrast of each layer's features, error nodes and "
+            "adapter nodes (the LoRA's own writes; 0 in the base model and in graphs without "
+            "them), the error nodes at BOS, token embeddings, and `biases and BOS`: what no "
+            "node carries, the transcoders' decoder biases and the whole MLP output at BOS "
+            "(circuit-tracer zeroes every feature and error node there, so `bos_errors` is 0). "
+            "The parts add up exactly to the shift of the contrast value (last row); intervals "
+            "are Student t over clusters.\n",
             md_table(
                 report["contrast_decomposition"],
                 [
