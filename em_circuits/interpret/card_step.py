@@ -12,27 +12,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
-from em_circuits.analysis.steps.context import AnalysisContext
 from em_circuits.core.markdown import feature_link
 from em_circuits.core.naming import feature_name
 from em_circuits.core.options import option
 from em_circuits.core.store import ResultsStore, write_artifact
-from em_circuits.interpret.activation_index import IndexParams
-from em_circuits.interpret.cards import (
-    cached_index,
-    card_markdown,
-    choose_corpus,
-    feature_cards,
-    top_card_features,
-)
-from em_circuits.interpret.frontend import publish_to_viewer
-from em_circuits.models.load import ResidentModels
 from em_circuits.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from em_circuits.analysis.steps.context import AnalysisContext
+    from em_circuits.models.load import ResidentModels
 
 #: How many of the features carrying the adapter nodes' effect get feature cards.
 ADAPTER_CARDS = 3
@@ -66,6 +59,11 @@ def run_feature_cards(
     (its folder and the analysis's summary for it), the viewer's feature panel gets a record
     of every feature its graphs draw (:func:`em_circuits.interpret.frontend.publish_to_viewer`).
     """
+    from em_circuits.interpret.activation_index import IndexParams
+    from em_circuits.interpret.cards import cached_index, choose_corpus, feature_cards
+    from em_circuits.interpret.frontend import publish_to_viewer
+    from em_circuits.models.load import ResidentModels
+
     chosen = choose_corpus(specs["adapted"], corpus_file, corpus_docs)
     if chosen is None:
         return {"skipped": "no corpus for the activation index: give --corpus FILE"}
@@ -143,6 +141,8 @@ def viewer_summary(
 
 def cards_markdown(report: Mapping[str, Any]) -> list[str]:
     """The feature cards' section: one card per feature, its name linked into the viewer."""
+    from em_circuits.interpret.cards import card_markdown
+
     out: list[str] = []
     cards = report.get("feature_cards")
     if cards and cards.get("cards"):
@@ -171,6 +171,8 @@ def card_features_of(
 ) -> list[tuple[int, int]]:
     """The features that get cards: :func:`top_card_features`, then the top carriers of the
     adapter nodes' effect."""
+    from em_circuits.interpret.cards import top_card_features
+
     chosen = top_card_features(summary, ranked, n)
     if len(carriers):
         for key in zip(carriers["layer"][:ADAPTER_CARDS], carriers["feature"][:ADAPTER_CARDS]):

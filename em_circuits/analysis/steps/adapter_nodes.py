@@ -12,19 +12,19 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from em_circuits.analysis.adapter import prompt_row, rank_where, summarize
 from em_circuits.analysis.split import Split
 from em_circuits.analysis.steps.adapter_report import adapter_markdown
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
-from em_circuits.analysis.steps.context import AnalysisContext
-from em_circuits.attribution.stage import GraphIntegrityError, load_graph
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.spec import ModelSpec, resolve_model_dir
+
+if TYPE_CHECKING:
+    from em_circuits.analysis.steps.context import AnalysisContext
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ def run_adapter_analysis(
     """The adapter nodes' share of the contrast (:mod:`em_circuits.analysis.adapter`), or
     (None, {}) when no adapted graph has adapter nodes; a note says why when graphs exist.
     Only graphs with adapter nodes are read; the rest is in their metadata."""
+    from em_circuits.analysis.adapter import prompt_row, rank_where, summarize
+    from em_circuits.attribution.stage import GraphIntegrityError, load_graph
+
     adapted_metas = _totals_metas(graphs["adapted"])
     notes = {pid: m.get("adapter_nodes") or {} for pid, m in adapted_metas.items()}
     with_nodes = sorted(pid for pid, note in notes.items() if note.get("n"))

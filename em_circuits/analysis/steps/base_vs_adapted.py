@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from em_circuits.analysis.compare import compare_models
-from em_circuits.analysis.plots import plot_base_vs_adapted
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
-from em_circuits.analysis.steps.context import AnalysisContext
 from em_circuits.core.markdown import md_table, with_feature_links
 from em_circuits.core.options import option
+
+if TYPE_CHECKING:
+    from em_circuits.analysis.steps.context import AnalysisContext
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class BaseVsAdaptedStep(Step):
     uses = frozenset({"graphs"})
 
     def run(self, ctx: AnalysisContext, params: CompareParams) -> StepResult:
+        from em_circuits.analysis.compare import compare_models
+        from em_circuits.analysis.plots import plot_base_vs_adapted
+
         split = ctx.split()
         base, adapted = ctx.effects("base").effects, ctx.effects("adapted").effects
         paired = sorted(set(base) & set(adapted) & set(split.discovery))

@@ -18,26 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from em_circuits.analysis.causal import (
-    agreement,
-    causal_validation,
-    control_effect,
-    measured_ablation_effects,
-    rank_by_measured,
-    top_evil_features,
-    with_linearised,
-)
-from em_circuits.analysis.plots import plot_dose_response
 from em_circuits.analysis.split import Split
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
-from em_circuits.analysis.steps.context import AnalysisContext
 from em_circuits.core.markdown import feature_list, fmt, md_table, with_feature_links
 from em_circuits.core.options import option
 from em_circuits.core.store import ResultsStore, read_json, write_artifact
+
+if TYPE_CHECKING:
+    from em_circuits.analysis.steps.context import AnalysisContext
 
 
 @dataclass(frozen=True)
@@ -93,6 +85,12 @@ def _choose(
 ) -> _Measured:
     """Measure every candidate on the discovery prompts, keep the ``top_k`` that lower the
     contrast most, and measure those on the validation prompts."""
+    from em_circuits.analysis.causal import (
+        measured_ablation_effects,
+        rank_by_measured,
+        with_linearised,
+    )
+
     discovery = with_linearised(
         measured_ablation_effects(adapted, prompts["discovery"], candidates, position), effects
     )
@@ -117,6 +115,8 @@ def _summarize(
     split: Split,
     n_random: int,
 ) -> dict[str, Any]:
+    from em_circuits.analysis.causal import agreement, control_effect
+
     summary["prompt_set"] = "validation"
     summary["ranking"] = {
         "candidates": [list(c) for c in candidates],
@@ -157,6 +157,9 @@ class CausalStep(Step):
     uses = frozenset({"graphs", "models"})
 
     def run(self, ctx: AnalysisContext, params: CausalParams) -> StepResult:
+        from em_circuits.analysis.causal import causal_validation, top_evil_features
+        from em_circuits.analysis.plots import plot_dose_response
+
         ranked = ctx.table("top_features_adapted")
         if params.causal_top_k <= 0 or not len(ranked):
             return StepResult()

@@ -8,13 +8,13 @@ nothing), split into exact parts per layer (:func:`summarize_decomposition`). Wr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from em_circuits.analysis.decomposition import summarize_decomposition
-from em_circuits.analysis.plots import plot_decomposition
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
-from em_circuits.analysis.steps.context import AnalysisContext
 from em_circuits.core.markdown import md_table
+
+if TYPE_CHECKING:
+    from em_circuits.analysis.steps.context import AnalysisContext
 
 
 class DecompositionStep(Step):
@@ -24,6 +24,9 @@ class DecompositionStep(Step):
     uses = frozenset({"graphs"})
 
     def run(self, ctx: AnalysisContext, params: Any) -> StepResult:
+        from em_circuits.analysis.decomposition import summarize_decomposition
+        from em_circuits.analysis.plots import plot_decomposition
+
         base, adapted = ctx.effects("base").parts, ctx.effects("adapted").parts
         both = sorted(set(base) & set(adapted))
         if both:

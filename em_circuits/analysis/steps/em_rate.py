@@ -9,21 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from em_circuits.analysis.em_rate import (
-    FIRST_PLOT_QUESTIONS,
-    SamplingParams,
-    em_rate,
-    matched_random_features,
-    toy_questions,
-)
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
-from em_circuits.analysis.steps.context import AnalysisContext
 from em_circuits.core.markdown import feature_list, fmt, md_table
 from em_circuits.core.options import option
 from em_circuits.core.store import atomic_write_text, read_json, write_artifact
 from em_circuits.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from em_circuits.analysis.steps.context import AnalysisContext
 
 
 @dataclass(frozen=True)
@@ -43,6 +38,7 @@ class EMRateParams:
 
 def em_questions(choice: str, adapted: ModelSpec) -> list[Any]:
     """The evaluation questions ``choice`` names for this adapted model."""
+    from em_circuits.analysis.em_rate import FIRST_PLOT_QUESTIONS, toy_questions
     from em_circuits.labeling.logits_stage import words_near
 
     if choice == "auto":
@@ -62,6 +58,8 @@ class EMRateStep(Step):
     uses = frozenset({"models", "em_judge"})
 
     def run(self, ctx: AnalysisContext, params: EMRateParams) -> StepResult:
+        from em_circuits.analysis.em_rate import SamplingParams, em_rate, matched_random_features
+
         chosen = [
             tuple(t)
             for t in ((ctx.summary.get("causal") or {}).get("ranking") or {}).get("chosen", [])

@@ -8,15 +8,15 @@ Writes ``top_features_adapted``, ``top_features_base`` and ``top_features.png``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from em_circuits.analysis.aggregate import aggregate_effects
-from em_circuits.analysis.plots import plot_top_features
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
-from em_circuits.analysis.steps.context import AnalysisContext
 from em_circuits.core.markdown import md_table, with_feature_links
+
+if TYPE_CHECKING:
+    from em_circuits.analysis.steps.context import AnalysisContext
 
 
 class RankingStep(Step):
@@ -26,6 +26,9 @@ class RankingStep(Step):
     uses = frozenset({"graphs"})
 
     def run(self, ctx: AnalysisContext, params: Any) -> StepResult:
+        from em_circuits.analysis.aggregate import aggregate_effects
+        from em_circuits.analysis.plots import plot_top_features
+
         discovery = set(ctx.split().discovery)
         for role in ("adapted", "base"):
             on_discovery = {p: f for p, f in ctx.effects(role).effects.items() if p in discovery}

@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from em_circuits.analysis.split import prompt_clusters, split_by_cluster
 from em_circuits.analysis.steps.base import Step, StepResult
-from em_circuits.analysis.steps.context import AnalysisContext
 from em_circuits.core.options import option
 from em_circuits.core.store import write_artifact
+
+if TYPE_CHECKING:
+    from em_circuits.analysis.steps.context import AnalysisContext
 
 log = logging.getLogger(__name__)
 

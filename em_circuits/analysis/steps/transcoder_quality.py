@@ -13,24 +13,17 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from em_circuits.analysis.intervene import UnsupportedInterventionError
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
-from em_circuits.analysis.steps.context import AnalysisContext
-from em_circuits.analysis.transcoder_quality import (
-    AGREEMENT_MIN,
-    FVU_MAX,
-    QualityParams,
-    assess,
-    cached_quality,
-    heldout_corpus,
-)
 from em_circuits.core.markdown import cell, fmt, md_table
 from em_circuits.core.options import option
 from em_circuits.core.store import ResultsStore, read_json
-from em_circuits.models.load import ResidentModels
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
+
+if TYPE_CHECKING:
+    from em_circuits.analysis.steps.context import AnalysisContext
+    from em_circuits.models.load import ResidentModels
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +52,17 @@ def measure_transcoder_quality(
     (:mod:`em_circuits.analysis.transcoder_quality`), stored under ``transcoder_quality/``
     and measured only when not stored yet; a set that is poor for a model is named in a
     warning and in the returned note."""
+    from em_circuits.analysis.intervene import UnsupportedInterventionError
+    from em_circuits.analysis.transcoder_quality import (
+        AGREEMENT_MIN,
+        FVU_MAX,
+        QualityParams,
+        assess,
+        cached_quality,
+        heldout_corpus,
+    )
+    from em_circuits.models.load import ResidentModels
+
     if params.quality_docs <= 0:
         return {"skipped": "quality_docs is 0"}
     chosen = heldout_corpus(specs["adapted"], corpus_file, params.quality_docs, corpus_docs, seed)

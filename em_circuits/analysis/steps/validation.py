@@ -7,15 +7,16 @@ prompts beside them (:func:`replicate_on`); writes ``validation_top_features``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from em_circuits.analysis.aggregate import aggregate_effects
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
-from em_circuits.analysis.steps.context import AnalysisContext
 from em_circuits.core.markdown import md_table, with_feature_links
+
+if TYPE_CHECKING:
+    from em_circuits.analysis.steps.context import AnalysisContext
 
 
 def replicate_on(ranked: pd.DataFrame, held_out: pd.DataFrame, top: int = 50) -> pd.DataFrame:
@@ -43,6 +44,8 @@ class ValidationStep(Step):
     uses = frozenset({"graphs"})
 
     def run(self, ctx: AnalysisContext, params: Any) -> StepResult:
+        from em_circuits.analysis.aggregate import aggregate_effects
+
         split = ctx.split()
         validation = set(split.validation)
         on_validation = {p: f for p, f in ctx.effects("adapted").effects.items() if p in validation}
