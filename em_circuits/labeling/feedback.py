@@ -39,7 +39,9 @@ class HumanFeedback:
     human_verdict: ListVerdicts | None  # None for a rejected prompt
     tokens: dict[str, list[LabelsToken]]  # "base"/"adapted" -> the labelled top-k entries
 
-    def tokens_with(self, label: str, lists: tuple[str, ...] = ("base", "adapted")) -> list[dict]:
+    def tokens_with(
+        self, label: str, lists: tuple[str, ...] = ("base", "adapted")
+    ) -> list[dict[str, Any]]:
         """The tokens a human gave ``label``, each with the name of its list."""
         return [
             {"list": name, **t}

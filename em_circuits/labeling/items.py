@@ -277,7 +277,7 @@ def _epoch(at: str) -> float:
         return 0.0
 
 
-def _order_key(item: QueueItemRecord) -> tuple:
+def _order_key(item: QueueItemRecord) -> tuple[Any, ...]:
     rank = OPEN_STATES.index(item["state"])
     # Interrupted items: most recently started first; pending: queue order; skipped: oldest skip.
     when = _epoch(_last_at(item, item["state"]))

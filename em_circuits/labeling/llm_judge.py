@@ -147,7 +147,7 @@ def _check_list(
     problems: list[str] = []
     if not isinstance(items, list):
         return [], [f"'{key}' must be a list with one item per {key} token"]
-    by_index: dict[str, dict] = {}
+    by_index: dict[str, dict[str, Any]] = {}
     for item in items:
         index = item.get("index") if isinstance(item, dict) else None
         if not isinstance(index, str):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
 from em_circuits.core.store import ResultsStore
 from em_circuits.labeling.artifacts import (
@@ -181,7 +181,7 @@ class Session(Commands):
         if not edit:
             return None  # answered elsewhere meanwhile
         labels = load_label(self.store, self.slug, pid)
-        draft: dict = {"marks": {}}
+        draft: dict[str, Any] = {"marks": {}}
         saved = "rejected" if was == "rejected" else "labeled"
         if labels is not None:
             if not labels.get("rejected"):

@@ -47,7 +47,9 @@ class CausalParams:
     )
 
 
-def causal_prompts(store: ResultsStore, metas: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+def causal_prompts(
+    store: ResultsStore, metas: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
     """The stored prompt records (the model renders them as the attribution did: chat prompts
     through the chat template) with their labeled evil and safe token ids."""
     prompts = []
@@ -77,7 +79,7 @@ class _Measured:
 
 def _choose(
     adapted: Any,
-    prompts: dict[str, list[dict]],
+    prompts: dict[str, list[dict[str, Any]]],
     candidates: list[tuple[int, int]],
     effects: dict[str, pd.DataFrame],
     top_k: int,
