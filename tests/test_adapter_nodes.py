@@ -404,6 +404,7 @@ def test_the_analysis_and_report_say_how_much_goes_through_the_adapter_nodes(
         "--scales",
         "0",
         "1",
+        "--include-flagged",  # the micro organism has no divergent prompt
         "--em-samples",
         "0",
         "--corpus-docs",
