@@ -143,6 +143,11 @@ class SplitStep(Step):
                     else ""
                 )
                 + (
+                    f"; the same in every prompt: {', '.join(phrasing['in_every_prompt'])}"
+                    if phrasing.get("in_every_prompt")
+                    else ""
+                )
+                + (
                     f"; prompts left out as '{LEFT_OUT_PHRASING}' link the two sides"
                     if LEFT_OUT_PHRASING in reasons
                     else ""
