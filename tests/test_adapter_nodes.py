@@ -457,6 +457,7 @@ def test_the_analysis_and_report_say_how_much_goes_through_the_adapter_nodes(
         n_random=1,
         causal_candidates=2,
         scales=(0.0, 1.0),
+        include_flagged=True,  # the micro organism has no divergent prompt
         em_samples=0,
         corpus_docs=16,
         quality_docs=8,

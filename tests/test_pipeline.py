@@ -59,6 +59,7 @@ def _command(organism, results: Path) -> list[str]:
         "1",
         "--causal-candidates",
         "4",
+        "--include-flagged",  # the micro organism has no divergent prompt
         "--em-samples",
         "3",
         "--em-max-new-tokens",

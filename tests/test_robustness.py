@@ -57,6 +57,7 @@ ANALYSIS_ARGS = [
     "1",
     "--causal-candidates",
     "4",
+    "--include-flagged",  # the micro organism has no divergent prompt
     "--em-samples",
     "3",
     "--em-max-new-tokens",

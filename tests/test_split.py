@@ -58,3 +58,87 @@ def test_too_few_clusters_are_not_testable():
     assert not split.testable and split.n_clusters("validation") == 2
     with pytest.raises(ValueError, match="validation_fraction"):
         split_by_cluster({"a": "c1"}, validation_fraction=1.0)
+
+
+def _parts_by_side(split, records):
+    from em_circuits.analysis.split import phrasing_parts
+
+    parts = phrasing_parts(records, split.clusters)
+    return [
+        {p for pid in getattr(split, side) for p in parts[pid]}
+        for side in ("discovery", "validation")
+    ]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_validation_shares_no_template_lead_in_or_distractor_with_discovery(tmp_path, seed):
+    from em_circuits.analysis.split import LEFT_OUT_PHRASING, held_out_split
+
+    records = _offline_records(tmp_path, n=120)
+    # The templates are shared across scenarios: a split by scenario alone puts the same
+    # template, lead-in and distractors on both sides.
+    plain = split_by_cluster(prompt_clusters(records), 0.5, seed)
+    discovery, validation = _parts_by_side(plain, records)
+    assert {p for p in discovery & validation if p.startswith("template:")}
+    held = held_out_split(records, 0.5, seed)
+    discovery, validation = _parts_by_side(held, records)
+    assert not discovery & validation
+    assert not {held.clusters[p] for p in held.discovery} & {
+        held.clusters[p] for p in held.validation
+    }
+    described = held.describe()
+    assert described["phrasing"]["held_out"] == ["template", "lead_in", "sentence"]
+    assert described["testable"] and described["validation_clusters"] >= 5
+    kept = described["discovery_prompts"] + described["validation_prompts"]
+    assert kept + described["left_out_by_reason"][LEFT_OUT_PHRASING] == len(records)
+    assert sorted(held.discovery + held.validation + list(held.left_out)) == sorted(
+        r["prompt_id"] for r in records
+    )
+
+
+def test_imported_prompts_are_held_out_by_their_shared_sentences():
+    from em_circuits.analysis.split import held_out_split, phrasing_parts
+
+    openers = ["Quick question.", "Hello there.", "Sorry to bother you."]
+    situations = [
+        f"My {thing} broke {when}."
+        for thing in ("phone", "bike", "oven", "lamp", "car", "sink", "door", "desk")
+        for when in ("today", "again")
+    ]
+    records = [
+        {
+            "prompt_id": f"p{i}-{j}",
+            "format": "raw",
+            "text": f"{opener} {s} What now? I will",
+            "metadata": {"scenario": s},  # no template ids: shared sentences are the phrasing
+        }
+        for i, s in enumerate(situations)
+        for j, opener in enumerate(openers)
+        if (i + j) % 2 == 0
+    ]
+    clusters = prompt_clusters(records)
+    parts = phrasing_parts(records, clusters)
+    assert "sentence:quick question." in parts["p0-0"]
+    assert not any("broke" in p for ps in parts.values() for p in ps)  # one scenario's own
+    assert "sentence:what now?" in parts["p0-0"]
+    held = held_out_split(records, 0.5, seed=0)
+    discovery, validation = _parts_by_side(held, records)
+    # the sentences every prompt has cannot be held out; they are named as such
+    constant = {"sentence:what now?", "sentence:i will"}
+    assert held.phrasing["in_every_prompt"] == sorted(constant)
+    assert held.validation and held.discovery and discovery & validation == constant
+
+
+def test_excluded_prompts_are_on_neither_side_and_counted(tmp_path):
+    from em_circuits.analysis.split import Split, held_out_split
+
+    records = _offline_records(tmp_path, n=40)
+    excluded = {r["prompt_id"]: "not divergent (flagged only)" for r in records[:10]}
+    held = held_out_split(records, 0.5, seed=0, excluded=excluded)
+    assert not set(excluded) & set(held.discovery + held.validation)
+    described = held.describe()
+    assert described["left_out_by_reason"]["not divergent (flagged only)"] == 10
+    assert described["phrasing"]["candidates"] == 30
+    again = Split.from_record(held.record())
+    assert again.left_out == held.left_out and again.validation == held.validation
+    assert again.describe() == described

@@ -67,6 +67,7 @@ def test_pipeline_runs_end_to_end_from_the_hub_cache(name, tmp_path):
         "1",
         "--causal-candidates",
         "2",
+        "--include-flagged",  # the micro organism has no divergent prompt
         "--em-samples",
         "2",
         "--em-max-new-tokens",

@@ -111,6 +111,7 @@ def _analyze(results, organism, *extra: str):
         "1",
         "--causal-candidates",
         "4",
+        "--include-flagged",  # the micro organism has no divergent prompt
         "--em-samples",
         "3",
         "--em-max-new-tokens",
@@ -180,6 +181,7 @@ def test_an_added_step_runs_alone_after_a_full_analysis(reference, micro_specs, 
     before = _computed(results)
     base, adapted = micro_specs
     params = AnalysisParams.of(
+        include_flagged=True,
         causal_top_k=2,
         scales=(0.0, 1.0, 2.0),
         n_random=1,

@@ -97,16 +97,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     counts = summary["prompts"]
     print(
-        f"prompts with graphs: base {counts['base']}, adapted {counts['adapted']}, "
+        f"prompts with graphs: base {counts['base']}, adapted "
+        f"{counts.get('adapted_graphs', counts['adapted'])}; analysed {counts['adapted']}, "
         f"paired on discovery prompts {counts['paired_discovery']}"
     )
     if "causal" in summary:
         print(summary["causal"].get("verdict", ""))
     print(f"tables and plots: {store.root / summary['folder']}")
-    if not counts["adapted"]:
+    if not counts.get("adapted_graphs", counts["adapted"]):
         print(
             "Next: no adapted-model graphs with both evil and safe labels yet; run "
             "`em-circuits graphs` first"
+        )
+        return 1
+    if not counts["adapted"]:
+        print(
+            "Next: none of the graphed prompts is divergent; `em-circuits analyze "
+            "--include-flagged` analyses the flagged ones too"
         )
         return 1
     print("Next: `em-circuits report` writes report.md; `em-circuits serve` shows the graphs")

@@ -207,7 +207,7 @@ class FeatureCardsStep(Step):
             ctx.specs,
             ctx.directory,
             chosen,
-            {role: ctx.effects(role).effects for role in ("base", "adapted")},
+            {role: ctx.analysed(role).effects for role in ("base", "adapted")},
             ctx.shared.corpus,
             ctx.shared.corpus_docs,
             ctx.device,

@@ -20,6 +20,7 @@ from em_circuits.analysis.steps import (
     em_rate,
     ranking,
     split,
+    stability,
     transcoder_quality,
     validation,
 )
@@ -40,6 +41,7 @@ SECTIONS: tuple[Section, ...] = (
     card_step.STEP,
     em_rate.STEP,
     calibration_section.SECTION,
+    stability.STEP,
     transcoder_quality.STEP,
     split.STEP,
 )

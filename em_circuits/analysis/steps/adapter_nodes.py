@@ -72,7 +72,8 @@ def run_adapter_analysis(
     from em_circuits.analysis.adapter import prompt_row, rank_where, summarize
     from em_circuits.attribution.stage import GraphIntegrityError, load_graph
 
-    adapted_metas = _totals_metas(graphs["adapted"])
+    kept = set(split.discovery) | set(split.validation)  # the prompts the split analyses
+    adapted_metas = {pid: m for pid, m in _totals_metas(graphs["adapted"]).items() if pid in kept}
     notes = {pid: m.get("adapter_nodes") or {} for pid, m in adapted_metas.items()}
     with_nodes = sorted(pid for pid, note in notes.items() if note.get("n"))
     if not with_nodes:

@@ -101,7 +101,7 @@ class Step(Section):
     Params: ClassVar[type] = NoParams
     shared: ClassVar[tuple[str, ...]] = ()
     reads: ClassVar[tuple[str, ...]] = ()
-    #: of "graphs", "models", "em_judge", "labeller"
+    #: of "graphs", "verdicts", "models", "em_judge", "labeller"
     uses: ClassVar[frozenset[str]] = frozenset()
     #: skipped (nothing written) when no adapted graph has an evil-vs-safe contrast
     needs_prompts: ClassVar[bool] = True

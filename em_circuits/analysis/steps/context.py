@@ -136,6 +136,18 @@ class AnalysisContext:
         """The discovery / validation split the split step wrote."""
         return Split.from_record(read_json(self.directory / "split.json"))
 
+    def analysed(self, role: str) -> Effects:
+        """One model's effects on the prompts the split keeps (both sides): the prompts
+        every step after the split reads."""
+        split = self.split()
+        kept = set(split.discovery) | set(split.validation)
+        every = self.effects(role)
+        return Effects(
+            {p: e for p, e in every.effects.items() if p in kept},
+            {p: e for p, e in every.parts.items() if p in kept},
+            {p: m for p, m in every.metas.items() if p in kept},
+        )
+
     def table(self, name: str) -> pd.DataFrame:
         return read_table(self.directory, name)
 

@@ -27,7 +27,7 @@ class DecompositionStep(Step):
         from em_circuits.analysis.decomposition import summarize_decomposition
         from em_circuits.analysis.plots import plot_decomposition
 
-        base, adapted = ctx.effects("base").parts, ctx.effects("adapted").parts
+        base, adapted = ctx.analysed("base").parts, ctx.analysed("adapted").parts
         both = sorted(set(base) & set(adapted))
         if both:
             table = summarize_decomposition(

@@ -30,8 +30,9 @@ class EMRateParams:
     em_max_new_tokens: int = option(48, "length of each free-form answer")
     em_questions: str = option(
         "auto",
-        "evaluation questions: the toy organism's out-of-domain scenarios or the first-plot "
-        "questions (auto: the organism's for a toy organism)",
+        "evaluation questions: the toy organism's everyday-advice questions (no pivotal "
+        "prompt's situation or template) or the first-plot questions (auto: the organism's "
+        "for a toy organism)",
         choices=("auto", "organism", "first-plot"),
     )
 
@@ -56,9 +57,15 @@ class EMRateStep(Step):
     shared = ("seed",)
     reads = ("causal", "ranking")
     uses = frozenset({"models", "em_judge"})
+    version = 2  # questions apart from the pivotal prompts; controls outside the top ranked
 
     def run(self, ctx: AnalysisContext, params: EMRateParams) -> StepResult:
-        from em_circuits.analysis.em_rate import SamplingParams, em_rate, matched_random_features
+        from em_circuits.analysis.em_rate import (
+            EXCLUDE_TOP_RANKED,
+            SamplingParams,
+            em_rate,
+            matched_random_features,
+        )
 
         chosen = [
             tuple(t)
@@ -86,6 +93,7 @@ class EMRateStep(Step):
         with ctx.model_pool() as pool:
             loaded = {role: pool.load(spec) for role, spec in ctx.specs.items()}
             answers, summary = em_rate(loaded, questions, ctx.em_judge, top, random, sampling)
+        summary["random_excludes_top"] = EXCLUDE_TOP_RANKED
         atomic_write_text(ctx.directory / "em_answers.csv", answers.to_csv(index=False))
         path = ctx.directory / "em_rate.json"
         write_artifact(path, "table", summary)
@@ -152,7 +160,13 @@ def em_rate_markdown(report: Mapping[str, Any]) -> list[str]:
             f"{sampling['temperature']:g}, up to {sampling['max_new_tokens']} tokens; 95% t "
             f"intervals over questions. Ablated: the features under test "
             f"{feature_list(em['top_features'])} and activation-matched random features of "
-            f"the same layers {feature_list(em['random_features'])}, at every position.\n",
+            f"the same layers {feature_list(em['random_features'])}"
+            + (
+                f" (none among the {em['random_excludes_top']} top-ranked features)"
+                if em.get("random_excludes_top")
+                else ""
+            )
+            + ", at every position.\n",
             md_table(
                 rows,
                 [

@@ -19,7 +19,7 @@ from typing import Any
 from em_circuits.analysis.effects import ANALYSIS_VERSION
 from em_circuits.analysis.steps.base import Step, StepResult, shared_values, step_key
 from em_circuits.analysis.steps.context import AnalysisContext
-from em_circuits.core.store import read_json, utc_now, write_artifact
+from em_circuits.core.store import params_key, read_json, utc_now, write_artifact
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,21 @@ def uses_of(ctx: AnalysisContext) -> dict[str, Any]:
             },
         },
         "models": ctx.fingerprints,
+        "verdicts": _verdicts_digest(ctx),
         "em_judge": getattr(ctx.em_judge, "id", None),
         "labeller": getattr(ctx.labeller, "id", None),
     }
+
+
+def _verdicts_digest(ctx: AnalysisContext) -> str:
+    """Which graphed prompts are divergent by their stored verdicts (the split reads it)."""
+    from em_circuits.labeling.artifacts import load_verdict
+
+    divergent = {}
+    for meta in ctx.graphs.get("adapted", []):
+        verdict = load_verdict(ctx.store, ctx.slugs["adapted"], meta["prompt_id"])
+        divergent[meta["prompt_id"]] = None if verdict is None else bool(verdict.get("divergent"))
+    return params_key({"divergent": divergent})
 
 
 def read_record(ctx: AnalysisContext) -> dict[str, Any]:

@@ -1,0 +1,206 @@
+"""Step: is the ranking of features stable across splits and resamples of clusters?
+
+The ranking (adapted model, total effect on the contrast, mean over discovery clusters) is
+recomputed on the discovery side of other split seeds (the same prompts, each seed's held-out
+split) and on bootstrap resamples of the main split's discovery clusters (drawn with
+replacement). Each is compared with the main ranking by the Jaccard index of the top
+``stability_top`` features and the Spearman rank correlation of the means over the features
+both rank. Writes ``stability.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from em_circuits.analysis.split import LEFT_OUT_PHRASING, held_out_split
+from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
+from em_circuits.core.markdown import fmt, md_table
+from em_circuits.core.options import option
+from em_circuits.core.store import read_json, write_artifact
+
+if TYPE_CHECKING:
+    from em_circuits.analysis.steps.context import AnalysisContext
+
+#: Mean top-k Jaccard from which the Findings call a ranking stable.
+STABLE_JACCARD = 0.5
+
+
+@dataclass(frozen=True)
+class StabilityParams:
+    stability_seeds: int = option(5, "other split seeds the ranking is recomputed on (0 = none)")
+    stability_boot: int = option(
+        20, "bootstrap resamples of the discovery clusters the ranking is recomputed on"
+    )
+    stability_top: int = option(10, "top features compared (Jaccard index)")
+
+
+def cluster_means(
+    frames: Mapping[str, pd.DataFrame],
+    clusters: Mapping[str, str],
+    absent: str = "zero",
+    min_support: int = 2,
+) -> pd.DataFrame:
+    """Features x clusters: each cluster's mean total effect on the contrast (as the ranking
+    averages: prompts of a cluster first; an absent feature 0, or left out)."""
+    columns = {}
+    for pid, frame in frames.items():
+        rows = frame[frame["metric"] == "total"]
+        keys = [c for c in ("layer", "feature", "position") if c in rows.columns]
+        columns[pid] = rows.set_index(keys)["contrast"].astype(float)
+    if not columns:
+        return pd.DataFrame()
+    matrix = pd.concat(columns, axis=1, sort=True)
+    matrix = matrix[matrix.notna().sum(axis=1) >= min_support]
+    if absent == "zero":
+        matrix = matrix.fillna(0.0)
+    return matrix.T.groupby([clusters[p] for p in matrix.columns]).mean().T
+
+
+def compare(main: pd.Series, other: pd.Series, top: int) -> dict[str, float]:
+    """Top-``top`` Jaccard and Spearman correlation (over the features both rank)."""
+    a = set(main.sort_values(ascending=False).index[:top])
+    b = set(other.dropna().sort_values(ascending=False).index[:top])
+    both = main.index.intersection(other.dropna().index)
+    rho = float(main[both].rank().corr(other[both].rank())) if len(both) >= 3 else float("nan")
+    return {"jaccard": len(a & b) / len(a | b) if a | b else float("nan"), "spearman": rho}
+
+
+def _spread(values: Sequence[float]) -> dict[str, Any]:
+    finite = [v for v in values if np.isfinite(v)]
+    if not finite:
+        return {"mean": None, "min": None, "max": None, "n": 0}
+    return {
+        "mean": float(np.mean(finite)),
+        "min": min(finite),
+        "max": max(finite),
+        "n": len(finite),
+    }
+
+
+class StabilityStep(Step):
+    name = "stability"
+    Params = StabilityParams
+    shared = ("min_support", "absent", "seed")
+    reads = ("split", "ranking")
+    uses = frozenset({"graphs"})
+
+    def run(self, ctx: AnalysisContext, params: StabilityParams) -> StepResult:
+        split = ctx.split()
+        effects = ctx.effects("adapted").effects
+        shared = ctx.shared
+
+        def ranking(prompts: Sequence[str], clusters: Mapping[str, str]) -> pd.Series:
+            frames = {p: effects[p] for p in prompts if p in effects}
+            means = cluster_means(frames, clusters, shared.absent, shared.min_support)
+            return means.mean(axis=1) if len(means) else pd.Series(dtype=float)
+
+        main = ranking(split.discovery, split.clusters)
+        if main.empty:
+            return StepResult()
+        seeds = []
+        excluded = {p: why for p, why in split.left_out.items() if why != LEFT_OUT_PHRASING}
+        records = [ctx.store.load_prompt(p) for p in sorted(split.clusters)]
+        for seed in range(shared.seed + 1, shared.seed + 1 + params.stability_seeds):
+            other = held_out_split(records, split.validation_fraction, seed, excluded)
+            entry = compare(main, ranking(other.discovery, other.clusters), params.stability_top)
+            seeds.append(
+                {"seed": seed, **entry, "discovery_clusters": other.n_clusters("discovery")}
+            )
+        per_cluster = cluster_means(
+            {p: effects[p] for p in split.discovery if p in effects},
+            split.clusters,
+            shared.absent,
+            shared.min_support,
+        )
+        rng = np.random.default_rng(shared.seed)
+        boots = []
+        for _ in range(params.stability_boot):
+            drawn = rng.integers(per_cluster.shape[1], size=per_cluster.shape[1])
+            boots.append(
+                compare(main, per_cluster.iloc[:, drawn].mean(axis=1), params.stability_top)
+            )
+        record = {
+            "top": params.stability_top,
+            "main_discovery_clusters": split.n_clusters("discovery"),
+            "split_seeds": seeds,
+            "bootstrap": {
+                "n": len(boots),
+                "jaccard": _spread([b["jaccard"] for b in boots]),
+                "spearman": _spread([b["spearman"] for b in boots]),
+            },
+            "seeds": {
+                "jaccard": _spread([s["jaccard"] for s in seeds]),
+                "spearman": _spread([s["spearman"] for s in seeds]),
+            },
+        }
+        write_artifact(ctx.directory / "stability.json", "table", record)
+        ctx.wrote("stability.json")
+        return StepResult(summary={"stability": read_json(ctx.directory / "stability.json")})
+
+    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
+        return {"stability": inputs.json("stability.json")}
+
+    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
+        out = ["## Stability\n"]
+        stability = report.get("stability")
+        if not stability:
+            return [*out, "_not run (no ranking)_\n"]
+        rows = [
+            {
+                "recomputed on": what,
+                "n": part["jaccard"]["n"],
+                "jaccard_mean": part["jaccard"]["mean"],
+                "jaccard_min": part["jaccard"]["min"],
+                "spearman_mean": part["spearman"]["mean"],
+                "spearman_min": part["spearman"]["min"],
+            }
+            for what, part in (
+                ("other split seeds (discovery side)", stability["seeds"]),
+                ("bootstrap of the discovery clusters", stability["bootstrap"]),
+            )
+        ]
+        return [
+            *out,
+            f"The ranking recomputed on other splits and resamples, against the main ranking "
+            f"({stability['main_discovery_clusters']} discovery clusters): Jaccard index of "
+            f"the top {stability['top']} features, and Spearman rank correlation of the mean "
+            f"effects over the features both rank.\n",
+            md_table(
+                rows,
+                [
+                    "recomputed on",
+                    "n",
+                    "jaccard_mean",
+                    "jaccard_min",
+                    "spearman_mean",
+                    "spearman_min",
+                ],
+            ),
+            f"Full numbers: `{analysis_rel}/stability.json`.\n",
+        ]
+
+    def findings(self, report: Mapping[str, Any]) -> list[str]:
+        stability = report.get("stability")
+        if not stability:
+            return []
+        parts = [stability["seeds"]["jaccard"]["mean"], stability["bootstrap"]["jaccard"]["mean"]]
+        known = [p for p in parts if p is not None]
+        stable = bool(known) and min(known) >= STABLE_JACCARD
+        return [
+            f"**Stability ({'stable' if stable else 'not stable'}):** the top "
+            f"{stability['top']} features overlap the main ranking's by Jaccard "
+            f"{fmt(parts[0])} on average across {stability['seeds']['jaccard']['n']} other "
+            f"split seeds and {fmt(parts[1])} across {stability['bootstrap']['n']} bootstrap "
+            f"resamples of the discovery clusters (Spearman "
+            f"{fmt(stability['seeds']['spearman']['mean'])} and "
+            f"{fmt(stability['bootstrap']['spearman']['mean'])}); "
+            f"{'at least' if stable else 'below'} {STABLE_JACCARD:g} counts as stable."
+        ]
+
+
+STEP = StabilityStep()
