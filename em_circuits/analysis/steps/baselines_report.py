@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from em_circuits.core.markdown import feature_list, fmt, md_table
+from em_circuits.core.markdown import feature_link, fmt, md_table
 
 TABLE_COLUMNS = [
     "method",
@@ -76,7 +76,7 @@ def _features_added(summary: Mapping[str, Any], overlap: list[dict[str, Any]]) -
         return []
     feature_rows = [
         {
-            "feature": feature_list([[r["layer"], r["feature"]]]),
+            "feature": feature_link(r["layer"], r["feature"]),
             "share_in_subspace": r["share_in_subspace"],
             "cosines_with_subspace": ", ".join(fmt(c) for c in r["cosines_with_subspace"]),
             "cosine_with_misalignment_direction": r["cosine_with_misalignment_direction"],
@@ -141,10 +141,15 @@ def baselines_finding(report: Mapping[str, Any]) -> list[str]:
             f"({fmt(row.get('contrast_change'))}, 95% CI {fmt(row.get('ci_low'))} to "
             f"{fmt(row.get('ci_high'))})"
         )
-    words = set(verdicts.values())
-    headline = "beat" if words == {"beat"} else "lose" if "lose" in words else "match"
+    headline = ", ".join(
+        f"{verdicts.get(name, 'undetermined')} the {short}"
+        for name, short in (
+            ("mean_diff_subspace", "subspace"),
+            ("misalignment_direction", "direction"),
+        )
+    )
     return [
-        f"**Baselines (tested features {headline} the directions):** ablating the "
+        f"**Baselines (tested features {headline}):** ablating the "
         f"{summary['k']} tested features changes the contrast by "
         f"{fmt(tested.get('contrast_change'))} (95% CI {fmt(tested.get('ci_low'))} to "
         f"{fmt(tested.get('ci_high'))}, {tested.get('n_clusters')} clusters); "
