@@ -7,7 +7,7 @@ mean-diff subspace, the misalignment direction, the features whose activation ri
 with, where an EM judge exists, the EM rate of free-form answers under each edit. Then what
 the features add over the subspace (:mod:`em_circuits.analysis.baseline_run`).
 
-Writes ``baselines`` (one row per method), ``baselines_overlap``, ``baseline_directions.npz``,
+Writes ``baselines`` (one row per method), ``baselines_overlap``, ``baseline_directions.json``,
 ``baselines_em_answers.csv`` (with a judge) and ``baselines_summary.json``.
 """
 
@@ -160,11 +160,15 @@ class BaselinesStep(Step):
                 ctx.directory / "baselines_em_answers.csv", answers.to_csv(index=False)
             )
             ctx.wrote("baselines_em_answers.csv")
-        np.savez(ctx.directory / "baseline_directions.npz", **result.directions)  # type: ignore[arg-type]
+        write_artifact(
+            ctx.directory / "baseline_directions.json",
+            "table",
+            {name: np.asarray(v).tolist() for name, v in result.directions.items()},
+        )
         summary = {**result.summary, **em, "verdicts": verdicts(result.table)}
         path = ctx.directory / "baselines_summary.json"
         write_artifact(path, "table", summary)
-        ctx.wrote("baseline_directions.npz", "baselines_summary.json")
+        ctx.wrote("baseline_directions.json", "baselines_summary.json")
         return StepResult(summary={"baselines": read_json(path)})
 
     def report_data(self, inputs: ReportInputs) -> dict[str, Any]:

@@ -78,14 +78,11 @@ def _steerings(
             last_residuals(base, discovery, [site])[:, 0],
         )
         out["mean_diff_direction"] = direction_steering(diff, site, norm)
-    path = ctx.directory / "baseline_directions.npz"
-    if found.get("direction_site") is not None and path.is_file():
-        with np.load(path) as stored:
-            if "direction" in stored:
-                direction = stored["direction"][0]
-                out["misalignment_direction"] = direction_steering(
-                    direction, found["direction_site"], norm
-                )
+    stored = ctx.json("baseline_directions.json")
+    if found.get("direction_site") is not None and stored and stored.get("direction"):
+        out["misalignment_direction"] = direction_steering(
+            np.asarray(stored["direction"][0]), found["direction_site"], norm
+        )
     random = (found.get("features") or {}).get("random_features")
     if random:
         out["random_features"] = random_steering(
