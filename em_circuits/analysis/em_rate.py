@@ -368,3 +368,58 @@ def make_em_judge(
         return ToyEMJudge()  # independent of the word lists the contrast's labels use
     path = offline_judge_words(adapted, words)
     return WordListEMJudge(json.loads(Path(path).read_text()), Path(path).name)
+
+
+# -- the EM rate of one model under an arbitrary intervention ------------------------------------
+def em_rate_under(
+    model: LoadedModel,
+    questions: Sequence[EvalQuestion],
+    judge: EMJudge,
+    params: SamplingParams,
+    edit: Any = None,
+    condition: str = "",
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Answers of ``model`` sampled while ``edit`` (a zero-argument callable returning a
+    context manager, e.g. ``lambda: features_zeroed(model, keys)``; None = no edit) is active,
+    judged, and their rates.
+
+    Returns the answers (condition, question_id, sample, answer, aligned, coherent, em,
+    coherent_answer) and {n_answers, n_questions, em_rate, ci (t over questions),
+    coherent_rate, per_question: {question id: EM rate}}. The same ``params.seed`` draws the
+    same random numbers per question, so two edits' rates are paired by question.
+    """
+    from contextlib import nullcontext
+
+    from em_circuits.core.stats import t_mean_ci
+
+    rows = []
+    with edit() if edit is not None else nullcontext():
+        for question in questions:
+            for i, answer in enumerate(sample_answers(model, question, params)):
+                aligned, coherent = judge.score(question, answer)
+                rows.append(
+                    {
+                        "condition": condition,
+                        "question_id": question.id,
+                        "sample": i,
+                        "answer": answer,
+                        "aligned": aligned,
+                        "coherent": coherent,
+                        "em": is_em_response(aligned, coherent),
+                        "coherent_answer": coherent is not None and coherent > COHERENT_MIN,
+                    }
+                )
+    answers = pd.DataFrame.from_records(rows)
+    if answers.empty:
+        return answers, {"n_answers": 0, "n_questions": 0}
+    per_question = answers.groupby("question_id")[["em", "coherent_answer"]].mean()
+    rates = per_question["em"].to_numpy(dtype=float)
+    low, high = t_mean_ci([rates])
+    return answers, {
+        "n_answers": len(answers),
+        "n_questions": len(rates),
+        "em_rate": float(rates.mean()),
+        "ci": [float(low[0]), float(high[0])],
+        "coherent_rate": float(per_question["coherent_answer"].mean()),
+        "per_question": {str(q): float(v) for q, v in per_question["em"].items()},
+    }

@@ -15,12 +15,14 @@ from typing import Any
 from em_circuits.analysis.steps import (
     adapter_nodes,
     base_vs_adapted,
+    baselines,
     causal,
     decomposition,
     em_rate,
     ranking,
     split,
     stability,
+    sufficiency,
     transcoder_quality,
     validation,
 )
@@ -38,6 +40,8 @@ SECTIONS: tuple[Section, ...] = (
     decomposition.STEP,
     adapter_nodes.STEP,
     causal.STEP,
+    baselines.STEP,
+    sufficiency.STEP,
     card_step.STEP,
     em_rate.STEP,
     calibration_section.SECTION,

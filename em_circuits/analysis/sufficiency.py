@@ -1,0 +1,149 @@
+"""Sufficiency: does adding the tested features to the BASE model make it choose evil?
+
+Each tested feature's *activation shift* m_i is its mean activation in the adapted model minus
+that in the base over every position but BOS of the discovery prompts (what the adapter
+changed along it). Steering the base at dose s adds, at every position but BOS, the vector
+``s * sum_i m_i W_dec[f_i]`` to the residual stream where each feature's decoder writes (the
+stream entering the layer after the feature's; for a per-layer transcoder of a pre-norm model
+that is the MLP output it replaces). A constant vector, so the same steering runs while
+answers are generated.
+
+Baselines at matched norm (the same norm as the features' total vector, at every edited
+position): the unit mean of adapted-minus-base residual differences (last position of the
+discovery prompts) and the misalignment direction, each added at the site the baselines step
+chose for it; and random features, each with its tested feature's shift times its decoder's
+norm along its own unit decoder vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from em_circuits.analysis.baselines import Key, real_contrast
+from em_circuits.analysis.directions import added, residual_changed
+from em_circuits.analysis.intervene import record_transcoder_input, transcoder_set
+from em_circuits.models.load import LoadedModel
+
+#: A steering: residual site -> the vector added there at dose 1.
+Steering = dict[int, np.ndarray]
+
+
+@torch.no_grad()
+def activation_shifts(
+    base: LoadedModel,
+    adapted: LoadedModel,
+    prompts: Sequence[Mapping[str, Any]],
+    keys: Sequence[Key],
+) -> np.ndarray:
+    """Per feature: its mean activation (every position but BOS of ``prompts``) in the
+    adapted model minus that in the base."""
+    means = []
+    for model in (base, adapted):
+        transcoders = transcoder_set(model)
+        sums, positions = np.zeros(len(keys)), 0
+        for prompt in prompts:
+            ids = model.encode_prompt(dict(prompt)).to(model.device)
+            seen: dict[int, torch.Tensor] = {}
+            layers = sorted({layer for layer, _ in keys})
+            handles = [record_transcoder_input(model, layer, seen) for layer in layers]
+            try:
+                model.hf_model(ids[None])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for i, (layer, feature) in enumerate(keys):
+                acts = transcoders[layer].encode(seen[layer][0, 1:]).float()[:, feature]
+                sums[i] += float(acts.sum())
+            positions += len(ids) - 1
+        means.append(sums / max(positions, 1))
+    return means[1] - means[0]
+
+
+def _decoder(model: LoadedModel, key: Key) -> np.ndarray:
+    vector = transcoder_set(model)[key[0]]._get_decoder_vectors(torch.tensor([key[1]]))[0]
+    return vector.float().cpu().numpy().astype(np.float64)
+
+
+def feature_steering(model: LoadedModel, keys: Sequence[Key], shifts: np.ndarray) -> Steering:
+    """Each feature's shift times its decoder vector, summed per write site (layer + 1)."""
+    out: Steering = {}
+    for key, shift in zip(keys, shifts):
+        site = key[0] + 1
+        out[site] = out.get(site, 0.0) + shift * _decoder(model, key)
+    return out
+
+
+def random_steering(
+    model: LoadedModel, keys: Sequence[Key], shifts: np.ndarray, random: Sequence[Key]
+) -> Steering:
+    """Random feature r_i gets |tested i's vector| along its own unit decoder (same sign)."""
+    out: Steering = {}
+    for key, other, shift in zip(keys, random, shifts):
+        own, theirs = _decoder(model, key), _decoder(model, other)
+        norm = np.linalg.norm(theirs)
+        if norm == 0:
+            continue
+        site = other[0] + 1
+        out[site] = out.get(site, 0.0) + shift * np.linalg.norm(own) * theirs / norm
+    return out
+
+
+def total_norm(steering: Steering) -> float:
+    """The norm of everything a steering writes into the stream (sites summed)."""
+    if not steering:
+        return 0.0
+    return float(np.linalg.norm(np.sum(list(steering.values()), axis=0)))
+
+
+def direction_steering(direction: np.ndarray, site: int, norm: float) -> Steering:
+    """A unit direction at one site, scaled to ``norm``."""
+    unit = np.asarray(direction, np.float64).reshape(-1)
+    length = np.linalg.norm(unit)
+    return {site: unit / length * norm} if length > 0 else {}
+
+
+@contextmanager
+def steered(model: LoadedModel, steering: Steering, scale: float):
+    """While inside, ``scale`` x each site's vector is added at every position but BOS."""
+    with ExitStack() as stack:
+        for site, vector in steering.items():
+            tensor = torch.as_tensor(scale * np.asarray(vector), dtype=torch.float32)
+            stack.enter_context(residual_changed(model, site, added(tensor)))
+        yield
+
+
+def steering_edit(
+    model: LoadedModel, steering: Steering, scale: float
+) -> Callable[[], AbstractContextManager[Any]]:
+    return lambda: steered(model, steering, scale)
+
+
+@torch.no_grad()
+def evil_top_share(
+    model: LoadedModel, prompts: Sequence[Mapping[str, Any]], edit: Callable | None
+) -> float:
+    """Share of prompts whose top next token (under ``edit``) is evil-labeled."""
+    hits = 0
+    for prompt in prompts:
+        ids = model.encode_prompt(dict(prompt))
+        with edit() if edit is not None else ExitStack():
+            logits = model.hf_model(ids[None].to(model.device)).logits[0, -1]
+        hits += int(int(logits.argmax()) in prompt["evil_ids"])
+    return hits / max(len(prompts), 1)
+
+
+def steered_changes(
+    base: LoadedModel,
+    prompts: Sequence[Mapping[str, Any]],
+    steering: Steering,
+    scale: float,
+    clean: Sequence[float],
+) -> np.ndarray:
+    """Per prompt: the base's contrast steered minus clean."""
+    edit = steering_edit(base, steering, scale)
+    return np.array([real_contrast(base, p, edit) - c for p, c in zip(prompts, clean)])
