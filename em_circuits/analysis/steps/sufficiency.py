@@ -53,7 +53,7 @@ class SufficiencyParams:
 
 
 def _steerings(
-    ctx: AnalysisContext, base: Any, adapted: Any, discovery: list[dict]
+    ctx: AnalysisContext, base: Any, adapted: Any, discovery: list[dict[str, Any]]
 ) -> tuple[dict[str, Steering], dict[str, Any]]:
     from em_circuits.analysis.directions import last_residuals, unit_mean_difference
     from em_circuits.analysis.sufficiency import (
