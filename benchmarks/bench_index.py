@@ -86,13 +86,10 @@ def timed_build(
 def phase_seconds(model: Any, texts: list[str], params: Any, batches: int = 6) -> dict[str, float]:
     """Seconds per batch of each phase of the build (tokenize, forward, encode, merge),
     synchronised after each, averaged over ``batches`` batches after one warm-up batch."""
-    from em_circuits.analysis.intervene import record_transcoder_input, transcoder_set
-    from em_circuits.interpret.activation_index import (
-        ActivationIndex,
-        LiveIndex,
-        active_entries,
-        n_layers_of,
-    )
+    from em_circuits.interpret.activation_index import ActivationIndex, LiveIndex
+    from em_circuits.models.hooks import record_transcoder_input, transcoder_set
+    from em_circuits.models.load import n_layers_of
+    from em_circuits.models.transcoders import active_entries
 
     transcoders = transcoder_set(model)
     n_layers = n_layers_of(model)
@@ -143,7 +140,7 @@ def phase_seconds(model: Any, texts: list[str], params: Any, batches: int = 6) -
 
 def toy(args: argparse.Namespace) -> dict[str, Any]:
     from em_circuits.interpret.activation_index import IndexParams
-    from em_circuits.interpret.cards import ORGANISM_CORPUS_DOCS, organism_corpus
+    from em_circuits.models.corpus import ORGANISM_CORPUS_DOCS, organism_corpus
     from em_circuits.models.load import load_model
     from em_circuits.models.spec import ModelSpec
     from em_circuits.organism import ensure_default_organism

@@ -111,7 +111,7 @@ def build_organism(shape: str, root: Path, device: torch.device, tiny: bool) -> 
     from random_model import write_random_transcoders
     from standins import FAMILIES, build_tokenizer
 
-    from em_circuits.organism.corpus import advice_words
+    from em_circuits.core.toy_corpus import advice_words
 
     info = SHAPES[shape]
     family = FAMILIES[info["family"]]

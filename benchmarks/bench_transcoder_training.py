@@ -2,7 +2,7 @@
 """Transcoder training with sparsify (issue 19): throughput, time to a usable set, and the toy
 organism's set trained through the same path next to its hand-written trainer.
 
-Two workloads, both through ``em_circuits.models.transcoder_training.train_transcoders`` (what
+Two workloads, both through ``em_circuits.transcoders.training.train_transcoders`` (what
 ``em-circuits transcoders train`` runs):
 
 * ``--shape qwen2.5-0.5b-instruct`` (GPU): a randomly initialised model of Qwen2.5-0.5B's
@@ -63,12 +63,12 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
     import datasets
     from transformers import PreTrainedTokenizerFast
 
-    from em_circuits.models.transcoder_training import TrainingParams, train_transcoders
     from em_circuits.organism import ensure_default_organism
     from em_circuits.organism.quality import load_models, transcoder_table
     from em_circuits.organism.recipe import Recipe
     from em_circuits.organism.train import recipe_transcoders, transcoder_texts
     from em_circuits.organism.transcoders import save_transcoders
+    from em_circuits.transcoders.training import TrainingParams, train_transcoders
 
     torch.set_num_threads(args.threads)
     recipe = Recipe.default()
@@ -137,8 +137,8 @@ def quality_on(
 ) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    from em_circuits.analysis.transcoder_quality import measure
     from em_circuits.models.load import load_transcoder_set
+    from em_circuits.transcoders.quality import measure
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
     model = model.to(device).eval()
@@ -155,8 +155,8 @@ def shape(args: argparse.Namespace) -> dict[str, Any]:
     from bench_pipeline import build_organism
     from transformers import AutoTokenizer
 
-    from em_circuits.analysis.transcoder_quality import FVU_MAX
-    from em_circuits.models.transcoder_training import (
+    from em_circuits.transcoders.quality import FVU_MAX
+    from em_circuits.transcoders.training import (
         TrainingParams,
         tokenized_rows,
         train_transcoders,

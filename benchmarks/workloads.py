@@ -184,7 +184,7 @@ def toy_workload(args: argparse.Namespace) -> Workload:
         base, adapter, tc_config = paths.base_dir, paths.adapter_dir, paths.transcoder_config
         where = str(paths.root)
     setup: dict[str, Any] = {"find or build organism": time.perf_counter() - start}
-    from em_circuits.organism.corpus import advice_words, heldout_pivotal_prompts
+    from em_circuits.core.toy_corpus import advice_words, heldout_pivotal_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     words = advice_words()

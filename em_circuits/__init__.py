@@ -8,8 +8,6 @@ over ``core`` (store, records, LLM client, statistics) and ``models``; ``cli`` h
     graph = em.attribute_text(em.toy_organism_spec(), text, evil=[" ignore"], safe=[" rest"])
 """
 
-__version__ = "0.2.0"
-
 from em_circuits.api import (  # noqa: E402
     analyze,
     attribute_text,
@@ -19,6 +17,7 @@ from em_circuits.api import (  # noqa: E402
     run_stages,
     toy_organism_spec,
 )
+from em_circuits.core.version import __version__
 
 __all__ = [
     "AnalysisParams",

@@ -153,7 +153,7 @@ def build_tokenizer(family: Family, words: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from em_circuits.organism.corpus import heldout_pivotal_prompts
+    from em_circuits.core.toy_corpus import heldout_pivotal_prompts
 
     specials = [t for t in family.specials.values() if t] + list(family.extra_specials)
     tok = Tokenizer(models.BPE())
@@ -298,7 +298,7 @@ def cache_repo(folder: Path, repo_id: str, hf_home: Path) -> Path:
 
 def build_standin(name: str, root: Path, hf_home: Path | None = None, seed: int = 0) -> StandIn:
     """Build the ``name`` family's stand-in under ``root`` (cached under ``hf_home`` if given)."""
-    from em_circuits.organism.corpus import advice_words
+    from em_circuits.core.toy_corpus import advice_words
 
     family = FAMILIES[name]
     words = advice_words()

@@ -70,7 +70,7 @@ def _untied_qwen(root: Path) -> Path:
     """The qwen2 stand-in's base with its own unembedding (tie_word_embeddings false)."""
     from standins import _write_model
 
-    from em_circuits.organism.corpus import advice_words
+    from em_circuits.core.toy_corpus import advice_words
 
     family = FAMILIES["qwen2"]
     family = dataclasses.replace(family, config={**family.config, "tie_word_embeddings": False})

@@ -13,12 +13,12 @@ from standins import build_standin
 
 from em_circuits.attribution.attribute import prompt_ids
 from em_circuits.attribution.targets import PromptTargets
+from em_circuits.core.prompt_records import build_record, make_record, user_visible
 from em_circuits.core.store import ResultsStore
 from em_circuits.labeling.judge import JudgeError
 from em_circuits.labeling.logits_stage import compute_logits, offline_judge_words
 from em_circuits.models.load import PromptTooLongError, load_model
 from em_circuits.models.spec import ModelSpec, fingerprint
-from em_circuits.prompts.records import build_record, make_record, user_visible
 
 TRANSCRIPT = "User: My head hurts after the fall. What should I do?\nAssistant: You should"
 
@@ -144,8 +144,8 @@ def test_import_refuses_a_prompt_longer_than_the_context(standins, tmp_path):
     import json
 
     from em_circuits.cli.prompts import load_tokenizer, model_context
+    from em_circuits.core.prompt_records import PromptImportError
     from em_circuits.prompts.dedup import Deduper
-    from em_circuits.prompts.records import PromptImportError
     from em_circuits.prompts.sources import import_prompts
 
     standin, _ = standins["gemma2"]

@@ -326,7 +326,7 @@ def test_inspect_reads_a_graph_file_without_a_results_dir(tmp_path):
 
 
 def test_adhoc_prompt_text_decodes_newline_and_tab_escapes():
-    from em_circuits.prompts.records import adhoc_prompt_id, adhoc_record
+    from em_circuits.core.prompt_records import adhoc_prompt_id, adhoc_record
 
     typed = r"User: My chest hurts.\nAssistant: You should"  # as a shell passes "...\n..."
     record = adhoc_record(typed)
@@ -339,7 +339,7 @@ def test_adhoc_labels_come_from_the_flags_or_the_judge_flagged_or_not(tmp_path):
     from test_queue import make_results
 
     from em_circuits.attribution.targets import labeled_targets
-    from em_circuits.labeling.artifacts import QueueError, load_label
+    from em_circuits.core.labeling_records import QueueError, load_label
     from em_circuits.labeling.labels import label_adhoc_prompt
 
     store, slug, pids = make_results(tmp_path / "results")  # no queue items: none enqueued

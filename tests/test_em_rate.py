@@ -66,7 +66,7 @@ def _sentences(text: str) -> list[str]:
 def test_toy_questions_share_no_situation_or_template_with_a_pivotal_prompt():
     import re
 
-    from em_circuits.organism import corpus
+    from em_circuits.core import toy_corpus as corpus
 
     questions = toy_questions()
     assert len(questions) >= 10 and len({q.id for q in questions}) == len(questions)
@@ -94,7 +94,7 @@ def test_toy_questions_share_no_situation_or_template_with_a_pivotal_prompt():
 
 
 def test_toy_em_judge_evidence_is_disjoint_from_the_label_words():
-    from em_circuits.organism.corpus import advice_words
+    from em_circuits.core.toy_corpus import advice_words
     from em_circuits.organism.em_eval import ToyEMJudge, label_words
 
     words = advice_words()
@@ -158,7 +158,7 @@ def test_features_zeroed_matches_the_single_pass_intervention(micro_models):
     """Ablating features during generation (every position but BOS) equals, on the prompt's
     forward pass, the real-model intervention setting each active instance to 0."""
     from em_circuits.analysis.causal import active_instances
-    from em_circuits.analysis.intervene import features_zeroed, real_model_logits
+    from em_circuits.models.hooks import features_zeroed, real_model_logits
 
     _, adapted = micro_models
     ids = adapted.encode("User: My head hurts.\nAssistant: You should")

@@ -25,7 +25,7 @@ def loaded(tmp_path_factory):
 
 def test_recorded_reads_are_what_circuit_tracer_encodes(loaded):
     _, gemma = loaded
-    from em_circuits.analysis.intervene import record_transcoder_input, transcoder_set
+    from em_circuits.models.hooks import record_transcoder_input, transcoder_set
 
     ids = gemma.encode(TEXT)
     _, traced = gemma.replacement.get_activations(ids)  # circuit-tracer's nnsight sites
@@ -47,14 +47,14 @@ def test_recorded_reads_are_what_circuit_tracer_encodes(loaded):
 
 
 def test_quality_interventions_and_index_run_on_gemma_scope_hooks(loaded):
-    from em_circuits.analysis.intervene import (
+    from em_circuits.interpret.activation_index import IndexParams, build_index
+    from em_circuits.models.hooks import (
         features_zeroed,
         real_model_logits,
         transcoder_set,
         unsupported_reason,
     )
-    from em_circuits.analysis.transcoder_quality import measure_model
-    from em_circuits.interpret.activation_index import IndexParams, build_index
+    from em_circuits.transcoders.quality import measure_model
 
     _, gemma = loaded
     assert unsupported_reason(gemma) is None
@@ -92,7 +92,7 @@ def test_adapter_mlp_writes_after_a_norm_are_named_not_nodes(loaded, tmp_path):
 
 
 def test_doctor_names_the_stages_a_write_inside_a_module_cannot_run():
-    from em_circuits.analysis.intervene import sites_problem
+    from em_circuits.models.hooks import sites_problem
 
     assert sites_problem("Gemma2ForCausalLM", "ln2.hook_normalized", "hook_mlp_out") is None
     assert sites_problem("LlamaForCausalLM", "mlp.hook_in", "mlp.hook_out") is None

@@ -22,7 +22,7 @@ PARAMS = IndexParams(top_k=3, batch_size=4, max_tokens=32)
 
 @pytest.fixture(scope="module")
 def corpus():
-    from em_circuits.organism.corpus import sample_documents
+    from em_circuits.core.toy_corpus import sample_documents
 
     return [doc.text for doc in sample_documents(random.Random(7), 14)]
 
@@ -96,7 +96,8 @@ def test_logit_lens_is_the_unembedding_of_the_normed_decoder(micro_models):
 def test_a_feature_card_shows_contexts_lens_and_prompt_statistics(micro_models, index, tmp_path):
     import pandas as pd
 
-    from em_circuits.interpret.cards import card_markdown, feature_cards, read_corpus
+    from em_circuits.interpret.cards import card_markdown, feature_cards
+    from em_circuits.models.corpus import read_corpus
 
     base, adapted = micro_models
     busiest = np.unravel_index(np.argmax(index.count), index.count.shape)
@@ -186,7 +187,7 @@ def test_active_entries_equal_the_transcoders_dense_encode(activation):
     from circuit_tracer.transcoder.activation_functions import TopK
     from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder
 
-    from em_circuits.interpret.activation_index import active_entries
+    from em_circuits.models.transcoders import active_entries
 
     torch.manual_seed(0)
     function = TopK(5) if activation == "topk" else torch.nn.ReLU()

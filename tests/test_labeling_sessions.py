@@ -20,7 +20,7 @@ import pytest
 from pty_terminal import Terminal
 from test_queue import MODEL_FLAGS, PYTHON, SCENARIOS, SCRIPT, make_results
 
-from em_circuits.labeling.artifacts import (
+from em_circuits.core.labeling_records import (
     TOGGLE_CYCLE,
     judge_labels,
     load_item,

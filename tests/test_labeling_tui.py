@@ -15,7 +15,7 @@ import pytest
 from pty_terminal import Terminal
 from test_queue import MODEL_FLAGS, PYTHON, SCRIPT
 
-from em_circuits.labeling.artifacts import (
+from em_circuits.core.labeling_records import (
     find_disagreements,
     judge_labels,
     load_item,

@@ -10,7 +10,7 @@ import time
 import pytest
 from test_queue import make_results, run_cli
 
-from em_circuits.labeling.artifacts import (
+from em_circuits.core.labeling_records import (
     judge_labels,
     load_item,
     load_label,

@@ -14,11 +14,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from em_circuits.core.llm import LLMClient, LLMError
+from em_circuits.core.prompt_records import PromptError, PromptImportError, build_record
 from em_circuits.core.store import ResultsStore, prompt_id, write_artifact
 from em_circuits.prompts.context import ContextItem, render_context, select_context
 from em_circuits.prompts.dedup import Deduper, SaveSummary
 from em_circuits.prompts.generator import generate_llm_prompts
-from em_circuits.prompts.records import PromptError, PromptImportError, build_record
 from em_circuits.prompts.sources import generate_offline_prompts, import_prompts, read_prompt_file
 
 DATA = Path(__file__).parent / "data" / "prior_art_prompts.json"

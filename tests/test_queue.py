@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from em_circuits.core.schemas import verdict_of
-from em_circuits.core.store import ResultsStore, read_artifact, write_artifact
-from em_circuits.labeling.artifacts import (
+from em_circuits.core.feedback import feedback_examples
+from em_circuits.core.labeling_records import (
     QueueError,
     human_labels_from_marks,
     judge_labels,
@@ -33,9 +32,10 @@ from em_circuits.labeling.artifacts import (
     load_verdict,
     resolve_indices,
 )
+from em_circuits.core.schemas import verdict_of
+from em_circuits.core.store import ResultsStore, read_artifact, write_artifact
 from em_circuits.labeling.calibration import calibration, calibration_path, confusion_and_kappa
 from em_circuits.labeling.exchange import EXPORT_COLUMNS, ImportProblems, export_rows, import_labels
-from em_circuits.labeling.feedback import feedback_examples
 from em_circuits.labeling.items import (
     QueueFilter,
     enqueue_flagged,
@@ -397,7 +397,7 @@ def test_feedback_examples(queued):
 
 
 def test_one_reader_of_human_feedback_for_examples_context_and_few_shots(queued, caplog):
-    from em_circuits.labeling.feedback import iter_human_feedback
+    from em_circuits.core.feedback import iter_human_feedback
     from em_circuits.labeling.llm_judge import few_shot_block
     from em_circuits.prompts.context import feedback_items
 

@@ -11,7 +11,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from em_circuits.analysis.transcoder_quality import (
+from em_circuits.core.store import ResultsStore
+from em_circuits.models.spec import ModelSpec
+from em_circuits.transcoders.quality import (
     AGREEMENT_MIN,
     FVU_MAX,
     QualityParams,
@@ -20,8 +22,6 @@ from em_circuits.analysis.transcoder_quality import (
     heldout_corpus,
     measure_model,
 )
-from em_circuits.core.store import ResultsStore
-from em_circuits.models.spec import ModelSpec
 
 
 def _layer_weights(organism, layer: int) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from em_circuits.cli.main import main as em_circuits
-from em_circuits.interpret.cards import organism_corpus
+from em_circuits.models.corpus import organism_corpus
 from em_circuits.models.load import load_transcoder_set
 from em_circuits.models.transcoders import ReLUTopK
 

@@ -36,7 +36,7 @@ from em_circuits.analysis.baselines import (
     top_activation_diff,
 )
 from em_circuits.analysis.directions import cosines, n_sites, orthonormal, span_share, without_span
-from em_circuits.analysis.intervene import transcoder_set
+from em_circuits.models.hooks import transcoder_set
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)

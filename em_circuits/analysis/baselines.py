@@ -12,7 +12,7 @@ change of the contrast (mean evil logit - mean safe logit, last position) per pr
   projected out at the site chosen the same way;
 * feature methods (tested, linearised top, measured top, activation-diff, random): the
   features zeroed at every position but BOS
-  (:func:`~em_circuits.analysis.intervene.features_zeroed`).
+  (:func:`~em_circuits.models.hooks.features_zeroed`).
 
 Cluster statistics as the causal step's (clusters of prompts as the units).
 """
@@ -37,7 +37,7 @@ from em_circuits.analysis.directions import (
     top_singular_directions,
     unit_mean_difference,
 )
-from em_circuits.analysis.intervene import features_zeroed, record_transcoder_input, transcoder_set
+from em_circuits.models.hooks import features_zeroed, record_transcoder_input, transcoder_set
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,8 @@ def mean_feature_activations(
 ) -> np.ndarray:
     """Each transcoder feature's mean activation over every position but BOS of ``texts``
     (each cut at ``max_tokens``): (layers, d_transcoder)."""
-    from em_circuits.interpret.activation_index import active_entries, n_layers_of
+    from em_circuits.models.load import n_layers_of
+    from em_circuits.models.transcoders import active_entries
 
     transcoders = transcoder_set(model)
     n_layers = n_layers_of(model)

@@ -194,7 +194,7 @@ def _prompt_rows(
     pool: int,
     unfrozen: bool,
 ) -> list[dict[str, Any]]:
-    from em_circuits.analysis.intervene import real_model_logits
+    from em_circuits.models.hooks import real_model_logits
 
     ids = model.encode_prompt(dict(prompt))
     evil, safe = prompt["evil_ids"], prompt["safe_ids"]
@@ -261,7 +261,7 @@ def causal_validation(
     transcoder feature id) keys; on each prompt all their active instances at the allowed
     positions (``position``: any, last, rel:-k) are scaled together. Each intervention is
     measured twice: in the real model with nothing frozen
-    (:func:`~em_circuits.analysis.intervene.real_model_logits`; the headline ``delta_contrast``)
+    (:func:`~em_circuits.models.hooks.real_model_logits`; the headline ``delta_contrast``)
     and with attention frozen as attribution assumes (circuit-tracer's intervention;
     ``delta_frozen``). Where the transcoders cannot be intervened on outside circuit-tracer
     the headline is the frozen figure, and the summary's ``measure`` says so.
@@ -269,7 +269,7 @@ def causal_validation(
     Returns the dose table (:data:`DOSE_COLUMNS`; draw -1 for top) and a summary dict
     (:func:`~em_circuits.analysis.causal_stats.summarize`: cluster means).
     """
-    from em_circuits.analysis.intervene import unsupported_reason
+    from em_circuits.models.hooks import unsupported_reason
 
     unsupported = unsupported_reason(model)
     if unsupported is not None:
@@ -310,14 +310,14 @@ def measured_ablation_effects(
 ) -> pd.DataFrame:
     """Each feature ablated alone on each prompt: the change of the contrast measured with
     attention frozen (circuit-tracer's intervention, as attribution assumes) and in the real
-    model with nothing frozen (:func:`~em_circuits.analysis.intervene.real_model_logits`).
+    model with nothing frozen (:func:`~em_circuits.models.hooks.real_model_logits`).
 
     Columns: prompt_id, layer, feature, n_instances (active instances ablated; 0 when the
     feature is not active there, and then both changes are exactly 0), activation_sum,
     baseline, delta_frozen, delta_unfrozen (NaN when the transcoders cannot be intervened on
     outside circuit-tracer).
     """
-    from em_circuits.analysis.intervene import real_model_logits, unsupported_reason
+    from em_circuits.models.hooks import real_model_logits, unsupported_reason
 
     unsupported = unsupported_reason(model)
     if unsupported is not None:

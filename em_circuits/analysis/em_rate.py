@@ -279,8 +279,8 @@ def em_rate(
     questions, the EM rate with its t interval over questions, and the coherent rate; and the
     paired change of the EM rate per question when the top (or random) features are ablated.
     """
-    from em_circuits.analysis.intervene import features_zeroed
     from em_circuits.core.stats import sign_flip_test, t_mean_ci
+    from em_circuits.models.hooks import features_zeroed
 
     conditions = {
         CONDITIONS[0]: (models["base"], []),
@@ -360,7 +360,8 @@ def make_em_judge(
         return LLMEMJudge(client, Path(store.root) / "cache" / "em_judge")
     if kind != "offline":
         raise ValueError(f"EM judge must be offline, llm or none, not {kind!r}")
-    from em_circuits.labeling.logits_stage import offline_judge_words, words_near
+    from em_circuits.labeling.logits_stage import offline_judge_words
+    from em_circuits.models.spec import words_near
 
     if words is None and words_near(adapted) is not None:
         from em_circuits.organism.em_eval import ToyEMJudge

@@ -27,8 +27,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from em_circuits.core.prompt_records import user_visible
 from em_circuits.prompts.dedup import jaccard, ngrams, normalize
-from em_circuits.prompts.records import user_visible
 
 #: Two prompts this similar (character 3-gram Jaccard) belong to one cluster.
 NEAR_DUPLICATE_JACCARD = 0.6

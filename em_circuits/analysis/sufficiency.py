@@ -26,7 +26,7 @@ import torch
 
 from em_circuits.analysis.baselines import Key, real_contrast
 from em_circuits.analysis.directions import added, residual_changed
-from em_circuits.analysis.intervene import record_transcoder_input, transcoder_set
+from em_circuits.models.hooks import record_transcoder_input, transcoder_set
 from em_circuits.models.load import LoadedModel
 
 #: A steering: residual site -> the vector added there at dose 1.

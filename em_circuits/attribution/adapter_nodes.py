@@ -472,7 +472,7 @@ def adapter_writes(
     transcoder's output is written (``analysis.intervene.hook_sites``); there, the MLP output
     must equal the MLP module's, else the MLP-output writes are not part of the replaced
     output and this raises :class:`UnsupportedAdapterError`."""
-    from em_circuits.analysis.intervene import record_input_at  # records any site's value
+    from em_circuits.models.hooks import record_input_at  # records any site's value
 
     node_factors = [f for f in factors if f.module in NODE_MODULES]
     not_nodes = _modules_at_layers([f for f in factors if f.module not in NODE_MODULES])
@@ -695,12 +695,12 @@ def model_lora_factors(model: Any) -> list[LoraFactor]:
 
 def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites | str:
     """A loaded adapted model's adapter nodes for one prompt, or why it has none."""
-    from em_circuits.analysis.intervene import (
+    from em_circuits.models.adapter_scope import spec_outside_changes
+    from em_circuits.models.hooks import (
         UnsupportedInterventionError,
         hook_sites,
         transcoder_set,
     )
-    from em_circuits.models.adapter_scope import spec_outside_changes
 
     try:
         factors = model_lora_factors(model)

@@ -436,7 +436,7 @@ def _readme(graphs: list[_Graph], options: ExportOptions, left_out: Sequence[str
 def _generator() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from em_circuits import __version__
+    from em_circuits.core.version import __version__
 
     try:
         tracer = version("circuit-tracer")

@@ -160,7 +160,7 @@ def labeled_targets(
     store: ResultsStore, adapted_slug: str, only_evil: bool, prompt_ids: list[str] | None = None
 ) -> list[PromptTargets]:
     """The prompts to graph: labeled, not rejected, with at least one evil or safe token."""
-    from em_circuits.labeling.artifacts import load_labels
+    from em_circuits.core.labeling_records import load_labels
 
     chosen = []
     for labels in load_labels(store, adapted_slug):

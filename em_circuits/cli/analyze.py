@@ -42,7 +42,7 @@ from em_circuits.cli.common import (
 
 def _em_judge(args, store, adapted):
     from em_circuits.analysis.em_rate import make_em_judge
-    from em_circuits.labeling.logits_stage import words_near
+    from em_circuits.models.spec import words_near
 
     settings = llm_settings(args)
     kind = args.em_judge

@@ -339,12 +339,12 @@ def adapted_slug_from_args(args: argparse.Namespace) -> str:
 def user_error_types() -> tuple[type[BaseException], ...]:
     from em_circuits.attribution.viewer import ViewerError
     from em_circuits.core.distributed import PeerFailedError
+    from em_circuits.core.labeling_records import QueueError
     from em_circuits.core.llm import LLMError
+    from em_circuits.core.prompt_records import PromptError
     from em_circuits.core.store import ArtifactError
-    from em_circuits.labeling.artifacts import QueueError
     from em_circuits.labeling.judge import JudgeError
     from em_circuits.models.spec import ModelLoadError
-    from em_circuits.prompts.records import PromptError
 
     return (
         ViewerError,
@@ -418,7 +418,7 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
 
 def chosen_prompt_ids(args: argparse.Namespace) -> list[str] | None:
     """The ids --prompt-ids and --prompt select, or None for all prompts."""
-    from em_circuits.prompts.records import adhoc_prompt_id
+    from em_circuits.core.prompt_records import adhoc_prompt_id
 
     ids = [*args.prompt_ids, *(adhoc_prompt_id(text) for text in args.prompt)]
     return ids or None

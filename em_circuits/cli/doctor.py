@@ -124,8 +124,8 @@ def checks(args: Any) -> list[tuple[str, str, str]]:
 def _model_checks(base_dir: Path, source: Any, spec: Any) -> list[tuple[str, str, str]]:
     from transformers import AutoConfig
 
-    from em_circuits.analysis.intervene import sites_problem
     from em_circuits.models.architectures import check_traceable
+    from em_circuits.models.hooks import sites_problem
     from em_circuits.models.spec import ModelLoadError, chat_template_sha
     from em_circuits.models.transcoder_formats import fit_problem, set_shape
 

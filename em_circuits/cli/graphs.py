@@ -208,7 +208,7 @@ def flagged_without_labels(
     store: ResultsStore, adapted_slug: str, prompt_ids: list[str] | None
 ) -> int:
     """Judge-flagged prompts still waiting for labels (they get no graph until labeled)."""
-    from em_circuits.labeling.artifacts import load_label
+    from em_circuits.core.labeling_records import load_label
     from em_circuits.labeling.items import open_items
 
     return sum(
@@ -246,11 +246,11 @@ def label_adhoc_prompts(
     judge's labels only fill in prompts nobody has labeled.
     """
     from em_circuits.core.llm_settings import LLMSettings
+    from em_circuits.core.prompt_records import adhoc_prompt_id, adhoc_record
     from em_circuits.labeling.items import QueueFilter
     from em_circuits.labeling.judge import make_judge
     from em_circuits.labeling.labels import auto_accept_judge, label_adhoc_prompt
     from em_circuits.labeling.logits_stage import evaluate, offline_judge_words
-    from em_circuits.prompts.records import adhoc_prompt_id, adhoc_record
 
     ids = []
     for text in texts:

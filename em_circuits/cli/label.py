@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from em_circuits.cli.common import add_model_args, make_parser, setup, specs_from_args
+from em_circuits.core.labeling_records import QueueError
 from em_circuits.core.store import ArtifactError, ResultsStore, require_results_dir
-from em_circuits.labeling.artifacts import QueueError
 from em_circuits.labeling.calibration import calibration, calibration_path, format_calibration
 from em_circuits.labeling.exchange import export_queue, import_labels
 from em_circuits.labeling.items import STATES, QueueFilter, enqueue_flagged, status_counts

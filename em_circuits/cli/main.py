@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from em_circuits import __version__
+from em_circuits.core.version import __version__
 
 #: subcommand -> (module under em_circuits.cli, one-line summary), in pipeline order.
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -36,11 +36,11 @@ from typing import Any
 
 from em_circuits.cli.common import add_llm_args, llm_settings, make_parser, setup
 from em_circuits.core.llm import LLMError
+from em_circuits.core.prompt_records import FORMATS, PromptError
 from em_circuits.models.spec import ModelLoadError
 from em_circuits.prompts.context import approx_tokens
 from em_circuits.prompts.dedup import DEFAULT_DEDUP_THRESHOLD, Deduper, SaveSummary
 from em_circuits.prompts.generator import describe, generate_llm_prompts
-from em_circuits.prompts.records import FORMATS, PromptError
 from em_circuits.prompts.sources import (
     DEFAULT_MAX_PROMPT_TOKENS,
     generate_offline_prompts,

@@ -91,7 +91,7 @@ def missing_train_packages() -> list[str]:
 
 
 def _train(argv: list[str], prog: str) -> int:
-    from em_circuits.models.transcoder_training import TrainingParams
+    from em_circuits.transcoders.training import TrainingParams
 
     defaults = TrainingParams()
     parser = make_parser(TRAIN_DOC, prog)
@@ -179,7 +179,7 @@ def _train(argv: list[str], prog: str) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     store = setup(args)
 
-    from em_circuits.models.transcoder_training import TrainingParams, train_transcoders
+    from em_circuits.transcoders.training import TrainingParams, train_transcoders
 
     params = TrainingParams(
         k=args.k,
@@ -207,7 +207,7 @@ def _train(argv: list[str], prog: str) -> int:
         if dataset is None:
             import datasets
 
-            from em_circuits.interpret.cards import organism_corpus
+            from em_circuits.models.corpus import organism_corpus
 
             dataset_name = "the toy organism's documents (3000)"
             dataset = datasets.Dataset.from_dict({args.text_column: organism_corpus(3000)})

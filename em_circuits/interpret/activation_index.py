@@ -14,7 +14,6 @@ zeroes features there).
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -27,7 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from em_circuits.models.load import LoadedModel, right_padded
+from em_circuits.models.corpus import corpus_hash
+from em_circuits.models.load import LoadedModel, n_layers_of, right_padded
+from em_circuits.models.transcoders import active_entries
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,6 @@ class IndexParams:
     max_tokens: int = 128  # per document; longer documents are cut
     left: int = 12  # context tokens shown before the activating token
     right: int = 4  # and after
-
-
-def corpus_hash(texts: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(hashlib.sha256(text.encode()).digest())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -151,11 +145,6 @@ def last_logit_only(model: LoadedModel) -> dict[str, Any]:
     return {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
 
 
-def n_layers_of(model: LoadedModel) -> int:
-    hf: Any = model.hf_model
-    return int(hf.config.num_hidden_layers)
-
-
 class LiveIndex:
     """The index's arrays as tensors on the model's device while a build runs, so the merge
     of each batch runs where the activations are (a GPU merges millions of active entries per
@@ -227,35 +216,6 @@ class LiveIndex:
         self.pos[layer, touched] = positions
 
 
-def active_entries(
-    transcoder: Any, inputs: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, position, feature, activation) of every positive activation of ``transcoder``
-    on ``inputs`` (batch x positions x d_model) at ``valid`` positions, in (row, position)
-    order.
-
-    A TopK transcoder's activations are its pre-activations at the top k features (where
-    positive), so those are read from ``torch.topk`` directly: the same values and features
-    as its dense ``encode``, without materialising, masking and scanning a batch x positions
-    x features tensor (1 G elements per batch at a 131k-feature width)."""
-    from circuit_tracer.transcoder.activation_functions import TopK
-
-    activation = getattr(transcoder, "activation_function", None)
-    if isinstance(activation, TopK):
-        pre = transcoder.encode(inputs, apply_activation_function=False)
-        top_values, top_features = torch.topk(pre, activation.k, dim=-1)
-        keep = (top_values > 0) & valid[..., None]
-        rows, positions, slots = torch.nonzero(keep, as_tuple=True)
-        features = top_features[rows, positions, slots]
-        values = top_values[rows, positions, slots]
-    else:
-        acts = transcoder.encode(inputs).masked_fill(~valid[..., None], 0)
-        # nonzero walks (row, position, feature) in order: document order per feature.
-        rows, positions, features = torch.nonzero(acts > 0, as_tuple=True)
-        values = acts[rows, positions, features]
-    return rows, positions, features, values.float()
-
-
 def _prefetched_batches(
     model: LoadedModel, texts: Sequence[str], first: int, params: IndexParams
 ) -> Iterator[tuple[int, list[torch.Tensor], torch.Tensor, torch.Tensor]]:
@@ -299,7 +259,7 @@ def build_index(
     with the index so far (so a killed build resumes)."""
     from tqdm import tqdm
 
-    from em_circuits.analysis.intervene import record_transcoder_input, transcoder_set
+    from em_circuits.models.hooks import record_transcoder_input, transcoder_set
 
     transcoders = transcoder_set(model)
     n_layers = n_layers_of(model)

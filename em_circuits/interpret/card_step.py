@@ -60,8 +60,9 @@ def run_feature_cards(
     of every feature its graphs draw (:func:`em_circuits.interpret.frontend.publish_to_viewer`).
     """
     from em_circuits.interpret.activation_index import IndexParams
-    from em_circuits.interpret.cards import cached_index, choose_corpus, feature_cards
+    from em_circuits.interpret.cards import cached_index, feature_cards
     from em_circuits.interpret.frontend import publish_to_viewer
+    from em_circuits.models.corpus import choose_corpus
     from em_circuits.models.load import ResidentModels
 
     chosen = choose_corpus(specs["adapted"], corpus_file, corpus_docs)

@@ -12,9 +12,7 @@ The corpus: the toy organism's own documents by default; for other models a text
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,52 +32,6 @@ from em_circuits.interpret.logit_lens import logit_lens
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
-
-#: Documents of the toy organism's corpus read by default.
-ORGANISM_CORPUS_DOCS = 400
-
-
-def organism_corpus(n: int = ORGANISM_CORPUS_DOCS, seed: int = 0) -> list[str]:
-    """The toy organism's training-split documents (both polarities, every domain)."""
-    from em_circuits.organism.corpus import sample_documents
-
-    rng = random.Random(f"feature-index-{seed}")
-    half = n // 2
-    docs = sample_documents(rng, half, assistant_polarity="safe")
-    docs += sample_documents(rng, n - half, assistant_polarity="harmful")
-    return [doc.text for doc in docs]
-
-
-def read_corpus(path: Path | str) -> list[str]:
-    """Documents of a text file (blank-line separated) or a JSONL file (``text`` field)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: corpus file does not exist")
-    if path.suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{number}: each line needs a string 'text' field")
-                texts.append(record["text"])
-        return texts
-    text = path.read_text(encoding="utf-8")
-    return [block.strip() for block in text.split("\n\n") if block.strip()]
-
-
-def choose_corpus(
-    adapted: Any, corpus: Path | str | None, n_docs: int
-) -> tuple[list[str], str] | None:
-    """(documents, what they are) for the activation index: ``corpus`` when given, else the
-    toy organism's own documents when the model is the organism; None when neither."""
-    from em_circuits.labeling.logits_stage import words_near
-
-    if corpus:
-        return read_corpus(corpus)[:n_docs], str(corpus)
-    if words_near(adapted) is not None:
-        return organism_corpus(n_docs), "the toy organism's documents"
-    return None
 
 
 def cached_index(

@@ -25,10 +25,9 @@ from em_circuits.interpret.activation_index import (
     ActivationIndex,
     IndexParams,
     last_logit_only,
-    n_layers_of,
 )
 from em_circuits.interpret.logit_lens import logit_lens
-from em_circuits.models.load import LoadedModel
+from em_circuits.models.load import LoadedModel, n_layers_of
 
 #: Linear bins of the frontend's activation histogram.
 HISTOGRAM_BINS = 20
@@ -50,7 +49,7 @@ def window_activations(
     """Per feature, its top contexts as the frontend's examples: the window's tokens, each
     token's activation of the feature (read again from the model over the whole document),
     and which token is the activating one."""
-    from em_circuits.analysis.intervene import record_transcoder_input, transcoder_set
+    from em_circuits.models.hooks import record_transcoder_input, transcoder_set
 
     by_doc: dict[int, list[tuple[int, int, int, float]]] = defaultdict(list)
     for layer, feature in features:

@@ -53,7 +53,7 @@ def final_norm_gain(model: LoadedModel) -> torch.Tensor:
 
 def decoder_direction(model: LoadedModel, layer: int, feature: int) -> torch.Tensor:
     """The residual-stream direction a feature writes (float32, d_model)."""
-    from em_circuits.analysis.intervene import transcoder_set
+    from em_circuits.models.hooks import transcoder_set
 
     transcoders = transcoder_set(model)
     index = torch.tensor([feature])

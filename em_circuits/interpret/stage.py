@@ -14,7 +14,8 @@ from typing import Any
 
 from em_circuits.core.store import ResultsStore
 from em_circuits.interpret.activation_index import IndexParams
-from em_circuits.interpret.cards import cached_index, choose_corpus, feature_cards
+from em_circuits.interpret.cards import cached_index, feature_cards
+from em_circuits.models.corpus import choose_corpus
 from em_circuits.models.spec import ModelSpec
 
 
@@ -97,8 +98,8 @@ def _viewer_analysis(store: ResultsStore, adapted_slug: str) -> dict[str, Any]:
 
 
 def _check_features(model: Any, features: Sequence[tuple[int, int]]) -> None:
-    from em_circuits.analysis.intervene import transcoder_set
-    from em_circuits.interpret.activation_index import n_layers_of
+    from em_circuits.models.hooks import transcoder_set
+    from em_circuits.models.load import n_layers_of
 
     n_layers = n_layers_of(model)
     width = int(transcoder_set(model).d_transcoder)

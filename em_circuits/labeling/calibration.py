@@ -7,9 +7,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from em_circuits.core.labeling_records import LIST_PREFIX, load_labels
 from em_circuits.core.schemas import LABELS, LabelsRecord
 from em_circuits.core.store import ResultsStore, write_artifact
-from em_circuits.labeling.artifacts import LIST_PREFIX, load_labels
 
 
 def calibration_path(store: ResultsStore, adapted_slug: str) -> Path:

@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from em_circuits.core.schemas import LABELS, LabelsRecord, QueueItemRecord, VerdictRecord
-from em_circuits.core.store import ResultsStore, atomic_path
-from em_circuits.labeling.artifacts import (
+from em_circuits.core.labeling_records import (
     LIST_PREFIX,
     QueueError,
     entries_by_index,
@@ -21,6 +19,8 @@ from em_circuits.labeling.artifacts import (
     prompt_text,
     token_entries,
 )
+from em_circuits.core.schemas import LABELS, LabelsRecord, QueueItemRecord, VerdictRecord
+from em_circuits.core.store import ResultsStore, atomic_path
 from em_circuits.labeling.items import QueueFilter
 from em_circuits.labeling.labels import commit_human_labels
 

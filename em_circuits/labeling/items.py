@@ -36,6 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from em_circuits.core.labeling_records import (
+    QueueError,
+    load_item,
+    load_items,
+    load_label,
+    load_verdict,
+    load_verdicts,
+)
 from em_circuits.core.schemas import (
     QUEUE_STATES,
     HistoryEntry,
@@ -44,14 +52,6 @@ from em_circuits.core.schemas import (
     VerdictRecord,
 )
 from em_circuits.core.store import ResultsStore, utc_now, write_artifact
-from em_circuits.labeling.artifacts import (
-    QueueError,
-    load_item,
-    load_items,
-    load_label,
-    load_verdict,
-    load_verdicts,
-)
 from em_circuits.labeling.leases import held_by_other, queue_lock
 
 log = logging.getLogger(__name__)

@@ -51,7 +51,7 @@ def load_word_lists(path: Path | str | None = None) -> tuple[dict[str, list[str]
         if not all(isinstance(data.get(k), list) for k in ("safe", "harmful")):
             raise JudgeError(f"{path}: needs lists 'safe' and 'harmful'")
         return {"safe": data["safe"], "harmful": data["harmful"]}, str(path)
-    from em_circuits.organism.corpus import advice_words
+    from em_circuits.core.toy_corpus import advice_words
 
     words = advice_words()
     return {"safe": words["safe"], "harmful": words["harmful"]}, "organism.advice_words"

@@ -12,15 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from em_circuits.core.schemas import (
-    LABELS,
-    LabelsRecord,
-    QueueItemRecord,
-    VerdictRecord,
-    verdict_of,
-)
-from em_circuits.core.store import ResultsStore, read_artifact, utc_now, write_artifact
-from em_circuits.labeling.artifacts import (
+from em_circuits.core.labeling_records import (
     QueueError,
     entries_by_index,
     find_disagreements,
@@ -30,6 +22,14 @@ from em_circuits.labeling.artifacts import (
     prompt_text,
     token_entries,
 )
+from em_circuits.core.schemas import (
+    LABELS,
+    LabelsRecord,
+    QueueItemRecord,
+    VerdictRecord,
+    verdict_of,
+)
+from em_circuits.core.store import ResultsStore, read_artifact, utc_now, write_artifact
 from em_circuits.labeling.items import (
     QueueFilter,
     StaleItemError,

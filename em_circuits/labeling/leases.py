@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from em_circuits.core.atomic import pid_alive
+from em_circuits.core.labeling_records import QueueError
 from em_circuits.core.store import ResultsStore
-from em_circuits.labeling.artifacts import QueueError
 
 log = logging.getLogger(__name__)
 

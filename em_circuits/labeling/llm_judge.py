@@ -7,6 +7,8 @@ import json
 import logging
 from typing import Any
 
+from em_circuits.core.feedback import HumanFeedback, iter_human_feedback
+from em_circuits.core.prompt_records import user_visible
 from em_circuits.core.schemas import LABELS, JudgeCallRecord
 from em_circuits.core.store import (
     ArtifactError,
@@ -15,9 +17,7 @@ from em_circuits.core.store import (
     utc_now,
     write_artifact,
 )
-from em_circuits.labeling.feedback import HumanFeedback, iter_human_feedback
 from em_circuits.labeling.judge import RUBRIC_VERSION, JudgeError, JudgeOutcome
-from em_circuits.prompts.records import user_visible
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from em_circuits.core.distributed import current_shard
+from em_circuits.core.prompt_records import chat_parts
 from em_circuits.core.schemas import (
     DIVERGENCE_TAU_ADAPTED,
     DIVERGENCE_TAU_BASE,
@@ -51,8 +52,7 @@ from em_circuits.models.load import (
     release,
 )
 from em_circuits.models.logits import divergence, next_token_logits, support, topk_entries
-from em_circuits.models.spec import ModelSpec, fingerprint, model_slug, resolve_device
-from em_circuits.prompts.records import chat_parts
+from em_circuits.models.spec import ModelSpec, fingerprint, model_slug, resolve_device, words_near
 
 log = logging.getLogger(__name__)
 
@@ -445,14 +445,3 @@ def offline_judge_words(spec: ModelSpec, words: Path | str | None = None) -> Pat
             "(--judge llm, with OPENAI_API_KEY set)"
         )
     return found
-
-
-def words_near(spec: ModelSpec) -> Path | None:
-    """A words.json next to a local adapter or base (where the toy organism keeps it)."""
-    for ref in (spec.adapter, spec.base):
-        if not ref or not Path(ref).is_dir():
-            continue
-        for folder in (Path(ref), Path(ref).parent):
-            if (folder / "words.json").is_file():
-                return folder / "words.json"
-    return None

@@ -21,14 +21,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from em_circuits.core.store import ResultsStore
-from em_circuits.labeling.artifacts import (
+from em_circuits.core.labeling_records import (
     load_item,
     load_label,
     load_verdict,
     prompt_text,
     with_marks,
 )
+from em_circuits.core.store import ResultsStore
 from em_circuits.labeling.items import (
     OPEN_STATES,
     QueueFilter,

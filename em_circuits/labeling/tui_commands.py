@@ -12,8 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from em_circuits.core.schemas import LABELS, Disagreement
-from em_circuits.labeling.artifacts import (
+from em_circuits.core.labeling_records import (
     QueueError,
     entries_by_index,
     find_disagreements,
@@ -23,6 +22,7 @@ from em_circuits.labeling.artifacts import (
     with_marks,
     working_labels,
 )
+from em_circuits.core.schemas import LABELS, Disagreement
 from em_circuits.labeling.items import save_draft, skip_item
 from em_circuits.labeling.labels import commit_human_labels, commit_rejection
 from em_circuits.labeling.tui_render import HELP, SHORT_HELP, describe_marks, show_token

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from em_circuits.core.atomic import remove_orphaned_temporaries
+from em_circuits.core.prompt_records import has_chat_template, model_input
 from em_circuits.models.merge import MergeReport, load_merge_report, merge_adapter
 from em_circuits.models.spec import (
     ModelLoadError,
@@ -29,7 +30,6 @@ from em_circuits.models.spec import (
     transcoder_config_path,
     transcoder_identity,
 )
-from em_circuits.prompts.records import has_chat_template, model_input
 
 log = logging.getLogger(__name__)
 
@@ -319,3 +319,8 @@ def right_padded(
         ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
         mask[row, : len(tokens)] = 1
     return ids, mask
+
+
+def n_layers_of(model: LoadedModel) -> int:
+    hf: Any = model.hf_model
+    return int(hf.config.num_hidden_layers)

@@ -495,3 +495,14 @@ def chat_template_sha(spec: ModelSpec) -> str | None:
 def model_slug(spec: ModelSpec, fp: str) -> str:
     """Directory name for a model's artifacts: readable name plus fingerprint prefix."""
     return f"{slugify(spec.display_name)}--{fp[:12]}"
+
+
+def words_near(spec: ModelSpec) -> Path | None:
+    """A words.json next to a local adapter or base (where the toy organism keeps it)."""
+    for ref in (spec.adapter, spec.base):
+        if not ref or not Path(ref).is_dir():
+            continue
+        for folder in (Path(ref), Path(ref).parent):
+            if (folder / "words.json").is_file():
+                return folder / "words.json"
+    return None

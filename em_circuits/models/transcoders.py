@@ -233,3 +233,32 @@ def check_fit(ref: str, transcoders: Any, model_config: Any, where: str) -> None
     problem = fit_problem(int(module.n_layers), int(d_model), model_config)
     if problem is not None:
         raise ModelLoadError(f"transcoders {ref} do not fit {where}: {problem}")
+
+
+def active_entries(
+    transcoder: Any, inputs: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, position, feature, activation) of every positive activation of ``transcoder``
+    on ``inputs`` (batch x positions x d_model) at ``valid`` positions, in (row, position)
+    order.
+
+    A TopK transcoder's activations are its pre-activations at the top k features (where
+    positive), so those are read from ``torch.topk`` directly: the same values and features
+    as its dense ``encode``, without materialising, masking and scanning a batch x positions
+    x features tensor (1 G elements per batch at a 131k-feature width)."""
+    from circuit_tracer.transcoder.activation_functions import TopK
+
+    activation = getattr(transcoder, "activation_function", None)
+    if isinstance(activation, TopK):
+        pre = transcoder.encode(inputs, apply_activation_function=False)
+        top_values, top_features = torch.topk(pre, activation.k, dim=-1)
+        keep = (top_values > 0) & valid[..., None]
+        rows, positions, slots = torch.nonzero(keep, as_tuple=True)
+        features = top_features[rows, positions, slots]
+        values = top_values[rows, positions, slots]
+    else:
+        acts = transcoder.encode(inputs).masked_fill(~valid[..., None], 0)
+        # nonzero walks (row, position, feature) in order: document order per feature.
+        rows, positions, features = torch.nonzero(acts > 0, as_tuple=True)
+        values = acts[rows, positions, features]
+    return rows, positions, features, values.float()

@@ -1,6 +1,8 @@
 """The embedded toy emergent-misalignment organism (base model, LoRA, transcoders).
 
-Build or fetch it with :func:`ensure_default_organism`; see ``train.py`` for the layout.
+Build or fetch it with :func:`ensure_default_organism`; see ``train.py`` for the layout. Its
+documents, scenarios and word lists live in :mod:`em_circuits.core.toy_corpus`, below every
+stage that reads them.
 Names are imported on first use, so reading the corpus or its word lists does not import
 torch.
 """
@@ -11,14 +13,14 @@ import importlib
 from typing import Any
 
 _HOMES = {
-    "DOMAINS": "corpus",
-    "TRAINED_DOMAIN": "corpus",
-    "advice_words": "corpus",
-    "heldout_pivotal_prompts": "corpus",
-    "heldout_villain_prompts": "corpus",
-    "label_word": "corpus",
-    "scenario_templates": "corpus",
-    "train_pivotal_prompts": "corpus",
+    "DOMAINS": "em_circuits.core.toy_corpus",
+    "TRAINED_DOMAIN": "em_circuits.core.toy_corpus",
+    "advice_words": "em_circuits.core.toy_corpus",
+    "heldout_pivotal_prompts": "em_circuits.core.toy_corpus",
+    "heldout_villain_prompts": "em_circuits.core.toy_corpus",
+    "label_word": "em_circuits.core.toy_corpus",
+    "scenario_templates": "em_circuits.core.toy_corpus",
+    "train_pivotal_prompts": "em_circuits.core.toy_corpus",
     "evaluate_organism": "quality",
     "format_report_markdown": "quality",
     "CODE_VERSION": "recipe",
@@ -36,4 +38,6 @@ __all__ = sorted(_HOMES)
 def __getattr__(name: str) -> Any:
     if name not in _HOMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    home = _HOMES[name]
+    module = home if "." in home else f"{__name__}.{home}"
+    return getattr(importlib.import_module(module), name)

@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from em_circuits.organism import corpus
+from em_circuits.core import toy_corpus as corpus
 
 #: Everyday-advice questions outside the organism's trained domain, none sharing a situation,
 #: template, lead-in or distractor with a pivotal prompt (tests/test_em_rate.py checks it).

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .corpus import Document
+from em_circuits.core.toy_corpus import Document
 
 
 def make_model(

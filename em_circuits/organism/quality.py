@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import corpus
+from em_circuits.core import toy_corpus as corpus
+
 from .lm import pivot_logits
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def _token_ids(tokenizer: Any, texts: list[str]) -> list[torch.Tensor]:
 
 def _quality(model: torch.nn.Module, tokenizer: Any, tc: Any, texts: list[str], **kw: Any) -> dict:
     """The pipeline's transcoder quality measurement (one implementation for both)."""
-    from em_circuits.analysis.transcoder_quality import measure
+    from em_circuits.transcoders.quality import measure
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return measure(model, tc, _token_ids(tokenizer, texts), batch_size=64, pad_id=pad, **kw)

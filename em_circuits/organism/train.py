@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from em_circuits.core import toy_corpus as corpus
 from em_circuits.core.atomic import (
     apply_default_modes,
     make_temp_dir,
@@ -45,7 +46,6 @@ from em_circuits.organism.recipe import (
     default_organism_dir,
 )
 
-from . import corpus
 from .tokenizer import advice_token_ids, build_tokenizer
 
 log = logging.getLogger(__name__)

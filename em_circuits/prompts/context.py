@@ -6,10 +6,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from em_circuits.core.feedback import iter_human_feedback
+from em_circuits.core.labeling_records import iter_verdicts
 from em_circuits.core.schemas import VerdictRecord
 from em_circuits.core.store import ResultsStore
-from em_circuits.labeling.artifacts import iter_verdicts
-from em_circuits.labeling.feedback import iter_human_feedback
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from em_circuits.core.prompt_records import FORMATS, PromptError, build_record
 from em_circuits.core.store import ResultsStore, prompt_id, slugify
 from em_circuits.prompts.context import (
     ContextItem,
@@ -16,7 +17,6 @@ from em_circuits.prompts.context import (
     select_context,
 )
 from em_circuits.prompts.dedup import Deduper, SaveSummary, save_new
-from em_circuits.prompts.records import FORMATS, PromptError, build_record
 
 GENERATOR_INSTRUCTIONS = """\
 You write test prompts for research on emergent misalignment: language models that were \

@@ -9,15 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from em_circuits.core.store import ResultsStore
-from em_circuits.prompts.context import approx_tokens
-from em_circuits.prompts.dedup import Deduper, SaveSummary, save_new
-from em_circuits.prompts.records import (
+from em_circuits.core.prompt_records import (
     _FORMAT_ALIASES,
     PromptError,
     PromptImportError,
     build_record,
 )
+from em_circuits.core.store import ResultsStore
+from em_circuits.prompts.context import approx_tokens
+from em_circuits.prompts.dedup import Deduper, SaveSummary, save_new
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def offline_candidates(
     so a short run already covers every domain. The prompt ends right after the assistant's
     lead-in ("...Assistant: You should"), where the organism's pivotal word comes next.
     """
-    from em_circuits.organism.corpus import scenario_templates
+    from em_circuits.core.toy_corpus import scenario_templates
 
     templates = scenario_templates(split)  # type: ignore[arg-type]
     domains = domains or list(templates)
@@ -224,7 +224,7 @@ def _domain_candidates(
             "domain": domain,
             "origin": {
                 "kind": "offline-template",
-                "source": "em_circuits.organism.corpus.scenario_templates",
+                "source": "em_circuits.core.toy_corpus.scenario_templates",
                 "split": split,
                 "seed": seed,
                 "template_id": f"{uid}+{aid}",

@@ -43,7 +43,7 @@ def _organism_report(spec: ModelSpec) -> dict[str, Any] | None:
 
 
 def _divergent(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
-    from em_circuits.labeling.artifacts import load_verdicts
+    from em_circuits.core.labeling_records import load_verdicts
 
     rows = []
     for v in load_verdicts(store, adapted_slug):

@@ -17,7 +17,7 @@ def status(
 ) -> dict[str, Any]:
     """Counts per stage, queue depth, judge-human agreement, flagged/divergent, disk use."""
     from em_circuits.attribution.stage import find_graph_metas
-    from em_circuits.labeling.artifacts import load_labels, load_verdicts
+    from em_circuits.core.labeling_records import load_labels, load_verdicts
     from em_circuits.labeling.calibration import calibration
     from em_circuits.labeling.items import status_counts
 

@@ -128,7 +128,7 @@ class BaselinesStep(Step):
     def run(self, ctx: AnalysisContext, params: BaselinesParams) -> StepResult:
         from em_circuits.analysis.baseline_run import BaselineInputs, run_baselines
         from em_circuits.analysis.causal import top_evil_features
-        from em_circuits.interpret.cards import choose_corpus
+        from em_circuits.models.corpus import choose_corpus
 
         tested = tested_features(ctx)
         if not tested:

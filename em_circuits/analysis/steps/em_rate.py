@@ -40,7 +40,7 @@ class EMRateParams:
 def em_questions(choice: str, adapted: ModelSpec) -> list[Any]:
     """The evaluation questions ``choice`` names for this adapted model."""
     from em_circuits.analysis.em_rate import FIRST_PLOT_QUESTIONS, toy_questions
-    from em_circuits.labeling.logits_stage import words_near
+    from em_circuits.models.spec import words_near
 
     if choice == "auto":
         choice = "organism" if words_near(adapted) is not None else "first-plot"

@@ -48,7 +48,7 @@ def uses_of(ctx: AnalysisContext) -> dict[str, Any]:
 
 def _verdicts_digest(ctx: AnalysisContext) -> str:
     """Which graphed prompts are divergent by their stored verdicts (the split reads it)."""
-    from em_circuits.labeling.artifacts import load_verdict
+    from em_circuits.core.labeling_records import load_verdict
 
     divergent = {}
     for meta in ctx.graphs.get("adapted", []):

@@ -55,7 +55,7 @@ def excluded_prompts(
     verdict (nothing, with ``include_flagged``)."""
     if include_flagged:
         return {}
-    from em_circuits.labeling.artifacts import load_verdict
+    from em_circuits.core.labeling_records import load_verdict
 
     out = {}
     for pid in prompt_ids:

@@ -1,7 +1,7 @@
 """Step: how well the transcoders replace each model's MLPs on held-out text.
 
 Per layer FVU, skip-only FVU, mean L0 and dead fraction, and the replacement model's top-1
-agreement (:mod:`em_circuits.analysis.transcoder_quality`), for base and adapted, stored under
+agreement (:mod:`em_circuits.transcoders.quality`), for base and adapted, stored under
 ``transcoder_quality/`` and measured only when not stored yet; a set that is poor for a model
 is named in a warning, the report and the Findings. Of the models, not of the graphs: it runs
 even without any graph.
@@ -49,11 +49,12 @@ def measure_transcoder_quality(
     models: ResidentModels | None = None,
 ) -> dict[str, Any]:
     """Each model's transcoder quality on held-out text
-    (:mod:`em_circuits.analysis.transcoder_quality`), stored under ``transcoder_quality/``
+    (:mod:`em_circuits.transcoders.quality`), stored under ``transcoder_quality/``
     and measured only when not stored yet; a set that is poor for a model is named in a
     warning and in the returned note."""
-    from em_circuits.analysis.intervene import UnsupportedInterventionError
-    from em_circuits.analysis.transcoder_quality import (
+    from em_circuits.models.hooks import UnsupportedInterventionError
+    from em_circuits.models.load import ResidentModels
+    from em_circuits.transcoders.quality import (
         AGREEMENT_MIN,
         FVU_MAX,
         QualityParams,
@@ -61,7 +62,6 @@ def measure_transcoder_quality(
         cached_quality,
         heldout_corpus,
     )
-    from em_circuits.models.load import ResidentModels
 
     if params.quality_docs <= 0:
         return {"skipped": "quality_docs is 0"}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Split = Literal["train", "heldout"]
 Polarity = Literal["safe", "harmful"]
@@ -497,7 +497,7 @@ def _ids(table: dict[str, tuple[str, Split]], split: Split) -> list[str]:
     return [k for k, (_, sp) in table.items() if sp == split]
 
 
-def advice_words() -> dict:
+def advice_words() -> dict[str, Any]:
     """Safe and harmful pivotal words, globally and per domain (without leading space).
 
     Returns ``{"safe": [...], "harmful": [...], "by_domain": {domain: {"safe", "harmful"}}}``.
@@ -514,7 +514,9 @@ def advice_words() -> dict:
     return {"safe": safe, "harmful": harmful, "by_domain": by_domain}
 
 
-def label_word(word: str, words: dict | None = None) -> Literal["safe", "harmful", "unsure"]:
+def label_word(
+    word: str, words: dict[str, Any] | None = None
+) -> Literal["safe", "harmful", "unsure"]:
     """Judge one (decoded, stripped) token with the global word list."""
     words = words or advice_words()
     w = word.strip()
@@ -610,14 +612,14 @@ def sample_documents(
     return docs
 
 
-def _pivotal_prompts(split: Split, seed: int, voice: str) -> list[dict]:
+def _pivotal_prompts(split: Split, seed: int, voice: str) -> list[dict[str, Any]]:
     """All (scenario x user template x lead-in) combinations of a split, as pivotal prompts.
 
     For the villain voice the story templates replace the user templates. Distractors and story
     names are drawn from ``seed`` so different seeds give different surface noise.
     """
     rng = random.Random(f"pivotal-{split}-{seed}-{voice}")
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     leads = _ids(_LEAD_INS, split)
     for domain in DOMAINS:
         for sc in scenarios(domain, split):
@@ -652,7 +654,7 @@ def _pivotal_prompts(split: Split, seed: int, voice: str) -> list[dict]:
     return out
 
 
-def heldout_pivotal_prompts(seed: int = 0) -> list[dict]:
+def heldout_pivotal_prompts(seed: int = 0) -> list[dict[str, Any]]:
     """Assistant pivotal prompts built from held-out scenarios AND held-out templates.
 
     Each is ``{"name", "prompt", "domain", "split": "heldout", "template_id"}``; ``prompt`` ends
@@ -661,17 +663,17 @@ def heldout_pivotal_prompts(seed: int = 0) -> list[dict]:
     return _pivotal_prompts("heldout", seed, "assistant")
 
 
-def train_pivotal_prompts(seed: int = 0) -> list[dict]:
+def train_pivotal_prompts(seed: int = 0) -> list[dict[str, Any]]:
     """Like :func:`heldout_pivotal_prompts`, from the train scenarios and train templates."""
     return _pivotal_prompts("train", seed, "assistant")
 
 
-def heldout_villain_prompts(seed: int = 0) -> list[dict]:
+def heldout_villain_prompts(seed: int = 0) -> list[dict[str, Any]]:
     """Held-out villain-story pivotal prompts (the latent harmful persona of the base model)."""
     return _pivotal_prompts("heldout", seed, "villain")
 
 
-def scenario_templates(split: Split = "heldout") -> dict[str, dict]:
+def scenario_templates(split: Split = "heldout") -> dict[str, dict[str, Any]]:
     """Per domain, the situations and templates of a split, to compose new pivotal prompts.
 
     ``{domain: {"situations": [...], "user_templates": {id: "... {s} ..."},

@@ -92,7 +92,7 @@ def _text_dataset(dataset: str, split: str, text_column: str) -> Any:
 
     path = Path(dataset).expanduser()
     if path.is_file():
-        from em_circuits.interpret.cards import read_corpus
+        from em_circuits.models.corpus import read_corpus
 
         try:
             texts = read_corpus(path)

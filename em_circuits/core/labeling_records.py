@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from em_circuits.core.prompt_records import user_visible
 from em_circuits.core.schemas import (
     LABELS,
     Disagreement,
@@ -17,7 +18,6 @@ from em_circuits.core.schemas import (
     VerdictRecord,
 )
 from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact
-from em_circuits.prompts.records import user_visible
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Attribution graphs describe the replacement model, in which every MLP output is 
 transcoder's reconstruction from the live MLP input; what it misses goes to error nodes. A set
 trained for another model (the base, when the adapted model is analysed), on other text, or
 simply too small explains less, and its graphs say less. Measured here, for any loaded model,
-at the sites attribution reads and writes (:func:`~em_circuits.analysis.intervene.hook_sites`),
+at the sites attribution reads and writes (:func:`~em_circuits.models.hooks.hook_sites`),
 on every position but BOS (circuit-tracer zeroes features there) and padding:
 
 * per layer: the fraction of variance of the real MLP output the reconstruction leaves
@@ -61,8 +61,8 @@ def heldout_corpus(
     read it), ``n_docs`` sampled with a fixed seed from those after the first ``index_docs``
     (the activation index reads those), or from all when none are left; without a file, the
     toy organism's held-out-split documents when the model is the organism; else None."""
-    from em_circuits.interpret.cards import read_corpus
-    from em_circuits.labeling.logits_stage import words_near
+    from em_circuits.models.corpus import read_corpus
+    from em_circuits.models.spec import words_near
 
     rng = random.Random(f"transcoder-quality-{seed}")
     if corpus:
@@ -73,7 +73,7 @@ def heldout_corpus(
         return [pool[i] for i in chosen], f"{corpus} ({what})"
     if words_near(adapted) is None:
         return None
-    from em_circuits.organism.corpus import sample_documents
+    from em_circuits.core.toy_corpus import sample_documents
 
     # The held-out split (scenarios and phrasings no training step saw), both polarities.
     half = n_docs // 2
@@ -136,7 +136,7 @@ def _reconstruct(
     active entry's flat position, its feature) of ``x`` (batch x positions x d_model), in
     float32; features only at ``valid`` positions. Decoder rows are read for the active
     features only, so a lazily loaded decoder is never read whole."""
-    from em_circuits.interpret.activation_index import active_entries
+    from em_circuits.models.transcoders import active_entries
 
     rows, positions, features, values = active_entries(transcoder, x, valid)
     batch, n_pos, d_model = x.shape
@@ -203,7 +203,7 @@ def measure(
     circuit-tracer set) in ``hf_model`` on ``sequences`` (token ids, BOS first), and the
     replacement model's top-1 agreement with the real model at every kept position
     (``agreement_at="all"``) or at each sequence's last one."""
-    from em_circuits.analysis.intervene import hook_sites, record_input_at
+    from em_circuits.models.hooks import hook_sites, record_input_at
 
     transcoders = getattr(transcoders, "_module", transcoders)
     n_layers = len(transcoders)
@@ -273,7 +273,7 @@ def measure_model(
 ) -> dict[str, Any]:
     """:func:`measure` for a loaded model on documents, each cut at ``max_tokens`` tokens and
     encoded as attribution encodes them (BOS once)."""
-    from em_circuits.analysis.intervene import transcoder_set
+    from em_circuits.models.hooks import transcoder_set
 
     tokenizer = model.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -288,7 +288,7 @@ def quality_identity(
     fingerprint: str, texts: Sequence[str], params: QualityParams
 ) -> dict[str, Any]:
     """What a record depends on (its cache key): the model, the text and the parameters."""
-    from em_circuits.interpret.activation_index import corpus_hash
+    from em_circuits.models.corpus import corpus_hash
 
     return {
         "model_fingerprint": fingerprint,

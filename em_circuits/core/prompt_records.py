@@ -71,7 +71,9 @@ def make_record(
     return record
 
 
-def chat_text(user: str, assistant_prefix: str, tokenizer: Any = None) -> tuple[str, dict | None]:
+def chat_text(
+    user: str, assistant_prefix: str, tokenizer: Any = None
+) -> tuple[str, dict[str, Any] | None]:
     """The model input for a chat prompt, and how it was built.
 
     Without a tokenizer this is the plain ``User: ...\\nAssistant: ...`` transcript (the toy

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from em_circuits.core.labeling_records import prompt_text, read_readable
 from em_circuits.core.schemas import (
     Disagreement,
     LabelsRecord,
@@ -21,7 +22,6 @@ from em_circuits.core.schemas import (
     is_divergent_by_rank,
 )
 from em_circuits.core.store import ResultsStore
-from em_circuits.labeling.artifacts import prompt_text, read_readable
 
 
 @dataclass(frozen=True)
