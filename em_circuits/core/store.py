@@ -36,9 +36,9 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from em_circuits.core.atomic import (  # noqa: F401  (re-exported: the store is where IO lives)
     CRASH_AFTER_ENV,
@@ -52,8 +52,14 @@ from em_circuits.core.atomic import (  # noqa: F401  (re-exported: the store is 
 )
 from em_circuits.core.schemas import (
     ARTIFACT_KEYS,
+    FeatureEffectsRecord,
     GraphMetaRecord,
+    JudgeCallRecord,
+    LabelsRecord,
+    LogitsRecord,
     PromptRecord,
+    QueueItemRecord,
+    VerdictRecord,
     record_problems,
 )
 
@@ -153,7 +159,44 @@ def _finite_json(value: Any) -> Any:
     return value
 
 
-def write_artifact(path: Path, kind: str, payload: dict[str, Any]) -> Any:
+# The record of each kind reaches the caller typed (a "table" stays free-form).
+@overload
+def write_artifact(
+    path: Path, kind: Literal["prompt"], payload: Mapping[str, Any]
+) -> PromptRecord: ...
+@overload
+def write_artifact(
+    path: Path, kind: Literal["logits"], payload: Mapping[str, Any]
+) -> LogitsRecord: ...
+@overload
+def write_artifact(
+    path: Path, kind: Literal["verdict"], payload: Mapping[str, Any]
+) -> VerdictRecord: ...
+@overload
+def write_artifact(
+    path: Path, kind: Literal["judge_call"], payload: Mapping[str, Any]
+) -> JudgeCallRecord: ...
+@overload
+def write_artifact(
+    path: Path, kind: Literal["queue_item"], payload: Mapping[str, Any]
+) -> QueueItemRecord: ...
+@overload
+def write_artifact(
+    path: Path, kind: Literal["labels"], payload: Mapping[str, Any]
+) -> LabelsRecord: ...
+@overload
+def write_artifact(
+    path: Path, kind: Literal["graph_meta"], payload: Mapping[str, Any]
+) -> GraphMetaRecord: ...
+@overload
+def write_artifact(
+    path: Path, kind: Literal["feature_effects"], payload: Mapping[str, Any]
+) -> FeatureEffectsRecord: ...
+@overload
+def write_artifact(path: Path, kind: str, payload: Mapping[str, Any]) -> Any: ...
+
+
+def write_artifact(path: Path, kind: str, payload: Mapping[str, Any]) -> Any:
     """Validate and atomically write one JSON artifact; returns the full envelope (the record
     of ``kind``, as :func:`read_artifact` would return it).
 
@@ -201,6 +244,26 @@ def read_json(path: Path, kind: str | None = None) -> Any:
             f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}",
             fix_for(kind),
         ) from None
+
+
+@overload
+def read_artifact(path: Path, kind: Literal["prompt"]) -> PromptRecord: ...
+@overload
+def read_artifact(path: Path, kind: Literal["logits"]) -> LogitsRecord: ...
+@overload
+def read_artifact(path: Path, kind: Literal["verdict"]) -> VerdictRecord: ...
+@overload
+def read_artifact(path: Path, kind: Literal["judge_call"]) -> JudgeCallRecord: ...
+@overload
+def read_artifact(path: Path, kind: Literal["queue_item"]) -> QueueItemRecord: ...
+@overload
+def read_artifact(path: Path, kind: Literal["labels"]) -> LabelsRecord: ...
+@overload
+def read_artifact(path: Path, kind: Literal["graph_meta"]) -> GraphMetaRecord: ...
+@overload
+def read_artifact(path: Path, kind: Literal["feature_effects"]) -> FeatureEffectsRecord: ...
+@overload
+def read_artifact(path: Path, kind: str) -> Any: ...
 
 
 def read_artifact(path: Path, kind: str) -> Any:
