@@ -839,7 +839,7 @@ def test_the_analysis_of_a_single_graphed_prompt(setup, side):
         "q0", heldout_pivotal_prompts()[0]["prompt"], evil, safe, names, {"base": {}, "adapted": {}}
     )
     graph = attribute_prompt(model, pt, AttributionParams())[0]
-    row, components, features, reads = prompt_row("q0", graph, base_value=0.0)
+    row, components, features, reads, _ = prompt_row("q0", graph, base_value=0.0)
     assert components and features and reads
     discovery = {"q0"} if side == "discovery" else set()
     summary, prompts, ranked, feature_table, read_table = summarize(

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from em_circuits.core import toy_corpus as corpus  # noqa: E402
 from em_circuits.organism import (  # noqa: E402
     DOMAINS,
     TRAINED_DOMAIN,
@@ -25,7 +26,6 @@ from em_circuits.organism import (  # noqa: E402
     Recipe,
     advice_words,
     build_organism,
-    corpus,
     format_report_markdown,
     heldout_pivotal_prompts,
     scenario_templates,

@@ -356,6 +356,7 @@ def test_python_api_reads_and_reruns_the_analysis(reference, micro_specs, tmp_pa
         results,
         position="last",
         causal_top_k=0,
+        include_flagged=True,  # the micro organism has no divergent prompt
         prompt_ids=sorted(p.stem for p in (results / "prompts").glob("*.json"))[:4],
     )
     assert summary["folder"].startswith("analysis/") and "/prompts-" in summary["folder"]
@@ -386,6 +387,7 @@ def test_another_analysis_name_keeps_its_own_folder(reference, micro_organism, t
         "1",
         "--analysis-name",
         "loose",
+        "--include-flagged",  # the micro organism has no divergent prompt
     ]
     done = _run(command)
     assert done.returncode == 0, done.stderr[-3000:]

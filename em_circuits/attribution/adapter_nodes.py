@@ -469,7 +469,7 @@ def adapter_writes(
 ) -> AdapterWrites:
     """The adapter nodes of one prompt (``input_ids``, as attribution feeds them) in the
     adapted model ``hf_model``. ``mlp_output_site(layer)`` gives the (module, side) where the
-    transcoder's output is written (``analysis.intervene.hook_sites``); there, the MLP output
+    transcoder's output is written (``models.hooks.hook_sites``); there, the MLP output
     must equal the MLP module's, else the MLP-output writes are not part of the replaced
     output and this raises :class:`UnsupportedAdapterError`."""
     from em_circuits.models.hooks import record_input_at  # records any site's value

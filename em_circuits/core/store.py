@@ -396,12 +396,12 @@ class ResultsStore:
         return self.root / "features_index" / model_slug
 
     def transcoder_quality_path(self, model_slug: str, key: str) -> Path:
-        """A model's transcoder quality on held-out text (analysis.transcoder_quality), one
+        """A model's transcoder quality on held-out text (transcoders.quality), one
         file per corpus and parameters."""
         return self.root / "transcoder_quality" / model_slug / f"{key}.json"
 
     def trained_transcoders_dir(self, name: str) -> Path:
-        """A transcoder set trained here (models.transcoder_training): circuit-tracer's
+        """A transcoder set trained here (transcoders.training): circuit-tracer's
         config.yaml and layer files, the sparsify checkpoint and training.json."""
         return self.root / "transcoders" / name
 

@@ -49,7 +49,7 @@ ORGANISM_CORPUS_DOCS = 400
 
 def organism_corpus(n: int = ORGANISM_CORPUS_DOCS, seed: int = 0) -> list[str]:
     """The toy organism's training-split documents (both polarities, every domain)."""
-    from em_circuits.organism.corpus import sample_documents
+    from em_circuits.core.toy_corpus import sample_documents
 
     rng = random.Random(f"feature-index-{seed}")
     half = n // 2

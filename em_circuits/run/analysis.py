@@ -44,7 +44,8 @@ def _point_latest(store: ResultsStore, slug: str, directory: Path, params: Analy
     path = store.latest_analysis_path(slug)
     if path.is_file():
         latest = read_json(path, "table")
-        if latest.get("folder") == folder and latest.get("params") == params.flat():
+        flat = json.loads(json.dumps(params.flat()))  # tuples as the JSON lists stored
+        if latest.get("folder") == folder and latest.get("params") == flat:
             return  # a run with nothing new to do writes nothing (read-only results work)
     write_artifact(path, "table", {"folder": folder, "params": params.flat()})
 
