@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from em_circuits.core.atomic import atomic_path, atomic_write_text
-from em_circuits.models.spec import ModelLoadError, TranscoderSource
+from em_circuits.models.spec import ModelLoadError
 from em_circuits.models.transcoder_formats import (
     MLP_INPUT_HOOK,
     MLP_OUTPUT_HOOK,
@@ -42,6 +42,7 @@ from em_circuits.models.transcoder_formats import (
     SPARSIFY_TENSOR_NAMES,
     read_sparsify_set,
 )
+from em_circuits.models.transcoder_source import TranscoderSource
 
 CHECKPOINT_DIR = "checkpoint"
 RUN_NAME = "sparsify"
