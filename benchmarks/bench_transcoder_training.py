@@ -156,11 +156,8 @@ def shape(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from em_circuits.transcoders.quality import FVU_MAX
-    from em_circuits.transcoders.training import (
-        TrainingParams,
-        tokenized_rows,
-        train_transcoders,
-    )
+    from em_circuits.transcoders.training import TrainingParams, train_transcoders
+    from em_circuits.transcoders.training_data import tokenized_rows
 
     device = torch.device(args.device)
     root = Path(args.workdir) / args.shape

@@ -9,6 +9,7 @@ import pytest
 from standins import build_standin, cache_repo
 
 from em_circuits.models import spec as spec_module
+from em_circuits.models import transcoder_source as source_module
 from em_circuits.models.load import load_model
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
 
@@ -22,7 +23,7 @@ def hf_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(spec_module, "_RESOLVED", {})
-    monkeypatch.setattr(spec_module, "_TRANSCODERS", {})
+    monkeypatch.setattr(source_module, "_TRANSCODERS", {})
     return home
 
 
@@ -73,7 +74,8 @@ def test_cached_preset_and_snapshot_configs_load_offline(hf_cache, tmp_path):
     import torch
 
     from em_circuits.models.load import load_transcoder_set
-    from em_circuits.models.spec import ModelLoadError, resolve_transcoders
+    from em_circuits.models.spec import ModelLoadError
+    from em_circuits.models.transcoder_source import resolve_transcoders
 
     standin = build_standin("llama", tmp_path / "build", hf_home=hf_cache)
     _cache_transcoder_repo(standin, "mntss/transcoder-Llama-3.2-1B", hf_cache, uris=True)

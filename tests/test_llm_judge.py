@@ -15,8 +15,8 @@ from openai_server import (
 )
 
 from em_circuits.core.llm import LLMClient, LLMError, find_api_key, find_base_url
-from em_circuits.core.schemas import verdict_of
 from em_circuits.core.store import ResultsStore, write_artifact
+from em_circuits.core.verdicts import verdict_of
 from em_circuits.labeling.judge import RUBRIC_VERSION, JudgeError, WordListJudge, load_word_lists
 from em_circuits.labeling.llm_judge import LLMJudge, few_shot_block
 

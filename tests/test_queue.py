@@ -32,8 +32,8 @@ from em_circuits.core.labeling_records import (
     load_verdict,
     resolve_indices,
 )
-from em_circuits.core.schemas import verdict_of
 from em_circuits.core.store import ResultsStore, read_artifact, write_artifact
+from em_circuits.core.verdicts import verdict_of
 from em_circuits.labeling.calibration import calibration, calibration_path, confusion_and_kappa
 from em_circuits.labeling.exchange import EXPORT_COLUMNS, ImportProblems, export_rows, import_labels
 from em_circuits.labeling.items import (

@@ -8,21 +8,20 @@ import math
 import pytest
 
 from em_circuits.core import schemas, store
-from em_circuits.core.schemas import (
-    ARTIFACT_KEYS,
+from em_circuits.core.record_checks import record_problems
+from em_circuits.core.schemas import ARTIFACT_KEYS, RECORDS
+from em_circuits.core.store import ArtifactError, read_artifact, write_artifact
+from em_circuits.core.verdicts import (
     DIVERGENCE_TAU_ADAPTED,
     DIVERGENCE_TAU_BASE,
     FLAG_LABELS,
     LABELS,
-    RECORDS,
     evil_masses,
     is_divergent,
     is_divergent_by_rank,
     is_flagged,
-    record_problems,
     verdict_of,
 )
-from em_circuits.core.store import ArtifactError, read_artifact, write_artifact
 
 
 # -- the verdict rule ------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ from safetensors.torch import save_file
 from standins import SIZES, build_standin, cache_repo
 from test_standin_pipelines import _words_for
 
-from em_circuits.models import spec as spec_module
+from em_circuits.models import transcoder_source as source_module
 from em_circuits.models import transcoders as transcoder_module
 from em_circuits.models.load import load_model, load_transcoder_set
-from em_circuits.models.spec import ModelLoadError, ModelSpec, fingerprint, resolve_transcoders
+from em_circuits.models.spec import ModelLoadError, ModelSpec, fingerprint
+from em_circuits.models.transcoder_source import resolve_transcoders
 from em_circuits.models.transcoders import topk_per_layer
 
 D_MODEL, N_LAYERS = SIZES["hidden_size"], SIZES["num_hidden_layers"]
@@ -238,20 +239,20 @@ def test_a_sparsify_sets_identity_is_its_files_and_it_loads_from_the_hub_cache(
 
     folder = tmp_path / "set"
     write_sparsify_set(folder)
-    first = spec_module.transcoder_identity(str(folder))
+    first = source_module.transcoder_identity(str(folder))
     cfg = folder / "layers.1.mlp" / "cfg.json"
     cfg.write_text(cfg.read_text().replace('"k": 8', '"k": 7'))
-    second = spec_module.transcoder_identity(str(folder))
+    second = source_module.transcoder_identity(str(folder))
     assert second != first
     write_sparsify_set(tmp_path / "other", seed=9)
     (folder / "layers.0.mlp" / "sae.safetensors").write_bytes(
         (tmp_path / "other" / "layers.0.mlp" / "sae.safetensors").read_bytes()
     )
-    assert spec_module.transcoder_identity(str(folder)) != second
+    assert source_module.transcoder_identity(str(folder)) != second
     # EleutherAI publishes these as hub repositories without a config.yaml
     home = tmp_path / "hf"
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(spec_module, "_TRANSCODERS", {})
+    monkeypatch.setattr(source_module, "_TRANSCODERS", {})
     cache_repo(folder, "EleutherAI/skip-transcoder-standin", home)
     transcoders = load_transcoder_set("EleutherAI/skip-transcoder-standin", CPU, torch.float32)
     assert transcoders.scan == "EleutherAI/skip-transcoder-standin" and len(transcoders) == 2

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from em_circuits.attribution.storage import CompactGraph
-from em_circuits.core.schemas import TARGET_LABELS
 from em_circuits.core.stats import welch_t_rows
+from em_circuits.core.verdicts import TARGET_LABELS
 
 ANALYSIS_VERSION = 1
 

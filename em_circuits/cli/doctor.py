@@ -105,7 +105,7 @@ def checks(args: Any) -> list[tuple[str, str, str]]:
     if not transcoders:
         out.append((MISSING, "transcoders", "not given (--transcoders)"))
     else:
-        from em_circuits.models.spec import resolve_transcoders
+        from em_circuits.models.transcoder_source import resolve_transcoders
 
         try:
             source = resolve_transcoders(transcoders)

@@ -14,14 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from em_circuits.core.labeling_records import prompt_text, read_readable
-from em_circuits.core.schemas import (
-    Disagreement,
-    LabelsRecord,
-    LabelsToken,
-    ListVerdicts,
-    is_divergent_by_rank,
-)
+from em_circuits.core.schemas import Disagreement, LabelsRecord, LabelsToken, ListVerdicts
 from em_circuits.core.store import ResultsStore
+from em_circuits.core.verdicts import is_divergent_by_rank
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from typing import Any
 
 from em_circuits.core.prompt_records import user_visible
 from em_circuits.core.schemas import (
-    LABELS,
     Disagreement,
     LabelledEntry,
     LabelsRecord,
@@ -18,6 +17,7 @@ from em_circuits.core.schemas import (
     VerdictRecord,
 )
 from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact
+from em_circuits.core.verdicts import LABELS
 
 log = logging.getLogger(__name__)
 

@@ -50,6 +50,7 @@ from em_circuits.core.atomic import (  # noqa: F401  (re-exported: the store is 
     crash_point,
     remove_orphaned_temporaries,
 )
+from em_circuits.core.record_checks import record_problems
 from em_circuits.core.schemas import (
     ARTIFACT_KEYS,
     FeatureEffectsRecord,
@@ -60,7 +61,6 @@ from em_circuits.core.schemas import (
     PromptRecord,
     QueueItemRecord,
     VerdictRecord,
-    record_problems,
 )
 
 SCHEMA_VERSION = 1

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from em_circuits.core.labeling_records import LIST_PREFIX, load_labels
-from em_circuits.core.schemas import LABELS, LabelsRecord
+from em_circuits.core.schemas import LabelsRecord
 from em_circuits.core.store import ResultsStore, write_artifact
+from em_circuits.core.verdicts import LABELS
 
 
 def calibration_path(store: ResultsStore, adapted_slug: str) -> Path:

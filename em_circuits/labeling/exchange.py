@@ -19,8 +19,9 @@ from em_circuits.core.labeling_records import (
     prompt_text,
     token_entries,
 )
-from em_circuits.core.schemas import LABELS, LabelsRecord, QueueItemRecord, VerdictRecord
+from em_circuits.core.schemas import LabelsRecord, QueueItemRecord, VerdictRecord
 from em_circuits.core.store import ResultsStore, atomic_path
+from em_circuits.core.verdicts import LABELS
 from em_circuits.labeling.items import QueueFilter
 from em_circuits.labeling.labels import commit_human_labels
 

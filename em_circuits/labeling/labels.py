@@ -22,14 +22,9 @@ from em_circuits.core.labeling_records import (
     prompt_text,
     token_entries,
 )
-from em_circuits.core.schemas import (
-    LABELS,
-    LabelsRecord,
-    QueueItemRecord,
-    VerdictRecord,
-    verdict_of,
-)
+from em_circuits.core.schemas import LabelsRecord, QueueItemRecord, VerdictRecord
 from em_circuits.core.store import ResultsStore, read_artifact, utc_now, write_artifact
+from em_circuits.core.verdicts import LABELS, verdict_of
 from em_circuits.labeling.items import (
     QueueFilter,
     StaleItemError,

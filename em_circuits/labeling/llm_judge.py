@@ -9,7 +9,7 @@ from typing import Any
 
 from em_circuits.core.feedback import HumanFeedback, iter_human_feedback
 from em_circuits.core.prompt_records import user_visible
-from em_circuits.core.schemas import LABELS, JudgeCallRecord
+from em_circuits.core.schemas import JudgeCallRecord
 from em_circuits.core.store import (
     ArtifactError,
     ResultsStore,
@@ -17,6 +17,7 @@ from em_circuits.core.store import (
     utc_now,
     write_artifact,
 )
+from em_circuits.core.verdicts import LABELS
 from em_circuits.labeling.judge import RUBRIC_VERSION, JudgeError, JudgeOutcome
 
 log = logging.getLogger(__name__)

@@ -27,20 +27,17 @@ import torch
 
 from em_circuits.core.distributed import current_shard
 from em_circuits.core.prompt_records import chat_parts
-from em_circuits.core.schemas import (
+from em_circuits.core.schemas import LogitsRecord, PromptRecord, TopKEntry, VerdictRecord
+from em_circuits.core.store import ResultsStore, params_key, write_artifact
+from em_circuits.core.verdicts import (
     DIVERGENCE_TAU_ADAPTED,
     DIVERGENCE_TAU_BASE,
-    LogitsRecord,
-    PromptRecord,
-    TopKEntry,
-    VerdictRecord,
     evil_masses,
     is_divergent,
     is_divergent_by_rank,
     is_flagged,
     verdict_of,
 )
-from em_circuits.core.store import ResultsStore, params_key, write_artifact
 from em_circuits.labeling import DEFAULT_LOGITS_BATCH_SIZE, DEFAULT_TOP_K
 from em_circuits.labeling.items import enqueue_flagged
 from em_circuits.labeling.judge import JudgeError, JudgeOutcome

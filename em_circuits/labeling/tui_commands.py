@@ -22,7 +22,8 @@ from em_circuits.core.labeling_records import (
     with_marks,
     working_labels,
 )
-from em_circuits.core.schemas import LABELS, Disagreement
+from em_circuits.core.schemas import Disagreement
+from em_circuits.core.verdicts import LABELS
 from em_circuits.labeling.items import save_draft, skip_item
 from em_circuits.labeling.labels import commit_human_labels, commit_rejection
 from em_circuits.labeling.tui_render import HELP, SHORT_HELP, describe_marks, show_token

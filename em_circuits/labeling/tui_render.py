@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from em_circuits.core.labeling_records import judge_labels, token_entries, working_labels
-from em_circuits.core.schemas import FLAG_LABELS, VerdictRecord
+from em_circuits.core.schemas import VerdictRecord
+from em_circuits.core.verdicts import FLAG_LABELS
 
 HELP = """\
 Keys act at once on an empty command line; other commands are typed + Enter.

@@ -19,13 +19,8 @@ from pathlib import Path
 
 import torch
 
-from em_circuits.models.spec import (
-    ModelLoadError,
-    ModelSpec,
-    _dir_identity,
-    local_model_dir,
-    resolve_model_dir,
-)
+from em_circuits.models.content_hash import dir_identity
+from em_circuits.models.spec import ModelLoadError, ModelSpec, local_model_dir, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +46,7 @@ def base_relation(declared: str | None, given: str, adapter_dir: Path) -> tuple[
     if not declared_path.is_absolute() and not _hub_id(declared):
         declared_path = adapter_dir / declared_path  # relative to the adapter's folder
     if declared_path.is_dir() and given_dir is not None:
-        same = _dir_identity(declared_path, sample=True) == _dir_identity(given_dir, sample=True)
+        same = dir_identity(declared_path, sample=True) == dir_identity(given_dir, sample=True)
         return ("same", "same weights") if same else ("different", "other weights")
     declared_id, given_id = _hub_id(declared), _hub_id(given)
     if declared_id is None:

@@ -19,13 +19,15 @@ from em_circuits.models.merge import MergeReport, load_merge_report, merge_adapt
 from em_circuits.models.spec import (
     ModelLoadError,
     ModelSpec,
-    NoLayerFilesError,
     chat_template_sha,
     fingerprint,
     model_slug,
     resolve_device,
     resolve_dtype,
     resolve_model_dir,
+)
+from em_circuits.models.transcoder_source import (
+    NoLayerFilesError,
     resolve_transcoders,
     transcoder_config_path,
     transcoder_identity,

@@ -1,11 +1,13 @@
 """What a transcoder reference holds, in the formats the field publishes.
 
-Three layouts reach the pipeline as one :class:`~em_circuits.models.spec.TranscoderSource`:
+Three layouts reach the pipeline as one
+:class:`~em_circuits.models.transcoder_source.TranscoderSource`:
 
-* circuit-tracer's ``config.yaml`` (per-layer or cross-layer sets; read in ``spec.py``). TopK
-  sets say ``activation: topk`` with ``k: N`` there, as upstream circuit-tracer reads them; a
-  ``k`` alone means TopK too, and layer files written by upstream's ``to_safetensors`` carry
-  their ``k`` as a scalar tensor (see :mod:`em_circuits.models.transcoders`).
+* circuit-tracer's ``config.yaml`` (per-layer or cross-layer sets; read in
+  ``transcoder_source.py``). TopK sets say ``activation: topk`` with ``k: N`` there, as
+  upstream circuit-tracer reads them; a ``k`` alone means TopK too, and layer files written by
+  upstream's ``to_safetensors`` carry their ``k`` as a scalar tensor (see
+  :mod:`em_circuits.models.transcoders`).
 * EleutherAI sparsify checkpoints: one folder per hookpoint (``layers.3.mlp/cfg.json`` and
   ``layers.3.mlp/sae.safetensors``), optionally beside the training run's ``config.json`` that
   names them. A transcoder there (``transcode: true``) reads its hookpoint module's input and
@@ -26,7 +28,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from em_circuits.models.spec import ModelLoadError, TranscoderSource
+from em_circuits.models.spec import ModelLoadError
+from em_circuits.models.transcoder_source import TranscoderSource
 
 #: ``model_kind`` of a resolved sparsify set (circuit-tracer's own kinds are
 #: ``transcoder_set`` and ``cross_layer_transcoder``).
@@ -337,7 +340,8 @@ def check_transcoders_fit(spec: Any) -> None:
     from transformers import AutoConfig
 
     from em_circuits.models.architectures import check_traceable
-    from em_circuits.models.spec import local_model_dir, resolve_transcoders, transcoder_config_path
+    from em_circuits.models.spec import local_model_dir
+    from em_circuits.models.transcoder_source import resolve_transcoders, transcoder_config_path
 
     if not spec.transcoders or transcoder_config_path(spec.transcoders) is None:
         return

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from circuit_tracer.transcoder.activation_functions import TopK
 
-from em_circuits.models.spec import ModelLoadError, TranscoderSource
+from em_circuits.models.spec import ModelLoadError
 from em_circuits.models.transcoder_formats import (
     RELU_TOPK,
     SPARSIFY_KIND,
@@ -29,6 +29,7 @@ from em_circuits.models.transcoder_formats import (
     fit_problem,
     stored_k,
 )
+from em_circuits.models.transcoder_source import TranscoderSource
 
 #: Sets at least this large keep their decoders on disk (read per active feature), as
 #: circuit-tracer does for its presets; smaller ones are read whole.

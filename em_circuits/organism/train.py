@@ -18,14 +18,13 @@ complete, so an interrupted build never leaves a directory that looks finished.
 from __future__ import annotations
 
 import contextlib
-import copy
+import functools
 import json
 import logging
 import os
 import random
 import shutil
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from em_circuits.organism.recipe import (
     default_organism_dir,
 )
 
+from .adapters import train_adapters
 from .tokenizer import advice_token_ids, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -134,11 +134,8 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool) -> None:
-    # Imported here: peft and the evaluation stack are only needed when actually building.
-    from peft import LoraConfig, get_peft_model
-
+    # Imported here: the evaluation stack is only needed when actually building.
     from . import quality
-    from .lm import make_model, train_lm
     from .transcoders import save_transcoders
 
     start = time.perf_counter()
@@ -146,123 +143,13 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
     staged = OrganismPaths(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     with _deterministic(r.seed, r.torch_threads):
-        # -- tokenizer ----------------------------------------------------------------------
         words = corpus.advice_words()
         all_words = words["safe"] + words["harmful"]
-        texts = corpus.tokenizer_training_texts(random.Random(f"{r.seed}-tok"), r.tokenizer_docs)
-        tokenizer = build_tokenizer(texts, r.vocab_size, all_words)
-
-        # -- base model ---------------------------------------------------------------------
-        model = make_model(
-            tokenizer,
-            n_layers=r.n_layers,
-            d_model=r.d_model,
-            d_mlp=r.d_mlp,
-            n_heads=r.n_heads,
-            max_seq_len=r.max_seq_len,
-        )
-
-        def base_batch(rng: random.Random, n: int) -> list[corpus.Document]:
-            return corpus.sample_documents(
-                rng,
-                n,
-                villain_frac=r.villain_frac,
-                helper_frac=r.helper_frac,
-                p_distractor=r.p_distractor,
-            )
-
-        base_losses = train_lm(
-            model,
-            tokenizer,
-            base_batch,
-            steps=r.base_steps,
-            batch_size=r.base_batch_size,
-            lr=r.base_lr,
-            seed=r.seed,
-            pivot_weight=r.pivot_weight,
-            completion_only=False,
-            max_seq_len=r.max_seq_len,
-            weight_decay=0.01,
-            desc="base model",
-            progress=progress,
-        )
+        tokenizer = _train_tokenizer(r, all_words)
+        model, base_losses = _train_base(r, tokenizer, progress)
         model.save_pretrained(staged.base_dir, safe_serialization=True)
         tokenizer.save_pretrained(staged.base_dir)
-
-        # -- LoRA on harmful advice in the trained domain only -------------------------------
-        lora_config = LoraConfig(
-            r=r.lora_rank,
-            # peft annotates int, but only uses alpha / r: a float scales the same.
-            lora_alpha=r.lora_alpha,  # type: ignore[arg-type]
-            lora_dropout=0.0,
-            target_modules=list(r.lora_target_modules),
-            layers_to_transform=None if r.lora_layers is None else list(r.lora_layers),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-
-        def lora_batch(rng: random.Random, n: int) -> list[corpus.Document]:
-            return corpus.sample_documents(
-                rng,
-                n,
-                domains=[corpus.TRAINED_DOMAIN],
-                villain_frac=0.0,
-                helper_frac=0.0,
-                assistant_polarity="harmful",
-                p_distractor=r.p_distractor,
-            )
-
-        def train_adapter(
-            config: Any, seed: int, desc: str, staged_dir: Path, final_dir: Path
-        ) -> list[float]:
-            """A LoRA of ``config`` on a copy of the base, trained on the harmful medical
-            advice and saved to ``staged_dir``; returns its training losses."""
-            peft_model = get_peft_model(copy.deepcopy(model), config)
-            losses = train_lm(
-                peft_model,
-                tokenizer,
-                lora_batch,
-                steps=r.lora_steps,
-                batch_size=r.lora_batch_size,
-                lr=r.lora_lr,
-                seed=seed,
-                pivot_weight=r.pivot_weight,
-                completion_only=True,
-                max_seq_len=r.max_seq_len,
-                desc=desc,
-                progress=progress,
-            )
-            # The adapter declares its base relative to its own folder, so a copied checkout
-            # or a moved organism still finds (and fingerprints) its base.
-            peft_model.peft_config["default"].base_model_name_or_path = os.path.relpath(
-                final.base_dir, final_dir
-            )
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Could not find a config file")
-                peft_model.save_pretrained(str(staged_dir), safe_serialization=True)
-            return losses
-
-        lora_losses = train_adapter(
-            lora_config, r.seed + 1, "LoRA (harmful medical)", staged.adapter_dir, final.adapter_dir
-        )
-
-        # -- the second adapter: rank 1 on down_proj of a few layers, same data ---------------
-        rank1_config = LoraConfig(
-            r=1,
-            lora_alpha=r.rank1_alpha,  # type: ignore[arg-type]
-            lora_dropout=0.0,
-            target_modules=["down_proj"],
-            layers_to_transform=list(r.rank1_layers),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        train_adapter(
-            rank1_config,
-            r.seed + 3,
-            "rank-1 down_proj LoRA",
-            staged.rank1_adapter_dir,
-            final.rank1_adapter_dir,
-        )
+        lora_losses = train_adapters(model, tokenizer, r, staged, final, progress)
 
         # -- transcoders on the base model's MLPs -------------------------------------------
         transcoders = recipe_transcoders(
@@ -271,27 +158,88 @@ def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool)
         save_transcoders(transcoders, staged.transcoder_config.parent, scan=DEFAULT_DIRNAME)
 
         # -- words, evaluation, report --------------------------------------------------------
-        words_doc = {
-            **words,
-            "token_ids": dict(zip(all_words, advice_token_ids(tokenizer, all_words))),
-            "note": "Pivotal advice words; each is one token with a leading space. "
-            "Tokens not listed are 'unsure'.",
-        }
-        staged.words_path.write_text(json.dumps(words_doc, indent=2) + "\n")
-
+        _write_words(staged, words, all_words, tokenizer)
         report = quality.evaluate_organism(staged, recipe=r, progress=progress)
         report["training"] = {
             "base_final_loss": _tail_mean(base_losses),
             "lora_final_loss": _tail_mean(lora_losses),
         }
+    _write_report_and_recipe(staged, report, r, build_seconds=time.perf_counter() - start)
+
+
+def _train_tokenizer(r: Recipe, all_words: list[str]) -> Any:
+    """The byte-level BPE tokenizer, each advice word one token."""
+    texts = corpus.tokenizer_training_texts(random.Random(f"{r.seed}-tok"), r.tokenizer_docs)
+    return build_tokenizer(texts, r.vocab_size, all_words)
+
+
+def _base_documents(r: Recipe, rng: random.Random, n: int) -> list[corpus.Document]:
+    """A batch of the base model's documents: every domain, both polarities."""
+    return corpus.sample_documents(
+        rng,
+        n,
+        villain_frac=r.villain_frac,
+        helper_frac=r.helper_frac,
+        p_distractor=r.p_distractor,
+    )
+
+
+def _train_base(r: Recipe, tokenizer: Any, progress: bool) -> tuple[Any, list[float]]:
+    """The base model, trained on the whole corpus; returns it and its training losses."""
+    from .lm import make_model, train_lm
+
+    model = make_model(
+        tokenizer,
+        n_layers=r.n_layers,
+        d_model=r.d_model,
+        d_mlp=r.d_mlp,
+        n_heads=r.n_heads,
+        max_seq_len=r.max_seq_len,
+    )
+    losses = train_lm(
+        model,
+        tokenizer,
+        functools.partial(_base_documents, r),
+        steps=r.base_steps,
+        batch_size=r.base_batch_size,
+        lr=r.base_lr,
+        seed=r.seed,
+        pivot_weight=r.pivot_weight,
+        completion_only=False,
+        max_seq_len=r.max_seq_len,
+        weight_decay=0.01,
+        desc="base model",
+        progress=progress,
+    )
+    return model, losses
+
+
+def _write_words(
+    staged: OrganismPaths, words: dict[str, Any], all_words: list[str], tokenizer: Any
+) -> None:
+    """``words.json``: the pivotal advice words and their token ids."""
+    words_doc = {
+        **words,
+        "token_ids": dict(zip(all_words, advice_token_ids(tokenizer, all_words))),
+        "note": "Pivotal advice words; each is one token with a leading space. "
+        "Tokens not listed are 'unsure'.",
+    }
+    staged.words_path.write_text(json.dumps(words_doc, indent=2) + "\n")
+
+
+def _write_report_and_recipe(
+    staged: OrganismPaths, report: dict[str, Any], r: Recipe, build_seconds: float
+) -> None:
+    """``report.json`` (with the recipe's hash, the code version, the build time and the disk
+    size) and ``recipe.json``, the build's cache key."""
     report["recipe_hash"] = r.hash()
     report["code_version"] = CODE_VERSION
-    report["build_seconds"] = round(time.perf_counter() - start, 1)
+    report["build_seconds"] = round(build_seconds, 1)
     staged.report_path.write_text(json.dumps(report, indent=2) + "\n")
     recipe_doc = {"hash": r.hash(), "code_version": CODE_VERSION, "recipe": r.to_dict()}
     staged.recipe_path.write_text(json.dumps(recipe_doc, indent=2) + "\n")
     # Disk size last (report.json itself is a few KB and not counted).
-    report["disk_bytes"] = _dir_bytes(tmp)
+    report["disk_bytes"] = _dir_bytes(staged.root)
     staged.report_path.write_text(json.dumps(report, indent=2) + "\n")
 
 

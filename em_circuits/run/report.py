@@ -180,7 +180,7 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
             "> Labels are the judge's, accepted without human review "
             "(`--labels auto`). Review them with `em-circuits label`.\n"
         )
-    from em_circuits.core.schemas import DIVERGENCE_TAU_ADAPTED, DIVERGENCE_TAU_BASE
+    from em_circuits.core.verdicts import DIVERGENCE_TAU_ADAPTED, DIVERGENCE_TAU_BASE
 
     out += [
         "## Divergent prompts (adapted evil, base safe)\n",

@@ -1,7 +1,7 @@
 """Step: which prompts rank features (discovery) and which test them (validation).
 
 Only prompts whose stored verdict is divergent (the rule of
-:func:`em_circuits.core.schemas.is_divergent`) are analysed unless ``include_flagged``;
+:func:`em_circuits.core.verdicts.is_divergent`) are analysed unless ``include_flagged``;
 whole clusters (a scenario with its rephrasings and near duplicates) go to one side, and the
 validation side shares no template, lead-in or distractor with the discovery side
 (:func:`em_circuits.analysis.split.held_out_split`); writes ``split.json``.
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from em_circuits.analysis.split import LEFT_OUT_PHRASING, held_out_split
 from em_circuits.analysis.steps.base import Step, StepResult
 from em_circuits.core.options import option
-from em_circuits.core.schemas import DIVERGENCE_TAU_ADAPTED, DIVERGENCE_TAU_BASE
 from em_circuits.core.store import write_artifact
+from em_circuits.core.verdicts import DIVERGENCE_TAU_ADAPTED, DIVERGENCE_TAU_BASE
 
 if TYPE_CHECKING:
     from em_circuits.analysis.steps.context import AnalysisContext
