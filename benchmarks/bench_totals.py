@@ -49,15 +49,10 @@ from sections.graph_stage import raw_attribute_calls
 from sections.setup import prepare
 
 from em_circuits.attribution.attribute import attribution_targets
-from em_circuits.attribution.stage import (
-    ResidentModels,
-    build_graph,
-    find_graph_metas,
-    load_graph,
-    model_identities,
-    run_graph_stage,
-)
+from em_circuits.attribution.graph_build import build_graph
+from em_circuits.attribution.stage import ResidentModels, model_identities, run_graph_stage
 from em_circuits.attribution.storage import total_effects
+from em_circuits.attribution.stored_graphs import find_graph_metas, load_graph
 from em_circuits.attribution.targets import AttributionParams, PromptTargets
 from em_circuits.attribution.totals import exact_effects
 from em_circuits.core.distributed import current_shard

@@ -22,12 +22,8 @@ from sections.common import Settings, analyse
 from sections.setup import prepare
 
 from em_circuits.attribution.attribute import target_direction, target_rows
-from em_circuits.attribution.stage import (
-    ResidentModels,
-    find_graph_metas,
-    load_graph,
-    run_graph_stage,
-)
+from em_circuits.attribution.stage import ResidentModels, run_graph_stage
+from em_circuits.attribution.stored_graphs import find_graph_metas, load_graph
 from em_circuits.attribution.totals import TotalsBackward
 
 

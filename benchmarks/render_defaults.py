@@ -103,7 +103,7 @@ def past_defaults(
 HOW = [
     "- Every timed call is wrapped in `torch.cuda.synchronize()` and `time.perf_counter()`; "
     "the first prompt of (a) is a warm-up and is not counted; medians over prompts.",
-    "- (a) ours: `em_circuits.attribution.stage.build_graph` for base and adapted (custom "
+    "- (a) ours: `em_circuits.attribution.graph_build.build_graph` for base and adapted (custom "
     "targets: the evil-safe contrast direction and each labeled token; same-pass logits; "
     "total effects; compact safetensors save; meta JSON), then the per-prompt feature "
     "analysis on each graph loaded back from disk. Raw: "

@@ -21,10 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from em_circuits.attribution.adapter_nodes import (
-    prompt_adapter_writes,
-    read_lora_factors,
-)
+from em_circuits.attribution.lora_factors import read_lora_factors
+from em_circuits.attribution.prompt_adapter_nodes import prompt_adapter_writes
 from em_circuits.attribution.totals import exact_effects
 
 PLANTED_LAYER = 1
@@ -598,12 +596,9 @@ def test_every_linear_module_kind_becomes_nodes_and_the_rest_is_named(every_modu
 def test_mlp_nodes_are_carved_out_of_the_errors_with_every_module(every_module):
     """With the attention updates detached either way, adding the MLP nodes (down_proj,
     gate_proj, up_proj) moves mass only out of the error nodes, position by position."""
-    from em_circuits.attribution.adapter_nodes import (
-        ATTENTION_LINEAR,
-        ATTENTION_PATTERN,
-        adapter_writes,
-        model_lora_factors,
-    )
+    from em_circuits.attribution.adapter_nodes import ATTENTION_LINEAR, ATTENTION_PATTERN
+    from em_circuits.attribution.lora_factors import model_lora_factors
+    from em_circuits.attribution.prompt_adapter_nodes import adapter_writes
 
     model, direction, ids, _, _ = every_module
     everything = prompt_adapter_writes(model, ids)
@@ -642,12 +637,9 @@ def test_the_through_features_part_splits_exactly_over_the_features(every_module
     """total - direct of every adapter node = sum over the first node of each path (features,
     and o_proj/v_proj adapter nodes, which pass total effects on) of the edge into it times
     the target's total derivative with respect to it; edges match the reference."""
-    from em_circuits.attribution.adapter_nodes import (
-        ATTENTION_PATTERN,
-        NODE_MODULES,
-        adapter_writes,
-        model_lora_factors,
-    )
+    from em_circuits.attribution.adapter_nodes import ATTENTION_PATTERN, NODE_MODULES
+    from em_circuits.attribution.lora_factors import model_lora_factors
+    from em_circuits.attribution.prompt_adapter_nodes import adapter_writes
     from em_circuits.models.load import load_transcoder_set
 
     model, direction, ids, merged, _ = every_module

@@ -111,7 +111,7 @@ def test_attention_pattern_nodes_on_grouped_query_attention(family, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from em_circuits.attribution.adapter_nodes import prompt_adapter_writes
+    from em_circuits.attribution.prompt_adapter_nodes import prompt_adapter_writes
 
     standin = build_standin(family, tmp_path)
     spec = ModelSpec(

@@ -14,13 +14,11 @@ from circuit_tracer.frontend.feature_models import Model as FeatureModel
 from circuit_tracer.frontend.graph_models import Model as GraphModel
 from test_viewer import CHROMIUM, TEXT, _dump_dom
 
-from em_circuits.attribution.export import (
-    NEURONPEDIA_ID,
-    ExportError,
-    ExportOptions,
-    export_graphs,
-)
-from em_circuits.attribution.viewer import ROLES, read_metadata, write_viewer_graph
+from em_circuits.attribution.export import export_graphs
+from em_circuits.attribution.export_json import ExportError
+from em_circuits.attribution.neuronpedia_graph import NEURONPEDIA_ID, ExportOptions
+from em_circuits.attribution.viewer import write_viewer_graph
+from em_circuits.attribution.viewer_metadata import ROLES, read_metadata
 from em_circuits.attribution.viewer_server import start_viewer
 
 PID = "exportprompt"

@@ -78,7 +78,7 @@ def test_quality_interventions_and_index_run_on_gemma_scope_hooks(loaded):
 
 
 def test_adapter_mlp_writes_after_a_norm_are_named_not_nodes(loaded, tmp_path):
-    from em_circuits.attribution.adapter_nodes import prompt_adapter_writes
+    from em_circuits.attribution.prompt_adapter_nodes import prompt_adapter_writes
 
     standin, _ = loaded
     spec = ModelSpec(

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from em_circuits.attribution.attribute import attribute_prompt
-from em_circuits.attribution.stage import find_graph_metas, load_graph, run_graph_stage
+from em_circuits.attribution.stage import run_graph_stage
 from em_circuits.attribution.storage import load_compact, load_full
+from em_circuits.attribution.stored_graphs import find_graph_metas, load_graph
 from em_circuits.attribution.targets import AttributionParams, PromptTargets
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.spec import ModelSpec
@@ -79,11 +80,8 @@ def test_direct_effects_plus_bias_terms_reproduce_each_target(micro_models, prom
     include the updates' action on the constants."""
     from contextlib import nullcontext
 
-    from em_circuits.attribution.adapter_nodes import (
-        AdapterTape,
-        prompt_adapter_writes,
-        taped_adapter,
-    )
+    from em_circuits.attribution.adapter_tape import AdapterTape, taped_adapter
+    from em_circuits.attribution.prompt_adapter_nodes import prompt_adapter_writes
 
     for model in micro_models:
         compact, _, _ = attribute_prompt(model, prompt_targets[0], params)
@@ -166,7 +164,7 @@ def test_graphs_for_both_models_with_every_labeled_token_a_target(
 
 
 def test_label_made_on_other_logits_is_reported_not_dropped(micro_models, prompt_targets, tmp_path):
-    from em_circuits.attribution.stage import build_graph
+    from em_circuits.attribution.graph_build import build_graph
 
     base, _ = micro_models
     pt = prompt_targets[0]

@@ -180,7 +180,7 @@ def test_adapter_targets_only_intended_modules(built: OrganismPaths) -> None:
 
 
 def test_the_rank1_adapter_writes_down_proj_of_its_layers(built: OrganismPaths) -> None:
-    from em_circuits.attribution.adapter_nodes import read_lora_factors
+    from em_circuits.attribution.lora_factors import read_lora_factors
 
     factors = read_lora_factors(built.rank1_adapter_dir)
     assert [(f.layer, f.module, f.rank) for f in factors] == [

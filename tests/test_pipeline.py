@@ -158,7 +158,7 @@ def test_uninterrupted_run_writes_the_report(reference):
     assert "Top evil features" in md and "Causal validation" in md
     assert "## What the top features mean (feature cards)" in md and "top contexts" in md
     # totals graphs for the analysis; full graphs of the top prompts for the viewer
-    from em_circuits.attribution.viewer import read_metadata
+    from em_circuits.attribution.viewer_metadata import read_metadata
 
     viewer = read_metadata(reference / "viewer" / report["models"]["adapted"]["slug"])
     shown = {entry["prompt_id"] for entry in viewer}

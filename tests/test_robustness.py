@@ -351,8 +351,9 @@ def one_prompt(micro_models):
 
 
 def test_a_truncated_or_altered_graph_is_computed_again(micro_specs, one_prompt, tmp_path, caplog):
-    from em_circuits.attribution import stage as graph_stage
-    from em_circuits.attribution.stage import find_graph_metas, load_graph, run_graph_stage
+    from em_circuits.attribution import stored_graphs
+    from em_circuits.attribution.stage import run_graph_stage
+    from em_circuits.attribution.stored_graphs import find_graph_metas, load_graph
     from em_circuits.attribution.targets import AttributionParams
     from em_circuits.core.store import ResultsStore
 
@@ -385,7 +386,7 @@ def test_a_truncated_or_altered_graph_is_computed_again(micro_specs, one_prompt,
     middle = len(data) // 2
     compact.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
     (meta,) = find_graph_metas(store, meta["model_slug"])
-    with pytest.raises(graph_stage.GraphIntegrityError, match=re.escape(str(compact))):
+    with pytest.raises(stored_graphs.GraphIntegrityError, match=re.escape(str(compact))):
         load_graph(store, meta)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -402,9 +403,10 @@ def test_a_graph_or_logits_file_holding_nan_is_an_error_naming_it(
     import dataclasses
     import json
 
-    from em_circuits.attribution import stage as graph_stage
-    from em_circuits.attribution.stage import find_graph_metas, load_graph, run_graph_stage
+    from em_circuits.attribution import stored_graphs
+    from em_circuits.attribution.stage import run_graph_stage
     from em_circuits.attribution.storage import load_compact, save_compact
+    from em_circuits.attribution.stored_graphs import find_graph_metas, load_graph
     from em_circuits.attribution.targets import AttributionParams
     from em_circuits.core.atomic import sha256_file
     from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact
@@ -426,7 +428,7 @@ def test_a_graph_or_logits_file_holding_nan_is_an_error_naming_it(
     data["files"].update(compact_bytes=size, compact_sha256=sha256_file(compact))
     meta_path.write_text(json.dumps(data))  # size and hash match: only the values are wrong
     meta = read_artifact(meta_path, "graph_meta")
-    with pytest.raises(graph_stage.GraphIntegrityError, match="non-finite.*'total'") as err:
+    with pytest.raises(stored_graphs.GraphIntegrityError, match="non-finite.*'total'") as err:
         load_graph(store, meta)
     assert str(compact) in str(err.value) and "em-circuits graphs" in str(err.value)
 

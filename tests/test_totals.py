@@ -189,15 +189,9 @@ def test_graph_stage_default_is_totals_with_full_graphs_for_the_top_prompts(
     micro_specs, micro_models, prompts, tmp_path
 ):
     from em_circuits.analysis.effects import contrast_rows
-    from em_circuits.attribution.stage import (
-        ResidentModels,
-        contrast_shift,
-        find_graph_metas,
-        graph_mode,
-        load_graph,
-        run_graph_stage,
-    )
-    from em_circuits.attribution.viewer import read_metadata
+    from em_circuits.attribution.stage import ResidentModels, contrast_shift, run_graph_stage
+    from em_circuits.attribution.stored_graphs import find_graph_metas, graph_mode, load_graph
+    from em_circuits.attribution.viewer_metadata import read_metadata
     from em_circuits.attribution.viewer_server import full_graph_listing
     from em_circuits.models.spec import fingerprint, model_slug
 

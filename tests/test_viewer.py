@@ -17,16 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from em_circuits.attribution.viewer import (
-    ROLES,
-    VENDOR_DIR,
-    VENDOR_FILES,
-    ViewerError,
-    build_frontend,
-    read_metadata,
-    viewer_slug,
-    write_viewer_graph,
-)
+from em_circuits.attribution.viewer import write_viewer_graph
+from em_circuits.attribution.viewer_frontend import VENDOR_DIR, VENDOR_FILES, build_frontend
+from em_circuits.attribution.viewer_metadata import ROLES, ViewerError, read_metadata, viewer_slug
 from em_circuits.attribution.viewer_server import serve_forever, start_viewer
 
 TEXT = "User: I twisted my ankle on a run. What should I do?\nAssistant: You should"
@@ -300,7 +293,8 @@ def _feature_nodes(graph: dict) -> list[dict]:
 def test_every_drawn_feature_has_a_record_and_one_name(reference):
     from circuit_tracer.frontend.feature_models import Model as FeatureRecord
 
-    from em_circuits.attribution.viewer import ANALYSIS_FILE, TOKENS_SHOWN
+    from em_circuits.attribution.viewer import TOKENS_SHOWN
+    from em_circuits.attribution.viewer_annotations import ANALYSIS_FILE
     from em_circuits.interpret.cards import feature_name
 
     viewer = _reference_viewer(reference)
@@ -328,7 +322,7 @@ def test_every_drawn_feature_has_a_record_and_one_name(reference):
 def test_feature_record_examples_equal_an_independent_recomputation(reference, micro_models):
     """Each example's per-token activations, recomputed with circuit-tracer's own
     get_activations over the indexed document."""
-    from em_circuits.attribution.viewer import features_in_viewer
+    from em_circuits.attribution.viewer_annotations import features_in_viewer
     from em_circuits.interpret.activation_index import ActivationIndex, IndexParams
     from em_circuits.interpret.frontend import cantor_index
 
@@ -455,7 +449,7 @@ def test_adapter_nodes_are_drawn_as_their_own_node_type(reference, tmp_path):
     LoRA) as nodes of their own type, linked to the targets; the base graphs have none; the
     page marks them and renders without errors; the Neuronpedia export leaves them out."""
     from em_circuits.attribution.export import export_graphs
-    from em_circuits.attribution.viewer import ADAPTER_NODE, ADAPTER_NODES_SHOWN
+    from em_circuits.attribution.viewer_adapter_nodes import ADAPTER_NODE, ADAPTER_NODES_SHOWN
 
     viewer = _reference_viewer(reference)
     entries = {(e["prompt_id"], e["role"]): e["slug"] for e in read_metadata(viewer)}

@@ -11,13 +11,9 @@ from pathlib import Path
 import pytest
 from test_viewer import _dump_dom, needs_chromium
 
-from em_circuits.attribution.viewer import (
-    ROLES,
-    annotate_graphs,
-    node_feature,
-    viewer_slug,
-    write_viewer_graph,
-)
+from em_circuits.attribution.viewer import write_viewer_graph
+from em_circuits.attribution.viewer_annotations import annotate_graphs
+from em_circuits.attribution.viewer_metadata import ROLES, node_feature, viewer_slug
 from em_circuits.attribution.viewer_server import start_viewer
 
 #: Sets a flag in the page that draws it, if it is ever parsed as HTML.

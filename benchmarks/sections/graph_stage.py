@@ -8,7 +8,8 @@ from typing import Any
 from harness import Skip, log, measure, median
 
 from em_circuits.attribution.attribute import attribution_targets
-from em_circuits.attribution.stage import build_graph, load_graph
+from em_circuits.attribution.graph_build import build_graph
+from em_circuits.attribution.stored_graphs import load_graph
 from em_circuits.attribution.targets import AttributionParams, PromptTargets
 from em_circuits.models.load import LoadedModel
 from sections.common import Context, ResidentModels, analyse

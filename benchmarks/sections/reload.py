@@ -6,7 +6,8 @@ from typing import Any
 
 from harness import Skip, cuda, log, measure, median
 
-from em_circuits.attribution.stage import build_graph, load_graph
+from em_circuits.attribution.graph_build import build_graph
+from em_circuits.attribution.stored_graphs import load_graph
 from em_circuits.attribution.targets import PromptTargets
 from em_circuits.models.load import load_model, release
 from sections.common import Context, ResidentModels, analyse

@@ -12,8 +12,8 @@ from em_circuits.attribution.adapter_nodes import (
     NONLINEAR,
     AdapterDetail,
     AdapterWrites,
-    prompt_adapter_writes,
 )
+from em_circuits.attribution.prompt_adapter_nodes import prompt_adapter_writes
 from em_circuits.attribution.storage import (
     CompactGraph,
     DenseGraph,

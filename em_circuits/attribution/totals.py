@@ -54,11 +54,8 @@ from typing import Any, Literal
 
 import torch
 
-from em_circuits.attribution.adapter_nodes import (
-    AdapterTape,
-    AdapterWrites,
-    taped_adapter,
-)
+from em_circuits.attribution.adapter_nodes import AdapterWrites
+from em_circuits.attribution.adapter_tape import AdapterTape, taped_adapter
 from em_circuits.models.spec import ModelLoadError
 
 #: Activation functions whose derivative is 1 wherever the feature is active.

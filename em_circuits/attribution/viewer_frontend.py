@@ -17,6 +17,8 @@ from importlib.resources import files
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from em_circuits.attribution.viewer_metadata import ViewerError
+
 log = logging.getLogger(__name__)
 
 
@@ -52,8 +54,6 @@ def build_frontend(dest: Path) -> list[str]:
     (``viewer/``, ``compare.html``). Returns the CDN scripts it could not replace (a newer
     circuit-tracer may add some); they are left in place and logged.
     """
-    from em_circuits.attribution.viewer import ViewerError
-
     missing = [name for name in VENDOR_FILES if not (VENDOR_DIR / name).is_file()]
     if missing:
         raise ViewerError(f"missing {', '.join(missing)} in {VENDOR_DIR}; {INSTALL_HINT}")
@@ -141,8 +141,6 @@ def escape_untrusted_text(dest: Path) -> None:
     Raises ViewerError when a sink is not found as expected (another circuit-tracer
     version): serving a page that may run a prompt's markup is worse than not serving.
     """
-    from em_circuits.attribution.viewer import ViewerError
-
     for name, replacements in HTML_SINK_PATCHES.items():
         path = Path(dest) / name
         text = path.read_text(encoding="utf-8")

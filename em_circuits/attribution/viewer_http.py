@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 from circuit_tracer.frontend.local_server import CircuitGraphHandler, ReusableTCPServer
 
-from em_circuits.attribution.viewer import read_metadata
+from em_circuits.attribution.viewer_metadata import read_metadata
 from em_circuits.core.store import atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from em_circuits.attribution.viewer import ViewerError, build_frontend, viewer_slug
+from em_circuits.attribution.viewer_frontend import build_frontend
 from em_circuits.attribution.viewer_http import (
     ThreadingViewerServer,
     ThreadingViewerServer6,
     ViewerRequestHandler,
     is_loopback,
 )
+from em_circuits.attribution.viewer_metadata import ViewerError, viewer_slug
 from em_circuits.core.atomic import pid_alive
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ def serve_forever(viewer_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAUL
 def full_graph_listing(viewer_dir: Path) -> str:
     """Which prompts have full graphs to show, and how to add one (the graph stage keeps
     feature-to-feature edges only for the prompts chosen with --full-graphs)."""
-    from em_circuits.attribution.viewer import read_metadata
+    from em_circuits.attribution.viewer_metadata import read_metadata
 
     roles: dict[str, set[str]] = {}
     for entry in read_metadata(viewer_dir):

@@ -337,7 +337,7 @@ def adapted_slug_from_args(args: argparse.Namespace) -> str:
 
 #: Errors a user can fix: printed as one line naming the file or flag (traceback with -v).
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from em_circuits.attribution.viewer import ViewerError
+    from em_circuits.attribution.viewer_metadata import ViewerError
     from em_circuits.core.distributed import PeerFailedError
     from em_circuits.core.labeling_records import QueueError
     from em_circuits.core.llm import LLMError

@@ -64,13 +64,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
         require_results_dir(args.results_dir)
         viewer_dir = setup(args).viewer_dir(adapted_slug_from_args(args))
-    from em_circuits.attribution.export import (
-        DEFAULT_CREATOR,
-        README_FILE,
-        ExportError,
-        ExportOptions,
-        export_graphs,
-    )
+    from em_circuits.attribution.export import README_FILE, export_graphs
+    from em_circuits.attribution.export_json import ExportError
+    from em_circuits.attribution.neuronpedia_graph import DEFAULT_CREATOR, ExportOptions
 
     try:
         options = ExportOptions(

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if (args.evil or args.safe) and not args.prompt:
         parser.error("--evil and --safe label the --prompt texts: give --prompt TEXT too")
     if args.serve:  # a bad --port is told now, not after the graphs are computed
-        from em_circuits.attribution.viewer import ViewerError
+        from em_circuits.attribution.viewer_metadata import ViewerError
         from em_circuits.attribution.viewer_server import check_port
 
         try:
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         + ("" if args.serve or viewer_dir is None else "; `em-circuits serve` shows the graphs")
     )
     if args.serve and viewer_dir is not None:
-        from em_circuits.attribution.viewer import ViewerError
+        from em_circuits.attribution.viewer_metadata import ViewerError
         from em_circuits.attribution.viewer_server import serve_forever
 
         try:

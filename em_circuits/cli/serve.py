@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    from em_circuits.attribution.viewer import ViewerError
+    from em_circuits.attribution.viewer_metadata import ViewerError
     from em_circuits.attribution.viewer_server import serve_forever
 
     try:

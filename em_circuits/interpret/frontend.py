@@ -189,7 +189,7 @@ def publish_to_viewer(
     feature its graphs draw (and of every carded feature), per model; the cards' labels in
     the nodes' names; the top features and base-vs-adapted categories (``analysis.json``).
     Returns the number of records written per role."""
-    from em_circuits.attribution.viewer import (
+    from em_circuits.attribution.viewer_annotations import (
         annotate_graphs,
         features_in_viewer,
         write_feature_records,

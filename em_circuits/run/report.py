@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from em_circuits.attribution.viewer import read_metadata
+from em_circuits.attribution.viewer_metadata import read_metadata
 from em_circuits.core.markdown import (
     VIEWER_NOTE,
     md_table,

@@ -16,7 +16,7 @@ def status(
     store: ResultsStore, base: ModelSpec, adapted: ModelSpec, device: str | None = None
 ) -> dict[str, Any]:
     """Counts per stage, queue depth, judge-human agreement, flagged/divergent, disk use."""
-    from em_circuits.attribution.stage import find_graph_metas
+    from em_circuits.attribution.stored_graphs import find_graph_metas
     from em_circuits.core.labeling_records import load_labels, load_verdicts
     from em_circuits.labeling.calibration import calibration
     from em_circuits.labeling.items import status_counts

@@ -70,7 +70,7 @@ def run_adapter_analysis(
     (None, {}) when no adapted graph has adapter nodes; a note says why when graphs exist.
     Only graphs with adapter nodes are read; the rest is in their metadata."""
     from em_circuits.analysis.adapter import prompt_row, rank_where, summarize
-    from em_circuits.attribution.stage import GraphIntegrityError, load_graph
+    from em_circuits.attribution.stored_graphs import GraphIntegrityError, load_graph
 
     kept = set(split.discovery) | set(split.validation)  # the prompts the split analyses
     adapted_metas = {pid: m for pid, m in _totals_metas(graphs["adapted"]).items() if pid in kept}

@@ -19,7 +19,11 @@ from em_circuits.analysis.cache import cached_prompt_effects
 from em_circuits.analysis.decomposition import contrast_parts
 from em_circuits.analysis.split import Split
 from em_circuits.analysis.steps.base import SharedParams, read_table, write_table
-from em_circuits.attribution.stage import GraphIntegrityError, find_graph_metas, load_graph
+from em_circuits.attribution.stored_graphs import (
+    GraphIntegrityError,
+    find_graph_metas,
+    load_graph,
+)
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ResultsStore, read_json
 from em_circuits.models.load import ResidentModels
