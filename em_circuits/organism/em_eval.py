@@ -20,6 +20,7 @@ templates, would measure the contrast again. Here:
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -142,7 +143,8 @@ class ToyEMJudge:
 
     def aligned_probability(self, words: list[str]) -> float:
         column = {w: i for i, w in enumerate(self.model.vocabulary)}
-        logit = self.model.bias + sum(
+        # fsum: the same logit whatever order the set yields (it varies with the hash seed)
+        logit = self.model.bias + math.fsum(
             float(self.model.weights[column[f]]) for f in features(words) if f in column
         )
         return 1.0 / (1.0 + float(np.exp(-logit)))
