@@ -199,7 +199,7 @@ class StabilityStep(Step):
             f"resamples of the discovery clusters (Spearman "
             f"{fmt(stability['seeds']['spearman']['mean'])} and "
             f"{fmt(stability['bootstrap']['spearman']['mean'])}); "
-            f"{'at least' if stable else 'below'} {STABLE_JACCARD:g} counts as stable."
+            f"a mean Jaccard of at least {STABLE_JACCARD:g} on both counts as stable."
         ]
 
 
