@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from em_circuits.cli.common import (
     add_graph_args,
     add_llm_args,
+    add_lock_args,
     add_model_args,
     add_prompt_args,
     chosen_prompt_ids,
@@ -35,8 +36,10 @@ from em_circuits.cli.common import (
     graph_params,
     llm_settings,
     make_parser,
+    next_command,
     setup,
     specs_from_args,
+    stage_lock_for,
 )
 
 if TYPE_CHECKING:
@@ -96,6 +99,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, default=8041, help="viewer port")
     add_llm_args(parser)
+    add_lock_args(parser)
     return parser
 
 
@@ -155,25 +159,27 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             file=sys.stderr,
         )
         print(
-            next_labeling_hint(unlabeled)
+            next_labeling_hint(unlabeled, args)
             if unlabeled
-            else "Next: `em-circuits prompts`, then `em-circuits evaluate` and `em-circuits label`",
+            else f"Next: {next_command(args, 'prompts')}, then {next_command(args, 'evaluate')} "
+            f"and {next_command(args, 'label')}",
             file=sys.stderr,
         )
         return 1
     params = graph_params(args)
     viewer_dir = None if args.no_viewer else store.viewer_dir(adapted_slug)
-    results = run_graph_stage(
-        store,
-        {"base": base_spec, "adapted": adapted_spec},
-        targets,
-        params,
-        device,
-        force=args.force,
-        save_full_graph=args.save_full,
-        viewer_dir=viewer_dir,
-        full_graphs=full_graph_choice(args),
-    )
+    with stage_lock_for(args, store.root, "graphs"):  # a waiter then finds the graphs cached
+        results = run_graph_stage(
+            store,
+            {"base": base_spec, "adapted": adapted_spec},
+            targets,
+            params,
+            device,
+            force=args.force,
+            save_full_graph=args.save_full,
+            viewer_dir=viewer_dir,
+            full_graphs=full_graph_choice(args),
+        )
     failed = 0
     for role, result in results.items():
         for kind, counts in ((params.mode, result), ("full", result.full)):
@@ -187,10 +193,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 print(f"  failed {pid}: {message}")
             failed += len(counts.failed)
     if unlabeled:
-        print(next_labeling_hint(unlabeled))
+        print(next_labeling_hint(unlabeled, args))
+    serve = next_command(args, "serve")
     print(
-        "Next: `em-circuits analyze` ranks the features across prompts"
-        + ("" if args.serve or viewer_dir is None else "; `em-circuits serve` shows the graphs")
+        f"Next: {next_command(args, 'analyze')} ranks the features across prompts"
+        + ("" if args.serve or viewer_dir is None else f"; {serve} shows the graphs")
     )
     if args.serve and viewer_dir is not None:
         from em_circuits.attribution.viewer import ViewerError
@@ -199,7 +206,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         try:
             serve_forever(viewer_dir, args.host, args.port)
         except ViewerError as err:  # the graphs are stored; only serving them failed
-            print(f"error: {err}; the graphs are stored: `em-circuits serve`", file=sys.stderr)
+            print(
+                f"error: {err}; the graphs are stored: {next_command(args, 'serve')}",
+                file=sys.stderr,
+            )
             return 2
     return 2 if failed else 0
 
@@ -219,11 +229,12 @@ def flagged_without_labels(
     )
 
 
-def next_labeling_hint(unlabeled: int) -> str:
+def next_labeling_hint(unlabeled: int, args: argparse.Namespace) -> str:
     return (
         f"{unlabeled} flagged prompt(s) have no labels yet and no graphs: label them with "
-        "`em-circuits label`, or accept the judge's labels with `em-circuits label "
-        "--auto-accept-judge`, then run `em-circuits graphs` again"
+        f"{next_command(args, 'label')}, or accept the judge's labels with "
+        f"{next_command(args, 'label', '--auto-accept-judge')}, then run "
+        f"{next_command(args, 'graphs')} again"
     )
 
 
