@@ -437,6 +437,9 @@ class LLMClient:
                     time.monotonic() - (self._call_started or time.monotonic()),
                 )
                 self.sleep(delay)
+        left = self._time_left()
+        if left is not None and left[0] <= 0:  # the last request's timeout was the deadline's
+            raise self._deadline_error(left[1], self.max_tries, last_error)
         raise LLMError(
             f"{self.model} at {self.endpoint}: gave up after {self.max_tries} tries; "
             f"last error: {last_error}"
