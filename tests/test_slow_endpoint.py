@@ -45,9 +45,10 @@ def test_the_run_deadline_has_a_documented_default():
     settings = llm_settings(parser.parse_args([]))
     assert settings.run_deadline == pytest.approx(3600.0)
     assert settings.client_options()["run_deadline"] == pytest.approx(3600.0)
-    assert llm_settings(parser.parse_args(["--run-deadline", "0"])).client_options()[
-        "run_deadline"
-    ] is None
+    assert (
+        llm_settings(parser.parse_args(["--run-deadline", "0"])).client_options()["run_deadline"]
+        is None
+    )
     assert "0 = no limit" in parser.format_help()
 
 

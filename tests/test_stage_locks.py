@@ -192,10 +192,10 @@ def test_label_import_skips_items_a_live_session_holds(tmp_path):
 
     from test_queue import _fill, _write_csv, make_results
 
+    from em_circuits.core.labeling_records import load_label
     from em_circuits.labeling.exchange import export_queue, import_labels
     from em_circuits.labeling.items import enqueue_flagged
     from em_circuits.labeling.leases import Holder, acquire, release
-    from em_circuits.core.labeling_records import load_label
 
     store, slug, pids = make_results(tmp_path / "results")
     enqueue_flagged(store, slug)
