@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 from em_circuits.cli.common import (
     add_graph_args,
     add_llm_args,
-    add_lock_args,
     add_model_args,
     add_prompt_args,
     chosen_prompt_ids,
@@ -39,7 +38,6 @@ from em_circuits.cli.common import (
     next_command,
     setup,
     specs_from_args,
-    stage_lock_for,
 )
 
 if TYPE_CHECKING:
@@ -99,7 +97,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, default=8041, help="viewer port")
     add_llm_args(parser)
-    add_lock_args(parser)
     return parser
 
 
@@ -168,18 +165,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 1
     params = graph_params(args)
     viewer_dir = None if args.no_viewer else store.viewer_dir(adapted_slug)
-    with stage_lock_for(args, store.root, "graphs"):  # a waiter then finds the graphs cached
-        results = run_graph_stage(
-            store,
-            {"base": base_spec, "adapted": adapted_spec},
-            targets,
-            params,
-            device,
-            force=args.force,
-            save_full_graph=args.save_full,
-            viewer_dir=viewer_dir,
-            full_graphs=full_graph_choice(args),
-        )
+    # No stage lock: each graph is claimed (core.claims), so two runs share the graph work.
+    results = run_graph_stage(
+        store,
+        {"base": base_spec, "adapted": adapted_spec},
+        targets,
+        params,
+        device,
+        force=args.force,
+        save_full_graph=args.save_full,
+        viewer_dir=viewer_dir,
+        full_graphs=full_graph_choice(args),
+    )
     failed = 0
     for role, result in results.items():
         for kind, counts in ((params.mode, result), ("full", result.full)):

@@ -2,7 +2,7 @@
 
 Two ``em-circuits prompts -n 6`` started together would each store six prompts, and two
 ``evaluate`` would each compute the same logits and rewrite the same verdicts. Each stage
-command (and ``run``, as it enters each stage) therefore holds an ``flock`` on
+command of :data:`STAGES` (and ``run``, as it enters each) therefore holds an ``flock`` on
 ``<results>/.locks/<stage>.lock`` while it works. A second run of the stage waits for the first
 and then re-reads the store, so it reuses what the first stored; with ``--no-wait`` it stops at
 once with one line naming the holder. The kernel drops an ``flock`` when its holder exits,
@@ -34,8 +34,9 @@ log = logging.getLogger("em_circuits.stage_lock")
 
 #: Folder under the results root holding the stage locks (a dot: listings never see it).
 LOCKS_DIR = ".locks"
-#: The stages that take a lock, by the name of the command that runs them.
-STAGES = ("prompts", "evaluate", "graphs", "analyze", "report")
+#: The stages that take a lock, by the name of the command that runs them. The graph stage
+#: takes none: each graph is claimed on its own (core.claims), so two runs *share* that work.
+STAGES = ("prompts", "evaluate", "analyze", "report")
 #: errnos of opening the lock file that mean read-only access, not a broken directory.
 READ_ONLY_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 

@@ -59,10 +59,10 @@ class PipelineConfig:
 
 #: The stage lock (:mod:`em_circuits.core.stage_lock`) each pipeline stage takes: the name of
 #: the command that runs the same stage alone, so `run` and that command exclude each other.
+#: The graphs take none: each graph is claimed (core.claims), so two runs share that work.
 STAGE_LOCKS = {
     "prompts": "prompts",
     "logits": "evaluate",
-    "graphs": "graphs",
     "features": "analyze",
     "report": "report",
 }
