@@ -6,7 +6,9 @@ prints that it holds), never by sleeping, so none depends on machine speed.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,25 +175,49 @@ def test_the_run_pipeline_takes_each_stage_lock(tmp_path):
         holder.wait(timeout=WAIT_S)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere: no read-only folder")
+def _unprivileged() -> list[str]:
+    """A prefix that makes a command obey file permissions even as root (see test_robustness)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: cannot make a directory read-only")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
 def test_a_read_only_results_dir_skips_the_lock(tmp_path):
+    """Nothing can be written there anyway: the stage runs (reading) without a lock."""
     results = tmp_path / "results"
     results.mkdir()
     results.chmod(0o555)
+    code = (
+        "from em_circuits.core.stage_lock import stage_lock\n"
+        f"with stage_lock({str(results)!r}, 'report', wait=False) as lock:\n"
+        "    print('held' if lock.held else 'skipped')\n"
+    )
     try:
-        with stage_lock(results, "report", wait=False) as lock:
-            assert not lock.held
+        done = subprocess.run(
+            [*_unprivileged(), sys.executable, "-c", code],
+            env=_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+        )
     finally:
         results.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "skipped"
+    assert not (results / ".locks").exists()
 
 
-def test_label_import_skips_items_a_live_session_holds(tmp_path):
+def test_label_import_skips_items_a_live_session_holds(tmp_path, caplog, capsys):
     """An item a labeling session shows keeps its session's answer: --import leaves it, with
     a warning, and imports the others."""
     import csv
 
-    from test_queue import _fill, _write_csv, make_results
+    from test_queue import MODEL_FLAGS, _fill, _write_csv, make_results
 
+    from em_circuits.cli.main import main
     from em_circuits.core.labeling_records import load_label
     from em_circuits.labeling.exchange import export_queue, import_labels
     from em_circuits.labeling.items import enqueue_flagged
@@ -209,9 +235,18 @@ def test_label_import_skips_items_a_live_session_holds(tmp_path):
     session = Holder()
     assert acquire(store, slug, pids[0], session).ok
     try:
-        result = import_labels(store, slug, todo)
+        with caplog.at_level(logging.WARNING):
+            code = main(
+                ["label", "--import", str(todo), "--results-dir", str(store.root), *MODEL_FLAGS]
+            )
     finally:
         release(store, slug, pids[0], session)
-    assert result == {"imported": 1, "unchanged": 0, "held": 1}
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Imported labels for 1 prompt(s)" in out
+    assert "Skipped 1 prompt(s) open in a labeling session" in out
+    assert any(f"prompt {pids[0]} is open in a labeling session" in m for m in caplog.messages)
     assert load_label(store, slug, pids[0]) is None
     assert load_label(store, slug, pids[1])["labeled_by"] == "human"
+    # Once the session has moved on, importing the same file labels it.
+    assert import_labels(store, slug, todo) == {"imported": 1, "unchanged": 1, "held": 0}
