@@ -88,6 +88,32 @@ def test_two_prompts_runs_started_together_store_n_prompts_not_2n(tmp_path):
     assert saved == ["saved 0 new prompt(s)", "saved 6 new prompt(s)"]
 
 
+@pytest.mark.slow  # two processes load both micro models
+def test_two_evaluate_runs_started_together_compute_the_logits_once(micro_organism, tmp_path):
+    """The second to get the lock finds every logit and verdict stored by the first."""
+    from micro_flags import model_args
+
+    from em_circuits.prompts.dedup import Deduper
+    from em_circuits.prompts.sources import generate_offline_prompts
+
+    results = tmp_path / "results"
+    store = ResultsStore(results)
+    assert len(generate_offline_prompts(store, 4, Deduper.from_store(store)).saved) == 4
+    (tmp_path / ".env").write_text("")  # the offline judge
+    cmd = _em("evaluate", "--results-dir", str(results), *model_args(micro_organism))
+    with stage_lock(results, "evaluate"):
+        runs = [Watched(cmd, tmp_path, _env(tmp_path)) for _ in range(2)]
+        both_waiting = [run.saw("waiting for") for run in runs]
+    done = [run.finish() for run in runs]
+    assert both_waiting == [True, True], [d[2][-2000:] for d in done]
+    assert [code for code, _, _ in done] == [0, 0], [d[2][-2000:] for d in done]
+    outs = sorted((out for _, out, _ in done), key=lambda out: "4 written" not in out)
+    assert "verdicts: 4 written, 0 up to date" in outs[0]
+    assert outs[0].count(": 4 computed, 0 cached") == 2  # base and adapted
+    assert "verdicts: 0 written, 4 up to date" in outs[1]
+    assert outs[1].count(": 0 computed, 4 cached") == 2
+
+
 def test_no_wait_refuses_in_one_line_naming_the_holder(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
