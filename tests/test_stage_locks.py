@@ -164,6 +164,10 @@ def test_the_lock_is_reentrant_in_one_process_and_per_stage(tmp_path):
             assert outer.held and inner.held
         with stage_lock(tmp_path, "report", wait=False) as other:
             assert other.held
+        link = tmp_path.parent / f"{tmp_path.name}-link"
+        link.symlink_to(tmp_path)
+        with stage_lock(link, "graphs", wait=False) as same:  # the same folder, other spelling
+            assert same.held
     assert lock_path(tmp_path, "graphs").is_file()
 
 

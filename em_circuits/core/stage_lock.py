@@ -115,7 +115,7 @@ def stage_lock(
     import fcntl  # POSIX only, like the rest of the results store
 
     path = lock_path(root, stage)
-    key = str(path.resolve()) if path.parent.exists() else str(path.absolute())
+    key = os.path.realpath(path)  # one key however the folder is spelled (links, relative)
     with _held_lock:
         if key in _held:
             _held[key] += 1
