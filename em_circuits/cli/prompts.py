@@ -76,7 +76,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--n",
         type=int,
         default=None,
-        help="how many new prompts to generate (default: 10, or 0 when --import is given)",
+        help="how many new prompts to generate (default: 10, or 0 when --import is given); "
+        "prompts another run stores meanwhile (one this run waited for) count too",
     )
     parser.add_argument(
         "--format",
