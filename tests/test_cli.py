@@ -217,7 +217,8 @@ def test_graphs_for_an_adhoc_prompt_text(micro_organism, tmp_path):
         ("base", "full"),
         ("base", "totals"),
     ]
-    assert "Next: `em-circuits analyze`" in done.stdout
+    # The next command keeps this one's results directory and models.
+    assert f"Next: `em-circuits analyze --results-dir {results} --base-model" in done.stdout
 
 
 def test_full_graphs_flag_takes_a_number_and_prompt_ids():

@@ -36,6 +36,7 @@ from em_circuits.analysis.baselines import (
     top_activation_diff,
 )
 from em_circuits.analysis.directions import cosines, n_sites, orthonormal, span_share, without_span
+from em_circuits.core.progress import Progress
 from em_circuits.models.hooks import transcoder_set
 from em_circuits.models.load import LoadedModel
 
@@ -143,6 +144,7 @@ def run_baselines(
     rows: list[dict[str, Any]] = []
     sizes: dict[str, Any] = {}
     edits: dict[str, list[Edit]] = {}
+    progress = Progress("baselines: edited prompts measured", logger=log)
     for method in (
         "tested_features",
         "mean_diff_subspace",
@@ -167,17 +169,21 @@ def run_baselines(
             touched: list[float] = []
             edits[method] = [projection_edit(adapted, found[site], found[key])]
             measured = projection_edit(adapted, found[site], found[key], touched)
-            contrast_changes(adapted, validation, measured, clean["validation"])
+            contrast_changes(adapted, validation, measured, clean["validation"], progress)
             sizes[method] = projection_sizes(touched, n_positions, len(validation))
             row["k"] = len(found[key])
         deltas = np.mean(
-            [contrast_changes(adapted, validation, e, clean["validation"]) for e in edits[method]],
+            [
+                contrast_changes(adapted, validation, e, clean["validation"], progress)
+                for e in edits[method]
+            ],
             axis=0,
         )
         row.update(change_statistics(deltas, ids, inputs.clusters, inputs.n_perm, inputs.seed))
         rows.append(row)
     table = pd.DataFrame.from_records(rows).reindex(columns=[*COLUMNS, "p_method"])
-    overlap, share = _overlap(adapted, inputs, found, clean["validation"])
+    overlap, share = _overlap(adapted, inputs, found, clean["validation"], progress)
+    progress.finish()
     summary = {
         "k": k,
         "prompts": {"discovery": len(inputs.discovery), "validation": len(validation)},
@@ -210,6 +216,7 @@ def _overlap(
     inputs: BaselineInputs,
     found: Mapping[str, Any],
     clean: list[float],
+    progress: Progress | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """What the tested features add over the subspace: cosines of their decoder vectors with
     it, the share of it their span covers, and projections with one span removed from the
@@ -246,7 +253,7 @@ def _overlap(
         row: dict[str, Any] = {"edit": name, "site": site, "dims": len(basis)}
         if len(basis):
             edit = projection_edit(adapted, site, basis)
-            deltas = contrast_changes(adapted, inputs.validation, edit, clean)
+            deltas = contrast_changes(adapted, inputs.validation, edit, clean, progress)
             row.update(change_statistics(deltas, ids, inputs.clusters, inputs.n_perm, inputs.seed))
         rows.append(row)
     overlap = pd.DataFrame.from_records(rows)

@@ -37,6 +37,7 @@ from em_circuits.analysis.directions import (
     top_singular_directions,
     unit_mean_difference,
 )
+from em_circuits.core.progress import Progress
 from em_circuits.models.hooks import features_zeroed, record_transcoder_input, transcoder_set
 from em_circuits.models.load import LoadedModel
 
@@ -81,11 +82,18 @@ def contrast_changes(
     prompts: Sequence[Mapping[str, Any]],
     edit: Edit,
     clean: Sequence[float] | None = None,
+    progress: Progress | None = None,
 ) -> np.ndarray:
-    """Per prompt: contrast with ``edit`` minus the clean contrast."""
+    """Per prompt: contrast with ``edit`` minus the clean contrast (``progress``: a caller's
+    progress over many such calls, stepped once per prompt)."""
     if clean is None:
         clean = [real_contrast(model, p) for p in prompts]
-    return np.array([real_contrast(model, p, edit) - c for p, c in zip(prompts, clean)])
+    changes = []
+    for prompt, before in zip(prompts, clean):
+        changes.append(real_contrast(model, prompt, edit) - before)
+        if progress is not None:
+            progress.step()
+    return np.array(changes)
 
 
 def projection_edit(
@@ -197,8 +205,10 @@ def mean_feature_activations(
     seen: dict[int, torch.Tensor] = {}
     handles = [record_transcoder_input(model, layer, seen) for layer in range(n_layers)]
     positions = 0
+    progress = Progress("mean feature activations: documents read", len(texts), logger=log)
     try:
         for text in texts:
+            progress.step()
             ids = model.encode(text)[:max_tokens].to(model.device)
             model.hf_model(ids[None])
             valid = torch.ones(1, len(ids), dtype=torch.bool, device=ids.device)

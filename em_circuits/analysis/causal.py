@@ -38,6 +38,7 @@ from em_circuits.analysis.causal_stats import (  # noqa: F401  (summarize, contr
     summarize,
 )
 from em_circuits.analysis.effects import parse_position
+from em_circuits.core.progress import Progress
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -278,6 +279,7 @@ def causal_validation(
     top_keys = {(int(layer), int(feature)) for layer, feature in top_features}
     rows: list[dict[str, Any]] = []
     skipped = []
+    progress = Progress("causal check: prompts", len(prompts), logger=log)
     for prompt in prompts:
         prompt_rows = _prompt_rows(
             model, prompt, top_keys, scales, n_random, rng, position, pool, unsupported is None
@@ -285,6 +287,8 @@ def causal_validation(
         if not prompt_rows:
             skipped.append(prompt["prompt_id"])
         rows.extend(prompt_rows)
+        progress.step()
+    progress.finish()
     dose = pd.DataFrame.from_records(rows, columns=DOSE_COLUMNS)
     measure = UNFROZEN if unsupported is None else f"{FROZEN}; unfrozen: {unsupported}"
     summary = summarize(dose, alpha=alpha, clusters=clusters, measure=measure)
@@ -323,6 +327,7 @@ def measured_ablation_effects(
     if unsupported is not None:
         log.warning("measured effects with nothing frozen are not available: %s", unsupported)
     rows = []
+    progress = Progress("measured ablations", len(prompts) * len(features), logger=log)
     for number, prompt in enumerate(prompts, 1):
         log.info(
             "measured ablations: prompt %d/%d, %d features", number, len(prompts), len(features)
@@ -361,6 +366,8 @@ def measured_ablation_effects(
                     changed = real_model_logits(model, ids, ablate)
                     row["delta_unfrozen"] = contrast_of(changed, evil, safe) - real_baseline
             rows.append(row)
+            progress.step()
+    progress.finish()
     return pd.DataFrame.from_records(
         rows,
         columns=[

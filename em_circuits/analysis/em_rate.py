@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 
 from em_circuits.core.llm_settings import LLMSettings
+from em_circuits.core.progress import Progress
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -289,6 +290,7 @@ def em_rate(
         CONDITIONS[3]: (models["adapted"], list(random)),
     }
     rows = []
+    progress = Progress("EM rate: questions sampled", len(conditions) * len(questions), logger=log)
     for condition, (model, ablated) in conditions.items():
         with features_zeroed(model, ablated):
             for question in questions:
@@ -306,6 +308,8 @@ def em_rate(
                             "coherent_answer": coherent is not None and coherent > COHERENT_MIN,
                         }
                     )
+                progress.step()
+    progress.finish()
     answers = pd.DataFrame.from_records(rows)
     per_question = answers.groupby(["condition", "question_id"])[["em", "coherent_answer"]].mean()
     summary: dict[str, Any] = {
@@ -394,6 +398,7 @@ def em_rate_under(
     from em_circuits.core.stats import t_mean_ci
 
     rows = []
+    progress = Progress(f"EM rate ({condition}): questions sampled", len(questions), logger=log)
     with edit() if edit is not None else nullcontext():
         for question in questions:
             for i, answer in enumerate(sample_answers(model, question, params)):
@@ -410,6 +415,8 @@ def em_rate_under(
                         "coherent_answer": coherent is not None and coherent > COHERENT_MIN,
                     }
                 )
+            progress.step()
+    progress.finish()
     answers = pd.DataFrame.from_records(rows)
     if answers.empty:
         return answers, {"n_answers": 0, "n_questions": 0}

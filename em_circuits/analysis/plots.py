@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -31,6 +32,14 @@ def feature_label(row: pd.Series) -> str:
     if "position" in row and pd.notna(row["position"]):
         label += f" @{int(row['position'])}"
     return label
+
+
+def _legend(ax: Axes) -> None:
+    """A legend when something is labeled: with nothing plotted (an empty comparison or dose
+    table) matplotlib would warn "No artists with labels found to put in legend"."""
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=8)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -114,7 +123,7 @@ def plot_base_vs_adapted(
         f"n = {n} paired prompts",
         fontsize=9,
     )
-    ax.legend(fontsize=8)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -179,5 +188,5 @@ def plot_dose_response(dose: pd.DataFrame, path: Path, title: str | None = None)
     ax.set_title(
         title or f"Dose-response of the evil-vs-safe contrast; n = {n} prompts", fontsize=9
     )
-    ax.legend(fontsize=8)
+    _legend(ax)
     return _save(fig, path)

@@ -17,6 +17,7 @@ norm along its own unit decoder vector.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 
 from em_circuits.analysis.baselines import Key, real_contrast
 from em_circuits.analysis.directions import added, residual_changed
+from em_circuits.core.progress import shared
 from em_circuits.models.hooks import record_transcoder_input, transcoder_set
 from em_circuits.models.load import LoadedModel
 
@@ -129,7 +131,9 @@ def evil_top_share(
 ) -> float:
     """Share of prompts whose top next token (under ``edit``) is evil-labeled."""
     hits = 0
+    progress = shared("sufficiency: prompts measured", logging.getLogger(__name__))
     for prompt in prompts:
+        progress.step()
         ids = model.encode_prompt(dict(prompt))
         with edit() if edit is not None else ExitStack():
             logits = model.hf_model(ids[None].to(model.device)).logits[0, -1]
@@ -146,4 +150,9 @@ def steered_changes(
 ) -> np.ndarray:
     """Per prompt: the base's contrast steered minus clean."""
     edit = steering_edit(base, steering, scale)
-    return np.array([real_contrast(base, p, edit) - c for p, c in zip(prompts, clean)])
+    progress = shared("sufficiency: prompts measured", logging.getLogger(__name__))
+    changes = []
+    for prompt, before in zip(prompts, clean):
+        changes.append(real_contrast(base, prompt, edit) - before)
+        progress.step()
+    return np.array(changes)

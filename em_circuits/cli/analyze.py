@@ -29,14 +29,17 @@ from __future__ import annotations
 from em_circuits.cli.common import (
     add_analysis_args,
     add_llm_args,
+    add_lock_args,
     add_model_args,
     add_prompt_args,
     analysis_params,
     chosen_prompt_ids,
     llm_settings,
     make_parser,
+    next_command,
     setup,
     specs_from_args,
+    stage_lock_for,
 )
 
 
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     g.add_argument("--words", help="word lists for the offline judge (JSON: harmful, safe)")
     add_llm_args(parser)
+    add_lock_args(parser)
     args = parser.parse_args(argv)
     store = setup(args)
 
@@ -84,17 +88,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from em_circuits.interpret.labels import labeller_for
 
     judge = _em_judge(args, store, adapted)
-    summary = run_analysis(
-        store,
-        base,
-        adapted,
-        params,
-        str(resolve_device(args.device)),
-        prompt_ids=chosen,
-        em_judge=judge,
-        labeller=labeller_for(judge, store.root / "cache"),
-        name=args.analysis_name,
-    )
+    with stage_lock_for(args, store.root, "analyze"):  # a waiter reuses the stored steps
+        summary = run_analysis(
+            store,
+            base,
+            adapted,
+            params,
+            str(resolve_device(args.device)),
+            prompt_ids=chosen,
+            em_judge=judge,
+            labeller=labeller_for(judge, store.root / "cache"),
+            name=args.analysis_name,
+        )
     counts = summary["prompts"]
     print(
         f"prompts with graphs: base {counts['base']}, adapted "
@@ -107,14 +112,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not counts.get("adapted_graphs", counts["adapted"]):
         print(
             "Next: no adapted-model graphs with both evil and safe labels yet; run "
-            "`em-circuits graphs` first"
+            f"{next_command(args, 'graphs')} first"
         )
         return 1
     if not counts["adapted"]:
         print(
-            "Next: none of the graphed prompts is divergent; `em-circuits analyze "
-            "--include-flagged` analyses the flagged ones too"
+            "Next: none of the graphed prompts is divergent; "
+            f"{next_command(args, 'analyze', '--include-flagged')} analyses the flagged ones too"
         )
         return 1
-    print("Next: `em-circuits report` writes report.md; `em-circuits serve` shows the graphs")
+    print(
+        f"Next: {next_command(args, 'report')} writes report.md; {next_command(args, 'serve')} "
+        "shows the graphs"
+    )
     return 0

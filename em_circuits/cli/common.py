@@ -10,10 +10,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from em_circuits.cli.command_line import (  # noqa: F401  (next_command, ...: re-exported)
+    DEFAULT_RESULTS,
+    add_lock_args,
+    carried_flags,
+    current_command,
+    next_command,
+    resume_hint,
+    set_current_command,
+    stage_lock_for,
+)
+from em_circuits.cli.library_noise import quiet_library_notices
 from em_circuits.core.store import ResultsStore, remove_orphaned_temporaries
 from em_circuits.models.spec import ModelSpec
-
-DEFAULT_RESULTS = "results"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -146,6 +155,7 @@ def setup(args: argparse.Namespace) -> ResultsStore:
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_library_notices()
     root = Path(args.results_dir)
     root.mkdir(parents=True, exist_ok=True)
     removed = remove_orphaned_temporaries(root)
@@ -342,11 +352,13 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from em_circuits.core.labeling_records import QueueError
     from em_circuits.core.llm import LLMError
     from em_circuits.core.prompt_records import PromptError
+    from em_circuits.core.stage_lock import StageBusyError
     from em_circuits.core.store import ArtifactError
     from em_circuits.labeling.judge import JudgeError
     from em_circuits.models.spec import ModelLoadError
 
     return (
+        StageBusyError,
         ViewerError,
         PeerFailedError,
         ArtifactError,
@@ -374,6 +386,8 @@ def run_command(
     verbose = "-v" in args or "--verbose" in args
     from em_circuits.core.distributed import report_failure_to_peers
 
+    set_current_command([*(prog or "em-circuits").split(), *args])
+
     try:
         return main(args, prog)
     except KeyboardInterrupt:
@@ -385,13 +399,11 @@ def run_command(
         return 130
     except Exception as err:
         from em_circuits.core.atomic import is_storage_error
-        from em_circuits.core.llm import LLMDeadlineError
 
         if verbose or not (isinstance(err, user_error_types()) or is_storage_error(err)):
             raise  # sys.excepthook tells the other processes of a launch
         report_failure_to_peers(f"{type(err).__name__}: {err}")
-        more = "; finished work is stored: run the same command to continue"
-        print(f"error: {err}{more if isinstance(err, LLMDeadlineError) else ''}", file=sys.stderr)
+        print(f"error: {err}{resume_hint(err)}", file=sys.stderr)
         return 2
 
 

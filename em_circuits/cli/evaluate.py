@@ -31,11 +31,15 @@ import time
 
 from em_circuits.cli.common import (
     add_llm_args,
+    add_lock_args,
     add_model_args,
     llm_settings,
     make_parser,
+    next_command,
+    resume_hint,
     setup,
     specs_from_args,
+    stage_lock_for,
 )
 from em_circuits.labeling import DEFAULT_LOGITS_BATCH_SIZE, DEFAULT_TOP_K
 
@@ -91,6 +95,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "models with the offline judge)",
     )
     add_llm_args(parser)
+    add_lock_args(parser)
     return parser
 
 
@@ -126,18 +131,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             started=started,
         )
         log.info("judge: %s (%s)", judge.kind, judge.model)
-        summary = evaluate(
-            store,
-            base_spec,
-            adapted_spec,
-            judge,
-            prompt_ids=args.prompt_ids,
-            device=args.device,
-            k=args.top_k,
-            batch_size=args.logits_batch_size,
-            force=args.force,
-            queue=not args.no_queue,
-        )
+        # A run that waited for another evaluate finds its logits and verdicts stored.
+        with stage_lock_for(args, store.root, "evaluate"):
+            summary = evaluate(
+                store,
+                base_spec,
+                adapted_spec,
+                judge,
+                prompt_ids=args.prompt_ids,
+                device=args.device,
+                k=args.top_k,
+                batch_size=args.logits_batch_size,
+                force=args.force,
+                queue=not args.no_queue,
+            )
     except (
         JudgeError,
         LLMError,
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         FileNotFoundError,
     ) as err:
         kept = " (finished logits and verdicts are stored)" if store.written_since(since) else ""
-        print(f"error: {err}{kept}", file=sys.stderr)
+        print(f"error: {err}{kept}{resume_hint(err)}", file=sys.stderr)
         return 1
     for line in summary.lines():
         print(line)
@@ -162,9 +169,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 1
     if summary.queued:
         print(
-            "Next: label the flagged prompts with `em-circuits label` (or accept the judge's "
-            "labels: `em-circuits label --auto-accept-judge`), then `em-circuits graphs`"
+            f"Next: label the flagged prompts with {next_command(args, 'label')} (or accept the "
+            f"judge's labels: {next_command(args, 'label', '--auto-accept-judge')}), then "
+            f"{next_command(args, 'graphs')}"
         )
     else:
-        print("Next: `em-circuits label --status`, then `em-circuits graphs`")
+        print(
+            f"Next: {next_command(args, 'label', '--status')}, then {next_command(args, 'graphs')}"
+        )
     return 0

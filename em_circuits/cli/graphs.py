@@ -35,6 +35,7 @@ from em_circuits.cli.common import (
     graph_params,
     llm_settings,
     make_parser,
+    next_command,
     setup,
     specs_from_args,
 )
@@ -155,14 +156,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             file=sys.stderr,
         )
         print(
-            next_labeling_hint(unlabeled)
+            next_labeling_hint(unlabeled, args)
             if unlabeled
-            else "Next: `em-circuits prompts`, then `em-circuits evaluate` and `em-circuits label`",
+            else f"Next: {next_command(args, 'prompts')}, then {next_command(args, 'evaluate')} "
+            f"and {next_command(args, 'label')}",
             file=sys.stderr,
         )
         return 1
     params = graph_params(args)
     viewer_dir = None if args.no_viewer else store.viewer_dir(adapted_slug)
+    # No stage lock: each graph is claimed (core.claims), so two runs share the graph work.
     results = run_graph_stage(
         store,
         {"base": base_spec, "adapted": adapted_spec},
@@ -187,10 +190,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 print(f"  failed {pid}: {message}")
             failed += len(counts.failed)
     if unlabeled:
-        print(next_labeling_hint(unlabeled))
+        print(next_labeling_hint(unlabeled, args))
+    serve = next_command(args, "serve")
     print(
-        "Next: `em-circuits analyze` ranks the features across prompts"
-        + ("" if args.serve or viewer_dir is None else "; `em-circuits serve` shows the graphs")
+        f"Next: {next_command(args, 'analyze')} ranks the features across prompts"
+        + ("" if args.serve or viewer_dir is None else f"; {serve} shows the graphs")
     )
     if args.serve and viewer_dir is not None:
         from em_circuits.attribution.viewer_metadata import ViewerError
@@ -199,7 +203,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         try:
             serve_forever(viewer_dir, args.host, args.port)
         except ViewerError as err:  # the graphs are stored; only serving them failed
-            print(f"error: {err}; the graphs are stored: `em-circuits serve`", file=sys.stderr)
+            print(
+                f"error: {err}; the graphs are stored: {next_command(args, 'serve')}",
+                file=sys.stderr,
+            )
             return 2
     return 2 if failed else 0
 
@@ -219,11 +226,12 @@ def flagged_without_labels(
     )
 
 
-def next_labeling_hint(unlabeled: int) -> str:
+def next_labeling_hint(unlabeled: int, args: argparse.Namespace) -> str:
     return (
         f"{unlabeled} flagged prompt(s) have no labels yet and no graphs: label them with "
-        "`em-circuits label`, or accept the judge's labels with `em-circuits label "
-        "--auto-accept-judge`, then run `em-circuits graphs` again"
+        f"{next_command(args, 'label')}, or accept the judge's labels with "
+        f"{next_command(args, 'label', '--auto-accept-judge')}, then run "
+        f"{next_command(args, 'graphs')} again"
     )
 
 

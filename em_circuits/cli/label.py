@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from em_circuits.cli.common import add_model_args, make_parser, setup, specs_from_args
+from em_circuits.cli.common import (
+    add_model_args,
+    make_parser,
+    next_command,
+    setup,
+    specs_from_args,
+)
 from em_circuits.core.labeling_records import QueueError
 from em_circuits.core.store import ArtifactError, ResultsStore, require_results_dir
 from em_circuits.labeling.calibration import calibration, calibration_path, format_calibration
@@ -154,6 +160,11 @@ def run_mode(args: argparse.Namespace, store: ResultsStore, slug: str) -> int:
             f"Imported labels for {result['imported']} prompt(s) from {args.import_file} "
             f"({result['unchanged']} unchanged)."
         )
+        if result["held"]:
+            print(
+                f"Skipped {result['held']} prompt(s) open in a labeling session (see the "
+                "warnings); import the file again once that session has moved on."
+            )
     elif args.auto_accept_judge:
         count = auto_accept_judge(store, slug, flt)
         print(f"Recorded judge labels (labeled_by=judge) for {count} prompt(s).")
@@ -181,7 +192,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"Queued {added} newly flagged prompt(s).")
         code = run_mode(args, store, slug)
         if code == 0:
-            print("Next: `em-circuits graphs` computes the graphs of the labeled prompts")
+            print(
+                f"Next: {next_command(args, 'graphs')} computes the graphs of the labeled prompts"
+            )
         return code
     except (QueueError, ArtifactError) as err:
         print(f"error: {err}", file=sys.stderr)

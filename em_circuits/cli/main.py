@@ -64,7 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = args[0]
     if name not in COMMANDS:
-        print(f"error: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1, cutoff=0.6)
+        hint = f"did you mean `em-circuits {close[0]}`?" if close else ""
+        print(
+            f"error: unknown command {name!r}; {hint or 'commands: ' + ', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     module = importlib.import_module(f"em_circuits.cli.{COMMANDS[name][0]}")
     return run_command(module.main, args[1:], prog=f"em-circuits {name}")

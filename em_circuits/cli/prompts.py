@@ -34,9 +34,19 @@ import sys
 import time
 from typing import Any
 
-from em_circuits.cli.common import add_llm_args, llm_settings, make_parser, setup
+from em_circuits.cli.common import (
+    add_llm_args,
+    add_lock_args,
+    llm_settings,
+    make_parser,
+    next_command,
+    resume_hint,
+    setup,
+    stage_lock_for,
+)
 from em_circuits.core.llm import LLMError
 from em_circuits.core.prompt_records import FORMATS, PromptError
+from em_circuits.core.store import ResultsStore
 from em_circuits.models.spec import ModelLoadError
 from em_circuits.prompts.context import approx_tokens
 from em_circuits.prompts.dedup import DEFAULT_DEDUP_THRESHOLD, Deduper, SaveSummary
@@ -66,7 +76,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--n",
         type=int,
         default=None,
-        help="how many new prompts to generate (default: 10, or 0 when --import is given)",
+        help="how many new prompts to generate (default: 10, or 0 when --import is given); "
+        "prompts another run stores meanwhile (one this run waited for) count too",
     )
     parser.add_argument(
         "--format",
@@ -120,6 +131,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
 
     add_llm_args(parser)
+    add_lock_args(parser)
     parser.add_argument(
         "--context-tokens",
         type=int,
@@ -182,6 +194,20 @@ def run(args: argparse.Namespace, summary: SaveSummary) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.chat_template and not args.tokenizer:
         raise PromptError("--chat-template needs --tokenizer (the base model's HF id or folder)")
+    with stage_lock_for(args, store.root, "prompts"):
+        # Prompts another run stored since this command started (while it waited for the
+        # lock) count towards -n: two identical commands started together store n, not 2n.
+        by_others = max(0, len(store.prompt_ids()) - args.stored_at_start)
+        if by_others:
+            log.info(
+                "%d prompt(s) stored by the run this one waited for count towards -n", by_others
+            )
+        _run_locked(args, store, summary, by_others)
+
+
+def _run_locked(
+    args: argparse.Namespace, store: ResultsStore, summary: SaveSummary, by_others: int
+) -> None:
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     template_tok = tokenizer if args.chat_template else None
     deduper = Deduper.from_store(store, args.dedup_threshold)
@@ -198,7 +224,7 @@ def run(args: argparse.Namespace, summary: SaveSummary) -> None:
                 max_tokens=args.max_prompt_tokens,
             )
         )
-    n = args.n if args.n is not None else (0 if args.imports else 10)
+    n = (args.n if args.n is not None else (0 if args.imports else 10)) - by_others
     if n <= 0:
         return
     generator = choose_generator(args)
@@ -234,6 +260,7 @@ def run(args: argparse.Namespace, summary: SaveSummary) -> None:
 
 
 def report(summary: SaveSummary) -> None:
+    """What this run stored and dropped."""
     print(f"saved {len(summary.saved)} new prompt(s)")
     for record in summary.saved:
         print(f"  {describe(record)}")
@@ -246,14 +273,18 @@ def report(summary: SaveSummary) -> None:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     args.started = time.monotonic()  # --run-deadline counts from here
+    args.stored_at_start = len(ResultsStore(args.results_dir).prompt_ids())
     summary = SaveSummary()
     try:
         run(args, summary)
     except (LLMError, PromptError, ModelLoadError) as err:
         report(summary)
         kept = f" ({len(summary.saved)} prompt(s) saved before it are kept)"
-        print(f"error: {err}{kept if summary.saved else ''}", file=sys.stderr)
+        print(f"error: {err}{kept if summary.saved else ''}{resume_hint(err)}", file=sys.stderr)
         return 1
     report(summary)
-    print("Next: `em-circuits evaluate` scores every stored prompt with both models and the judge")
+    print(
+        f"Next: {next_command(args, 'evaluate')} scores every stored prompt with both models "
+        "and the judge"
+    )
     return 0

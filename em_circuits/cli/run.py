@@ -19,23 +19,29 @@ examples:
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from em_circuits.cli.common import (
     add_analysis_args,
     add_graph_args,
     add_llm_args,
+    add_lock_args,
     add_model_args,
     analysis_params,
+    current_command,
     full_graph_choice,
     graph_params,
     llm_settings,
     make_parser,
+    next_command,
     setup,
     specs_from_args,
 )
+from em_circuits.core.store import ResultsStore
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_graph_args(parser)
     add_analysis_args(parser)
     add_llm_args(parser)
+    add_lock_args(parser)
     args = parser.parse_args(argv)
     started = time.monotonic()  # --run-deadline counts from here
     if args.status:  # only reads: a mistyped --results-dir is one line, nothing created
@@ -103,13 +110,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     store = setup(args)
 
     from em_circuits.run.pipeline import PipelineConfig, run_pipeline
-    from em_circuits.run.status import format_status, status
 
-    base, adapted = specs_from_args(args)
     if args.status:
-        info = status(store, base, adapted, args.device)
-        print(json.dumps(info, indent=1) if args.json else format_status(info))
-        return 0
+        return print_status(store, args)
+    base, adapted = specs_from_args(args)
     cfg = PipelineConfig(
         n_prompts=args.n_prompts,
         prompt_files=args.prompts,
@@ -127,12 +131,101 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         device=args.device,
         seed=args.seed,
         started=started,
+        wait=not args.no_wait,
+        command=current_command(),
     )
     report = run_pipeline(store, base, adapted, cfg)
     if report is not None:  # None on the non-main processes of a multi-process launch
-        print(f"\nreport: {report}\n        {report.with_suffix('.json')}")
-        print(
-            "Next: read the report; `em-circuits serve` browses the graphs; "
-            "`em-circuits run --status` shows what is stored"
-        )
+        print_report_summary(report, args)
     return 0
+
+
+def _model_flags_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, name) for name in ("base_model", "adapter", "transcoders"))
+
+
+def print_status(store: ResultsStore, args: argparse.Namespace) -> int:
+    """``--status``: without model flags, the one adapted model the directory holds results of
+    (or the list of them, and which flags pick one); else the flags' models."""
+    from em_circuits.run.status import format_status, status, status_of, stored_models
+
+    found = [] if _model_flags_given(args) else stored_models(store)
+    if len(found) > 1:
+        if args.json:
+            print(json.dumps({"models_found": found}, indent=1))
+            return 0
+        print(f"{store.root} holds the results of {len(found)} adapted models:")
+        for entry in found:
+            print(f"  {entry['adapted']} (base {entry['base']})")
+        print(
+            "pick one with the model flags of the run that made it: "
+            f"{next_command(args, 'run', '--status')} --base-model ... --adapter ... "
+            "--transcoders ... (and --model-name if it had one)"
+        )
+        return 0
+    if found:
+        info = status_of(store, found[0])
+        info["models_chosen"] = "the only adapted model with results here (no model flags given)"
+    else:
+        base, adapted = specs_from_args(args)
+        info = status(store, base, adapted, args.device)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    if found:
+        print(f"model: {found[0]['adapted']}, the only adapted model with results in {store.root}")
+    print(format_status(info))
+    print(status_next_line(info, args))
+    return 0
+
+
+def status_next_line(info: dict[str, Any], args: argparse.Namespace) -> str:
+    """What to do next, from where the run stands."""
+    from em_circuits.labeling.items import OPEN_STATES
+
+    open_items = sum(info["queue"].get(state, 0) for state in OPEN_STATES)
+    if open_items:
+        judged = info["queue"].get("judge_labeled_open", 0)
+        also = f" ({judged} carry judge-made labels only)" if judged else ""
+        return (
+            f"Next: {next_command(args, 'label')} reviews the {open_items} open labeling "
+            f"item(s){also}; then {next_command(args, 'run')} updates the graphs and the report"
+        )
+    if not info["report"]:
+        return f"Next: {next_command(args, 'run')} continues the run where it stopped"
+    return (
+        f"Next: read report.md (or report.html); {next_command(args, 'serve')} browses the graphs"
+    )
+
+
+def findings_headlines(report_md: Path) -> list[str]:
+    """The report's Findings, one line each, as report.md lists them."""
+    try:
+        text = report_md.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    lines, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            inside = line.strip() == "## Findings"
+            continue
+        if inside and line.startswith("- "):
+            lines.append(line[2:].strip())
+    return lines
+
+
+def print_report_summary(report: Path, args: argparse.Namespace) -> None:
+    """The end of a run: the report's files and its Findings' headlines."""
+    print(f"\nreport: {report}")
+    for other in (report.with_suffix(".html"), report.with_suffix(".json")):
+        if other.is_file():
+            print(f"        {other}")
+    headlines = findings_headlines(report)
+    if headlines:
+        print("Findings:")
+        for line in headlines:
+            print(f"  - {line}")
+    print(
+        f"Next: open {report.with_suffix('.html')}; {next_command(args, 'serve')} browses the "
+        f"graphs; {next_command(args, 'run', '--status')} shows what is stored"
+    )

@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from em_circuits.cli.common import make_parser, setup
+from em_circuits.cli.common import make_parser, next_command, setup
 
 TRAIN_DOC = """Train skip-transcoders on every MLP of a base model with EleutherAI's sparsify.
 
@@ -291,7 +291,7 @@ def _quality(argv: list[str], prog: str) -> int:
         f"Next: the set is poor for the {' and '.join(poor)} model: train a better one with "
         "`em-circuits transcoders train`, or read its graphs knowing more goes to error nodes"
         if poor
-        else "Next: pass the same --transcoders to `em-circuits run` (or each stage)"
+        else f"Next: {next_command(args, 'run')} (the same --transcoders for each stage)"
     )
     return 0
 

@@ -184,6 +184,9 @@ class LLMClient:
     run_started: float = field(default_factory=time.monotonic, repr=False)
     #: A request open this long is logged, and again after each further such period.
     progress_every: float = 30.0
+    #: Stop (LLMDeadlineError, before the next call) once this many calls in a row each had a
+    #: request time out: a slow endpoint otherwise costs minutes per prompt, run after run.
+    max_slow_calls: int | None = None
 
     def __post_init__(self) -> None:
         if not self.api_key:
@@ -196,6 +199,8 @@ class LLMClient:
         self.requests_made = 0  # HTTP requests sent, retries included
         self._call_started: float | None = None  # of the outermost call in progress
         self._call_what = "a request"
+        self._slow_calls = 0  # calls in a row that had a request time out
+        self._call_timed_out = False
 
     @property
     def endpoint(self) -> str:
@@ -255,13 +260,21 @@ class LLMClient:
         if self._call_started is not None:  # chat inside chat_json: the same call
             yield
             return
+        if self.max_slow_calls and self._slow_calls >= self.max_slow_calls:
+            raise LLMDeadlineError(
+                f"{self.model} at {self.endpoint}: each of the last {self._slow_calls} calls had "
+                f"a request time out (--llm-timeout {self.timeout:g} s); stopping before "
+                f"{what or 'the next call'} (--llm-max-slow-calls {self.max_slow_calls})"
+            )
         self._call_started = time.monotonic()
         self._call_what = what or "a request"
+        self._call_timed_out = False
         try:
             yield
         finally:
             self._call_started = None
             self._call_what = "a request"
+            self._slow_calls = self._slow_calls + 1 if self._call_timed_out else 0
 
     def _time_left(self) -> tuple[float, str] | None:
         """Seconds left before the nearest deadline, and which one; None without deadlines."""
@@ -396,6 +409,7 @@ class LLMClient:
             except openai.APITimeoutError:
                 last_error = f"no reply within {timeout:g} s (timeout)"
                 retry_after = None
+                self._call_timed_out = True
             except openai.APIConnectionError as err:
                 last_error = f"connection failed ({self._short(err)})"
                 retry_after = None
@@ -423,6 +437,9 @@ class LLMClient:
                     time.monotonic() - (self._call_started or time.monotonic()),
                 )
                 self.sleep(delay)
+        left = self._time_left()
+        if left is not None and left[0] <= 0:  # the last request's timeout was the deadline's
+            raise self._deadline_error(left[1], self.max_tries, last_error)
         raise LLMError(
             f"{self.model} at {self.endpoint}: gave up after {self.max_tries} tries; "
             f"last error: {last_error}"

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 #: Most seconds one LLM call may take, every retry and re-ask included.
 DEFAULT_LLM_DEADLINE = 600.0
+#: Most seconds all LLM calls of one command may take: a slow endpoint otherwise holds a run
+#: for hours; the command stops with its finished work stored, and re-running it continues.
+DEFAULT_RUN_DEADLINE = 3600.0
+#: Calls in a row with a timed-out request after which a command stops (the endpoint is slow).
+DEFAULT_MAX_SLOW_CALLS = 3
 
 
 def _no_limit(value: str) -> float | None:
@@ -68,11 +73,18 @@ class LLMSettings:
         parse=_no_limit,
     )
     run_deadline: float | None = option(
-        None,
+        DEFAULT_RUN_DEADLINE,
         "most seconds all LLM calls of this command may take, counted from its start; then it "
-        "stops with finished work stored (default: no limit)",
+        "stops with finished work stored and the same command continues (0 = no limit)",
         metavar="SECONDS",
         parse=_no_limit,
+    )
+    max_slow_calls: int = option(
+        DEFAULT_MAX_SLOW_CALLS,
+        "stop once this many LLM calls in a row each had a request time out (a slow "
+        "endpoint), with finished work stored and the same command to continue (0 = never)",
+        flag="--llm-max-slow-calls",
+        metavar="N",
     )
 
     def api_key(self) -> str | None:
@@ -92,6 +104,7 @@ class LLMSettings:
             "deadline": self.llm_deadline or None,
             "run_deadline": self.run_deadline or None,
             "run_started": time.monotonic() if started is None else started,
+            "max_slow_calls": self.max_slow_calls or None,
         }
 
     def client(self, started: float | None = None) -> LLMClient:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from em_circuits.core.progress import Progress
 from em_circuits.models.corpus import corpus_hash
 from em_circuits.models.load import LoadedModel, n_layers_of, right_padded
 from em_circuits.models.transcoders import active_entries
@@ -273,6 +274,8 @@ def build_index(
     bar = tqdm(
         total=len(texts), initial=index.n_docs, unit="doc", disable=not progress, leave=False
     )
+    logged = Progress("activation index: documents read", len(texts), logger=log)
+    logged.done = index.n_docs  # a resumed build counts its stored documents
     try:
         for start, batch, ids, mask in _prefetched_batches(model, texts, index.n_docs, params):
             ids, mask = ids.to(device), mask.to(device)
@@ -288,6 +291,7 @@ def build_index(
             index.tokens.extend(tokens.numpy().astype(np.int64) for tokens in batch)
             since_checkpoint += len(batch)
             bar.update(len(batch))
+            logged.step(len(batch))
             if checkpoint is not None and since_checkpoint >= checkpoint_every:
                 checkpoint(live.into(index))
                 since_checkpoint = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from em_circuits.core.store import ResultsStore, atomic_path
 from em_circuits.core.verdicts import LABELS
 from em_circuits.labeling.items import QueueFilter
 from em_circuits.labeling.labels import commit_human_labels
+from em_circuits.labeling.leases import describe_holder, held_by_other
+
+log = logging.getLogger(__name__)
 
 EXPORT_COLUMNS = (
     "prompt_id",
@@ -280,11 +284,21 @@ def import_labels(store: ResultsStore, adapted_slug: str, path: Path) -> dict[st
     """Validate the whole file first; only if every row is fine, write human labels.
 
     Returns counts: ``imported`` prompts written, ``unchanged`` prompts whose stored human
-    labels already matched, ``rows`` read.
+    labels already matched, ``held`` prompts skipped, with a warning, because a live labeling
+    session is showing them (its answer would otherwise be refused or overwrite the file's).
     """
     plan = _plan_import(store, adapted_slug, path)
-    imported = unchanged = 0
+    imported = unchanged = held = 0
     for pid, entry in sorted(plan.items()):
+        lease = held_by_other(store, adapted_slug, pid)
+        if lease is not None:
+            log.warning(
+                "prompt %s is open in a labeling session (%s); not imported",
+                pid,
+                describe_holder(lease),
+            )
+            held += 1
+            continue
         item = load_item(store, adapted_slug, pid)
         verdict = load_verdict(store, adapted_slug, pid)
         assert item is not None and verdict is not None  # checked by _plan_import
@@ -304,7 +318,7 @@ def import_labels(store: ResultsStore, adapted_slug: str, path: Path) -> dict[st
             source=f"import:{Path(path).name}",
         )
         imported += 1
-    return {"imported": imported, "unchanged": unchanged}
+    return {"imported": imported, "unchanged": unchanged, "held": held}
 
 
 def _same_labels(labels: LabelsRecord, new: dict[str, str]) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,14 +50,40 @@ class PipelineConfig:
     #: The run's start (``time.monotonic``), from which --run-deadline counts; None: when
     #: run_pipeline starts.
     started: float | None = None
+    #: Wait for another run holding a stage's lock on the results directory (then reuse its
+    #: work); False: stop with StageBusyError (--no-wait).
+    wait: bool = True
+    #: This run's command line, recorded in the stage locks it holds (said to waiters).
+    command: str = "em-circuits run"
+
+
+#: The stage lock (:mod:`em_circuits.core.stage_lock`) each pipeline stage takes: the name of
+#: the command that runs the same stage alone, so `run` and that command exclude each other.
+#: The graphs take none: each graph is claimed (core.claims), so two runs share that work.
+STAGE_LOCKS = {
+    "prompts": "prompts",
+    "logits": "evaluate",
+    "features": "analyze",
+    "report": "report",
+}
 
 
 @contextmanager
-def stage(name: str) -> Iterator[None]:
-    started = time.perf_counter()
-    log.info("[%s] start", name)
-    yield
-    log.info("[%s] done in %.1f s", name, time.perf_counter() - started)
+def stage(
+    name: str, store: ResultsStore | None = None, cfg: PipelineConfig | None = None
+) -> Iterator[None]:
+    """Log the stage's start and end; with ``store``, hold its stage lock meanwhile."""
+    from em_circuits.core.stage_lock import stage_lock
+
+    lock: Any = nullcontext()
+    if store is not None and name in STAGE_LOCKS:
+        cfg = cfg or PipelineConfig()
+        lock = stage_lock(store.root, STAGE_LOCKS[name], wait=cfg.wait, command=cfg.command)
+    with lock:
+        started = time.perf_counter()
+        log.info("[%s] start", name)
+        yield
+        log.info("[%s] done in %.1f s", name, time.perf_counter() - started)
 
 
 def _check_llm_settings(cfg: PipelineConfig) -> None:
@@ -217,21 +243,21 @@ def run_pipeline(
         {"base": base, "adapted": adapted}, device, store.merged_cache_dir
     )
     try:
-        with stage("prompts"):
+        with stage("prompts", store, cfg):
             if shard.is_main:
                 run_prompts(store, adapted, cfg)
             shard.wait()
-        with stage("logits"):
+        with stage("logits", store, cfg):
             run_logits(store, base, adapted, cfg, resident)
         with stage("labels"):
             if shard.is_main:
                 run_labels(store, adapted_slug, cfg)
             shard.wait()
-        with stage("graphs"):
+        with stage("graphs", store, cfg):
             run_graphs(store, base, adapted, adapted_slug, cfg, device, resident)
         if not shard.is_main:
             return None
-        with stage("features"):
+        with stage("features", store, cfg):
             from em_circuits.analysis.em_rate import make_em_judge
             from em_circuits.interpret.labels import labeller_for
 
@@ -259,6 +285,6 @@ def run_pipeline(
         if models is None:
             resident.release()
             release_transcoders()
-    with stage("report"):
+    with stage("report", store, cfg):
         report = write_report(store, base, adapted, device)
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from typing import Any
@@ -16,16 +17,38 @@ def status(
     store: ResultsStore, base: ModelSpec, adapted: ModelSpec, device: str | None = None
 ) -> dict[str, Any]:
     """Counts per stage, queue depth, judge-human agreement, flagged/divergent, disk use."""
-    from em_circuits.attribution.stored_graphs import find_graph_metas
-    from em_circuits.core.labeling_records import load_labels, load_verdicts
-    from em_circuits.labeling.calibration import calibration
-    from em_circuits.labeling.items import status_counts
-
     device = str(resolve_device(device))
     slugs = {
         role: model_slug(spec, fingerprint(spec, device))
         for role, spec in (("base", base), ("adapted", adapted))
     }
+    return status_of(store, slugs)
+
+
+def stored_models(store: ResultsStore) -> list[dict[str, str]]:
+    """The models the results directory holds verdicts of: {"adapted": slug, "base": slug}
+    each (the base's slug as the verdicts record it), so ``run --status`` can show a run
+    without its model flags."""
+    found = []
+    for adapted_slug in store.verdict_slugs():
+        base_slug = ""
+        for path in store.verdict_paths(adapted_slug)[:1]:
+            try:
+                base_slug = str(json.loads(path.read_text(encoding="utf-8")).get("base_slug", ""))
+            except (OSError, ValueError, AttributeError):
+                base_slug = ""
+        if base_slug:
+            found.append({"adapted": adapted_slug, "base": base_slug})
+    return found
+
+
+def status_of(store: ResultsStore, slugs: dict[str, str]) -> dict[str, Any]:
+    """:func:`status` for the models with these results folder names (``base``, ``adapted``)."""
+    from em_circuits.attribution.stored_graphs import find_graph_metas
+    from em_circuits.core.labeling_records import load_labels, load_verdicts
+    from em_circuits.labeling.calibration import calibration
+    from em_circuits.labeling.items import status_counts
+
     verdicts = load_verdicts(store, slugs["adapted"])
     labels = load_labels(store, slugs["adapted"])
     calib = calibration(store, slugs["adapted"], save=False)
@@ -58,6 +81,9 @@ def format_status(info: dict[str, Any]) -> str:
     def mib(n: int) -> str:
         return f"{n / 2**20:.1f} MiB"
 
+    def three_digits(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
+
     lines = [
         f"models: base {info['models']['base']}, adapted {info['models']['adapted']}",
         f"prompts: {info['prompts']}",
@@ -65,8 +91,9 @@ def format_status(info: dict[str, Any]) -> str:
         f"verdicts: {info['verdicts']} (flagged {info['flagged']}, divergent {info['divergent']})",
         "queue: " + ", ".join(f"{k} {v}" for k, v in info["queue"].items()),
         "labels: " + ", ".join(f"{k} {v}" for k, v in info["labels"].items()),
-        f"judge-human agreement: {info['judge_human_agreement']}  kappa: "
-        f"{info['judge_human_kappa']}  ({info['judge_human_tokens']} human-labeled tokens)",
+        f"judge-human agreement: {three_digits(info['judge_human_agreement'])}  kappa: "
+        f"{three_digits(info['judge_human_kappa'])}  ({info['judge_human_tokens']} "
+        "human-labeled tokens)",
         f"graphs: base {info['graphs']['base']}, adapted {info['graphs']['adapted']}",
         f"analysis files: {len(info['analysis'])}",
         f"report: {'written' if info['report'] else 'not yet'}",
