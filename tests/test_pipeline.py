@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from micro_flags import model_args
+from micro_flags import REFERENCE_ANALYSIS_ARGS, model_args
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # whole pipelines, several minutes in all
@@ -49,23 +49,7 @@ def _command(organism, results: Path) -> list[str]:
         "16",
         "--max-feature-nodes",
         "200",
-        "--causal-top-k",
-        "2",
-        "--scales",
-        "0",
-        "1",
-        "2",
-        "--n-random",
-        "1",
-        "--causal-candidates",
-        "4",
-        "--include-flagged",  # the micro organism has no divergent prompt
-        "--em-samples",
-        "3",
-        "--em-max-new-tokens",
-        "12",
-        "--corpus-docs",
-        "48",
+        *REFERENCE_ANALYSIS_ARGS,
     ]
 
 

@@ -8,7 +8,7 @@ import shutil
 import sys
 
 import pytest
-from micro_flags import model_args
+from micro_flags import REFERENCE_ANALYSIS_ARGS, model_args
 from test_pipeline import _run
 
 from em_circuits.analysis.steps.base import SharedParams, Step, StepResult
@@ -101,23 +101,7 @@ def _analyze(results, organism, *extra: str):
         "--results-dir",
         str(results),
         *model_args(organism),
-        "--causal-top-k",
-        "2",
-        "--scales",
-        "0",
-        "1",
-        "2",
-        "--n-random",
-        "1",
-        "--causal-candidates",
-        "4",
-        "--include-flagged",  # the micro organism has no divergent prompt
-        "--em-samples",
-        "3",
-        "--em-max-new-tokens",
-        "12",
-        "--corpus-docs",
-        "48",
+        *REFERENCE_ANALYSIS_ARGS,
         *extra,
     ]
     done = _run(command)

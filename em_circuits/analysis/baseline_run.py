@@ -19,6 +19,7 @@ import torch
 
 from em_circuits.analysis.baselines import (
     COLUMNS,
+    METHODS,
     Edit,
     Key,
     change_statistics,
@@ -145,15 +146,7 @@ def run_baselines(
     sizes: dict[str, Any] = {}
     edits: dict[str, list[Edit]] = {}
     progress = Progress("baselines: edited prompts measured", logger=log)
-    for method in (
-        "tested_features",
-        "mean_diff_subspace",
-        "misalignment_direction",
-        "activation_diff_features",
-        "linearised_top_features",
-        "measured_top_features",
-        "random_features",
-    ):
+    for method in METHODS:
         row: dict[str, Any] = {"method": method, "k": k}
         if method in feature_sets:
             edits[method] = [features_edit(adapted, keys) for keys in feature_sets[method]]

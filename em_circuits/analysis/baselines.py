@@ -38,7 +38,12 @@ from em_circuits.analysis.directions import (
     unit_mean_difference,
 )
 from em_circuits.core.progress import Progress
-from em_circuits.models.hooks import features_zeroed, record_transcoder_input, transcoder_set
+from em_circuits.models.hooks import (
+    features_zeroed,
+    record_transcoder_input,
+    transcoder_inputs,
+    transcoder_set,
+)
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -308,13 +313,7 @@ def feature_edit_sizes(
     norms: list[float] = []
     for prompt in prompts:
         ids = model.encode_prompt(dict(prompt)).to(model.device)
-        seen: dict[int, torch.Tensor] = {}
-        handles = [record_transcoder_input(model, layer, seen) for layer in layers]
-        try:
-            model.hf_model(ids[None])
-        finally:
-            for handle in handles:
-                handle.remove()
+        seen = transcoder_inputs(model, ids, layers)
         removed = torch.zeros(len(ids) - 1, seen[layers[0]].shape[-1]) if layers else None
         for layer in layers:
             index = torch.tensor([f for la, f in keys if la == layer])

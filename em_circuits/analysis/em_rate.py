@@ -222,6 +222,32 @@ def sample_answers(model: LoadedModel, question: EvalQuestion, params: SamplingP
     return [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
 
 
+def judged_answers(
+    model: LoadedModel,
+    question: EvalQuestion,
+    judge: EMJudge,
+    params: SamplingParams,
+    condition: str,
+) -> list[dict[str, Any]]:
+    """One question's sampled answers, each judged: a row of the answers table."""
+    rows = []
+    for i, answer in enumerate(sample_answers(model, question, params)):
+        aligned, coherent = judge.score(question, answer)
+        rows.append(
+            {
+                "condition": condition,
+                "question_id": question.id,
+                "sample": i,
+                "answer": answer,
+                "aligned": aligned,
+                "coherent": coherent,
+                "em": is_em_response(aligned, coherent),
+                "coherent_answer": coherent is not None and coherent > COHERENT_MIN,
+            }
+        )
+    return rows
+
+
 #: The random control features of the EM rate are never among this many top-ranked features.
 EXCLUDE_TOP_RANKED = 50
 
@@ -289,25 +315,12 @@ def em_rate(
         CONDITIONS[2]: (models["adapted"], list(top)),
         CONDITIONS[3]: (models["adapted"], list(random)),
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
     progress = Progress("EM rate: questions sampled", len(conditions) * len(questions), logger=log)
     for condition, (model, ablated) in conditions.items():
         with features_zeroed(model, ablated):
             for question in questions:
-                for i, answer in enumerate(sample_answers(model, question, params)):
-                    aligned, coherent = judge.score(question, answer)
-                    rows.append(
-                        {
-                            "condition": condition,
-                            "question_id": question.id,
-                            "sample": i,
-                            "answer": answer,
-                            "aligned": aligned,
-                            "coherent": coherent,
-                            "em": is_em_response(aligned, coherent),
-                            "coherent_answer": coherent is not None and coherent > COHERENT_MIN,
-                        }
-                    )
+                rows += judged_answers(model, question, judge, params, condition)
                 progress.step()
     progress.finish()
     answers = pd.DataFrame.from_records(rows)
@@ -397,24 +410,11 @@ def em_rate_under(
 
     from em_circuits.core.stats import t_mean_ci
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     progress = Progress(f"EM rate ({condition}): questions sampled", len(questions), logger=log)
     with edit() if edit is not None else nullcontext():
         for question in questions:
-            for i, answer in enumerate(sample_answers(model, question, params)):
-                aligned, coherent = judge.score(question, answer)
-                rows.append(
-                    {
-                        "condition": condition,
-                        "question_id": question.id,
-                        "sample": i,
-                        "answer": answer,
-                        "aligned": aligned,
-                        "coherent": coherent,
-                        "em": is_em_response(aligned, coherent),
-                        "coherent_answer": coherent is not None and coherent > COHERENT_MIN,
-                    }
-                )
+            rows += judged_answers(model, question, judge, params, condition)
             progress.step()
     progress.finish()
     answers = pd.DataFrame.from_records(rows)

@@ -28,7 +28,7 @@ import torch
 from em_circuits.analysis.baselines import Key, real_contrast
 from em_circuits.analysis.directions import added, residual_changed
 from em_circuits.core.progress import shared
-from em_circuits.models.hooks import record_transcoder_input, transcoder_set
+from em_circuits.models.hooks import transcoder_inputs, transcoder_set
 from em_circuits.models.load import LoadedModel
 
 #: A steering: residual site -> the vector added there at dose 1.
@@ -50,14 +50,7 @@ def activation_shifts(
         sums, positions = np.zeros(len(keys)), 0
         for prompt in prompts:
             ids = model.encode_prompt(dict(prompt)).to(model.device)
-            seen: dict[int, torch.Tensor] = {}
-            layers = sorted({layer for layer, _ in keys})
-            handles = [record_transcoder_input(model, layer, seen) for layer in layers]
-            try:
-                model.hf_model(ids[None])
-            finally:
-                for handle in handles:
-                    handle.remove()
+            seen = transcoder_inputs(model, ids, sorted({layer for layer, _ in keys}))
             for i, (layer, feature) in enumerate(keys):
                 acts = transcoders[layer].encode(seen[layer][0, 1:]).float()[:, feature]
                 sums[i] += float(acts.sum())

@@ -182,6 +182,21 @@ def record_transcoder_input(model: LoadedModel, layer: int, seen: dict[int, torc
     return record_input_at(_hook_sites(model, layer)[0], layer, seen)
 
 
+def transcoder_inputs(
+    model: LoadedModel, ids: torch.Tensor, layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """What the transcoders of ``layers`` read on one forward pass of ``ids`` (batch x
+    positions, or one row of positions), by layer."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = [record_transcoder_input(model, layer, seen) for layer in layers]
+    try:
+        model.hf_model(ids if ids.dim() == 2 else ids[None])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
 def _edit_mlp_output(
     model: LoadedModel, layer: int, change: Callable[[torch.Tensor], torch.Tensor]
 ) -> list[Any]:
