@@ -17,12 +17,19 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from em_circuits.attribution.storage import GRAPH_FORMAT
+from em_circuits.core.options import option
 from em_circuits.core.schemas import LabelsRecord
 from em_circuits.core.store import ResultsStore, params_key
 from em_circuits.core.verdicts import TARGET_LABELS
 
 GraphMode = Literal["totals", "full"]
 GRAPH_MODES: tuple[GraphMode, ...] = ("totals", "full")
+
+
+def _offload(word: str) -> str | None:
+    if word not in ("none", "cpu", "disk"):
+        raise ValueError(f"offload must be none, cpu or disk, not {word!r}")
+    return None if word == "none" else word
 
 
 @dataclass(frozen=True)
@@ -36,22 +43,51 @@ class AttributionParams:
     viewer's graphs), following the prior art's defaults (8192 features, batch 256).
     """
 
-    mode: GraphMode = "totals"
-    max_feature_nodes: int = 8192
-    batch_size: int = 256
-    offload: Literal["cpu", "disk"] | None = None
-    salient_logits: int = 0
-    edge_keep: int = 50_000
-    top_k: int = 10
-    #: totals mode: the adapter's writes as nodes of the adapted model's graphs
-    #: (attribution.adapter_nodes)
-    adapter_nodes: bool = True
-    #: totals mode, with adapter nodes: their edges into this many features with the largest
-    #: total effects on the contrast (which features carry the adapter's effect)
-    adapter_split_features: int = 32
-    #: totals mode, with adapter nodes: the edges from every upstream node into this many
-    #: linear adapter nodes with the largest total effects on the contrast (what they read)
-    adapter_read_nodes: int = 8
+    mode: GraphMode = option(
+        "totals",
+        "totals (default): exact direct and total effects of every active feature on the "
+        "targets, one backward pass per graph; full: circuit-tracer's attribute() with "
+        "feature-to-feature edges for every prompt (about 20x slower)",
+        flag="--graph-mode",
+        choices=GRAPH_MODES,
+    )
+    max_feature_nodes: int = option(8192, "most feature nodes kept per full graph (circuit-tracer)")
+    batch_size: int = option(
+        256,
+        "source nodes per backward pass of a full graph; lower it on out-of-memory",
+        flag="--attribution-batch-size",
+        aliases=("--batch-size",),
+    )
+    offload: Literal["cpu", "disk"] | None = option(
+        None,
+        "move idle model parts off the GPU during attribution: none, cpu or disk",
+        parse=_offload,
+        metavar="{none,cpu,disk}",
+    )
+    salient_logits: int = option(0, "also attribute to this many most probable unlabeled tokens")
+    edge_keep: int = option(
+        50_000, "strongest edges kept (fp16) in a full graph's compact file for inspection"
+    )
+    top_k: int = option(10, "the next-token candidates a graph's targets come from", hidden=True)
+    adapter_nodes: bool = option(
+        True,
+        "leave a LoRA's writes inside the error nodes and attention (default: in totals mode "
+        "they are nodes of the adapted model's graphs)",
+        negative_flag="--no-adapter-nodes",
+    )
+    adapter_split_features: int = option(
+        32,
+        "with adapter nodes: compute their edges into the K features with the largest total "
+        "effects on the contrast, to say which features carry the adapter's effect (0: none)",
+        metavar="K",
+    )
+    adapter_read_nodes: int = option(
+        8,
+        "with adapter nodes: compute the edges from every upstream feature into the M linear "
+        "adapter nodes with the largest total effects on the contrast, to say what the adapter "
+        "reads (0: none)",
+        metavar="M",
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in GRAPH_MODES:

@@ -29,7 +29,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows each flag's default (when it has one) and keeps the description's line breaks."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, [], argparse.SUPPRESS):
+        # a --no-X flag's default is the feature on; a help text may state its own default
+        if (
+            action.default in (None, False, [], argparse.SUPPRESS)
+            or isinstance(action, argparse._StoreFalseAction)
+            or "default" in (action.help or "")
+        ):
             return action.help or ""
         return super()._get_help_string(action) or ""
 
@@ -194,16 +199,13 @@ def llm_settings(args: argparse.Namespace) -> Any:
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
-    """Attribution flags, shared by `graphs` and `run`."""
+    """Attribution flags, shared by `graphs` and `run`: generated from
+    :class:`~em_circuits.attribution.targets.AttributionParams`, plus the full-graph choice."""
+    from em_circuits.attribution.targets import AttributionParams
+    from em_circuits.core.options import add_flags
+
     g = parser.add_argument_group("attribution graphs")
-    g.add_argument(
-        "--graph-mode",
-        choices=["totals", "full"],
-        default="totals",
-        help="totals (default): exact direct and total effects of every active feature on the "
-        "targets, one backward pass per graph; full: circuit-tracer's attribute() with "
-        "feature-to-feature edges for every prompt (about 20x slower)",
-    )
+    add_flags(g, AttributionParams)
     g.add_argument(
         "--full-graphs",
         nargs="+",
@@ -212,63 +214,6 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         help="prompts that also get a full graph for the viewer, in totals mode: a number N "
         "(the N prompts whose contrast the adapter moves most towards evil) and/or prompt ids; "
         f"'none' for none (default: {DEFAULT_FULL_GRAPHS}). Run again with an id to add one",
-    )
-    g.add_argument(
-        "--max-feature-nodes",
-        type=int,
-        default=8192,
-        help="most feature nodes kept per full graph (circuit-tracer)",
-    )
-    g.add_argument(
-        "--attribution-batch-size",
-        "--batch-size",
-        type=int,
-        default=256,
-        dest="attribution_batch_size",
-        help="source nodes per backward pass of a full graph; lower it on out-of-memory",
-    )
-    g.add_argument(
-        "--offload",
-        choices=["none", "cpu", "disk"],
-        default="none",
-        help="move idle model parts off the GPU during attribution",
-    )
-    g.add_argument(
-        "--salient-logits",
-        type=int,
-        default=0,
-        help="also attribute to this many most probable unlabeled tokens",
-    )
-    g.add_argument(
-        "--edge-keep",
-        type=int,
-        default=50_000,
-        help="strongest edges kept (fp16) in a full graph's compact file for inspection",
-    )
-    g.add_argument(
-        "--no-adapter-nodes",
-        dest="adapter_nodes",
-        action="store_false",
-        help="leave a LoRA's writes inside the error nodes and attention (default: in totals "
-        "mode they are nodes of the adapted model's graphs)",
-    )
-    g.add_argument(
-        "--adapter-split-features",
-        type=int,
-        default=32,
-        metavar="K",
-        help="with adapter nodes: compute their edges into the K features with the largest "
-        "total effects on the contrast, to say which features carry the adapter's effect "
-        "(default 32; 0: none)",
-    )
-    g.add_argument(
-        "--adapter-read-nodes",
-        type=int,
-        default=8,
-        metavar="M",
-        help="with adapter nodes: compute the edges from every upstream feature into the M "
-        "linear adapter nodes with the largest total effects on the contrast, to say what the "
-        "adapter reads (default 8; 0: none)",
     )
 
 
@@ -292,20 +237,12 @@ def full_graph_choice(args: argparse.Namespace):
     return FullGraphChoice(prompt_ids=tuple(ids), top=top)
 
 
-def graph_params(args: argparse.Namespace):
+def graph_params(args: argparse.Namespace) -> Any:
+    """The :class:`~em_circuits.attribution.targets.AttributionParams` the flags give."""
     from em_circuits.attribution.targets import AttributionParams
+    from em_circuits.core.options import from_args
 
-    return AttributionParams(
-        mode=args.graph_mode,
-        max_feature_nodes=args.max_feature_nodes,
-        batch_size=args.attribution_batch_size,
-        offload=None if args.offload == "none" else args.offload,
-        salient_logits=args.salient_logits,
-        edge_keep=args.edge_keep,
-        adapter_nodes=getattr(args, "adapter_nodes", True),
-        adapter_split_features=getattr(args, "adapter_split_features", 32),
-        adapter_read_nodes=getattr(args, "adapter_read_nodes", 8),
-    )
+    return from_args(AttributionParams, args)
 
 
 def add_analysis_args(parser: argparse.ArgumentParser) -> None:
