@@ -260,3 +260,24 @@ def test_the_llm_is_used_when_asked_or_when_auto_finds_a_key(tmp_path, monkeypat
     env = tmp_path / "keys.env"
     env.write_text("OPENAI_API_KEY=sk-test\n")
     assert LLMSettings(env_file=str(env)).wants_llm("auto")
+
+
+def test_run_and_graphs_flags_are_the_configs_fields():
+    """`em-circuits run`'s own flags, the graph flags and the analysis flags come from the
+    dataclasses' fields: parsed with no flag they give the Python API's defaults."""
+    from em_circuits.attribution.targets import AttributionParams
+    from em_circuits.cli.common import add_graph_args, graph_params
+    from em_circuits.core.options import add_flags
+    from em_circuits.run.pipeline import PipelineConfig
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, PipelineConfig)
+    add_graph_args(parser)
+    args = parser.parse_args([])
+    assert graph_params(args) == AttributionParams()
+    assert from_args(PipelineConfig, args) == PipelineConfig()
+    args = parser.parse_args(["--prompts", "a.json", "--prompts", "b.json", "--all-labeled"])
+    config = from_args(PipelineConfig, args)
+    assert [str(p) for p in config.prompt_files] == ["a.json", "b.json"]
+    assert config.only_evil is False
+    assert graph_params(parser.parse_args(["--offload", "none"])).offload is None

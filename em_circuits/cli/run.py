@@ -53,50 +53,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help="print counts per stage, queue, agreement and disk use; run nothing",
     )
     parser.add_argument("--json", action="store_true", help="with --status: machine-readable")
-    g = parser.add_argument_group("prompts and judge")
-    g.add_argument(
-        "--n-prompts", type=int, default=40, help="generate prompts until this many are stored"
-    )
-    g.add_argument(
-        "--prompts",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="import a prompt file (prior-art format: list or object with name, "
-        "prompt); repeatable",
-    )
-    g.add_argument(
-        "--generator",
-        choices=["auto", "offline", "llm"],
-        default="auto",
-        help="auto = llm if OPENAI_API_KEY is set (env or .env), else offline",
-    )
-    g.add_argument(
-        "--judge",
-        choices=["auto", "offline", "llm"],
-        default="auto",
-        help="auto = llm if OPENAI_API_KEY is set, else the organism's word lists",
-    )
-    g.add_argument(
-        "--labels",
-        choices=["auto", "interactive", "import"],
-        default="auto",
-        help="auto: accept the judge's labels, recorded as judge-made; interactive: "
-        "label in the terminal; import: read --labels-file",
-    )
-    g.add_argument("--labels-file", type=Path, help="CSV/JSONL labels for --labels import")
-    g.add_argument(
-        "--all-labeled",
-        action="store_true",
-        help="graph every labeled prompt, not only those with evil tokens",
-    )
-    parser.add_argument(
-        "--words",
-        type=Path,
-        help="offline judge word lists (JSON with 'harmful' and 'safe' lists; needed for "
-        "models other than the toy organism unless the LLM judge is used)",
-    )
+    from em_circuits.core.options import add_flags, from_args
+    from em_circuits.run.pipeline import PipelineConfig
+
+    add_flags(parser.add_argument_group("prompts, judge and labels"), PipelineConfig)
     add_graph_args(parser)
     add_analysis_args(parser)
     add_llm_args(parser)
@@ -109,23 +69,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         require_results_dir(args.results_dir)
     store = setup(args)
 
-    from em_circuits.run.pipeline import PipelineConfig, run_pipeline
+    from em_circuits.run.pipeline import run_pipeline
 
     if args.status:
         return print_status(store, args)
     base, adapted = specs_from_args(args)
-    cfg = PipelineConfig(
-        n_prompts=args.n_prompts,
-        prompt_files=args.prompts,
-        generator=args.generator,
-        judge=args.judge,
+    cfg = from_args(
+        PipelineConfig,
+        args,
         llm=llm_settings(args),
-        labels=args.labels,
-        labels_file=args.labels_file,
-        only_evil=not args.all_labeled,
         graph=graph_params(args),
         full_graphs=full_graph_choice(args),
-        words=args.words,
         analysis=analysis_params(args),
         analysis_name=args.analysis_name,
         device=args.device,

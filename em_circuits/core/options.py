@@ -14,6 +14,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -39,6 +40,8 @@ class OptionSpec:
     negative_flag: str | None = None
     #: no flag at all (a field only the Python API sets)
     hidden: bool = False
+    #: a repeatable flag (``--prompts a --prompts b``) for a tuple field
+    repeat: bool = False
 
 
 def option(
@@ -52,6 +55,7 @@ def option(
     parse: Callable[[Any], Any] | None = None,
     negative_flag: str | None = None,
     hidden: bool = False,
+    repeat: bool = False,
 ) -> Any:
     """A dataclass field with its flag: ``position: str = option("any", "feature identity")``."""
     spec = OptionSpec(
@@ -63,6 +67,7 @@ def option(
         parse=parse,
         negative_flag=negative_flag,
         hidden=hidden,
+        repeat=repeat,
     )
     return dataclasses.field(default=default, metadata={_META: spec})
 
@@ -126,11 +131,14 @@ def add_flags(
         kwargs: dict[str, Any] = {"default": f.default, **common}
         if spec.parse is not None:
             kwargs["type"] = _argument_type(spec.parse, f.name)
-        elif scalar in (int, float, str):
+        elif scalar in (int, float, str, Path):
             kwargs["type"] = scalar
         if spec.choices is not None:
             kwargs["choices"] = list(spec.choices)
-        if many:
+        if many and spec.repeat:
+            kwargs["action"] = "append"
+            kwargs["default"] = []
+        elif many:
             kwargs["nargs"] = "+"
             kwargs["default"] = list(f.default)  # type: ignore[arg-type]  # option() sets one
         parser.add_argument(*names, **kwargs)
