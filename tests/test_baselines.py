@@ -253,3 +253,54 @@ def test_reference_run_has_baselines_and_sufficiency(reference):
     assert "## Baselines" in report and "## Sufficiency" in report
     assert "**Baselines (tested features " in report
     assert "**Sufficiency (" in report
+
+
+def test_patching_the_adapted_activations_equals_one_done_by_hand(micro_models, prompts):
+    """The position-by-position patch of sufficiency: each feature's activations in the
+    adapted model written into the base (layer-0 features, so nothing upstream moves), done
+    here with the encoder on the MLP's input and a hook that adds the decoder rows."""
+    from em_circuits.analysis.sufficiency import patched_changes
+
+    base, adapted = micro_models
+    keys = [(0, 3), (0, 7)]
+    transcoder = adapted.replacement.transcoders._module[0]
+
+    def activations(model, prompt):
+        seen = {}
+        block = model.hf_model.model.layers[0]
+        handle = block.post_attention_layernorm.register_forward_hook(
+            lambda _m, _a, out: seen.__setitem__("x", out)
+        )
+        try:
+            with torch.no_grad():
+                model.hf_model(model.encode_prompt(dict(prompt))[None])
+        finally:
+            handle.remove()
+        x = seen["x"][0].float()
+        pre = x @ transcoder.W_enc.float().T + transcoder.b_enc.float()
+        return transcoder.activation_function(pre)[:, [f for _, f in keys]]
+
+    moved = []
+    for prompt in prompts[:3]:
+        delta = (activations(adapted, prompt) - activations(base, prompt)).double()
+        delta[0] = 0  # BOS is never patched
+        write = delta @ transcoder.W_dec[[f for _, f in keys]].detach().double()
+
+        def add(_module, _args, output, write=write):
+            return output + write.to(output.dtype)[None]
+
+        handle = base.hf_model.model.layers[0].mlp.register_forward_hook(add)
+        try:
+            with torch.no_grad():
+                by_hand = _contrast(
+                    base.hf_model(base.encode_prompt(dict(prompt))[None]).logits, prompt
+                )
+        finally:
+            handle.remove()
+        clean = real_contrast(base, prompt)
+        changes, _ = patched_changes(base, adapted, [prompt], keys, 1.0, [clean])
+        assert changes[0] == pytest.approx(by_hand - clean, abs=1e-5)
+        moved.append(abs(by_hand - clean))
+        unchanged, _ = patched_changes(base, adapted, [prompt], keys, 0.0, [clean])
+        assert unchanged[0] == pytest.approx(0.0, abs=1e-6)
+    assert max(moved) > 1e-4  # the patch moved the contrast: the comparison is not vacuous

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from em_circuits.analysis.baselines import Key, real_contrast
+from em_circuits.analysis.causal import contrast_of
 from em_circuits.analysis.directions import added, residual_changed
 from em_circuits.core.progress import shared
-from em_circuits.models.hooks import transcoder_inputs, transcoder_set
+from em_circuits.models.hooks import real_model_logits, transcoder_inputs, transcoder_set
 from em_circuits.models.load import LoadedModel
 
 #: A steering: residual site -> the vector added there at dose 1.
@@ -149,3 +150,51 @@ def steered_changes(
         changes.append(real_contrast(base, prompt, edit) - before)
         progress.step()
     return np.array(changes)
+
+
+@torch.no_grad()
+def feature_activations(
+    model: LoadedModel, prompt: Mapping[str, Any], keys: Sequence[Key]
+) -> np.ndarray:
+    """(positions, features): each feature's activation at every position of one prompt."""
+    ids = model.encode_prompt(dict(prompt)).to(model.device)
+    transcoders = transcoder_set(model)
+    seen = transcoder_inputs(model, ids, sorted({layer for layer, _ in keys}))
+    columns = [transcoders[layer].encode(seen[layer][0]).float()[:, f] for layer, f in keys]
+    return torch.stack(columns, dim=1).cpu().numpy()
+
+
+@torch.no_grad()
+def patched_changes(
+    base: LoadedModel,
+    adapted: LoadedModel,
+    prompts: Sequence[Mapping[str, Any]],
+    keys: Sequence[Key],
+    scale: float,
+    clean: Sequence[float],
+) -> tuple[np.ndarray, float]:
+    """Per prompt: the base's contrast with each feature's activation moved, at every position
+    but BOS, from its base value toward its value in the adapted model on the same prompt
+    (``scale`` 1: the adapted activations written into the base; 0: unchanged), minus the
+    clean contrast; and the share of prompts whose top next token is then evil-labeled. What
+    the adapter does through these features, position by position, in the base."""
+    progress = shared("sufficiency: prompts patched", logging.getLogger(__name__))
+    changes, hits = [], 0
+    for prompt, before in zip(prompts, clean):
+        own, target = (
+            feature_activations(base, prompt, keys),
+            feature_activations(adapted, prompt, keys),
+        )
+        values = own + scale * (target - own)
+        interventions = [
+            (layer, pos, feature, float(values[pos, i]))
+            for i, (layer, feature) in enumerate(keys)
+            for pos in range(1, values.shape[0])  # BOS is never a feature node
+            if values[pos, i] != own[pos, i]
+        ]
+        ids = base.encode_prompt(dict(prompt))
+        logits = real_model_logits(base, ids, interventions)
+        changes.append(contrast_of(logits, prompt["evil_ids"], prompt["safe_ids"]) - before)
+        hits += int(int(logits[-1].argmax()) in prompt["evil_ids"])
+        progress.step()
+    return np.array(changes), hits / max(len(prompts), 1)

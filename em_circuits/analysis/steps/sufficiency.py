@@ -96,12 +96,43 @@ def _steerings(
     return out, info
 
 
+def _patched_rows(
+    ctx: AnalysisContext,
+    base: Any,
+    adapted: Any,
+    validation: list[dict[str, Any]],
+    clean: list[float],
+    scales: tuple[float, ...],
+) -> list[dict[str, Any]]:
+    """The tested features' (and, as control, the random features') adapted activations
+    written into the base position by position, over the doses: contrast only (a patch is of
+    one prompt's positions, so no free-form answers)."""
+    from em_circuits.analysis.baselines import change_statistics
+    from em_circuits.analysis.sufficiency import patched_changes
+
+    ids = [p["prompt_id"] for p in validation]
+    clusters = ctx.split().clusters
+    sets = {"tested_features_patched": tested_features(ctx)}
+    random = ((ctx.summary.get("baselines") or {}).get("features") or {}).get("random_features")
+    if random:
+        sets["random_features_patched"] = [(int(a), int(b)) for a, b in random]
+    rows = []
+    for name, keys in sets.items():
+        for scale in scales:
+            deltas, evil = patched_changes(base, adapted, validation, keys, scale, clean)
+            row = {"method": name, "model": "base", "scale": float(scale), "evil_top_share": evil}
+            row.update(change_statistics(deltas, ids, clusters, ctx.shared.n_perm, 0))
+            rows.append(row)
+    return rows
+
+
 class SufficiencyStep(Step):
     name = "sufficiency"
     Params = SufficiencyParams
     shared = ("seed", "n_perm")
     reads = ("split", "causal", "baselines")
     uses = frozenset({"graphs", "models", "em_judge"})
+    version = 2  # the position-by-position patch
 
     def run(self, ctx: AnalysisContext, params: SufficiencyParams) -> StepResult:
         from em_circuits.analysis.baselines import change_statistics, real_contrast
@@ -153,6 +184,7 @@ class SufficiencyStep(Step):
                     row["evil_top_share"] = evil_top_share(base, validation, edit)
                     row.update(unsteered if scale == 0 else em_of(base, edit))
                     rows.append(row)
+            rows += _patched_rows(ctx, base, adapted, validation, clean, params.sufficiency_scales)
         table = pd.DataFrame.from_records(rows).reindex(columns=COLUMNS)
         ctx.write_table(table, "sufficiency")
         summary = {
@@ -199,7 +231,11 @@ class SufficiencyStep(Step):
                 else f"no EM rates ({em})"
             )
             + ". The first row is the adapted model itself against the base (the gap to "
-            "close).\n",
+            "close). `tested_features_patched` writes each tested feature's activations in the "
+            "adapted model into the base on the same prompt, position by position (dose 1: "
+            "exactly the adapted values; between: moved part of the way), with "
+            "`random_features_patched` (the baselines' random features) as control: no free-form "
+            "answers there, since a patch is of one prompt's positions.\n",
             md_table(data.get("table") or [], COLUMNS),
             f"Full table: `{analysis_rel}/sufficiency.csv`.\n",
         ]
@@ -215,6 +251,19 @@ class SufficiencyStep(Step):
         direction = at.get("mean_diff_direction") or {}
         turns = (tested.get("evil_top_share") or 0) > 0
         em = tested.get("em_rate")
+        patched = at.get("tested_features_patched") or {}
+        random = at.get("random_features_patched") or {}
+        patch = (
+            f" Writing the features' adapted activations into the base position by position "
+            f"(dose {fmt(top)}) changes its contrast by {fmt(patched.get('contrast_change'))} "
+            f"(95% CI {fmt(patched.get('ci_low'))} to {fmt(patched.get('ci_high'))}), "
+            f"{_share(patched.get('contrast_change'), gap.get('contrast_change'))} of the gap, "
+            f"evil top token on {fmt(patched.get('evil_top_share'))}; random features patched "
+            f"the same way: {fmt(random.get('contrast_change'))}."
+            if patched
+            else ""
+        )
+        turns = turns or (patched.get("evil_top_share") or 0) > 0
         return [
             f"**Sufficiency ({'features make the base choose evil' if turns else 'not shown'}):**"
             f" at dose {fmt(top)} the tested features change the base's contrast by "
@@ -231,7 +280,15 @@ class SufficiencyStep(Step):
                 else ""
             )
             + "."
+            + patch
         ]
+
+
+def _share(part: Any, whole: Any) -> str:
+    """``part`` as a share of ``whole`` ("n/a" where either is missing or whole is 0)."""
+    if part is None or not whole:
+        return "n/a"
+    return fmt(float(part) / float(whole))
 
 
 STEP = SufficiencyStep()
