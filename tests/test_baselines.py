@@ -262,10 +262,9 @@ def test_patching_the_adapted_activations_equals_one_done_by_hand(micro_models, 
     from em_circuits.analysis.sufficiency import patched_changes
 
     base, adapted = micro_models
-    keys = [(0, 3), (0, 7)]
     transcoder = adapted.replacement.transcoders._module[0]
 
-    def activations(model, prompt):
+    def activations(model, prompt, features=None):
         seen = {}
         block = model.hf_model.model.layers[0]
         handle = block.post_attention_layernorm.register_forward_hook(
@@ -278,11 +277,21 @@ def test_patching_the_adapted_activations_equals_one_done_by_hand(micro_models, 
             handle.remove()
         x = seen["x"][0].float()
         pre = x @ transcoder.W_enc.float().T + transcoder.b_enc.float()
-        return transcoder.activation_function(pre)[:, [f for _, f in keys]]
+        acts = transcoder.activation_function(pre)
+        return acts if features is None else acts[:, features]
+
+    # the two layer-0 features the adapter moves most on these prompts (a visible patch)
+    moves = sum(
+        (activations(adapted, p) - activations(base, p))[1:].abs().sum(0) for p in prompts[:3]
+    )
+    keys = [(0, int(f)) for f in moves.topk(2).indices]
 
     moved = []
     for prompt in prompts[:3]:
-        delta = (activations(adapted, prompt) - activations(base, prompt)).double()
+        features = [f for _, f in keys]
+        delta = (
+            activations(adapted, prompt, features) - activations(base, prompt, features)
+        ).double()
         delta[0] = 0  # BOS is never patched
         write = delta @ transcoder.W_dec[[f for _, f in keys]].detach().double()
 
