@@ -291,7 +291,7 @@ def test_persistent_mismatch_is_a_clear_error_and_not_cached(server, client, sto
 
 def _human_labels(store, pid, text, disagreements, created):
     store.save_prompt({"text": text, "format": "raw", "name": pid, "origin": {"kind": "human"}})
-    from em_circuits.core.store import prompt_id
+    from em_circuits.core.identifiers import prompt_id
 
     real = prompt_id(text, "raw")
     toks = [{"index": "T1", "token": " keep", "token_id": 5, "label": "evil"}]

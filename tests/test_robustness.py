@@ -291,7 +291,7 @@ load_model(ModelSpec(base=base, adapter=adapter, transcoders=transcoders, name="
 
 @pytest.mark.slow
 def test_a_merge_killed_midway_leaves_no_model_copy_behind(micro_organism, tmp_path):
-    from em_circuits.core.store import _temp_prefix
+    from em_circuits.core.atomic import _temp_prefix
 
     results = tmp_path / "results"
     cache = results / "cache" / "merged"

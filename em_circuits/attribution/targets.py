@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from em_circuits.attribution.storage import GRAPH_FORMAT
+from em_circuits.core.identifiers import params_key
 from em_circuits.core.schemas import LabelsRecord
-from em_circuits.core.store import ResultsStore, params_key
+from em_circuits.core.store import ResultsStore
 from em_circuits.core.verdicts import TARGET_LABELS
 
 GraphMode = Literal["totals", "full"]

@@ -21,7 +21,8 @@ from em_circuits.cli.command_line import (  # noqa: F401  (next_command, ...: re
     stage_lock_for,
 )
 from em_circuits.cli.library_noise import quiet_library_notices
-from em_circuits.core.store import ResultsStore, remove_orphaned_temporaries
+from em_circuits.core.atomic import remove_orphaned_temporaries
+from em_circuits.core.store import ResultsStore
 from em_circuits.models.spec import ModelSpec
 
 

@@ -7,16 +7,11 @@ import json
 import logging
 from typing import Any
 
+from em_circuits.core.artifacts import utc_now
 from em_circuits.core.feedback import HumanFeedback, iter_human_feedback
 from em_circuits.core.prompt_records import user_visible
 from em_circuits.core.schemas import JudgeCallRecord
-from em_circuits.core.store import (
-    ArtifactError,
-    ResultsStore,
-    read_artifact,
-    utc_now,
-    write_artifact,
-)
+from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact, write_artifact
 from em_circuits.core.verdicts import LABELS
 from em_circuits.labeling.judge import RUBRIC_VERSION, JudgeError, JudgeOutcome
 

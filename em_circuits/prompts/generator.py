@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from em_circuits.core.identifiers import prompt_id, slugify
 from em_circuits.core.prompt_records import FORMATS, PromptError, build_record
-from em_circuits.core.store import ResultsStore, prompt_id, slugify
+from em_circuits.core.store import ResultsStore
 from em_circuits.prompts.context import (
     ContextItem,
     approx_tokens,
