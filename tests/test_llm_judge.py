@@ -14,7 +14,9 @@ from openai_server import (
     reply_text,
 )
 
-from em_circuits.core.llm import LLMClient, LLMError, find_api_key, find_base_url
+from em_circuits.core.llm import LLMClient
+from em_circuits.core.llm_endpoint import find_api_key, find_base_url
+from em_circuits.core.llm_errors import LLMError
 from em_circuits.core.store import ResultsStore, write_artifact
 from em_circuits.core.verdicts import verdict_of
 from em_circuits.labeling.judge import RUBRIC_VERSION, JudgeError, WordListJudge, load_word_lists

@@ -14,7 +14,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from em_circuits.core.identifiers import prompt_id
-from em_circuits.core.llm import LLMClient, LLMError
+from em_circuits.core.llm import LLMClient
+from em_circuits.core.llm_errors import LLMError
 from em_circuits.core.prompt_records import PromptError, PromptImportError, build_record
 from em_circuits.core.store import ResultsStore, write_artifact
 from em_circuits.prompts.context import ContextItem, render_context, select_context

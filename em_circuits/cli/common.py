@@ -351,7 +351,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from em_circuits.attribution.viewer_metadata import ViewerError
     from em_circuits.core.distributed import PeerFailedError
     from em_circuits.core.labeling_records import QueueError
-    from em_circuits.core.llm import LLMError
+    from em_circuits.core.llm_errors import LLMError
     from em_circuits.core.prompt_records import PromptError
     from em_circuits.core.stage_lock import StageBusyError
     from em_circuits.core.store import ArtifactError
