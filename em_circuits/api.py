@@ -91,7 +91,7 @@ def attribute_text(
     """
     from em_circuits.attribution.attribute import attribute_prompt
     from em_circuits.attribution.targets import AttributionParams, PromptTargets
-    from em_circuits.core.store import prompt_id
+    from em_circuits.core.identifiers import prompt_id
     from em_circuits.models.spec import ModelSpec
 
     loaded = load(model, device) if isinstance(model, ModelSpec) else model

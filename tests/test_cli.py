@@ -178,7 +178,7 @@ def test_pip_install_gives_the_command_with_every_subcommand(tmp_path):
 @pytest.mark.slow
 def test_graphs_for_an_adhoc_prompt_text(micro_organism, tmp_path):
     """`graphs --prompt TEXT`: stored, scored, judged, labeled by the judge, graphed, Next."""
-    from em_circuits.core.store import prompt_id
+    from em_circuits.core.identifiers import prompt_id
     from em_circuits.organism import heldout_pivotal_prompts
 
     text = heldout_pivotal_prompts()[0]["prompt"]
@@ -369,7 +369,7 @@ def test_graphs_for_an_adhoc_prompt_the_judge_does_not_flag(micro_organism, tmp_
     still graphed, with the judge's labels or the tokens --evil/--safe name."""
     from transformers import AutoTokenizer
 
-    from em_circuits.core.store import prompt_id
+    from em_circuits.core.identifiers import prompt_id
 
     tokenizer = AutoTokenizer.from_pretrained(str(micro_organism.base_dir))
     vocabulary = {tokenizer.decode([i]).strip() for i in range(len(tokenizer))} - {""}

@@ -14,7 +14,9 @@ from openai_server import (
     reply_text,
 )
 
-from em_circuits.core.llm import LLMClient, LLMError, find_api_key, find_base_url
+from em_circuits.core.llm import LLMClient
+from em_circuits.core.llm_endpoint import find_api_key, find_base_url
+from em_circuits.core.llm_errors import LLMError
 from em_circuits.core.store import ResultsStore, write_artifact
 from em_circuits.core.verdicts import verdict_of
 from em_circuits.labeling.judge import RUBRIC_VERSION, JudgeError, WordListJudge, load_word_lists
@@ -291,7 +293,7 @@ def test_persistent_mismatch_is_a_clear_error_and_not_cached(server, client, sto
 
 def _human_labels(store, pid, text, disagreements, created):
     store.save_prompt({"text": text, "format": "raw", "name": pid, "origin": {"kind": "human"}})
-    from em_circuits.core.store import prompt_id
+    from em_circuits.core.identifiers import prompt_id
 
     real = prompt_id(text, "raw")
     toks = [{"index": "T1", "token": " keep", "token_id": 5, "label": "evil"}]

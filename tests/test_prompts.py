@@ -13,9 +13,11 @@ from openai_server import OpenAIServer, reply_error, reply_json, reply_slow
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from em_circuits.core.llm import LLMClient, LLMError
+from em_circuits.core.identifiers import prompt_id
+from em_circuits.core.llm import LLMClient
+from em_circuits.core.llm_errors import LLMError
 from em_circuits.core.prompt_records import PromptError, PromptImportError, build_record
-from em_circuits.core.store import ResultsStore, prompt_id, write_artifact
+from em_circuits.core.store import ResultsStore, write_artifact
 from em_circuits.prompts.context import ContextItem, render_context, select_context
 from em_circuits.prompts.dedup import Deduper, SaveSummary
 from em_circuits.prompts.generator import generate_llm_prompts

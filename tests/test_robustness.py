@@ -123,7 +123,7 @@ def _ask(client, what="judging prompt p-slow"):
 
 @pytest.mark.slow
 def test_a_call_deadline_bounds_every_retry_together_with_one_clear_error(server):
-    from em_circuits.core.llm import LLMError
+    from em_circuits.core.llm_errors import LLMError
 
     # Every reply arrives just after the per-request timeout: without an overall deadline the
     # client would wait max_tries x timeout.
@@ -143,7 +143,7 @@ def test_a_call_deadline_bounds_every_retry_together_with_one_clear_error(server
 
 
 def test_a_run_deadline_that_has_passed_stops_before_any_request(server):
-    from em_circuits.core.llm import LLMError
+    from em_circuits.core.llm_errors import LLMError
 
     client = _client(server, run_deadline=5.0, run_started=time.monotonic() - 10.0)
     with pytest.raises(LLMError, match="--run-deadline"):
@@ -291,7 +291,7 @@ load_model(ModelSpec(base=base, adapter=adapter, transcoders=transcoders, name="
 
 @pytest.mark.slow
 def test_a_merge_killed_midway_leaves_no_model_copy_behind(micro_organism, tmp_path):
-    from em_circuits.core.store import _temp_prefix
+    from em_circuits.core.atomic import _temp_prefix
 
     results = tmp_path / "results"
     cache = results / "cache" / "merged"

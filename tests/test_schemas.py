@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from em_circuits.core import schemas, store
+from em_circuits.core import artifacts, schemas
 from em_circuits.core.record_checks import record_problems
 from em_circuits.core.schemas import ARTIFACT_KEYS, RECORDS
 from em_circuits.core.store import ArtifactError, read_artifact, write_artifact
@@ -94,7 +94,7 @@ def test_required_keys_are_derived_from_the_records():
         "report": (),
         "organism_report": (),
     }
-    assert store.ARTIFACT_KEYS is ARTIFACT_KEYS
+    assert artifacts.ARTIFACT_KEYS is ARTIFACT_KEYS
     assert set(RECORDS) == set(ARTIFACT_KEYS)
 
 
@@ -162,7 +162,7 @@ def test_write_refuses_what_read_would_refuse(tmp_path):
 
 def test_records_leave_the_bytes_on_disk_unchanged(tmp_path, monkeypatch):
     # Runs are compared byte for byte: the envelope, key order and formatting are fixed.
-    monkeypatch.setattr(store, "utc_now", lambda: "2030-01-01T00:00:00+00:00")
+    monkeypatch.setattr(artifacts, "utc_now", lambda: "2030-01-01T00:00:00+00:00")
     path = tmp_path / "p.json"
     write_artifact(
         path,

@@ -13,8 +13,9 @@ from test_pipeline import _run
 
 from em_circuits.analysis.steps.base import SharedParams, Step, StepResult
 from em_circuits.cli.common import add_analysis_args, analysis_params
+from em_circuits.core.identifiers import params_key
 from em_circuits.core.options import add_flags, from_args, option
-from em_circuits.core.store import ResultsStore, params_key, read_json
+from em_circuits.core.store import ResultsStore, read_json
 from em_circuits.run.steps import STEPS, AnalysisParams, field_owners, run_order
 
 

@@ -7,15 +7,9 @@ import os
 
 import pytest
 
-from em_circuits.core.store import (
-    ArtifactError,
-    ResultsStore,
-    atomic_write_text,
-    params_key,
-    prompt_id,
-    read_artifact,
-    write_artifact,
-)
+from em_circuits.core.atomic import atomic_write_text
+from em_circuits.core.identifiers import params_key, prompt_id
+from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact, write_artifact
 
 
 def test_prompt_id_is_a_stable_content_hash_of_text_and_format():
@@ -106,7 +100,7 @@ def test_orphaned_temporaries_of_killed_writers_are_removed_live_ones_kept(tmp_p
     import subprocess
     import sys
 
-    from em_circuits.core.store import _temp_prefix, remove_orphaned_temporaries
+    from em_circuits.core.atomic import _temp_prefix, remove_orphaned_temporaries
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True

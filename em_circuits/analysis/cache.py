@@ -13,8 +13,9 @@ import pandas as pd
 from em_circuits.analysis.effects import ANALYSIS_VERSION, METRICS, parse_position, prompt_effects
 from em_circuits.attribution.storage import CompactGraph, content_fingerprint
 from em_circuits.core.atomic import atomic_write_bytes
+from em_circuits.core.identifiers import params_key
 from em_circuits.core.schemas import FeatureEffectsRecord
-from em_circuits.core.store import ResultsStore, params_key, read_artifact, write_artifact
+from em_circuits.core.store import ResultsStore, read_artifact, write_artifact
 
 
 def graph_fingerprint(graph: CompactGraph) -> str:

@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from em_circuits.core.store import atomic_path
+from em_circuits.core.atomic import atomic_path
 
 CATEGORY_COLORS = {
     "gained": "tab:red",

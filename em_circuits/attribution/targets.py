@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from em_circuits.attribution.storage import GRAPH_FORMAT
+from em_circuits.core.identifiers import params_key
 from em_circuits.core.options import option
 from em_circuits.core.schemas import LabelsRecord
-from em_circuits.core.store import ResultsStore, params_key
+from em_circuits.core.store import ResultsStore
 from em_circuits.core.verdicts import TARGET_LABELS
 
 GraphMode = Literal["totals", "full"]

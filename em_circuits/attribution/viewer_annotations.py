@@ -16,7 +16,7 @@ from em_circuits.attribution.viewer_metadata import (
     node_feature,
     read_metadata,
 )
-from em_circuits.core.store import atomic_write_text
+from em_circuits.core.atomic import atomic_write_text
 
 #: The side-by-side page reads the analysis's top features and categories from this file.
 ANALYSIS_FILE = "analysis.json"

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 from circuit_tracer.frontend.local_server import CircuitGraphHandler, ReusableTCPServer
 
 from em_circuits.attribution.viewer_metadata import read_metadata
-from em_circuits.core.store import atomic_write_text
+from em_circuits.core.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 

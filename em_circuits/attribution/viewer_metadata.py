@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from em_circuits.core.store import atomic_write_text
+from em_circuits.core.atomic import atomic_write_text
 
 ROLES = ("base", "adapted")
 

@@ -24,7 +24,7 @@ _SECRET_VALUED_FLAGS = ("--base-url",)  # may embed user:password@
 
 def _public_words(words: list[str]) -> list[str]:
     """``words`` with any credentials in a --base-url value blanked (never printed)."""
-    from em_circuits.core.llm import public_url
+    from em_circuits.core.llm_endpoint import public_url
 
     out: list[str] = []
     for i, word in enumerate(words):
@@ -101,7 +101,7 @@ def next_command(args: argparse.Namespace, command: str, *extra: str) -> str:
 def resume_hint(err: BaseException) -> str:
     """For an LLM deadline or a slow endpoint: that finished work is stored, and the command
     that continues (the same one); else nothing."""
-    from em_circuits.core.llm import LLMDeadlineError
+    from em_circuits.core.llm_errors import LLMDeadlineError
 
     if not isinstance(err, LLMDeadlineError):
         return ""

@@ -21,7 +21,8 @@ from em_circuits.cli.command_line import (  # noqa: F401  (next_command, ...: re
     stage_lock_for,
 )
 from em_circuits.cli.library_noise import quiet_library_notices
-from em_circuits.core.store import ResultsStore, remove_orphaned_temporaries
+from em_circuits.core.atomic import remove_orphaned_temporaries
+from em_circuits.core.store import ResultsStore
 from em_circuits.models.spec import ModelSpec
 
 
@@ -287,7 +288,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from em_circuits.attribution.viewer_metadata import ViewerError
     from em_circuits.core.distributed import PeerFailedError
     from em_circuits.core.labeling_records import QueueError
-    from em_circuits.core.llm import LLMError
+    from em_circuits.core.llm_errors import LLMError
     from em_circuits.core.prompt_records import PromptError
     from em_circuits.core.stage_lock import StageBusyError
     from em_circuits.core.store import ArtifactError

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     store = setup(args)
     for noisy in ("httpx2", "httpcore2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from em_circuits.core.llm import LLMError
+    from em_circuits.core.llm_errors import LLMError
     from em_circuits.core.store import ArtifactError
     from em_circuits.labeling.judge import JudgeError, make_judge
     from em_circuits.labeling.logits_stage import evaluate, offline_judge_words

@@ -44,7 +44,7 @@ from em_circuits.cli.common import (
     setup,
     stage_lock_for,
 )
-from em_circuits.core.llm import LLMError
+from em_circuits.core.llm_errors import LLMError
 from em_circuits.core.prompt_records import FORMATS, PromptError
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.spec import ModelLoadError

@@ -24,8 +24,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from em_circuits.cli.common import make_parser, next_command, setup
+
+if TYPE_CHECKING:
+    from em_circuits.transcoders.training import TrainingParams, TrainingResult
 
 TRAIN_DOC = """Train skip-transcoders on every MLP of a base model with EleutherAI's sparsify.
 
@@ -90,7 +94,8 @@ def missing_train_packages() -> list[str]:
     return missing
 
 
-def _train(argv: list[str], prog: str) -> int:
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    """The flags of `transcoders train`, with TrainingParams' defaults."""
     from em_circuits.transcoders.training import TrainingParams
 
     defaults = TrainingParams()
@@ -165,23 +170,14 @@ def _train(argv: list[str], prog: str) -> int:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="the model's dtype (the transcoders train in float32); auto = bfloat16 on CUDA",
     )
-    args = parser.parse_args(argv)
-    missing = missing_train_packages()
-    if missing:
-        print(
-            f"error: training needs {' and '.join(missing)}, which are not installed: "
-            "pip install 'em-circuits[train]' (pins: requirements-train.txt)",
-            file=sys.stderr,
-        )
-        return 2
-    for flag in ("k", "expansion_factor", "ctx_len", "batch_size", "epochs", "save_every"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    store = setup(args)
+    return parser
 
-    from em_circuits.transcoders.training import TrainingParams, train_transcoders
 
-    params = TrainingParams(
+def _training_params(args: argparse.Namespace) -> TrainingParams:
+    """The TrainingParams the flags give."""
+    from em_circuits.transcoders.training import TrainingParams
+
+    return TrainingParams(
         k=args.k,
         expansion_factor=args.expansion_factor,
         num_latents=args.num_latents,
@@ -198,6 +194,13 @@ def _train(argv: list[str], prog: str) -> int:
         max_tokens=args.max_tokens,
         save_every=args.save_every,
     )
+
+
+def _base_and_dataset(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[str, Any, str | None]:
+    """The base model, the training text and its name: the flags', else the toy organism's base
+    and (without --dataset) its documents; a base of one's own needs --dataset."""
     base, dataset, dataset_name = args.base_model, args.dataset, args.dataset
     if base is None:
         from em_circuits.organism import ensure_default_organism
@@ -213,6 +216,40 @@ def _train(argv: list[str], prog: str) -> int:
             dataset = datasets.Dataset.from_dict({args.text_column: organism_corpus(3000)})
     if dataset is None:
         parser.error("give --dataset (a text/JSONL file, a save_to_disk folder or a hub id)")
+    return base, dataset, dataset_name
+
+
+def _print_trained(result: TrainingResult) -> None:
+    """What a finished training made, and the next command."""
+    rate = f", {result.tokens_per_second:,.0f} tokens/s" if result.tokens_per_second else ""
+    print(f"trained {result.steps} steps, {result.tokens:,} tokens in all{rate}")
+    print(f"transcoders: {result.config_path}")
+    print(
+        "Next: `em-circuits transcoders quality --base-model ... --adapter ... --transcoders "
+        f"{result.config_path.parent}` measures them; pass the same --transcoders to every stage"
+    )
+
+
+def _train(argv: list[str], prog: str) -> int:
+    parser = _train_parser(prog)
+    args = parser.parse_args(argv)
+    missing = missing_train_packages()
+    if missing:
+        print(
+            f"error: training needs {' and '.join(missing)}, which are not installed: "
+            "pip install 'em-circuits[train]' (pins: requirements-train.txt)",
+            file=sys.stderr,
+        )
+        return 2
+    for flag in ("k", "expansion_factor", "ctx_len", "batch_size", "epochs", "save_every"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    store = setup(args)
+
+    from em_circuits.transcoders.training import train_transcoders
+
+    params = _training_params(args)
+    base, dataset, dataset_name = _base_and_dataset(args, parser)
     out = args.out or store.trained_transcoders_dir(Path(base.rstrip("/")).name)
     result = train_transcoders(
         base,
@@ -229,13 +266,7 @@ def _train(argv: list[str], prog: str) -> int:
     )
     if not result.main_process:
         return 0  # the main process of the launch reports
-    rate = f", {result.tokens_per_second:,.0f} tokens/s" if result.tokens_per_second else ""
-    print(f"trained {result.steps} steps, {result.tokens:,} tokens in all{rate}")
-    print(f"transcoders: {result.config_path}")
-    print(
-        "Next: `em-circuits transcoders quality --base-model ... --adapter ... --transcoders "
-        f"{result.config_path.parent}` measures them; pass the same --transcoders to every stage"
-    )
+    _print_trained(result)
     return 0
 
 

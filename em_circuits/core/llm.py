@@ -3,10 +3,9 @@
 The prompt generator and the judge both go through :class:`LLMClient`, so retries, structured
 output, JSON validation and secret handling live in one place.
 
-* The endpoint is the official OpenAI API by default; ``--base-url`` or ``OPENAI_BASE_URL``
-  points it at vLLM, Ollama, LiteLLM or any proxy that speaks ``/v1/chat/completions``.
-* The key comes from ``OPENAI_API_KEY`` in the environment or in a ``.env`` file. It is kept
-  in memory only: it never appears in a repr, a log line, an error message or an artifact.
+* The endpoint and the key are found by :mod:`em_circuits.core.llm_endpoint` (the OpenAI API
+  unless ``--base-url`` or ``OPENAI_BASE_URL`` names another); the key is kept in memory only:
+  it never appears in a repr, a log line, an error message or an artifact.
 * The ``openai`` client's own retries are switched off (``max_retries=0``): our loop retries
   429, 5xx, timeouts and connection errors with exponential backoff and logs every attempt, so
   the behaviour is visible and testable.
@@ -18,18 +17,16 @@ output, JSON validation and secret handling live in one place.
 * Structured output: ``response_format`` with a JSON schema is requested where the server
   accepts it (a server that rejects the option is asked again without it, once per client),
   and the reply is always parsed and validated here, whatever the server promised. A reply
-  that fails validation is re-asked with the list of problems, a bounded number of times.
+  that fails validation is re-asked with the list of problems, a bounded number of times
+  (parsing and the re-ask's wording: :mod:`em_circuits.core.llm_replies`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,79 +34,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from em_circuits.core.llm_endpoint import KEY_ENV, find_api_key, find_base_url, public_url
+from em_circuits.core.llm_errors import (
+    InvalidReplyError,
+    LLMDeadlineError,
+    LLMError,
+    ReplyValidationError,
+)
+from em_circuits.core.llm_replies import (
+    Reply,
+    first_token_top_logprobs,
+    mentions_response_format,
+    parse_json_reply,
+    reask_message,
+    reply_content,
+    retry_after_seconds,
+    score_from_top_logprobs,
+    short_error_text,
+)
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 DEFAULT_MODEL = "o3"
-KEY_ENV = "OPENAI_API_KEY"
-BASE_URL_ENV = "OPENAI_BASE_URL"
 
 # Model families that take ``max_completion_tokens`` and reject ``temperature``.
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
-
-
-class LLMError(RuntimeError):
-    """An LLM call failed for good (after all retries, or with a non-retryable error)."""
-
-
-class InvalidReplyError(LLMError):
-    """The model answered, but never validly within the allowed re-asks."""
-
-
-class LLMDeadlineError(LLMError):
-    """A call's deadline (all tries included) or the run's deadline passed."""
-
-
-class ReplyValidationError(ValueError):
-    """A reply parsed but does not say what was asked; ``problems`` lists why, for a re-ask."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("; ".join(problems))
-
-
-# -- configuration: key and endpoint ---------------------------------------------------------------
-def _dotenv_values(env_file: Path | str | None) -> dict[str, str]:
-    """Values of a .env file (the given one, else the nearest one from the working directory).
-
-    The file is read, not loaded into ``os.environ``, so the key does not leak into child
-    processes this pipeline starts.
-    """
-    from dotenv import dotenv_values, find_dotenv
-
-    path = str(env_file) if env_file else find_dotenv(usecwd=True)
-    if not path:
-        return {}
-    if env_file and not Path(env_file).is_file():
-        raise LLMError(f"env file {env_file} does not exist")
-    return {k: v for k, v in dotenv_values(path).items() if v}
-
-
-def find_api_key(env_file: Path | str | None = None) -> str | None:
-    """``OPENAI_API_KEY`` from the environment, else from a .env file; None when neither has it."""
-    return os.environ.get(KEY_ENV) or _dotenv_values(env_file).get(KEY_ENV) or None
-
-
-def find_base_url(explicit: str | None = None, env_file: Path | str | None = None) -> str | None:
-    """The endpoint: the flag, else ``OPENAI_BASE_URL`` (environment, then .env), else None."""
-    return (
-        explicit
-        or os.environ.get(BASE_URL_ENV)
-        or _dotenv_values(env_file).get(BASE_URL_ENV)
-        or None
-    )
-
-
-def public_url(url: str | None) -> str | None:
-    """The endpoint without any ``user:password@`` part, safe to store and log."""
-    if not url:
-        return url
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def is_reasoning_model(model: str) -> bool:
@@ -117,49 +68,7 @@ def is_reasoning_model(model: str) -> bool:
     return name.startswith(_REASONING_PREFIXES)
 
 
-# -- parsing ---------------------------------------------------------------------------------------
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
-
-
-def parse_json_reply(text: str) -> Any:
-    """Parse a JSON reply; tolerates a Markdown code fence around it, nothing else.
-
-    A reply that is not JSON raises ``ReplyValidationError``: it is never used as data.
-    """
-    if text is None or not text.strip():
-        raise ReplyValidationError(["the reply was empty; reply with one JSON object"])
-    candidates = [text.strip()]
-    fenced = _FENCE.search(text)
-    if fenced:
-        candidates.insert(0, fenced.group(1).strip())
-    errors: list[json.JSONDecodeError] = []
-    for candidate in candidates:
-        try:
-            return json.loads(candidate)
-        except json.JSONDecodeError as err:
-            errors.append(err)
-    first_error = errors[0]  # candidates is never empty, and every one failed
-    raise ReplyValidationError(
-        [
-            f"the reply is not valid JSON ({first_error.msg} at line {first_error.lineno} "
-            f"column {first_error.colno}); reply with one JSON object and nothing else"
-        ]
-    )
-
-
 # -- the client ------------------------------------------------------------------------------------
-@dataclass
-class Reply:
-    """One completed chat call."""
-
-    text: str
-    model: str
-    attempts: int
-    #: The first output token's most probable alternatives (token, log-probability), when
-    #: asked for with ``top_logprobs``.
-    top_logprobs: list[tuple[str, float]] | None = None
-
-
 @dataclass
 class LLMClient:
     """A chat-completions client with logged retries and validated JSON replies.
@@ -360,15 +269,7 @@ class LLMClient:
         with self._call(what):
             reply = self._chat(messages, None, "score", top_logprobs=20)
         alternatives = reply.top_logprobs or []
-        weights: dict[int, float] = {}
-        for token, logprob in alternatives:
-            text = token.strip()
-            if text.isdigit() and 0 <= int(text) <= 100:
-                weights[int(text)] = weights.get(int(text), 0.0) + math.exp(logprob)
-        total = sum(weights.values())
-        if total < 0.25:
-            return None, alternatives
-        return sum(k * p for k, p in weights.items()) / total, alternatives
+        return score_from_top_logprobs(alternatives), alternatives
 
     def _chat(
         self,
@@ -392,7 +293,7 @@ class LLMClient:
                     response = self._openai().chat.completions.create(**args, timeout=timeout)
             except openai.APIStatusError as err:
                 status = err.status_code
-                if status == 400 and "response_format" in args and _mentions_format(err):
+                if status == 400 and "response_format" in args and mentions_response_format(err):
                     # Older vLLM/Ollama builds reject json_schema: validate ourselves instead.
                     log.warning(
                         "%s rejects response_format json_schema; asking without it", self.endpoint
@@ -405,7 +306,7 @@ class LLMClient:
                         "(not retried: fix the model name, key or request)"
                     ) from None
                 last_error = f"HTTP {status}: {self._short(err)}"
-                retry_after = _retry_after(err)
+                retry_after = retry_after_seconds(err)
             except openai.APITimeoutError:
                 last_error = f"no reply within {timeout:g} s (timeout)"
                 retry_after = None
@@ -415,10 +316,10 @@ class LLMClient:
                 retry_after = None
             else:
                 return Reply(
-                    _content(response),
+                    reply_content(response),
                     getattr(response, "model", self.model),
                     attempt,
-                    _top_logprobs(response) if top_logprobs else None,
+                    first_token_top_logprobs(response) if top_logprobs else None,
                 )
             if attempt < self.max_tries:
                 delay = self._backoff(attempt, retry_after)
@@ -447,7 +348,7 @@ class LLMClient:
 
     def _short(self, err: Exception) -> str:
         """A one-line error text with the key blanked out (some servers echo it back)."""
-        text = _short(err)
+        text = short_error_text(err)
         return text.replace(self.api_key, "***") if self.api_key else text
 
     def chat_json(
@@ -503,48 +404,6 @@ class LLMClient:
             f"{self.model} at {self.endpoint}: reply still invalid after {max_reasks + 1} "
             f"tries: {'; '.join(problems)[:800]}"
         )
-
-
-def reask_message(problems: list[str]) -> str:
-    listed = "\n".join(f"- {p}" for p in problems[:20])
-    return (
-        "Your reply could not be used:\n"
-        f"{listed}\n"
-        "Reply again with the complete corrected JSON object only."
-    )
-
-
-def _content(response: Any) -> str:
-    try:
-        return response.choices[0].message.content or ""
-    except (AttributeError, IndexError, TypeError):
-        return ""
-
-
-def _top_logprobs(response: Any) -> list[tuple[str, float]]:
-    try:
-        first = response.choices[0].logprobs.content[0]
-    except (AttributeError, IndexError, TypeError):
-        return []
-    return [(alt.token, float(alt.logprob)) for alt in (first.top_logprobs or [])]
-
-
-def _short(err: Exception) -> str:
-    message = getattr(err, "message", None) or str(err)
-    return " ".join(str(message).split())[:300]
-
-
-def _mentions_format(err: Exception) -> bool:
-    return "response_format" in str(err) or "json_schema" in str(err)
-
-
-def _retry_after(err: Any) -> float | None:
-    response = getattr(err, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def client_from_settings(

@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from em_circuits.core.llm import DEFAULT_MODEL, client_from_settings, find_api_key
+from em_circuits.core.llm import DEFAULT_MODEL, client_from_settings
+from em_circuits.core.llm_endpoint import find_api_key
 from em_circuits.core.options import option
 
 if TYPE_CHECKING:

@@ -216,7 +216,7 @@ def adhoc_record(text: str) -> dict[str, Any]:
 
 
 def adhoc_prompt_id(text: str) -> str:
-    from em_circuits.core.store import prompt_id
+    from em_circuits.core.identifiers import prompt_id
 
     record = adhoc_record(text)
     return prompt_id(record["text"], record["format"])

@@ -1,6 +1,6 @@
 """Typed records of every artifact kind.
 
-Every JSON file that :func:`em_circuits.core.store.write_artifact` writes is one *record*
+Every JSON file that :func:`em_circuits.core.artifacts.write_artifact` writes is one *record*
 below: the envelope (``schema``, ``schema_version``, ``created``) plus its kind's payload. The
 keys of a record's ``_...Keys`` base are required: ``write_artifact`` refuses a payload without
 them, and ``read_artifact`` a file that lacks one or holds a value of the wrong basic type

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from em_circuits.core.atomic import atomic_path
 from em_circuits.core.labeling_records import (
     LIST_PREFIX,
     QueueError,
@@ -21,7 +22,7 @@ from em_circuits.core.labeling_records import (
     token_entries,
 )
 from em_circuits.core.schemas import LabelsRecord, QueueItemRecord, VerdictRecord
-from em_circuits.core.store import ResultsStore, atomic_path
+from em_circuits.core.store import ResultsStore
 from em_circuits.core.verdicts import LABELS
 from em_circuits.labeling.items import QueueFilter
 from em_circuits.labeling.labels import commit_human_labels

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from em_circuits.core.artifacts import utc_now
 from em_circuits.core.labeling_records import (
     QueueError,
     load_item,
@@ -51,7 +52,7 @@ from em_circuits.core.schemas import (
     QueueState,
     VerdictRecord,
 )
-from em_circuits.core.store import ResultsStore, utc_now, write_artifact
+from em_circuits.core.store import ResultsStore, write_artifact
 from em_circuits.labeling.leases import held_by_other, queue_lock
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from em_circuits.core.artifacts import utc_now
 from em_circuits.core.llm_settings import LLMSettings
-from em_circuits.core.store import ResultsStore, utc_now
+from em_circuits.core.store import ResultsStore
 
 RUBRIC_VERSION = "2025-11-25.1"
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from em_circuits.core.artifacts import utc_now
 from em_circuits.core.labeling_records import (
     QueueError,
     entries_by_index,
@@ -23,7 +24,7 @@ from em_circuits.core.labeling_records import (
     token_entries,
 )
 from em_circuits.core.schemas import LabelsRecord, QueueItemRecord, VerdictRecord
-from em_circuits.core.store import ResultsStore, read_artifact, utc_now, write_artifact
+from em_circuits.core.store import ResultsStore, read_artifact, write_artifact
 from em_circuits.core.verdicts import LABELS, verdict_of
 from em_circuits.labeling.items import (
     QueueFilter,

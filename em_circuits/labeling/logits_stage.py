@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from em_circuits.core.distributed import current_shard
+from em_circuits.core.identifiers import params_key
 from em_circuits.core.prompt_records import chat_parts
 from em_circuits.core.schemas import LogitsRecord, PromptRecord, TopKEntry, VerdictRecord
-from em_circuits.core.store import ResultsStore, params_key, write_artifact
+from em_circuits.core.store import ResultsStore, write_artifact
 from em_circuits.core.verdicts import (
     DIVERGENCE_TAU_ADAPTED,
     DIVERGENCE_TAU_BASE,

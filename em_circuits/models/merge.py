@@ -13,8 +13,12 @@ from typing import Any
 
 import torch
 
-from em_circuits.core.atomic import apply_default_modes, crash_point, make_temp_dir
-from em_circuits.core.store import atomic_write_text
+from em_circuits.core.atomic import (
+    apply_default_modes,
+    atomic_write_text,
+    crash_point,
+    make_temp_dir,
+)
 from em_circuits.models.adapter_check import check_adapter_fits
 from em_circuits.models.spec import ModelLoadError, ModelSpec, resolve_model_dir
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from em_circuits.core.store import slugify
+from em_circuits.core.identifiers import slugify
 from em_circuits.models.content_hash import dir_identity
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help and specs stay fast

@@ -18,7 +18,8 @@ from typing import Any
 from em_circuits.analysis.steps.base import Step
 from em_circuits.analysis.steps.context import AnalysisContext, chosen_graphs
 from em_circuits.analysis.steps.runner import run_steps
-from em_circuits.core.store import ResultsStore, params_key, read_json, write_artifact
+from em_circuits.core.identifiers import params_key
+from em_circuits.core.store import ResultsStore, read_json, write_artifact
 from em_circuits.models.load import ResidentModels
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
 from em_circuits.run.steps import STEPS, AnalysisParams, run_order

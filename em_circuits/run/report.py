@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from em_circuits.attribution.viewer_metadata import read_metadata
+from em_circuits.core.atomic import atomic_write_text
 from em_circuits.core.markdown import (
     VIEWER_NOTE,
     md_table,
@@ -23,7 +24,7 @@ from em_circuits.core.markdown import (
     with_prompt_links,
 )
 from em_circuits.core.sections import ReportInputs
-from em_circuits.core.store import ResultsStore, atomic_write_text, read_json
+from em_circuits.core.store import ResultsStore, read_json
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
 from em_circuits.run.report_html import render_html
 from em_circuits.run.steps import SECTIONS

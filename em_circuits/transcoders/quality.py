@@ -30,7 +30,8 @@ from typing import Any, Literal
 
 import torch
 
-from em_circuits.core.store import ResultsStore, params_key, write_artifact
+from em_circuits.core.identifiers import params_key
+from em_circuits.core.store import ResultsStore, write_artifact
 from em_circuits.models.load import LoadedModel, right_padded
 
 log = logging.getLogger(__name__)

@@ -29,9 +29,10 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
+from em_circuits.core.atomic import atomic_write_text
+from em_circuits.core.identifiers import params_key
 from em_circuits.core.options import option
 from em_circuits.core.sections import ReportInputs, Section, read_table, records
-from em_circuits.core.store import atomic_write_text, params_key
 
 __all__ = ["ReportInputs", "Section", "read_table", "records"]
 

@@ -22,8 +22,9 @@ import pandas as pd
 
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
 from em_circuits.analysis.steps.causal import causal_prompts
+from em_circuits.core.atomic import atomic_write_text
 from em_circuits.core.options import option
-from em_circuits.core.store import atomic_write_text, read_json, write_artifact
+from em_circuits.core.store import read_json, write_artifact
 
 if TYPE_CHECKING:
     from em_circuits.analysis.baseline_run import BaselineResult

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
+from em_circuits.core.atomic import atomic_write_text
 from em_circuits.core.markdown import feature_list, fmt, md_table
 from em_circuits.core.options import option
-from em_circuits.core.store import atomic_write_text, read_json, write_artifact
+from em_circuits.core.store import read_json, write_artifact
 from em_circuits.models.spec import ModelSpec
 
 if TYPE_CHECKING:

@@ -19,7 +19,9 @@ from typing import Any
 from em_circuits.analysis.effects import ANALYSIS_VERSION
 from em_circuits.analysis.steps.base import Step, StepResult, shared_values, step_key
 from em_circuits.analysis.steps.context import AnalysisContext
-from em_circuits.core.store import params_key, read_json, utc_now, write_artifact
+from em_circuits.core.artifacts import utc_now
+from em_circuits.core.identifiers import params_key
+from em_circuits.core.store import read_json, write_artifact
 
 log = logging.getLogger(__name__)
 
