@@ -175,11 +175,6 @@ def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     return cls(**values)
 
 
-def defaults_of(cls: type) -> dict[str, Any]:
-    """Each option field's default, by field name."""
-    return {f.name: f.default for f, _, _ in option_fields(cls)}
-
-
 def check_shared_fields(classes: Iterable[type]) -> None:
     """Fields of the same name in several dataclasses of one command share one flag: their
     defaults and types must agree, or the flag would set them differently."""
