@@ -40,7 +40,7 @@ def __getattr__(name: str) -> object:
 
         return AnalysisParams
     if name == "PipelineConfig":
-        from em_circuits.run.pipeline import PipelineConfig
+        from em_circuits.run.config import PipelineConfig
 
         return PipelineConfig
     raise AttributeError(f"module 'em_circuits' has no attribute {name!r}")

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from em_circuits.attribution.storage import CompactGraph
     from em_circuits.models.load import LoadedModel
     from em_circuits.models.spec import ModelSpec
-    from em_circuits.run.pipeline import PipelineConfig
+    from em_circuits.run.config import PipelineConfig
 
 
 def model_spec(
@@ -165,7 +165,8 @@ def run_stages(
     """
     import dataclasses
 
-    from em_circuits.run.pipeline import PipelineConfig, run_pipeline
+    from em_circuits.run.config import PipelineConfig
+    from em_circuits.run.pipeline import run_pipeline
     from em_circuits.run.steps import AnalysisParams
 
     adapted = spec if spec is not None else toy_organism_spec()

@@ -431,7 +431,7 @@ def test_the_analysis_and_report_say_how_much_goes_through_the_adapter_nodes(
     import em_circuits as em
     from em_circuits.attribution.targets import FullGraphChoice
     from em_circuits.models.spec import ModelSpec
-    from em_circuits.run.pipeline import PipelineConfig
+    from em_circuits.run.config import PipelineConfig
 
     model = setup[0]
     results = tmp_path / "results"

@@ -238,7 +238,7 @@ def test_full_graphs_flag_takes_a_number_and_prompt_ids():
     assert not choice("--full-graphs", "0")
     assert choice("--full-graphs", "5", "3f2a9c0d") == FullGraphChoice(("3f2a9c0d",), 5)
     assert choice("--full-graphs", "3f2a9c0d") == FullGraphChoice(("3f2a9c0d",), 0)
-    assert parser.parse_args([]).graph_mode == "totals"
+    assert parser.parse_args([]).mode == "totals"  # AttributionParams.mode, --graph-mode
 
 
 def test_cache_lists_and_prunes_merges_that_no_result_uses(tmp_path, capsys):

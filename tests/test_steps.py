@@ -269,7 +269,7 @@ def test_run_and_graphs_flags_are_the_configs_fields():
     from em_circuits.attribution.targets import AttributionParams
     from em_circuits.cli.common import add_graph_args, graph_params
     from em_circuits.core.options import add_flags
-    from em_circuits.run.pipeline import PipelineConfig
+    from em_circuits.run.config import PipelineConfig
 
     parser = argparse.ArgumentParser()
     add_flags(parser, PipelineConfig)

@@ -285,7 +285,7 @@ def _set_for(kind: str, root: Path, base_dir: Path) -> Path:
 def test_the_pipeline_runs_on_each_format(kind, standin, tmp_path):
     import em_circuits as em
     from em_circuits.attribution.targets import FullGraphChoice
-    from em_circuits.run.pipeline import PipelineConfig
+    from em_circuits.run.config import PipelineConfig
 
     transcoders = _set_for(kind, tmp_path, standin.base_dir)
     base = ModelSpec(base=str(standin.base_dir), transcoders=str(transcoders))

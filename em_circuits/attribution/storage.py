@@ -38,10 +38,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from em_circuits.attribution.graph_format import GRAPH_FORMAT
 from em_circuits.core.atomic import atomic_path
 from em_circuits.core.store import ArtifactError
-
-GRAPH_FORMAT = "em_circuits.compact_graph/1"
 
 
 @dataclass

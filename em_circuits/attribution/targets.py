@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from em_circuits.attribution.storage import GRAPH_FORMAT
+from em_circuits.attribution.graph_format import GRAPH_FORMAT
 from em_circuits.core.identifiers import params_key
 from em_circuits.core.options import option
 from em_circuits.core.schemas import LabelsRecord

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="with --status: machine-readable")
     from em_circuits.core.options import add_flags, from_args
-    from em_circuits.run.pipeline import PipelineConfig
+    from em_circuits.run.config import PipelineConfig
 
     add_flags(parser.add_argument_group("prompts, judge and labels"), PipelineConfig)
     add_graph_args(parser)
