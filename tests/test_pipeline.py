@@ -109,7 +109,7 @@ def _snapshot(results: Path) -> dict[str, object]:
         if not path.is_file() or path.name.startswith("."):
             continue
         rel = str(path.relative_to(results))
-        if rel.startswith("cache/"):
+        if rel.startswith(("cache/", ".locks/")):  # stage locks name the process that held them
             continue
         if path.suffix == ".json":
             snap[rel] = _normalize(json.loads(path.read_text()))
