@@ -504,13 +504,14 @@ def test_a_read_only_results_directory(finished, micro_organism, tmp_path):
             assert done.returncode == 0, (command, done.stderr[-3000:])
             assert "Traceback" not in done.stderr
         assert _contents(results) == before, "a command with nothing to do wrote"
-        # New parameters must be written: one line naming the file that could not be.
+        # A new analysis must be written: one line naming the file that could not be.
         done = _run(
-            prefix + _cli("analyze", "--n-boot", "50", "--results-dir", str(results), *model)
+            prefix
+            + _cli("analyze", "--analysis-name", "other", "--results-dir", str(results), *model)
         )
         assert done.returncode == 2, done.stderr[-3000:]
         error = _assert_one_line_error(done, "Permission denied")
-        # each parameter set has its own folder: the new one cannot be made
+        # another analysis name has its own folder: the new one cannot be made
         assert re.search(r"analysis/micro--\w+/runs/\w+'$", error), error
     finally:
         _set_writable(results, True)
