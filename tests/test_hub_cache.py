@@ -96,6 +96,7 @@ def test_cached_preset_and_snapshot_configs_load_offline(hf_cache, tmp_path):
         resolve_transcoders("my_transcoders/config.yaml")
 
 
+@pytest.mark.slow
 def test_doctor_says_what_an_offline_run_lacks(tmp_path):
     import os
     import subprocess

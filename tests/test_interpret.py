@@ -210,6 +210,7 @@ def test_active_entries_equal_the_transcoders_dense_encode(activation):
     torch.testing.assert_close(values, dense[rows, positions, features])
 
 
+@pytest.mark.slow
 def test_cards_on_demand_for_any_feature_and_a_one_line_error(reference, micro_organism, capsys):
     """`em-circuits features LAYER:FEATURE` prints the card of any feature, from the run's
     cached index; a feature outside the transcoders is one line naming it and the ranges."""

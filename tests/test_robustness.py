@@ -727,6 +727,7 @@ def _read_only_mount_prefix(folder: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lock_file", ["present", "absent"])
 def test_status_views_work_on_a_read_only_mount(queue_setup, lock_file):
     from test_queue import MODEL_FLAGS

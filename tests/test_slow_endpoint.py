@@ -52,6 +52,7 @@ def test_the_run_deadline_has_a_documented_default():
     assert "0 = no limit" in parser.format_help()
 
 
+@pytest.mark.slow
 def test_consecutive_slow_calls_stop_the_command_with_the_resume_line(
     server, tmp_path, monkeypatch, capsys
 ):

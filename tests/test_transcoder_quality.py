@@ -155,6 +155,7 @@ def test_thresholds_name_the_layers_and_numbers():
     ]
 
 
+@pytest.mark.slow
 def test_the_pipeline_reports_quality_for_both_models(reference: Path):
     report = json.loads((reference / "report.json").read_text())
     quality = report["transcoder_quality"]

@@ -290,6 +290,7 @@ def _feature_nodes(graph: dict) -> list[dict]:
     return [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
 
 
+@pytest.mark.slow
 def test_every_drawn_feature_has_a_record_and_one_name(reference):
     from circuit_tracer.frontend.feature_models import Model as FeatureRecord
 
@@ -319,6 +320,7 @@ def test_every_drawn_feature_has_a_record_and_one_name(reference):
             assert sum(c.endswith(f" {label}") for c in logits) <= TOKENS_SHOWN
 
 
+@pytest.mark.slow
 def test_feature_record_examples_equal_an_independent_recomputation(reference, micro_models):
     """Each example's per-token activations, recomputed with circuit-tracer's own
     get_activations over the indexed document."""
