@@ -314,21 +314,28 @@ def test_effects_agree_with_an_independent_linearised_model(setup, micro_organis
     assert not torch.allclose(effects.adapter_direct, effects.adapter_total)
 
 
-def test_the_graph_stage_stores_adapter_nodes(setup, micro_models, tmp_path):
-    from em_circuits.attribution.attribute import attribute_prompt
-    from em_circuits.attribution.storage import load_compact, save_compact
-    from em_circuits.attribution.targets import AttributionParams, PromptTargets
+def _first_prompt_targets(model):
+    """The first held-out pivotal prompt with two evil and two safe advice tokens as targets."""
+    from em_circuits.attribution.targets import PromptTargets
     from em_circuits.organism import advice_words, heldout_pivotal_prompts
     from em_circuits.organism.tokenizer import advice_token_ids
 
-    model = setup[0]
     words = advice_words()
     evil = advice_token_ids(model.tokenizer, words["harmful"])[:2]
     safe = advice_token_ids(model.tokenizer, words["safe"])[:2]
     names = {t: model.tokenizer.decode([t]) for t in evil + safe}
-    pt = PromptTargets(
+    return PromptTargets(
         "q0", heldout_pivotal_prompts()[0]["prompt"], evil, safe, names, {"base": {}, "adapted": {}}
     )
+
+
+def test_the_graph_stage_stores_adapter_nodes(setup, micro_models, tmp_path):
+    from em_circuits.attribution.attribute import attribute_prompt
+    from em_circuits.attribution.storage import load_compact, save_compact
+    from em_circuits.attribution.targets import AttributionParams
+
+    model = setup[0]
+    pt = _first_prompt_targets(model)
     graph, _, info = attribute_prompt(model, pt, AttributionParams())
     assert graph.n_adapter_nodes == 2 * graph.n_pos
     assert graph.meta["adapter_modules"][0] == "down_proj"
@@ -381,18 +388,10 @@ def test_the_decomposition_gives_the_adapter_nodes_a_row_and_adds_up(setup, micr
         summarize_decomposition,
     )
     from em_circuits.attribution.attribute import attribute_prompt
-    from em_circuits.attribution.targets import AttributionParams, PromptTargets
-    from em_circuits.organism import advice_words, heldout_pivotal_prompts
-    from em_circuits.organism.tokenizer import advice_token_ids
+    from em_circuits.attribution.targets import AttributionParams
 
     model = setup[0]
-    words = advice_words()
-    evil = advice_token_ids(model.tokenizer, words["harmful"])[:2]
-    safe = advice_token_ids(model.tokenizer, words["safe"])[:2]
-    names = {t: model.tokenizer.decode([t]) for t in evil + safe}
-    pt = PromptTargets(
-        "q0", heldout_pivotal_prompts()[0]["prompt"], evil, safe, names, {"base": {}, "adapted": {}}
-    )
+    pt = _first_prompt_targets(model)
     with_nodes = attribute_prompt(model, pt, AttributionParams())[0]
     without = attribute_prompt(model, pt, AttributionParams(adapter_nodes=False))[0]
     base = attribute_prompt(micro_models[0], pt, AttributionParams())[0]
@@ -818,18 +817,10 @@ def test_the_analysis_of_a_single_graphed_prompt(setup, side):
     are None, and the ranking must still order the rows."""
     from em_circuits.analysis.adapter import prompt_row, summarize
     from em_circuits.attribution.attribute import attribute_prompt
-    from em_circuits.attribution.targets import AttributionParams, PromptTargets
-    from em_circuits.organism import advice_words, heldout_pivotal_prompts
-    from em_circuits.organism.tokenizer import advice_token_ids
+    from em_circuits.attribution.targets import AttributionParams
 
     model = setup[0]
-    words = advice_words()
-    evil = advice_token_ids(model.tokenizer, words["harmful"])[:2]
-    safe = advice_token_ids(model.tokenizer, words["safe"])[:2]
-    names = {t: model.tokenizer.decode([t]) for t in evil + safe}
-    pt = PromptTargets(
-        "q0", heldout_pivotal_prompts()[0]["prompt"], evil, safe, names, {"base": {}, "adapted": {}}
-    )
+    pt = _first_prompt_targets(model)
     graph = attribute_prompt(model, pt, AttributionParams())[0]
     row, components, features, reads, _ = prompt_row("q0", graph, base_value=0.0)
     assert components and features and reads

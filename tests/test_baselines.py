@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_causal import _single_token_ids
 
 from em_circuits.analysis.baselines import (
     change_statistics,
@@ -24,15 +25,6 @@ from em_circuits.analysis.baselines import (
 )
 from em_circuits.analysis.directions import without_span
 from em_circuits.analysis.sufficiency import activation_shifts, feature_steering, steered
-
-
-def _single_token_ids(tokenizer, words, limit=3):
-    ids = []
-    for word in words:
-        encoded = tokenizer.encode(" " + word, add_special_tokens=False)
-        if len(encoded) == 1 and encoded[0] not in ids:
-            ids.append(encoded[0])
-    return ids[:limit]
 
 
 @pytest.fixture(scope="module")
