@@ -226,7 +226,7 @@ def test_verdict_by_intervals_and_random_features_exclude_the_top():
 
 @pytest.mark.slow
 def test_reference_run_has_baselines_and_sufficiency(reference):
-    from em_circuits.analysis.baselines import COLUMNS, METHODS
+    from em_circuits.analysis.baseline_methods import COLUMNS, METHODS
     from em_circuits.core.store import ResultsStore
 
     store = ResultsStore(reference)

@@ -17,9 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from em_circuits.analysis.baseline_methods import COLUMNS, METHODS
 from em_circuits.analysis.baselines import (
-    COLUMNS,
-    METHODS,
     Edit,
     Key,
     change_statistics,

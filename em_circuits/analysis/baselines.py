@@ -51,27 +51,6 @@ log = logging.getLogger(__name__)
 Edit = Callable[[], AbstractContextManager[Any]]
 Key = tuple[int, int]
 
-METHODS = (
-    "tested_features",
-    "mean_diff_subspace",
-    "misalignment_direction",
-    "activation_diff_features",
-    "linearised_top_features",
-    "measured_top_features",
-    "random_features",
-)
-COLUMNS = [
-    "method",
-    "k",
-    "contrast_change",
-    "ci_low",
-    "ci_high",
-    "n_clusters",
-    "p_value",
-    "em_rate",
-    "em_rate_change",
-]
-
 
 @torch.no_grad()
 def real_contrast(model: LoadedModel, prompt: Mapping[str, Any], edit: Edit | None = None) -> float:

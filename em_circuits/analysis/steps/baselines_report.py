@@ -5,19 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from em_circuits.analysis.baseline_methods import COLUMNS
 from em_circuits.core.markdown import feature_link, fmt, md_table
 
+#: baselines.csv's columns, with the p-value's method beside the p-value.
 TABLE_COLUMNS = [
-    "method",
-    "k",
-    "contrast_change",
-    "ci_low",
-    "ci_high",
-    "n_clusters",
-    "p_value",
+    *COLUMNS[: COLUMNS.index("p_value") + 1],
     "p_method",
-    "em_rate",
-    "em_rate_change",
+    *COLUMNS[COLUMNS.index("p_value") + 1 :],
 ]
 
 
