@@ -38,3 +38,27 @@ REFERENCE_ANALYSIS_ARGS = [
     "--corpus-docs",
     "48",
 ]
+
+
+def analyze_micro(results, micro_specs, params, **options):
+    """`run_analysis` from Python on a copy of the reference run: the micro organism under the
+    name its model flags give ("micro") and the offline EM judge, as `em-circuits run` had."""
+    import dataclasses
+
+    from em_circuits.analysis.em_rate import make_em_judge
+    from em_circuits.core.store import ResultsStore
+    from em_circuits.run.analysis import run_analysis
+
+    adapted = dataclasses.replace(micro_specs[1], name="micro")
+    store = ResultsStore(results)
+    judge = make_em_judge("offline", store, adapted)
+    return run_analysis(
+        store,
+        adapted.base_only(),
+        adapted,
+        params,
+        "cpu",
+        progress=False,
+        em_judge=judge,
+        **options,
+    )

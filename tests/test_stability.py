@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 
 import pandas as pd
 import pytest
+from micro_flags import analyze_micro
 
 from em_circuits.analysis.steps.stability import cluster_means, compare
 from em_circuits.core.store import ResultsStore, read_artifact, read_json, write_artifact
@@ -36,26 +36,10 @@ def test_cluster_means_average_prompts_of_a_cluster_first():
 
 
 def _analyse(results, micro_specs, name="main", **values):
-    from em_circuits.analysis.em_rate import make_em_judge
-    from em_circuits.run.analysis import run_analysis
-
-    base, adapted = micro_specs
-    adapted = dataclasses.replace(adapted, name="micro")
     params = AnalysisParams.of(
         causal_top_k=2, n_random=1, causal_candidates=4, em_samples=0, corpus_docs=16, **values
     )
-    store = ResultsStore(results)
-    judge = make_em_judge("offline", store, adapted)
-    return run_analysis(
-        store,
-        adapted.base_only(),
-        adapted,
-        params,
-        "cpu",
-        progress=False,
-        em_judge=judge,
-        name=name,
-    )
+    return analyze_micro(results, micro_specs, params, name=name)
 
 
 @pytest.mark.slow

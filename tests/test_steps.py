@@ -8,7 +8,7 @@ import shutil
 import sys
 
 import pytest
-from micro_flags import REFERENCE_ANALYSIS_ARGS, model_args
+from micro_flags import REFERENCE_ANALYSIS_ARGS, analyze_micro, model_args
 from test_pipeline import _run
 
 from em_circuits.analysis.steps.base import SharedParams, Step, StepResult
@@ -160,12 +160,9 @@ class _LayerProfile(Step):
 
 @pytest.mark.slow
 def test_an_added_step_runs_alone_after_a_full_analysis(reference, micro_specs, tmp_path):
-    from em_circuits.run.analysis import run_analysis
-
     results = tmp_path / "results"
     shutil.copytree(reference, results)
     before = _computed(results)
-    base, adapted = micro_specs
     params = AnalysisParams.of(
         include_flagged=True,
         causal_top_k=2,
@@ -176,22 +173,7 @@ def test_an_added_step_runs_alone_after_a_full_analysis(reference, micro_specs, 
         em_max_new_tokens=12,
         corpus_docs=48,
     )
-    # the reference's model flags name the organism "micro"
-    adapted = dataclasses.replace(adapted, name="micro")
-    from em_circuits.analysis.em_rate import make_em_judge
-
-    store = ResultsStore(results)
-    judge = make_em_judge("offline", store, adapted)
-    summary = run_analysis(
-        store,
-        adapted.base_only(),
-        adapted,
-        params,
-        "cpu",
-        progress=False,
-        em_judge=judge,
-        steps=[*STEPS, _LayerProfile()],
-    )
+    summary = analyze_micro(results, micro_specs, params, steps=[*STEPS, _LayerProfile()])
     after = _computed(results)
     assert {name for name in after if after.get(name) != before.get(name)} == {"layer_profile"}
     assert summary["layer_profile"]["layers"] >= 1
