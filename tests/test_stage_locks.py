@@ -130,15 +130,15 @@ def test_no_wait_refuses_in_one_line_naming_the_holder(tmp_path):
     assert ResultsStore(results).prompt_ids() == []
 
 
-def test_a_killed_holder_releases_the_lock(tmp_path):
-    results = tmp_path / "results"
+def _lock_holder(results: Path, stage: str, tmp_path: Path) -> subprocess.Popen[str]:
+    """Another process that holds ``stage``'s lock on ``results`` (until killed)."""
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time\n"
+            "import time\n"
             "from em_circuits.core.stage_lock import stage_lock\n"
-            f"with stage_lock({str(results)!r}, 'evaluate'):\n"
+            f"with stage_lock({str(results)!r}, {stage!r}):\n"
             "    print('held', flush=True)\n"
             "    time.sleep(600)\n",
         ],
@@ -146,8 +146,16 @@ def test_a_killed_holder_releases_the_lock(tmp_path):
         stdout=subprocess.PIPE,
         text=True,
     )
+    if holder.stdout is None or holder.stdout.readline().strip() != "held":
+        holder.kill()
+        raise AssertionError(f"the holder of {stage}'s lock did not start")
+    return holder
+
+
+def test_a_killed_holder_releases_the_lock(tmp_path):
+    results = tmp_path / "results"
+    holder = _lock_holder(results, "evaluate", tmp_path)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         with pytest.raises(StageBusyError, match="evaluate is already running"):
             with stage_lock(results, "evaluate", wait=False):
                 pass
@@ -178,22 +186,8 @@ def test_the_run_pipeline_takes_each_stage_lock(tmp_path):
 
     results = tmp_path / "results"
     store = ResultsStore(results)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time\n"
-            "from em_circuits.core.stage_lock import stage_lock\n"
-            f"with stage_lock({str(results)!r}, 'analyze'):\n"
-            "    print('held', flush=True)\n"
-            "    time.sleep(600)\n",
-        ],
-        env=_env(tmp_path),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = _lock_holder(results, "analyze", tmp_path)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         assert STAGE_LOCKS["features"] == "analyze"
         with pytest.raises(StageBusyError, match="analyze is already running"):
             with stage("features", store, PipelineConfig(wait=False)):
