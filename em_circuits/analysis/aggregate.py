@@ -46,10 +46,6 @@ def _value_matrix(
     return matrix
 
 
-def _rows(matrix: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-    return [row[m] for row, m in zip(matrix, mask)]
-
-
 def cluster_statistics(
     values: np.ndarray,
     used: np.ndarray,

@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from em_circuits.attribution.viewer_metadata import read_metadata
 from em_circuits.core.atomic import atomic_write_text
 from em_circuits.core.markdown import (
@@ -28,11 +26,6 @@ from em_circuits.core.store import ResultsStore, read_json
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
 from em_circuits.run.report_html import render_html
 from em_circuits.run.steps import SECTIONS
-
-
-def _read_table(directory: Path, name: str) -> pd.DataFrame:
-    path = directory / f"{name}.csv"
-    return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
 
 
 def _organism_report(spec: ModelSpec) -> dict[str, Any] | None:
@@ -86,11 +79,6 @@ def _viewer_prompts(store: ResultsStore, adapted_slug: str) -> list[dict[str, st
             store.load_prompt(prompt_id)["text"] if stored else entry.get("prompt", "")
         )
     return [{"prompt_id": pid, "prompt": texts[pid]} for pid in sorted(texts)]
-
-
-def _records(frame: pd.DataFrame, n: int | None = None) -> list[dict[str, Any]]:
-    frame = frame if n is None else frame.head(n)
-    return json.loads(frame.to_json(orient="records", double_precision=6))
 
 
 def build_report(

@@ -114,6 +114,7 @@ class AnalysisContext:
     _effects: dict[str, Effects] | None = None
     _left_out: list[str] = field(default_factory=list)
     _written: list[str] = field(default_factory=list)
+    _split: Split | None = None
 
     def effects(self, role: str) -> Effects:
         """Both models' per-prompt effects, loaded on first use."""
@@ -137,8 +138,10 @@ class AnalysisContext:
         return sorted(self._left_out)
 
     def split(self) -> Split:
-        """The discovery / validation split the split step wrote."""
-        return Split.from_record(read_json(self.directory / "split.json"))
+        """The discovery / validation split the split step wrote (read once per run)."""
+        if self._split is None:
+            self._split = Split.from_record(read_json(self.directory / "split.json"))
+        return self._split
 
     def analysed(self, role: str) -> Effects:
         """One model's effects on the prompts the split keeps (both sides): the prompts
@@ -164,6 +167,8 @@ class AnalysisContext:
     def wrote(self, *names: str) -> None:
         """Record files written in the folder another way (plots, JSON)."""
         self._written += names
+        if "split.json" in names:
+            self._split = None  # a new split: the next read sees it
 
     def take_written(self) -> list[str]:
         written, self._written = self._written, []
