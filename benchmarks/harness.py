@@ -15,6 +15,7 @@ from pathlib import Path
 for _switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_switch, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as em_circuits
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent

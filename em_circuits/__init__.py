@@ -8,6 +8,14 @@ over ``core`` (store, records, LLM client, statistics) and ``models``; ``cli`` h
     graph = em.attribute_text(em.toy_organism_spec(), text, evil=[" ignore"], safe=[" rest"])
 """
 
+import os
+
+# Long prompts' graphs allocate and free tensors of many sizes; without expandable segments
+# PyTorch's CUDA allocator fragments and a 2,048-token graph can fail with most of the card
+# free. Read when CUDA first allocates, so setting it here (before any stage runs) suffices;
+# a user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 from em_circuits.api import (  # noqa: E402
     analyze,
     attribute_text,

@@ -180,6 +180,17 @@ def _salient_ids(pt: PromptTargets, logits: torch.Tensor, n: int) -> list[int]:
     return [t for t in ranked if t not in labeled][:n]
 
 
+def totals_engine(model: LoadedModel, params: AttributionParams, writes: object) -> str:
+    """The engine a totals graph runs on: the torch engine unless the user asked for the
+    nnsight one, the graph has adapter nodes or offloads, or the model needs circuit-tracer's
+    own path (a cross-layer transcoder, an architecture the engine does not linearise)."""
+    if params.engine != "torch" or writes is not None or params.offload:
+        return "nnsight"
+    from em_circuits.attribution.engine import unsupported_reason
+
+    return "torch" if unsupported_reason(model) is None else "nnsight"
+
+
 def totals_prompt(
     model: LoadedModel, pt: PromptTargets, params: AttributionParams
 ) -> tuple[CompactGraph, None, dict[str, Any]]:
@@ -205,19 +216,27 @@ def totals_prompt(
     if params.adapter_nodes and model.spec.adapter is not None:
         adapter = prompt_adapter_writes(model, ids)
     writes = adapter if isinstance(adapter, AdapterWrites) else None
+    engine = totals_engine(model, params, writes)
     try:
-        effects = exact_effects(
-            rm,
-            ids,
-            directions_for,
-            check_context=lambda ctx: _check_context(ctx, where),
-            offload=params.offload,
-            adapter=writes,
-            # the contrast comes first when the prompt has both labels (target_rows)
-            split_target=0 if pt.evil_ids and pt.safe_ids else None,
-            split_features=params.adapter_split_features,
-            read_nodes=params.adapter_read_nodes,
-        )
+        if engine == "torch":
+            from em_circuits.attribution.engine import batched_effects
+
+            (effects,) = batched_effects(
+                model, [ids], [directions_for], precision=params.precision, where=[where]
+            )
+        else:
+            effects = exact_effects(
+                rm,
+                ids,
+                directions_for,
+                check_context=lambda ctx: _check_context(ctx, where),
+                offload=params.offload,
+                adapter=writes,
+                # the contrast comes first when the prompt has both labels (target_rows)
+                split_target=0 if pt.evil_ids and pt.safe_ids else None,
+                split_features=params.adapter_split_features,
+                read_nodes=params.adapter_read_nodes,
+            )
     except torch.cuda.OutOfMemoryError as err:
         raise GraphError(f"{where}: out of GPU memory ({err}); try --offload cpu") from None
     seconds = time.perf_counter() - started
@@ -249,6 +268,7 @@ def totals_prompt(
             "target_labels": labels,
             "prompt_id": pt.prompt_id,
             "mode": "totals",
+            "engine": engine,
             "features_stored": "all active",
             **_adapter_meta(adapter),
             **(_adapter_split(writes, effects) if chosen["rows"][0][1] == "contrast" else {}),

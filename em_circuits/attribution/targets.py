@@ -25,6 +25,13 @@ from em_circuits.core.verdicts import TARGET_LABELS
 
 GraphMode = Literal["totals", "full"]
 GRAPH_MODES: tuple[GraphMode, ...] = ("totals", "full")
+#: Totals mode's engines: plain PyTorch (:mod:`~em_circuits.attribution.engine`), and
+#: circuit-tracer's nnsight context (:mod:`~em_circuits.attribution.totals`), kept as the
+#: reference for one release.
+Engine = Literal["torch", "nnsight"]
+ENGINES: tuple[Engine, ...] = ("torch", "nnsight")
+#: The torch engine's matmuls: IEEE float32 (exact mode) or TF32 tensor cores (fast mode).
+PRECISIONS = ("float32", "tf32")
 
 
 def _offload(word: str) -> str | None:
@@ -51,6 +58,18 @@ class AttributionParams:
         "feature-to-feature edges for every prompt (about 20x slower)",
         flag="--graph-mode",
         choices=GRAPH_MODES,
+    )
+    engine: Engine = option(
+        "torch",
+        "totals mode's engine: torch (plain PyTorch, one forward pass per graph) or nnsight "
+        "(circuit-tracer's context, the reference; graphs with adapter nodes use it either way)",
+        choices=ENGINES,
+    )
+    precision: str = option(
+        "float32",
+        "the torch engine's matmuls: float32 (exact) or tf32 (fast mode, on GPUs with TF32)",
+        flag="--engine-precision",
+        choices=PRECISIONS,
     )
     max_feature_nodes: int = option(8192, "most feature nodes kept per full graph (circuit-tracer)")
     batch_size: int = option(
@@ -95,6 +114,12 @@ class AttributionParams:
             raise ValueError(
                 f"graph mode must be one of {', '.join(GRAPH_MODES)}, not {self.mode!r}"
             )
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
+            )
         if self.offload not in (None, "cpu", "disk"):
             raise ValueError(f"offload must be None, 'cpu' or 'disk', not {self.offload!r}")
 
@@ -104,6 +129,10 @@ class AttributionParams:
         fields = asdict(self)
         fields.pop("batch_size")
         fields.pop("offload")
+        # the engines agree to float rounding; TF32 matmuls change the graph
+        fields.pop("engine")
+        if self.precision == "float32":
+            fields.pop("precision")
         if self.mode == "totals":
             fields.pop("max_feature_nodes")
             fields.pop("edge_keep")

@@ -1,0 +1,332 @@
+"""Exact direct and total effects in plain PyTorch: one forward pass, the transpose by hand.
+
+The default engine of totals mode. It computes what :mod:`em_circuits.attribution.totals`
+computes through circuit-tracer's nnsight context (the target rows of circuit-tracer's
+adjacency, and the activation-normalised linear solve over it), without nnsight and
+without running the model once per target row:
+
+- one forward pass per batch of prompts (:func:`~em_circuits.attribution.engine_model.
+  frozen_forward`) keeps each layer's attention patterns and norm scales, the active
+  features and the error vectors;
+- with those frozen, the replacement model is linear in the residual stream, so the
+  gradient of every target row is carried down by hand: elementwise norm scales, the output
+  and value projections' transposes and the patterns' transposes (grouped-query heads
+  summed), the transcoder's skip connection where it has one. No autograd graph is kept,
+  so the forward pass runs once however many rows the backward carries;
+- at each layer's write site the gradient scores every active feature (``a_f (g . W_dec[f])``)
+  and error node; in the "total" rows the features' scores are re-injected at their
+  encoders before the gradient goes below the layer (as ``TotalsBackward.reinjection``);
+- the embedding's gradient scores the token nodes.
+
+Decoder and encoder rows are gathered a run of positions at a time (``feature_budget``
+floats, 256 MiB by default), grouped by position so that each position's rows meet its
+gradient in one batched matmul; memory stays bounded at 2,048 tokens.
+
+Graphs with adapter nodes, cross-layer transcoders and architectures outside
+:class:`~em_circuits.attribution.engine_model.LinearisedModel` use the nnsight path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from em_circuits.attribution.engine_model import (
+    EngineUnsupportedError,
+    FrozenBatch,
+    LayerFeatures,
+    LinearisedModel,
+    decoder_rows,
+    frozen_forward,
+)
+from em_circuits.attribution.targets import PRECISIONS
+from em_circuits.attribution.totals import ExactEffects, check_unit_slope
+from em_circuits.models.load import LoadedModel, NonFiniteError
+
+DirectionsFor = Callable[[torch.Tensor], torch.Tensor]
+
+_LINEARISED: weakref.WeakKeyDictionary[Any, LinearisedModel] = weakref.WeakKeyDictionary()
+
+
+def linearised(model: LoadedModel) -> LinearisedModel:
+    """The engine's view of a loaded model (built once per replacement model)."""
+    replacement = model.replacement
+    if replacement not in _LINEARISED:
+        check_unit_slope(replacement.transcoders)
+        zero = getattr(replacement, "zero_positions", slice(0, 1))
+        _LINEARISED[replacement] = LinearisedModel.of(model.hf_model, replacement.transcoders, zero)
+    return _LINEARISED[replacement]
+
+
+def unsupported_reason(model: LoadedModel) -> str | None:
+    """Why the torch engine cannot attribute this model (then the nnsight path does)."""
+    try:
+        linearised(model)
+    except EngineUnsupportedError as err:
+        return str(err)
+    return None
+
+
+@contextmanager
+def matmul_precision(precision: str):
+    """TF32 tensor cores for the matmuls in fast mode; IEEE float32 otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def batched_effects(
+    model: LoadedModel,
+    sequences: Sequence[torch.Tensor],
+    directions_for: Sequence[DirectionsFor],
+    precision: str = "float32",
+    feature_budget: int = 1 << 26,
+    where: Sequence[str] | None = None,
+) -> list[ExactEffects]:
+    """Exact effects of every active feature, error and token node on each prompt's targets.
+
+    ``directions_for[i](logits)`` gets prompt ``i``'s last-position logits of the forward
+    pass and returns its target directions ``(n_targets, d_model)`` in the residual basis,
+    as :func:`~em_circuits.attribution.totals.exact_effects` takes them.
+    """
+    engine = linearised(model)
+    labels = list(where) if where is not None else [f"prompt {i}" for i in range(len(sequences))]
+    with matmul_precision(precision), torch.no_grad():
+        batch = frozen_forward(engine, sequences)
+        for label, prompt in zip(labels, batch.prompts):
+            _check_finite(prompt.errors, prompt.layer_features, prompt.logits, label)
+        directions = [
+            fn(prompt.logits).float().to(engine.embed_weight.device)
+            for fn, prompt in zip(directions_for, batch.prompts)
+        ]
+        for d in directions:
+            if d.ndim != 2 or d.shape[0] == 0:
+                raise ValueError(
+                    f"need a (n_targets, d_model) direction matrix, got {tuple(d.shape)}"
+                )
+        return _backward(engine, batch, directions, feature_budget)
+
+
+def _check_finite(
+    errors: torch.Tensor, layers: list[LayerFeatures], logits: torch.Tensor, where: str
+) -> None:
+    """Name the first layer whose transcoder activations or errors are NaN/Inf."""
+    values = torch.cat([lf.activations for lf in layers])
+    if bool(torch.isfinite(values).all() & torch.isfinite(errors).all()):
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteError(f"{where}: NaN/Inf in the model's logits (after the last layer)")
+        return
+    for layer, (lf, error) in enumerate(zip(layers, errors)):
+        if not (torch.isfinite(lf.activations).all() and torch.isfinite(error).all()):
+            raise NonFiniteError(
+                f"{where}: NaN/Inf in the MLP input or output at layer {layer} "
+                "(transcoder activations or errors)"
+            )
+
+
+def _seeded(batch: FrozenBatch, directions: list[torch.Tensor], d_model: int) -> torch.Tensor:
+    """``(batch, 2 t, pos, d)``: each prompt's directions at its last position, in its direct
+    rows ``[0, t)`` and its total rows ``[t, 2t)`` (t: the batch's most targets)."""
+    t = max(d.shape[0] for d in directions)
+    g = torch.zeros(len(directions), 2 * t, batch.n_pos, d_model, device=directions[0].device)
+    for row, (prompt, d) in enumerate(zip(batch.prompts, directions)):
+        g[row, : d.shape[0], prompt.n_pos - 1] = d
+        g[row, t : t + d.shape[0], prompt.n_pos - 1] = d
+    return g
+
+
+def _backward(
+    engine: LinearisedModel, batch: FrozenBatch, directions: list[torch.Tensor], budget: int
+) -> list[ExactEffects]:
+    d_model = int(engine.embed_weight.shape[1])
+    n_layers = len(engine.layers)
+    n_prompts, n_pos = len(batch.prompts), batch.n_pos
+    t = max(d.shape[0] for d in directions)
+    scale = batch.scales
+    g = _seeded(batch, directions, d_model)
+    g = g * (scale[id(engine.final_norm)][:, None] * engine.norm_weight(engine.final_norm))
+    feature_scores: list[list[torch.Tensor]] = [[] for _ in batch.prompts]
+    error_scores = torch.zeros(n_prompts, 2 * t, n_layers, n_pos, device=g.device)
+    for layer in reversed(range(n_layers)):
+        parts = engine.layers[layer]
+        g_out = g
+        if engine.write_kind == "mlp" and parts.mlp_out_norm is not None:
+            g_out = g * (
+                scale[id(parts.mlp_out_norm)][:, None] * engine.norm_weight(parts.mlp_out_norm)
+            )
+        errors = _padded([p.errors[layer] for p in batch.prompts], n_pos)
+        error_scores[:, :, layer] = torch.einsum("brpd,bpd->brp", g_out, errors)
+        g_in = torch.zeros_like(g)
+        if parts.transcoder.W_skip is not None:
+            g_in += g_out @ parts.transcoder.W_skip.float()
+        for row, prompt in enumerate(batch.prompts):
+            found = prompt.layer_features[layer]
+            scores = _feature_scores(engine, layer, g_out[row], found, budget)
+            feature_scores[row].insert(0, scores)
+            _reinject(g_in[row, t:], scores[t:], found, parts.transcoder, budget)
+        g = g + _to_residual(engine, parts, g_in, scale)
+        g = g + _attention_transpose(engine, parts, g, batch.patterns[layer], scale)
+    embed = g * engine.embed_factor(engine.embed_weight.dtype)
+    out = []
+    for row, (prompt, d) in enumerate(zip(batch.prompts, directions)):
+        n = prompt.n_pos
+        tokens = engine.embed_weight[prompt.ids].float()
+        token_scores = torch.einsum("rpd,pd->rp", embed[row, :, :n], tokens)
+        rows = torch.cat(
+            [
+                *feature_scores[row],
+                error_scores[row, :, :, :n].reshape(2 * t, n_layers * n),
+                token_scores,
+            ],
+            dim=1,
+        )
+        k = d.shape[0]
+        out.append(_effects(prompt, rows[:k], rows[t : t + k], n_layers))
+    return out
+
+
+def _effects(prompt: Any, direct: torch.Tensor, total: torch.Tensor, n_layers: int) -> ExactEffects:
+    features = [
+        torch.stack([torch.full_like(lf.positions, layer), lf.positions, lf.features], dim=1)
+        for layer, lf in enumerate(prompt.layer_features)
+    ]
+    return ExactEffects(
+        features=torch.cat(features).long().cpu(),
+        activations=torch.cat([lf.activations for lf in prompt.layer_features]).float().cpu(),
+        direct=direct.float().cpu(),
+        total=total.float().cpu(),
+        logits=prompt.logits.cpu(),
+        n_layers=n_layers,
+        n_pos=prompt.n_pos,
+    )
+
+
+def _padded(tensors: list[torch.Tensor], n_pos: int) -> torch.Tensor:
+    out = torch.zeros(len(tensors), n_pos, tensors[0].shape[-1], device=tensors[0].device)
+    for row, tensor in enumerate(tensors):
+        out[row, : tensor.shape[0]] = tensor
+    return out
+
+
+def _slots(found: LayerFeatures, n_pos: int) -> tuple[torch.Tensor, int]:
+    """Each feature's slot among its position's features (they are sorted by position), and
+    the most features at one position: features grouped ``(position, slot)`` so that each
+    position's decoder rows meet its gradient in one batched matmul."""
+    counts = torch.bincount(found.positions, minlength=n_pos)
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(found.positions.shape[0], device=counts.device) - starts[found.positions]
+    return slots, int(counts.max()) if counts.numel() else 0
+
+
+def _position_chunks(found: LayerFeatures, n_pos: int, width: int, d_model: int, budget: int):
+    """``(first, last, feature slice)`` runs of positions whose grouped rows fit ``budget``
+    floats (features are sorted by position, so each run's features are contiguous)."""
+    step = max(1, budget // max(1, width * d_model))
+    bounds = torch.searchsorted(
+        found.positions, torch.arange(0, n_pos + step, step, device=found.positions.device)
+    ).tolist()
+    for index, first in enumerate(range(0, n_pos, step)):
+        lo, hi = bounds[index], bounds[index + 1]
+        if hi > lo:
+            yield first, min(first + step, n_pos), slice(lo, hi)
+
+
+def _grouped(
+    rows: torch.Tensor,
+    found: LayerFeatures,
+    slots: torch.Tensor,
+    part: slice,
+    first: int,
+    shape: tuple[int, int, int],
+) -> torch.Tensor:
+    out = torch.zeros(shape, device=rows.device, dtype=torch.float32)
+    out[found.positions[part] - first, slots[part]] = rows
+    return out
+
+
+def _feature_scores(
+    engine: LinearisedModel, layer: int, g_out: torch.Tensor, found: LayerFeatures, budget: int
+) -> torch.Tensor:
+    """``(rows, n)``: ``a_f (g[pos_f] . W_dec[f])`` for the layer's active features."""
+    rows, n_pos, d_model = g_out.shape
+    n = found.positions.shape[0]
+    scores = torch.empty(rows, n, device=g_out.device)
+    if n == 0:
+        return scores
+    slots, width = _slots(found, n_pos)
+    for first, last, part in _position_chunks(found, n_pos, width, d_model, budget):
+        decoder = decoder_rows(engine, layer, found.features[part])
+        grouped = _grouped(decoder, found, slots, part, first, (last - first, width, d_model))
+        per_slot = grouped @ g_out[:, first:last].permute(1, 2, 0)  # (pos, width, rows)
+        picked = per_slot[found.positions[part] - first, slots[part]]  # (c, rows)
+        scores[:, part] = picked.T * found.activations[part]
+    return scores
+
+
+def _reinject(
+    g_in: torch.Tensor, scores: torch.Tensor, found: LayerFeatures, transcoder: Any, budget: int
+) -> None:
+    """Add ``(s_f / a_f) W_enc[f]`` at each feature's position to the total rows' gradient at
+    the layer's read site (in place): the target's total derivative through the feature."""
+    rows, n_pos, d_model = g_in.shape
+    if found.positions.shape[0] == 0:
+        return
+    activations = found.activations
+    safe = torch.where(activations != 0, activations, 1.0)
+    inverse = torch.where(activations != 0, 1.0 / safe, 0.0)
+    encoder_weight = transcoder.W_enc
+    slots, width = _slots(found, n_pos)
+    for first, last, part in _position_chunks(found, n_pos, width, d_model, budget):
+        encoders = encoder_weight[found.features[part]].float()
+        grouped = _grouped(encoders, found, slots, part, first, (last - first, width, d_model))
+        coefficient = (scores[:, part] * inverse[part]).T  # (c, rows)
+        weights = _grouped(coefficient, found, slots, part, first, (last - first, width, rows))
+        g_in[:, first:last] += (weights.transpose(1, 2) @ grouped).transpose(0, 1)
+
+
+def _to_residual(
+    engine: LinearisedModel, parts: Any, g_in: torch.Tensor, scale: dict[int, torch.Tensor]
+) -> torch.Tensor:
+    """The read site's gradient carried to the residual stream before the MLP's norm."""
+    if engine.read_kind == "residual":
+        return g_in
+    factor = scale[id(parts.mlp_norm)][:, None]
+    if engine.read_kind == "normed":
+        factor = factor * engine.norm_weight(parts.mlp_norm)
+    return g_in * factor
+
+
+def _attention_transpose(
+    engine: LinearisedModel,
+    parts: Any,
+    g: torch.Tensor,
+    patterns: torch.Tensor,
+    scale: dict[int, torch.Tensor],
+) -> torch.Tensor:
+    """The gradient the attention block adds to its input residual, patterns frozen."""
+    n_prompts, rows, n_pos, _ = g.shape
+    if parts.attention_out_norm is not None:
+        g = g * (
+            scale[id(parts.attention_out_norm)][:, None]
+            * engine.norm_weight(parts.attention_out_norm)
+        )
+    h, kv, dh = engine.n_heads, engine.n_kv_heads, engine.head_dim
+    gz = g @ parts.o_proj.weight.float()  # (b, r, p, h * dh)
+    gz = gz.reshape(n_prompts, rows, n_pos, h, dh).permute(0, 3, 2, 1, 4)
+    gz = gz.reshape(n_prompts, h, n_pos, rows * dh)
+    gv = patterns.transpose(-1, -2) @ gz  # (b, h, keys, r * dh)
+    gv = gv.reshape(n_prompts, kv, h // kv, n_pos, rows, dh).sum(2)
+    gv = gv.permute(0, 3, 2, 1, 4).reshape(n_prompts, rows, n_pos, kv * dh)
+    g_normed = gv @ parts.v_proj.weight.float()
+    factor = scale[id(parts.input_norm)][:, None] * engine.norm_weight(parts.input_norm)
+    return g_normed * factor

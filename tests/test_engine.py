@@ -1,0 +1,120 @@
+"""The plain-PyTorch totals engine against circuit-tracer: every quantity, every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from standins import FAMILIES, build_standin
+from test_totals import _directions, _reference, _relative_error, prompts  # noqa: F401
+
+from em_circuits.attribution.engine import batched_effects, unsupported_reason
+from em_circuits.attribution.totals import exact_effects
+from em_circuits.models.load import load_model
+from em_circuits.models.spec import ModelSpec
+
+TOLERANCE = 1e-5
+TEXT = "User: My head hurts after the fall. What should I do?\nAssistant: You should"
+
+
+def _check_against_circuit_tracer(model, ids: torch.Tensor, directions: torch.Tensor) -> None:
+    (effects,) = batched_effects(model, [ids], [lambda _logits: directions])
+    direct, total, features = _reference(model.replacement, ids, directions)
+    assert torch.equal(effects.features, features)
+    assert _relative_error(effects.direct, direct) <= TOLERANCE
+    assert _relative_error(effects.total, total) <= TOLERANCE
+    # the check has teeth: total effects differ from direct ones here
+    assert _relative_error(effects.direct, total) > 100 * TOLERANCE
+    reference = exact_effects(model.replacement, ids, lambda _logits: directions)
+    assert _relative_error(effects.activations, reference.activations) <= TOLERANCE
+    assert _relative_error(effects.logits, reference.logits) <= TOLERANCE
+
+
+def test_engine_equals_circuit_tracer_on_the_micro_organism(micro_models, prompts):  # noqa: F811
+    for model in micro_models:
+        assert unsupported_reason(model) is None
+        pt = prompts[0]
+        ids = model.encode(pt.text)
+        _check_against_circuit_tracer(model, ids, _directions(model.replacement, pt.evil_ids))
+
+
+def test_a_batch_of_prompts_gives_each_prompt_its_own_graph(micro_models, prompts):  # noqa: F811
+    model = micro_models[1]
+    rm = model.replacement
+    sequences = [model.encode(pt.text) for pt in prompts]
+    assert len({len(s) for s in sequences}) > 1  # padding is exercised
+    # each prompt has its own number of targets
+    wanted = [_directions(rm, pt.evil_ids[: 1 + i % 3]) for i, pt in enumerate(prompts)]
+    batched = batched_effects(model, sequences, [lambda _l, d=d: d for d in wanted])
+    for ids, directions, effects in zip(sequences, wanted, batched):
+        (alone,) = batched_effects(model, [ids], [lambda _l, d=directions: d])
+        assert effects.total.shape == (directions.shape[0], alone.total.shape[1])
+        assert torch.equal(effects.features, alone.features)
+        assert _relative_error(effects.total, alone.total) <= TOLERANCE
+        assert _relative_error(effects.direct, alone.direct) <= TOLERANCE
+        assert effects.n_pos == len(ids)
+
+
+def test_targets_may_depend_on_the_forward_passs_logits(micro_models, prompts):  # noqa: F811
+    model = micro_models[0]
+    ids = model.encode(prompts[1].text)
+    seen = {}
+
+    def directions_for(logits: torch.Tensor) -> torch.Tensor:
+        seen["logits"] = logits
+        top = int(logits.argmax())
+        return _directions(model.replacement, [top])
+
+    (effects,) = batched_effects(model, [ids], [directions_for])
+    with torch.no_grad():
+        plain = model.hf_model(ids[None]).logits[0, -1].float()
+    assert _relative_error(seen["logits"], plain) <= TOLERANCE
+    assert torch.equal(effects.logits, seen["logits"].cpu())
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def standin_model(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"engine-{request.param}")
+    standin = build_standin(request.param, root)
+    spec = ModelSpec(base=str(standin.base_dir), transcoders=str(standin.transcoder_config))
+    return load_model(spec, "cpu", root / "merged")
+
+
+def test_engine_equals_circuit_tracer_on_every_architecture(standin_model):
+    assert unsupported_reason(standin_model) is None
+    ids = standin_model.encode(TEXT)
+    unembed = standin_model.replacement.unembed_proj.detach()
+    directions = torch.stack([unembed[t] - unembed.mean(0) for t in (5, 50, 120)])
+    _check_against_circuit_tracer(standin_model, ids, directions)
+
+
+def test_memory_chunks_do_not_change_the_rows(micro_models, prompts):  # noqa: F811
+    model = micro_models[0]
+    ids = model.encode(prompts[2].text)
+    directions = _directions(model.replacement, prompts[2].evil_ids + prompts[2].safe_ids)
+    (whole,) = batched_effects(model, [ids], [lambda _l: directions])
+    # one position's decoder and encoder rows at a time
+    (chunked,) = batched_effects(model, [ids], [lambda _l: directions], feature_budget=1)
+    assert _relative_error(chunked.total, whole.total) <= TOLERANCE
+    assert _relative_error(chunked.direct, whole.direct) <= TOLERANCE
+
+
+def test_graph_stage_records_its_engine_and_both_engines_agree(micro_models, prompts):  # noqa: F811
+    from em_circuits.attribution.attribute import totals_prompt
+    from em_circuits.attribution.targets import AttributionParams
+
+    base, adapted = micro_models
+    pt = prompts[0]
+    torch_graph, _, _ = totals_prompt(base, pt, AttributionParams())
+    nnsight_graph, _, _ = totals_prompt(base, pt, AttributionParams(engine="nnsight"))
+    assert torch_graph.meta["engine"] == "torch"
+    assert nnsight_graph.meta["engine"] == "nnsight"
+    assert _relative_error(torch_graph.total, nnsight_graph.total) <= TOLERANCE
+    assert _relative_error(torch_graph.direct, nnsight_graph.direct) <= TOLERANCE
+    # the engines agree, so they share one cache key; TF32 matmuls do not
+    assert AttributionParams().cache_fields() == AttributionParams(engine="nnsight").cache_fields()
+    assert AttributionParams().cache_fields() != AttributionParams(precision="tf32").cache_fields()
+    # adapter nodes run on the nnsight engine
+    with_nodes, _, _ = totals_prompt(adapted, pt, AttributionParams())
+    assert with_nodes.meta["engine"] == "nnsight"
+    plain, _, _ = totals_prompt(adapted, pt, AttributionParams(adapter_nodes=False))
+    assert plain.meta["engine"] == "torch"
