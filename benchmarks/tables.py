@@ -319,7 +319,76 @@ def totals(records: list[Record]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Issue 31's goals, pairs per GPU-hour for the whole graph stage, by mode and prompt tokens.
+ENGINE_GOALS = {
+    "float32": {24: 30_000, 128: 10_000, 512: 2_500},
+    "tf32": {24: 50_000, 128: 20_000, 512: 5_000},
+}
+
+
+def _engine_cell(row: Record) -> str:
+    if "error" in row:
+        return "failed: " + row["error"].split(".")[0]
+    return f"{row['pairs_per_gpu_hour']:,.0f}"
+
+
+def engine(records: list[Record]) -> str:
+    """The torch engine against the nnsight one (issue 31): one row per length and mode."""
+    (rec,) = records
+    rows = []
+    by = {(r["tokens"], r.get("engine"), r.get("dtype")): r for r in rec["rows"]}
+    for (tokens, name, dtype), row in sorted(by.items(), key=lambda kv: (kv[0][0], str(kv[0][1:]))):
+        if name is None:
+            rows.append([str(tokens), "-", "-", "failed: " + row["error"][:80], *[""] * 6])
+            continue
+        old = by.get((tokens, "nnsight", "float32"))
+        ratio = ""
+        if name != "nnsight" and old and "error" not in old and "error" not in row:
+            ratio = f"{old['s_per_pair'] / row['s_per_pair']:.2f}x"
+        goal = ENGINE_GOALS.get(dtype, {}).get(tokens) if name == "torch" else None
+        met = "" if goal is None or "error" in row else yes_no(row["pairs_per_gpu_hour"] >= goal)
+        err = row.get("rel_err_total")
+        rows.append(
+            [
+                str(tokens),
+                name,
+                dtype,
+                _engine_cell(row),
+                "" if "error" in row else f"{row['s_per_pair']:.3f}",
+                "" if "error" in row else f"{1000 * row['s_per_pair_per_token']:.2f}",
+                ratio,
+                "" if err is None else sci(err),
+                "" if row.get("working_gib") is None else f"{row['working_gib']:.2f}",
+                f"{goal:,} {met}" if goal else "",
+            ]
+        )
+    header = [
+        "tokens",
+        "engine",
+        "matmuls",
+        "pairs per GPU-hour",
+        "s per pair",
+        "ms per pair per token",
+        "vs nnsight",
+        "rel. error vs nnsight",
+        "working GiB",
+        "goal met",
+    ]
+    out = table(header, rows, ["---:", "---", "---", *["---:"] * 6, "---"])
+    agree = rec.get("fast_agreement")
+    if agree:
+        out += (
+            f"\nTF32 vs IEEE float32 over {agree['graphs']} graphs of {agree['tokens']} tokens, "
+            f"top-{agree['top']} features by |total effect| on the contrast: Jaccard median "
+            f"{agree['jaccard_median']:.2f} (min {agree['jaccard_min']:.2f}), Spearman median "
+            f"{agree['spearman_median']:.4f} (min {agree['spearman_min']:.4f}); device "
+            f"{rec['device']}.\n"
+        )
+    return out
+
+
 KINDS: dict[str, Callable[[list[Record]], str]] = {
+    "engine": engine,
     "adapter-nodes": adapter_nodes,
     "training-throughput": training_throughput,
     "training-optimizers": training_optimizers,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -171,9 +172,10 @@ def _backward(
             g_in += g_out @ parts.transcoder.W_skip.float()
         for row, prompt in enumerate(batch.prompts):
             found = prompt.layer_features[layer]
-            scores = _feature_scores(engine, layer, g_out[row], found, budget)
+            groups = _groups(found, n_pos, d_model, budget)
+            scores = _feature_scores(engine, layer, g_out[row], found, groups)
             feature_scores[row].insert(0, scores)
-            _reinject(g_in[row, t:], scores[t:], found, parts.transcoder, budget)
+            _reinject(g_in[row, t:], scores[t:], found, parts.transcoder, groups)
         g = g + _to_residual(engine, parts, g_in, scale)
         g = g + _attention_transpose(engine, parts, g, batch.patterns[layer], scale)
     embed = g * engine.embed_factor(engine.embed_weight.dtype)
@@ -218,27 +220,34 @@ def _padded(tensors: list[torch.Tensor], n_pos: int) -> torch.Tensor:
     return out
 
 
-def _slots(found: LayerFeatures, n_pos: int) -> tuple[torch.Tensor, int]:
-    """Each feature's slot among its position's features (they are sorted by position), and
-    the most features at one position: features grouped ``(position, slot)`` so that each
-    position's decoder rows meet its gradient in one batched matmul."""
+@dataclass
+class Groups:
+    """A layer's features grouped ``(position, slot)``, so that each position's decoder or
+    encoder rows meet its gradient in one batched matmul, in runs of positions whose grouped
+    rows fit the memory budget (features are sorted by position, so a run's are contiguous)."""
+
+    slots: torch.Tensor  # each feature's slot among its position's features
+    width: int  # the most features at one position
+    runs: list[tuple[int, int, slice]]  # (first position, end position, feature slice)
+
+
+def _groups(found: LayerFeatures, n_pos: int, d_model: int, budget: int) -> Groups:
+    n = found.positions.shape[0]
+    if n == 0:
+        return Groups(found.positions, 0, [])
     counts = torch.bincount(found.positions, minlength=n_pos)
     starts = torch.cumsum(counts, 0) - counts
-    slots = torch.arange(found.positions.shape[0], device=counts.device) - starts[found.positions]
-    return slots, int(counts.max()) if counts.numel() else 0
-
-
-def _position_chunks(found: LayerFeatures, n_pos: int, width: int, d_model: int, budget: int):
-    """``(first, last, feature slice)`` runs of positions whose grouped rows fit ``budget``
-    floats (features are sorted by position, so each run's features are contiguous)."""
+    slots = torch.arange(n, device=counts.device) - starts[found.positions]
+    width = int(counts.max())
     step = max(1, budget // max(1, width * d_model))
-    bounds = torch.searchsorted(
-        found.positions, torch.arange(0, n_pos + step, step, device=found.positions.device)
-    ).tolist()
+    edges = torch.arange(0, n_pos + step, step, device=found.positions.device)
+    bounds = torch.searchsorted(found.positions, edges).tolist()
+    runs = []
     for index, first in enumerate(range(0, n_pos, step)):
         lo, hi = bounds[index], bounds[index + 1]
         if hi > lo:
-            yield first, min(first + step, n_pos), slice(lo, hi)
+            runs.append((first, min(first + step, n_pos), slice(lo, hi)))
+    return Groups(slots, width, runs)
 
 
 def _grouped(
@@ -255,7 +264,7 @@ def _grouped(
 
 
 def _feature_scores(
-    engine: LinearisedModel, layer: int, g_out: torch.Tensor, found: LayerFeatures, budget: int
+    engine: LinearisedModel, layer: int, g_out: torch.Tensor, found: LayerFeatures, groups: Groups
 ) -> torch.Tensor:
     """``(rows, n)``: ``a_f (g[pos_f] . W_dec[f])`` for the layer's active features."""
     rows, n_pos, d_model = g_out.shape
@@ -263,8 +272,8 @@ def _feature_scores(
     scores = torch.empty(rows, n, device=g_out.device)
     if n == 0:
         return scores
-    slots, width = _slots(found, n_pos)
-    for first, last, part in _position_chunks(found, n_pos, width, d_model, budget):
+    slots, width = groups.slots, groups.width
+    for first, last, part in groups.runs:
         decoder = decoder_rows(engine, layer, found.features[part])
         grouped = _grouped(decoder, found, slots, part, first, (last - first, width, d_model))
         per_slot = grouped @ g_out[:, first:last].permute(1, 2, 0)  # (pos, width, rows)
@@ -274,7 +283,7 @@ def _feature_scores(
 
 
 def _reinject(
-    g_in: torch.Tensor, scores: torch.Tensor, found: LayerFeatures, transcoder: Any, budget: int
+    g_in: torch.Tensor, scores: torch.Tensor, found: LayerFeatures, transcoder: Any, groups: Groups
 ) -> None:
     """Add ``(s_f / a_f) W_enc[f]`` at each feature's position to the total rows' gradient at
     the layer's read site (in place): the target's total derivative through the feature."""
@@ -285,8 +294,8 @@ def _reinject(
     safe = torch.where(activations != 0, activations, 1.0)
     inverse = torch.where(activations != 0, 1.0 / safe, 0.0)
     encoder_weight = transcoder.W_enc
-    slots, width = _slots(found, n_pos)
-    for first, last, part in _position_chunks(found, n_pos, width, d_model, budget):
+    slots, width = groups.slots, groups.width
+    for first, last, part in groups.runs:
         encoders = encoder_weight[found.features[part]].float()
         grouped = _grouped(encoders, found, slots, part, first, (last - first, width, d_model))
         coefficient = (scores[:, part] * inverse[part]).T  # (c, rows)
