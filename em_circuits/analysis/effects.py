@@ -194,8 +194,18 @@ def _group_features(
 
 
 def _sum_groups(values: np.ndarray, inverse: np.ndarray, n_groups: int) -> np.ndarray:
-    out = np.zeros((n_groups,) + values.shape[1:])
-    np.add.at(out, inverse, values)
+    """Per-group sums of ``values`` (rows grouped by ``inverse``), in float64: one weighted
+    bincount per column (``np.add.at`` is ten times slower on a graph's 10^5-10^6 nodes)."""
+    if values.ndim == 1:
+        return np.bincount(inverse, weights=values, minlength=n_groups).astype(np.float64)
+    return _sum_groups_of_rows(np.ascontiguousarray(values.T), inverse, n_groups)
+
+
+def _sum_groups_of_rows(rows: np.ndarray, inverse: np.ndarray, n_groups: int) -> np.ndarray:
+    """``(n_groups, len(rows))``: each row of ``rows`` (targets x nodes) summed per group."""
+    out = np.empty((n_groups, rows.shape[0]))
+    for index, row in enumerate(rows):
+        out[:, index] = np.bincount(inverse, weights=row, minlength=n_groups)
     return out
 
 
@@ -220,7 +230,7 @@ def prompt_effects(
     frames = []
     for metric in metrics:
         matrix = getattr(graph, metric).double().numpy()
-        per_key = _sum_groups(matrix[:, nodes].T, inverse, n_keys)  # (keys, targets)
+        per_key = _sum_groups_of_rows(matrix[:, nodes], inverse, n_keys)  # (keys, targets)
         evil_fx, safe_fx = per_key[:, evil], per_key[:, safe]
         nan = np.full(n_keys, np.nan)
         evil_mean = evil_fx.mean(axis=1) if evil else nan
@@ -268,7 +278,7 @@ def target_effects(
     frames = []
     for metric in metrics:
         matrix = getattr(graph, metric).double().numpy()
-        per_key = _sum_groups(matrix[:, nodes].T, inverse, len(keys))
+        per_key = _sum_groups_of_rows(matrix[:, nodes], inverse, len(keys))
         frame: dict[str, Any] = {
             col: np.repeat(keys[:, i], n_targets) for i, col in enumerate(key_columns(spec))
         }

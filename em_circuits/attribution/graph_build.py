@@ -12,12 +12,11 @@ from em_circuits.attribution.attribute import attribute_prompt, check_labels_aga
 from em_circuits.attribution.storage import (
     CompactGraph,
     content_fingerprint,
-    save_compact,
     save_full,
+    write_compact,
 )
 from em_circuits.attribution.stored_graphs import graph_paths
 from em_circuits.attribution.targets import AttributionParams, PromptTargets
-from em_circuits.core.atomic import sha256_file
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ResultsStore, write_artifact
 from em_circuits.models.load import LoadedModel
@@ -50,8 +49,7 @@ def build_graph(
             m["stored_logit"],
             m["graph_logit"],
         )
-    compact_bytes = save_compact(compact, paths["compact"])
-    compact_sha256 = sha256_file(paths["compact"])
+    compact_bytes, compact_sha256 = write_compact(compact, paths["compact"])
     full_bytes = None
     if save_full_graph and info["dense"] is not None:
         full_bytes = save_full(paths["full"], info["dense"])

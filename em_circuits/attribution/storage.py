@@ -222,6 +222,15 @@ def prune_edges(direct_full: torch.Tensor, keep: int) -> tuple[torch.Tensor, tor
 # -- files ------------------------------------------------------------------------------------
 def save_compact(graph: CompactGraph, path: Path) -> int:
     """Atomically write one graph; returns the file size in bytes."""
+    return write_compact(graph, path)[0]
+
+
+def write_compact(graph: CompactGraph, path: Path) -> tuple[int, str]:
+    """Atomically write one graph; returns the file's size in bytes and its sha256, hashed
+    from the bytes in memory (at 2,048 tokens a graph file is hundreds of MB: reading it back
+    to hash it cost as much as writing it)."""
+    from safetensors.torch import save
+
     tensors = {
         "features": graph.features.to(torch.int64).contiguous(),
         "activations": graph.activations.float().contiguous(),
@@ -255,9 +264,10 @@ def save_compact(graph: CompactGraph, path: Path) -> int:
         "target_kinds": json.dumps(graph.target_kinds),
         "meta": json.dumps(graph.meta, ensure_ascii=False, default=str),
     }
+    data = save(tensors, metadata=header)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-    return Path(path).stat().st_size
+        tmp.write_bytes(data)
+    return len(data), hashlib.sha256(data).hexdigest()
 
 
 def load_compact(path: Path) -> CompactGraph:
