@@ -99,8 +99,8 @@ def test_memory_chunks_do_not_change_the_rows(micro_models, prompts):  # noqa: F
 
 
 def test_graph_stage_records_its_engine_and_both_engines_agree(micro_models, prompts):  # noqa: F811
-    from em_circuits.attribution.attribute import totals_prompt
     from em_circuits.attribution.targets import AttributionParams
+    from em_circuits.attribution.totals_graph import totals_prompt
 
     base, adapted = micro_models
     pt = prompts[0]

@@ -169,7 +169,7 @@ def _adapter_overlay(model: LoadedModel, pt: PromptTargets, params: AttributionP
     features most influential on the contrast and what they read; None without nodes."""
     from dataclasses import replace
 
-    from em_circuits.attribution.attribute import totals_prompt
+    from em_circuits.attribution.totals_graph import totals_prompt
 
     if model.spec.adapter is None or not params.adapter_nodes:
         return None

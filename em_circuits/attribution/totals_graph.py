@@ -1,0 +1,227 @@
+"""One prompt's totals graph: exact direct and total effects of every active feature on its
+targets, on the torch engine (:mod:`~em_circuits.attribution.engine`) or, for graphs with
+adapter nodes and on request, circuit-tracer's nnsight context
+(:mod:`~em_circuits.attribution.totals`), with the adapter nodes' tensors a stored graph keeps.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from em_circuits.attribution.adapter_nodes import (
+    ATTENTION_LINEAR,
+    NONLINEAR,
+    AdapterDetail,
+    AdapterWrites,
+)
+from em_circuits.attribution.attribute import (
+    check_context_finite,
+    prompt_ids,
+    salient_ids,
+    target_direction,
+    target_rows,
+    target_table,
+)
+from em_circuits.attribution.prompt_adapter_nodes import prompt_adapter_writes
+from em_circuits.attribution.storage import CompactGraph, target_fields
+from em_circuits.attribution.targets import AttributionParams, GraphError, PromptTargets, TargetRow
+from em_circuits.models.load import LoadedModel, NonFiniteError
+
+
+def _free_failed_pass(err: BaseException) -> None:
+    """Let a failed pass's tensors go before the next graph: the frames of the exception's
+    traceback hold them (GiBs at long prompts), and the next graph would run out of memory
+    too."""
+    import gc
+    import traceback
+
+    traceback.clear_frames(err.__traceback__)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def totals_engine(model: LoadedModel, params: AttributionParams, writes: object) -> str:
+    """The engine a totals graph runs on: the torch engine unless the user asked for the
+    nnsight one, the graph has adapter nodes or offloads, or the model needs circuit-tracer's
+    own path (a cross-layer transcoder, an architecture the engine does not linearise)."""
+    if params.engine != "torch" or writes is not None or params.offload:
+        return "nnsight"
+    from em_circuits.attribution.engine import unsupported_reason
+
+    return "torch" if unsupported_reason(model) is None else "nnsight"
+
+
+def totals_prompt(
+    model: LoadedModel, pt: PromptTargets, params: AttributionParams
+) -> tuple[CompactGraph, None, dict[str, Any]]:
+    """Exact direct and total effects of every active feature on the prompt's targets, from
+    one backward pass (:mod:`em_circuits.attribution.totals`)."""
+    from em_circuits.attribution.totals import exact_effects
+
+    rm = model.replacement
+    where = f"prompt {pt.prompt_id}, model {model.slug}"
+    ids = prompt_ids(model, pt)
+    chosen: dict[str, list[TargetRow]] = {}
+
+    def directions_for(logits: torch.Tensor) -> torch.Tensor:
+        rows = target_rows(model, pt, salient_ids(pt, logits, params.salient_logits))
+        if not rows:
+            raise GraphError(f"{where}: no evil or safe labels, nothing to attribute to")
+        chosen["rows"] = rows
+        unembed = rm.unembed_proj.detach()
+        return torch.stack([target_direction(unembed, pt, row) for row in rows])
+
+    started = time.perf_counter()
+    adapter: AdapterWrites | str | None = None
+    if params.adapter_nodes and model.spec.adapter is not None:
+        adapter = prompt_adapter_writes(model, ids)
+    writes = adapter if isinstance(adapter, AdapterWrites) else None
+    engine = totals_engine(model, params, writes)
+    try:
+        if engine == "torch":
+            from em_circuits.attribution.engine import batched_effects
+
+            (effects,) = batched_effects(
+                model, [ids], [directions_for], precision=params.precision, where=[where]
+            )
+        else:
+            effects = exact_effects(
+                rm,
+                ids,
+                directions_for,
+                check_context=lambda ctx: check_context_finite(ctx, where),
+                offload=params.offload,
+                adapter=writes,
+                # the contrast comes first when the prompt has both labels (target_rows)
+                split_target=0 if pt.evil_ids and pt.safe_ids else None,
+                split_features=params.adapter_split_features,
+                read_nodes=params.adapter_read_nodes,
+            )
+    except torch.cuda.OutOfMemoryError as err:
+        message = str(err).split(". ")[0]
+        _free_failed_pass(err)
+        fix = (
+            "shorter prompts, or --engine nnsight --offload cpu"
+            if engine == "torch"
+            else "try --offload cpu"
+        )
+        raise GraphError(f"{where}: out of GPU memory ({message}); {fix}") from None
+    seconds = time.perf_counter() - started
+    for name in (
+        "direct",
+        "total",
+        "adapter_direct",
+        "adapter_total",
+        "adapter_edges",
+        "adapter_reads",
+    ):
+        matrix = getattr(effects, name)
+        if matrix is not None and not torch.isfinite(matrix).all():
+            raise NonFiniteError(f"{where}: NaN/Inf in the {name} effects (try --dtype float32)")
+    rows = chosen["rows"]
+    table, labels = target_table(model, pt, rows, effects.logits)
+    top = torch.topk(effects.logits, params.top_k)
+    compact = CompactGraph(
+        features=effects.features,
+        activations=effects.activations,
+        input_tokens=ids.cpu(),
+        n_layers=effects.n_layers,
+        direct=effects.direct,
+        total=effects.total,
+        **target_fields(table),
+        top_token_ids=top.indices.cpu(),
+        top_logits=top.values.cpu(),
+        meta={
+            "target_labels": labels,
+            "prompt_id": pt.prompt_id,
+            "mode": "totals",
+            "engine": engine,
+            "features_stored": "all active",
+            **_adapter_meta(adapter),
+            **(_adapter_split(writes, effects) if chosen["rows"][0][1] == "contrast" else {}),
+        },
+        **_adapter_fields(writes, effects),
+    )
+    n_active = int(effects.features.shape[0])
+    info = {
+        "dense": None,
+        "seconds": seconds,
+        "n_active_features": n_active,
+        "n_selected_features": n_active,
+        "logits": effects.logits,
+        # every adapter node's edges, for the viewer (the stored graph keeps their sums)
+        "adapter_detail": AdapterDetail.of(writes, effects, compact) if writes else None,
+    }
+    return compact, None, info
+
+
+def _adapter_meta(adapter: AdapterWrites | str | None) -> dict[str, Any]:
+    if adapter is None:
+        return {}
+    if isinstance(adapter, str):
+        return {"adapter_nodes": {"none": adapter}}
+    return {
+        "adapter_modules": adapter.modules,
+        "adapter_nonlinear": list(NONLINEAR),
+        "adapter_nodes": {"n": adapter.n_nodes, "not_nodes": adapter.not_nodes},
+    }
+
+
+def _adapter_fields(writes: AdapterWrites | None, effects: Any) -> dict[str, Any]:
+    """The adapter nodes' tensors a stored graph keeps: every node's effects on every target,
+    and, of the edges computed on the contrast, only what the analysis reads (their sums per
+    feature; for a rank-32 LoRA on every module the edges of each node are tens of MB)."""
+    if writes is None:
+        return {}
+    fields = {
+        "adapter_nodes": writes.nodes,
+        "adapter_activations": writes.activations,
+        "adapter_direct": effects.adapter_direct,
+        "adapter_total": effects.adapter_total,
+    }
+    if effects.adapter_edges is not None:
+        fields["adapter_edge_features"] = effects.adapter_edge_features.long()
+        fields["adapter_edge_sums"] = effects.adapter_edges.double().sum(1).float()
+    if effects.adapter_reads is not None:
+        n_features = int(effects.features.shape[0])
+        reads = effects.adapter_reads.double()[:, :n_features]
+        fields["adapter_read_nodes"] = effects.adapter_read_nodes.long()
+        fields["adapter_read_edges"] = reads.sum(0).float()
+        per_unit = read_per_unit(writes, effects)
+        fields["adapter_read_via"] = (reads * per_unit[:, None]).sum(0).float()
+    return fields
+
+
+def read_per_unit(writes: AdapterWrites, effects: Any, contrast: int = 0) -> torch.Tensor:
+    """(m,) float64: each read adapter node's total effect on the contrast (target row 0)
+    per unit of its activation (0 where it is not active)."""
+    nodes = effects.adapter_read_nodes.long()
+    activation = writes.activations[nodes].double()
+    effect = effects.adapter_total[contrast, nodes].double()
+    return torch.where(activation != 0, effect / activation.where(activation != 0, 1.0), 0.0)
+
+
+def _adapter_split(writes: AdapterWrites | None, effects: Any) -> dict[str, Any]:
+    """Graph metadata: the read adapter nodes' effect on the contrast as their edges from every
+    feature, error, token and adapter node account for it (equal to their total effect where
+    the reads are linear and have no bias), and the part of every adapter node's effect that
+    runs first through a read attention node (which passes total effects on)."""
+    if writes is None or effects.adapter_reads is None:
+        return {}
+    per_unit = read_per_unit(writes, effects)
+    reads = effects.adapter_reads.double()
+    n_sources = int(effects.direct.shape[1])
+    codes = [writes.modules.index(m) for m in ATTENTION_LINEAR]
+    passing = torch.isin(writes.nodes[effects.adapter_read_nodes.long(), 1], torch.tensor(codes))
+    via_nodes = float((reads[:, n_sources:].sum(1) * per_unit * passing).sum())
+    return {
+        "adapter_split": {
+            "read_from_all": float((reads.sum(1) * per_unit).sum()),
+            # none without an attention node among the read ones: nothing passes effects on
+            "via_adapter_nodes": via_nodes if bool(passing.any()) else None,
+        }
+    }
