@@ -118,3 +118,46 @@ def test_graph_stage_records_its_engine_and_both_engines_agree(micro_models, pro
     assert with_nodes.meta["engine"] == "nnsight"
     plain, _, _ = totals_prompt(adapted, pt, AttributionParams(adapter_nodes=False))
     assert plain.meta["engine"] == "torch"
+
+
+def test_graph_stage_batches_prompts_and_each_keeps_its_own_graph_and_error(
+    micro_specs,
+    micro_models,
+    prompts,  # noqa: F811
+    tmp_path,
+):
+    import dataclasses
+
+    from em_circuits.attribution.stage import ResidentModels, run_graph_stage
+    from em_circuits.attribution.stored_graphs import find_graph_metas, load_graph
+    from em_circuits.attribution.targets import AttributionParams
+    from em_circuits.core.store import ResultsStore
+
+    specs = {"base": micro_specs[0], "adapted": micro_specs[1]}
+    resident = ResidentModels(specs, "cpu", tmp_path / "merged")
+    # one prompt without labels fails on its own; the others of its batch are stored
+    unlabeled = dataclasses.replace(prompts[1], prompt_id="bare", evil_ids=[], safe_ids=[])
+    targets = [*prompts, unlabeled]
+    graphs = {}
+    for batch in (1, 3):
+        store = ResultsStore(tmp_path / f"results-{batch}")
+        params = AttributionParams(graph_batch=batch, adapter_nodes=False)
+        results = run_graph_stage(
+            store, specs, targets, params, "cpu", progress=False, resident=resident
+        )
+        for result in results.values():
+            assert sorted(result.computed) == sorted(pt.prompt_id for pt in prompts)
+            assert list(result.failed) == ["bare"]
+            assert "no evil or safe labels" in result.failed["bare"]
+        graphs[batch] = {
+            (meta["role"], meta["prompt_id"]): load_graph(store, meta)
+            for slug in {m.slug for m in micro_models}
+            for meta in find_graph_metas(store, slug)
+        }
+    assert graphs[1].keys() == graphs[3].keys() and len(graphs[1]) == 2 * len(prompts)
+    for key, alone in graphs[1].items():
+        batched = graphs[3][key]
+        assert batched.meta["engine"] == "torch"
+        assert torch.equal(batched.features, alone.features)
+        assert _relative_error(batched.total, alone.total) <= TOLERANCE
+        assert _relative_error(batched.direct, alone.direct) <= TOLERANCE

@@ -32,12 +32,14 @@ def build_graph(
     params: AttributionParams,
     save_full_graph: bool = False,
     viewer_dir: Path | None = None,
+    computed: tuple[CompactGraph, Any, dict[str, Any]] | None = None,
 ) -> GraphMetaRecord:
-    """Compute, check and store one graph; returns its metadata artifact.
+    """Compute (unless ``computed`` holds the graph already, as a batch of prompts gives it),
+    check and store one graph; returns its metadata artifact.
 
     Only a full-mode graph has a dense adjacency (``save_full_graph``) and viewer JSON.
     """
-    compact, graph, info = attribute_prompt(model, pt, params, role)
+    compact, graph, info = computed or attribute_prompt(model, pt, params, role)
     paths = graph_paths(store, model.slug, pt, params)
     mismatches = check_labels_against_graph(pt, role, info["logits"], model.dtype)
     for m in mismatches:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 
+from em_circuits.attribution.attribute import prompt_ids
 from em_circuits.attribution.graph_build import build_graph
 from em_circuits.attribution.stored_graphs import cached_graph_meta
 from em_circuits.attribution.targets import (
@@ -21,7 +23,12 @@ from em_circuits.attribution.targets import (
 from em_circuits.core.claims import read_holder, try_claim
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ResultsStore
-from em_circuits.models.load import NonFiniteError, PromptTooLongError, ResidentModels
+from em_circuits.models.load import (
+    LoadedModel,
+    NonFiniteError,
+    PromptTooLongError,
+    ResidentModels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,34 +221,58 @@ def _graphs_for(
         while pending:
             progressed = False
             for item in list(pending):
-                role, pt = item
-                slug, fp = identities[role]
-                result = results[role]
-                claim = try_claim(store.graph_claim_path(slug, pt.prompt_id, pt.key(params)))
-                if claim is None:
-                    deferred.add((role, pt.prompt_id))
+                if item not in pending:  # taken with an earlier item's batch
                     continue
-                pending.remove(item)
-                progressed = True
-                with claim:
-                    # Checked again under the claim: another process may have finished this
-                    # graph since the cache was first checked (with --force only if it was
-                    # seen claimed, i.e. computed during this run).
-                    if (not force or (role, pt.prompt_id) in deferred) and cached_graph_meta(
-                        store, slug, fp, pt, params, warn=False
-                    ) is not None:
-                        result.cached.append(pt.prompt_id)
-                        bar.update()
+                group = _batch_of(item, pending, params, models, specs, device)
+                claimed = []
+                for role, pt in group:
+                    claim = try_claim(
+                        store.graph_claim_path(identities[role][0], pt.prompt_id, pt.key(params))
+                    )
+                    if claim is None:
+                        deferred.add((role, pt.prompt_id))
                         continue
-                    try:
-                        build_graph(
-                            store, models.get(role), role, pt, params, save_full_graph, viewer_dir
-                        )
-                        result.computed.append(pt.prompt_id)
-                    except (GraphError, NonFiniteError, PromptTooLongError) as err:
-                        log.error("skipping: %s", err)
-                        result.failed[pt.prompt_id] = str(err)
-                bar.update()
+                    pending.remove((role, pt))
+                    claimed.append((role, pt, claim))
+                if not claimed:
+                    continue
+                progressed = True
+                with contextlib.ExitStack() as held:
+                    for _role, _pt, claim in claimed:
+                        held.enter_context(claim)
+                    todo = []
+                    for role, pt, _claim in claimed:
+                        slug, fp = identities[role]
+                        # Checked again under the claim: another process may have finished
+                        # this graph since the cache was first checked (with --force only if
+                        # it was seen claimed, i.e. computed during this run).
+                        if (not force or (role, pt.prompt_id) in deferred) and cached_graph_meta(
+                            store, slug, fp, pt, params, warn=False
+                        ) is not None:
+                            results[role].cached.append(pt.prompt_id)
+                            bar.update()
+                        else:
+                            todo.append((role, pt))
+                    for role, pt, computed in _computed(todo, params, models):
+                        result = results[role]
+                        try:
+                            if isinstance(computed, Exception):
+                                raise computed
+                            build_graph(
+                                store,
+                                models.get(role),
+                                role,
+                                pt,
+                                params,
+                                save_full_graph,
+                                viewer_dir,
+                                computed=computed,
+                            )
+                            result.computed.append(pt.prompt_id)
+                        except (GraphError, NonFiniteError, PromptTooLongError) as err:
+                            log.error("skipping: %s", err)
+                            result.failed[pt.prompt_id] = str(err)
+                        bar.update()
             if pending and not progressed:
                 if time.monotonic() - last_wait_log >= WAIT_LOG_SECONDS:
                     last_wait_log = time.monotonic()
@@ -259,6 +290,71 @@ def _graphs_for(
         if resident is None:
             models.release()
     return results
+
+
+#: Most prompts in one forward pass of the torch engine when ``--graph-batch`` is 0 (auto).
+MAX_GRAPH_BATCH = 8
+
+
+def graph_batch_size(model: LoadedModel, params: AttributionParams, n_pos: int) -> int:
+    """Prompts of about ``n_pos`` tokens per forward pass of the torch engine: the user's
+    ``--graph-batch``, else on a GPU as many as half its free memory holds (each prompt's
+    attention patterns, kept for the backward, and its backward's rows), up to
+    :data:`MAX_GRAPH_BATCH`; one on a CPU, where a batch saves no kernel launches."""
+    if params.graph_batch:
+        return params.graph_batch
+    if model.device.type != "cuda":
+        return 1
+    config: Any = model.hf_model.config
+    layers, heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+    rows = 2 * (1 + 2 * MAX_TARGETS_GUESS)
+    per_prompt = 4 * (layers * heads * n_pos**2 + 8 * rows * n_pos * int(config.hidden_size))
+    free, _total = torch.cuda.mem_get_info(model.device)
+    return max(1, min(MAX_GRAPH_BATCH, int(0.5 * free // per_prompt)))
+
+
+#: Targets a prompt is assumed to have when sizing a batch (the contrast is added).
+MAX_TARGETS_GUESS = 8
+
+
+def _batch_of(
+    item: tuple[str, PromptTargets],
+    pending: list[tuple[str, PromptTargets]],
+    params: AttributionParams,
+    models: ResidentModels,
+    specs: dict[str, Any],
+    device: torch.device | str,
+) -> list[tuple[str, PromptTargets]]:
+    """``item`` and the pending prompts of the same model that join it in one forward pass
+    of the torch engine (totals graphs without adapter nodes; one item otherwise)."""
+    role, pt = item
+    if params.mode != "totals" or params.engine != "torch" or params.graph_batch == 1:
+        return [item]
+    if torch.device(device).type != "cuda" and not params.graph_batch:
+        return [item]
+    if params.adapter_nodes and specs[role].adapter is not None:
+        return [item]
+    model = models.get(role)  # loaded here, before the claims: it will compute this batch
+    n_pos = len(prompt_ids(model, pt))
+    size = graph_batch_size(model, params, n_pos)
+    same = [other for other in pending if other[0] == role and other is not item]
+    # prompts of similar length pad least
+    same.sort(key=lambda other: abs(len(prompt_ids(model, other[1])) - n_pos))
+    return [item, *same[: size - 1]]
+
+
+def _computed(
+    todo: list[tuple[str, PromptTargets]], params: AttributionParams, models: ResidentModels
+) -> list[tuple[str, PromptTargets, Any]]:
+    """Each (role, prompt)'s graph computed already when they form a batch of one model's
+    prompts (or its error); None where :func:`build_graph` computes it itself."""
+    if len(todo) < 2:
+        return [(role, pt, None) for role, pt in todo]
+    from em_circuits.attribution.totals_graph import totals_prompts
+
+    role = todo[0][0]
+    graphs = totals_prompts(models.get(role), [pt for _, pt in todo], params)
+    return [(r, pt, graph) for (r, pt), graph in zip(todo, graphs)]
 
 
 def _claimed_by(

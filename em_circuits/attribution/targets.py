@@ -71,6 +71,12 @@ class AttributionParams:
         flag="--engine-precision",
         choices=PRECISIONS,
     )
+    graph_batch: int = option(
+        0,
+        "prompts per forward pass of the torch engine (0: as many as half the GPU's free "
+        "memory holds, up to 8; one on a CPU)",
+        metavar="N",
+    )
     max_feature_nodes: int = option(8192, "most feature nodes kept per full graph (circuit-tracer)")
     batch_size: int = option(
         256,
@@ -116,6 +122,8 @@ class AttributionParams:
             )
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.graph_batch < 0:
+            raise ValueError(f"graph batch must be 0 (auto) or more, not {self.graph_batch}")
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
@@ -129,8 +137,9 @@ class AttributionParams:
         fields = asdict(self)
         fields.pop("batch_size")
         fields.pop("offload")
-        # the engines agree to float rounding; TF32 matmuls change the graph
+        # the engines and batches agree to float rounding; TF32 matmuls change the graph
         fields.pop("engine")
+        fields.pop("graph_batch")
         if self.precision == "float32":
             fields.pop("precision")
         if self.mode == "totals":

@@ -6,7 +6,10 @@ adapter nodes and on request, circuit-tracer's nnsight context
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,62 +58,150 @@ def totals_engine(model: LoadedModel, params: AttributionParams, writes: object)
     return "torch" if unsupported_reason(model) is None else "nnsight"
 
 
-def totals_prompt(
-    model: LoadedModel, pt: PromptTargets, params: AttributionParams
-) -> tuple[CompactGraph, None, dict[str, Any]]:
-    """Exact direct and total effects of every active feature on the prompt's targets, from
-    one backward pass (:mod:`em_circuits.attribution.totals`)."""
-    from em_circuits.attribution.totals import exact_effects
+@dataclass
+class TotalsRequest:
+    """One prompt's totals graph before its effects are computed: its token ids, its target
+    directions (chosen from the graph's own forward pass), its adapter nodes and engine."""
 
-    rm = model.replacement
+    pt: PromptTargets
+    ids: torch.Tensor
+    where: str
+    adapter: AdapterWrites | str | None
+    engine: str
+    chosen: dict[str, list[TargetRow]] = field(default_factory=dict)
+    directions_for: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def writes(self) -> AdapterWrites | None:
+        return self.adapter if isinstance(self.adapter, AdapterWrites) else None
+
+
+def totals_request(
+    model: LoadedModel, pt: PromptTargets, params: AttributionParams
+) -> TotalsRequest:
+    """What a prompt's totals graph needs before its forward pass (the adapter nodes' own
+    pre-pass included)."""
     where = f"prompt {pt.prompt_id}, model {model.slug}"
     ids = prompt_ids(model, pt)
-    chosen: dict[str, list[TargetRow]] = {}
+    adapter: AdapterWrites | str | None = None
+    if params.adapter_nodes and model.spec.adapter is not None:
+        adapter = prompt_adapter_writes(model, ids)
+    writes = adapter if isinstance(adapter, AdapterWrites) else None
+    request = TotalsRequest(pt, ids, where, adapter, totals_engine(model, params, writes))
+    unembed = model.replacement.unembed_proj.detach()
 
     def directions_for(logits: torch.Tensor) -> torch.Tensor:
         rows = target_rows(model, pt, salient_ids(pt, logits, params.salient_logits))
         if not rows:
             raise GraphError(f"{where}: no evil or safe labels, nothing to attribute to")
-        chosen["rows"] = rows
-        unembed = rm.unembed_proj.detach()
+        request.chosen["rows"] = rows
         return torch.stack([target_direction(unembed, pt, row) for row in rows])
 
-    started = time.perf_counter()
-    adapter: AdapterWrites | str | None = None
-    if params.adapter_nodes and model.spec.adapter is not None:
-        adapter = prompt_adapter_writes(model, ids)
-    writes = adapter if isinstance(adapter, AdapterWrites) else None
-    engine = totals_engine(model, params, writes)
+    request.directions_for = directions_for
+    return request
+
+
+def _effects(
+    model: LoadedModel, requests: list[TotalsRequest], params: AttributionParams
+) -> list[Any]:
+    """The requests' exact effects: one batch on the torch engine, or one nnsight pass."""
+    from em_circuits.attribution.totals import exact_effects
+
+    first = requests[0]
     try:
-        if engine == "torch":
+        if first.engine == "torch":
             from em_circuits.attribution.engine import batched_effects
 
-            (effects,) = batched_effects(
-                model, [ids], [directions_for], precision=params.precision, where=[where]
+            return batched_effects(
+                model,
+                [r.ids for r in requests],
+                [r.directions_for for r in requests],  # type: ignore[misc]
+                precision=params.precision,
+                where=[r.where for r in requests],
             )
-        else:
-            effects = exact_effects(
-                rm,
-                ids,
-                directions_for,
-                check_context=lambda ctx: check_context_finite(ctx, where),
+        (request,) = requests
+        assert request.directions_for is not None
+        pt = request.pt
+        return [
+            exact_effects(
+                model.replacement,
+                request.ids,
+                request.directions_for,
+                check_context=lambda ctx: check_context_finite(ctx, request.where),
                 offload=params.offload,
-                adapter=writes,
+                adapter=request.writes,
                 # the contrast comes first when the prompt has both labels (target_rows)
                 split_target=0 if pt.evil_ids and pt.safe_ids else None,
                 split_features=params.adapter_split_features,
                 read_nodes=params.adapter_read_nodes,
             )
+        ]
     except torch.cuda.OutOfMemoryError as err:
         message = str(err).split(". ")[0]
         _free_failed_pass(err)
         fix = (
             "shorter prompts, or --engine nnsight --offload cpu"
-            if engine == "torch"
+            if first.engine == "torch"
             else "try --offload cpu"
         )
+        where = first.where if len(requests) == 1 else f"{len(requests)} prompts from {first.where}"
         raise GraphError(f"{where}: out of GPU memory ({message}); {fix}") from None
-    seconds = time.perf_counter() - started
+
+
+def totals_prompt(
+    model: LoadedModel, pt: PromptTargets, params: AttributionParams
+) -> tuple[CompactGraph, None, dict[str, Any]]:
+    """Exact direct and total effects of every active feature on the prompt's targets, from
+    one backward pass (:mod:`em_circuits.attribution.engine`, or
+    :mod:`em_circuits.attribution.totals` for graphs with adapter nodes)."""
+    started = time.perf_counter()
+    request = totals_request(model, pt, params)
+    (effects,) = _effects(model, [request], params)
+    return totals_graph(model, request, params, effects, time.perf_counter() - started)
+
+
+def totals_prompts(
+    model: LoadedModel, pts: list[PromptTargets], params: AttributionParams
+) -> list[tuple[CompactGraph, None, dict[str, Any]] | Exception]:
+    """:func:`totals_prompt` of several prompts, those on the torch engine in one batch;
+    a prompt whose graph fails gets its error (the batch is then redone one by one, so that
+    each error belongs to its own prompt)."""
+    started = time.perf_counter()
+    requests = [totals_request(model, pt, params) for pt in pts]
+    batched = [r for r in requests if r.engine == "torch"]
+    out: dict[str, Any] = {}
+    if len(batched) > 1:
+        try:
+            effects = _effects(model, batched, params)
+        except (GraphError, NonFiniteError):
+            effects = []
+        seconds = (time.perf_counter() - started) / len(batched)
+        for request, found in zip(batched, effects):
+            out[request.pt.prompt_id] = _graph_or_error(
+                functools.partial(totals_graph, model, request, params, found, seconds)
+            )
+    for pt in pts:
+        if pt.prompt_id not in out:
+            out[pt.prompt_id] = _graph_or_error(functools.partial(totals_prompt, model, pt, params))
+    return [out[pt.prompt_id] for pt in pts]
+
+
+def _graph_or_error(build: Callable[[], Any]) -> Any:
+    try:
+        return build()
+    except (GraphError, NonFiniteError) as err:
+        return err
+
+
+def totals_graph(
+    model: LoadedModel,
+    request: TotalsRequest,
+    params: AttributionParams,
+    effects: Any,
+    seconds: float,
+) -> tuple[CompactGraph, None, dict[str, Any]]:
+    """The stored graph of one request's effects (checked finite), and its info."""
+    pt, where, writes, adapter = request.pt, request.where, request.writes, request.adapter
     for name in (
         "direct",
         "total",
@@ -122,13 +213,13 @@ def totals_prompt(
         matrix = getattr(effects, name)
         if matrix is not None and not torch.isfinite(matrix).all():
             raise NonFiniteError(f"{where}: NaN/Inf in the {name} effects (try --dtype float32)")
-    rows = chosen["rows"]
+    rows = request.chosen["rows"]
     table, labels = target_table(model, pt, rows, effects.logits)
     top = torch.topk(effects.logits, params.top_k)
     compact = CompactGraph(
         features=effects.features,
         activations=effects.activations,
-        input_tokens=ids.cpu(),
+        input_tokens=request.ids.cpu(),
         n_layers=effects.n_layers,
         direct=effects.direct,
         total=effects.total,
@@ -139,10 +230,10 @@ def totals_prompt(
             "target_labels": labels,
             "prompt_id": pt.prompt_id,
             "mode": "totals",
-            "engine": engine,
+            "engine": request.engine,
             "features_stored": "all active",
             **_adapter_meta(adapter),
-            **(_adapter_split(writes, effects) if chosen["rows"][0][1] == "contrast" else {}),
+            **(_adapter_split(writes, effects) if rows[0][1] == "contrast" else {}),
         },
         **_adapter_fields(writes, effects),
     )
