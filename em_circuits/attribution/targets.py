@@ -67,7 +67,8 @@ class AttributionParams:
     )
     precision: str = option(
         "float32",
-        "the torch engine's matmuls: float32 (exact) or tf32 (fast mode, on GPUs with TF32)",
+        "the torch engine's matmuls: float32 (exact) or tf32 (fast mode on GPUs: top features "
+        "agree less with float32 than bfloat16's do; see benchmarks/RESULTS.md)",
         flag="--engine-precision",
         choices=PRECISIONS,
     )
