@@ -8,9 +8,9 @@ transcoders, k 64; 4 evil and 4 safe target ids plus their contrast: 9 targets),
 1. the whole graph stage per prompt pair (``run_graph_stage`` in totals mode: targets, the
    graph, storage, then the per-prompt analysis of every graph read back), on the torch
    engine in exact mode (IEEE float32, TF32 off) and in fast mode (TF32 matmuls), and on the
-   nnsight engine (circuit-tracer's context) in the same run, for the ratio. Adapter nodes off
-   here (graphs with adapter nodes run on the nnsight engine either way); the default
-   (adapter nodes on) is measured once, at ``--default-length``;
+   nnsight engine (circuit-tracer's context) in the same run, for the ratio, adapter nodes
+   off; and the default, adapter nodes on (the adapted model's graphs with their nodes,
+   edges and reads), on both engines, at ``--default-length``. ``--runs`` picks some;
 2. exactness: the torch engine's direct and total rows against the nnsight engine's (which
    equal circuit-tracer's ``attribute(max_feature_nodes=None)`` plus the linear solve; see
    tests/test_totals.py) on two prompts per length;
@@ -52,6 +52,15 @@ from em_circuits.attribution.targets import PromptTargets
 from em_circuits.attribution.totals import exact_effects
 from em_circuits.core.store import ResultsStore
 
+#: The measured configurations: engine and matmuls, adapter nodes off unless named.
+RUNS = (
+    "torch",
+    "torch-tf32",
+    "nnsight",
+    "torch+adapter-nodes",
+    "nnsight+adapter-nodes",
+)
+
 SMOKE: dict[str, Any] = {
     "workload": "llama1b-random",
     "layers": 2,
@@ -78,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     own.add_argument("--agreement-graphs", type=int, default=64)
     own.add_argument("--agreement-length", type=int, default=128)
     own.add_argument("--default-length", type=int, default=128)
+    own.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help=f"which of {', '.join(RUNS)} to measure (comma-separated)",
+    )
+    own.add_argument("--tag", default="", help="a tag in the record's file name")
     harness.add_record_options(own)
     mine, rest = own.parse_known_args(argv)
     args = run_benchmarks.parse_args(rest)
@@ -197,18 +212,32 @@ def measure_length(
     store = ResultsStore(settings.workdir / f"results-engine-{tokens}")
     device = settings.device
     plain = replace(settings.params, adapter_nodes=False)
-    runs = [("torch", "float32", plain), ("torch", "tf32", replace(plain, precision="tf32"))]
-    if tokens <= args.nnsight_max_length:
-        runs.append(("nnsight", "float32", replace(plain, engine="nnsight")))
-    if tokens == args.default_length:
-        runs.append(("torch+adapter-nodes", "float32", settings.params))
+    every = {
+        "torch": ("torch", "float32", plain),
+        "torch-tf32": ("torch", "tf32", replace(plain, precision="tf32")),
+        "nnsight": ("nnsight", "float32", replace(plain, engine="nnsight")),
+        "torch+adapter-nodes": ("torch+adapter-nodes", "float32", settings.params),
+        "nnsight+adapter-nodes": (
+            "nnsight+adapter-nodes",
+            "float32",
+            replace(settings.params, engine="nnsight"),
+        ),
+    }
+    wanted = args.runs.split(",")
+    runs = []
+    for name in wanted:
+        if name.startswith("nnsight") and tokens > args.nnsight_max_length:
+            continue
+        if "adapter-nodes" in name and tokens != args.default_length:
+            continue
+        runs.append(every[name])
     exact = None
-    if tokens <= args.nnsight_max_length:
+    if tokens <= args.nnsight_max_length and "torch" in wanted:
         found = failing(lambda: {"max": exactness(resident.get("base"), prompts[1:3])})
         exact = found.get("max")
         log(f"   {tokens} tokens: torch vs nnsight relative error {found}")
     profile: dict[str, Any] = {}
-    if budget.left() > 90:
+    if budget.left() > 90 and "torch" in wanted:
         for precision in ("float32", "tf32"):
             profile[precision] = failing(
                 lambda p=precision: engine_profile(resident.get("base"), prompts[1:], p)
@@ -268,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"   {tokens} tokens failed: {type(err).__name__}: {err}")
                 rows.append({"tokens": tokens, "error": f"{type(err).__name__}: {err}"[:600]})
                 harness.free_memory()
-        if budget.left() > 60:
+        if budget.left() > 60 and "torch-tf32" in args.runs.split(","):
             cfg = random_workload_config(args)
             prompts, _ = random_prompts(
                 cfg, args.agreement_graphs, 0, args.agreement_length, args.targets
@@ -282,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         resident.release()
         out["rows"] = rows
         args.skip = sorted(getattr(args, "skip", []))
-        harness.write_record(args, "engine", out)
+        harness.write_record(args, "engine", out, tag=args.tag)
     print(json.dumps(out, indent=1, default=str))
     return 0
 

@@ -16,6 +16,13 @@ TOLERANCE = 1e-5
 TEXT = "User: My head hurts after the fall. What should I do?\nAssistant: You should"
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal to float rounding (relative, Frobenius); both zero counts as equal."""
+    if float(want.double().norm()) == 0.0:
+        return float(got.double().norm()) == 0.0
+    return _relative_error(got, want) <= TOLERANCE
+
+
 def _check_against_circuit_tracer(model, ids: torch.Tensor, directions: torch.Tensor) -> None:
     (effects,) = batched_effects(model, [ids], [lambda _logits: directions])
     direct, total, features = _reference(model.replacement, ids, directions)
@@ -113,11 +120,13 @@ def test_graph_stage_records_its_engine_and_both_engines_agree(micro_models, pro
     # the engines agree, so they share one cache key; TF32 matmuls do not
     assert AttributionParams().cache_fields() == AttributionParams(engine="nnsight").cache_fields()
     assert AttributionParams().cache_fields() != AttributionParams(precision="tf32").cache_fields()
-    # adapter nodes run on the nnsight engine
+    # graphs with adapter nodes too, as the nnsight engine stores them
     with_nodes, _, _ = totals_prompt(adapted, pt, AttributionParams())
-    assert with_nodes.meta["engine"] == "nnsight"
-    plain, _, _ = totals_prompt(adapted, pt, AttributionParams(adapter_nodes=False))
-    assert plain.meta["engine"] == "torch"
+    reference, _, _ = totals_prompt(adapted, pt, AttributionParams(engine="nnsight"))
+    assert with_nodes.meta["engine"] == "torch" and with_nodes.n_adapter_nodes
+    for name in ("total", "adapter_total", "adapter_edge_sums", "adapter_read_edges"):
+        assert _close(getattr(with_nodes, name), getattr(reference, name)), name
+    assert with_nodes.meta["adapter_split"] == pytest.approx(reference.meta["adapter_split"])
 
 
 def test_graph_stage_batches_prompts_and_each_keeps_its_own_graph_and_error(
@@ -161,3 +170,48 @@ def test_graph_stage_batches_prompts_and_each_keeps_its_own_graph_and_error(
         assert torch.equal(batched.features, alone.features)
         assert _relative_error(batched.total, alone.total) <= TOLERANCE
         assert _relative_error(batched.direct, alone.direct) <= TOLERANCE
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def adapted_standin(request, tmp_path_factory):
+    """A stand-in with its EM-shaped adapter: Qwen2.5's rank-32 LoRA on all seven modules
+    (MLP-output, attention and attention-pattern nodes), Llama's rank-1 down_proj."""
+    root = tmp_path_factory.mktemp(f"engine-adapter-{request.param}")
+    standin = build_standin(request.param, root)
+    spec = ModelSpec(
+        base=str(standin.base_dir),
+        adapter=str(standin.adapter_dir),
+        transcoders=str(standin.transcoder_config),
+    )
+    return load_model(spec, "cpu", root / "merged")
+
+
+def test_adapter_nodes_edges_and_reads_equal_the_nnsight_engines(adapted_standin):
+    from em_circuits.attribution.engine import effects_with_adapter
+    from em_circuits.attribution.prompt_adapter_nodes import prompt_adapter_writes
+
+    model = adapted_standin
+    ids = model.encode(TEXT)
+    writes = prompt_adapter_writes(model, ids)
+    assert not isinstance(writes, str) and writes.n_nodes
+    unembed = model.replacement.unembed_proj.detach()
+    directions = torch.stack([unembed[t] - unembed.mean(0) for t in (5, 50, 120)])
+    # every linear node is read, so reads of down_proj, o_proj and v_proj nodes are compared
+    wanted = {"split_target": 0, "split_features": 8, "read_nodes": 10_000}
+    got = effects_with_adapter(model, ids, lambda _l: directions, writes, **wanted)
+    want = exact_effects(model.replacement, ids, lambda _l: directions, adapter=writes, **wanted)
+    for name in (
+        "direct",
+        "total",
+        "adapter_direct",
+        "adapter_total",
+        "adapter_edges",
+        "adapter_reads",
+    ):
+        assert _close(getattr(got, name), getattr(want, name)), name
+    assert torch.equal(got.adapter_edge_features, want.adapter_edge_features)
+    assert torch.equal(got.adapter_read_nodes, want.adapter_read_nodes)
+    kinds = {writes.modules[c] for c in writes.nodes[:, 1].tolist()}
+    if model.spec.adapter and len(kinds) > 1:  # the all-module adapter has every kind
+        assert {"down_proj", "o_proj", "v_proj", "q_proj", "gate_proj"} <= kinds
+        assert writes.patterns and writes.attention and writes.writes

@@ -22,8 +22,9 @@ Decoder and encoder rows are gathered a run of positions at a time (``feature_bu
 floats, 256 MiB by default), grouped by position so that each position's rows meet its
 gradient in one batched matmul; memory stays bounded at 2,048 tokens.
 
-Graphs with adapter nodes, cross-layer transcoders and architectures outside
-:class:`~em_circuits.attribution.engine_model.LinearisedModel` use the nnsight path.
+An adapter's nodes, their edges and reads are carried the same way
+(:mod:`~em_circuits.attribution.engine_adapter`). Cross-layer transcoders and architectures
+outside :class:`~em_circuits.attribution.engine_model.LinearisedModel` use the nnsight path.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -118,6 +119,41 @@ def batched_effects(
         return _backward(engine, batch, directions, feature_budget)
 
 
+def effects_with_adapter(
+    model: LoadedModel,
+    ids: torch.Tensor,
+    directions_for: DirectionsFor,
+    writes: Any,
+    split_target: int | None = None,
+    split_features: int = 0,
+    read_nodes: int = 0,
+    precision: str = "float32",
+    feature_budget: int = 1 << 26,
+    where: str = "prompt",
+) -> ExactEffects:
+    """:func:`batched_effects` of one prompt with an adapter's nodes
+    (:class:`~em_circuits.attribution.adapter_nodes.AdapterWrites`), their edges and reads
+    (:func:`~em_circuits.attribution.engine_adapter.adapter_effects`)."""
+    from em_circuits.attribution.engine_adapter import adapter_effects
+
+    engine = linearised(model)
+    with matmul_precision(precision), torch.no_grad():
+        batch = frozen_forward(engine, [ids], keep_mlp_inputs=read_nodes > 0)
+        (prompt,) = batch.prompts
+        _check_finite(prompt.errors, prompt.layer_features, prompt.logits, where)
+        directions = directions_for(prompt.logits).float().to(engine.embed_weight.device)
+        return adapter_effects(
+            engine,
+            batch,
+            directions,
+            writes,
+            feature_budget,
+            split_target,
+            split_features,
+            read_nodes,
+        )
+
+
 def _check_finite(
     errors: torch.Tensor, layers: list[LayerFeatures], logits: torch.Tensor, where: str
 ) -> None:
@@ -146,18 +182,91 @@ def _seeded(batch: FrozenBatch, directions: list[torch.Tensor], d_model: int) ->
     return g
 
 
+#: Where a seed enters the backward part-way down, at its layer: the transcoder's read site,
+#: the MLP's input, the output projection's input, the value projection's input.
+SeedSite = str
+SEED_SITES = ("read", "mlp_in", "z", "v_in")
+
+
+@dataclass
+class Seeds:
+    """Gradients injected part-way down one prompt's backward (batch row 0): by (layer, site),
+    the rows, positions and vectors added there (an adapter node's edges and reads)."""
+
+    at: dict[tuple[int, SeedSite], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
+
+    def add(self, grad: torch.Tensor, layer: int, site: SeedSite) -> None:
+        """Add the seeds at (layer, site) to ``grad`` (rows, pos, d) in place."""
+        if (layer, site) in self.at:
+            rows, positions, vectors = self.at[layer, site]
+            grad.index_put_((rows, positions), vectors.to(grad), accumulate=True)
+
+
+@dataclass
+class Carried:
+    """What a backward carried down: each prompt's feature scores by layer, the error
+    scores (batch, rows, layer, pos) and the gradient at the embedding (batch, rows, pos, d)."""
+
+    features: list[list[torch.Tensor]]
+    errors: torch.Tensor | None
+    embedding: torch.Tensor
+
+
 def _backward(
     engine: LinearisedModel, batch: FrozenBatch, directions: list[torch.Tensor], budget: int
 ) -> list[ExactEffects]:
+    t = max(d.shape[0] for d in directions)
+    g = _seeded(batch, directions, int(engine.embed_weight.shape[1]))
+    carried = carry(engine, batch, g, budget=budget, passing=slice(t, 2 * t))
+    out = []
+    for row, (prompt, d) in enumerate(zip(batch.prompts, directions)):
+        rows = source_rows(engine, prompt, carried, row)
+        k = d.shape[0]
+        out.append(_effects(prompt, rows[:k], rows[t : t + k], len(engine.layers)))
+    return out
+
+
+def source_rows(
+    engine: LinearisedModel, prompt: Any, carried: Carried, row: int = 0
+) -> torch.Tensor:
+    """``(rows, n_sources)`` of one prompt in circuit-tracer's node layout: its active features
+    (layer by layer), its error nodes (layer-major), its tokens."""
+    n, n_layers = prompt.n_pos, len(engine.layers)
+    embedding = carried.embedding[row, :, :n]
+    tokens = engine.embed_weight[prompt.ids].float()
+    assert carried.errors is not None
+    errors = carried.errors[row, :, :, :n].reshape(embedding.shape[0], n_layers * n)
+    token_scores = torch.einsum("rpd,pd->rp", embedding, tokens)
+    return torch.cat([*carried.features[row], errors, token_scores], dim=1)
+
+
+def carry(
+    engine: LinearisedModel,
+    batch: FrozenBatch,
+    g: torch.Tensor,
+    *,
+    budget: int,
+    passing: slice | None = None,
+    adapter: Any = None,
+    seeds: Seeds | None = None,
+    score: bool = True,
+) -> Carried:
+    """Carry ``g`` (batch, rows, pos, d), the gradient at the last norm's output (the targets'
+    directions),
+    down the linearised model, scoring every feature and error node (unless not ``score``).
+    In the ``passing`` rows (total effects) each layer's feature scores are re-injected at
+    their encoders and an adapter's attention updates pass gradients; the other rows are
+    direct. ``adapter`` (an :class:`~em_circuits.attribution.engine_adapter.AdapterPass`)
+    and ``seeds`` serve one prompt (batch row 0)."""
     d_model = int(engine.embed_weight.shape[1])
     n_layers = len(engine.layers)
-    n_prompts, n_pos = len(batch.prompts), batch.n_pos
-    t = max(d.shape[0] for d in directions)
+    n_prompts, rows, n_pos, _ = g.shape
     scale = batch.scales
-    g = _seeded(batch, directions, d_model)
     g = g * (scale[id(engine.final_norm)][:, None] * engine.norm_weight(engine.final_norm))
-    feature_scores: list[list[torch.Tensor]] = [[] for _ in batch.prompts]
-    error_scores = torch.zeros(n_prompts, 2 * t, n_layers, n_pos, device=g.device)
+    features: list[list[torch.Tensor]] = [[] for _ in batch.prompts]
+    errors = torch.zeros(n_prompts, rows, n_layers, n_pos, device=g.device) if score else None
     for layer in reversed(range(n_layers)):
         parts = engine.layers[layer]
         g_out = g
@@ -165,36 +274,35 @@ def _backward(
             g_out = g * (
                 scale[id(parts.mlp_out_norm)][:, None] * engine.norm_weight(parts.mlp_out_norm)
             )
-        errors = _padded([p.errors[layer] for p in batch.prompts], n_pos)
-        error_scores[:, :, layer] = torch.einsum("brpd,bpd->brp", g_out, errors)
+        if adapter is not None:
+            adapter.score_mlp(layer, g_out[0])
+        if errors is not None:
+            stacked = _padded([p.errors[layer] for p in batch.prompts], n_pos)
+            errors[:, :, layer] = torch.einsum("brpd,bpd->brp", g_out, stacked)
         g_in = torch.zeros_like(g)
         if parts.transcoder.W_skip is not None:
             g_in += g_out @ parts.transcoder.W_skip.float()
-        for row, prompt in enumerate(batch.prompts):
-            found = prompt.layer_features[layer]
-            groups = _groups(found, n_pos, d_model, budget)
-            scores = _feature_scores(engine, layer, g_out[row], found, groups)
-            feature_scores[row].insert(0, scores)
-            _reinject(g_in[row, t:], scores[t:], found, parts.transcoder, groups)
+        if score or passing is not None:
+            for row, prompt in enumerate(batch.prompts):
+                found = prompt.layer_features[layer]
+                groups = _groups(found, n_pos, d_model, budget)
+                scores = _feature_scores(engine, layer, g_out[row], found, groups)
+                features[row].insert(0, scores)
+                if passing is not None:
+                    _reinject(g_in[row, passing], scores[passing], found, parts.transcoder, groups)
+        if seeds is not None:
+            seeds.add(g_in[0], layer, "read")
         g = g + _to_residual(engine, parts, g_in, scale)
-        g = g + _attention_transpose(engine, parts, g, batch.patterns[layer], scale)
-    embed = g * engine.embed_factor(engine.embed_weight.dtype)
-    out = []
-    for row, (prompt, d) in enumerate(zip(batch.prompts, directions)):
-        n = prompt.n_pos
-        tokens = engine.embed_weight[prompt.ids].float()
-        token_scores = torch.einsum("rpd,pd->rp", embed[row, :, :n], tokens)
-        rows = torch.cat(
-            [
-                *feature_scores[row],
-                error_scores[row, :, :, :n].reshape(2 * t, n_layers * n),
-                token_scores,
-            ],
-            dim=1,
+        if seeds is not None and (layer, "mlp_in") in seeds.at:
+            mlp_in = torch.zeros_like(g)
+            seeds.add(mlp_in[0], layer, "mlp_in")
+            factor = scale[id(parts.mlp_norm)][:, None] * engine.norm_weight(parts.mlp_norm)
+            g = g + mlp_in * factor
+        g = g + _attention_transpose(
+            engine, parts, g, batch.patterns[layer], scale, layer, passing, adapter, seeds
         )
-        k = d.shape[0]
-        out.append(_effects(prompt, rows[:k], rows[t : t + k], n_layers))
-    return out
+    embedding = g * engine.embed_factor(engine.embed_weight.dtype)
+    return Carried(features, errors, embedding)
 
 
 def _effects(prompt: Any, direct: torch.Tensor, total: torch.Tensor, n_layers: int) -> ExactEffects:
@@ -321,21 +429,52 @@ def _attention_transpose(
     g: torch.Tensor,
     patterns: torch.Tensor,
     scale: dict[int, torch.Tensor],
+    layer: int,
+    passing: slice | None = None,
+    adapter: Any = None,
+    seeds: Seeds | None = None,
 ) -> torch.Tensor:
-    """The gradient the attention block adds to its input residual, patterns frozen."""
+    """The gradient the attention block adds to its input residual, patterns frozen; an
+    adapter's attention updates detached outside the ``passing`` rows."""
     n_prompts, rows, n_pos, _ = g.shape
     if parts.attention_out_norm is not None:
         g = g * (
             scale[id(parts.attention_out_norm)][:, None]
             * engine.norm_weight(parts.attention_out_norm)
         )
+    detached = None
+    if adapter is not None:
+        detached = torch.ones(rows, 1, 1, device=g.device)
+        if passing is not None:
+            detached[passing] = 0
+        adapter.score_output(layer, g[0])
     h, kv, dh = engine.n_heads, engine.n_kv_heads, engine.head_dim
     gz = g @ parts.o_proj.weight.float()  # (b, r, p, h * dh)
+    if adapter is not None:
+        gz[0] -= adapter.output_update_grad(layer, g[0], detached)
+    if seeds is not None:
+        seeds.add(gz[0], layer, "z")
+    gv = _pattern_transpose(gz, patterns, h, kv, dh)
+    if adapter is not None:
+        adapter.score_values(layer, gv[0])
+    g_normed = gv @ parts.v_proj.weight.float()
+    if adapter is not None:
+        g_normed[0] -= adapter.value_update_grad(layer, gv[0], detached)
+        g_normed[0] -= adapter.pattern_grad(layer, g[0], detached)
+    if seeds is not None:
+        seeds.add(g_normed[0], layer, "v_in")
+    factor = scale[id(parts.input_norm)][:, None] * engine.norm_weight(parts.input_norm)
+    return g_normed * factor
+
+
+def _pattern_transpose(
+    gz: torch.Tensor, patterns: torch.Tensor, h: int, kv: int, dh: int
+) -> torch.Tensor:
+    """The gradient at the values from the one at the heads' outputs ``gz`` (b, r, p, h * dh):
+    each head's pattern transposed, grouped-query heads summed onto their value head."""
+    n_prompts, rows, n_pos, _ = gz.shape
     gz = gz.reshape(n_prompts, rows, n_pos, h, dh).permute(0, 3, 2, 1, 4)
     gz = gz.reshape(n_prompts, h, n_pos, rows * dh)
     gv = patterns.transpose(-1, -2) @ gz  # (b, h, keys, r * dh)
     gv = gv.reshape(n_prompts, kv, h // kv, n_pos, rows, dh).sum(2)
-    gv = gv.permute(0, 3, 2, 1, 4).reshape(n_prompts, rows, n_pos, kv * dh)
-    g_normed = gv @ parts.v_proj.weight.float()
-    factor = scale[id(parts.input_norm)][:, None] * engine.norm_weight(parts.input_norm)
-    return g_normed * factor
+    return gv.permute(0, 3, 2, 1, 4).reshape(n_prompts, rows, n_pos, kv * dh)

@@ -46,6 +46,7 @@ class LayerParts:
     mlp_out_norm: torch.nn.Module | None  # Gemma: post_feedforward_layernorm
     v_proj: torch.nn.Module
     o_proj: torch.nn.Module
+    mlp: torch.nn.Module
     transcoder: Any
     read: tuple[torch.nn.Module, str]  # (module, side), the transcoder's input site
     write: tuple[torch.nn.Module, str]
@@ -110,6 +111,7 @@ class LinearisedModel:
                 mlp_out_norm=getattr(layer, "post_feedforward_layernorm", None),
                 v_proj=layer.self_attn.v_proj,
                 o_proj=layer.self_attn.o_proj,
+                mlp=layer.mlp,
                 transcoder=transcoders[index],
                 read=read,
                 write=write,
@@ -199,6 +201,8 @@ class FrozenPrompt:
     logits: torch.Tensor  # (vocab,) float32, the last position
     layer_features: list[LayerFeatures]
     errors: torch.Tensor  # (n_layers, n_pos, d_model) float32
+    #: each layer's MLP input (n_pos, d_model), kept when asked for (an adapter's reads)
+    mlp_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n_pos(self) -> int:
@@ -235,7 +239,10 @@ def _site_hook(site: tuple[torch.nn.Module, str], layer: int, seen: dict[int, An
 
 
 def frozen_forward(
-    model: LinearisedModel, sequences: Sequence[torch.Tensor], position_chunk: int = 512
+    model: LinearisedModel,
+    sequences: Sequence[torch.Tensor],
+    position_chunk: int = 512,
+    keep_mlp_inputs: bool = False,
 ) -> FrozenBatch:
     """One forward pass over ``sequences`` (right-padded), encoding every layer's transcoder
     on each prompt's own positions ``position_chunk`` at a time (bounded memory)."""
@@ -249,9 +256,12 @@ def frozen_forward(
     reads: dict[int, Any] = {}
     writes: dict[int, Any] = {}
     handles = [_scale_hook(norm, scales) for norm in model.norms()]
+    mlp_inputs: dict[int, torch.Tensor] = {}
     for index, parts in enumerate(model.layers):
         handles.append(_site_hook(parts.read, index, reads))
         handles.append(_output_hook(parts.write, index, writes))
+        if keep_mlp_inputs:
+            handles.append(_site_hook((parts.mlp, "input"), index, mlp_inputs))
     lengths = [int(len(s)) for s in sequences]
     # Only the last positions' logits: at 2,048 tokens all of them would take a GiB.
     keep = sorted({n - 1 for n in lengths})
@@ -281,7 +291,10 @@ def frozen_forward(
             error[model.zero_positions] = 0
             per_layer.append(features)
             errors.append(error)
-        prompts.append(FrozenPrompt(ids[row, :length], logits, per_layer, torch.stack(errors)))
+        kept = {layer: x[row, :length] for layer, x in mlp_inputs.items()}
+        prompts.append(
+            FrozenPrompt(ids[row, :length], logits, per_layer, torch.stack(errors), kept)
+        )
     patterns = [p.detach().float() for p in out.attentions]
     del out
     if min(lengths) < max(lengths):  # padding carries no gradient

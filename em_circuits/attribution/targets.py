@@ -62,7 +62,7 @@ class AttributionParams:
     engine: Engine = option(
         "torch",
         "totals mode's engine: torch (plain PyTorch, one forward pass per graph) or nnsight "
-        "(circuit-tracer's context, the reference; graphs with adapter nodes use it either way)",
+        "(circuit-tracer's context, the reference it is tested against)",
         choices=ENGINES,
     )
     precision: str = option(

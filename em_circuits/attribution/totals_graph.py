@@ -47,11 +47,11 @@ def _free_failed_pass(err: BaseException) -> None:
         torch.cuda.empty_cache()
 
 
-def totals_engine(model: LoadedModel, params: AttributionParams, writes: object) -> str:
+def totals_engine(model: LoadedModel, params: AttributionParams) -> str:
     """The engine a totals graph runs on: the torch engine unless the user asked for the
-    nnsight one, the graph has adapter nodes or offloads, or the model needs circuit-tracer's
-    own path (a cross-layer transcoder, an architecture the engine does not linearise)."""
-    if params.engine != "torch" or writes is not None or params.offload:
+    nnsight one or to offload, or the model needs circuit-tracer's own path (a cross-layer
+    transcoder, an architecture the engine does not linearise)."""
+    if params.engine != "torch" or params.offload:
         return "nnsight"
     from em_circuits.attribution.engine import unsupported_reason
 
@@ -86,8 +86,7 @@ def totals_request(
     adapter: AdapterWrites | str | None = None
     if params.adapter_nodes and model.spec.adapter is not None:
         adapter = prompt_adapter_writes(model, ids)
-    writes = adapter if isinstance(adapter, AdapterWrites) else None
-    request = TotalsRequest(pt, ids, where, adapter, totals_engine(model, params, writes))
+    request = TotalsRequest(pt, ids, where, adapter, totals_engine(model, params))
     unembed = model.replacement.unembed_proj.detach()
 
     def directions_for(logits: torch.Tensor) -> torch.Tensor:
@@ -109,6 +108,26 @@ def _effects(
 
     first = requests[0]
     try:
+        if first.engine == "torch" and first.writes is not None:
+            from em_circuits.attribution.engine import effects_with_adapter
+
+            (request,) = requests
+            assert request.directions_for is not None
+            pt = request.pt
+            return [
+                effects_with_adapter(
+                    model,
+                    request.ids,
+                    request.directions_for,
+                    request.writes,
+                    # the contrast comes first when the prompt has both labels (target_rows)
+                    split_target=0 if pt.evil_ids and pt.safe_ids else None,
+                    split_features=params.adapter_split_features,
+                    read_nodes=params.adapter_read_nodes,
+                    precision=params.precision,
+                    where=request.where,
+                )
+            ]
         if first.engine == "torch":
             from em_circuits.attribution.engine import batched_effects
 
@@ -168,7 +187,7 @@ def totals_prompts(
     each error belongs to its own prompt)."""
     started = time.perf_counter()
     requests = [totals_request(model, pt, params) for pt in pts]
-    batched = [r for r in requests if r.engine == "torch"]
+    batched = [r for r in requests if r.engine == "torch" and r.writes is None]
     out: dict[str, Any] = {}
     if len(batched) > 1:
         try:
