@@ -34,6 +34,7 @@ import sys
 from dataclasses import replace
 from typing import Any
 
+import bench_totals
 import harness  # the offline switches and the import path first
 import run_benchmarks
 import torch
@@ -61,16 +62,9 @@ RUNS = (
     "nnsight+adapter-nodes",
 )
 
+#: What ``--smoke`` sets: bench_totals.py's toy sizes, two lengths and a few graphs.
 SMOKE: dict[str, Any] = {
-    "workload": "llama1b-random",
-    "layers": 2,
-    "d_model": 64,
-    "heads": 4,
-    "kv_heads": 2,
-    "d_mlp": 128,
-    "vocab": 1000,
-    "features": 1024,
-    "k": 8,
+    **bench_totals.SMOKE,
     "lengths": "24,64",
     "pairs": 2,
     "agreement_graphs": 4,
