@@ -214,6 +214,7 @@ def _graphs_for(
         return results
     models = resident or ResidentModels(specs, device, store.merged_cache_dir)
     deferred: set[tuple[str, str]] = set()  # graphs found claimed by another process
+    lengths: dict[tuple[str, str], int] = {}  # prompt tokens by (role, prompt), for batches
     last_wait_log = float("-inf")
     desc = "graphs" if params.mode == "totals" else "full graphs"
     bar = tqdm(total=len(pending), desc=desc, disable=not progress, unit="graph")
@@ -223,7 +224,7 @@ def _graphs_for(
             for item in list(pending):
                 if item not in pending:  # taken with an earlier item's batch
                     continue
-                group = _batch_of(item, pending, params, models, specs, device)
+                group = _batch_of(item, pending, params, models, specs, device, lengths)
                 claimed = []
                 for role, pt in group:
                     claim = try_claim(
@@ -324,6 +325,7 @@ def _batch_of(
     models: ResidentModels,
     specs: dict[str, Any],
     device: torch.device | str,
+    lengths: dict[tuple[str, str], int],
 ) -> list[tuple[str, PromptTargets]]:
     """``item`` and the pending prompts of the same model that join it in one forward pass
     of the torch engine (totals graphs without adapter nodes; one item otherwise)."""
@@ -335,11 +337,18 @@ def _batch_of(
     if params.adapter_nodes and specs[role].adapter is not None:
         return [item]
     model = models.get(role)  # loaded here, before the claims: it will compute this batch
-    n_pos = len(prompt_ids(model, pt))
+
+    def length(entry: tuple[str, PromptTargets]) -> int:
+        key = (entry[0], entry[1].prompt_id)
+        if key not in lengths:
+            lengths[key] = len(prompt_ids(model, entry[1]))
+        return lengths[key]
+
+    n_pos = length(item)
     size = graph_batch_size(model, params, n_pos)
     same = [other for other in pending if other[0] == role and other is not item]
     # prompts of similar length pad least
-    same.sort(key=lambda other: abs(len(prompt_ids(model, other[1])) - n_pos))
+    same.sort(key=lambda other: abs(length(other) - n_pos))
     return [item, *same[: size - 1]]
 
 
