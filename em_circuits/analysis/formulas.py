@@ -20,7 +20,10 @@ safe set `S`) and the contrast direction `c = mean_{e in E} logit(e) - mean_{s i
   and both rows come from one backward pass from the targets: at each layer, after the
   features writing there are scored, every feature `f` reading there adds
   `(total[t, f] / a_f) W_enc[f]` at its position to the gradient below, so the pass sums every
-  path; the same pass without that re-injection gives `direct`. A full graph
+  path; the same pass without that re-injection gives `direct`. With attention patterns,
+  normalisation scales and the MLPs frozen the replacement model is linear, so the backward
+  is carried down by hand from one forward pass (no autograd, no copy of the forward pass per
+  target row). A full graph
   (`--graph-mode full`, and the prompts `--full-graphs` chooses) keeps circuit-tracer's
   `max_feature_nodes` most influential features with their edges and solves the formula
   above over them. With every feature kept the two agree to float rounding.
