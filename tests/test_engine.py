@@ -215,3 +215,17 @@ def test_adapter_nodes_edges_and_reads_equal_the_nnsight_engines(adapted_standin
     if model.spec.adapter and len(kinds) > 1:  # the all-module adapter has every kind
         assert {"down_proj", "o_proj", "v_proj", "q_proj", "gate_proj"} <= kinds
         assert writes.patterns and writes.attention and writes.writes
+
+
+def test_an_architecture_the_suite_does_not_check_takes_circuit_tracers_path(micro_models):
+    from em_circuits.attribution.engine_model import EngineUnsupportedError, LinearisedModel
+
+    model = micro_models[0]
+    config = model.hf_model.config
+    config.model_type = "mistral"  # an instance attribute over the class's "llama"
+    try:
+        with pytest.raises(EngineUnsupportedError, match="not mistral"):
+            LinearisedModel.of(model.hf_model, model.replacement.transcoders, slice(0, 1))
+    finally:
+        del config.model_type
+    assert config.model_type == "llama"

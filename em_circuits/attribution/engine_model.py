@@ -11,8 +11,9 @@ This module runs the model once per prompt batch (right-padded: with causal atte
 real position never sees the padding after it) and keeps only what that transpose needs:
 each layer's attention patterns and norm scales, the active features of every position, the
 error vectors and the last position's logits. Architectures: Llama, Qwen2/2.5, Qwen3 (pre-norm
-layers) and Gemma-2/3 (sandwich norms, ``1 + w`` norm weights, a scaled embedding), with
-per-layer transcoders at any read and write site circuit-tracer maps for them.
+layers) and Gemma-2 (sandwich norms, ``1 + w`` norm weights, a scaled embedding), with
+per-layer transcoders at any read and write site circuit-tracer maps for them; other
+architectures take circuit-tracer's own path.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from em_circuits.models.hooks import NORMALISED_INPUT, UnsupportedInterventionEr
 ReadKind = Literal["residual", "normalised", "normed"]
 #: Where it writes: the MLP's output, or what is added to the residual (after a post-MLP norm).
 WriteKind = Literal["mlp", "added"]
+
+
+#: Model types whose linearisation the test suite checks against circuit-tracer (stand-ins
+#: of each, and the toy organism's Llama); others take circuit-tracer's own path.
+TESTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma2")
 
 
 class EngineUnsupportedError(ValueError):
@@ -93,7 +99,13 @@ class LinearisedModel:
         inner: Any = getattr(hf_model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "norm"):
             raise EngineUnsupportedError(f"{type(hf_model).__name__} has no model.layers")
-        gemma = str(getattr(config, "model_type", "")).startswith("gemma")
+        model_type = str(getattr(config, "model_type", ""))
+        if model_type not in TESTED_MODEL_TYPES:
+            raise EngineUnsupportedError(
+                f"the torch engine is tested on {', '.join(TESTED_MODEL_TYPES)} models, not "
+                f"{model_type or type(hf_model).__name__}"
+            )
+        gemma = model_type.startswith("gemma")
         layers = []
         kinds: set[tuple[str, str]] = set()
         for index, layer in enumerate(inner.layers):
