@@ -197,7 +197,7 @@ def _sum_groups(values: np.ndarray, inverse: np.ndarray, n_groups: int) -> np.nd
     """Per-group sums of ``values`` (rows grouped by ``inverse``), in float64: one weighted
     bincount per column (``np.add.at`` is ten times slower on a graph's 10^5-10^6 nodes)."""
     if values.ndim == 1:
-        return np.bincount(inverse, weights=values, minlength=n_groups).astype(np.float64)
+        return np.bincount(inverse, weights=values, minlength=n_groups)  # float64
     return _sum_groups_of_rows(np.ascontiguousarray(values.T), inverse, n_groups)
 
 

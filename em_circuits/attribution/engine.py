@@ -104,18 +104,7 @@ def batched_effects(
     engine = linearised(model)
     labels = list(where) if where is not None else [f"prompt {i}" for i in range(len(sequences))]
     with matmul_precision(precision), torch.no_grad():
-        batch = frozen_forward(engine, sequences)
-        for label, prompt in zip(labels, batch.prompts):
-            _check_finite(prompt.errors, prompt.layer_features, prompt.logits, label)
-        directions = [
-            fn(prompt.logits).float().to(engine.embed_weight.device)
-            for fn, prompt in zip(directions_for, batch.prompts)
-        ]
-        for d in directions:
-            if d.ndim != 2 or d.shape[0] == 0:
-                raise ValueError(
-                    f"need a (n_targets, d_model) direction matrix, got {tuple(d.shape)}"
-                )
+        batch, directions = _forward(engine, sequences, directions_for, labels)
         return _backward(engine, batch, directions, feature_budget)
 
 
@@ -138,10 +127,9 @@ def effects_with_adapter(
 
     engine = linearised(model)
     with matmul_precision(precision), torch.no_grad():
-        batch = frozen_forward(engine, [ids], keep_mlp_inputs=read_nodes > 0)
-        (prompt,) = batch.prompts
-        _check_finite(prompt.errors, prompt.layer_features, prompt.logits, where)
-        directions = directions_for(prompt.logits).float().to(engine.embed_weight.device)
+        batch, (directions,) = _forward(
+            engine, [ids], [directions_for], [where], keep_mlp_inputs=read_nodes > 0
+        )
         return adapter_effects(
             engine,
             batch,
@@ -152,6 +140,26 @@ def effects_with_adapter(
             split_features,
             read_nodes,
         )
+
+
+def _forward(
+    engine: LinearisedModel,
+    sequences: Sequence[torch.Tensor],
+    directions_for: Sequence[DirectionsFor],
+    where: Sequence[str],
+    keep_mlp_inputs: bool = False,
+) -> tuple[FrozenBatch, list[torch.Tensor]]:
+    """The frozen forward pass of ``sequences``, each prompt checked finite, and each
+    prompt's target directions chosen from its logits."""
+    batch = frozen_forward(engine, sequences, keep_mlp_inputs=keep_mlp_inputs)
+    directions = []
+    for label, fn, prompt in zip(where, directions_for, batch.prompts):
+        _check_finite(prompt.errors, prompt.layer_features, prompt.logits, label)
+        d = fn(prompt.logits).float().to(engine.embed_weight.device)
+        if d.ndim != 2 or d.shape[0] == 0:
+            raise ValueError(f"need a (n_targets, d_model) direction matrix, got {tuple(d.shape)}")
+        directions.append(d)
+    return batch, directions
 
 
 def _check_finite(
@@ -171,7 +179,7 @@ def _check_finite(
             )
 
 
-def _seeded(batch: FrozenBatch, directions: list[torch.Tensor], d_model: int) -> torch.Tensor:
+def seeded_rows(batch: FrozenBatch, directions: list[torch.Tensor], d_model: int) -> torch.Tensor:
     """``(batch, 2 t, pos, d)``: each prompt's directions at its last position, in its direct
     rows ``[0, t)`` and its total rows ``[t, 2t)`` (t: the batch's most targets)."""
     t = max(d.shape[0] for d in directions)
@@ -182,10 +190,10 @@ def _seeded(batch: FrozenBatch, directions: list[torch.Tensor], d_model: int) ->
     return g
 
 
-#: Where a seed enters the backward part-way down, at its layer: the transcoder's read site,
-#: the MLP's input, the output projection's input, the value projection's input.
+#: Where a seed enters the backward part-way down, at its layer: the transcoder's read site
+#: ("read"), the MLP's input ("mlp_in"), the output projection's input ("z"), the value
+#: projection's input ("v_in").
 SeedSite = str
-SEED_SITES = ("read", "mlp_in", "z", "v_in")
 
 
 @dataclass
@@ -218,13 +226,13 @@ def _backward(
     engine: LinearisedModel, batch: FrozenBatch, directions: list[torch.Tensor], budget: int
 ) -> list[ExactEffects]:
     t = max(d.shape[0] for d in directions)
-    g = _seeded(batch, directions, int(engine.embed_weight.shape[1]))
+    g = seeded_rows(batch, directions, int(engine.embed_weight.shape[1]))
     carried = carry(engine, batch, g, budget=budget, passing=slice(t, 2 * t))
     out = []
     for row, (prompt, d) in enumerate(zip(batch.prompts, directions)):
         rows = source_rows(engine, prompt, carried, row)
         k = d.shape[0]
-        out.append(_effects(prompt, rows[:k], rows[t : t + k], len(engine.layers)))
+        out.append(exact_from_rows(prompt, rows[:k], rows[t : t + k], len(engine.layers)))
     return out
 
 
@@ -254,8 +262,8 @@ def carry(
     score: bool = True,
 ) -> Carried:
     """Carry ``g`` (batch, rows, pos, d), the gradient at the last norm's output (the targets'
-    directions),
-    down the linearised model, scoring every feature and error node (unless not ``score``).
+    directions), down the linearised model, scoring every feature and error node (unless not
+    ``score``).
     In the ``passing`` rows (total effects) each layer's feature scores are re-injected at
     their encoders and an adapter's attention updates pass gradients; the other rows are
     direct. ``adapter`` (an :class:`~em_circuits.attribution.engine_adapter.AdapterPass`)
@@ -264,16 +272,14 @@ def carry(
     n_layers = len(engine.layers)
     n_prompts, rows, n_pos, _ = g.shape
     scale = batch.scales
-    g = g * (scale[id(engine.final_norm)][:, None] * engine.norm_weight(engine.final_norm))
+    g = g * norm_factor(engine, scale, engine.final_norm)
     features: list[list[torch.Tensor]] = [[] for _ in batch.prompts]
     errors = torch.zeros(n_prompts, rows, n_layers, n_pos, device=g.device) if score else None
     for layer in reversed(range(n_layers)):
         parts = engine.layers[layer]
         g_out = g
         if engine.write_kind == "mlp" and parts.mlp_out_norm is not None:
-            g_out = g * (
-                scale[id(parts.mlp_out_norm)][:, None] * engine.norm_weight(parts.mlp_out_norm)
-            )
+            g_out = g * norm_factor(engine, scale, parts.mlp_out_norm)
         if adapter is not None:
             adapter.score_mlp(layer, g_out[0])
         if errors is not None:
@@ -296,8 +302,7 @@ def carry(
         if seeds is not None and (layer, "mlp_in") in seeds.at:
             mlp_in = torch.zeros_like(g)
             seeds.add(mlp_in[0], layer, "mlp_in")
-            factor = scale[id(parts.mlp_norm)][:, None] * engine.norm_weight(parts.mlp_norm)
-            g = g + mlp_in * factor
+            g = g + mlp_in * norm_factor(engine, scale, parts.mlp_norm)
         g = g + _attention_transpose(
             engine, parts, g, batch.patterns[layer], scale, layer, passing, adapter, seeds
         )
@@ -305,7 +310,9 @@ def carry(
     return Carried(features, errors, embedding)
 
 
-def _effects(prompt: Any, direct: torch.Tensor, total: torch.Tensor, n_layers: int) -> ExactEffects:
+def exact_from_rows(
+    prompt: Any, direct: torch.Tensor, total: torch.Tensor, n_layers: int
+) -> ExactEffects:
     features = [
         torch.stack([torch.full_like(lf.positions, layer), lf.positions, lf.features], dim=1)
         for layer, lf in enumerate(prompt.layer_features)
@@ -319,6 +326,14 @@ def _effects(prompt: Any, direct: torch.Tensor, total: torch.Tensor, n_layers: i
         n_layers=n_layers,
         n_pos=prompt.n_pos,
     )
+
+
+def norm_factor(
+    engine: LinearisedModel, scale: dict[int, torch.Tensor], norm: torch.nn.Module
+) -> torch.Tensor:
+    """``(batch, 1, pos, d)``: what a norm multiplies its input by, its scale frozen (the
+    transpose of a frozen RMSNorm is the same elementwise product)."""
+    return scale[id(norm)][:, None] * engine.norm_weight(norm)
 
 
 def _padded(tensors: list[torch.Tensor], n_pos: int) -> torch.Tensor:
@@ -417,10 +432,9 @@ def _to_residual(
     """The read site's gradient carried to the residual stream before the MLP's norm."""
     if engine.read_kind == "residual":
         return g_in
-    factor = scale[id(parts.mlp_norm)][:, None]
     if engine.read_kind == "normed":
-        factor = factor * engine.norm_weight(parts.mlp_norm)
-    return g_in * factor
+        return g_in * norm_factor(engine, scale, parts.mlp_norm)
+    return g_in * scale[id(parts.mlp_norm)][:, None]  # normalised: before the norm's weight
 
 
 def _attention_transpose(
@@ -438,10 +452,7 @@ def _attention_transpose(
     adapter's attention updates detached outside the ``passing`` rows."""
     n_prompts, rows, n_pos, _ = g.shape
     if parts.attention_out_norm is not None:
-        g = g * (
-            scale[id(parts.attention_out_norm)][:, None]
-            * engine.norm_weight(parts.attention_out_norm)
-        )
+        g = g * norm_factor(engine, scale, parts.attention_out_norm)
     detached = None
     if adapter is not None:
         detached = torch.ones(rows, 1, 1, device=g.device)
@@ -454,7 +465,7 @@ def _attention_transpose(
         gz[0] -= adapter.output_update_grad(layer, g[0], detached)
     if seeds is not None:
         seeds.add(gz[0], layer, "z")
-    gv = _pattern_transpose(gz, patterns, h, kv, dh)
+    gv = pattern_transpose(gz, patterns, h, kv, dh)
     if adapter is not None:
         adapter.score_values(layer, gv[0])
     g_normed = gv @ parts.v_proj.weight.float()
@@ -463,11 +474,10 @@ def _attention_transpose(
         g_normed[0] -= adapter.pattern_grad(layer, g[0], detached)
     if seeds is not None:
         seeds.add(g_normed[0], layer, "v_in")
-    factor = scale[id(parts.input_norm)][:, None] * engine.norm_weight(parts.input_norm)
-    return g_normed * factor
+    return g_normed * norm_factor(engine, scale, parts.input_norm)
 
 
-def _pattern_transpose(
+def pattern_transpose(
     gz: torch.Tensor, patterns: torch.Tensor, h: int, kv: int, dh: int
 ) -> torch.Tensor:
     """The gradient at the values from the one at the heads' outputs ``gz`` (b, r, p, h * dh):

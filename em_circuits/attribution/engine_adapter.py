@@ -30,8 +30,16 @@ from em_circuits.attribution.adapter_nodes import (
     AttentionWrite,
     PatternWrite,
 )
+from em_circuits.attribution.engine import (
+    Seeds,
+    carry,
+    exact_from_rows,
+    pattern_transpose,
+    seeded_rows,
+    source_rows,
+)
 from em_circuits.attribution.engine_model import FrozenBatch, LinearisedModel
-from em_circuits.attribution.totals import ExactEffects
+from em_circuits.attribution.totals import ExactEffects, read_candidates, split_candidates
 
 
 def _position_mask(n_pos: int, zero_positions: int, device: torch.device) -> torch.Tensor:
@@ -122,13 +130,11 @@ class AdapterPass:
             g = (g_att * mask * detached)[None]
             gz = g @ pattern.o_weight.to(g.device).float()
             change = pattern.pattern_change.to(g.device).float()[None]
-            from em_circuits.attribution.engine import _pattern_transpose
-
-            gv = _pattern_transpose(gz, change, engine.n_heads, engine.n_kv_heads, engine.head_dim)
+            gv = pattern_transpose(gz, change, engine.n_heads, engine.n_kv_heads, engine.head_dim)
             out = out + (gv @ pattern.v_weight.to(g.device).float())[0]
         return out
 
-    def rows(self, n_rows: int, n_pos: int) -> torch.Tensor:
+    def rows(self, n_rows: int) -> torch.Tensor:
         """``(n_rows, n_adapter_nodes)`` in the nodes' order (the MLP-output nodes by layer,
         then the attention nodes, then the pattern nodes); zero where the pass never reached."""
         parts = []
@@ -168,25 +174,21 @@ def adapter_effects(
     ``split_features`` features with the largest total effects on ``split_target`` and the
     reads of the ``read_nodes`` strongest linear nodes (as
     :func:`~em_circuits.attribution.totals.exact_effects` computes them)."""
-    from em_circuits.attribution.engine import _effects, _seeded, carry, source_rows
-
     (prompt,) = batch.prompts
     t = directions.shape[0]
     n_pos, n_layers = prompt.n_pos, len(engine.layers)
     main = AdapterPass(writes, engine)
-    g = _seeded(batch, [directions], int(engine.embed_weight.shape[1]))
+    g = seeded_rows(batch, [directions], int(engine.embed_weight.shape[1]))
     carried = carry(engine, batch, g, budget=budget, passing=slice(t, 2 * t), adapter=main)
     assert carried.errors is not None
     main.carve_errors(carried.errors[0], n_pos)
     rows = source_rows(engine, prompt, carried)
-    effects = _effects(prompt, rows[:t], rows[t:], n_layers)
-    adapter_rows = main.rows(2 * t, n_pos)
+    effects = exact_from_rows(prompt, rows[:t], rows[t:], n_layers)
+    adapter_rows = main.rows(2 * t)
     effects.adapter_direct, effects.adapter_total = adapter_rows[:t], adapter_rows[t:]
     if split_target is None:
         return effects
     if split_features > 0:
-        from em_circuits.attribution.totals import split_candidates
-
         n_features = int(effects.features.shape[0])
         index = split_candidates(
             effects.features,
@@ -195,12 +197,9 @@ def adapter_effects(
             split_features,
         )
         effects.adapter_edge_features = index
-        effects.adapter_edges = _edges(engine, batch, writes, effects.features[index], budget)
+        effects.adapter_edges = _edges(engine, batch, writes, effects.features[index])
     if read_nodes > 0:
-        strength = effects.adapter_total[split_target].abs().clone()
-        strength[~writes.linear()] = -1  # a nonlinear node's activation is no read
-        order = torch.argsort(strength, descending=True, stable=True)
-        chosen = order[strength[order] >= 0][:read_nodes].sort().values
+        chosen = read_candidates(writes, effects.adapter_total[split_target], read_nodes)
         effects.adapter_read_nodes = chosen
         effects.adapter_reads = _reads(engine, batch, writes, writes.nodes[chosen], budget)
     return effects
@@ -217,13 +216,10 @@ def _edges(
     batch: FrozenBatch,
     writes: AdapterWrites,
     features: torch.Tensor,
-    budget: int,
 ) -> torch.Tensor:
     """``(k, n_adapter_nodes)``: each adapter node's direct effect on the pre-activation of
     each of ``features`` (k, 3: layer, position, feature id): backward passes started at
     their encoders, every update detached, only the adapter nodes scored."""
-    from em_circuits.attribution.engine import Seeds, carry
-
     n = features.shape[0]
     if n == 0:
         return torch.zeros(0, writes.n_nodes)
@@ -237,7 +233,7 @@ def _edges(
     adapter = AdapterPass(writes, engine)
     g = _empty_pass(engine, batch, n)
     carry(engine, batch, g, budget=0, adapter=adapter, seeds=seeds, score=False)
-    return adapter.rows(n, batch.prompts[0].n_pos)
+    return adapter.rows(n)
 
 
 def _reads(
@@ -250,8 +246,6 @@ def _reads(
     """``(m, n_sources + n_adapter_nodes)``: each listed linear adapter node's activation
     differentiated the direct way with respect to every feature, error and token node and
     every adapter node (their edges into it)."""
-    from em_circuits.attribution.engine import Seeds, carry, source_rows
-
     (prompt,) = batch.prompts
     m = nodes.shape[0]
     device = engine.embed_weight.device
@@ -276,7 +270,7 @@ def _reads(
     g = _empty_pass(engine, batch, m)
     carried = carry(engine, batch, g, budget=budget, adapter=adapter, seeds=seeds)
     sources = source_rows(engine, prompt, carried)
-    return torch.cat([sources.float().cpu(), adapter.rows(m, prompt.n_pos)], dim=1)
+    return torch.cat([sources.float().cpu(), adapter.rows(m)], dim=1)
 
 
 def _through_mlp(

@@ -18,6 +18,7 @@ architectures take circuit-tracer's own path.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,12 @@ from typing import Any, Literal
 
 import torch
 
-from em_circuits.models.hooks import NORMALISED_INPUT, UnsupportedInterventionError, hook_sites
+from em_circuits.models.hooks import (
+    NORMALISED_INPUT,
+    UnsupportedInterventionError,
+    hook_sites,
+    record_input_at,
+)
 
 #: Where a transcoder reads, relative to the norm before the MLP.
 ReadKind = Literal["residual", "normalised", "normed"]
@@ -189,7 +195,7 @@ def _write_kind(parts: LayerParts) -> str:
     module, side = parts.write
     if side == "output" and module is parts.mlp_out_norm:
         return "added"
-    if side == "output" and module is not parts.mlp_out_norm and hasattr(module, "down_proj"):
+    if side == "output" and hasattr(module, "down_proj"):
         return "mlp"
     raise EngineUnsupportedError(
         f"the transcoders write at {type(module).__name__} ({side}), not at the MLP's output"
@@ -244,12 +250,6 @@ def _scale_hook(norm: torch.nn.Module, scales: dict[int, torch.Tensor]) -> Any:
     return norm.register_forward_pre_hook(hook)
 
 
-def _site_hook(site: tuple[torch.nn.Module, str], layer: int, seen: dict[int, Any]) -> Any:
-    from em_circuits.models.hooks import record_input_at
-
-    return record_input_at(site, layer, seen)
-
-
 def frozen_forward(
     model: LinearisedModel,
     sequences: Sequence[torch.Tensor],
@@ -270,10 +270,11 @@ def frozen_forward(
     handles = [_scale_hook(norm, scales) for norm in model.norms()]
     mlp_inputs: dict[int, torch.Tensor] = {}
     for index, parts in enumerate(model.layers):
-        handles.append(_site_hook(parts.read, index, reads))
-        handles.append(_output_hook(parts.write, index, writes))
+        # the values at the transcoder's read and write sites (both module outputs or inputs)
+        handles.append(record_input_at(parts.read, index, reads))
+        handles.append(record_input_at(parts.write, index, writes))
         if keep_mlp_inputs:
-            handles.append(_site_hook((parts.mlp, "input"), index, mlp_inputs))
+            handles.append(record_input_at((parts.mlp, "input"), index, mlp_inputs))
     lengths = [int(len(s)) for s in sequences]
     # Only the last positions' logits: at 2,048 tokens all of them would take a GiB.
     keep = sorted({n - 1 for n in lengths})
@@ -345,7 +346,7 @@ def resident_decoders(transcoders: Any) -> list[torch.Tensor] | None:
         for tc in layers:
             with safe_open(tc.transcoder_path, framework="pt", device="cpu") as f:
                 part = f.get_slice("W_dec")
-                sizes.append(_numel(part.get_shape()) * _DTYPE_BYTES.get(part.get_dtype(), 4))
+                sizes.append(math.prod(part.get_shape()) * _DTYPE_BYTES.get(part.get_dtype(), 4))
         free, _total = torch.cuda.mem_get_info(device)
         if sum(sizes) <= RESIDENT_DECODER_SHARE * free:
             found = []
@@ -359,13 +360,6 @@ def resident_decoders(transcoders: Any) -> list[torch.Tensor] | None:
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 
 
-def _numel(shape: Sequence[int]) -> int:
-    out = 1
-    for n in shape:
-        out *= int(n)
-    return out
-
-
 def decoder_rows(model: LinearisedModel, layer: int, index: torch.Tensor) -> torch.Tensor:
     """``W_dec[index]`` of the layer's transcoder in float32, with the values circuit-tracer
     reads (the stored rows cast to the transcoders' dtype)."""
@@ -374,15 +368,6 @@ def decoder_rows(model: LinearisedModel, layer: int, index: torch.Tensor) -> tor
     if resident is None:
         return transcoder._get_decoder_vectors(index).float()
     return resident[layer][index].to(transcoder.dtype).float()
-
-
-def _output_hook(site: tuple[torch.nn.Module, str], layer: int, seen: dict[int, Any]) -> Any:
-    module, _side = site
-
-    def hook(_module: torch.nn.Module, _args: tuple, output: Any) -> None:
-        seen[layer] = output[0] if isinstance(output, tuple) else output
-
-    return module.register_forward_hook(hook)
 
 
 def _encode(

@@ -295,6 +295,9 @@ def _graphs_for(
 
 #: Most prompts in one forward pass of the torch engine when ``--graph-batch`` is 0 (auto).
 MAX_GRAPH_BATCH = 8
+#: Targets a prompt is assumed to have when sizing a batch: the contrast, 8 evil and 8 safe
+#: tokens. Each target is a direct and a total row of the backward.
+ASSUMED_TARGETS = 17
 
 
 def graph_batch_size(model: LoadedModel, params: AttributionParams, n_pos: int) -> int:
@@ -308,14 +311,10 @@ def graph_batch_size(model: LoadedModel, params: AttributionParams, n_pos: int) 
         return 1
     config: Any = model.hf_model.config
     layers, heads = int(config.num_hidden_layers), int(config.num_attention_heads)
-    rows = 2 * (1 + 2 * MAX_TARGETS_GUESS)
+    rows = 2 * ASSUMED_TARGETS
     per_prompt = 4 * (layers * heads * n_pos**2 + 8 * rows * n_pos * int(config.hidden_size))
     free, _total = torch.cuda.mem_get_info(model.device)
     return max(1, min(MAX_GRAPH_BATCH, int(0.5 * free // per_prompt)))
-
-
-#: Targets a prompt is assumed to have when sizing a batch (the contrast is added).
-MAX_TARGETS_GUESS = 8
 
 
 def _batch_of(

@@ -344,6 +344,15 @@ def split_candidates(
     return eligible[order].sort().values
 
 
+def read_candidates(writes: AdapterWrites, total_row: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` linear adapter nodes with the largest absolute total effect
+    ``total_row`` (a nonlinear node's activation is no read), sorted."""
+    strength = total_row.abs().cpu().clone()
+    strength[~writes.linear()] = -1
+    order = torch.argsort(strength, descending=True, stable=True)
+    return order[strength[order] >= 0][:k].sort().values
+
+
 def exact_effects(
     replacement: Any,
     input_ids: torch.Tensor,
@@ -416,10 +425,7 @@ def exact_effects(
             edges = backward.adapter_edges(edge_features.to(backward.feature_pos.device))
         if read:
             assert nodes is not None and split_target is not None
-            strength = adapter_rows[t + split_target].abs().cpu()
-            strength[~nodes.linear()] = -1  # a nonlinear node's activation is no read
-            order = torch.argsort(strength, descending=True, stable=True)
-            read_index = order[strength[order] >= 0][:read_nodes].sort().values
+            read_index = read_candidates(nodes, adapter_rows[t + split_target], read_nodes)
             reads = backward.adapter_reads(nodes.nodes[read_index], nodes.modules)
     finally:
         for reload in handles:

@@ -1,6 +1,6 @@
 """One prompt's totals graph: exact direct and total effects of every active feature on its
-targets, on the torch engine (:mod:`~em_circuits.attribution.engine`) or, for graphs with
-adapter nodes and on request, circuit-tracer's nnsight context
+targets, on the torch engine (:mod:`~em_circuits.attribution.engine`) or, on request and for
+what that engine does not linearise, circuit-tracer's nnsight context
 (:mod:`~em_circuits.attribution.totals`), with the adapter nodes' tensors a stored graph keeps.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,19 +61,30 @@ def totals_engine(model: LoadedModel, params: AttributionParams) -> str:
 @dataclass
 class TotalsRequest:
     """One prompt's totals graph before its effects are computed: its token ids, its target
-    directions (chosen from the graph's own forward pass), its adapter nodes and engine."""
+    directions (chosen from the graph's own forward pass, into ``chosen``), its adapter nodes
+    and engine."""
 
     pt: PromptTargets
     ids: torch.Tensor
     where: str
     adapter: AdapterWrites | str | None
     engine: str
-    chosen: dict[str, list[TargetRow]] = field(default_factory=dict)
-    directions_for: Callable[[torch.Tensor], torch.Tensor] | None = None
+    directions_for: Callable[[torch.Tensor], torch.Tensor]
+    chosen: dict[str, list[TargetRow]]
 
     @property
     def writes(self) -> AdapterWrites | None:
         return self.adapter if isinstance(self.adapter, AdapterWrites) else None
+
+    def adapter_passes(self, params: AttributionParams) -> dict[str, Any]:
+        """The adapter nodes' extra passes, split on the contrast (which comes first when the
+        prompt has both labels, see ``target_rows``), as both engines take them."""
+        both = bool(self.pt.evil_ids and self.pt.safe_ids)
+        return {
+            "split_target": 0 if both else None,
+            "split_features": params.adapter_split_features,
+            "read_nodes": params.adapter_read_nodes,
+        }
 
 
 def totals_request(
@@ -86,18 +97,18 @@ def totals_request(
     adapter: AdapterWrites | str | None = None
     if params.adapter_nodes and model.spec.adapter is not None:
         adapter = prompt_adapter_writes(model, ids)
-    request = TotalsRequest(pt, ids, where, adapter, totals_engine(model, params))
     unembed = model.replacement.unembed_proj.detach()
+    chosen: dict[str, list[TargetRow]] = {}
 
     def directions_for(logits: torch.Tensor) -> torch.Tensor:
         rows = target_rows(model, pt, salient_ids(pt, logits, params.salient_logits))
         if not rows:
             raise GraphError(f"{where}: no evil or safe labels, nothing to attribute to")
-        request.chosen["rows"] = rows
+        chosen["rows"] = rows
         return torch.stack([target_direction(unembed, pt, row) for row in rows])
 
-    request.directions_for = directions_for
-    return request
+    engine = totals_engine(model, params)
+    return TotalsRequest(pt, ids, where, adapter, engine, directions_for, chosen)
 
 
 def _effects(
@@ -108,53 +119,40 @@ def _effects(
 
     first = requests[0]
     try:
-        if first.engine == "torch" and first.writes is not None:
-            from em_circuits.attribution.engine import effects_with_adapter
-
-            (request,) = requests
-            assert request.directions_for is not None
-            pt = request.pt
-            return [
-                effects_with_adapter(
-                    model,
-                    request.ids,
-                    request.directions_for,
-                    request.writes,
-                    # the contrast comes first when the prompt has both labels (target_rows)
-                    split_target=0 if pt.evil_ids and pt.safe_ids else None,
-                    split_features=params.adapter_split_features,
-                    read_nodes=params.adapter_read_nodes,
-                    precision=params.precision,
-                    where=request.where,
-                )
-            ]
-        if first.engine == "torch":
+        if first.engine == "torch" and first.writes is None:
             from em_circuits.attribution.engine import batched_effects
 
             return batched_effects(
                 model,
                 [r.ids for r in requests],
-                [r.directions_for for r in requests],  # type: ignore[misc]
+                [r.directions_for for r in requests],
                 precision=params.precision,
                 where=[r.where for r in requests],
             )
         (request,) = requests
-        assert request.directions_for is not None
-        pt = request.pt
-        return [
-            exact_effects(
+        if request.engine == "torch":
+            from em_circuits.attribution.engine import effects_with_adapter
+
+            effects = effects_with_adapter(
+                model,
+                request.ids,
+                request.directions_for,
+                request.writes,
+                **request.adapter_passes(params),
+                precision=params.precision,
+                where=request.where,
+            )
+        else:
+            effects = exact_effects(
                 model.replacement,
                 request.ids,
                 request.directions_for,
                 check_context=lambda ctx: check_context_finite(ctx, request.where),
                 offload=params.offload,
                 adapter=request.writes,
-                # the contrast comes first when the prompt has both labels (target_rows)
-                split_target=0 if pt.evil_ids and pt.safe_ids else None,
-                split_features=params.adapter_split_features,
-                read_nodes=params.adapter_read_nodes,
+                **request.adapter_passes(params),
             )
-        ]
+        return [effects]
     except torch.cuda.OutOfMemoryError as err:
         message = str(err).split(". ")[0]
         _free_failed_pass(err)
@@ -172,9 +170,14 @@ def totals_prompt(
 ) -> tuple[CompactGraph, None, dict[str, Any]]:
     """Exact direct and total effects of every active feature on the prompt's targets, from
     one backward pass (:mod:`em_circuits.attribution.engine`, or
-    :mod:`em_circuits.attribution.totals` for graphs with adapter nodes)."""
+    :mod:`em_circuits.attribution.totals` on the nnsight engine)."""
     started = time.perf_counter()
-    request = totals_request(model, pt, params)
+    return _one_graph(model, totals_request(model, pt, params), params, started)
+
+
+def _one_graph(
+    model: LoadedModel, request: TotalsRequest, params: AttributionParams, started: float
+) -> tuple[CompactGraph, None, dict[str, Any]]:
     (effects,) = _effects(model, [request], params)
     return totals_graph(model, request, params, effects, time.perf_counter() - started)
 
@@ -182,9 +185,9 @@ def totals_prompt(
 def totals_prompts(
     model: LoadedModel, pts: list[PromptTargets], params: AttributionParams
 ) -> list[tuple[CompactGraph, None, dict[str, Any]] | Exception]:
-    """:func:`totals_prompt` of several prompts, those on the torch engine in one batch;
-    a prompt whose graph fails gets its error (the batch is then redone one by one, so that
-    each error belongs to its own prompt)."""
+    """:func:`totals_prompt` of several prompts, those on the torch engine without adapter
+    nodes in one batch; a prompt whose graph fails gets its error (the batch is then redone
+    one by one, so that each error belongs to its own prompt)."""
     started = time.perf_counter()
     requests = [totals_request(model, pt, params) for pt in pts]
     batched = [r for r in requests if r.engine == "torch" and r.writes is None]
@@ -199,9 +202,11 @@ def totals_prompts(
             out[request.pt.prompt_id] = _graph_or_error(
                 functools.partial(totals_graph, model, request, params, found, seconds)
             )
-    for pt in pts:
-        if pt.prompt_id not in out:
-            out[pt.prompt_id] = _graph_or_error(functools.partial(totals_prompt, model, pt, params))
+    for request in requests:
+        if request.pt.prompt_id not in out:
+            out[request.pt.prompt_id] = _graph_or_error(
+                functools.partial(_one_graph, model, request, params, time.perf_counter())
+            )
     return [out[pt.prompt_id] for pt in pts]
 
 

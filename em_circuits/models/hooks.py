@@ -157,7 +157,8 @@ def _tensor_of(value):
 def record_input_at(site: tuple, layer: int, seen: dict[int, torch.Tensor]) -> Any:
     """A hook on a read site (``hook_sites(...)[0]``) that stores, at each forward pass, what
     the transcoder of ``layer`` reads (batch x positions x d_model) in ``seen[layer]``;
-    returns its handle."""
+    returns its handle. Any (module, side) site serves: a write site gives the value the
+    transcoder replaces there."""
     reads, side = site
 
     def pre(_module, args):
