@@ -24,6 +24,7 @@ import pytest
 from micro_flags import model_args
 from openai_server import OpenAIServer, reply_error, reply_json, reply_slow
 from test_prompts import generated
+from unprivileged import unprivileged
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-robustness"
@@ -457,17 +458,6 @@ def test_every_artifact_of_a_run_follows_the_umask(finished):
 
 
 # -- 6. a read-only results directory --------------------------------------------------------------
-def _unprivileged() -> list[str]:
-    """A prefix that makes the command obey file permissions even when the tests run as root
-    (root ignores them unless it gives up CAP_DAC_OVERRIDE)."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv: cannot make a directory read-only")
-    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
-
-
 def _set_writable(root: Path, writable: bool) -> None:
     for path in [root, *root.rglob("*")]:
         if path.is_symlink():
@@ -488,7 +478,7 @@ def _contents(root: Path) -> dict[str, tuple[int, int]]:
 def test_a_read_only_results_directory(finished, micro_organism, tmp_path):
     results = tmp_path / "results"
     shutil.copytree(finished, results)
-    prefix = _unprivileged()
+    prefix = unprivileged()
     model = model_args(micro_organism)
     before = _contents(results)
     _set_writable(results, False)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from unprivileged import unprivileged
 
 from em_circuits.core.stage_lock import StageBusyError, lock_path, stage_lock
 from em_circuits.core.store import ResultsStore
@@ -199,16 +199,6 @@ def test_the_run_pipeline_takes_each_stage_lock(tmp_path):
         holder.wait(timeout=WAIT_S)
 
 
-def _unprivileged() -> list[str]:
-    """A prefix that makes a command obey file permissions even as root (see test_robustness)."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv: cannot make a directory read-only")
-    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
-
-
 def test_a_read_only_results_dir_skips_the_lock(tmp_path):
     """Nothing can be written there anyway: the stage runs (reading) without a lock."""
     results = tmp_path / "results"
@@ -221,7 +211,7 @@ def test_a_read_only_results_dir_skips_the_lock(tmp_path):
     )
     try:
         done = subprocess.run(
-            [*_unprivileged(), sys.executable, "-c", code],
+            [*unprivileged(), sys.executable, "-c", code],
             env=_env(tmp_path),
             capture_output=True,
             text=True,
