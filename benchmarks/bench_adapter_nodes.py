@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sentences", type=int, default=4, help="sentences per prompt")
     parser.add_argument("--split-features", type=int, default=32)
     parser.add_argument("--read-nodes", type=int, default=8)
+    parser.add_argument(
+        "--engines", default="torch,nnsight", help="attribution engines to measure, comma-separated"
+    )
     harness.add_common_options(parser, dtype_help="the random model overflows bfloat16")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -67,6 +71,11 @@ def prompt_text(tokenizer: Any, i: int, n_sentences: int) -> str:
     turn = [{"role": "user", "content": f"{body} What should I do?"}]
     chat = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
     return f"{chat}You should"
+
+
+def _no_nodes(name: str) -> str:
+    """The graph without adapter nodes of the same engine."""
+    return "no_nodes" + (name[name.index("@") :] if "@" in name else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,12 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(spec, device, root / "merged")
     gen = torch.Generator().manual_seed(0)
     token_ids = torch.randint(0, int(built["tokenizer_ids"]), (4,), generator=gen).tolist()
-    variants = {
+    shapes = {
         "no_nodes": AttributionParams(adapter_nodes=False),
         "nodes": AttributionParams(adapter_split_features=0, adapter_read_nodes=0),
         "nodes_split_reads": AttributionParams(
             adapter_split_features=args.split_features, adapter_read_nodes=args.read_nodes
         ),
+    }
+    engines = args.engines.split(",")
+    # "<variant>" for the first engine (the record's old names), "<variant>@<engine>" after it.
+    variants = {
+        name if engine == engines[0] else f"{name}@{engine}": replace(params, engine=engine)
+        for engine in engines
+        for name, params in shapes.items()
     }
     rows: dict[str, list[float]] = {name: [] for name in variants}
     stored: dict[str, list[int]] = {name: [] for name in variants}
@@ -127,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     medians = {key: median(values) for key, values in rows.items()}
-    base = medians["no_nodes"]
     result = {
         "shape": args.shape,
         "tiny": args.tiny,
@@ -138,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": sizes,
         "seconds": rows,
         "median_s": medians,
+        "engines": engines,
         "ratio_to_no_nodes": {
-            name: medians[name] / base for name in variants if name != "no_nodes"
+            name: medians[name] / medians[_no_nodes(name)]
+            for name in variants
+            if not name.startswith("no_nodes")
         },
         "stored_bytes_median": {name: median(values) for name, values in stored.items()},
     }

@@ -98,6 +98,8 @@ TINY = {
 }
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STAGE_LINE = re.compile(r"\[(\w+)\] done in ([0-9.]+) s")
+# The analysis runner's line per step (the features stage's parts).
+STEP_LINE = re.compile(r"steps\.runner\] (\w+): done in ([0-9.]+) s")
 
 
 def log(message: str) -> None:
@@ -230,10 +232,12 @@ def run_pipeline(built: dict[str, Any], results: Path, args: argparse.Namespace)
         print(done.stderr[-6000:], file=sys.stderr)
         raise SystemExit(f"em-circuits run failed ({done.returncode})")
     stages = {name: float(sec) for name, sec in STAGE_LINE.findall(done.stderr)}
+    steps = {name: float(sec) for name, sec in STEP_LINE.findall(done.stderr)}
     report = json.loads((results / "report.json").read_text())
     return {
         "wall_seconds": wall,
         "stage_seconds": stages,
+        "step_seconds": steps,
         "counts": report["counts"],
         "log_tail": done.stderr.splitlines()[-40:],
     }

@@ -176,6 +176,32 @@ def test_features_zeroed_matches_the_single_pass_intervention(micro_models):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_batched_real_model_runs_match_one_run_per_intervention_set(micro_models):
+    """Several intervention sets per forward pass (chunks of 2 here, an empty set among them,
+    changes at several layers and positions) give each set's own last-position logits."""
+    from em_circuits.analysis.causal import active_instances
+    from em_circuits.models.hooks import real_model_last_logits, real_model_logits
+
+    _, adapted = micro_models
+    ids = adapted.encode("User: My head hurts.\nAssistant: You should")
+    _, acts = adapted.replacement.get_activations(ids, sparse=True)
+    active = active_instances(acts)
+    layers = sorted({int(la) for la in active.layer})
+    assert len(layers) > 1
+    sets = [
+        [],
+        active.interventions([0, 1, len(active) - 1], 0.0),
+        active.interventions(list(range(0, len(active), 3)), 2.0),
+        active.interventions([len(active) // 2], 0.0),
+        [],
+    ]
+    got = real_model_last_logits(adapted, ids, sets, rows_per_pass=2)
+    want = torch.stack([real_model_logits(adapted, ids, s)[-1] for s in sets])
+    assert got.shape == want.shape
+    assert float((want[1] - want[0]).abs().max()) > 1e-4  # the sets change the logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_four_conditions_and_matched_random_features(micro_models):
     base, adapted = micro_models
     table = pd.DataFrame(

@@ -50,6 +50,7 @@ def test_quality_interventions_and_index_run_on_gemma_scope_hooks(loaded):
     from em_circuits.interpret.activation_index import IndexParams, build_index
     from em_circuits.models.hooks import (
         features_zeroed,
+        real_model_last_logits,
         real_model_logits,
         transcoder_set,
         unsupported_reason,
@@ -70,6 +71,8 @@ def test_quality_interventions_and_index_run_on_gemma_scope_hooks(loaded):
     # the feature's decoder row leaves the post-feedforward norm's output: logits move
     assert float((patched - clean)[pos:].abs().max()) > 1e-4
     assert float((patched - clean)[:pos].abs().max()) < 1e-5
+    batched = real_model_last_logits(gemma, ids, [[], [(layer, pos, feature, 0.0)]])
+    torch.testing.assert_close(batched, torch.stack([clean[-1], patched[-1]]), atol=1e-4, rtol=1e-4)
     with features_zeroed(gemma, [(layer, feature)]), torch.no_grad():
         zeroed = gemma.hf_model(ids[None]).logits[0].float()
     assert float((zeroed - clean).abs().max()) > 1e-4

@@ -195,16 +195,13 @@ def _prompt_rows(
     pool: int,
     unfrozen: bool,
 ) -> list[dict[str, Any]]:
-    from em_circuits.models.hooks import real_model_logits
+    from em_circuits.models.hooks import real_model_last_logits
 
     ids = model.encode_prompt(dict(prompt))
     evil, safe = prompt["evil_ids"], prompt["safe_ids"]
     with torch.no_grad():
         logits, acts = model.replacement.get_activations(ids, sparse=True)
     frozen_baseline = contrast_of(logits, evil, safe)
-    baseline = (
-        contrast_of(real_model_logits(model, ids, []), evil, safe) if unfrozen else frozen_baseline
-    )
     active = active_instances(acts)
     is_top = np.array(
         [(int(la), int(f)) in top_keys for la, f in zip(active.layer, active.feature)], dtype=bool
@@ -215,16 +212,12 @@ def _prompt_rows(
         return []
     draws = matched_controls(active, top, is_top, n_random, rng, pool)
     groups = [("top", -1, list(top))] + [("random", d, idx) for d, idx in enumerate(draws)]
-    rows = []
+    rows, changed = [], []
     for group, draw, index in groups:
         for scale in scales:
             changes = active.interventions(index, scale)
             frozen = _intervened_contrast(model, ids, changes, evil, safe, freeze_attention=True)
-            value = (
-                contrast_of(real_model_logits(model, ids, changes), evil, safe)
-                if unfrozen
-                else frozen
-            )
+            changed.append(changes)
             rows.append(
                 {
                     "prompt_id": prompt["prompt_id"],
@@ -233,14 +226,21 @@ def _prompt_rows(
                     "scale": float(scale),
                     "n_features": len(index),
                     "activation_sum": float(active.activation[index].sum()),
-                    "baseline": baseline,
-                    "contrast": value,
-                    "delta_contrast": value - baseline,
+                    "baseline": frozen_baseline,
+                    "contrast": frozen,
+                    "delta_contrast": frozen - frozen_baseline,
                     "baseline_frozen": frozen_baseline,
                     "contrast_frozen": frozen,
                     "delta_frozen": frozen - frozen_baseline,
                 }
             )
+    if unfrozen:
+        # the real model's runs of the prompt, its clean run first, several per forward pass
+        last = real_model_last_logits(model, ids, [[]] + changed)
+        baseline = contrast_of(last[0], evil, safe)
+        for row, logits_row in zip(rows, last[1:]):
+            value = contrast_of(logits_row, evil, safe)
+            row.update(baseline=baseline, contrast=value, delta_contrast=value - baseline)
     return rows
 
 
@@ -321,7 +321,7 @@ def measured_ablation_effects(
     baseline, delta_frozen, delta_unfrozen (NaN when the transcoders cannot be intervened on
     outside circuit-tracer).
     """
-    from em_circuits.models.hooks import real_model_logits, unsupported_reason
+    from em_circuits.models.hooks import real_model_last_logits, unsupported_reason
 
     unsupported = unsupported_reason(model)
     if unsupported is not None:
@@ -339,9 +339,7 @@ def measured_ablation_effects(
         baseline = contrast_of(logits, evil, safe)
         active = active_instances(acts)
         allowed = _allowed_positions(active, len(ids), position)
-        real_baseline: float | None = None
-        if unsupported is None:
-            real_baseline = contrast_of(real_model_logits(model, ids, []), evil, safe)
+        found = []
         for layer, feature in features:
             index = np.flatnonzero(
                 (active.layer == layer) & (active.feature == feature) & allowed
@@ -354,7 +352,7 @@ def measured_ablation_effects(
                 "activation_sum": float(active.activation[index].sum()) if index else 0.0,
                 "baseline": baseline,
                 "delta_frozen": 0.0,
-                "delta_unfrozen": 0.0 if real_baseline is not None else np.nan,
+                "delta_unfrozen": 0.0 if unsupported is None else np.nan,
             }
             if index:
                 ablate = active.interventions(index, 0.0)
@@ -362,11 +360,15 @@ def measured_ablation_effects(
                     _intervened_contrast(model, ids, ablate, evil, safe, freeze_attention=True)
                     - baseline
                 )
-                if real_baseline is not None:
-                    changed = real_model_logits(model, ids, ablate)
-                    row["delta_unfrozen"] = contrast_of(changed, evil, safe) - real_baseline
+                found.append((row, ablate))
             rows.append(row)
             progress.step()
+        if unsupported is None and found:
+            # every ablation of the prompt beside its clean run, several per forward pass
+            last = real_model_last_logits(model, ids, [[]] + [ablate for _, ablate in found])
+            real_baseline = contrast_of(last[0], evil, safe)
+            for (row, _), changed in zip(found, last[1:]):
+                row["delta_unfrozen"] = contrast_of(changed, evil, safe) - real_baseline
     progress.finish()
     return pd.DataFrame.from_records(
         rows,

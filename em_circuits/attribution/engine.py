@@ -259,11 +259,11 @@ def carry(
     passing: slice | None = None,
     adapter: Any = None,
     seeds: Seeds | None = None,
-    score: bool = True,
+    scored: slice | None = slice(None),
 ) -> Carried:
     """Carry ``g`` (batch, rows, pos, d), the gradient at the last norm's output (the targets'
-    directions), down the linearised model, scoring every feature and error node (unless not
-    ``score``).
+    directions), down the linearised model, scoring every feature and error node in the
+    ``scored`` rows (None: none; the carried embedding gradient keeps those rows only).
     In the ``passing`` rows (total effects) each layer's feature scores are re-injected at
     their encoders and an adapter's attention updates pass gradients; the other rows are
     direct. ``adapter`` (an :class:`~em_circuits.attribution.engine_adapter.AdapterPass`)
@@ -271,10 +271,15 @@ def carry(
     d_model = int(engine.embed_weight.shape[1])
     n_layers = len(engine.layers)
     n_prompts, rows, n_pos, _ = g.shape
+    if passing is not None and scored != slice(None):
+        raise ValueError("a pass with total rows scores every row")
+    n_scored = len(range(rows)[scored]) if scored is not None else 0
     scale = batch.scales
     g = g * norm_factor(engine, scale, engine.final_norm)
     features: list[list[torch.Tensor]] = [[] for _ in batch.prompts]
-    errors = torch.zeros(n_prompts, rows, n_layers, n_pos, device=g.device) if score else None
+    errors = None
+    if scored is not None:
+        errors = torch.zeros(n_prompts, n_scored, n_layers, n_pos, device=g.device)
     for layer in reversed(range(n_layers)):
         parts = engine.layers[layer]
         g_out = g
@@ -284,15 +289,15 @@ def carry(
             adapter.score_mlp(layer, g_out[0])
         if errors is not None:
             stacked = _padded([p.errors[layer] for p in batch.prompts], n_pos)
-            errors[:, :, layer] = torch.einsum("brpd,bpd->brp", g_out, stacked)
+            errors[:, :, layer] = torch.einsum("brpd,bpd->brp", g_out[:, scored], stacked)
         g_in = torch.zeros_like(g)
         if parts.transcoder.W_skip is not None:
             g_in += g_out @ parts.transcoder.W_skip.float()
-        if score or passing is not None:
+        if scored is not None:
             for row, prompt in enumerate(batch.prompts):
                 found = prompt.layer_features[layer]
                 groups = _groups(found, n_pos, d_model, budget)
-                scores = _feature_scores(engine, layer, g_out[row], found, groups)
+                scores = _feature_scores(engine, layer, g_out[row, scored], found, groups)
                 features[row].insert(0, scores)
                 if passing is not None:
                     _reinject(g_in[row, passing], scores[passing], found, parts.transcoder, groups)
@@ -306,8 +311,8 @@ def carry(
         g = g + _attention_transpose(
             engine, parts, g, batch.patterns[layer], scale, layer, passing, adapter, seeds
         )
-    embedding = g * engine.embed_factor(engine.embed_weight.dtype)
-    return Carried(features, errors, embedding)
+    embedding = g[:, scored] if scored is not None else g
+    return Carried(features, errors, embedding * engine.embed_factor(engine.embed_weight.dtype))
 
 
 def exact_from_rows(

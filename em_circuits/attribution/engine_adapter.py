@@ -188,6 +188,7 @@ def adapter_effects(
     effects.adapter_direct, effects.adapter_total = adapter_rows[:t], adapter_rows[t:]
     if split_target is None:
         return effects
+    edge_features = torch.zeros(0, 3, dtype=torch.long)
     if split_features > 0:
         n_features = int(effects.features.shape[0])
         index = split_candidates(
@@ -197,12 +198,67 @@ def adapter_effects(
             split_features,
         )
         effects.adapter_edge_features = index
-        effects.adapter_edges = _edges(engine, batch, writes, effects.features[index])
+        edge_features = effects.features[index]
+    read = torch.zeros(0, dtype=torch.long)
     if read_nodes > 0:
-        chosen = read_candidates(writes, effects.adapter_total[split_target], read_nodes)
-        effects.adapter_read_nodes = chosen
-        effects.adapter_reads = _reads(engine, batch, writes, writes.nodes[chosen], budget)
+        read = read_candidates(writes, effects.adapter_total[split_target], read_nodes)
+        effects.adapter_read_nodes = read
+    edges, reads = _edges_and_reads(
+        engine, batch, writes, edge_features, writes.nodes[read], budget
+    )
+    if split_features > 0:
+        effects.adapter_edges = edges
+    if read_nodes > 0:
+        effects.adapter_reads = reads
     return effects
+
+
+def _edges_and_reads(
+    engine: LinearisedModel,
+    batch: FrozenBatch,
+    writes: AdapterWrites,
+    features: torch.Tensor,
+    nodes: torch.Tensor,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One backward pass for both extra quantities, its rows the edges' then the reads':
+
+    * ``(k, n_adapter_nodes)``: each adapter node's direct effect on the pre-activation of each
+      of ``features`` (k, 3: layer, position, feature id), seeded at their encoders;
+    * ``(m, n_sources + n_adapter_nodes)``: each listed linear adapter node's activation
+      differentiated the direct way with respect to every feature, error and token node and
+      every adapter node (their edges into it), seeded at the node's module input.
+
+    Every update is detached (no total rows); only the reads' rows score the graph's nodes."""
+    (prompt,) = batch.prompts
+    k, m = features.shape[0], nodes.shape[0]
+    n_features = sum(int(lf.positions.shape[0]) for lf in prompt.layer_features)
+    n_sources = n_features + (len(engine.layers) + 1) * prompt.n_pos
+    if k + m == 0:
+        return torch.zeros(0, writes.n_nodes), torch.zeros(0, n_sources + writes.n_nodes)
+    seeds = Seeds()
+    for key, entries in [
+        *_edge_seeds(engine, features),
+        *_read_seeds(engine, prompt, writes, nodes, k),
+    ]:
+        if key in seeds.at:
+            (rows, positions, vectors), (more_rows, more_positions, more) = seeds.at[key], entries
+            entries = (
+                torch.cat([rows, more_rows]),
+                torch.cat([positions, more_positions]),
+                torch.cat([vectors, more]),
+            )
+        seeds.at[key] = entries
+    adapter = AdapterPass(writes, engine)
+    g = _empty_pass(engine, batch, k + m)
+    scored = slice(k, k + m) if m else None
+    carried = carry(engine, batch, g, budget=budget, adapter=adapter, seeds=seeds, scored=scored)
+    nodes_rows = adapter.rows(k + m)
+    reads = torch.zeros(0, n_sources + writes.n_nodes)
+    if m:
+        sources = source_rows(engine, prompt, carried)
+        reads = torch.cat([sources.float().cpu(), nodes_rows[k:]], dim=1)
+    return nodes_rows[:k], reads
 
 
 def _empty_pass(engine: LinearisedModel, batch: FrozenBatch, n_rows: int) -> torch.Tensor:
@@ -211,47 +267,30 @@ def _empty_pass(engine: LinearisedModel, batch: FrozenBatch, n_rows: int) -> tor
     return torch.zeros(1, n_rows, prompt.n_pos, d_model, device=engine.embed_weight.device)
 
 
-def _edges(
-    engine: LinearisedModel,
-    batch: FrozenBatch,
-    writes: AdapterWrites,
-    features: torch.Tensor,
-) -> torch.Tensor:
-    """``(k, n_adapter_nodes)``: each adapter node's direct effect on the pre-activation of
-    each of ``features`` (k, 3: layer, position, feature id): backward passes started at
-    their encoders, every update detached, only the adapter nodes scored."""
-    n = features.shape[0]
-    if n == 0:
-        return torch.zeros(0, writes.n_nodes)
+Seed = tuple[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _edge_seeds(engine: LinearisedModel, features: torch.Tensor) -> list[Seed]:
+    """Rows ``[0, k)``: each feature's encoder at its layer's read site and position."""
     device = engine.embed_weight.device
-    seeds = Seeds()
+    out = []
     for layer in features[:, 0].unique().tolist():
         rows = torch.nonzero(features[:, 0] == layer).flatten()
         transcoder = engine.layers[layer].transcoder
         encoders = transcoder.W_enc[features[rows, 2].to(transcoder.W_enc.device)].float()
-        seeds.at[layer, "read"] = (rows.to(device), features[rows, 1].to(device), encoders)
-    adapter = AdapterPass(writes, engine)
-    g = _empty_pass(engine, batch, n)
-    carry(engine, batch, g, budget=0, adapter=adapter, seeds=seeds, score=False)
-    return adapter.rows(n)
+        out.append(((layer, "read"), (rows.to(device), features[rows, 1].to(device), encoders)))
+    return out
 
 
-def _reads(
-    engine: LinearisedModel,
-    batch: FrozenBatch,
-    writes: AdapterWrites,
-    nodes: torch.Tensor,
-    budget: int,
-) -> torch.Tensor:
-    """``(m, n_sources + n_adapter_nodes)``: each listed linear adapter node's activation
-    differentiated the direct way with respect to every feature, error and token node and
-    every adapter node (their edges into it)."""
-    (prompt,) = batch.prompts
-    m = nodes.shape[0]
+def _read_seeds(
+    engine: LinearisedModel, prompt: Any, writes: AdapterWrites, nodes: torch.Tensor, first: int
+) -> list[Seed]:
+    """Rows ``[first, first + m)``: each node's ``s A_j`` at its module's input (through the
+    MLP's nonlinearity for ``down_proj``)."""
     device = engine.embed_weight.device
     found: dict[tuple[int, str], list[tuple[int, int, torch.Tensor]]] = {}
     factors = {(f.layer, f.module): f for f in writes.factors}
-    for row, (layer, code, component, position) in enumerate(nodes.tolist()):
+    for row, (layer, code, component, position) in enumerate(nodes.tolist(), start=first):
         module = writes.modules[code]
         factor = factors[layer, module]
         read = factor.scale * factor.A[component].to(device).float()
@@ -259,18 +298,17 @@ def _reads(
         if module == "down_proj":
             read = _through_mlp(engine, prompt, layer, position, read)
         found.setdefault((layer, site), []).append((row, position, read))
-    seeds = Seeds()
-    for key, entries in found.items():
-        seeds.at[key] = (
-            torch.tensor([e[0] for e in entries], device=device),
-            torch.tensor([e[1] for e in entries], device=device),
-            torch.stack([e[2] for e in entries]),
+    return [
+        (
+            key,
+            (
+                torch.tensor([e[0] for e in entries], device=device),
+                torch.tensor([e[1] for e in entries], device=device),
+                torch.stack([e[2] for e in entries]),
+            ),
         )
-    adapter = AdapterPass(writes, engine)
-    g = _empty_pass(engine, batch, m)
-    carried = carry(engine, batch, g, budget=budget, adapter=adapter, seeds=seeds)
-    sources = source_rows(engine, prompt, carried)
-    return torch.cat([sources.float().cpu(), adapter.rows(m)], dim=1)
+        for key, entries in found.items()
+    ]
 
 
 def _through_mlp(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,20 +60,48 @@ def _modules_at_layers(factors: list[LoraFactor]) -> list[str]:
     return [f"{m}@{','.join(map(str, sorted(ls)))}" for m, ls in sorted(layers.items())]
 
 
+@dataclass
+class _Recorded:
+    """What one forward pass of the adapted model keeps for the adapter's nodes."""
+
+    #: each linear node module's input, (n_pos, d_in) by (layer, module)
+    inputs: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    #: each MLP layer's (input, output) with nodes
+    mlp_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: each pattern layer's attention call (its arguments and weights), to call it again with
+    #: one update taken out: its input does not depend on it, so nothing else needs running
+    calls: dict[int, tuple[tuple, dict, torch.Tensor | None]] = field(default_factory=dict)
+    #: each pattern layer's value projection input
+    value_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 @torch.no_grad()
-def _module_inputs(
+def _recorded_forward(
     hf_model: torch.nn.Module,
     input_ids: torch.Tensor,
     node_factors: list[LoraFactor],
     mlp_output_site: Any,
-) -> tuple[dict[tuple[int, str], torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """One forward pass of ``input_ids``: each linear node module's input, (n_pos, d_in) by
-    (layer, module), and each MLP layer's (input, output) with nodes; checks there that the
-    MLP output is the one the transcoders replace (:func:`_check_replaced_output`)."""
+) -> _Recorded:
+    """One forward pass of ``input_ids`` that keeps what every node kind needs; checks that
+    the MLP output is the one the transcoders replace (:func:`_check_replaced_output`)."""
+    recorded = _Recorded()
+    inputs, mlp_io, calls = recorded.inputs, recorded.mlp_io, recorded.calls
+
+    def keep_call(layer: int):
+        def hook(_module, args, kwargs, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            calls[layer] = (args, kwargs, weights)
+
+        return hook
+
+    def keep_value_input(layer: int):
+        def hook(_module, args, _output):
+            recorded.value_inputs[layer] = args[0]
+
+        return hook
+
     from em_circuits.models.hooks import record_input_at  # records any site's value
 
-    inputs: dict[tuple[int, str], torch.Tensor] = {}
-    mlp_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     site_outputs: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -90,23 +119,30 @@ def _module_inputs(
 
     mlp_modules = MLP_LINEAR + MLP_NONLINEAR
     mlp_layers = sorted({f.layer for f in node_factors if f.module in mlp_modules})
+    pattern_layers = sorted({f.layer for f in node_factors if f.module in ATTENTION_PATTERN})
     try:
         for f in node_factors:
             if f.module not in ATTENTION_PATTERN:
                 module = adapted_module(hf_model, f.layer, f.module)
                 handles.append(module.register_forward_hook(keep_input((f.layer, f.module))))
+        for layer in pattern_layers:
+            attention = layer_attention(hf_model, layer)
+            handles.append(attention.register_forward_hook(keep_call(layer), with_kwargs=True))
+            value = adapted_module(hf_model, layer, "v_proj")
+            handles.append(value.register_forward_hook(keep_value_input(layer)))
         for layer in mlp_layers:
             handles.append(layer_mlp(hf_model, layer).register_forward_hook(keep_mlp(layer)))
             if mlp_output_site is not None:
                 handles.append(record_input_at(mlp_output_site(layer), layer, site_outputs))
         device = next(hf_model.parameters()).device
-        hf_model(input_ids.reshape(1, -1).to(device))
+        # no cache: the attention calls made again must not extend one
+        hf_model(input_ids.reshape(1, -1).to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     for layer in mlp_layers:
         _check_replaced_output(layer, mlp_io[layer][1][0].float(), site_outputs.get(layer))
-    return inputs, mlp_io
+    return recorded
 
 
 @torch.no_grad()
@@ -128,13 +164,14 @@ def adapter_writes(
         return AdapterWrites(
             torch.zeros(0, 4, dtype=torch.long), torch.zeros(0), not_nodes=not_nodes
         )
-    inputs, mlp_io = _module_inputs(hf_model, input_ids, node_factors, mlp_output_site)
+    recorded = _recorded_forward(hf_model, input_ids, node_factors, mlp_output_site)
+    inputs, mlp_io = recorded.inputs, recorded.mlp_io
 
     acts_by_layer: dict[int, list[torch.Tensor]] = {}
     writes_by_layer: dict[int, list[torch.Tensor]] = {}
     codes_by_layer: dict[int, list[tuple[int, int]]] = {}
     attention = []
-    patterns = _pattern_writes(hf_model, input_ids, factors, zero_positions)
+    patterns = _pattern_writes(hf_model, recorded, factors, zero_positions)
     for f in node_factors:
         code = NODE_MODULES.index(f.module)
         if f.module in ATTENTION_PATTERN:
@@ -190,7 +227,7 @@ def _base_weight(merged: torch.Tensor, factor: LoraFactor | None) -> torch.Tenso
 
 @torch.no_grad()
 def _pattern_writes(
-    hf_model: torch.nn.Module, input_ids: torch.Tensor, factors: list[LoraFactor], zero: int
+    hf_model: torch.nn.Module, recorded: _Recorded, factors: list[LoraFactor], zero: int
 ) -> list[PatternWrite]:
     """The attention-pattern nodes of one prompt: for each q_proj or k_proj factor, its
     layer's attention pattern with and without the update (the model's own eager
@@ -199,36 +236,7 @@ def _pattern_writes(
     if not chosen:
         return []
     by_key = {(f.layer, f.module): f for f in factors}
-    ids = input_ids.reshape(1, -1).to(next(hf_model.parameters()).device)
-    value_inputs: dict[int, torch.Tensor] = {}
-    # each pattern layer's attention call (its arguments and weights), to call it again with
-    # one update taken out: its input does not depend on it, so nothing else needs running
-    calls: dict[int, tuple[tuple, dict, torch.Tensor | None]] = {}
-
-    def keep_call(layer: int):
-        def hook(_module, args, kwargs, output):
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            calls[layer] = (args, kwargs, weights)
-
-        return hook
-
-    handles = []
-    try:
-        for layer in sorted({f.layer for f in chosen}):
-            handles.append(
-                layer_attention(hf_model, layer).register_forward_hook(
-                    keep_call(layer), with_kwargs=True
-                )
-            )
-            handles.append(
-                adapted_module(hf_model, layer, "v_proj").register_forward_hook(
-                    lambda _m, args, _o, layer=layer: value_inputs.__setitem__(layer, args[0])
-                )
-            )
-        hf_model(ids, use_cache=False)  # no cache: the calls again must not extend one
-    finally:
-        for handle in handles:
-            handle.remove()
+    calls, value_inputs = recorded.calls, recorded.value_inputs
     out = []
     for f in chosen:
         args, kwargs, adapted = calls[f.layer]

@@ -282,6 +282,64 @@ def real_model_logits(
     return logits.float()
 
 
+#: Intervention sets run together in one forward pass of :func:`real_model_last_logits`.
+ROWS_PER_PASS = 16
+
+
+@torch.no_grad()
+def real_model_last_logits(
+    model: LoadedModel,
+    ids: torch.Tensor,
+    intervention_sets: Sequence[Sequence[Intervention]],
+    rows_per_pass: int = ROWS_PER_PASS,
+) -> torch.Tensor:
+    """``(len(intervention_sets), vocabulary)``: the last position's logits of the real model
+    under each set of interventions (as :func:`real_model_logits`), ``rows_per_pass`` sets
+    per forward pass, each its own batch row of the same prompt; an empty set gives the clean
+    logits."""
+    transcoders = transcoder_set(model)
+    out = []
+    for start in range(0, len(intervention_sets), max(1, rows_per_pass)):
+        chunk = intervention_sets[start : start + max(1, rows_per_pass)]
+        by_layer: dict[int, list[tuple[int, int, int, float]]] = defaultdict(list)
+        for row, interventions in enumerate(chunk):
+            for layer, pos, feature, value in interventions:
+                by_layer[int(layer)].append((row, int(pos), int(feature), float(value)))
+        changes = {
+            layer: _set_rows_to(transcoders[layer], items) for layer, items in by_layer.items()
+        }
+        batch = ids.reshape(1, -1).expand(len(chunk), -1).to(model.device)
+        with _edits(model, changes):
+            logits = model.hf_model(batch, logits_to_keep=1).logits[:, -1]
+        out.append(logits.float())
+    if not out:
+        return torch.zeros(0, 0)
+    return torch.cat(out)
+
+
+def _set_rows_to(transcoder: Any, changes: list[tuple[int, int, int, float]]):
+    """The MLP-output change (batch rows) that sets each (row, position, feature) to its
+    value; only the changed positions are encoded (an activation depends on its position's
+    input alone)."""
+    rows = torch.tensor([c[0] for c in changes])
+    positions = torch.tensor([c[1] for c in changes])
+    features = torch.tensor([c[2] for c in changes])
+    values = torch.tensor([c[3] for c in changes], dtype=torch.float32)
+    decoders = transcoder._get_decoder_vectors(features).float()  # (n, d_model)
+
+    def change(x: torch.Tensor) -> torch.Tensor:
+        device = x.device
+        at = (rows.to(device), positions.to(device))
+        live = transcoder.encode(x[at]).float()  # (n, d_transcoder)
+        current = live[torch.arange(len(features), device=device), features.to(device)]
+        delta = (values.to(device) - current)[:, None] * decoders.to(device)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=device)
+        out.index_put_(at, delta, accumulate=True)
+        return out.to(x.dtype)
+
+    return change
+
+
 @contextmanager
 def features_zeroed(model: LoadedModel, features: Sequence[tuple[int, int]]) -> Iterator[None]:
     """While inside, the real model runs with these (layer, feature) transcoder features
