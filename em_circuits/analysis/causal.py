@@ -212,7 +212,8 @@ def _prompt_rows(
         return []
     draws = matched_controls(active, top, is_top, n_random, rng, pool)
     groups = [("top", -1, list(top))] + [("random", d, idx) for d, idx in enumerate(draws)]
-    rows, changed = [], []
+    rows: list[dict[str, Any]] = []
+    changed: list[list[tuple[int, int, int, float]]] = [[]]  # the clean run first
     for group, draw, index in groups:
         for scale in scales:
             changes = active.interventions(index, scale)
@@ -236,7 +237,7 @@ def _prompt_rows(
             )
     if unfrozen:
         # the real model's runs of the prompt, its clean run first, several per forward pass
-        last = real_model_last_logits(model, ids, [[]] + changed)
+        last = real_model_last_logits(model, ids, changed)
         baseline = contrast_of(last[0], evil, safe)
         for row, logits_row in zip(rows, last[1:]):
             value = contrast_of(logits_row, evil, safe)
