@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,28 +23,89 @@ def _key_columns_of(frames: Mapping[str, pd.DataFrame]) -> list[str]:
     return ["layer", "feature", "position"] if keyed.pop() else ["layer", "feature"]
 
 
+#: Bits of a packed key (layer, feature, position): 12 + 31 + 20 = 63, one int64.
+_FEATURE_BITS, _POSITION_BITS = 31, 20
+
+
+def _packed_keys(rows: pd.DataFrame, keys: list[str]) -> np.ndarray:
+    """Each row's key as one int64 that sorts as the (layer, feature[, position]) tuple."""
+    packed = rows["layer"].to_numpy(dtype=np.int64) << (_FEATURE_BITS + _POSITION_BITS)
+    packed |= rows["feature"].to_numpy(dtype=np.int64) << _POSITION_BITS
+    if "position" in keys:
+        packed |= rows["position"].to_numpy(dtype=np.int64)
+    return packed
+
+
+def unpack_keys(packed: np.ndarray, keys: list[str]) -> pd.MultiIndex:
+    """The (layer, feature[, position]) index of packed keys (:func:`_packed_keys`)."""
+    arrays = [
+        packed >> (_FEATURE_BITS + _POSITION_BITS),
+        (packed >> _POSITION_BITS) & ((1 << _FEATURE_BITS) - 1),
+        packed & ((1 << _POSITION_BITS) - 1),
+    ]
+    return pd.MultiIndex.from_arrays(arrays[: len(keys)], names=keys)
+
+
+@dataclass(frozen=True)
+class KeyMatrix:
+    """Keys x prompts values of one per-prompt column, NaN where a key is absent; keys packed
+    (:func:`_packed_keys`) and sorted."""
+
+    packed: np.ndarray
+    prompts: list[str]
+    values: np.ndarray
+
+    def index(self, keys: list[str]) -> pd.MultiIndex:
+        return unpack_keys(self.packed, keys)
+
+    def aligned(self, packed: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        """The values at these keys (a sorted superset of ours) and prompts, NaN elsewhere."""
+        where = {p: j for j, p in enumerate(self.prompts)}
+        ours = [j for j, p in enumerate(prompts) if p in where]
+        columns = [where[prompts[j]] for j in ours]
+        if np.array_equal(packed, self.packed) and columns == list(range(len(prompts))):
+            return self.values
+        out = np.full((len(packed), len(prompts)), np.nan)
+        rows = np.searchsorted(packed, self.packed)
+        out[np.ix_(rows, ours)] = self.values[:, columns]
+        return out
+
+
 def _value_matrix(
     frames: Mapping[str, pd.DataFrame], metric: str, value: str, keys: list[str]
-) -> pd.DataFrame:
+) -> KeyMatrix:
     """Keys x prompts matrix of one per-prompt column; NaN where the key is absent.
 
-    Prompts where the value is undefined for every key (e.g. no safe label for evil_minus_safe)
-    are dropped with a warning, since absence there would not mean "no effect".
+    Prompts where the value is undefined for every key (e.g. no safe label for
+    evil_minus_safe) are dropped with a warning, since absence there would not mean "no
+    effect". (Keys are packed into one integer each, so that the union of many prompts'
+    hundreds of thousands of keys is one sort, not an index join per prompt.)
     """
-    columns = {}
+    columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for pid, frame in frames.items():
         rows = frame[frame["metric"] == metric]
         if len(rows) and rows[value].isna().all():
             log.warning("prompt %s: %s is undefined (missing labels); left out", pid, value)
             continue
-        series = rows.set_index(keys)[value].astype(float)
-        if not series.index.is_unique:
+        for column, bits in (("layer", 12), ("feature", _FEATURE_BITS), ("position", 20)):
+            if column in keys and len(rows):
+                if rows[column].min() < 0 or rows[column].max() >= 1 << bits:
+                    raise ValueError(f"prompt {pid}: {column} out of range in its effects table")
+        packed = _packed_keys(rows, keys)
+        order = np.argsort(packed, kind="stable")
+        packed = packed[order]
+        if len(packed) > 1 and bool((packed[1:] == packed[:-1]).any()):
             raise ValueError(f"prompt {pid}: duplicate feature keys in its effects table")
-        columns[pid] = series
+        columns[pid] = (packed, rows[value].to_numpy(dtype=np.float64)[order])
     if not columns:
-        return pd.DataFrame(index=pd.MultiIndex.from_arrays([[]] * len(keys), names=keys))
-    matrix = pd.concat(columns, axis=1, sort=True)
-    return matrix
+        return KeyMatrix(np.zeros(0, dtype=np.int64), [], np.zeros((0, 0)))
+    union = np.concatenate([packed for packed, _ in columns.values()])
+    union.sort()
+    union = union[np.concatenate([[True], union[1:] != union[:-1]])]
+    matrix = np.full((len(union), len(columns)), np.nan)
+    for j, (packed, values) in enumerate(columns.values()):
+        matrix[np.searchsorted(union, packed), j] = values
+    return KeyMatrix(union, list(columns), matrix)
 
 
 def cluster_statistics(
@@ -147,22 +209,22 @@ def _aggregate_metric(
     **options: Any,
 ) -> pd.DataFrame:
     matrix = _value_matrix(per_prompt, metric, value, keys)
-    activation = _value_matrix(per_prompt, metric, "activation", keys).reindex(
-        index=matrix.index, columns=matrix.columns
+    activation = _value_matrix(per_prompt, metric, "activation", keys).aligned(
+        matrix.packed, matrix.prompts
     )
-    values = matrix.to_numpy(dtype=np.float64)
+    values = matrix.values
     present = ~np.isnan(values)
     support = present.sum(axis=1)
     keep = support >= max(min_support, 1)
     values, present, support = values[keep], present[keep], support[keep]
-    index = matrix.index[keep]
+    index = matrix.index(keys)[keep]
     # The statistic's sample: all prompts (absent = 0) or the supporting prompts only.
     used = np.ones_like(present) if absent == "zero" else present
     filled = np.nan_to_num(values)
     stats = cluster_statistics(
         filled,
         used,
-        list(matrix.columns),
+        matrix.prompts,
         options["clusters"],
         options["n_perm"],
         options["seed"],
@@ -179,8 +241,6 @@ def _aggregate_metric(
     for column in ("p_value", "p_method", "q_value"):
         table[column] = stats[column]
     table["mean_activation"] = (
-        np.nanmean(np.where(present, activation.to_numpy(dtype=np.float64)[keep], np.nan), axis=1)
-        if len(table)
-        else []
+        np.nanmean(np.where(present, activation[keep], np.nan), axis=1) if len(table) else []
     )
     return table.astype({col: "int64" for col in keys})

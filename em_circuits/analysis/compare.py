@@ -8,7 +8,12 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from em_circuits.analysis.aggregate import _key_columns_of, _value_matrix, cluster_statistics
+from em_circuits.analysis.aggregate import (
+    _key_columns_of,
+    _value_matrix,
+    cluster_statistics,
+    unpack_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +53,17 @@ def compare_models(
     keys = _key_columns_of({**base, **adapted})
     mb = _value_matrix(base, metric, value, keys)
     ma = _value_matrix(adapted, metric, value, keys)
-    prompts = sorted(set(mb.columns) & set(ma.columns))
-    dropped = sorted(set(mb.columns) ^ set(ma.columns))
+    prompts = sorted(set(mb.prompts) & set(ma.prompts))
+    dropped = sorted(set(mb.prompts) ^ set(ma.prompts))
     if dropped:
         log.warning(
             "base vs adapted: %d prompt(s) lack one model's table: %s",
             len(dropped),
             ", ".join(dropped[:5]),
         )
-    index = mb.index.union(ma.index)
-    b = mb.reindex(index=index, columns=prompts).to_numpy(dtype=np.float64)
-    a = ma.reindex(index=index, columns=prompts).to_numpy(dtype=np.float64)
+    packed = np.union1d(mb.packed, ma.packed)
+    b, a = mb.aligned(packed, prompts), ma.aligned(packed, prompts)
+    index = unpack_keys(packed, keys)
     in_b, in_a = ~np.isnan(b), ~np.isnan(a)
     keep = np.maximum(in_b.sum(1), in_a.sum(1)) >= max(min_support, 1)
     b, a, in_b, in_a, index = b[keep], a[keep], in_b[keep], in_a[keep], index[keep]
