@@ -220,6 +220,12 @@ class Carried:
     features: list[list[torch.Tensor]]
     errors: torch.Tensor | None
     embedding: torch.Tensor
+    #: (batch, rows, layer): the direct effect of each layer's MLP write at BOS (no node's)
+    bos_mlp: torch.Tensor | None = None
+
+    def bos_rows(self, row: int, n: int) -> torch.Tensor | None:
+        """``(n, n_layers)``: prompt ``row``'s first ``n`` rows of :attr:`bos_mlp`."""
+        return None if self.bos_mlp is None else self.bos_mlp[row, :n].float().cpu()
 
 
 def _backward(
@@ -233,6 +239,7 @@ def _backward(
         rows = source_rows(engine, prompt, carried, row)
         k = d.shape[0]
         out.append(exact_from_rows(prompt, rows[:k], rows[t : t + k], len(engine.layers)))
+        out[-1].bos_mlp = carried.bos_rows(row, k)
     return out
 
 
@@ -275,6 +282,7 @@ def carry(
     g = g * norm_factor(engine, scale, engine.final_norm)
     features: list[list[torch.Tensor]] = [[] for _ in batch.prompts]
     errors = torch.zeros(n_prompts, rows, n_layers, n_pos, device=g.device) if score else None
+    bos = torch.zeros(n_prompts, rows, n_layers, device=g.device)
     for layer in reversed(range(n_layers)):
         parts = engine.layers[layer]
         g_out = g
@@ -285,6 +293,10 @@ def carry(
         if errors is not None:
             stacked = _padded([p.errors[layer] for p in batch.prompts], n_pos)
             errors[:, :, layer] = torch.einsum("brpd,bpd->brp", g_out, stacked)
+            for row, prompt in enumerate(batch.prompts):
+                if prompt.bos_mlp is not None:
+                    at_bos = g_out[row, :, engine.zero_positions]
+                    bos[row, :, layer] = torch.einsum("rpd,pd->r", at_bos, prompt.bos_mlp[layer])
         g_in = torch.zeros_like(g)
         if parts.transcoder.W_skip is not None:
             g_in += g_out @ parts.transcoder.W_skip.float()
@@ -307,7 +319,7 @@ def carry(
             engine, parts, g, batch.patterns[layer], scale, layer, passing, adapter, seeds
         )
     embedding = g * engine.embed_factor(engine.embed_weight.dtype)
-    return Carried(features, errors, embedding)
+    return Carried(features, errors, embedding, bos if score else None)
 
 
 def exact_from_rows(
