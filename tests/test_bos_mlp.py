@@ -68,7 +68,7 @@ class _Frozen:
                 self.handles.append(projection.register_forward_hook(self._detach))
             self.handles.append(parts.mlp.register_forward_hook(self._mlp(parts.transcoder)))
         embed = model.hf_model.model.embed_tokens  # the gradient starts at the embedding
-        self.handles.append(embed.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_()))
+        self.handles.append(embed.register_forward_hook(self._leaf))
         for norm in self.engine.norms():
             self.handles.append(norm.register_forward_hook(self._norm))
         self.handles.append(self.engine.final_norm.register_forward_hook(self._keep_final))
@@ -76,6 +76,10 @@ class _Frozen:
     @staticmethod
     def _detach(_module, _args, out):
         return out.detach()
+
+    @staticmethod
+    def _leaf(_module, _args, out):
+        return out.detach().requires_grad_()
 
     def _norm(self, module, args, _out):
         x = args[0].float()

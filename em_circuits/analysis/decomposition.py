@@ -99,7 +99,7 @@ def contrast_parts(graph: CompactGraph) -> pd.DataFrame:
     ]
     bos = _bos_mlp(graph)
     records += [
-        {"part": BOS_MLP, "layer": layer, "direct": float(bos[layer]) if bos is not None else np.nan}
+        {"part": BOS_MLP, "layer": layer, "direct": np.nan if bos is None else float(bos[layer])}
         for layer in range(graph.n_layers)
     ]
     explained = float(direct[: graph.n_sources].sum()) + float(adapter.sum())

@@ -130,7 +130,8 @@ def plot_base_vs_adapted(
 def plot_decomposition(summary: pd.DataFrame, path: Path, title: str | None = None) -> Path:
     """The adapter's shift of the contrast split into signed parts (from
     summarize_decomposition): features, error nodes and the MLP output at BOS per layer, BOS
-    error nodes, tokens, biases, each with its interval; the parts add up to the shift of the value."""
+    error nodes, tokens, biases, each with its interval; the parts add up to the shift of the
+    value."""
     fig = Figure(figsize=(11, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     parts = summary[summary["part"] != "contrast value"].reset_index(drop=True)
