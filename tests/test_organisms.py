@@ -154,3 +154,40 @@ def test_without_another_run_the_report_says_how_to_compare(tmp_path):
     with pytest.raises(ValueError, match="has no report.json"):
         _finished_run(str(tmp_path))  # the flag's check: argparse's one-line error
     assert STEP.Params().compare_run is None
+
+
+@pytest.mark.slow
+def test_compare_run_recomputes_only_the_stability_step(reference, micro_organism, tmp_path):
+    """`em-circuits analyze --compare-run` on a finished run (compared with itself): only the
+    stability step computes again, and its organisms section finds a perfect match."""
+    import shutil
+    import subprocess
+    import sys
+
+    from micro_flags import REFERENCE_ANALYSIS_ARGS, model_args
+
+    from em_circuits.core.store import ResultsStore, read_json
+
+    results = tmp_path / "results"
+    shutil.copytree(reference, results)
+    store = ResultsStore(results)
+    (slug,) = store.analysed_slugs()
+    folder = store.latest_analysis_dir(slug)
+    before = read_json(folder / "steps.json")["steps"]
+    command = [sys.executable, "-m", "em_circuits.cli.main", "analyze", "--results-dir"]
+    command += [str(results), *model_args(micro_organism), *REFERENCE_ANALYSIS_ARGS]
+    done = subprocess.run(
+        [*command, "--compare-run", str(reference)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = read_json(folder / "steps.json")["steps"]
+    changed = {name for name in after if after[name]["created"] != before[name]["created"]}
+    assert changed == {"stability"}
+    organisms = read_json(folder / "stability.json")["organisms"]
+    assert organisms["meaning"]["observed"] == 1.0
+    assert organisms["layer_profile"]["overlap"] == pytest.approx(1.0)
+    assert organisms["decomposition"]["pearson_r"] == pytest.approx(1.0)
+    bad = subprocess.run(
+        [*command, "--compare-run", str(tmp_path / "nothing")], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "has no report.json" in bad.stderr

@@ -88,8 +88,7 @@ class CompactGraph:
     adapter_read_nodes: torch.Tensor | None = None
     adapter_read_edges: torch.Tensor | None = None
     adapter_read_via: torch.Tensor | None = None
-    #: (n_targets, n_layers) float32: the direct effect of each layer's MLP write at BOS (less
-    #: its skip connection), which no node carries; None in graphs made without it
+    #: (n_targets, n_layers): the direct effect of each layer's MLP write at BOS (no node's)
     bos_mlp: torch.Tensor | None = None
 
     # -- node layout ------------------------------------------------------------------------
@@ -262,8 +261,7 @@ def write_compact(graph: CompactGraph, path: Path) -> tuple[int, str]:
             value = getattr(graph, name)
             if value is not None:
                 tensors[name] = value.contiguous()
-    if graph.bos_mlp is not None:
-        tensors["bos_mlp"] = graph.bos_mlp.float().contiguous()
+    tensors |= {} if graph.bos_mlp is None else {"bos_mlp": graph.bos_mlp.float().contiguous()}
     header = {
         "format": GRAPH_FORMAT,
         "n_layers": str(graph.n_layers),
