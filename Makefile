@@ -3,7 +3,7 @@
 # make test-fast : the quick tests only (no whole-pipeline runs, no installs): under 90 s
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast lint format typecheck organism viewer-deps
+.PHONY: setup demo test test-fast lint format typecheck organism viewer-deps stability-organisms
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,10 @@ organism: setup
 
 demo: setup
 	.venv/bin/em-circuits run
+
+# A second toy organism (recipe seed 1), its pipeline, and the main run compared with it.
+stability-organisms: setup
+	bash scripts/stability_organisms.sh
 
 test: setup viewer-deps
 	$(PY) -m pytest

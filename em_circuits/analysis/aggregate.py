@@ -67,7 +67,7 @@ class KeyMatrix:
             return self.values
         out = np.full((len(packed), len(prompts)), np.nan)
         rows = np.searchsorted(packed, self.packed)
-        out[np.ix_(rows, ours)] = self.values[:, columns]
+        out[np.ix_(rows, np.asarray(ours, dtype=np.int64))] = self.values[:, columns]
         return out
 
 

@@ -4,13 +4,17 @@ A graph's direct effects partition its contrast value exactly: each feature, eac
 each adapter node and each token embedding contributes its direct effect on the contrast, and
 the constants no node carries the rest. Grouped by kind and layer (features of layer L; error
 nodes of layer L after the BOS position; the adapter nodes of layer L, the LoRA's own writes
-(0 in graphs without them, e.g. the base model's); the error nodes at BOS; token embeddings;
-and the constants), the parts add up to the value. circuit-tracer zeroes the error nodes at BOS
-(and every feature there), so the whole MLP output at BOS is a constant of its graphs: the
-last part, ``biases and BOS``, holds it with the transcoders' decoder biases, and the
-``bos_errors`` row is 0 for such graphs. The adapter's shift of the contrast, adapted minus
-base paired by prompt, is then the sum of the parts' shifts, with no ratio that can exceed 1
-or flip sign when a contrast is near 0.
+(0 in graphs without them, e.g. the base model's); the MLP output of layer L at BOS; the error
+nodes at BOS; token embeddings; and the biases), the parts add up to the value.
+circuit-tracer zeroes every feature and error node at BOS, so the ``bos_errors`` row is 0 for
+its graphs and what the MLP writes there (less the transcoder's skip connection, which is
+linear and credited to the nodes below) is a constant the graph stores per layer
+(``CompactGraph.bos_mlp``): the ``bos_mlp`` rows. What is left, ``biases``, is the
+transcoders' decoder biases after BOS (and any bias of the model's own layers). Graphs stored
+without ``bos_mlp`` (graph format 1) get NaN ``bos_mlp`` rows and keep the two together in
+``biases and BOS``. The adapter's shift of the contrast, adapted minus base paired by prompt,
+is then the sum of the parts' shifts, with no ratio that can exceed 1 or flip sign when a
+contrast is near 0.
 """
 
 from __future__ import annotations
@@ -29,9 +33,24 @@ from em_circuits.core.stats import cluster_rows
 VALUE = "contrast value"
 #: The adapter nodes' direct effect (per layer).
 ADAPTER = "adapter_nodes"
-#: What no node carries: the transcoders' decoder biases and the MLP output at BOS, where
-#: circuit-tracer zeroes every feature and error node.
-CONSTANTS = "biases and BOS"
+#: Each layer's MLP output at BOS (less the skip connection), where circuit-tracer zeroes
+#: every feature and error node (per layer).
+BOS_MLP = "bos_mlp"
+#: What no node carries besides the MLP output at BOS: the transcoders' decoder biases after
+#: BOS (and any bias of the model's own layers).
+CONSTANTS = "biases"
+#: The constant row of graphs stored without ``bos_mlp``: the biases and the MLP output at BOS.
+CONSTANTS_WITH_BOS = "biases and BOS"
+
+
+def _bos_mlp(graph: CompactGraph) -> np.ndarray | None:
+    """Each layer's MLP output at BOS: its direct effect on the contrast; None when the graph
+    does not store it."""
+    if graph.bos_mlp is None:
+        return None
+    matrix = graph.bos_mlp.double().numpy()
+    evil, safe, contrast = _label_rows(graph)
+    return matrix[contrast] if contrast is not None else matrix[evil].mean(0) - matrix[safe].mean(0)
 
 
 def _adapter_direct(graph: CompactGraph) -> tuple[np.ndarray, np.ndarray]:
@@ -47,9 +66,11 @@ def _adapter_direct(graph: CompactGraph) -> tuple[np.ndarray, np.ndarray]:
 def contrast_parts(graph: CompactGraph) -> pd.DataFrame:
     """One prompt's contrast value as a sum of direct contributions.
 
-    Rows: part (features, errors, adapter_nodes, bos_errors, tokens, ``biases and BOS``,
-    and ``contrast value``), layer (-1 when the part is not per layer), direct. Every row but
-    the value sums to the value exactly. Raises ValueError when the graph has no contrast.
+    Rows: part (features, errors, adapter_nodes, bos_mlp per layer; bos_errors, tokens,
+    ``biases``, and ``contrast value``), layer (-1 when the part is not per layer), direct.
+    Every row but the value sums to the value exactly. A graph without ``bos_mlp`` has NaN
+    there and ``biases and BOS`` instead of ``biases``. Raises ValueError when the graph has
+    no contrast.
     """
     rows = contrast_rows(graph)
     if rows is None:
@@ -76,11 +97,21 @@ def contrast_parts(graph: CompactGraph) -> pd.DataFrame:
         }
         for layer in range(graph.n_layers)
     ]
+    bos = _bos_mlp(graph)
+    records += [
+        {"part": BOS_MLP, "layer": layer, "direct": np.nan if bos is None else float(bos[layer])}
+        for layer in range(graph.n_layers)
+    ]
     explained = float(direct[: graph.n_sources].sum()) + float(adapter.sum())
+    explained += float(bos.sum()) if bos is not None else 0.0
     records += [
         {"part": "bos_errors", "layer": -1, "direct": float(errors[:, 0].sum())},
         {"part": "tokens", "layer": -1, "direct": float(direct[graph.token_slice].sum())},
-        {"part": CONSTANTS, "layer": -1, "direct": value - explained},
+        {
+            "part": CONSTANTS if bos is not None else CONSTANTS_WITH_BOS,
+            "layer": -1,
+            "direct": value - explained,
+        },
         {"part": VALUE, "layer": -1, "direct": value},
     ]
     return pd.DataFrame.from_records(records)
@@ -106,7 +137,13 @@ def summarize_decomposition(
     if not prompts:
         return pd.DataFrame()
     key = ["part", "layer"]
+    # graphs with and without bos_mlp have different constant rows: the union, in order
     index = base[prompts[0]].set_index(key).index
+    for tables in (base, adapted):
+        for p in prompts:
+            index = index.append(tables[p].set_index(key).index.difference(index))
+    last = index.get_level_values("part") == VALUE
+    index = index[~last].append(index[last])
 
     def matrix(tables: Mapping[str, pd.DataFrame]) -> np.ndarray:
         return np.stack(
@@ -115,7 +152,7 @@ def summarize_decomposition(
         )
 
     values_base, values_adapted = matrix(base), matrix(adapted)
-    used = np.ones_like(values_base, dtype=bool)
+    used = np.isfinite(values_base) & np.isfinite(values_adapted)  # NaN: not stored
     shift = cluster_statistics(
         values_adapted - values_base, used, prompts, clusters, n_perm, seed, alpha=alpha
     )
@@ -125,7 +162,7 @@ def summarize_decomposition(
     names = [clusters.get(p, p) if clusters else p for p in prompts]
     for column, values in (("mean_base", values_base), ("mean_adapted", values_adapted)):
         rows, _ = cluster_rows(values, used, names)
-        table[column] = [row.mean() for row in rows]
+        table[column] = [row.mean() if len(row) else np.nan for row in rows]
     for column in ("mean", "ci_low", "ci_high", "p_value", "p_method"):
         table["mean_shift" if column == "mean" else column] = shift[column]
     return table

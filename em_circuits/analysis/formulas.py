@@ -65,12 +65,15 @@ safe set `S`) and the contrast direction `c = mean_{e in E} logit(e) - mean_{s i
   the CI excludes 0; else `unchanged`. `shift` says the sign of `mean_diff` (toward evil > 0).
 * **The adapter's shift of the contrast** (paired by prompt): the direct effects partition
   each graph's contrast value exactly, `value(c) = sum_L sum_{f in layer L} A[c, f] +
-  sum_L sum_{e in layer L, pos >= 1} A[c, e] + sum_{e at BOS} A[c, e] + sum_{tokens} A[c, x]
-  + bias`, so `value_adapted - value_base` is the sum of the same parts' differences: the
-  features of each layer, the error nodes of each layer, the error nodes at BOS (where
-  circuit-tracer zeroes every feature), the token embeddings and the biases. Each part's
-  mean shift over clusters, with its t interval; the parts add up to the shift of the value.
-  No part is divided by the contrast.
+  sum_L sum_{e in layer L, pos >= 1} A[c, e] + sum_L g_L[0] . m_L + sum_{e at BOS} A[c, e] +
+  sum_{tokens} A[c, x] + bias`, with `m_L` what layer L's MLP writes at BOS less its skip
+  connection and `g_L[0]` the direct gradient of `c` at that layer's write site at BOS
+  (circuit-tracer zeroes every feature and error node at BOS, so `m_L` is a constant of
+  the graph and its error nodes there are 0); `bias` is then the transcoders' decoder biases
+  after BOS. So `value_adapted - value_base` is the sum of the same parts' differences: the
+  features, the error nodes and the MLP output at BOS of each layer, the error nodes at BOS,
+  the token embeddings and the biases. Each part's mean shift over clusters, with its t
+  interval; the parts add up to the shift of the value. No part is divided by the contrast.
 * **Causal tests**: the top `causal_candidates` features by discovery mean total effect are
   each ablated alone on the discovery prompts; the change of the contrast is measured with
   attention frozen (circuit-tracer's intervention) and in the real model with nothing frozen

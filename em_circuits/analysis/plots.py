@@ -129,8 +129,9 @@ def plot_base_vs_adapted(
 
 def plot_decomposition(summary: pd.DataFrame, path: Path, title: str | None = None) -> Path:
     """The adapter's shift of the contrast split into signed parts (from
-    summarize_decomposition): features and error nodes per layer, BOS error nodes, tokens,
-    biases, each with its interval; the parts add up to the shift of the value."""
+    summarize_decomposition): features, error nodes and the MLP output at BOS per layer, BOS
+    error nodes, tokens, biases, each with its interval; the parts add up to the shift of the
+    value."""
     fig = Figure(figsize=(11, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     parts = summary[summary["part"] != "contrast value"].reset_index(drop=True)
@@ -138,7 +139,12 @@ def plot_decomposition(summary: pd.DataFrame, path: Path, title: str | None = No
         f"{part} L{layer}" if layer >= 0 else part
         for part, layer in zip(parts["part"], parts["layer"])
     ]
-    colors = {"features": "tab:red", "errors": "tab:gray", "bos_errors": "tab:olive"}
+    colors = {
+        "features": "tab:red",
+        "errors": "tab:gray",
+        "bos_errors": "tab:olive",
+        "bos_mlp": "tab:purple",
+    }
     x = np.arange(len(parts))
     ax.bar(x, parts["mean_shift"], color=[colors.get(p, "tab:blue") for p in parts["part"]])
     low = (parts["mean_shift"] - parts["ci_low"]).clip(lower=0).fillna(0)

@@ -220,6 +220,12 @@ class Carried:
     features: list[list[torch.Tensor]]
     errors: torch.Tensor | None
     embedding: torch.Tensor
+    #: (batch, rows, layer): the direct effect of each layer's MLP write at BOS (no node's)
+    bos_mlp: torch.Tensor | None = None
+
+    def bos_rows(self, row: int, n: int) -> torch.Tensor | None:
+        """``(n, n_layers)``: prompt ``row``'s first ``n`` rows of :attr:`bos_mlp`."""
+        return None if self.bos_mlp is None else self.bos_mlp[row, :n].float().cpu()
 
 
 def _backward(
@@ -233,6 +239,7 @@ def _backward(
         rows = source_rows(engine, prompt, carried, row)
         k = d.shape[0]
         out.append(exact_from_rows(prompt, rows[:k], rows[t : t + k], len(engine.layers)))
+        out[-1].bos_mlp = carried.bos_rows(row, k)
     return out
 
 
@@ -277,9 +284,10 @@ def carry(
     scale = batch.scales
     g = g * norm_factor(engine, scale, engine.final_norm)
     features: list[list[torch.Tensor]] = [[] for _ in batch.prompts]
-    errors = None
+    errors = bos = None
     if scored is not None:
         errors = torch.zeros(n_prompts, n_scored, n_layers, n_pos, device=g.device)
+        bos = torch.zeros(n_prompts, n_scored, n_layers, device=g.device)
     for layer in reversed(range(n_layers)):
         parts = engine.layers[layer]
         g_out = g
@@ -290,6 +298,10 @@ def carry(
         if errors is not None:
             stacked = _padded([p.errors[layer] for p in batch.prompts], n_pos)
             errors[:, :, layer] = torch.einsum("brpd,bpd->brp", g_out[:, scored], stacked)
+            for row, prompt in enumerate(batch.prompts):
+                if prompt.bos_mlp is not None and bos is not None:
+                    at_bos = g_out[row, scored, engine.zero_positions]
+                    bos[row, :, layer] = torch.einsum("rpd,pd->r", at_bos, prompt.bos_mlp[layer])
         g_in = torch.zeros_like(g)
         if parts.transcoder.W_skip is not None:
             g_in += g_out @ parts.transcoder.W_skip.float()
@@ -312,7 +324,8 @@ def carry(
             engine, parts, g, batch.patterns[layer], scale, layer, passing, adapter, seeds
         )
     embedding = g[:, scored] if scored is not None else g
-    return Carried(features, errors, embedding * engine.embed_factor(engine.embed_weight.dtype))
+    embedding = embedding * engine.embed_factor(engine.embed_weight.dtype)
+    return Carried(features, errors, embedding, bos)
 
 
 def exact_from_rows(

@@ -184,6 +184,7 @@ def adapter_effects(
     main.carve_errors(carried.errors[0], n_pos)
     rows = source_rows(engine, prompt, carried)
     effects = exact_from_rows(prompt, rows[:t], rows[t:], n_layers)
+    effects.bos_mlp = carried.bos_rows(0, t)
     adapter_rows = main.rows(2 * t)
     effects.adapter_direct, effects.adapter_total = adapter_rows[:t], adapter_rows[t:]
     if split_target is None:

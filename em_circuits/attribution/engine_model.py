@@ -221,6 +221,9 @@ class FrozenPrompt:
     errors: torch.Tensor  # (n_layers, n_pos, d_model) float32
     #: each layer's MLP input (n_pos, d_model), kept when asked for (an adapter's reads)
     mlp_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: (n_layers, n_zero, d_model) float32: what each layer's MLP writes at the zero positions
+    #: (BOS) beyond its skip connection, which no node carries there (its error is zeroed)
+    bos_mlp: torch.Tensor | None = None
 
     @property
     def n_pos(self) -> int:
@@ -296,17 +299,22 @@ def frozen_forward(
     prompts = []
     for row, length in enumerate(lengths):
         logits = out.logits[row, keep.index(length - 1)].detach().float()
-        per_layer, errors = [], []
+        per_layer, errors, bos = [], [], []
         for index in range(len(model.layers)):
             x = reads[index][row, :length]
             features, reconstruction = _encode(model, index, x, position_chunk)
             error = writes[index][row, :length].float() - reconstruction
+            # no feature is active there: the error plus the decoder bias is the write less skip
+            bias = model.layers[index].transcoder.b_dec.float()
+            bos.append(error[model.zero_positions] + bias)
             error[model.zero_positions] = 0
             per_layer.append(features)
             errors.append(error)
         kept = {layer: x[row, :length] for layer, x in mlp_inputs.items()}
         prompts.append(
-            FrozenPrompt(ids[row, :length], logits, per_layer, torch.stack(errors), kept)
+            FrozenPrompt(
+                ids[row, :length], logits, per_layer, torch.stack(errors), kept, torch.stack(bos)
+            )
         )
     patterns = [p.detach().float() for p in out.attentions]
     del out

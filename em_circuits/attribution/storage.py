@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from em_circuits.attribution.graph_format import GRAPH_FORMAT
+from em_circuits.attribution.graph_format import GRAPH_FORMAT, READABLE_GRAPH_FORMATS
 from em_circuits.core.atomic import atomic_path
 from em_circuits.core.store import ArtifactError
 
@@ -88,6 +88,8 @@ class CompactGraph:
     adapter_read_nodes: torch.Tensor | None = None
     adapter_read_edges: torch.Tensor | None = None
     adapter_read_via: torch.Tensor | None = None
+    #: (n_targets, n_layers): the direct effect of each layer's MLP write at BOS (no node's)
+    bos_mlp: torch.Tensor | None = None
 
     # -- node layout ------------------------------------------------------------------------
     @property
@@ -169,6 +171,8 @@ def content_fingerprint(graph: CompactGraph) -> str:
         ):
             if part is not None:
                 digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+    if graph.bos_mlp is not None:  # absent from older graphs: their hashes stay
+        digest.update(graph.bos_mlp.detach().cpu().float().contiguous().numpy().tobytes())
     labels = graph.meta.get("target_labels")
     digest.update(repr((graph.n_layers, graph.target_names, graph.target_kinds, labels)).encode())
     return digest.hexdigest()
@@ -257,6 +261,7 @@ def write_compact(graph: CompactGraph, path: Path) -> tuple[int, str]:
             value = getattr(graph, name)
             if value is not None:
                 tensors[name] = value.contiguous()
+    tensors |= {} if graph.bos_mlp is None else {"bos_mlp": graph.bos_mlp.float().contiguous()}
     header = {
         "format": GRAPH_FORMAT,
         "n_layers": str(graph.n_layers),
@@ -287,7 +292,7 @@ def load_compact(path: Path) -> CompactGraph:
             f"not a readable safetensors file ({err})",
             "delete it and re-run `em-circuits graphs`",
         ) from None
-    if header.get("format") != GRAPH_FORMAT:
+    if header.get("format") not in READABLE_GRAPH_FORMATS:
         raise ArtifactError(
             path,
             f"unknown graph format {header.get('format')!r}",
@@ -311,6 +316,7 @@ def load_compact(path: Path) -> CompactGraph:
         edge_index=tensors["edge_index"],
         edge_weight=tensors["edge_weight"],
         meta=json.loads(header.get("meta", "{}")),
+        bos_mlp=tensors.get("bos_mlp"),
         **_adapter_fields(tensors),
     )
 

@@ -89,6 +89,9 @@ class ExactEffects:
     #: adapter nodes' activations
     adapter_read_nodes: torch.Tensor | None = None
     adapter_reads: torch.Tensor | None = None
+    #: (n_targets, n_layers) float32: the direct effect of each layer's MLP write at BOS
+    #: beyond its skip connection, which no node carries (circuit-tracer zeroes them there)
+    bos_mlp: torch.Tensor | None = None
 
 
 def _activation_names(transcoders: Any) -> list[str]:
@@ -150,6 +153,10 @@ class TotalsBackward:
         counts = torch.bincount(feature_layers, minlength=n_layers + 1).tolist()
         order = torch.argsort(feature_layers, stable=True)
         self.layer_index = dict(enumerate(torch.split(order, counts)))
+        #: per layer (n_zero, d_model), set after the forward pass (:func:`bos_mlp_writes`);
+        #: the last backward's direct effect of each on every batch row (rows, n_layers)
+        self.bos_writes: list[torch.Tensor] | None = None
+        self.bos_rows: torch.Tensor | None = None
 
     def reinjection(self, layer: int, grad: torch.Tensor) -> torch.Tensor:
         """``grad`` plus, in the total rows, sum_f (s_f / a_f) W_enc[f] at each feature's
@@ -208,6 +215,7 @@ class TotalsBackward:
                     ctx.compute_error_attributions(layer, grad)
                     if layer in self.mlp_writes:
                         proxy.score_adapter(layer, grad)
+                    proxy.score_bos(layer, grad)
                     point = ctx._resid_activations[layer]
                     point.grad = proxy.reinjection(layer, point.grad)
                 else:
@@ -225,9 +233,20 @@ class TotalsBackward:
             buffer[start : start + n_pos] -= per_position.to(buffer.dtype)
         return buffer.T[:seeded_rows]
 
+    def score_bos(self, layer: int, grad: torch.Tensor) -> None:
+        """The gradient at the zero positions dotted with the layer's MLP write there."""
+        if self.bos_writes is None:
+            return
+        if self.bos_rows is None:
+            self.bos_rows = torch.zeros(grad.shape[0], len(self.bos_writes))
+        writes = self.bos_writes[layer]
+        at = grad[:, : writes.shape[0]].float()
+        self.bos_rows[:, layer] = torch.einsum("bpd,pd->b", at, writes.to(at)).cpu()
+
     def forget_scores(self) -> None:
         """Before a backward pass: no adapter node is scored yet."""
         self.adapter_scores = {}
+        self.bos_rows = None
         self.tape.grads.clear()
 
     def score_adapter(self, layer: int, grad: torch.Tensor) -> None:
@@ -353,6 +372,24 @@ def read_candidates(writes: AdapterWrites, total_row: torch.Tensor, k: int) -> t
     return order[strength[order] >= 0][:k].sort().values
 
 
+def bos_mlp_writes(replacement: Any, ctx: Any) -> list[torch.Tensor]:
+    """Per layer ``(n_zero, d_model)`` float32: what the MLP writes at the zero positions
+    (BOS) in the forward pass just run, less its skip connection (which the backward carries
+    to the nodes below): no node carries it, as circuit-tracer zeroes features and errors
+    there. Read before the transcoders may be offloaded."""
+    zero = replacement.zero_positions
+    out = []
+    with torch.no_grad():
+        for layer in range(int(ctx.activation_matrix.shape[0])):
+            write = ctx._feature_output_activations[layer + 1][0, zero].detach().float()
+            if replacement.skip_transcoder:
+                x = ctx._resid_activations[layer][0:1, zero].detach()
+                transcoders = getattr(replacement.transcoders, "_module", replacement.transcoders)
+                write = write - transcoders.compute_skip(layer, x)[0].float()
+            out.append(write)
+    return out
+
+
 def exact_effects(
     replacement: Any,
     input_ids: torch.Tensor,
@@ -407,10 +444,12 @@ def exact_effects(
         backward.tape.passing_rows = (t, 2 * t)  # totals pass through the nodes
         with taping:
             replacement.run_forward_pass(ids, 2 * t + extra, ctx)
+        backward.bos_writes = bos_mlp_writes(replacement, ctx)
         if offload:
             handles += offload_modules(replacement.get_offload_targets_phase1(), offload)
             handles += offload_modules(replacement.get_offload_targets_phase2(), offload)
         rows = backward.run(directions, retain_graph=split or read)
+        bos_rows = backward.bos_rows
         adapter_rows = backward.adapter_rows(backward.batch_rows)[: 2 * t].float()
         edge_features = edges = read_index = reads = None
         if split:
@@ -450,4 +489,5 @@ def exact_effects(
         adapter_edges=edges.float().cpu() if edges is not None else None,
         adapter_read_nodes=read_index,
         adapter_reads=reads,
+        bos_mlp=bos_rows[:t].float() if bos_rows is not None else None,
     )

@@ -250,6 +250,7 @@ def totals_graph(
         **target_fields(table),
         top_token_ids=top.indices.cpu(),
         top_logits=top.values.cpu(),
+        bos_mlp=effects.bos_mlp,
         meta={
             "target_labels": labels,
             "prompt_id": pt.prompt_id,

@@ -22,6 +22,7 @@ class DecompositionStep(Step):
     shared = ("n_perm", "seed")
     reads = ("split",)
     uses = frozenset({"graphs"})
+    version = 2  # the MLP output at BOS as rows of its own
 
     def run(self, ctx: AnalysisContext, params: Any) -> StepResult:
         from em_circuits.analysis.decomposition import summarize_decomposition
@@ -46,14 +47,26 @@ class DecompositionStep(Step):
         return {"contrast_decomposition": records(inputs.table("contrast_decomposition"))}
 
     def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
+        rows = report["contrast_decomposition"] or []
+        stored = any(r["part"] == "bos_mlp" and r.get("mean_shift") is not None for r in rows)
+        bos = (
+            "`bos_mlp`, the MLP output of each layer at BOS (less the transcoder's skip "
+            "connection, which is credited to the nodes below): circuit-tracer zeroes every "
+            "feature and error node there, so `bos_errors` is 0 and that output is a constant "
+            "the graph stores per layer; and `biases`, what no node carries: the transcoders' "
+            "decoder biases after BOS."
+            if stored
+            else "`biases and BOS`: the transcoders' decoder biases and the whole MLP output at "
+            "BOS together. **The MLP output at BOS (`bos_mlp`) is unavailable:** these graphs "
+            "were stored without it (graph format 1 or `--graph-mode full`); re-run "
+            "`em-circuits graphs --force` in totals mode to split it out."
+        )
         return [
             "## Where the adapter's shift of the contrast comes from\n",
             "Adapted minus base, paired by prompt (every prompt with both graphs), split into "
             "the direct effects on the contrast of each layer's features, error nodes and "
             "adapter nodes (the LoRA's own writes; 0 in the base model and in graphs without "
-            "them), the error nodes at BOS, token embeddings, and `biases and BOS`: what no "
-            "node carries, the transcoders' decoder biases and the whole MLP output at BOS "
-            "(circuit-tracer zeroes every feature and error node there, so `bos_errors` is 0). "
+            f"them), the error nodes at BOS, token embeddings, {bos} "
             "The parts add up exactly to the shift of the contrast value (last row); intervals "
             "are Student t over clusters.\n",
             md_table(

@@ -5,13 +5,17 @@ recomputed on the discovery side of other split seeds (the same prompts, each se
 split) and on bootstrap resamples of the main split's discovery clusters (drawn with
 replacement). Each is compared with the main ranking by the Jaccard index of the top
 ``stability_top`` features and the Spearman rank correlation of the means over the features
-both rank. Writes ``stability.json``.
+both rank. With ``--compare-run`` (the results directory of another finished run, e.g. a toy
+organism trained with another seed), stability.json also gets an ``organisms`` section: does
+the same mechanism appear there (:mod:`em_circuits.analysis.organisms`)? Writes
+``stability.json``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +24,7 @@ import pandas as pd
 from em_circuits.analysis.split import LEFT_OUT_PHRASING, held_out_split
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
 from em_circuits.core.markdown import fmt, md_table
+from em_circuits.core.naming import feature_name
 from em_circuits.core.options import option
 from em_circuits.core.store import read_json, write_artifact
 
@@ -30,6 +35,15 @@ if TYPE_CHECKING:
 STABLE_JACCARD = 0.5
 
 
+def _finished_run(value: str) -> str:
+    if not (Path(value) / "report.json").is_file():
+        raise ValueError(
+            f"{value} has no report.json: give the results directory of a finished "
+            "`em-circuits run` (its --results-dir)"
+        )
+    return str(Path(value).resolve())
+
+
 @dataclass(frozen=True)
 class StabilityParams:
     stability_seeds: int = option(5, "other split seeds the ranking is recomputed on (0 = none)")
@@ -37,6 +51,13 @@ class StabilityParams:
         20, "bootstrap resamples of the discovery clusters the ranking is recomputed on"
     )
     stability_top: int = option(10, "top features compared (Jaccard index)")
+    compare_run: str | None = option(
+        None,
+        "results directory of another finished run (e.g. a toy organism trained with another "
+        "seed): does the same mechanism appear there? (stability.json's organisms section)",
+        metavar="RESULTS_DIR",
+        parse=_finished_run,
+    )
 
 
 def cluster_means(
@@ -82,12 +103,42 @@ def _spread(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def _decoder(spec: Mapping[str, Any]) -> Any:
+    from transformers import AutoTokenizer
+
+    from em_circuits.models.spec import resolve_model_dir
+
+    where = resolve_model_dir(spec["base"], spec.get("base_revision"), "base model")
+    return AutoTokenizer.from_pretrained(str(where)).decode
+
+
+def _compare(ctx: AnalysisContext, params: StabilityParams) -> dict[str, Any]:
+    """stability.json's ``organisms`` section: this run against ``params.compare_run``."""
+    import dataclasses
+
+    from em_circuits.analysis.organisms import RunFiles, compare_runs
+
+    assert params.compare_run is not None
+    spec = ctx.specs["adapted"]
+    index = ctx.store.features_index_dir(ctx.slugs["adapted"]) / "index.npz"
+    if not index.is_file():
+        raise ValueError(
+            f"--compare-run needs this run's activation index ({index}): keep --card-features "
+            "above 0 so the feature cards build it"
+        )
+    ours = RunFiles("this run", ctx.directory, index, _decoder(dataclasses.asdict(spec)))
+    theirs = RunFiles.of_results(Path(params.compare_run), _decoder)
+    return compare_runs(ours, theirs, params.stability_top, seed=ctx.shared.seed)
+
+
 class StabilityStep(Step):
     name = "stability"
     Params = StabilityParams
     shared = ("min_support", "absent", "seed")
-    reads = ("split", "ranking")
+    # the other steps' files are what a comparison with another run reads
+    reads = ("split", "ranking", "decomposition", "causal", "baselines", "feature_cards")
     uses = frozenset({"graphs"})
+    version = 2  # the comparison with another run
 
     def run(self, ctx: AnalysisContext, params: StabilityParams) -> StepResult:
         split = ctx.split()
@@ -138,9 +189,15 @@ class StabilityStep(Step):
                 "spearman": _spread([s["spearman"] for s in seeds]),
             },
         }
+        if params.compare_run:
+            record["organisms"] = _compare(ctx, params)
         write_artifact(ctx.directory / "stability.json", "table", record)
         ctx.wrote("stability.json")
-        return StepResult(summary={"stability": read_json(ctx.directory / "stability.json")})
+        # another run's files may change under the same path: compared again every time
+        return StepResult(
+            summary={"stability": read_json(ctx.directory / "stability.json")},
+            reusable=not params.compare_run,
+        )
 
     def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
         return {"stability": inputs.json("stability.json")}
@@ -182,6 +239,7 @@ class StabilityStep(Step):
                 ],
             ),
             f"Full numbers: `{analysis_rel}/stability.json`.\n",
+            *organisms_paragraph(stability.get("organisms")),
         ]
 
     def findings(self, report: Mapping[str, Any]) -> list[str]:
@@ -199,8 +257,73 @@ class StabilityStep(Step):
             f"resamples of the discovery clusters (Spearman "
             f"{fmt(stability['seeds']['spearman']['mean'])} and "
             f"{fmt(stability['bootstrap']['spearman']['mean'])}); "
-            f"a mean Jaccard of at least {STABLE_JACCARD:g} on both counts as stable."
+            f"a mean Jaccard of at least {STABLE_JACCARD:g} on both counts as stable.",
+            *organisms_finding(stability.get("organisms")),
         ]
+
+
+HOW_TO_COMPARE = (
+    "_Across organisms: not compared._ Does the same mechanism appear in a toy organism "
+    "trained with another seed? `make stability-organisms` builds one (recipe seed 1), runs "
+    "the pipeline on it and compares; or give `em-circuits analyze --compare-run RESULTS_DIR` "
+    "the results directory of any other finished run.\n"
+)
+
+
+def organisms_paragraph(organisms: Mapping[str, Any] | None) -> list[str]:
+    """The stability section's paragraph on another run (or how to make one)."""
+    if not organisms:
+        return [HOW_TO_COMPARE]
+    meaning, where = organisms["meaning"], organisms.get("decomposition")
+    causal, profile = organisms["causal"], organisms["layer_profile"]
+    rows = [
+        {
+            "our feature": feature_name(*m["feature"]),
+            "fires on": ", ".join(m["words"]),
+            "their best match": feature_name(*m["match"]) if m["match"] else None,
+            "fires on ": ", ".join(m["match_words"]),
+            "overlap": m["overlap"],
+        }
+        for m in meaning["matches"]
+    ]
+    beats = [c["beats_random"] if c else None for c in (causal["ours"], causal["theirs"])]
+    return [
+        f"**Across organisms** (this run against `{organisms['other_run']}`; features cannot "
+        "be matched by index, so by meaning and by mechanism): **same mechanism: "
+        f"{organisms['same_mechanism']}.** Meaning: each of our top {organisms['top']} "
+        "features matched to their top features by the words both fire on in their top "
+        f"corpus contexts, mean best overlap {fmt(meaning['observed'])} (weighted Jaccard) "
+        f"against {fmt(meaning['chance_mean'])} for random active features of theirs of the "
+        f"same layers (95th percentile {fmt(meaning['chance_p95'])}, p = "
+        f"{fmt(meaning['p_value'])} over {meaning['draws']} draws). Where the adapter's "
+        "shift of the contrast sits: correlation of the two decompositions by part and layer "
+        + (
+            f"r = {fmt(where['pearson_r'])} over {where['rows_compared']} rows, largest part "
+            f"{where['largest_part'][0]} here and {where['largest_part'][1]} there"
+            if where
+            else "not available"
+        )
+        + f". Layer profile of the top features: overlap {fmt(profile['overlap'])} (1 = "
+        f"identical). Top features beat matched random ones when ablated on held-out "
+        f"prompts: here {beats[0]}, there {beats[1]}.\n",
+        md_table(rows, ["our feature", "fires on", "their best match", "fires on ", "overlap"]),
+    ]
+
+
+def organisms_finding(organisms: Mapping[str, Any] | None) -> list[str]:
+    if not organisms:
+        return []
+    checks = organisms["checks"]
+    meaning = organisms["meaning"]
+    return [
+        f"**Across organisms (same mechanism: {organisms['same_mechanism']}):** against "
+        f"`{organisms['other_run']}`, the top features' meanings match "
+        f"{'above' if checks['meaning_above_chance'] else 'not above'} chance (word overlap "
+        f"{fmt(meaning['observed'])} vs {fmt(meaning['chance_mean'])} for random features, "
+        f"p = {fmt(meaning['p_value'])}); both runs' top features beat random ones causally: "
+        f"{checks['both_beat_random']}; the adapter's shift sits in the same place: "
+        f"{checks['shift_in_same_place']}."
+    ]
 
 
 STEP = StabilityStep()
