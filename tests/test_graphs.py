@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from em_circuits.attribution.attribute import attribute_prompt
 from em_circuits.attribution.stage import run_graph_stage
-from em_circuits.attribution.storage import load_compact, load_full
+from em_circuits.attribution.storage import load_compact
+from em_circuits.attribution.storage_full import load_full
 from em_circuits.attribution.stored_graphs import find_graph_metas, load_graph
 from em_circuits.attribution.targets import AttributionParams, PromptTargets
 from em_circuits.core.store import ResultsStore

@@ -13,13 +13,10 @@ import pytest
 import torch
 
 from em_circuits.attribution.attribute import attribute_prompt
+from em_circuits.attribution.exact import UnsupportedTranscoderError, check_unit_slope
 from em_circuits.attribution.storage import total_effects
 from em_circuits.attribution.targets import AttributionParams, FullGraphChoice, PromptTargets
-from em_circuits.attribution.totals import (
-    UnsupportedTranscoderError,
-    check_unit_slope,
-    exact_effects,
-)
+from em_circuits.attribution.totals import exact_effects
 from em_circuits.core.store import ResultsStore
 from em_circuits.organism.tokenizer import advice_token_ids
 

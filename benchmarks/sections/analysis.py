@@ -7,7 +7,8 @@ from typing import Any
 from harness import Skip, cuda, free_memory, log, measure, median
 
 from em_circuits.attribution.attribute import attribute_prompt
-from em_circuits.attribution.storage import compact_from_dense, load_compact, save_compact
+from em_circuits.attribution.storage import load_compact, save_compact
+from em_circuits.attribution.storage_full import compact_from_dense
 from sections.common import ANALYSIS_CALL, Context, ResidentModels, analyse
 
 

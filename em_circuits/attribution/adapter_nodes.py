@@ -211,3 +211,25 @@ class AdapterDetail:
             read_nodes=effects.adapter_read_nodes,
             reads=effects.adapter_reads,
         )
+
+
+def split_candidates(
+    features: torch.Tensor, total_row: torch.Tensor, first_layer: int, k: int
+) -> torch.Tensor:
+    """Indices of the ``k`` active features at layer >= ``first_layer`` (the lowest layer an
+    adapter node writes at) with the largest absolute total effect ``total_row``."""
+    eligible = torch.nonzero(features[:, 0] >= first_layer).flatten()
+    if k <= 0 or eligible.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    strength = total_row[eligible].abs()
+    order = torch.argsort(strength, descending=True, stable=True)[:k]
+    return eligible[order].sort().values
+
+
+def read_candidates(writes: AdapterWrites, total_row: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` linear adapter nodes with the largest absolute total effect
+    ``total_row`` (a nonlinear node's activation is no read), sorted."""
+    strength = total_row.abs().cpu().clone()
+    strength[~writes.linear()] = -1
+    order = torch.argsort(strength, descending=True, stable=True)
+    return order[strength[order] >= 0][:k].sort().values

@@ -7,11 +7,8 @@ from typing import Any
 
 import torch
 
-from em_circuits.attribution.storage import (
-    CompactGraph,
-    DenseGraph,
-    compact_from_dense,
-)
+from em_circuits.attribution.storage import CompactGraph
+from em_circuits.attribution.storage_full import DenseGraph, compact_from_dense
 from em_circuits.attribution.targets import AttributionParams, GraphError, PromptTargets, TargetRow
 from em_circuits.models.load import LoadedModel, NonFiniteError
 

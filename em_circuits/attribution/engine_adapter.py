@@ -29,6 +29,8 @@ from em_circuits.attribution.adapter_nodes import (
     AdapterWrites,
     AttentionWrite,
     PatternWrite,
+    read_candidates,
+    split_candidates,
 )
 from em_circuits.attribution.engine import (
     Seeds,
@@ -39,7 +41,7 @@ from em_circuits.attribution.engine import (
     source_rows,
 )
 from em_circuits.attribution.engine_model import FrozenBatch, LinearisedModel
-from em_circuits.attribution.totals import ExactEffects, read_candidates, split_candidates
+from em_circuits.attribution.exact import ExactEffects
 
 
 def _position_mask(n_pos: int, zero_positions: int, device: torch.device) -> torch.Tensor:

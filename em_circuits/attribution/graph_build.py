@@ -9,12 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from em_circuits.attribution.attribute import attribute_prompt, check_labels_against_graph
-from em_circuits.attribution.storage import (
-    CompactGraph,
-    content_fingerprint,
-    save_full,
-    write_compact,
-)
+from em_circuits.attribution.storage import CompactGraph, content_fingerprint, write_compact
+from em_circuits.attribution.storage_full import save_full
 from em_circuits.attribution.stored_graphs import graph_paths
 from em_circuits.attribution.targets import AttributionParams, PromptTargets
 from em_circuits.core.schemas import GraphMetaRecord

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from em_circuits.attribution.storage import CompactGraph, load_any
+from em_circuits.attribution.storage import CompactGraph
+from em_circuits.attribution.storage_full import load_any
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact
 
