@@ -173,7 +173,7 @@ def test_a_measured_ablation_effect_recomputed_independently(setup):
     """One feature ablated in the real model with nothing frozen, recomputed here with plain
     PyTorch hooks on the Hugging Face model (no code of the analysis): the MLP output of its
     layer, at each position the feature is active, loses activation x decoder row."""
-    from em_circuits.analysis.causal import measured_ablation_effects
+    from em_circuits.analysis.measured import measured_ablation_effects
 
     adapted, prompts, top, _, _ = setup
     prompt = prompts[0]

@@ -202,6 +202,43 @@ def test_batched_real_model_runs_match_one_run_per_intervention_set(micro_models
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_frozen_batched_runs_match_circuit_tracers_frozen_interventions(micro_models):
+    """With attention frozen, the batched real-model runs give circuit-tracer's
+    ``feature_intervention(freeze_attention=True)`` logits, set by set; frozen and unfrozen
+    differ (the freeze is real) and the model is left as it was."""
+    from em_circuits.analysis.causal import active_instances
+    from em_circuits.models.hooks import real_model_last_logits
+
+    _, adapted = micro_models
+    ids = adapted.encode("User: I twisted my ankle and it hurts.\nAssistant: You should")
+    _, acts = adapted.replacement.get_activations(ids, sparse=True)
+    active = active_instances(acts)
+    sets = [
+        [],
+        active.interventions(list(range(len(active) // 2)), 0.0),
+        active.interventions([len(active) - 1, len(active) // 3], 3.0),
+    ]
+    frozen = real_model_last_logits(adapted, ids, sets, rows_per_pass=2, freeze_attention=True)
+    with torch.no_grad():
+        clean = adapted.hf_model(ids[None]).logits[0, -1].float()
+        want = torch.stack(
+            [clean]
+            + [
+                adapted.replacement.feature_intervention(
+                    ids, s, freeze_attention=True, return_activations=False
+                )[0]
+                .reshape(-1, frozen.shape[-1])[-1]
+                .float()
+                for s in sets[1:]
+            ]
+        )
+    torch.testing.assert_close(frozen, want, atol=1e-4, rtol=1e-4)
+    unfrozen = real_model_last_logits(adapted, ids, sets)
+    assert float((unfrozen[1] - frozen[1]).abs().max()) > 1e-4
+    torch.testing.assert_close(unfrozen[0], frozen[0], atol=1e-4, rtol=1e-4)
+    assert adapted.hf_model.config._attn_implementation != "em_circuits_frozen_patterns"
+
+
 def test_four_conditions_and_matched_random_features(micro_models):
     base, adapted = micro_models
     table = pd.DataFrame(

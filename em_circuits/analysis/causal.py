@@ -106,7 +106,7 @@ def active_instances(activations: torch.Tensor) -> Active:
     return Active(index[0][keep], index[1][keep], index[2][keep], values[keep])
 
 
-def _allowed_positions(active: Active, n_pos: int, position: str) -> np.ndarray:
+def allowed_positions(active: Active, n_pos: int, position: str) -> np.ndarray:
     spec = parse_position(position)
     if spec.mode == "rel":
         if spec.offset is None:  # parse_position always sets it for "rel"
@@ -165,6 +165,33 @@ def _intervened_contrast(
     return contrast_of(logits, evil_ids, safe_ids)
 
 
+def set_contrasts(
+    model: LoadedModel,
+    ids: torch.Tensor,
+    sets: list[list[tuple[int, int, int, float]]],
+    prompt: dict[str, Any],
+    freeze_attention: bool,
+    batched: bool,
+) -> list[float]:
+    """The contrast under each intervention set (the first: none, the clean run): several
+    sets per forward pass of the real model where its transcoders can be hooked
+    (``batched``), else circuit-tracer's intervention one set at a time (attention frozen)."""
+    from em_circuits.models.hooks import real_model_last_logits
+
+    evil, safe = prompt["evil_ids"], prompt["safe_ids"]
+    if batched:
+        last = real_model_last_logits(model, ids, sets, freeze_attention=freeze_attention)
+        return [contrast_of(row, evil, safe) for row in last]
+    if not freeze_attention:
+        raise ValueError("without hooks on the real model only frozen interventions run")
+    with torch.no_grad():
+        clean, _ = model.replacement.get_activations(ids, sparse=True)
+    return [contrast_of(clean, evil, safe)] + [
+        _intervened_contrast(model, ids, changes, evil, safe, freeze_attention=True)
+        for changes in sets[1:]
+    ]
+
+
 #: The dose table's columns: the headline measure (``baseline``, ``contrast``,
 #: ``delta_contrast``: the real model, nothing frozen, where supported) and beside it the same
 #: intervention with attention frozen (``*_frozen``), as attribution assumes.
@@ -195,30 +222,24 @@ def _prompt_rows(
     pool: int,
     unfrozen: bool,
 ) -> list[dict[str, Any]]:
-    from em_circuits.models.hooks import real_model_last_logits
-
     ids = model.encode_prompt(dict(prompt))
-    evil, safe = prompt["evil_ids"], prompt["safe_ids"]
     with torch.no_grad():
-        logits, acts = model.replacement.get_activations(ids, sparse=True)
-    frozen_baseline = contrast_of(logits, evil, safe)
+        _, acts = model.replacement.get_activations(ids, sparse=True)
     active = active_instances(acts)
     is_top = np.array(
         [(int(la), int(f)) in top_keys for la, f in zip(active.layer, active.feature)], dtype=bool
     )
-    top = np.flatnonzero(is_top & _allowed_positions(active, len(ids), position))
+    top = np.flatnonzero(is_top & allowed_positions(active, len(ids), position))
     if len(top) == 0:
         log.info("prompt %s: no top feature is active; skipped", prompt["prompt_id"])
         return []
     draws = matched_controls(active, top, is_top, n_random, rng, pool)
     groups = [("top", -1, list(top))] + [("random", d, idx) for d, idx in enumerate(draws)]
     rows: list[dict[str, Any]] = []
-    changed: list[list[tuple[int, int, int, float]]] = [[]]  # the clean run first
+    sets: list[list[tuple[int, int, int, float]]] = [[]]  # the clean run first
     for group, draw, index in groups:
         for scale in scales:
-            changes = active.interventions(index, scale)
-            frozen = _intervened_contrast(model, ids, changes, evil, safe, freeze_attention=True)
-            changed.append(changes)
+            sets.append(active.interventions(index, scale))
             rows.append(
                 {
                     "prompt_id": prompt["prompt_id"],
@@ -227,21 +248,19 @@ def _prompt_rows(
                     "scale": float(scale),
                     "n_features": len(index),
                     "activation_sum": float(active.activation[index].sum()),
-                    "baseline": frozen_baseline,
-                    "contrast": frozen,
-                    "delta_contrast": frozen - frozen_baseline,
-                    "baseline_frozen": frozen_baseline,
-                    "contrast_frozen": frozen,
-                    "delta_frozen": frozen - frozen_baseline,
                 }
             )
-    if unfrozen:
-        # the real model's runs of the prompt, its clean run first, several per forward pass
-        last = real_model_last_logits(model, ids, changed)
-        baseline = contrast_of(last[0], evil, safe)
-        for row, logits_row in zip(rows, last[1:]):
-            value = contrast_of(logits_row, evil, safe)
-            row.update(baseline=baseline, contrast=value, delta_contrast=value - baseline)
+    frozen = set_contrasts(model, ids, sets, prompt, True, batched=unfrozen)
+    real = set_contrasts(model, ids, sets, prompt, False, batched=True) if unfrozen else frozen
+    for row, value, value_frozen in zip(rows, real[1:], frozen[1:]):
+        row.update(
+            baseline=real[0],
+            contrast=value,
+            delta_contrast=value - real[0],
+            baseline_frozen=frozen[0],
+            contrast_frozen=value_frozen,
+            delta_frozen=value_frozen - frozen[0],
+        )
     return rows
 
 
@@ -304,135 +323,3 @@ def causal_validation(
         model_fingerprint=model.fingerprint,
     )
     return dose, summary
-
-
-# -- measured effects of single features, next to their linearised effects -----------------------
-def measured_ablation_effects(
-    model: LoadedModel,
-    prompts: list[dict[str, Any]],
-    features: Sequence[tuple[int, int]],
-    position: str = "any",
-) -> pd.DataFrame:
-    """Each feature ablated alone on each prompt: the change of the contrast measured with
-    attention frozen (circuit-tracer's intervention, as attribution assumes) and in the real
-    model with nothing frozen (:func:`~em_circuits.models.hooks.real_model_logits`).
-
-    Columns: prompt_id, layer, feature, n_instances (active instances ablated; 0 when the
-    feature is not active there, and then both changes are exactly 0), activation_sum,
-    baseline, delta_frozen, delta_unfrozen (NaN when the transcoders cannot be intervened on
-    outside circuit-tracer).
-    """
-    from em_circuits.models.hooks import real_model_last_logits, unsupported_reason
-
-    unsupported = unsupported_reason(model)
-    if unsupported is not None:
-        log.warning("measured effects with nothing frozen are not available: %s", unsupported)
-    rows = []
-    progress = Progress("measured ablations", len(prompts) * len(features), logger=log)
-    for number, prompt in enumerate(prompts, 1):
-        log.info(
-            "measured ablations: prompt %d/%d, %d features", number, len(prompts), len(features)
-        )
-        ids = model.encode_prompt(dict(prompt))
-        evil, safe = prompt["evil_ids"], prompt["safe_ids"]
-        with torch.no_grad():
-            logits, acts = model.replacement.get_activations(ids, sparse=True)
-        baseline = contrast_of(logits, evil, safe)
-        active = active_instances(acts)
-        allowed = _allowed_positions(active, len(ids), position)
-        found = []
-        for layer, feature in features:
-            index = np.flatnonzero(
-                (active.layer == layer) & (active.feature == feature) & allowed
-            ).tolist()
-            row = {
-                "prompt_id": prompt["prompt_id"],
-                "layer": int(layer),
-                "feature": int(feature),
-                "n_instances": len(index),
-                "activation_sum": float(active.activation[index].sum()) if index else 0.0,
-                "baseline": baseline,
-                "delta_frozen": 0.0,
-                "delta_unfrozen": 0.0 if unsupported is None else np.nan,
-            }
-            if index:
-                ablate = active.interventions(index, 0.0)
-                row["delta_frozen"] = (
-                    _intervened_contrast(model, ids, ablate, evil, safe, freeze_attention=True)
-                    - baseline
-                )
-                found.append((row, ablate))
-            rows.append(row)
-            progress.step()
-        if unsupported is None and found:
-            # every ablation of the prompt beside its clean run, several per forward pass
-            last = real_model_last_logits(model, ids, [[]] + [ablate for _, ablate in found])
-            real_baseline = contrast_of(last[0], evil, safe)
-            for (row, _), changed in zip(found, last[1:]):
-                row["delta_unfrozen"] = contrast_of(changed, evil, safe) - real_baseline
-    progress.finish()
-    return pd.DataFrame.from_records(
-        rows,
-        columns=[
-            "prompt_id",
-            "layer",
-            "feature",
-            "n_instances",
-            "activation_sum",
-            "baseline",
-            "delta_frozen",
-            "delta_unfrozen",
-        ],
-    )
-
-
-def with_linearised(measured: pd.DataFrame, effects: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Add each (prompt, feature)'s linearised total effect on the contrast (from its graph;
-    0 where the feature is not in it) and the ablation change it predicts (its negative)."""
-    lookup = {}
-    for pid, frame in effects.items():
-        rows = frame[frame["metric"] == "total"]
-        grouped = rows.groupby(["layer", "feature"])["contrast"].sum()
-        for (layer, feature), value in grouped.items():
-            lookup[(pid, int(layer), int(feature))] = float(value)
-    out = measured.copy()
-    out["linearised_total"] = [
-        lookup.get((p, int(la), int(f)), 0.0)
-        for p, la, f in zip(out["prompt_id"], out["layer"], out["feature"])
-    ]
-    out["linearised_delta"] = -out["linearised_total"]
-    return out
-
-
-def agreement(table: pd.DataFrame, measured: str) -> dict[str, Any]:
-    """How well the linearised ablation change predicts a measured one, over the (prompt,
-    feature) pairs where the feature is active: Pearson r, the median ratio measured /
-    linearised, the share with the same sign, and n."""
-    rows = table[(table["n_instances"] > 0) & table[measured].notna()]
-    predicted, observed = rows["linearised_delta"].to_numpy(), rows[measured].to_numpy()
-    out: dict[str, Any] = {"n_pairs": len(rows)}
-    if len(rows) < 3 or np.std(predicted) == 0 or np.std(observed) == 0:
-        return {**out, "pearson_r": None, "median_ratio": None, "same_sign": None}
-    usable = np.abs(predicted) > 1e-6
-    out["pearson_r"] = float(np.corrcoef(predicted, observed)[0, 1])
-    out["median_ratio"] = (
-        float(np.median(observed[usable] / predicted[usable])) if usable.any() else None
-    )
-    out["same_sign"] = float(np.mean(np.sign(predicted) == np.sign(observed)))
-    return out
-
-
-def rank_by_measured(table: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Per feature: mean measured and linearised ablation change over the prompts (0 where
-    inactive), most evil-promoting first (the most negative measured change)."""
-    per_feature = (
-        table.groupby(["layer", "feature"])
-        .agg(
-            n_prompts=("prompt_id", "nunique"),
-            n_active=("n_instances", lambda s: int((s > 0).sum())),
-            measured_delta=(column, "mean"),
-            linearised_delta=("linearised_delta", "mean"),
-        )
-        .reset_index()
-    )
-    return per_feature.sort_values("measured_delta", kind="stable", ignore_index=True)

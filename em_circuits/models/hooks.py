@@ -18,11 +18,12 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 
+from em_circuits.models.frozen_attention import patterns_frozen
 from em_circuits.models.load import LoadedModel
 
 #: (layer, position, transcoder feature, value), as circuit-tracer's interventions.
@@ -292,11 +293,24 @@ def real_model_last_logits(
     ids: torch.Tensor,
     intervention_sets: Sequence[Sequence[Intervention]],
     rows_per_pass: int = ROWS_PER_PASS,
+    freeze_attention: bool = False,
 ) -> torch.Tensor:
     """``(len(intervention_sets), vocabulary)``: the last position's logits of the real model
     under each set of interventions (as :func:`real_model_logits`), ``rows_per_pass`` sets
     per forward pass, each its own batch row of the same prompt; an empty set gives the clean
-    logits."""
+    logits. With ``freeze_attention``, every layer's attention pattern keeps its clean value
+    (:func:`~em_circuits.models.frozen_attention.patterns_frozen`), as circuit-tracer's
+    ``feature_intervention`` freezes it."""
+    with patterns_frozen(model.hf_model, ids) if freeze_attention else nullcontext():
+        return _last_logits(model, ids, intervention_sets, rows_per_pass)
+
+
+def _last_logits(
+    model: LoadedModel,
+    ids: torch.Tensor,
+    intervention_sets: Sequence[Sequence[Intervention]],
+    rows_per_pass: int,
+) -> torch.Tensor:
     transcoders = transcoder_set(model)
     out = []
     for start in range(0, len(intervention_sets), max(1, rows_per_pass)):

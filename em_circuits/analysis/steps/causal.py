@@ -87,7 +87,7 @@ def _choose(
 ) -> _Measured:
     """Measure every candidate on the discovery prompts, keep the ``top_k`` that lower the
     contrast most, and measure those on the validation prompts."""
-    from em_circuits.analysis.causal import (
+    from em_circuits.analysis.measured import (
         measured_ablation_effects,
         rank_by_measured,
         with_linearised,
@@ -117,7 +117,8 @@ def _summarize(
     split: Split,
     n_random: int,
 ) -> dict[str, Any]:
-    from em_circuits.analysis.causal import agreement, control_effect
+    from em_circuits.analysis.causal import control_effect
+    from em_circuits.analysis.measured import agreement
 
     summary["prompt_set"] = "validation"
     summary["ranking"] = {
