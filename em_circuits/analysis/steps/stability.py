@@ -21,6 +21,7 @@ from em_circuits.analysis.split import LEFT_OUT_PHRASING, held_out_split
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
 from em_circuits.core.markdown import fmt, md_table
 from em_circuits.core.options import option
+from em_circuits.core.report_data import Report, ReportPart, StoredJson
 from em_circuits.core.store import read_json, write_artifact
 
 if TYPE_CHECKING:
@@ -82,9 +83,16 @@ def _spread(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class StabilityReport(ReportPart):
+    #: stability.json (None when the step did not run)
+    stability: StoredJson | None = None
+
+
 class StabilityStep(Step):
     name = "stability"
     Params = StabilityParams
+    Part = StabilityReport
     shared = ("min_support", "absent", "seed")
     reads = ("split", "ranking")
     uses = frozenset({"graphs"})
@@ -142,12 +150,12 @@ class StabilityStep(Step):
         ctx.wrote("stability.json")
         return StepResult(summary={"stability": read_json(ctx.directory / "stability.json")})
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
-        return {"stability": inputs.json("stability.json")}
+    def report_data(self, inputs: ReportInputs) -> StabilityReport:
+        return StabilityReport(stability=inputs.json("stability.json"))
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
         out = ["## Stability\n"]
-        stability = report.get("stability")
+        stability = report.part(StabilityReport).stability
         if not stability:
             return [*out, "_not run (no ranking)_\n"]
         rows = [
@@ -184,8 +192,8 @@ class StabilityStep(Step):
             f"Full numbers: `{analysis_rel}/stability.json`.\n",
         ]
 
-    def findings(self, report: Mapping[str, Any]) -> list[str]:
-        stability = report.get("stability")
+    def findings(self, report: Report) -> list[str]:
+        stability = report.part(StabilityReport).stability
         if not stability:
             return []
         parts = [stability["seeds"]["jaccard"]["mean"], stability["bootstrap"]["jaccard"]["mean"]]
