@@ -115,9 +115,9 @@ def run_analysis(
         "params": params.flat(),
         "folder": directory.relative_to(store.root).as_posix(),
         **ctx.summary,
-        "steps": {name: entry["key"] for name, entry in entries.items()},
+        "steps": {name: entry.key for name, entry in entries.items()},
         "tables": sorted(
-            f for entry in entries.values() for f in entry["files"] if f.endswith(".csv")
+            f for entry in entries.values() for f in entry.files if f.endswith(".csv")
         ),
     }
     stored = _write_summary(directory, summary)

@@ -26,7 +26,7 @@ from em_circuits.analysis.steps.baselines_report import (
     baselines_finding,
     baselines_markdown,
 )
-from em_circuits.analysis.steps.causal import causal_prompts
+from em_circuits.analysis.steps.causal import CausalPrompt, causal_prompts
 from em_circuits.core.atomic import atomic_write_text
 from em_circuits.core.options import option
 from em_circuits.core.report_data import Report, StoredJson
@@ -57,7 +57,7 @@ class BaselinesParams:
     baseline_em_max_new_tokens: int = option(24, "length of each baseline free-form answer")
 
 
-def validation_and_discovery(ctx: AnalysisContext) -> dict[str, list[dict[str, Any]]]:
+def validation_and_discovery(ctx: AnalysisContext) -> dict[str, list[CausalPrompt]]:
     """The prompts the causal step measured on each side (measured_effects), as it built them."""
     measured = ctx.table("measured_effects")
     metas = {m["prompt_id"]: m for m in ctx.graphs["adapted"]}
@@ -69,6 +69,7 @@ def validation_and_discovery(ctx: AnalysisContext) -> dict[str, list[dict[str, A
 
 
 def tested_features(ctx: AnalysisContext) -> list[tuple[int, int]]:
+    """The features the causal step chose to test (none when it did not run)."""
     chosen = ((ctx.summary.get("causal") or {}).get("ranking") or {}).get("chosen", [])
     return [(int(a), int(b)) for a, b in chosen]
 

@@ -48,9 +48,14 @@ class CausalParams:
     )
 
 
+#: A stored prompt record with its labeled evil and safe token ids (``evil_ids``,
+#: ``safe_ids``): what :mod:`em_circuits.analysis.causal`'s interventions take.
+CausalPrompt = dict[str, Any]
+
+
 def causal_prompts(
     store: ResultsStore, metas: Mapping[str, Mapping[str, Any]]
-) -> list[dict[str, Any]]:
+) -> list[CausalPrompt]:
     """The stored prompt records (the model renders them as the attribution did: chat prompts
     through the chat template) with their labeled evil and safe token ids."""
     prompts = []
@@ -80,7 +85,7 @@ class _Measured:
 
 def _choose(
     adapted: Any,
-    prompts: dict[str, list[dict[str, Any]]],
+    prompts: dict[str, list[CausalPrompt]],
     candidates: list[tuple[int, int]],
     effects: dict[str, pd.DataFrame],
     top_k: int,

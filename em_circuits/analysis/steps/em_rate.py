@@ -74,11 +74,9 @@ class EMRateStep(Step):
             em_rate,
             matched_random_features,
         )
+        from em_circuits.analysis.steps.baselines import tested_features
 
-        chosen = [
-            tuple(t)
-            for t in ((ctx.summary.get("causal") or {}).get("ranking") or {}).get("chosen", [])
-        ]
+        top = tested_features(ctx)
         if "causal" not in ctx.summary:
             return StepResult()
         if params.em_samples <= 0:
@@ -91,10 +89,9 @@ class EMRateStep(Step):
                     }
                 }
             )
-        if not chosen:
+        if not top:
             return StepResult()
         ranked = ctx.table("top_features_adapted")
-        top = [(int(a), int(b)) for a, b in chosen]
         random = matched_random_features(top, ranked[ranked["metric"] == "total"], ctx.shared.seed)
         sampling = SamplingParams(params.em_samples, params.em_max_new_tokens, 1.0, ctx.shared.seed)
         questions = em_questions(params.em_questions, ctx.specs["adapted"])

@@ -17,6 +17,7 @@ import pandas as pd
 
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
 from em_circuits.analysis.steps.baselines import em_setup, tested_features, validation_and_discovery
+from em_circuits.analysis.steps.causal import CausalPrompt
 from em_circuits.core.markdown import fmt, md_table
 from em_circuits.core.options import option
 from em_circuits.core.report_data import Report, ReportPart, StoredJson, TableRecord
@@ -53,7 +54,7 @@ class SufficiencyParams:
 
 
 def _steerings(
-    ctx: AnalysisContext, base: Any, adapted: Any, discovery: list[dict[str, Any]]
+    ctx: AnalysisContext, base: Any, adapted: Any, discovery: list[CausalPrompt]
 ) -> tuple[dict[str, Steering], StoredJson]:
     from em_circuits.analysis.directions import last_residuals, unit_mean_difference
     from em_circuits.analysis.sufficiency import (
@@ -100,7 +101,7 @@ def _patched_rows(
     ctx: AnalysisContext,
     base: Any,
     adapted: Any,
-    validation: list[dict[str, Any]],
+    validation: list[CausalPrompt],
     clean: list[float],
     scales: tuple[float, ...],
 ) -> list[TableRecord]:
