@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import pandas as pd
 
 from em_circuits.core.atomic import atomic_write_text
-from em_circuits.core.identifiers import params_key
+from em_circuits.core.cache import cache_key
 from em_circuits.core.options import option
 from em_circuits.core.sections import ReportInputs, Section, read_table, records
 
@@ -131,7 +131,7 @@ def step_key(
     upstream: Mapping[str, str],
 ) -> str:
     """A hash of everything one step's result is computed from."""
-    return params_key(
+    return cache_key(
         {
             "step": step.name,
             "version": step.version,

@@ -27,7 +27,7 @@ from em_circuits.analysis.steps.base import (
 )
 from em_circuits.analysis.steps.context import AnalysisContext
 from em_circuits.core.artifacts import utc_now
-from em_circuits.core.identifiers import params_key
+from em_circuits.core.cache import cache_key
 from em_circuits.core.store import read_json, write_artifact
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def _verdicts_digest(ctx: AnalysisContext) -> str:
     for meta in ctx.graphs.get("adapted", []):
         verdict = load_verdict(ctx.store, ctx.slugs["adapted"], meta["prompt_id"])
         divergent[meta["prompt_id"]] = None if verdict is None else bool(verdict.get("divergent"))
-    return params_key({"divergent": divergent})
+    return cache_key({"divergent": divergent})
 
 
 def read_record(ctx: AnalysisContext) -> dict[str, StepRecord]:
