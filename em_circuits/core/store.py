@@ -99,9 +99,6 @@ class ResultsStore:
         """The LLM judge's replies (labeling.llm_judge), one file per cache key."""
         return self.root / "judge_cache"
 
-    def judge_cache_path(self, key: str) -> Path:
-        return self.judge_cache_dir / f"{key}.json"
-
     def queue_dir(self, adapted_slug: str) -> Path:
         return self.root / "queue" / adapted_slug
 
