@@ -115,8 +115,6 @@ class CompactGraph:
         return slice(self.n_features + self.n_errors, self.n_sources)
 
     def error_node(self, layer: int, pos: int) -> int:
-        """The source index of the error node of ``layer`` at position ``pos`` (its row of
-        ``direct`` and ``total``)."""
         return self.n_features + layer * self.n_pos + pos
 
     @property
