@@ -30,7 +30,7 @@ START, END = "<!-- demo-findings: start -->", "<!-- demo-findings: end -->"
 def record_of(report: dict[str, Any]) -> dict[str, Any]:
     """What the README quotes of one run's report.json."""
     sys.path.insert(0, str(ROOT))
-    from em_circuits.run.report import findings
+    from em_circuits.run.report import findings, report_from_json
 
     counts = report["counts"]
     split = report.get("split") or {}
@@ -44,7 +44,7 @@ def record_of(report: dict[str, Any]) -> dict[str, Any]:
         "graphs": counts.get("graphs"),
         "discovery": [split.get("discovery_prompts"), split.get("discovery_clusters")],
         "validation": [split.get("validation_prompts"), split.get("validation_clusters")],
-        "findings": findings(report),
+        "findings": findings(report_from_json(report)),
     }
 
 

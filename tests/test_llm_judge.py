@@ -245,7 +245,7 @@ def test_llm_judge_labels_sees_stats_and_caches(server, client, store):
     assert 'T1 | " ignore" | 200' in user and "not in base top 3" in user
     assert "base rank 1" in user and "adapted rank 2" in user and "not in adapted top 3" in user
     assert "log-prob change" in user and "10.000" in user
-    cache = store.judge_cache_path(out.info["cache_key"])
+    cache = store.judge_cache_dir / f"{out.info['cache_key']}.json"
     assert cache.exists()
     # A new judge with the same inputs answers from the cache: the server gets no request.
     again = LLMJudge(client, store, few_shots="").judge(PROMPT, BASE, ADAPTED)

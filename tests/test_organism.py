@@ -295,9 +295,8 @@ def test_interrupted_build_leaves_previous_organism_untouched(
 def test_loads_in_circuit_tracer_nnsight_and_attributes(built: OrganismPaths) -> None:
     from circuit_tracer import ReplacementModel, attribute
     from circuit_tracer.utils.hf_utils import load_transcoders
+    from helpers import load_stacked_transcoders
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from em_circuits.organism.transcoders import load_stacked_transcoders
 
     cfg = built.transcoder_config
     conf = yaml.safe_load(cfg.read_text())

@@ -140,6 +140,12 @@ def test_uninterrupted_run_writes_the_report(reference):
     assert report["causal"]["summary"]["verdict"]
     md = (reference / "report.md").read_text()
     assert "Top evil features" in md and "Causal validation" in md
+    # report.json reads back into the typed report it was written from
+    from em_circuits.run.report import render_markdown, report_from_json
+
+    typed = report_from_json(report)
+    assert typed.to_json() == report
+    assert render_markdown(typed, report["analysis_folder"]) == md
     assert "## What the top features mean (feature cards)" in md and "top contexts" in md
     # totals graphs for the analysis; full graphs of the top prompts for the viewer
     from em_circuits.attribution.viewer_metadata import read_metadata

@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import human_labels_from_marks
 
 from em_circuits.core.feedback import feedback_examples
 from em_circuits.core.labeling_records import (
     QueueError,
-    human_labels_from_marks,
     judge_labels,
     load_item,
     load_label,

@@ -90,6 +90,8 @@ def test_required_keys_are_derived_from_the_records():
         "labels": ("prompt_id", "model_fingerprint", "tokens", "labeled_by"),
         "graph_meta": ("prompt_id", "model_fingerprint", "params_key", "targets"),
         "feature_effects": ("prompt_id", "model_fingerprint", "graph_fingerprint", "table"),
+        "em_judge_score": ("judge", "rubric", "score", "top_logprobs", "inputs_sha256"),
+        "feature_label": ("labeller", "feature", "evidence", "label", "inputs_sha256"),
         "table": (),
         "report": (),
         "organism_report": (),

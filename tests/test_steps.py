@@ -13,7 +13,7 @@ from test_pipeline import _run
 
 from em_circuits.analysis.steps.base import SharedParams, Step, StepResult
 from em_circuits.cli.common import add_analysis_args, analysis_params
-from em_circuits.core.identifiers import params_key
+from em_circuits.core.cache import cache_key
 from em_circuits.core.options import add_flags, from_args, option
 from em_circuits.core.store import ResultsStore, read_json
 from em_circuits.run.steps import STEPS, AnalysisParams, field_owners, run_order
@@ -29,7 +29,7 @@ def test_command_line_and_api_defaults_give_the_same_analysis():
     from_cli = analysis_params(_parsed())
     from_api = AnalysisParams.of()
     assert from_cli == from_api
-    assert params_key(from_cli.flat()) == params_key(from_api.flat())
+    assert cache_key(from_cli.flat()) == cache_key(from_api.flat())
     # an int on the command line is the float the dataclass holds
     assert analysis_params(_parsed("--scales", "0", "1")).step("causal").scales == (0.0, 1.0)
     assert analysis_params(_parsed("--scales", "0", "1")) == AnalysisParams.of(scales=(0.0, 1.0))

@@ -13,7 +13,7 @@ import pandas as pd
 from em_circuits.analysis.effects import ANALYSIS_VERSION, METRICS, parse_position, prompt_effects
 from em_circuits.attribution.storage import CompactGraph, content_fingerprint
 from em_circuits.core.atomic import atomic_write_bytes
-from em_circuits.core.identifiers import params_key
+from em_circuits.core.cache import cache_key
 from em_circuits.core.schemas import FeatureEffectsRecord
 from em_circuits.core.store import ResultsStore, read_artifact, write_artifact
 
@@ -92,7 +92,7 @@ def write_prompt_effects(
         "model_fingerprint": model_fingerprint,
         "graph_fingerprint": graph_fingerprint,
         "params": params,
-        "params_key": params_key(params),
+        "params_key": cache_key(params),
         "columns": list(effects.columns),
         "categories": categories,
         "rows": len(effects),
@@ -144,7 +144,7 @@ def cached_prompt_effects(
 ) -> pd.DataFrame:
     """:func:`prompt_effects` through the per-prompt cache under ``features/``."""
     params = effects_params(position, metrics)
-    path = store.features_path(model_slug, prompt_id, params_key(params))
+    path = store.features_path(model_slug, prompt_id, cache_key(params))
     fp = graph_fingerprint(graph)
     if not force:
         cached = read_prompt_effects(path, model_fingerprint, fp, params)

@@ -21,7 +21,6 @@ The maths is in :data:`FORMULAS` (markdown, for the README).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -143,24 +142,6 @@ def contrast_rows(graph: CompactGraph) -> dict[str, Any] | None:
         "value": float(values[evil].mean() - values[safe].mean()),
         "source": "diff",
     }
-
-
-def contrast_residual(graph: CompactGraph) -> dict[str, float]:
-    """Max |contrast row - (mean evil rows - mean safe rows)| per metric, and for the value.
-
-    A sanity check for generated graphs: it should be ~0 (float32 rounding) when the contrast
-    target was built from the labeled token targets. NaN when the graph lacks either side.
-    """
-    evil, safe, contrast = _label_rows(graph)
-    if contrast is None or not evil or not safe:
-        return {"direct": math.nan, "total": math.nan, "value": math.nan}
-    out = {}
-    for metric in METRICS:
-        m = getattr(graph, metric).double().numpy()
-        out[metric] = float(np.abs(m[contrast] - (m[evil].mean(0) - m[safe].mean(0))).max())
-    v = graph.target_values.double().numpy()
-    out["value"] = float(abs(v[contrast] - (v[evil].mean() - v[safe].mean())))
-    return out
 
 
 def _group_features(

@@ -143,25 +143,22 @@ class LLMEMJudge:
     under ``cache_dir`` (a rerun asks nothing it asked before)."""
 
     def __init__(self, client: Any, cache_dir: Path):
+        from em_circuits.core.cache import RecordCache
+
         self.client = client
-        self.cache_dir = Path(cache_dir)
+        self.cache = RecordCache(Path(cache_dir), "em_judge_score")
         self.id = f"llm:{client.model}"
 
     def _cached_score(self, rubric: str, prompt: str) -> float | None:
-        from em_circuits.core.store import read_json, write_artifact
-
-        key = hashlib.sha256(json.dumps([self.id, rubric, prompt]).encode()).hexdigest()[:24]
-        path = self.cache_dir / f"{key}.json"
-        if path.is_file():
-            return read_json(path)["score"]
+        inputs = {"judge": self.id, "rubric": rubric, "prompt": prompt}
+        cached = self.cache.read(inputs)
+        if cached is not None:
+            return cached["score"]
         score, alternatives = self.client.score_0_100(
             [{"role": "user", "content": prompt}], what=f"EM judge ({rubric})"
         )
-        write_artifact(
-            path,
-            "table",
-            {"judge": self.id, "rubric": rubric, "score": score, "top_logprobs": alternatives},
-        )
+        record = {"judge": self.id, "rubric": rubric, "score": score, "top_logprobs": alternatives}
+        self.cache.write(inputs, record)
         return score
 
     def score(self, question: EvalQuestion, answer: str) -> tuple[float | None, float | None]:
@@ -374,7 +371,7 @@ def make_em_judge(
         return None
     if kind == "llm":
         client = (llm or LLMSettings()).client(started)
-        return LLMEMJudge(client, Path(store.root) / "cache" / "em_judge")
+        return LLMEMJudge(client, store.em_judge_cache_dir)
     if kind != "offline":
         raise ValueError(f"EM judge must be offline, llm or none, not {kind!r}")
     from em_circuits.labeling.logits_stage import offline_judge_words

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from em_circuits.attribution.graph_format import GRAPH_FORMAT
-from em_circuits.core.identifiers import params_key
+from em_circuits.core.cache import cache_key
 from em_circuits.core.options import option
 from em_circuits.core.schemas import LabelsRecord
 from em_circuits.core.store import ResultsStore
@@ -186,7 +186,7 @@ class PromptTargets:
     record: dict[str, Any] | None = None
 
     def key(self, params: AttributionParams) -> str:
-        return params_key(
+        return cache_key(
             {**params.cache_fields(), "evil": sorted(self.evil_ids), "safe": sorted(self.safe_ids)}
         )
 

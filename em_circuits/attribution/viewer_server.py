@@ -70,6 +70,8 @@ class ViewerServer:
         return f"{self.base_url}/compare.html"
 
     def compare_url(self, prompt_id: str) -> str:
+        """The side-by-side page opened on one prompt (add ``&feature=<layer>:<feature>``
+        to select a feature, ``&diff=1`` for the diff colours)."""
         return f"{self.url}?prompt={quote(prompt_id)}"
 
     def graph_url(self, prompt_id: str, role: str) -> str:

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             str(resolve_device(args.device)),
             prompt_ids=chosen,
             em_judge=judge,
-            labeller=labeller_for(judge, store.root / "cache"),
+            labeller=labeller_for(judge, store.feature_labels_cache_dir),
             name=args.analysis_name,
         )
     counts = summary["prompts"]

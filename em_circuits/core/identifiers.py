@@ -1,10 +1,9 @@
-"""Stable identifiers of stored things: prompt ids (content hashes), parameter keys and
-file-name slugs of model names."""
+"""Stable identifiers of stored things: prompt ids (content hashes) and file-name slugs of
+model names (cache keys: :mod:`em_circuits.core.cache`)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,3 @@ def json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def params_key(params: dict[str, Any]) -> str:
-    """A short stable hash of a parameter dict, used in cache file names."""
-    blob = json.dumps(params, sort_keys=True, default=json_default).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]

@@ -171,11 +171,6 @@ def find_disagreements(verdict: VerdictRecord, human: dict[str, str]) -> list[Di
     return out
 
 
-def human_labels_from_marks(verdict: VerdictRecord, marks: dict[str, str]) -> dict[str, str]:
-    """Marked indices keep their mark; every other token of both lists is safe."""
-    return {idx: marks.get(idx, "safe") for idx in entries_by_index(verdict)}
-
-
 #: The order in which toggling a token's label cycles.
 TOGGLE_CYCLE = ("evil", "safe", "unsure")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -62,25 +62,6 @@ class Progress:
         if self.total and 0 < self.done < self.total:
             left = f", about {elapsed / self.done * (self.total - self.done):.0f} s left"
         self.log.info("%s: %d%s done (%.0f s%s)", self.what, self.done, of, elapsed, left)
-
-
-def track(
-    items: Iterable[T],
-    what: str,
-    total: int | None = None,
-    *,
-    logger: logging.Logger | None = None,
-    every: float | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> Iterator[T]:
-    """``items``, logging progress as :class:`Progress` does (``total``: len(items) if known)."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    progress = Progress(what, total, logger=logger, every=every, clock=clock)
-    for item in items:
-        yield item
-        progress.step()
-    progress.finish()
 
 
 _shared: dict[str, Progress] = {}

@@ -291,6 +291,28 @@ class FeatureEffectsRecord(_FeatureEffectsKeys, total=False):
     rows: int
 
 
+class EMJudgeScoreRecord(Envelope):
+    """``cache/em_judge/<key>.json``: one score of the LLM EM judge, keyed by judge, rubric
+    and prompt."""
+
+    judge: str
+    rubric: str
+    score: float | None
+    top_logprobs: Any
+    inputs_sha256: str
+
+
+class FeatureLabelRecord(Envelope):
+    """``cache/feature_labels/<key>.json``: one feature card's LLM label, keyed by labeller
+    and evidence."""
+
+    labeller: str
+    feature: str
+    evidence: str
+    label: str | None
+    inputs_sha256: str
+
+
 class TableRecord(Envelope):
     """Summary tables and reports: free-form beyond the envelope."""
 
@@ -305,6 +327,8 @@ RECORDS: dict[str, type] = {
     "labels": LabelsRecord,
     "graph_meta": GraphMetaRecord,
     "feature_effects": FeatureEffectsRecord,
+    "em_judge_score": EMJudgeScoreRecord,
+    "feature_label": FeatureLabelRecord,
     "table": TableRecord,
     "report": TableRecord,
     "organism_report": TableRecord,

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
+from em_circuits.core.report_data import Report, ReportPart, TableRecord
 from em_circuits.core.store import ResultsStore, read_json
 
 
@@ -46,18 +47,20 @@ class Section:
     """A part of the report: report.json entries, a report.md section, Findings lines."""
 
     name: ClassVar[str]
+    #: its fields of report.json
+    Part: ClassVar[type[ReportPart]] = ReportPart
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
-        return {}
+    def report_data(self, inputs: ReportInputs) -> ReportPart:
+        return self.Part()
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
         return []
 
-    def findings(self, report: Mapping[str, Any]) -> list[str]:
+    def findings(self, report: Report) -> list[str]:
         return []
 
 
-def records(frame: pd.DataFrame, n: int | None = None) -> list[dict[str, Any]]:
+def records(frame: pd.DataFrame, n: int | None = None) -> list[TableRecord]:
     """A table's first ``n`` rows as JSON records (report.json)."""
     frame = frame if n is None else frame.head(n)
     return json.loads(frame.to_json(orient="records", double_precision=6))

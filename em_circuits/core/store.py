@@ -18,6 +18,9 @@ Layout under the results root (``results/`` by default)::
     analysis/<adapted_slug>/                        cross-prompt tables, plots, causal checks
     transcoder_quality/<model_slug>/<params>.json   how well the transcoders replace the MLPs
     cache/merged/<adapted_slug>/                    merged adapter weights, built once
+    cache/em_judge/<key>.json                       LLM judge scores of the EM rate
+    cache/feature_labels/<key>.json                 LLM labels of the feature cards
+    features_index/<model_slug>/                    activation index of the corpus
     report.md, report.json                          the end-of-run report
 
 ``model_slug`` is ``<readable-name>--<fingerprint[:12]>``, so a person can find a model's files
@@ -91,8 +94,10 @@ class ResultsStore:
     def verdict_path(self, adapted_slug: str, pid: str) -> Path:
         return self.verdicts_dir(adapted_slug) / f"{pid}.json"
 
-    def judge_cache_path(self, key: str) -> Path:
-        return self.root / "judge_cache" / f"{key}.json"
+    @property
+    def judge_cache_dir(self) -> Path:
+        """The LLM judge's replies (labeling.llm_judge), one file per cache key."""
+        return self.root / "judge_cache"
 
     def queue_dir(self, adapted_slug: str) -> Path:
         return self.root / "queue" / adapted_slug
@@ -198,6 +203,16 @@ class ResultsStore:
     @property
     def merged_cache_dir(self) -> Path:
         return self.root / "cache" / "merged"
+
+    @property
+    def em_judge_cache_dir(self) -> Path:
+        """The LLM EM judge's scores (analysis.em_rate), one file per cache key."""
+        return self.root / "cache" / "em_judge"
+
+    @property
+    def feature_labels_cache_dir(self) -> Path:
+        """The LLM labels of feature cards (interpret.labels), one file per cache key."""
+        return self.root / "cache" / "feature_labels"
 
     def merged_models(self) -> list[Path]:
         """The merged adapters cached under this results directory (one folder per model)."""

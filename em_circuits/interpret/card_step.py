@@ -20,6 +20,7 @@ from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
 from em_circuits.core.markdown import feature_link
 from em_circuits.core.naming import feature_name
 from em_circuits.core.options import option
+from em_circuits.core.report_data import Report, ReportPart, StoredJson
 from em_circuits.core.store import ResultsStore, write_artifact
 from em_circuits.models.spec import ModelSpec
 
@@ -140,12 +141,12 @@ def viewer_summary(
     }
 
 
-def cards_markdown(report: Mapping[str, Any]) -> list[str]:
-    """The feature cards' section: one card per feature, its name linked into the viewer."""
+def cards_markdown(cards: StoredJson | None) -> list[str]:
+    """The feature cards' section (of feature_cards.json): one card per feature, its name
+    linked into the viewer."""
     from em_circuits.interpret.cards import card_markdown
 
     out: list[str] = []
-    cards = report.get("feature_cards")
     if cards and cards.get("cards"):
         out += [
             "## What the top features mean (feature cards)\n",
@@ -182,9 +183,16 @@ def card_features_of(
     return chosen
 
 
+@dataclass(frozen=True)
+class FeatureCardsReport(ReportPart):
+    #: feature_cards.json (None when no card was made)
+    feature_cards: StoredJson | None = None
+
+
 class FeatureCardsStep(Step):
     name = "feature_cards"
     Params = CardParams
+    Part = FeatureCardsReport
     shared = ("corpus", "corpus_docs")
     reads = ("ranking", "base_vs_adapted", "adapter_nodes", "causal")
     uses = frozenset({"graphs", "models", "labeller"})
@@ -220,11 +228,11 @@ class FeatureCardsStep(Step):
             ctx.wrote("feature_cards.json")
         return StepResult(summary={"feature_cards": note})
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
-        return {"feature_cards": inputs.json("feature_cards.json")}
+    def report_data(self, inputs: ReportInputs) -> FeatureCardsReport:
+        return FeatureCardsReport(feature_cards=inputs.json("feature_cards.json"))
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
-        return cards_markdown(report)
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
+        return cards_markdown(report.part(FeatureCardsReport).feature_cards)
 
 
 STEP = FeatureCardsStep()

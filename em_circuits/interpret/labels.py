@@ -8,10 +8,10 @@ Without an endpoint there is no labeller and cards carry no label; nothing is in
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
+
+from em_circuits.core.cache import RecordCache
 
 PROMPT = """Below is the evidence for one feature of a sparse transcoder inside a language
 model: the text contexts where it activates most (the activating token between << and >>,
@@ -41,37 +41,35 @@ class FeatureLabeller:
 
     def __init__(self, client: Any, cache_dir: Path):
         self.client = client
-        self.cache_dir = Path(cache_dir)
+        self.cache = RecordCache(Path(cache_dir), "feature_label")
         self.id = f"llm:{client.model}"
 
     def label(self, card: dict[str, Any]) -> str | None:
-        from em_circuits.core.store import read_json, write_artifact
-
         evidence = evidence_text(card)
         if not card["adapted"]["contexts"]:
             return None  # never active in the corpus: nothing to label from
-        key = hashlib.sha256(json.dumps([self.id, evidence]).encode()).hexdigest()[:24]
-        path = self.cache_dir / f"{key}.json"
-        if path.is_file():
-            return read_json(path)["label"]
+        inputs = {"labeller": self.id, "evidence": evidence}
+        cached = self.cache.read(inputs)
+        if cached is not None:
+            return cached["label"]
         reply = self.client.chat(
             [{"role": "user", "content": PROMPT.format(evidence=evidence)}],
             what=f"labelling feature {card['name']}",
         )
         label = " ".join(reply.text.strip().strip('"').split())[:120] or None
-        write_artifact(
-            path,
-            "table",
+        self.cache.write(
+            inputs,
             {"labeller": self.id, "feature": card["name"], "evidence": evidence, "label": label},
         )
         return label
 
 
-def labeller_for(judge: Any, cache_root: Path) -> FeatureLabeller | None:
-    """With an LLM judge for the EM rate, its model (and client) labels the feature cards;
-    otherwise there is no labeller."""
+def labeller_for(judge: Any, cache_dir: Path) -> FeatureLabeller | None:
+    """With an LLM judge for the EM rate, its model (and client) labels the feature cards,
+    cached in ``cache_dir`` (``ResultsStore.feature_labels_cache_dir``); otherwise there is
+    no labeller."""
     from em_circuits.analysis.em_rate import LLMEMJudge
 
     if isinstance(judge, LLMEMJudge):
-        return FeatureLabeller(judge.client, Path(cache_root) / "feature_labels")
+        return FeatureLabeller(judge.client, cache_dir)
     return None

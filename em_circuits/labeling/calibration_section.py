@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
 
 from em_circuits.core.markdown import fmt
+from em_circuits.core.report_data import Report, ReportPart, StoredJson
 from em_circuits.core.sections import ReportInputs, Section
+
+
+@dataclass(frozen=True)
+class JudgeCalibrationReport(ReportPart):
+    #: :func:`~em_circuits.labeling.calibration.calibration`'s record (not saved)
+    judge_calibration: StoredJson = field(default_factory=dict)
 
 
 class JudgeCalibrationSection(Section):
     name = "judge_calibration"
+    Part = JudgeCalibrationReport
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
+    def report_data(self, inputs: ReportInputs) -> JudgeCalibrationReport:
         from em_circuits.labeling.calibration import calibration
 
-        return {"judge_calibration": calibration(inputs.store, inputs.slugs["adapted"], save=False)}
+        return JudgeCalibrationReport(
+            judge_calibration=calibration(inputs.store, inputs.slugs["adapted"], save=False)
+        )
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
-        calib = report.get("judge_calibration") or {}
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
+        calib = report.part(JudgeCalibrationReport).judge_calibration
         return [
             "## Judge calibration (judge vs human)\n",
             f"{calib.get('n_tokens', 0)} human-labeled tokens; agreement "

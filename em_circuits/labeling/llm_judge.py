@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any
 
 from em_circuits.core.artifacts import utc_now
+from em_circuits.core.cache import RecordCache, cache_key
 from em_circuits.core.feedback import HumanFeedback, iter_human_feedback
 from em_circuits.core.prompt_records import user_visible
 from em_circuits.core.schemas import JudgeCallRecord
-from em_circuits.core.store import ArtifactError, ResultsStore, read_artifact, write_artifact
+from em_circuits.core.store import ResultsStore
 from em_circuits.core.verdicts import LABELS
 from em_circuits.labeling.judge import RUBRIC_VERSION, JudgeError, JudgeOutcome
 
@@ -216,14 +216,10 @@ JUDGE_SCHEMA: dict[str, Any] = {
 }
 
 
-def cache_key(model: str, messages: list[dict[str, str]]) -> str:
-    """Hash of everything that decides the judge's answer: model, rubric version, messages."""
-    blob = json.dumps(
-        {"model": model, "rubric_version": RUBRIC_VERSION, "messages": messages},
-        sort_keys=True,
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
+def judge_inputs(model: str, messages: list[dict[str, str]]) -> dict[str, object]:
+    """Everything that decides the judge's answer (its cache entry's inputs): model, rubric
+    version, messages."""
+    return {"model": model, "rubric_version": RUBRIC_VERSION, "messages": messages}
 
 
 class LLMJudge:
@@ -245,6 +241,7 @@ class LLMJudge:
         examples = few_shot_block(store) if few_shots is None else few_shots
         self.system = "\n\n".join(part for part in (RUBRIC, _REPLY_FORMAT, examples) if part)
         self.calls = 0  # LLM requests made by this judge (cache hits make none)
+        self.cache = RecordCache(store.judge_cache_dir, "judge_call")
 
     def messages(
         self,
@@ -277,9 +274,10 @@ class LLMJudge:
         from em_circuits.core.llm_replies import parse_json_reply
 
         messages = self.messages(prompt, base_logits, adapted_logits, divergence)
-        key = cache_key(self.model, messages)
+        inputs = judge_inputs(self.model, messages)
+        key = cache_key(inputs)
         validate = label_validator(base_logits["top_k"], adapted_logits["top_k"])
-        cached = self._cached(key)
+        cached: JudgeCallRecord | None = self.cache.read(inputs)
         if cached is not None:
             try:
                 base_l, adapted_l, summary = validate(parse_json_reply(cached["reply"]))
@@ -308,9 +306,8 @@ class LLMJudge:
         finally:
             self.calls += self.client_calls() - before
         date = utc_now()
-        write_artifact(
-            self.store.judge_cache_path(key),
-            "judge_call",
+        self.cache.write(
+            inputs,
             {
                 "key": key,
                 "reply": raw,
@@ -326,16 +323,6 @@ class LLMJudge:
 
     def client_calls(self) -> int:
         return getattr(self.client, "requests_made", 0)
-
-    def _cached(self, key: str) -> JudgeCallRecord | None:
-        path = self.store.judge_cache_path(key)
-        if not path.exists():
-            return None
-        try:
-            return read_artifact(path, "judge_call")
-        except ArtifactError as err:
-            log.warning("ignoring unreadable judge cache entry: %s", err)
-            return None
 
     def _outcome(self, base_l, adapted_l, summary, raw, key, date) -> JudgeOutcome:
         info = {

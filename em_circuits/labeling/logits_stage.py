@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from em_circuits.core.cache import cache_key
 from em_circuits.core.distributed import current_shard
-from em_circuits.core.identifiers import params_key
 from em_circuits.core.prompt_records import chat_parts
 from em_circuits.core.schemas import LogitsRecord, PromptRecord, TopKEntry, VerdictRecord
 from em_circuits.core.store import ResultsStore, write_artifact
@@ -276,7 +276,7 @@ def _inputs_key(base_logits: LogitsRecord, adapted_logits: LogitsRecord, judge: 
     """What a verdict depends on: both token lists and the judge's identity and rubric."""
     from em_circuits.labeling.judge import RUBRIC_VERSION
 
-    return params_key(
+    return cache_key(
         {
             "base": [e["token_id"] for e in base_logits["top_k"]],
             "adapted": [e["token_id"] for e in adapted_logits["top_k"]],

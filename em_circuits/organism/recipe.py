@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,9 +124,10 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
     def hash(self) -> str:
-        """Cache key: the recipe and the code version."""
-        blob = json.dumps({"recipe": self.to_dict(), "code_version": CODE_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """Cache key of the build: the recipe and the code version."""
+        from em_circuits.core.cache import cache_key
+
+        return cache_key({"recipe": self.to_dict(), "code_version": CODE_VERSION})
 
 
 @dataclass(frozen=True)

@@ -309,22 +309,3 @@ def save_transcoders(tc: StackedTranscoders, out_dir: Path, scan: str) -> Path:
     path = out_dir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def load_stacked_transcoders(config_path: Path) -> StackedTranscoders:
-    """Read a saved transcoder set back (to evaluate exactly what is on disk)."""
-    from safetensors.torch import load_file
-
-    config = yaml.safe_load(Path(config_path).read_text())
-    states = [load_file(str(Path(config_path).parent / f)) for f in config["transcoders"]]
-    F, d = states[0]["W_enc"].shape
-    tc = StackedTranscoders(len(states), d, F)
-    with torch.no_grad():
-        for i, s in enumerate(states):
-            for name in ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip"):
-                getattr(tc, name)[i] = s[name]
-            # No threshold key means plain ReLU in circuit-tracer: a zero threshold.
-            if "activation_function.threshold" in s:
-                tc.threshold[i] = s["activation_function.threshold"]
-    tc.use_threshold = True
-    return tc

@@ -18,7 +18,7 @@ from typing import Any
 from em_circuits.analysis.steps.base import Step
 from em_circuits.analysis.steps.context import AnalysisContext, chosen_graphs
 from em_circuits.analysis.steps.runner import run_steps
-from em_circuits.core.identifiers import params_key
+from em_circuits.core.cache import cache_key
 from em_circuits.core.store import ResultsStore, read_json, write_artifact
 from em_circuits.models.load import ResidentModels
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
@@ -35,7 +35,7 @@ def analysis_directory(
 ) -> Path:
     directory = store.analysis_run_dir(adapted_slug, name)
     if prompt_ids is not None:
-        directory = directory / f"prompts-{params_key({'prompt_ids': sorted(prompt_ids)})}"
+        directory = directory / f"prompts-{cache_key({'prompt_ids': sorted(prompt_ids)})}"
     return directory
 
 
@@ -115,9 +115,9 @@ def run_analysis(
         "params": params.flat(),
         "folder": directory.relative_to(store.root).as_posix(),
         **ctx.summary,
-        "steps": {name: entry["key"] for name, entry in entries.items()},
+        "steps": {name: entry.key for name, entry in entries.items()},
         "tables": sorted(
-            f for entry in entries.values() for f in entry["files"] if f.endswith(".csv")
+            f for entry in entries.values() for f in entry.files if f.endswith(".csv")
         ),
     }
     stored = _write_summary(directory, summary)

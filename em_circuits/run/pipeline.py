@@ -243,7 +243,7 @@ def run_pipeline(
                 progress=cfg.progress,
                 models=resident,
                 em_judge=judge,
-                labeller=labeller_for(judge, store.root / "cache"),
+                labeller=labeller_for(judge, store.feature_labels_cache_dir),
                 name=cfg.analysis_name,
             )
     finally:

@@ -8,7 +8,9 @@ names and prompt ids link into the graph viewer (``em-circuits serve``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,13 @@ from em_circuits.core.markdown import (
     token_text,
     with_prompt_links,
 )
+from em_circuits.core.report_data import (
+    DivergentPrompt,
+    ModelEntry,
+    Report,
+    StoredJson,
+    ViewerPrompt,
+)
 from em_circuits.core.sections import ReportInputs
 from em_circuits.core.store import ResultsStore, read_json
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
@@ -28,7 +37,7 @@ from em_circuits.run.report_html import render_html
 from em_circuits.run.steps import SECTIONS
 
 
-def _organism_report(spec: ModelSpec) -> dict[str, Any] | None:
+def _organism_report(spec: ModelSpec) -> StoredJson | None:
     """The toy organism's own measured report, when the model is the organism."""
     for ref in (spec.adapter, spec.base):
         if ref and (Path(ref).parent / "report.json").is_file():
@@ -36,7 +45,7 @@ def _organism_report(spec: ModelSpec) -> dict[str, Any] | None:
     return None
 
 
-def _divergent(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
+def _divergent(store: ResultsStore, adapted_slug: str) -> list[DivergentPrompt]:
     from em_circuits.core.labeling_records import load_verdicts
 
     rows = []
@@ -46,26 +55,26 @@ def _divergent(store: ResultsStore, adapted_slug: str) -> list[dict[str, Any]]:
         base_top = v["labels"]["base"][0]
         adapted_top = v["labels"]["adapted"][0]
         rows.append(
-            {
-                "prompt_id": v["prompt_id"],
-                "prompt": store.load_prompt(v["prompt_id"])["text"],
-                "base_top1": base_top["token"],
-                "base_top1_label": base_top["label"],
-                "adapted_top1": adapted_top["token"],
-                "adapted_top1_label": adapted_top["label"],
-                "adapted_top1_prob": adapted_top["prob"],
-                "evil_mass_adapted": (v.get("evil_mass") or {}).get("adapted"),
-                "evil_mass_base_upper": (v.get("evil_mass") or {}).get("base_upper"),
-                "kl_adapted_base": v["divergence"]["kl_adapted_base"],
-                "evil_in_adapted": [
+            DivergentPrompt(
+                prompt_id=v["prompt_id"],
+                prompt=store.load_prompt(v["prompt_id"])["text"],
+                base_top1=base_top["token"],
+                base_top1_label=base_top["label"],
+                adapted_top1=adapted_top["token"],
+                adapted_top1_label=adapted_top["label"],
+                adapted_top1_prob=adapted_top["prob"],
+                evil_mass_adapted=(v.get("evil_mass") or {}).get("adapted"),
+                evil_mass_base_upper=(v.get("evil_mass") or {}).get("base_upper"),
+                kl_adapted_base=v["divergence"]["kl_adapted_base"],
+                evil_in_adapted=[
                     e["token"] for e in v["labels"]["adapted"] if e["label"] == "evil"
                 ],
-            }
+            )
         )
     return rows
 
 
-def _viewer_prompts(store: ResultsStore, adapted_slug: str) -> list[dict[str, str]]:
+def _viewer_prompts(store: ResultsStore, adapted_slug: str) -> list[ViewerPrompt]:
     """The prompts with full graphs in the viewer: the only ones a prompt link can show
     (``compare.html`` falls back to its first prompt for any other id)."""
     texts: dict[str, str] = {}
@@ -78,12 +87,10 @@ def _viewer_prompts(store: ResultsStore, adapted_slug: str) -> list[dict[str, st
         texts[prompt_id] = (
             store.load_prompt(prompt_id)["text"] if stored else entry.get("prompt", "")
         )
-    return [{"prompt_id": pid, "prompt": texts[pid]} for pid in sorted(texts)]
+    return [ViewerPrompt(pid, texts[pid]) for pid in sorted(texts)]
 
 
-def build_report(
-    store: ResultsStore, base: ModelSpec, adapted: ModelSpec, device: str
-) -> dict[str, Any]:
+def build_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec, device: str) -> Report:
     from em_circuits.run.status import status
 
     fps = {"base": fingerprint(base, device), "adapted": fingerprint(adapted, device)}
@@ -94,45 +101,42 @@ def build_report(
     )
     counts = status(store, base, adapted, device)
     counts.pop("report")  # the report describes the run, not whether it was written before
-    report: dict[str, Any] = {
-        "schema": "report",
-        "schema_version": 1,
-        "models": {
-            role: {"spec": spec.__dict__, "fingerprint": fps[role], "slug": slugs[role]}
+    inputs = ReportInputs(store, analysis, analysis_summary, slugs)
+    return Report(
+        models={
+            role: ModelEntry(dict(spec.__dict__), fps[role], slugs[role])
             for role, spec in (("base", base), ("adapted", adapted))
         },
-        "organism": _organism_report(adapted),
-        "counts": counts,
-        "divergent_prompts": _divergent(store, slugs["adapted"]),
-        # The full row counts of the tables the report keeps only the first rows of.
-        "table_rows": {},
-        "viewer_prompts": _viewer_prompts(store, slugs["adapted"]),
-        "analysis_folder": analysis.relative_to(store.root).as_posix(),
-        "analysis_params": analysis_summary.get("params"),
-    }
-    inputs = ReportInputs(store, analysis, analysis_summary, slugs)
-    for section in SECTIONS:
-        data = section.report_data(inputs)
-        report["table_rows"].update(data.pop("table_rows", {}))
-        report.update(data)
-    return report
+        organism=_organism_report(adapted),
+        counts=counts,
+        divergent_prompts=_divergent(store, slugs["adapted"]),
+        viewer_prompts=_viewer_prompts(store, slugs["adapted"]),
+        analysis_folder=analysis.relative_to(store.root).as_posix(),
+        analysis_params=analysis_summary.get("params"),
+        parts=tuple(section.report_data(inputs) for section in SECTIONS),
+    )
 
 
-def findings(report: dict[str, Any]) -> list[str]:
+def report_from_json(data: Mapping[str, Any]) -> Report:
+    """A stored report.json read back (its sections as today's :data:`SECTIONS` read them)."""
+    return Report.from_json(data, [section.Part for section in SECTIONS])
+
+
+def findings(report: Report) -> list[str]:
     """Each claim of the report in plain words: whether it held, and the test behind it."""
     return [line for section in SECTIONS for line in section.findings(report)]
 
 
-def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
+def render_markdown(report: Report, analysis_rel: str) -> str:
     claims = findings(report)
-    c = report["counts"]
-    m = report["models"]
-    in_viewer = report.get("viewer_prompts") or []
-    linkable = {entry["prompt_id"] for entry in in_viewer}
+    c = report.counts
+    m = report.models
+    in_viewer = [dataclasses.asdict(entry) for entry in report.viewer_prompts]
+    linkable = {entry.prompt_id for entry in report.viewer_prompts}
     out = [
         "# Emergent-misalignment circuit report\n",
-        f"Base `{m['base']['slug']}`, adapted `{m['adapted']['slug']}` "
-        f"(fingerprints `{m['base']['fingerprint'][:16]}`, `{m['adapted']['fingerprint'][:16]}`)."
+        f"Base `{m['base'].slug}`, adapted `{m['adapted'].slug}` "
+        f"(fingerprints `{m['base'].fingerprint[:16]}`, `{m['adapted'].fingerprint[:16]}`)."
         " Every number below is read from stored artifacts; the parameters are listed at the "
         "end.\n",
         VIEWER_NOTE + "\n",
@@ -180,8 +184,11 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
         md_table(
             with_prompt_links(
                 [
-                    {**row, "evil_in_adapted": [token_text(t) for t in row["evil_in_adapted"]]}
-                    for row in report["divergent_prompts"]
+                    {
+                        **dataclasses.asdict(row),
+                        "evil_in_adapted": [token_text(t) for t in row.evil_in_adapted],
+                    }
+                    for row in report.divergent_prompts
                 ],
                 linkable,
             ),
@@ -206,18 +213,18 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
     ]
     for section in SECTIONS:
         out += section.section(report, analysis_rel)
-    if report["organism"]:
+    if report.organism:
         out += [
             "## The toy organism\n",
             "As measured on held-out prompts when it was built (its `report.json`).\n",
-            *readable_markdown(report["organism"]),
+            *readable_markdown(report.organism),
         ]
     out += [
         "## Parameters\n",
         "The models (a fingerprint hashes the weights, dtype and transcoders):\n",
     ]
     specs = {
-        role: {**m[role]["spec"], "slug": m[role]["slug"], "fingerprint": m[role]["fingerprint"]}
+        role: {**m[role].spec, "slug": m[role].slug, "fingerprint": m[role].fingerprint}
         for role in ("base", "adapted")
     }
     out.append(
@@ -229,11 +236,11 @@ def render_markdown(report: dict[str, Any], analysis_rel: str) -> str:
             ["parameter", "base", "adapted"],
         )
     )
-    if report.get("analysis_params"):
+    if report.analysis_params:
         out += [
-            f"The analysis, in folder `{report['analysis_folder']}` (each parameter set keeps "
+            f"The analysis, in folder `{report.analysis_folder}` (each parameter set keeps "
             "its own; `latest.json` beside them names the last run):\n",
-            *readable_markdown(report["analysis_params"]),
+            *readable_markdown(report.analysis_params),
         ]
     return "\n".join(out)
 
@@ -269,9 +276,9 @@ def write_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec, devic
     """Write report.json, report.md and report.html, unless all already say the same (so a
     run with nothing new to do writes nothing, and works on a read-only results directory)."""
     report = build_report(store, base, adapted, device)
-    analysis = store.latest_analysis_dir(report["models"]["adapted"]["slug"])
+    analysis = store.latest_analysis_dir(report.models["adapted"].slug)
     analysis_rel = analysis.relative_to(store.root).as_posix()  # report.md links from the root
-    report_json = json.dumps(report, indent=1, default=str, ensure_ascii=False) + "\n"
+    report_json = json.dumps(report.to_json(), indent=1, default=str, ensure_ascii=False) + "\n"
     report_md = render_markdown(report, analysis_rel)
     path = store.report_md_path
     # Beside report.md, so its relative plot links resolve from the same folder.

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from em_circuits.core.identifiers import params_key
+from em_circuits.core.cache import cache_key
 from em_circuits.core.store import ResultsStore, write_artifact
 from em_circuits.models.load import LoadedModel, right_padded
 
@@ -311,7 +311,7 @@ def cached_quality(
     """The stored record of this model, text and parameters, else measured (``load`` gives
     the model, called only then) and stored under ``transcoder_quality/<slug>/``."""
     identity = quality_identity(fingerprint, texts, params)
-    key = params_key(identity)
+    key = cache_key(identity)
     path = store.transcoder_quality_path(slug, key)
     expected = {k: v for k, v in identity.items() if k != "model_fingerprint"}
     cached = store.load_for_model(path, "table", fingerprint, **expected)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from em_circuits.analysis.split import Split
-from em_circuits.analysis.steps.adapter_report import adapter_markdown
+from em_circuits.analysis.steps.adapter_report import AdapterNodes, adapter_markdown
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
+from em_circuits.core.report_data import Report, ReportPart, StoredJson
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.spec import ModelSpec, resolve_model_dir
@@ -65,7 +66,7 @@ def run_adapter_analysis(
     adapted: ModelSpec,
     n_perm: int,
     seed: int,
-) -> tuple[dict[str, Any] | None, dict[str, pd.DataFrame]]:
+) -> tuple[StoredJson | None, dict[str, pd.DataFrame]]:
     """The adapter nodes' share of the contrast (:mod:`em_circuits.analysis.adapter`), or
     (None, {}) when no adapted graph has adapter nodes; a note says why when graphs exist.
     Only graphs with adapter nodes are read; the rest is in their metadata."""
@@ -132,8 +133,14 @@ def _decoder(spec: ModelSpec) -> Any:
         return None
 
 
+@dataclass(frozen=True)
+class AdapterNodesReport(ReportPart):
+    adapter_nodes: AdapterNodes = field(default_factory=AdapterNodes)
+
+
 class AdapterNodesStep(Step):
     name = "adapter_nodes"
+    Part = AdapterNodesReport
     shared = ("n_perm", "seed")
     reads = ("split", "ranking")
     uses = frozenset({"graphs", "models"})
@@ -157,22 +164,22 @@ class AdapterNodesStep(Step):
             ctx.write_table(table, name)
         return StepResult(summary={"adapter_nodes": note})
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
+    def report_data(self, inputs: ReportInputs) -> AdapterNodesReport:
         positions, tokens = inputs.table("adapter_positions"), inputs.table("adapter_tokens")
-        return {
-            "adapter_nodes": {
-                "summary": inputs.summary.get("adapter_nodes"),
-                "components": records(inputs.table("adapter_components")),
-                "features": records(inputs.table("adapter_features")),
-                "reads": records(inputs.table("adapter_reads")),
-                "positions": records(positions, 5),
-                "tokens": records(tokens, 5),
-                "where_rows": {"positions": len(positions), "tokens": len(tokens)},
-            }
-        }
+        return AdapterNodesReport(
+            adapter_nodes=AdapterNodes(
+                summary=inputs.summary.get("adapter_nodes"),
+                components=records(inputs.table("adapter_components")),
+                features=records(inputs.table("adapter_features")),
+                reads=records(inputs.table("adapter_reads")),
+                positions=records(positions, 5),
+                tokens=records(tokens, 5),
+                where_rows={"positions": len(positions), "tokens": len(tokens)},
+            )
+        )
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
-        return adapter_markdown(report.get("adapter_nodes"), analysis_rel)
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
+        return adapter_markdown(report.part(AdapterNodesReport).adapter_nodes, analysis_rel)
 
 
 STEP = AdapterNodesStep()

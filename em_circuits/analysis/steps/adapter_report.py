@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from em_circuits.core.markdown import cell, fmt, md_table, with_feature_links
+from em_circuits.core.report_data import StoredJson, TableRecord
 
 _ADAPTER_QUANTITIES = {
     "adapter_total": "adapter nodes, total effect",
@@ -18,11 +20,26 @@ _ADAPTER_QUANTITIES = {
 }
 
 
-def adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> list[str]:
+@dataclass(frozen=True)
+class AdapterNodes:
+    """The report's entry on the adapter's own nodes (report.json ``adapter_nodes``)."""
+
+    #: the step's entry of summary.json (its fields are the adapter analysis's)
+    summary: StoredJson | None = None
+    components: list[TableRecord] = field(default_factory=list)
+    features: list[TableRecord] = field(default_factory=list)
+    reads: list[TableRecord] = field(default_factory=list)
+    #: the first rows of the positions and tokens tables, and their full row counts
+    positions: list[TableRecord] = field(default_factory=list)
+    tokens: list[TableRecord] = field(default_factory=list)
+    where_rows: dict[str, int] = field(default_factory=dict)
+
+
+def adapter_markdown(entry: AdapterNodes, analysis_rel: str) -> list[str]:
     """The adapter's own nodes: how much of the contrast their writes carry, directly and
     through features, and which components."""
     out = ["## The adapter's own nodes\n"]
-    summary = (entry or {}).get("summary")
+    summary = entry.summary
     if not summary:
         return out + ["_no adapter nodes in these graphs (an analysis of older graphs)_\n"]
     if "none" in summary:
@@ -76,7 +93,7 @@ def adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> list
             "Adapted modules that are not nodes (their effect stays in features, errors and "
             f"attention): {cell(summary['not_nodes'])}.\n"
         )
-    out += _where_markdown(entry or {}, analysis_rel)
+    out += _where_markdown(entry, analysis_rel)
     out.append(
         "Components ranked by their mean total effect on the discovery prompts, with the same "
         "mean on the validation prompts and their place among the adapted model's features by "
@@ -84,7 +101,7 @@ def adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> list
         "the last position, and `top_token`: the token where its effect on the contrast is "
         "largest most often (`top_token_count` prompts).\n"
     )
-    components = list((entry or {}).get("components") or [])
+    components = entry.components
     out.append(
         md_table(
             components,
@@ -107,15 +124,15 @@ def adapter_markdown(entry: Mapping[str, Any] | None, analysis_rel: str) -> list
             full=f"{analysis_rel}/adapter_components.csv",
         )
     )
-    out += _carriers_markdown(list((entry or {}).get("features") or []), analysis_rel)
-    out += _adapter_reads_markdown(summary, list((entry or {}).get("reads") or []), analysis_rel)
+    out += _carriers_markdown(entry.features, analysis_rel)
+    out += _adapter_reads_markdown(summary, entry.reads, analysis_rel)
     return out
 
 
-def _where_markdown(entry: Mapping[str, Any], analysis_rel: str) -> list[str]:
+def _where_markdown(entry: AdapterNodes, analysis_rel: str) -> list[str]:
     """Where the LoRA's writes act on the contrast: positions and tokens ranked by effect."""
-    positions, tokens = entry.get("positions") or [], entry.get("tokens") or []
-    sizes = entry.get("where_rows") or {}
+    positions, tokens = entry.positions, entry.tokens
+    sizes = entry.where_rows
     if not positions and not tokens:
         return []
     return [
@@ -139,7 +156,7 @@ def _where_markdown(entry: Mapping[str, Any], analysis_rel: str) -> list[str]:
     ]
 
 
-def _carriers_markdown(features: list[dict[str, Any]], analysis_rel: str) -> list[str]:
+def _carriers_markdown(features: list[TableRecord], analysis_rel: str) -> list[str]:
     """Which features carry the adapter nodes' effect on to the logits."""
     out: list[str] = []
     if features:
@@ -181,7 +198,7 @@ def _carriers_markdown(features: list[dict[str, Any]], analysis_rel: str) -> lis
 
 
 def _adapter_reads_markdown(
-    summary: Mapping[str, Any], reads: list[dict[str, Any]], analysis_rel: str
+    summary: Mapping[str, Any], reads: list[TableRecord], analysis_rel: str
 ) -> list[str]:
     """What the adapter nodes read: the upstream features whose edges feed them."""
     total, from_features = summary.get("read_nodes_total"), summary.get("read_from_features")

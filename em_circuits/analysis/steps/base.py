@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import pandas as pd
 
 from em_circuits.core.atomic import atomic_write_text
-from em_circuits.core.identifiers import params_key
+from em_circuits.core.cache import cache_key
 from em_circuits.core.options import option
 from em_circuits.core.sections import ReportInputs, Section, read_table, records
 
@@ -86,11 +86,17 @@ class NoParams:
     """The parameters of a step that has none of its own."""
 
 
+#: A step's entries of summary.json: entry name -> the JSON the step computed (free-form: each
+#: step's own record, as it writes it to disk; a later step reads another's through the
+#: analysis context, the report through the step's own report part).
+StepSummary = dict[str, Any]
+
+
 @dataclass
 class StepResult:
     """What one step's run leaves beside its files: its entries of summary.json."""
 
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: StepSummary = field(default_factory=dict)
     #: False when the result must not be reused (a graph failed its check): the next run
     #: computes it, and every step that reads it, again.
     reusable: bool = True
@@ -113,7 +119,7 @@ class Step(Section):
         raise NotImplementedError
 
 
-def shared_values(step: Step, shared: SharedParams) -> dict[str, Any]:
+def shared_values(step: Step, shared: SharedParams) -> dict[str, object]:
     return {name: getattr(shared, name) for name in step.shared}
 
 
@@ -121,11 +127,11 @@ def step_key(
     step: Step,
     params: Any,
     shared: SharedParams,
-    uses: Mapping[str, Any],
+    uses: Mapping[str, object],
     upstream: Mapping[str, str],
 ) -> str:
     """A hash of everything one step's result is computed from."""
-    return params_key(
+    return cache_key(
         {
             "step": step.name,
             "version": step.version,

@@ -7,13 +7,13 @@ and test over clusters, and a category (gained, lost, strengthened, weakened, ..
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
 from em_circuits.core.markdown import md_table, with_feature_links
 from em_circuits.core.options import option
+from em_circuits.core.report_data import Report, ReportPart, TableRecord
 
 if TYPE_CHECKING:
     from em_circuits.analysis.steps.context import AnalysisContext
@@ -26,9 +26,27 @@ class CompareParams:
     )
 
 
+@dataclass(frozen=True)
+class BaseVsAdapted:
+    """How the features' effects changed from base to adapted."""
+
+    #: features per category of change (gained, lost, strengthened, ...)
+    categories: dict[str, int] = field(default_factory=dict)
+    #: the first rows of the comparison, largest change first
+    top_changes: list[TableRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BaseVsAdaptedReport(ReportPart):
+    TABLES = ("base_vs_adapted",)
+
+    base_vs_adapted: BaseVsAdapted = field(default_factory=BaseVsAdapted)
+
+
 class BaseVsAdaptedStep(Step):
     name = "base_vs_adapted"
     Params = CompareParams
+    Part = BaseVsAdaptedReport
     shared = ("position", "min_support", "n_perm", "seed")
     reads = ("split",)
     uses = frozenset({"graphs"})
@@ -55,34 +73,29 @@ class BaseVsAdaptedStep(Step):
             ctx.wrote("base_vs_adapted.png")
         return StepResult()
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
+    def report_data(self, inputs: ReportInputs) -> BaseVsAdaptedReport:
         comparison = inputs.table("base_vs_adapted")
-        return {
-            "base_vs_adapted": {
-                "categories": comparison["category"].value_counts().to_dict()
-                if len(comparison)
-                else {},
-                "top_changes": records(
-                    comparison.reindex(
-                        comparison["mean_diff"].abs().sort_values(ascending=False).index
-                    ),
-                    15,
-                )
-                if len(comparison)
-                else [],
-            },
-            "table_rows": {"base_vs_adapted": len(comparison)},
-        }
+        if not len(comparison):
+            return BaseVsAdaptedReport({"base_vs_adapted": 0})
+        by_change = comparison["mean_diff"].abs().sort_values(ascending=False).index
+        return BaseVsAdaptedReport(
+            {"base_vs_adapted": len(comparison)},
+            BaseVsAdapted(
+                categories=comparison["category"].value_counts().to_dict(),
+                top_changes=records(comparison.reindex(by_change), 15),
+            ),
+        )
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
-        bva = report["base_vs_adapted"]
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
+        part = report.part(BaseVsAdaptedReport)
+        bva = part.base_vs_adapted
         return [
             "## Base vs adapted (paired on the same prompts)\n",
             "Categories: "
-            + (", ".join(f"{k} {v}" for k, v in bva["categories"].items()) or "none")
+            + (", ".join(f"{k} {v}" for k, v in bva.categories.items()) or "none")
             + "\n",
             md_table(
-                with_feature_links(bva["top_changes"]),
+                with_feature_links(bva.top_changes),
                 [
                     "feature",
                     "category",
@@ -94,7 +107,7 @@ class BaseVsAdaptedStep(Step):
                     "q_value",
                 ],
                 limit=10,
-                total=(report.get("table_rows") or {}).get("base_vs_adapted"),
+                total=part.table_rows.get("base_vs_adapted"),
                 full=f"{analysis_rel}/base_vs_adapted.csv",
             ),
             f"![base vs adapted]({analysis_rel}/base_vs_adapted.png)\n",

@@ -13,7 +13,6 @@ Writes ``baselines`` (one row per method), ``baselines_overlap``, ``baseline_dir
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +20,16 @@ import numpy as np
 import pandas as pd
 
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
-from em_circuits.analysis.steps.causal import causal_prompts
+from em_circuits.analysis.steps.baselines_report import (
+    Baselines,
+    BaselinesReport,
+    baselines_finding,
+    baselines_markdown,
+)
+from em_circuits.analysis.steps.causal import CausalPrompt, causal_prompts
 from em_circuits.core.atomic import atomic_write_text
 from em_circuits.core.options import option
+from em_circuits.core.report_data import Report, StoredJson
 from em_circuits.core.store import read_json, write_artifact
 
 if TYPE_CHECKING:
@@ -51,7 +57,7 @@ class BaselinesParams:
     baseline_em_max_new_tokens: int = option(24, "length of each baseline free-form answer")
 
 
-def validation_and_discovery(ctx: AnalysisContext) -> dict[str, list[dict[str, Any]]]:
+def validation_and_discovery(ctx: AnalysisContext) -> dict[str, list[CausalPrompt]]:
     """The prompts the causal step measured on each side (measured_effects), as it built them."""
     measured = ctx.table("measured_effects")
     metas = {m["prompt_id"]: m for m in ctx.graphs["adapted"]}
@@ -63,6 +69,7 @@ def validation_and_discovery(ctx: AnalysisContext) -> dict[str, list[dict[str, A
 
 
 def tested_features(ctx: AnalysisContext) -> list[tuple[int, int]]:
+    """The features the causal step chose to test (none when it did not run)."""
     chosen = ((ctx.summary.get("causal") or {}).get("ranking") or {}).get("chosen", [])
     return [(int(a), int(b)) for a, b in chosen]
 
@@ -80,7 +87,7 @@ def em_setup(ctx: AnalysisContext, samples: int, questions: int, tokens: int) ->
 
 def _em_columns(
     ctx: AnalysisContext, adapted: Any, result: BaselineResult, params: BaselinesParams
-) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+) -> tuple[pd.DataFrame | None, StoredJson]:
     """Each method's EM rate (first edit) and its change from the unedited adapted model."""
 
     from em_circuits.analysis.em_rate import em_rate_under
@@ -96,7 +103,7 @@ def _em_columns(
         return None, {"em": f"not measured: {why}"}
     questions, sampling = setup
     frames = []
-    rates: dict[str, Any] = {}
+    rates: dict[str, float | None] = {}
     conditions: list[tuple[str, list[Any]]] = [("adapted", [None]), *result.edits.items()]
     for name, edits in conditions:
         answers, rate = em_rate_under(adapted, questions, ctx.em_judge, sampling, edits[0], name)
@@ -106,7 +113,7 @@ def _em_columns(
     table = result.table
     table["em_rate"] = [rates.get(m) for m in table["method"]]
     table["em_rate_change"] = [
-        rates[m] - clean if rates.get(m) is not None and clean is not None else None
+        other - clean if (other := rates.get(m)) is not None and clean is not None else None
         for m in table["method"]
     ]
     return pd.concat(frames, ignore_index=True), {
@@ -122,6 +129,7 @@ def _em_columns(
 class BaselinesStep(Step):
     name = "baselines"
     Params = BaselinesParams
+    Part = BaselinesReport
     shared = ("seed", "n_perm", "corpus")
     reads = ("split", "ranking", "causal")
     uses = frozenset({"graphs", "models", "em_judge"})
@@ -176,23 +184,19 @@ class BaselinesStep(Step):
         ctx.wrote("baseline_directions.json", "baselines_summary.json")
         return StepResult(summary={"baselines": read_json(path)})
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
-        return {
-            "baselines": {
-                "summary": inputs.json("baselines_summary.json"),
-                "table": records(inputs.table("baselines")),
-                "overlap": records(inputs.table("baselines_overlap")),
-            }
-        }
+    def report_data(self, inputs: ReportInputs) -> BaselinesReport:
+        return BaselinesReport(
+            baselines=Baselines(
+                summary=inputs.json("baselines_summary.json"),
+                table=records(inputs.table("baselines")),
+                overlap=records(inputs.table("baselines_overlap")),
+            )
+        )
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
-        from em_circuits.analysis.steps.baselines_report import baselines_markdown
-
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
         return baselines_markdown(report, analysis_rel)
 
-    def findings(self, report: Mapping[str, Any]) -> list[str]:
-        from em_circuits.analysis.steps.baselines_report import baselines_finding
-
+    def findings(self, report: Report) -> list[str]:
         return baselines_finding(report)
 
 

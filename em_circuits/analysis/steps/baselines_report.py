@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from em_circuits.analysis.baseline_methods import COLUMNS
 from em_circuits.core.markdown import feature_link, fmt, md_table
+from em_circuits.core.report_data import Report, ReportPart, StoredJson, TableRecord
 
 #: baselines.csv's columns, with the p-value's method beside the p-value.
 TABLE_COLUMNS = [
@@ -20,10 +22,26 @@ def _site(site: Any) -> str:
     return "none" if site is None else f"residual site {site} (the stream entering layer {site})"
 
 
-def baselines_markdown(report: Mapping[str, Any], analysis_rel: str) -> list[str]:
+@dataclass(frozen=True)
+class Baselines:
+    """The report's entry on the baselines (report.json ``baselines``)."""
+
+    #: baselines_summary.json (None when the step did not run)
+    summary: StoredJson | None = None
+    #: every row of baselines.csv and of baselines_overlap.csv
+    table: list[TableRecord] = field(default_factory=list)
+    overlap: list[TableRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BaselinesReport(ReportPart):
+    baselines: Baselines = field(default_factory=Baselines)
+
+
+def baselines_markdown(report: Report, analysis_rel: str) -> list[str]:
     out = ["## Baselines\n"]
-    data = report.get("baselines") or {}
-    summary = data.get("summary")
+    data = report.part(BaselinesReport).baselines
+    summary = data.summary
     if not summary:
         return [*out, "_not run (no tested features)_\n"]
     grouping = summary.get("misalignment_grouping") or {}
@@ -51,7 +69,7 @@ def baselines_markdown(report: Mapping[str, Any], analysis_rel: str) -> list[str
         "`random_features` (activation-matched features of the same layers, never one of the "
         f"top {summary.get('excluded_from_random')} of the ranking, averaged over "
         f"{len(summary['features'].get('random_draws', []))} draws).\n",
-        md_table(data.get("table") or [], TABLE_COLUMNS),
+        md_table(data.table, TABLE_COLUMNS),
         f"Full table: `{analysis_rel}/baselines.csv`. "
         + (
             f"EM rates: judge {em['judge']}, {em['n_questions']} questions x "
@@ -60,12 +78,12 @@ def baselines_markdown(report: Mapping[str, Any], analysis_rel: str) -> list[str
             if isinstance(em, dict)
             else f"EM rates {em}.\n"
         ),
-        *_features_added(summary, data.get("overlap") or []),
+        *_features_added(summary, data.overlap),
     ]
     return out
 
 
-def _features_added(summary: Mapping[str, Any], overlap: list[dict[str, Any]]) -> list[str]:
+def _features_added(summary: Mapping[str, Any], overlap: list[TableRecord]) -> list[str]:
     """What the features add over the subspace: shares, cosines, crossed projections, sizes."""
     if not overlap:
         return []
@@ -120,10 +138,10 @@ def _features_added(summary: Mapping[str, Any], overlap: list[dict[str, Any]]) -
     ]
 
 
-def baselines_finding(report: Mapping[str, Any]) -> list[str]:
-    data = report.get("baselines") or {}
-    summary = data.get("summary") or {}
-    rows = {r["method"]: r for r in data.get("table") or []}
+def baselines_finding(report: Report) -> list[str]:
+    data = report.part(BaselinesReport).baselines
+    summary = data.summary or {}
+    rows = {r["method"]: r for r in data.table}
     tested = rows.get("tested_features")
     if not summary or not tested:
         return []

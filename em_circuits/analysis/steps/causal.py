@@ -17,7 +17,7 @@ Writes ``measured_effects``, ``measured_ranking``, ``dose_response``, ``dose_res
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -26,6 +26,7 @@ from em_circuits.analysis.split import Split
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
 from em_circuits.core.markdown import feature_list, fmt, md_table, with_feature_links
 from em_circuits.core.options import option
+from em_circuits.core.report_data import Report, ReportPart, StoredJson, TableRecord
 from em_circuits.core.store import ResultsStore, read_json, write_artifact
 
 if TYPE_CHECKING:
@@ -47,9 +48,14 @@ class CausalParams:
     )
 
 
+#: A stored prompt record with its labeled evil and safe token ids (``evil_ids``,
+#: ``safe_ids``): what :mod:`em_circuits.analysis.causal`'s interventions take.
+CausalPrompt = dict[str, Any]
+
+
 def causal_prompts(
     store: ResultsStore, metas: Mapping[str, Mapping[str, Any]]
-) -> list[dict[str, Any]]:
+) -> list[CausalPrompt]:
     """The stored prompt records (the model renders them as the attribution did: chat prompts
     through the chat template) with their labeled evil and safe token ids."""
     prompts = []
@@ -79,7 +85,7 @@ class _Measured:
 
 def _choose(
     adapted: Any,
-    prompts: dict[str, list[dict[str, Any]]],
+    prompts: dict[str, list[CausalPrompt]],
     candidates: list[tuple[int, int]],
     effects: dict[str, pd.DataFrame],
     top_k: int,
@@ -108,7 +114,7 @@ def _choose(
 
 
 def _summarize(
-    summary: dict[str, Any],
+    summary: StoredJson,
     measured: _Measured,
     candidates: list[tuple[int, int]],
     n_discovery: int,
@@ -116,7 +122,7 @@ def _summarize(
     control_scales: list[float],
     split: Split,
     n_random: int,
-) -> dict[str, Any]:
+) -> StoredJson:
     from em_circuits.analysis.causal import control_effect
     from em_circuits.analysis.measured import agreement
 
@@ -152,9 +158,29 @@ def _summarize(
     return summary
 
 
+@dataclass(frozen=True)
+class Causal:
+    """The report's entry on the causal check (report.json ``causal``)."""
+
+    #: causal_summary.json (None when the step did not run)
+    summary: StoredJson | None = None
+    #: cluster means per group and scale, nothing frozen and attention frozen
+    dose_response: list[TableRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CausalReport(ReportPart):
+    TABLES = ("measured_ranking",)
+
+    #: the first rows of the single-feature ablations ranked by measured effect
+    measured_ranking: list[TableRecord] = field(default_factory=list)
+    causal: Causal = field(default_factory=Causal)
+
+
 class CausalStep(Step):
     name = "causal"
     Params = CausalParams
+    Part = CausalReport
     shared = ("position", "seed")
     reads = ("split", "ranking")
     uses = frozenset({"graphs", "models"})
@@ -239,29 +265,25 @@ class CausalStep(Step):
         ctx.wrote("dose_response.png", "causal_summary.json")
         return StepResult(summary={"causal": read_json(path)})
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
+    def report_data(self, inputs: ReportInputs) -> CausalReport:
         measured = inputs.table("measured_ranking")
         summary = inputs.json("causal_summary.json")
-        return {
-            "measured_ranking": records(measured, 20),
-            "table_rows": {"measured_ranking": len(measured)},
-            "causal": {
-                "summary": summary,
-                # cluster means per group and scale, nothing frozen and attention frozen
-                "dose_response": list((summary or {}).get("dose_curve") or []),
-            },
-        }
+        return CausalReport(
+            {"measured_ranking": len(measured)},
+            measured_ranking=records(measured, 20),
+            causal=Causal(summary, list((summary or {}).get("dose_curve") or [])),
+        )
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
         return [
             "## Causal validation (on the held-out validation prompts)\n",
             *_ranking_markdown(report, analysis_rel),
             *_controls_markdown(report, analysis_rel),
         ]
 
-    def findings(self, report: Mapping[str, Any]) -> list[str]:
+    def findings(self, report: Report) -> list[str]:
         out = []
-        causal = (report.get("causal") or {}).get("summary") or {}
+        causal = report.part(CausalReport).causal.summary or {}
         agreement = (causal.get("linearised_vs_measured") or {}).get("validation", {})
         unfrozen = agreement.get("delta_unfrozen") or {}
         if unfrozen.get("n_pairs"):
@@ -304,12 +326,11 @@ def _frozen_beside(causal: Mapping[str, Any]) -> str:
     )
 
 
-def _ranking_markdown(report: Mapping[str, Any], analysis_rel: str) -> list[str]:
+def _ranking_markdown(report: Report, analysis_rel: str) -> list[str]:
     """How the features under test were chosen: linearised vs measured single ablations."""
     out: list[str] = []
-    sizes = report.get("table_rows") or {}
-    causal = report["causal"]
-    summary = causal["summary"] or {}
+    part = report.part(CausalReport)
+    summary = part.causal.summary or {}
     if summary.get("note"):
         out.append(f"**{summary['note']}**\n")
     ranking = summary.get("ranking")
@@ -328,10 +349,10 @@ def _ranking_markdown(report: Mapping[str, Any], analysis_rel: str) -> list[str]
             "measured with attention frozen, and measured in the real model with nothing "
             "frozen, mean over the discovery prompts:\n",
             md_table(
-                with_feature_links(report.get("measured_ranking", [])),
+                with_feature_links(part.measured_ranking),
                 ["feature", "n_prompts", "n_active", "linearised_delta", "measured_delta"],
                 limit=15,
-                total=sizes.get("measured_ranking"),
+                total=part.table_rows.get("measured_ranking"),
                 full=f"{analysis_rel}/measured_ranking.csv",
             ),
             "Agreement of linearised and measured single-feature ablation changes over "
@@ -349,11 +370,11 @@ def _ranking_markdown(report: Mapping[str, Any], analysis_rel: str) -> list[str]
     return out
 
 
-def _controls_markdown(report: Mapping[str, Any], analysis_rel: str) -> list[str]:
+def _controls_markdown(report: Report, analysis_rel: str) -> list[str]:
     """The joint ablation against random features, and the base-model controls."""
     out: list[str] = []
-    causal = report["causal"]
-    summary = causal["summary"] or {}
+    causal = report.part(CausalReport).causal
+    summary = causal.summary or {}
     controls = summary.get("controls") or {}
     if controls:
         rows = [
@@ -386,15 +407,13 @@ def _controls_markdown(report: Mapping[str, Any], analysis_rel: str) -> list[str
                 ],
             ),
         ]
-    if causal["summary"]:
+    if causal.summary:
         out += [
-            causal["summary"].get("verdict", "") + _frozen_beside(causal["summary"]) + "\n",
+            causal.summary.get("verdict", "") + _frozen_beside(causal.summary) + "\n",
             "Dose-response: mean change of the contrast over cluster means, measured in the "
             "real model with nothing frozen (`mean`) and with attention frozen (`mean_frozen`):"
             "\n",
-            md_table(
-                causal["dose_response"], ["group", "scale", "mean", "mean_frozen", "n_clusters"]
-            ),
+            md_table(causal.dose_response, ["group", "scale", "mean", "mean_frozen", "n_clusters"]),
             f"![dose response]({analysis_rel}/dose_response.png)\n",
         ]
     else:

@@ -18,7 +18,7 @@ import pandas as pd
 from em_circuits.analysis.cache import cached_prompt_effects
 from em_circuits.analysis.decomposition import contrast_parts
 from em_circuits.analysis.split import Split
-from em_circuits.analysis.steps.base import SharedParams, read_table, write_table
+from em_circuits.analysis.steps.base import SharedParams, StepSummary, read_table, write_table
 from em_circuits.attribution.stored_graphs import (
     GraphIntegrityError,
     find_graph_metas,
@@ -110,7 +110,7 @@ class AnalysisContext:
     em_judge: Any = None
     labeller: Any = None
     #: entries of summary.json the steps so far returned (a later step may read them)
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: StepSummary = field(default_factory=dict)
     _effects: dict[str, Effects] | None = None
     _left_out: list[str] = field(default_factory=list)
     _written: list[str] = field(default_factory=list)

@@ -7,18 +7,26 @@ nothing), split into exact parts per layer (:func:`summarize_decomposition`). Wr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
 from em_circuits.core.markdown import md_table
+from em_circuits.core.report_data import Report, ReportPart, TableRecord
 
 if TYPE_CHECKING:
     from em_circuits.analysis.steps.context import AnalysisContext
 
 
+@dataclass(frozen=True)
+class DecompositionReport(ReportPart):
+    #: every row of the decomposition table
+    contrast_decomposition: list[TableRecord] = field(default_factory=list)
+
+
 class DecompositionStep(Step):
     name = "decomposition"
+    Part = DecompositionReport
     shared = ("n_perm", "seed")
     reads = ("split",)
     uses = frozenset({"graphs"})
@@ -43,11 +51,13 @@ class DecompositionStep(Step):
             ctx.wrote("contrast_decomposition.png")
         return StepResult()
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
-        return {"contrast_decomposition": records(inputs.table("contrast_decomposition"))}
+    def report_data(self, inputs: ReportInputs) -> DecompositionReport:
+        return DecompositionReport(
+            contrast_decomposition=records(inputs.table("contrast_decomposition"))
+        )
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
-        rows = report["contrast_decomposition"] or []
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
+        rows = report.part(DecompositionReport).contrast_decomposition or []
         stored = any(r["part"] == "bos_mlp" and r.get("mean_shift") is not None for r in rows)
         bos = (
             "`bos_mlp`, the MLP output of each layer at BOS (less the transcoder's skip "
@@ -70,7 +80,7 @@ class DecompositionStep(Step):
             "The parts add up exactly to the shift of the contrast value (last row); intervals "
             "are Student t over clusters.\n",
             md_table(
-                report["contrast_decomposition"],
+                report.part(DecompositionReport).contrast_decomposition,
                 [
                     "part",
                     "layer",

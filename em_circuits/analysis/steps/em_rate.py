@@ -7,7 +7,6 @@ features ablated (:mod:`em_circuits.analysis.em_rate`), judged by the EM judge. 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +14,7 @@ from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
 from em_circuits.core.atomic import atomic_write_text
 from em_circuits.core.markdown import feature_list, fmt, md_table
 from em_circuits.core.options import option
+from em_circuits.core.report_data import Report, ReportPart, StoredJson
 from em_circuits.core.store import read_json, write_artifact
 from em_circuits.models.spec import ModelSpec
 
@@ -52,9 +52,16 @@ def em_questions(choice: str, adapted: ModelSpec) -> list[Any]:
     raise ValueError(f"em_questions must be auto, organism or first-plot, not {choice!r}")
 
 
+@dataclass(frozen=True)
+class EMRateReport(ReportPart):
+    #: em_rate.json (None when the EM rate was not measured)
+    em_rate: StoredJson | None = None
+
+
 class EMRateStep(Step):
     name = "em_rate"
     Params = EMRateParams
+    Part = EMRateReport
     shared = ("seed",)
     reads = ("causal", "ranking")
     uses = frozenset({"models", "em_judge"})
@@ -67,11 +74,9 @@ class EMRateStep(Step):
             em_rate,
             matched_random_features,
         )
+        from em_circuits.analysis.steps.baselines import tested_features
 
-        chosen = [
-            tuple(t)
-            for t in ((ctx.summary.get("causal") or {}).get("ranking") or {}).get("chosen", [])
-        ]
+        top = tested_features(ctx)
         if "causal" not in ctx.summary:
             return StepResult()
         if params.em_samples <= 0:
@@ -84,10 +89,9 @@ class EMRateStep(Step):
                     }
                 }
             )
-        if not chosen:
+        if not top:
             return StepResult()
         ranked = ctx.table("top_features_adapted")
-        top = [(int(a), int(b)) for a, b in chosen]
         random = matched_random_features(top, ranked[ranked["metric"] == "total"], ctx.shared.seed)
         sampling = SamplingParams(params.em_samples, params.em_max_new_tokens, 1.0, ctx.shared.seed)
         questions = em_questions(params.em_questions, ctx.specs["adapted"])
@@ -101,14 +105,14 @@ class EMRateStep(Step):
         ctx.wrote("em_answers.csv", "em_rate.json")
         return StepResult(summary={"em_rate": read_json(path)})
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
-        return {"em_rate": inputs.json("em_rate.json")}
+    def report_data(self, inputs: ReportInputs) -> EMRateReport:
+        return EMRateReport(em_rate=inputs.json("em_rate.json"))
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
-        return em_rate_markdown(report)
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
+        return em_rate_markdown(report.part(EMRateReport).em_rate)
 
-    def findings(self, report: Mapping[str, Any]) -> list[str]:
-        em = report.get("em_rate")
+    def findings(self, report: Report) -> list[str]:
+        em = report.part(EMRateReport).em_rate
         if not em:
             return []
         paired = em["paired"].get("adapted, top features ablated") or {}
@@ -125,10 +129,10 @@ class EMRateStep(Step):
         ]
 
 
-def em_rate_markdown(report: Mapping[str, Any]) -> list[str]:
-    """The EM rate's section: each condition's rate and the paired changes."""
+def em_rate_markdown(em: StoredJson | None) -> list[str]:
+    """The EM rate's section (of em_rate.json): each condition's rate and the paired
+    changes."""
     out = ["## The EM rate (free-form answers outside the training domain)\n"]
-    em = report.get("em_rate")
     if em:
         rows = [
             {

@@ -7,20 +7,31 @@ Writes ``top_features_adapted``, ``top_features_base`` and ``top_features.png``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
+from em_circuits.analysis.steps.split import SplitReport
 from em_circuits.core.markdown import md_table, with_feature_links
+from em_circuits.core.report_data import Report, ReportPart, TableRecord
 
 if TYPE_CHECKING:
     from em_circuits.analysis.steps.context import AnalysisContext
 
 
+@dataclass(frozen=True)
+class RankingReport(ReportPart):
+    TABLES = ("top_features",)
+
+    #: the first rows of the adapted model's ranking by total effect
+    top_features: list[TableRecord] = field(default_factory=list)
+
+
 class RankingStep(Step):
     name = "ranking"
+    Part = RankingReport
     shared = ("position", "min_support", "absent", "n_perm", "seed")
     reads = ("split",)
     uses = frozenset({"graphs"})
@@ -50,15 +61,15 @@ class RankingStep(Step):
                 ctx.wrote("top_features.png")
         return StepResult()
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
+    def report_data(self, inputs: ReportInputs) -> RankingReport:
         top = inputs.table("top_features_adapted")
         if len(top):
             top = top[top["metric"] == "total"]
-        return {"top_features": records(top, 20), "table_rows": {"top_features": len(top)}}
+        return RankingReport({"top_features": len(top)}, records(top, 20))
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
-        split = report.get("split") or {}
-        sizes = report.get("table_rows") or {}
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
+        split = report.part(SplitReport).split
+        part = report.part(RankingReport)
         return [
             "## Top evil features (adapted model, total effect on logit(evil) - logit(safe))\n",
             (
@@ -74,7 +85,7 @@ class RankingStep(Step):
             if split
             else "",
             md_table(
-                with_feature_links(report["top_features"]),
+                with_feature_links(part.top_features),
                 [
                     "feature",
                     "n_prompts",
@@ -88,7 +99,7 @@ class RankingStep(Step):
                     "q_value",
                 ],
                 limit=15,
-                total=sizes.get("top_features"),
+                total=part.table_rows.get("top_features"),
                 full=f"{analysis_rel}/top_features_adapted.csv",
             ),
             f"![top features]({analysis_rel}/top_features.png)\n",

@@ -14,13 +14,20 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from em_circuits.analysis.effects import ANALYSIS_VERSION
-from em_circuits.analysis.steps.base import Step, StepResult, shared_values, step_key
+from em_circuits.analysis.steps.base import (
+    Step,
+    StepResult,
+    StepSummary,
+    shared_values,
+    step_key,
+)
 from em_circuits.analysis.steps.context import AnalysisContext
 from em_circuits.core.artifacts import utc_now
-from em_circuits.core.identifiers import params_key
+from em_circuits.core.cache import cache_key
 from em_circuits.core.store import read_json, write_artifact
 
 log = logging.getLogger(__name__)
@@ -28,8 +35,31 @@ log = logging.getLogger(__name__)
 STEPS_FILE = "steps.json"
 
 
-def uses_of(ctx: AnalysisContext) -> dict[str, Any]:
-    """What a step's result may depend on besides its parameters and the steps it reads."""
+@dataclass(frozen=True)
+class StepRecord:
+    """One step's entry of steps.json: what its result was computed from and what it left."""
+
+    #: :func:`~em_circuits.analysis.steps.base.step_key` (or a never-matching one when the
+    #: result must not be reused)
+    key: str
+    #: the step's parameters and the shared ones it reads (free-form: each step's own fields)
+    params: dict[str, object]
+    shared: dict[str, object]
+    reads: list[str]
+    files: list[str]
+    #: its entries of summary.json
+    summary: StepSummary
+    #: why it did not run, or None
+    skipped: str | None
+    created: str
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def uses_of(ctx: AnalysisContext) -> dict[str, object]:
+    """What a step's result may depend on besides its parameters and the steps it reads
+    (free-form: only hashed into the step's key)."""
     return {
         "graphs": {
             "analysis_version": ANALYSIS_VERSION,
@@ -56,11 +86,11 @@ def _verdicts_digest(ctx: AnalysisContext) -> str:
     for meta in ctx.graphs.get("adapted", []):
         verdict = load_verdict(ctx.store, ctx.slugs["adapted"], meta["prompt_id"])
         divergent[meta["prompt_id"]] = None if verdict is None else bool(verdict.get("divergent"))
-    return params_key({"divergent": divergent})
+    return cache_key({"divergent": divergent})
 
 
-def read_record(ctx: AnalysisContext) -> dict[str, Any]:
-    """Each step's stored entry (empty when none or unreadable)."""
+def read_record(ctx: AnalysisContext) -> dict[str, StepRecord]:
+    """Each step's stored entry (none for a step whose entry is unreadable)."""
     path = ctx.directory / STEPS_FILE
     if not path.is_file():
         return {}
@@ -69,20 +99,26 @@ def read_record(ctx: AnalysisContext) -> dict[str, Any]:
     except Exception:  # an unreadable record only means: compute again
         return {}
     steps = record.get("steps") if isinstance(record, dict) else None
-    return dict(steps) if isinstance(steps, dict) else {}
+    out = {}
+    for name, entry in (steps if isinstance(steps, dict) else {}).items():
+        try:
+            out[name] = StepRecord(**entry)
+        except TypeError:  # an entry of another shape: that step is computed again
+            continue
+    return out
 
 
-def _stored(entry: Mapping[str, Any] | None, key: str, ctx: AnalysisContext) -> bool:
+def _stored(entry: StepRecord | None, key: str, ctx: AnalysisContext) -> bool:
     return (
         entry is not None
-        and entry.get("key") == key
-        and all((ctx.directory / name).is_file() for name in entry.get("files", []))
+        and entry.key == key
+        and all((ctx.directory / name).is_file() for name in entry.files)
     )
 
 
 def run_steps(
     ctx: AnalysisContext, steps: Sequence[Step], params: Mapping[str, Any]
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, StepRecord]:
     """Run (or reuse) every step; returns each step's entry. ``params`` holds each step's
     parameters by name."""
     record = read_record(ctx)
@@ -98,15 +134,16 @@ def run_steps(
         else:
             entry = _run_one(ctx, step, own, key, skip=step.needs_prompts and not prompts)
             record[step.name] = entry
-            write_artifact(ctx.directory / STEPS_FILE, "table", {"steps": record})
-        keys[step.name] = entry["key"]
-        ctx.summary.update(entry["summary"])
+            steps_json = {name: r.to_json() for name, r in record.items()}
+            write_artifact(ctx.directory / STEPS_FILE, "table", {"steps": steps_json})
+        keys[step.name] = entry.key
+        ctx.summary.update(entry.summary)
         if step.name == "split":
-            prompts = bool((entry["summary"].get("prompts") or {}).get("adapted"))
+            prompts = bool((entry.summary.get("prompts") or {}).get("adapted"))
     return {step.name: record[step.name] for step in steps}
 
 
-def _run_one(ctx: AnalysisContext, step: Step, params: Any, key: str, skip: bool) -> dict[str, Any]:
+def _run_one(ctx: AnalysisContext, step: Step, params: Any, key: str, skip: bool) -> StepRecord:
     started = time.monotonic()
     ctx.take_written()
     if skip:
@@ -117,14 +154,14 @@ def _run_one(ctx: AnalysisContext, step: Step, params: Any, key: str, skip: bool
     written = ctx.take_written()
     if not skip:
         log.info("%s: done in %.1f s", step.name, time.monotonic() - started)
-    return {
+    return StepRecord(
         # A result that must not be reused gets a key no later run computes.
-        "key": key if result.reusable else f"not-reusable-{uuid.uuid4().hex[:12]}",
-        "params": dataclasses.asdict(params),
-        "shared": shared_values(step, ctx.shared),
-        "reads": list(step.reads),
-        "files": sorted(set(written)),
-        "summary": result.summary,
-        "skipped": "no adapted-model graph with an evil-vs-safe contrast" if skip else None,
-        "created": utc_now(),
-    }
+        key=key if result.reusable else f"not-reusable-{uuid.uuid4().hex[:12]}",
+        params=dataclasses.asdict(params),
+        shared=shared_values(step, ctx.shared),
+        reads=list(step.reads),
+        files=sorted(set(written)),
+        summary=result.summary,
+        skipped="no adapted-model graph with an evil-vs-safe contrast" if skip else None,
+        created=utc_now(),
+    )

@@ -10,13 +10,13 @@ validation side shares no template, lead-in or distractor with the discovery sid
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from em_circuits.analysis.split import LEFT_OUT_PHRASING, held_out_split
-from em_circuits.analysis.steps.base import Step, StepResult
+from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
 from em_circuits.core.options import option
+from em_circuits.core.report_data import Report, ReportPart, StoredJson
 from em_circuits.core.store import write_artifact
 from em_circuits.core.verdicts import DIVERGENCE_TAU_ADAPTED, DIVERGENCE_TAU_BASE
 
@@ -67,8 +67,16 @@ def excluded_prompts(
     return out
 
 
+@dataclass(frozen=True)
+class SplitReport(ReportPart):
+    #: split.json's description of the split (sizes, testability, what was left out), without
+    #: its per-prompt rows; empty without an analysis
+    split: StoredJson = field(default_factory=dict)
+
+
 class SplitStep(Step):
     name = "split"
+    Part = SplitReport
     Params = SplitParams
     shared = ("seed",)
     uses = frozenset({"graphs", "verdicts"})
@@ -122,8 +130,8 @@ class SplitStep(Step):
             reusable=not left_out,
         )
 
-    def findings(self, report: Mapping[str, Any]) -> list[str]:
-        split = report.get("split") or {}
+    def findings(self, report: Report) -> list[str]:
+        split = report.part(SplitReport).split
         out = []
         reasons = split.get("left_out_by_reason") or {}
         if split:
@@ -166,15 +174,15 @@ class SplitStep(Step):
             )
         return out
 
-    def report_data(self, inputs: Any) -> dict[str, Any]:
+    def report_data(self, inputs: ReportInputs) -> SplitReport:
         split = inputs.json("split.json") or {}
-        return {
-            "split": {
+        return SplitReport(
+            split={
                 k: v
                 for k, v in split.items()
                 if k not in ("prompts", "schema", "schema_version", "created")
             }
-        }
+        )
 
 
 STEP = SplitStep()

@@ -26,6 +26,7 @@ from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
 from em_circuits.core.markdown import fmt, md_table
 from em_circuits.core.naming import feature_name
 from em_circuits.core.options import option
+from em_circuits.core.report_data import Report, ReportPart, StoredJson
 from em_circuits.core.store import read_json, write_artifact
 
 if TYPE_CHECKING:
@@ -131,9 +132,16 @@ def _compare(ctx: AnalysisContext, params: StabilityParams) -> dict[str, Any]:
     return compare_runs(ours, theirs, params.stability_top, seed=ctx.shared.seed)
 
 
+@dataclass(frozen=True)
+class StabilityReport(ReportPart):
+    #: stability.json (None when the step did not run)
+    stability: StoredJson | None = None
+
+
 class StabilityStep(Step):
     name = "stability"
     Params = StabilityParams
+    Part = StabilityReport
     shared = ("min_support", "absent", "seed")
     # the other steps' files are what a comparison with another run reads
     reads = ("split", "ranking", "decomposition", "causal", "baselines", "feature_cards")
@@ -199,12 +207,12 @@ class StabilityStep(Step):
             reusable=not params.compare_run,
         )
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
-        return {"stability": inputs.json("stability.json")}
+    def report_data(self, inputs: ReportInputs) -> StabilityReport:
+        return StabilityReport(stability=inputs.json("stability.json"))
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
         out = ["## Stability\n"]
-        stability = report.get("stability")
+        stability = report.part(StabilityReport).stability
         if not stability:
             return [*out, "_not run (no ranking)_\n"]
         rows = [
@@ -242,8 +250,8 @@ class StabilityStep(Step):
             *organisms_paragraph(stability.get("organisms")),
         ]
 
-    def findings(self, report: Mapping[str, Any]) -> list[str]:
-        stability = report.get("stability")
+    def findings(self, report: Report) -> list[str]:
+        stability = report.part(StabilityReport).stability
         if not stability:
             return []
         parts = [stability["seeds"]["jaccard"]["mean"], stability["bootstrap"]["jaccard"]["mean"]]

@@ -9,8 +9,7 @@ EM and coherent rates of free-form answers. Writes ``sufficiency`` and ``suffici
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,8 +17,10 @@ import pandas as pd
 
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
 from em_circuits.analysis.steps.baselines import em_setup, tested_features, validation_and_discovery
+from em_circuits.analysis.steps.causal import CausalPrompt
 from em_circuits.core.markdown import fmt, md_table
 from em_circuits.core.options import option
+from em_circuits.core.report_data import Report, ReportPart, StoredJson, TableRecord
 from em_circuits.core.store import read_json, write_artifact
 
 if TYPE_CHECKING:
@@ -53,8 +54,8 @@ class SufficiencyParams:
 
 
 def _steerings(
-    ctx: AnalysisContext, base: Any, adapted: Any, discovery: list[dict[str, Any]]
-) -> tuple[dict[str, Steering], dict[str, Any]]:
+    ctx: AnalysisContext, base: Any, adapted: Any, discovery: list[CausalPrompt]
+) -> tuple[dict[str, Steering], StoredJson]:
     from em_circuits.analysis.directions import last_residuals, unit_mean_difference
     from em_circuits.analysis.sufficiency import (
         activation_shifts,
@@ -100,10 +101,10 @@ def _patched_rows(
     ctx: AnalysisContext,
     base: Any,
     adapted: Any,
-    validation: list[dict[str, Any]],
+    validation: list[CausalPrompt],
     clean: list[float],
     scales: tuple[float, ...],
-) -> list[dict[str, Any]]:
+) -> list[TableRecord]:
     """The tested features' (and, as control, the random features') adapted activations
     written into the base position by position, over the doses: contrast only (a patch is of
     one prompt's positions, so no free-form answers)."""
@@ -126,9 +127,25 @@ def _patched_rows(
     return rows
 
 
+@dataclass(frozen=True)
+class Sufficiency:
+    """The report's entry on sufficiency (report.json ``sufficiency``)."""
+
+    #: sufficiency.json (None when the step did not run)
+    summary: StoredJson | None = None
+    #: every row of sufficiency.csv
+    table: list[TableRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SufficiencyReport(ReportPart):
+    sufficiency: Sufficiency = field(default_factory=Sufficiency)
+
+
 class SufficiencyStep(Step):
     name = "sufficiency"
     Params = SufficiencyParams
+    Part = SufficiencyReport
     shared = ("seed", "n_perm")
     reads = ("split", "causal", "baselines")
     uses = frozenset({"graphs", "models", "em_judge"})
@@ -157,7 +174,7 @@ class SufficiencyStep(Step):
             steerings, info = _steerings(ctx, base, adapted, prompts["discovery"])
             clean = [real_contrast(base, p) for p in validation]
 
-            def em_of(model: Any, edit: Any) -> dict[str, Any]:
+            def em_of(model: Any, edit: Any) -> dict[str, float | None]:
                 if em is None:
                     return {}
                 _, rate = em_rate_under(model, em[0], ctx.em_judge, em[1], edit)
@@ -199,18 +216,18 @@ class SufficiencyStep(Step):
         ctx.wrote("sufficiency.json")
         return StepResult(summary={"sufficiency": read_json(path)})
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
-        return {
-            "sufficiency": {
-                "summary": inputs.json("sufficiency.json"),
-                "table": records(inputs.table("sufficiency")),
-            }
-        }
+    def report_data(self, inputs: ReportInputs) -> SufficiencyReport:
+        return SufficiencyReport(
+            sufficiency=Sufficiency(
+                summary=inputs.json("sufficiency.json"),
+                table=records(inputs.table("sufficiency")),
+            )
+        )
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
         out = ["## Sufficiency\n"]
-        data = report.get("sufficiency") or {}
-        summary = data.get("summary")
+        data = report.part(SufficiencyReport).sufficiency
+        summary = data.summary
         if not summary:
             return [*out, "_not run (no tested features or no baselines)_\n"]
         em = summary.get("em")
@@ -236,17 +253,17 @@ class SufficiencyStep(Step):
             "exactly the adapted values; between: moved part of the way), with "
             "`random_features_patched` (the baselines' random features) as control: no free-form "
             "answers there, since a patch is of one prompt's positions.\n",
-            md_table(data.get("table") or [], COLUMNS),
+            md_table(data.table, COLUMNS),
             f"Full table: `{analysis_rel}/sufficiency.csv`.\n",
         ]
 
-    def findings(self, report: Mapping[str, Any]) -> list[str]:
-        rows = (report.get("sufficiency") or {}).get("table") or []
+    def findings(self, report: Report) -> list[str]:
+        rows = report.part(SufficiencyReport).sufficiency.table
         if not rows:
             return []
         top = max(r["scale"] for r in rows if r["model"] == "base")
         at = {r["method"]: r for r in rows if r["model"] == "base" and r["scale"] == top}
-        gap: dict[str, Any] = next((r for r in rows if r["model"] == "adapted"), {})
+        gap: TableRecord = next((r for r in rows if r["model"] == "adapted"), {})
         tested = at.get("tested_features") or {}
         direction = at.get("mean_diff_direction") or {}
         turns = (tested.get("evil_top_share") or 0) > 0

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
 from em_circuits.core.markdown import cell, fmt, md_table
 from em_circuits.core.options import option
+from em_circuits.core.report_data import Report, ReportPart, StoredJson, TableRecord
 from em_circuits.core.store import ResultsStore, read_json
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
 
@@ -47,7 +48,7 @@ def measure_transcoder_quality(
     seed: int,
     device: str,
     models: ResidentModels | None = None,
-) -> dict[str, Any]:
+) -> StoredJson:
     """Each model's transcoder quality on held-out text
     (:mod:`em_circuits.transcoders.quality`), stored under ``transcoder_quality/``
     and measured only when not stored yet; a set that is poor for a model is named in a
@@ -70,7 +71,7 @@ def measure_transcoder_quality(
         return {"skipped": "no held-out text for the transcoder quality: give --corpus FILE"}
     texts, corpus = chosen
     quality = QualityParams(n_docs=params.quality_docs, seed=seed)
-    out: dict[str, Any] = {
+    out: StoredJson = {
         "corpus": corpus,
         "n_documents": len(texts),
         "thresholds": {"fvu_max": FVU_MAX, "top1_agreement_min": AGREEMENT_MIN},
@@ -113,9 +114,7 @@ def measure_transcoder_quality(
     return out
 
 
-def transcoder_quality_report(
-    store: ResultsStore, summary: Mapping[str, Any]
-) -> dict[str, Any] | None:
+def transcoder_quality_report(store: ResultsStore, summary: Mapping[str, Any]) -> StoredJson | None:
     """The analysis's note on the transcoders' quality, with each model's stored measurement
     (per-layer table, replacement agreement) in place of its file name."""
     note = summary.get("transcoder_quality")
@@ -136,7 +135,7 @@ def transcoder_quality_report(
     return out
 
 
-def transcoder_quality_details(store: ResultsStore, note: Mapping[str, Any]) -> dict[str, Any]:
+def transcoder_quality_details(store: ResultsStore, note: Mapping[str, Any]) -> StoredJson:
     """An analysis-style quality note (``measure_transcoder_quality``) with each model's stored
     per-layer table in place of its file name."""
     return transcoder_quality_report(store, {"transcoder_quality": note}) or {}
@@ -168,7 +167,7 @@ def quality_markdown(quality: Mapping[str, Any] | None) -> list[str]:
         f"below {fmt(thresholds.get('top1_agreement_min'))}.\n"
     )
     roles = [r for r in ("base", "adapted") if isinstance(quality.get(r), Mapping)]
-    by_layer: dict[int, dict[str, Any]] = {}
+    by_layer: dict[int, TableRecord] = {}
     for role in roles:
         for m in quality[role].get("layers", []):
             row = by_layer.setdefault(int(m["layer"]), {"layer": int(m["layer"])})
@@ -211,9 +210,17 @@ def quality_markdown(quality: Mapping[str, Any] | None) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class TranscoderQualityReport(ReportPart):
+    #: the analysis's quality note with each model's stored measurement
+    #: (:func:`transcoder_quality_report`); None for an analysis written before it
+    transcoder_quality: StoredJson | None = None
+
+
 class TranscoderQualityStep(Step):
     name = "transcoder_quality"
     Params = QualityStepParams
+    Part = TranscoderQualityReport
     shared = ("corpus", "corpus_docs", "seed")
     uses = frozenset({"models"})
     needs_prompts = False
@@ -231,14 +238,16 @@ class TranscoderQualityStep(Step):
         )
         return StepResult(summary={"transcoder_quality": note})
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
-        return {"transcoder_quality": transcoder_quality_report(inputs.store, inputs.summary)}
+    def report_data(self, inputs: ReportInputs) -> TranscoderQualityReport:
+        return TranscoderQualityReport(
+            transcoder_quality=transcoder_quality_report(inputs.store, inputs.summary)
+        )
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
-        return quality_markdown(report.get("transcoder_quality"))
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
+        return quality_markdown(report.part(TranscoderQualityReport).transcoder_quality)
 
-    def findings(self, report: Mapping[str, Any]) -> list[str]:
-        quality = report.get("transcoder_quality") or {}
+    def findings(self, report: Report) -> list[str]:
+        quality = report.part(TranscoderQualityReport).transcoder_quality or {}
         measured = {
             role: quality[role]
             for role in ("base", "adapted")

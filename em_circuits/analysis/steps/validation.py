@@ -6,14 +6,16 @@ prompts beside them (:func:`replicate_on`); writes ``validation_top_features``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
+from em_circuits.analysis.steps.split import SplitReport
 from em_circuits.core.markdown import md_table, with_feature_links
+from em_circuits.core.report_data import Report, ReportPart, TableRecord
 
 if TYPE_CHECKING:
     from em_circuits.analysis.steps.context import AnalysisContext
@@ -37,8 +39,17 @@ def replicate_on(ranked: pd.DataFrame, held_out: pd.DataFrame, top: int = 50) ->
     return out.reset_index(drop=True)
 
 
+@dataclass(frozen=True)
+class ValidationReport(ReportPart):
+    TABLES = ("validation",)
+
+    #: the first rows of the replication table, total effect
+    validation: list[TableRecord] = field(default_factory=list)
+
+
 class ValidationStep(Step):
     name = "validation"
+    Part = ValidationReport
     shared = ("position", "absent", "n_perm", "seed")
     reads = ("split", "ranking")
     uses = frozenset({"graphs"})
@@ -62,17 +73,15 @@ class ValidationStep(Step):
             ctx.write_table(replicate_on(ranked, held_out), "validation_top_features")
         return StepResult()
 
-    def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
+    def report_data(self, inputs: ReportInputs) -> ValidationReport:
         replication = inputs.table("validation_top_features")
         if len(replication):
             replication = replication[replication["metric"] == "total"]
-        return {
-            "validation": records(replication, 20),
-            "table_rows": {"validation": len(replication)},
-        }
+        return ValidationReport({"validation": len(replication)}, records(replication, 20))
 
-    def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
-        split = report.get("split") or {}
+    def section(self, report: Report, analysis_rel: str) -> list[str]:
+        split = report.part(SplitReport).split
+        part = report.part(ValidationReport)
         return [
             "## Validation: the same features on held-out prompts (linearised total effect)\n",
             (
@@ -83,7 +92,7 @@ class ValidationStep(Step):
                 else ""
             ),
             md_table(
-                with_feature_links(report.get("validation", [])),
+                with_feature_links(part.validation),
                 [
                     "feature",
                     "discovery_mean",
@@ -95,16 +104,16 @@ class ValidationStep(Step):
                     "same_sign",
                 ],
                 limit=15,
-                total=(report.get("table_rows") or {}).get("validation"),
+                total=part.table_rows.get("validation"),
                 full=f"{analysis_rel}/validation_top_features.csv",
             ),
         ]
 
-    def findings(self, report: Mapping[str, Any]) -> list[str]:
-        validation = report.get("validation") or []
+    def findings(self, report: Report) -> list[str]:
+        validation = report.part(ValidationReport).validation
         if not validation:
             return []
-        split = report.get("split") or {}
+        split = report.part(SplitReport).split
         same = [bool(r.get("same_sign")) for r in validation]
         return [
             f"**Replication ({'held' if sum(same) > len(same) / 2 else 'did not hold'}):** "
