@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from em_circuits.attribution.attribute import prompt_ids
+from em_circuits.attribution.attribute import attribute_prompt, prompt_ids
 from em_circuits.attribution.graph_build import build_graph
 from em_circuits.attribution.stored_graphs import cached_graph_meta
 from em_circuits.attribution.targets import (
@@ -20,6 +21,8 @@ from em_circuits.attribution.targets import (
     GraphError,
     PromptTargets,
 )
+from em_circuits.attribution.totals_graph import totals_prompts
+from em_circuits.core.background import BackgroundJobs
 from em_circuits.core.claims import read_holder, try_claim
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ResultsStore
@@ -218,6 +221,7 @@ def _graphs_for(
     last_wait_log = float("-inf")
     desc = "graphs" if params.mode == "totals" else "full graphs"
     bar = tqdm(total=len(pending), desc=desc, disable=not progress, unit="graph")
+    writer = BackgroundJobs("graph-writer")
     try:
         while pending:
             progressed = False
@@ -238,7 +242,8 @@ def _graphs_for(
                 if not claimed:
                     continue
                 progressed = True
-                with contextlib.ExitStack() as held:
+                held = contextlib.ExitStack()
+                try:
                     for _role, _pt, claim in claimed:
                         held.enter_context(claim)
                     todo = []
@@ -254,26 +259,26 @@ def _graphs_for(
                             bar.update()
                         else:
                             todo.append((role, pt))
-                    for role, pt, computed in _computed(todo, params, models):
-                        result = results[role]
-                        try:
-                            if isinstance(computed, Exception):
-                                raise computed
-                            build_graph(
-                                store,
-                                models.get(role),
-                                role,
-                                pt,
-                                params,
-                                save_full_graph,
-                                viewer_dir,
-                                computed=computed,
-                            )
-                            result.computed.append(pt.prompt_id)
-                        except (GraphError, NonFiniteError, PromptTooLongError) as err:
-                            log.error("skipping: %s", err)
-                            result.failed[pt.prompt_id] = str(err)
-                        bar.update()
+                    computed = _computed(todo, params, models)
+                except BaseException:
+                    held.close()
+                    raise
+                # this batch's files are written while the next batch computes; the claims
+                # are released once they are
+                writer.submit(
+                    functools.partial(
+                        _store_batch,
+                        store,
+                        models,
+                        computed,
+                        params,
+                        save_full_graph,
+                        viewer_dir,
+                        results,
+                        bar,
+                        held,
+                    )
+                )
             if pending and not progressed:
                 if time.monotonic() - last_wait_log >= WAIT_LOG_SECONDS:
                     last_wait_log = time.monotonic()
@@ -287,10 +292,49 @@ def _graphs_for(
                     )
                 time.sleep(CLAIM_POLL_SECONDS)
     finally:
-        bar.close()
-        if resident is None:
-            models.release()
+        try:
+            writer.close()  # the files of the batch in flight are finished first
+        finally:
+            bar.close()
+            if resident is None:
+                models.release()
     return results
+
+
+def _store_batch(
+    store: ResultsStore,
+    models: ResidentModels,
+    computed: list[tuple[str, PromptTargets, Any]],
+    params: AttributionParams,
+    save_full_graph: bool,
+    viewer_dir: Path | None,
+    results: dict[str, StageResult],
+    bar: Any,
+    held: contextlib.ExitStack,
+) -> None:
+    """Check and store each computed graph of a batch (or record its error), then release
+    the batch's claims."""
+    with held:
+        for role, pt, graph in computed:
+            result = results[role]
+            try:
+                if isinstance(graph, Exception):
+                    raise graph
+                build_graph(
+                    store,
+                    models.get(role),
+                    role,
+                    pt,
+                    params,
+                    save_full_graph,
+                    viewer_dir,
+                    computed=graph,
+                )
+                result.computed.append(pt.prompt_id)
+            except (GraphError, NonFiniteError, PromptTooLongError) as err:
+                log.error("skipping: %s", err)
+                result.failed[pt.prompt_id] = str(err)
+            bar.update()
 
 
 #: Most prompts in one forward pass of the torch engine when ``--graph-batch`` is 0 (auto).
@@ -354,15 +398,19 @@ def _batch_of(
 def _computed(
     todo: list[tuple[str, PromptTargets]], params: AttributionParams, models: ResidentModels
 ) -> list[tuple[str, PromptTargets, Any]]:
-    """Each (role, prompt)'s graph computed already when they form a batch of one model's
-    prompts (or its error); None where :func:`build_graph` computes it itself."""
-    if len(todo) < 2:
-        return [(role, pt, None) for role, pt in todo]
-    from em_circuits.attribution.totals_graph import totals_prompts
-
-    role = todo[0][0]
-    graphs = totals_prompts(models.get(role), [pt for _, pt in todo], params)
-    return [(r, pt, graph) for (r, pt), graph in zip(todo, graphs)]
+    """Each (role, prompt)'s graph, or the error that kept it from being made: one forward
+    pass for a batch of one model's prompts, else one graph at a time."""
+    if len(todo) >= 2:
+        role = todo[0][0]
+        graphs = totals_prompts(models.get(role), [pt for _, pt in todo], params)
+        return [(r, pt, graph) for (r, pt), graph in zip(todo, graphs)]
+    out: list[tuple[str, PromptTargets, Any]] = []
+    for role, pt in todo:
+        try:
+            out.append((role, pt, attribute_prompt(models.get(role), pt, params, role)))
+        except (GraphError, NonFiniteError, PromptTooLongError) as err:
+            out.append((role, pt, err))
+    return out
 
 
 def _claimed_by(
