@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
@@ -313,8 +313,6 @@ def save_transcoders(tc: StackedTranscoders, out_dir: Path, scan: str) -> Path:
 
 def load_stacked_transcoders(config_path: Path) -> StackedTranscoders:
     """Read a saved transcoder set back (to evaluate exactly what is on disk)."""
-    from safetensors.torch import load_file
-
     config = yaml.safe_load(Path(config_path).read_text())
     states = [load_file(str(Path(config_path).parent / f)) for f in config["transcoders"]]
     F, d = states[0]["W_enc"].shape
