@@ -28,6 +28,13 @@ from em_circuits.attribution.lora_factors import (
     layer_mlp,
     model_lora_factors,
 )
+from em_circuits.models.adapter_scope import spec_outside_changes
+from em_circuits.models.hooks import (
+    UnsupportedInterventionError,
+    hook_sites,
+    record_input_at,
+    transcoder_set,
+)
 
 
 @contextmanager
@@ -69,8 +76,6 @@ def _module_inputs(
     """One forward pass of ``input_ids``: each linear node module's input, (n_pos, d_in) by
     (layer, module), and each MLP layer's (input, output) with nodes; checks there that the
     MLP output is the one the transcoders replace (:func:`_check_replaced_output`)."""
-    from em_circuits.models.hooks import record_input_at  # records any site's value
-
     inputs: dict[tuple[int, str], torch.Tensor] = {}
     mlp_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     site_outputs: dict[int, torch.Tensor] = {}
@@ -291,13 +296,6 @@ def _check_replaced_output(
 
 def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites | str:
     """A loaded adapted model's adapter nodes for one prompt, or why it has none."""
-    from em_circuits.models.adapter_scope import spec_outside_changes
-    from em_circuits.models.hooks import (
-        UnsupportedInterventionError,
-        hook_sites,
-        transcoder_set,
-    )
-
     try:
         factors = model_lora_factors(model)
         transcoders = transcoder_set(model)

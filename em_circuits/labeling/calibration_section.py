@@ -7,14 +7,13 @@ from typing import Any
 
 from em_circuits.core.markdown import fmt
 from em_circuits.core.sections import ReportInputs, Section
+from em_circuits.labeling.calibration import calibration
 
 
 class JudgeCalibrationSection(Section):
     name = "judge_calibration"
 
     def report_data(self, inputs: ReportInputs) -> dict[str, Any]:
-        from em_circuits.labeling.calibration import calibration
-
         return {"judge_calibration": calibration(inputs.store, inputs.slugs["adapted"], save=False)}
 
     def section(self, report: Mapping[str, Any], analysis_rel: str) -> list[str]:
