@@ -39,6 +39,7 @@ from em_circuits.analysis.causal_stats import (  # noqa: F401  (summarize, contr
 )
 from em_circuits.analysis.effects import parse_position
 from em_circuits.core.progress import Progress
+from em_circuits.models.hooks import real_model_logits, unsupported_reason
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -195,8 +196,6 @@ def _prompt_rows(
     pool: int,
     unfrozen: bool,
 ) -> list[dict[str, Any]]:
-    from em_circuits.models.hooks import real_model_logits
-
     ids = model.encode_prompt(dict(prompt))
     evil, safe = prompt["evil_ids"], prompt["safe_ids"]
     with torch.no_grad():
@@ -270,8 +269,6 @@ def causal_validation(
     Returns the dose table (:data:`DOSE_COLUMNS`; draw -1 for top) and a summary dict
     (:func:`~em_circuits.analysis.causal_stats.summarize`: cluster means).
     """
-    from em_circuits.models.hooks import unsupported_reason
-
     unsupported = unsupported_reason(model)
     if unsupported is not None:
         log.warning("causal check with attention frozen only: %s", unsupported)
@@ -321,8 +318,6 @@ def measured_ablation_effects(
     baseline, delta_frozen, delta_unfrozen (NaN when the transcoders cannot be intervened on
     outside circuit-tracer).
     """
-    from em_circuits.models.hooks import real_model_logits, unsupported_reason
-
     unsupported = unsupported_reason(model)
     if unsupported is not None:
         log.warning("measured effects with nothing frozen are not available: %s", unsupported)

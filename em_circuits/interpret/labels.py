@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from em_circuits.core.store import read_json, write_artifact
+
 PROMPT = """Below is the evidence for one feature of a sparse transcoder inside a language
 model: the text contexts where it activates most (the activating token between << and >>,
 with the activation value) and the output tokens its direction promotes and suppresses.
@@ -45,8 +47,6 @@ class FeatureLabeller:
         self.id = f"llm:{client.model}"
 
     def label(self, card: dict[str, Any]) -> str | None:
-        from em_circuits.core.store import read_json, write_artifact
-
         evidence = evidence_text(card)
         if not card["adapted"]["contexts"]:
             return None  # never active in the corpus: nothing to label from
@@ -70,7 +70,7 @@ class FeatureLabeller:
 def labeller_for(judge: Any, cache_root: Path) -> FeatureLabeller | None:
     """With an LLM judge for the EM rate, its model (and client) labels the feature cards;
     otherwise there is no labeller."""
-    from em_circuits.analysis.em_rate import LLMEMJudge
+    from em_circuits.analysis.em_rate import LLMEMJudge  # noqa: PLC0415  # heavy: loads torch, pandas
 
     if isinstance(judge, LLMEMJudge):
         return FeatureLabeller(judge.client, Path(cache_root) / "feature_labels")

@@ -21,6 +21,7 @@ from em_circuits.analysis.steps.base import Step, StepResult, shared_values, ste
 from em_circuits.analysis.steps.context import AnalysisContext
 from em_circuits.core.artifacts import utc_now
 from em_circuits.core.identifiers import params_key
+from em_circuits.core.labeling_records import load_verdict
 from em_circuits.core.store import read_json, write_artifact
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,6 @@ def uses_of(ctx: AnalysisContext) -> dict[str, Any]:
 
 def _verdicts_digest(ctx: AnalysisContext) -> str:
     """Which graphed prompts are divergent by their stored verdicts (the split reads it)."""
-    from em_circuits.core.labeling_records import load_verdict
-
     divergent = {}
     for meta in ctx.graphs.get("adapted", []):
         verdict = load_verdict(ctx.store, ctx.slugs["adapted"], meta["prompt_id"])
