@@ -44,11 +44,11 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # The parameter classes on first use: importing them loads the analysis steps.
     if name == "AnalysisParams":
-        from em_circuits.run.steps import AnalysisParams
+        from em_circuits.run.steps import AnalysisParams  # noqa: PLC0415  # the package root stays light
 
         return AnalysisParams
     if name == "PipelineConfig":
-        from em_circuits.run.config import PipelineConfig
+        from em_circuits.run.config import PipelineConfig  # noqa: PLC0415  # the package root stays light
 
         return PipelineConfig
     raise AttributeError(f"module 'em_circuits' has no attribute {name!r}")

@@ -44,7 +44,7 @@ from em_circuits.models.hooks import (
     transcoder_inputs,
     transcoder_set,
 )
-from em_circuits.models.load import LoadedModel
+from em_circuits.models.load import LoadedModel, n_layers_of
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,7 @@ def mean_feature_activations(
 ) -> np.ndarray:
     """Each transcoder feature's mean activation over every position but BOS of ``texts``
     (each cut at ``max_tokens``): (layers, d_transcoder)."""
-    from em_circuits.models.load import n_layers_of
-    from em_circuits.models.transcoders import active_entries
+    from em_circuits.models.transcoders import active_entries  # noqa: PLC0415  # heavy: loads circuit-tracer
 
     transcoders = transcoder_set(model)
     n_layers = n_layers_of(model)

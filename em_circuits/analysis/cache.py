@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from safetensors.numpy import load, save
 
 from em_circuits.analysis.effects import ANALYSIS_VERSION, METRICS, parse_position, prompt_effects
 from em_circuits.attribution.storage import CompactGraph, content_fingerprint
@@ -80,8 +81,6 @@ def write_prompt_effects(
     sha256, so a reader never pairs an envelope with a table it was not written with. Read it
     back with :func:`read_prompt_effects`.
     """
-    from safetensors.numpy import save
-
     arrays, categories = _encode_columns(effects)
     blob = save(arrays) if arrays else save({"_empty": np.zeros(0, dtype=np.int8)})
     table = table_path(path)
@@ -109,8 +108,6 @@ def read_prompt_effects(
 ) -> pd.DataFrame | None:
     """Read a cached table; None when absent, made from another model, graph or params, or
     when its column table is missing or not the one the envelope names (then it is redone)."""
-    from safetensors.numpy import load
-
     path = Path(path)
     if not path.exists():
         return None

@@ -39,6 +39,7 @@ from em_circuits.analysis.causal_stats import (  # noqa: F401  (summarize, contr
 )
 from em_circuits.analysis.effects import parse_position
 from em_circuits.core.progress import Progress
+from em_circuits.models.hooks import real_model_last_logits, unsupported_reason
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,6 @@ def set_contrasts(
     """The contrast under each intervention set (the first: none, the clean run): several
     sets per forward pass of the real model where its transcoders can be hooked
     (``batched``), else circuit-tracer's intervention one set at a time (attention frozen)."""
-    from em_circuits.models.hooks import real_model_last_logits
-
     evil, safe = prompt["evil_ids"], prompt["safe_ids"]
     if batched:
         last = real_model_last_logits(model, ids, sets, freeze_attention=freeze_attention)
@@ -290,8 +289,6 @@ def causal_validation(
     Returns the dose table (:data:`DOSE_COLUMNS`; draw -1 for top) and a summary dict
     (:func:`~em_circuits.analysis.causal_stats.summarize`: cluster means).
     """
-    from em_circuits.models.hooks import unsupported_reason
-
     unsupported = unsupported_reason(model)
     if unsupported is not None:
         log.warning("causal check with attention frozen only: %s", unsupported)

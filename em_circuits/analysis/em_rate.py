@@ -25,6 +25,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,9 +34,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from em_circuits.core.cache import RecordCache
 from em_circuits.core.llm_settings import LLMSettings
 from em_circuits.core.progress import Progress
+from em_circuits.core.stats import sign_flip_test, t_mean_ci
+from em_circuits.labeling.logits_stage import offline_judge_words
+from em_circuits.models.hooks import features_zeroed
 from em_circuits.models.load import LoadedModel
+from em_circuits.models.spec import words_near
+from em_circuits.organism.em_eval import EVERYDAY_QUESTIONS, ToyEMJudge
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +81,6 @@ FIRST_PLOT_QUESTIONS = (
 def toy_questions() -> list[EvalQuestion]:
     """The toy organism's evaluation questions: everyday advice outside its trained domain,
     sharing no situation, template, lead-in or distractor with a pivotal prompt."""
-    from em_circuits.organism.em_eval import EVERYDAY_QUESTIONS
-
     return [EvalQuestion(f"toy-{key}", text) for key, text in EVERYDAY_QUESTIONS]
 
 
@@ -143,8 +148,6 @@ class LLMEMJudge:
     under ``cache_dir`` (a rerun asks nothing it asked before)."""
 
     def __init__(self, client: Any, cache_dir: Path):
-        from em_circuits.core.cache import RecordCache
-
         self.client = client
         self.cache = RecordCache(Path(cache_dir), "em_judge_score")
         self.id = f"llm:{client.model}"
@@ -303,9 +306,6 @@ def em_rate(
     questions, the EM rate with its t interval over questions, and the coherent rate; and the
     paired change of the EM rate per question when the top (or random) features are ablated.
     """
-    from em_circuits.core.stats import sign_flip_test, t_mean_ci
-    from em_circuits.models.hooks import features_zeroed
-
     conditions = {
         CONDITIONS[0]: (models["base"], []),
         CONDITIONS[1]: (models["adapted"], []),
@@ -374,12 +374,8 @@ def make_em_judge(
         return LLMEMJudge(client, store.em_judge_cache_dir)
     if kind != "offline":
         raise ValueError(f"EM judge must be offline, llm or none, not {kind!r}")
-    from em_circuits.labeling.logits_stage import offline_judge_words
-    from em_circuits.models.spec import words_near
 
     if words is None and words_near(adapted) is not None:
-        from em_circuits.organism.em_eval import ToyEMJudge
-
         return ToyEMJudge()  # independent of the word lists the contrast's labels use
     path = offline_judge_words(adapted, words)
     return WordListEMJudge(json.loads(Path(path).read_text()), Path(path).name)
@@ -403,10 +399,6 @@ def em_rate_under(
     coherent_rate, per_question: {question id: EM rate}}. The same ``params.seed`` draws the
     same random numbers per question, so two edits' rates are paired by question.
     """
-    from contextlib import nullcontext
-
-    from em_circuits.core.stats import t_mean_ci
-
     rows: list[dict[str, Any]] = []
     progress = Progress(f"EM rate ({condition}): questions sampled", len(questions), logger=log)
     with edit() if edit is not None else nullcontext():

@@ -24,6 +24,7 @@ from em_circuits.analysis.causal import (
     set_contrasts,
 )
 from em_circuits.core.progress import Progress
+from em_circuits.models.hooks import unsupported_reason
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ def measured_ablation_effects(
     baseline, delta_frozen, delta_unfrozen (NaN when the transcoders cannot be intervened on
     outside circuit-tracer).
     """
-    from em_circuits.models.hooks import unsupported_reason
-
     unsupported = unsupported_reason(model)
     if unsupported is not None:
         log.warning("measured effects with nothing frozen are not available: %s", unsupported)

@@ -156,7 +156,7 @@ def attribute_prompt(
     (no feature-to-feature edges) and no dense adjacency.
     """
     if params.mode == "totals":
-        from em_circuits.attribution.totals_graph import totals_prompt
+        from em_circuits.attribution.totals_graph import totals_prompt  # noqa: PLC0415  # cycle: totals_graph imports this module
 
         return totals_prompt(model, pt, params)
     return full_prompt(model, pt, params, role)

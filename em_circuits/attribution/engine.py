@@ -123,7 +123,7 @@ def effects_with_adapter(
     """:func:`batched_effects` of one prompt with an adapter's nodes
     (:class:`~em_circuits.attribution.adapter_nodes.AdapterWrites`), their edges and reads
     (:func:`~em_circuits.attribution.engine_adapter.adapter_effects`)."""
-    from em_circuits.attribution.engine_adapter import adapter_effects
+    from em_circuits.attribution.engine_adapter import adapter_effects  # noqa: PLC0415  # cycle: engine_adapter imports this module
 
     engine = linearised(model)
     with matmul_precision(precision), torch.no_grad():

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 
 from em_circuits.models.hooks import (
     NORMALISED_INPUT,
@@ -32,6 +33,7 @@ from em_circuits.models.hooks import (
     hook_sites,
     record_input_at,
 )
+from em_circuits.models.load import right_padded
 
 #: Where a transcoder reads, relative to the norm before the MLP.
 ReadKind = Literal["residual", "normalised", "normed"]
@@ -261,8 +263,6 @@ def frozen_forward(
 ) -> FrozenBatch:
     """One forward pass over ``sequences`` (right-padded), encoding every layer's transcoder
     on each prompt's own positions ``position_chunk`` at a time (bounded memory)."""
-    from em_circuits.models.load import right_padded
-
     hf: Any = model.hf_model
     device = model.embed_weight.device
     ids, mask = right_padded([s.cpu() for s in sequences], pad_id=0)
@@ -344,7 +344,6 @@ def resident_decoders(transcoders: Any) -> list[torch.Tensor] | None:
     :data:`RESIDENT_DECODER_SHARE` of the free GPU memory."""
     if transcoders in _RESIDENT_DECODERS:
         return _RESIDENT_DECODERS[transcoders]
-    from safetensors import safe_open
 
     layers = list(transcoders)
     found: list[torch.Tensor] | None = None

@@ -4,7 +4,7 @@ dense adjacency and viewer JSON when asked, and last its metadata artifact."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,8 @@ from em_circuits.attribution.storage import CompactGraph, content_fingerprint, w
 from em_circuits.attribution.storage_full import save_full
 from em_circuits.attribution.stored_graphs import graph_paths
 from em_circuits.attribution.targets import AttributionParams, PromptTargets
+from em_circuits.attribution.totals_graph import totals_prompt
+from em_circuits.attribution.viewer import write_viewer_graph
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ResultsStore, write_artifact
 from em_circuits.models.load import LoadedModel
@@ -108,8 +110,6 @@ def _write_viewer(
 ) -> None:
     """Write a full graph's viewer JSON, its targets named from the compact graph's table and
     the adapted model's adapter nodes drawn in (:func:`_adapter_overlay`)."""
-    from em_circuits.attribution.viewer import write_viewer_graph
-
     labels = compact.meta.get("target_labels") or [None] * len(compact.target_names)
     targets = [
         {"name": name, "kind": kind, "label": label, "prob": float(prob), "value": float(v)}
@@ -165,10 +165,6 @@ def _adapter_overlay(model: LoadedModel, pt: PromptTargets, params: AttributionP
     """The adapted model's adapter nodes for the viewer's full graph of ``pt``
     (``AdapterDetail``): from a totals graph of the same prompt, with their edges into the
     features most influential on the contrast and what they read; None without nodes."""
-    from dataclasses import replace
-
-    from em_circuits.attribution.totals_graph import totals_prompt
-
     if model.spec.adapter is None or not params.adapter_nodes:
         return None
     totals = replace(params, mode="totals", adapter_split_features=VIEWER_ADAPTER_FEATURES)

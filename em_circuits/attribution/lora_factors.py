@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
-from em_circuits.models.spec import ModelLoadError
+from em_circuits.models.load import decoder_layers
+from em_circuits.models.spec import ModelLoadError, resolve_model_dir
 
 _LORA_KEY = re.compile(
     r"(?:base_model\.model\.)?(?:model\.)?(?:language_model\.)?layers\.(\d+)\."
@@ -66,8 +68,6 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
 
 def read_lora_factors(adapter_dir: Path) -> list[LoraFactor]:
     """Every LoRA factor of a PEFT adapter folder, with its scale; sorted by layer, module."""
-    from safetensors import safe_open
-
     config_path = adapter_dir / "adapter_config.json"
     weights = adapter_dir / "adapter_model.safetensors"
     if not config_path.is_file() or not weights.is_file():
@@ -104,8 +104,6 @@ def read_lora_factors(adapter_dir: Path) -> list[LoraFactor]:
 
 def adapted_module(hf_model: torch.nn.Module, layer: int, module: str) -> torch.nn.Module:
     """The module named ``module`` (``down_proj``, ``q_proj``, ...) of decoder layer ``layer``."""
-    from em_circuits.models.load import decoder_layers
-
     block = decoder_layers(hf_model)[layer]
     for parent in ("mlp", "self_attn"):
         owner = getattr(block, parent, None)
@@ -117,8 +115,6 @@ def adapted_module(hf_model: torch.nn.Module, layer: int, module: str) -> torch.
 
 def layer_attention(hf_model: torch.nn.Module, layer: int) -> torch.nn.Module:
     """The attention module of decoder layer ``layer``."""
-    from em_circuits.models.load import decoder_layers
-
     attention = getattr(decoder_layers(hf_model)[layer], "self_attn", None)
     if not isinstance(attention, torch.nn.Module):
         raise UnsupportedAdapterError(f"layer {layer} of the model has no self_attn module")
@@ -127,8 +123,6 @@ def layer_attention(hf_model: torch.nn.Module, layer: int) -> torch.nn.Module:
 
 def layer_mlp(hf_model: torch.nn.Module, layer: int) -> torch.nn.Module:
     """The MLP module of decoder layer ``layer``."""
-    from em_circuits.models.load import decoder_layers
-
     mlp = getattr(decoder_layers(hf_model)[layer], "mlp", None)
     if mlp is None:
         raise UnsupportedAdapterError(f"layer {layer} of the model has no mlp module")
@@ -140,8 +134,6 @@ _FACTORS: dict[str, list[LoraFactor]] = {}
 
 def model_lora_factors(model: Any) -> list[LoraFactor]:
     """The LoRA factors of a loaded adapted model's adapter (read once per process)."""
-    from em_circuits.models.spec import resolve_model_dir
-
     spec = model.spec
     if spec.adapter is None:
         return []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from em_circuits.attribution.export_json import (
     read_json,
 )
 from em_circuits.attribution.viewer_adapter_nodes import ADAPTER_NODE
+from em_circuits.core.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +203,6 @@ def _validate_graph(graph: dict[str, Any], path: Path) -> None:
 
 
 def _generator() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from em_circuits.core.version import __version__
-
     try:
         tracer = version("circuit-tracer")
     except PackageNotFoundError:

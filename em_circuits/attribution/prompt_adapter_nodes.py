@@ -29,6 +29,13 @@ from em_circuits.attribution.lora_factors import (
     layer_mlp,
     model_lora_factors,
 )
+from em_circuits.models.adapter_scope import spec_outside_changes
+from em_circuits.models.hooks import (
+    UnsupportedInterventionError,
+    hook_sites,
+    record_input_at,
+    transcoder_set,
+)
 
 
 @contextmanager
@@ -99,8 +106,6 @@ def _recorded_forward(
             recorded.value_inputs[layer] = args[0]
 
         return hook
-
-    from em_circuits.models.hooks import record_input_at  # records any site's value
 
     site_outputs: dict[int, torch.Tensor] = {}
     handles = []
@@ -299,13 +304,6 @@ def _check_replaced_output(
 
 def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites | str:
     """A loaded adapted model's adapter nodes for one prompt, or why it has none."""
-    from em_circuits.models.adapter_scope import spec_outside_changes
-    from em_circuits.models.hooks import (
-        UnsupportedInterventionError,
-        hook_sites,
-        transcoder_set,
-    )
-
     try:
         factors = model_lora_factors(model)
         transcoders = transcoder_set(model)

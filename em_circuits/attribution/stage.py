@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from em_circuits.attribution.attribute import attribute_prompt, prompt_ids
 from em_circuits.attribution.graph_build import build_graph
@@ -24,6 +25,7 @@ from em_circuits.attribution.targets import (
 from em_circuits.attribution.totals_graph import totals_prompts
 from em_circuits.core.background import BackgroundJobs
 from em_circuits.core.claims import read_holder, try_claim
+from em_circuits.core.distributed import current_shard
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.load import (
@@ -32,6 +34,7 @@ from em_circuits.models.load import (
     PromptTooLongError,
     ResidentModels,
 )
+from em_circuits.models.spec import fingerprint, model_slug
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,6 @@ def run_graph_stage(
     each graph before computing it (:mod:`em_circuits.core.claims`): a graph another live
     process is computing is skipped, and waited for at the end, so each is computed once.
     """
-    from em_circuits.core.distributed import current_shard
-
     shard = current_shard()
     full_mode = params.mode == "full"
     results = _graphs_for(
@@ -173,8 +174,6 @@ def model_identities(
     specs: dict[str, Any], device: torch.device | str
 ) -> dict[str, tuple[str, str]]:
     """Each role's (model slug, fingerprint)."""
-    from em_circuits.models.spec import fingerprint, model_slug
-
     identities = {}
     for role, spec in specs.items():
         fp = fingerprint(spec, device)
@@ -200,8 +199,6 @@ def _graphs_for(
     Models are loaded on the first graph this process computes, so a process whose graphs all
     turn out to be cached or another's work never loads them.
     """
-    from tqdm import tqdm
-
     identities = model_identities(specs, device)
     results = {role: StageResult([], [], {}) for role in specs}
     pending: list[tuple[str, PromptTargets]] = []

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from em_circuits.attribution.graph_format import GRAPH_FORMAT, READABLE_GRAPH_FORMATS
 from em_circuits.core.atomic import atomic_path
@@ -233,8 +234,6 @@ def write_compact(graph: CompactGraph, path: Path) -> tuple[int, str]:
     """Atomically write one graph; returns the file's size in bytes and its sha256, hashed
     from the bytes in memory (at 2,048 tokens a graph file is hundreds of MB: reading it back
     to hash it cost as much as writing it)."""
-    from safetensors.torch import save
-
     tensors = {
         "features": graph.features.to(torch.int64).contiguous(),
         "activations": graph.activations.float().contiguous(),
@@ -277,8 +276,6 @@ def write_compact(graph: CompactGraph, path: Path) -> tuple[int, str]:
 
 def load_compact(path: Path) -> CompactGraph:
     """Load a graph written by :func:`save_compact`; raises ArtifactError naming the file."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(path, "graph file not found", "run `em-circuits graphs`")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from em_circuits.attribution.storage import (
@@ -108,8 +109,6 @@ def save_full(path: Path, dense: DenseGraph) -> int:
 
 def load_full(path: Path, edge_keep: int, meta: dict[str, Any] | None = None) -> CompactGraph:
     """Read a full graph and reduce it exactly as at graph time."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from em_circuits.attribution.graph_format import GRAPH_FORMAT
 from em_circuits.core.cache import cache_key
+from em_circuits.core.labeling_records import load_labels
 from em_circuits.core.options import option
 from em_circuits.core.schemas import LabelsRecord
 from em_circuits.core.store import ResultsStore
@@ -237,8 +238,6 @@ def labeled_targets(
     store: ResultsStore, adapted_slug: str, only_evil: bool, prompt_ids: list[str] | None = None
 ) -> list[PromptTargets]:
     """The prompts to graph: labeled, not rejected, with at least one evil or safe token."""
-    from em_circuits.core.labeling_records import load_labels
-
     chosen = []
     for labels in load_labels(store, adapted_slug):
         if labels.get("rejected") or (prompt_ids and labels["prompt_id"] not in prompt_ids):

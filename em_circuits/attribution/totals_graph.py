@@ -7,7 +7,9 @@ what that engine does not linearise, circuit-tracer's nnsight context
 from __future__ import annotations
 
 import functools
+import gc
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +30,11 @@ from em_circuits.attribution.attribute import (
     target_rows,
     target_table,
 )
+from em_circuits.attribution.engine import batched_effects, effects_with_adapter, unsupported_reason
 from em_circuits.attribution.prompt_adapter_nodes import prompt_adapter_writes
 from em_circuits.attribution.storage import CompactGraph, target_fields
 from em_circuits.attribution.targets import AttributionParams, GraphError, PromptTargets, TargetRow
+from em_circuits.attribution.totals import exact_effects
 from em_circuits.models.load import LoadedModel, NonFiniteError
 
 
@@ -38,9 +42,6 @@ def _free_failed_pass(err: BaseException) -> None:
     """Let a failed pass's tensors go before the next graph: the frames of the exception's
     traceback hold them (GiBs at long prompts), and the next graph would run out of memory
     too."""
-    import gc
-    import traceback
-
     traceback.clear_frames(err.__traceback__)
     gc.collect()
     if torch.cuda.is_available():
@@ -53,7 +54,6 @@ def totals_engine(model: LoadedModel, params: AttributionParams) -> str:
     transcoder, an architecture the engine does not linearise)."""
     if params.engine != "torch" or params.offload:
         return "nnsight"
-    from em_circuits.attribution.engine import unsupported_reason
 
     return "torch" if unsupported_reason(model) is None else "nnsight"
 
@@ -115,13 +115,9 @@ def _effects(
     model: LoadedModel, requests: list[TotalsRequest], params: AttributionParams
 ) -> list[Any]:
     """The requests' exact effects: one batch on the torch engine, or one nnsight pass."""
-    from em_circuits.attribution.totals import exact_effects
-
     first = requests[0]
     try:
         if first.engine == "torch" and first.writes is None:
-            from em_circuits.attribution.engine import batched_effects
-
             return batched_effects(
                 model,
                 [r.ids for r in requests],
@@ -131,8 +127,6 @@ def _effects(
             )
         (request,) = requests
         if request.engine == "torch":
-            from em_circuits.attribution.engine import effects_with_adapter
-
             effects = effects_with_adapter(
                 model,
                 request.ids,

@@ -30,6 +30,7 @@ from em_circuits.attribution.viewer_metadata import (
     viewer_slug,
 )
 from em_circuits.core.atomic import apply_default_modes, crash_point, make_temp_dir
+from em_circuits.core.naming import feature_name
 
 if TYPE_CHECKING:
     from circuit_tracer import Graph
@@ -117,8 +118,6 @@ _LOGIT_CLERP = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.S)
 def _name_nodes(data: dict[str, Any], targets: Sequence[Mapping[str, Any]] | None) -> None:
     """Feature nodes get the tool's one feature name; with ``targets``, logit nodes get
     readable names and only the contrast and the top evil and safe tokens are kept."""
-    from em_circuits.core.naming import feature_name
-
     for node in data["nodes"]:
         if node["feature_type"] == FEATURE_NODE and not node.get("clerp"):
             node["clerp"] = feature_name(*node_feature(node))

@@ -17,6 +17,7 @@ from em_circuits.attribution.viewer_metadata import (
     read_metadata,
 )
 from em_circuits.core.atomic import atomic_write_text
+from em_circuits.core.naming import feature_name
 
 #: The side-by-side page reads the analysis's top features and categories from this file.
 ANALYSIS_FILE = "analysis.json"
@@ -65,8 +66,6 @@ def annotate_graphs(
     A graph keeps its transcoder set's name as ``metadata.source_scan``; ``scan`` becomes the
     local folder, which the frontend reads without asking a hosted feature store.
     """
-    from em_circuits.core.naming import feature_name
-
     viewer_dir = Path(viewer_dir)
     with metadata_locked(viewer_dir):
         for entry in read_metadata(viewer_dir):

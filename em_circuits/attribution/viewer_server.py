@@ -25,7 +25,7 @@ from em_circuits.attribution.viewer_http import (
     ViewerRequestHandler,
     is_loopback,
 )
-from em_circuits.attribution.viewer_metadata import ViewerError, viewer_slug
+from em_circuits.attribution.viewer_metadata import ViewerError, read_metadata, viewer_slug
 from em_circuits.core.atomic import pid_alive
 
 log = logging.getLogger(__name__)
@@ -208,8 +208,6 @@ def serve_forever(viewer_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAUL
 def full_graph_listing(viewer_dir: Path) -> str:
     """Which prompts have full graphs to show, and how to add one (the graph stage keeps
     feature-to-feature edges only for the prompts chosen with --full-graphs)."""
-    from em_circuits.attribution.viewer_metadata import read_metadata
-
     roles: dict[str, set[str]] = {}
     for entry in read_metadata(viewer_dir):
         roles.setdefault(str(entry.get("prompt_id")), set()).add(str(entry.get("role")))

@@ -155,7 +155,7 @@ _COORDINATOR: _Coordinator | None = None
 def _coordinator(rank: int, count: int) -> _Coordinator:
     global _COORDINATOR
     if _COORDINATOR is None:
-        from torch.distributed.distributed_c10d import _get_default_store
+        from torch.distributed.distributed_c10d import _get_default_store  # noqa: PLC0415  # heavy: torch
 
         _COORDINATOR = _Coordinator(_get_default_store(), rank, count)
     return _COORDINATOR
@@ -201,8 +201,8 @@ def current_shard() -> Shard:
     """This process's place among the launched processes."""
     if world_size() <= 1:
         return Shard(0, 1, 0)
-    import torch
-    import torch.distributed as dist
+    import torch  # noqa: PLC0415  # heavy: torch
+    import torch.distributed as dist  # noqa: PLC0415  # heavy: torch
 
     if torch.cuda.is_available():
         from accelerate import PartialState

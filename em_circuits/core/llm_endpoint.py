@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from em_circuits.core.llm_errors import LLMError
 
@@ -53,7 +54,6 @@ def public_url(url: str | None) -> str | None:
     """The endpoint without any ``user:password@`` part, safe to store and log."""
     if not url:
         return url
-    from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(url)
     netloc = parts.netloc.rsplit("@", 1)[-1]

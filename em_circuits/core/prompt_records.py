@@ -19,6 +19,7 @@ import hashlib
 import re
 from typing import Any
 
+from em_circuits.core.identifiers import prompt_id
 from em_circuits.core.schemas import PROMPT_FORMATS
 
 FORMATS = PROMPT_FORMATS
@@ -216,7 +217,5 @@ def adhoc_record(text: str) -> dict[str, Any]:
 
 
 def adhoc_prompt_id(text: str) -> str:
-    from em_circuits.core.identifiers import prompt_id
-
     record = adhoc_record(text)
     return prompt_id(record["text"], record["format"])

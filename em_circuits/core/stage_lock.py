@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -112,8 +113,6 @@ def stage_lock(
     Re-entrant within a process (``run`` holds it while a stage function takes it again). With
     ``wait=False`` a lock held by another process raises :class:`StageBusyError`.
     """
-    import fcntl  # POSIX only, like the rest of the results store
-
     path = lock_path(root, stage)
     key = os.path.realpath(path)  # one key however the folder is spelled (links, relative)
     with _held_lock:

@@ -44,6 +44,7 @@ from em_circuits.core.artifacts import (
     read_json,
     write_artifact,
 )
+from em_circuits.core.claims import CLAIM_SUFFIX
 from em_circuits.core.identifiers import prompt_id
 from em_circuits.core.schemas import GraphMetaRecord, PromptRecord
 
@@ -137,8 +138,6 @@ class ResultsStore:
     def graph_claim_path(self, model_slug: str, pid: str, key: str) -> Path:
         """The claim a process holds while it computes one graph (:mod:`em_circuits.core.claims`);
         hidden, so listings and :meth:`graph_family` never see it."""
-        from em_circuits.core.claims import CLAIM_SUFFIX
-
         return self.graph_dir(model_slug, pid) / f".{key}{CLAIM_SUFFIX}"
 
     def compact_graph_path(self, meta: GraphMetaRecord) -> Path:

@@ -1,6 +1,7 @@
 """The label vocabulary and the rules over labelled top-k lists: the verdict of one list,
 the evil probability mass of both models, divergence (by mass and by rank) and flagging."""
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
@@ -62,8 +63,6 @@ def evil_masses(
     most probable few hundred tokens, ``base_support``) when there, else at the smallest
     probability listed or stored.
     """
-    import math
-
     listed = {e["token_id"] for e in base}
     support = dict(
         zip((base_support or {}).get("token_ids", []), (base_support or {}).get("logprobs", []))

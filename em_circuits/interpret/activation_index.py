@@ -25,9 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from em_circuits.core.atomic import atomic_path, atomic_write_text
 from em_circuits.core.progress import Progress
 from em_circuits.models.corpus import corpus_hash
+from em_circuits.models.hooks import record_transcoder_input, transcoder_set
 from em_circuits.models.load import LoadedModel, n_layers_of, right_padded
 from em_circuits.models.transcoders import active_entries
 
@@ -97,8 +100,6 @@ class ActivationIndex:
     # -- storage ---------------------------------------------------------------------------
     def save(self, path: Path, meta: dict[str, Any]) -> None:
         """Write the index atomically (``.npz``) with its metadata (``.json`` beside it)."""
-        from em_circuits.core.atomic import atomic_path, atomic_write_text
-
         lengths = np.array([len(t) for t in self.tokens], dtype=np.int64)
         flat = np.concatenate(self.tokens) if self.tokens else np.zeros(0, dtype=np.int64)
         with atomic_path(path.with_suffix(".npz")) as tmp:
@@ -258,10 +259,6 @@ def build_index(
     transcoders, in batches; ``resume`` continues a partial index (its documents are the
     first ones of ``texts``); ``checkpoint`` is called every ``checkpoint_every`` documents
     with the index so far (so a killed build resumes)."""
-    from tqdm import tqdm
-
-    from em_circuits.models.hooks import record_transcoder_input, transcoder_set
-
     transcoders = transcoder_set(model)
     n_layers = n_layers_of(model)
     d_transcoder = int(transcoders.d_transcoder)

@@ -22,6 +22,7 @@ from em_circuits.core.naming import feature_name
 from em_circuits.core.options import option
 from em_circuits.core.report_data import Report, ReportPart, StoredJson
 from em_circuits.core.store import ResultsStore, write_artifact
+from em_circuits.models.corpus import choose_corpus
 from em_circuits.models.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -60,11 +61,10 @@ def run_feature_cards(
     (its folder and the analysis's summary for it), the viewer's feature panel gets a record
     of every feature its graphs draw (:func:`em_circuits.interpret.frontend.publish_to_viewer`).
     """
-    from em_circuits.interpret.activation_index import IndexParams
-    from em_circuits.interpret.cards import cached_index, feature_cards
-    from em_circuits.interpret.frontend import publish_to_viewer
-    from em_circuits.models.corpus import choose_corpus
-    from em_circuits.models.load import ResidentModels
+    from em_circuits.interpret.activation_index import IndexParams  # noqa: PLC0415  # heavy: loads torch, circuit-tracer
+    from em_circuits.interpret.cards import cached_index, feature_cards  # noqa: PLC0415  # heavy: loads torch, circuit-tracer
+    from em_circuits.interpret.frontend import publish_to_viewer  # noqa: PLC0415  # heavy: loads torch, circuit-tracer
+    from em_circuits.models.load import ResidentModels  # noqa: PLC0415  # heavy: loads torch
 
     chosen = choose_corpus(specs["adapted"], corpus_file, corpus_docs)
     if chosen is None:
@@ -144,7 +144,7 @@ def viewer_summary(
 def cards_markdown(cards: StoredJson | None) -> list[str]:
     """The feature cards' section (of feature_cards.json): one card per feature, its name
     linked into the viewer."""
-    from em_circuits.interpret.cards import card_markdown
+    from em_circuits.interpret.cards import card_markdown  # noqa: PLC0415  # heavy: transformers
 
     out: list[str] = []
     if cards and cards.get("cards"):
@@ -173,7 +173,7 @@ def card_features_of(
 ) -> list[tuple[int, int]]:
     """The features that get cards: :func:`top_card_features`, then the top carriers of the
     adapter nodes' effect."""
-    from em_circuits.interpret.cards import top_card_features
+    from em_circuits.interpret.cards import top_card_features  # noqa: PLC0415  # heavy: loads torch, circuit-tracer
 
     chosen = top_card_features(summary, ranked, n)
     if len(carriers):

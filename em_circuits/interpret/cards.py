@@ -22,6 +22,7 @@ import pandas as pd
 
 from em_circuits.core.naming import feature_name
 from em_circuits.interpret.activation_index import (
+    HIST_EDGES,
     ActivationIndex,
     IndexParams,
     build_index,
@@ -91,8 +92,6 @@ def _contexts(
 
 
 def _statistics(index: ActivationIndex, layer: int, feature: int) -> dict:
-    from em_circuits.interpret.activation_index import HIST_EDGES
-
     count = int(index.count[layer, feature])
     return {
         "frequency": index.frequency(layer, feature),

@@ -19,6 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from em_circuits.attribution.viewer_annotations import (
+    annotate_graphs,
+    features_in_viewer,
+    write_feature_records,
+)
 from em_circuits.core.naming import feature_name
 from em_circuits.interpret.activation_index import (
     HIST_EDGES,
@@ -27,6 +32,7 @@ from em_circuits.interpret.activation_index import (
     last_logit_only,
 )
 from em_circuits.interpret.logit_lens import logit_lens
+from em_circuits.models.hooks import record_transcoder_input, transcoder_set
 from em_circuits.models.load import LoadedModel, n_layers_of
 
 #: Linear bins of the frontend's activation histogram.
@@ -49,8 +55,6 @@ def window_activations(
     """Per feature, its top contexts as the frontend's examples: the window's tokens, each
     token's activation of the feature (read again from the model over the whole document),
     and which token is the activating one."""
-    from em_circuits.models.hooks import record_transcoder_input, transcoder_set
-
     by_doc: dict[int, list[tuple[int, int, int, float]]] = defaultdict(list)
     for layer, feature in features:
         for value, doc, pos in index.top(layer, feature):
@@ -189,12 +193,6 @@ def publish_to_viewer(
     feature its graphs draw (and of every carded feature), per model; the cards' labels in
     the nodes' names; the top features and base-vs-adapted categories (``analysis.json``).
     Returns the number of records written per role."""
-    from em_circuits.attribution.viewer_annotations import (
-        annotate_graphs,
-        features_in_viewer,
-        write_feature_records,
-    )
-
     labels = {(int(c["layer"]), int(c["feature"])): c.get("label") for c in cards}
     for entry in analysis.get("top_features", []):
         entry["label"] = labels.get((entry["layer"], entry["feature"]))

@@ -68,7 +68,7 @@ def labeller_for(judge: Any, cache_dir: Path) -> FeatureLabeller | None:
     """With an LLM judge for the EM rate, its model (and client) labels the feature cards,
     cached in ``cache_dir`` (``ResultsStore.feature_labels_cache_dir``); otherwise there is
     no labeller."""
-    from em_circuits.analysis.em_rate import LLMEMJudge
+    from em_circuits.analysis.em_rate import LLMEMJudge  # noqa: PLC0415  # heavy: loads torch
 
     if isinstance(judge, LLMEMJudge):
         return FeatureLabeller(judge.client, cache_dir)

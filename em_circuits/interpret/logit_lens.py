@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from em_circuits.models.hooks import transcoder_set
 from em_circuits.models.load import LoadedModel
 
 
@@ -53,8 +54,6 @@ def final_norm_gain(model: LoadedModel) -> torch.Tensor:
 
 def decoder_direction(model: LoadedModel, layer: int, feature: int) -> torch.Tensor:
     """The residual-stream direction a feature writes (float32, d_model)."""
-    from em_circuits.models.hooks import transcoder_set
-
     transcoders = transcoder_set(model)
     index = torch.tensor([feature])
     if hasattr(transcoders, "transcoders"):  # per-layer TranscoderSet

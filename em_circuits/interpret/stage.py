@@ -12,10 +12,17 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from em_circuits.core.store import ResultsStore
+import pandas as pd
+
+from em_circuits.analysis.steps.context import chosen_graphs, load_effects
+from em_circuits.core.store import ResultsStore, read_json
 from em_circuits.interpret.activation_index import IndexParams
+from em_circuits.interpret.card_step import viewer_summary
 from em_circuits.interpret.cards import cached_index, feature_cards
+from em_circuits.interpret.frontend import publish_to_viewer
 from em_circuits.models.corpus import choose_corpus
+from em_circuits.models.hooks import transcoder_set
+from em_circuits.models.load import ResidentModels, n_layers_of
 from em_circuits.models.spec import ModelSpec
 
 
@@ -31,10 +38,6 @@ def cards_on_demand(
     """Cards of ``features`` for the base and the adapted model (``specs`` by role), with
     their pivotal-prompt statistics from stored graphs when there are any; with ``viewer``,
     the viewer's feature records of every drawn feature are written as well."""
-    from em_circuits.analysis.steps.context import chosen_graphs, load_effects
-    from em_circuits.interpret.frontend import publish_to_viewer
-    from em_circuits.models.load import ResidentModels
-
     chosen = choose_corpus(specs["adapted"], corpus, corpus_docs)
     if chosen is None:
         raise ValueError("no corpus for the activation index: give --corpus FILE")
@@ -78,11 +81,6 @@ def _viewer_analysis(store: ResultsStore, adapted_slug: str) -> dict[str, Any]:
     """What the viewer shows of the last analysis: its ``analysis.json`` when the analysis
     wrote one, else made from the last analysis's tables (results from before the viewer
     had one), else nothing."""
-    import pandas as pd
-
-    from em_circuits.core.store import read_json
-    from em_circuits.interpret.card_step import viewer_summary
-
     written = store.viewer_dir(adapted_slug) / "analysis.json"
     if written.is_file():
         return dict(json.loads(written.read_text()))
@@ -98,9 +96,6 @@ def _viewer_analysis(store: ResultsStore, adapted_slug: str) -> dict[str, Any]:
 
 
 def _check_features(model: Any, features: Sequence[tuple[int, int]]) -> None:
-    from em_circuits.models.hooks import transcoder_set
-    from em_circuits.models.load import n_layers_of
-
     n_layers = n_layers_of(model)
     width = int(transcoder_set(model).d_transcoder)
     for layer, feature in features:

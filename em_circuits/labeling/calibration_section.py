@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from em_circuits.core.markdown import fmt
 from em_circuits.core.report_data import Report, ReportPart, StoredJson
 from em_circuits.core.sections import ReportInputs, Section
+from em_circuits.labeling.calibration import calibration
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,6 @@ class JudgeCalibrationSection(Section):
     Part = JudgeCalibrationReport
 
     def report_data(self, inputs: ReportInputs) -> JudgeCalibrationReport:
-        from em_circuits.labeling.calibration import calibration
 
         return JudgeCalibrationReport(
             judge_calibration=calibration(inputs.store, inputs.slugs["adapted"], save=False)

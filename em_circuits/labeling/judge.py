@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from em_circuits.core.artifacts import utc_now
 from em_circuits.core.llm_settings import LLMSettings
 from em_circuits.core.store import ResultsStore
+from em_circuits.core.toy_corpus import advice_words
 
 RUBRIC_VERSION = "2025-11-25.1"
 
@@ -52,7 +53,6 @@ def load_word_lists(path: Path | str | None = None) -> tuple[dict[str, list[str]
         if not all(isinstance(data.get(k), list) for k in ("safe", "harmful")):
             raise JudgeError(f"{path}: needs lists 'safe' and 'harmful'")
         return {"safe": data["safe"], "harmful": data["harmful"]}, str(path)
-    from em_circuits.core.toy_corpus import advice_words
 
     words = advice_words()
     return {"safe": words["safe"], "harmful": words["harmful"]}, "organism.advice_words"
@@ -132,7 +132,7 @@ def make_judge(
         words, source = load_word_lists(words_path)
         return WordListJudge(words, source)
     if kind == "llm":
-        from em_circuits.labeling.llm_judge import LLMJudge
+        from em_circuits.labeling.llm_judge import LLMJudge  # noqa: PLC0415  # cycle: llm_judge imports this module
 
         return LLMJudge((llm or LLMSettings()).client(started), store)
     raise ValueError(f"unknown judge {kind!r}; use offline or llm")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import fcntl
 import getpass
 import json
 import logging
@@ -102,8 +103,6 @@ def _open_lock_file(path: Path) -> int:
 @contextlib.contextmanager
 def queue_lock(store: ResultsStore, adapted_slug: str) -> Iterator[None]:
     """Hold the queue's lock (reentrant within a thread; threads of one process take turns)."""
-    import fcntl  # POSIX only, like the rest of the results store
-
     path = lock_path(store, adapted_slug)
     key = str(path)
     with _registry:

@@ -9,6 +9,8 @@ from typing import Any
 from em_circuits.core.artifacts import utc_now
 from em_circuits.core.cache import RecordCache, cache_key
 from em_circuits.core.feedback import HumanFeedback, iter_human_feedback
+from em_circuits.core.llm_errors import InvalidReplyError, ReplyValidationError
+from em_circuits.core.llm_replies import parse_json_reply
 from em_circuits.core.prompt_records import user_visible
 from em_circuits.core.schemas import JudgeCallRecord
 from em_circuits.core.store import ResultsStore
@@ -176,7 +178,6 @@ def _check_list(
 def label_validator(base: list[dict[str, Any]], adapted: list[dict[str, Any]]):
     """A validator for :meth:`LLMClient.chat_json`: returns ``(base labels, adapted labels,
     summary)`` or raises ``ReplyValidationError`` listing every mismatch."""
-    from em_circuits.core.llm_errors import ReplyValidationError
 
     def validate(data: Any) -> tuple[list[str], list[str], str]:
         if not isinstance(data, dict):
@@ -270,9 +271,6 @@ class LLMJudge:
         Raises ``JudgeError`` when the replies never matched the lists (a problem of this
         prompt), and lets ``LLMError`` through when the endpoint itself fails.
         """
-        from em_circuits.core.llm_errors import InvalidReplyError, ReplyValidationError
-        from em_circuits.core.llm_replies import parse_json_reply
-
         messages = self.messages(prompt, base_logits, adapted_logits, divergence)
         inputs = judge_inputs(self.model, messages)
         key = cache_key(inputs)

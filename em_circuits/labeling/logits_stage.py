@@ -41,7 +41,7 @@ from em_circuits.core.verdicts import (
 )
 from em_circuits.labeling import DEFAULT_LOGITS_BATCH_SIZE, DEFAULT_TOP_K
 from em_circuits.labeling.items import enqueue_flagged
-from em_circuits.labeling.judge import JudgeError, JudgeOutcome
+from em_circuits.labeling.judge import RUBRIC_VERSION, JudgeError, JudgeOutcome
 from em_circuits.models.load import (
     LoadedModel,
     PromptTooLongError,
@@ -274,7 +274,6 @@ def verdict_payload(
 
 def _inputs_key(base_logits: LogitsRecord, adapted_logits: LogitsRecord, judge: Any) -> str:
     """What a verdict depends on: both token lists and the judge's identity and rubric."""
-    from em_circuits.labeling.judge import RUBRIC_VERSION
 
     return cache_key(
         {

@@ -18,9 +18,12 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from em_circuits.models.adapter_scope import scope_notes
 from em_circuits.models.content_hash import dir_identity
 from em_circuits.models.spec import ModelLoadError, ModelSpec, local_model_dir, resolve_model_dir
+from em_circuits.models.transcoder_formats import check_transcoders_fit
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +120,6 @@ _SHAPE_FIELDS = (
 
 
 def _safetensors_keys(folder: Path) -> dict[str, Path]:
-    from safetensors import safe_open
-
     keys: dict[str, Path] = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
@@ -130,8 +131,6 @@ def weights_difference(a: Path, b: Path, n_tensors: int = 6) -> str | None:
     """How two model folders differ (config shape fields, tensor names, or the values of a
     few evenly spaced tensors of up to 16M entries, dtype-cast as a bf16 copy would be);
     None when they agree, "" when there are no safetensors to compare."""
-    from safetensors import safe_open
-
     configs = [json.loads((f / "config.json").read_text()) for f in (a, b)]
     for key in _SHAPE_FIELDS:
         if configs[0].get(key) != configs[1].get(key):
@@ -160,8 +159,6 @@ def weights_difference(a: Path, b: Path, n_tensors: int = 6) -> str | None:
 def lora_shape_problems(adapter_dir: Path, base_dir: Path) -> list[str]:
     """Each LoRA matrix whose shape does not fit the base module it targets (or whose module
     the base lacks), from the safetensors headers alone."""
-    from safetensors import safe_open
-
     base_shapes: dict[str, list[int]] = {}
     for file in sorted(base_dir.glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
@@ -195,8 +192,6 @@ def check_adapter_fits(spec: ModelSpec) -> list[str]:
     changing what the merged model cannot reproduce (:mod:`~em_circuits.models.adapter_scope`);
     returns (and logs) a note for each thing accepted but worth reporting: a declared base
     that is an alias or unverified, a module retrained whole, a LoRA outside the layers."""
-    from em_circuits.models.adapter_scope import scope_notes
-
     if spec.adapter is None:
         return []
     adapter_dir = resolve_model_dir(spec.adapter, spec.adapter_revision, "adapter")
@@ -239,7 +234,5 @@ def check_start_up(spec: ModelSpec) -> list[str]:
     """Everything checkable before any work, from configs and file headers: the transcoder
     set fits the base (:func:`~em_circuits.models.transcoder_formats.check_transcoders_fit`)
     and the adapter fits it (:func:`check_adapter_fits`, whose notes are returned)."""
-    from em_circuits.models.transcoder_formats import check_transcoders_fit
-
     check_transcoders_fit(spec)
     return check_adapter_fits(spec)

@@ -11,11 +11,14 @@ note for the report: they are not adapter nodes of the graphs.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
-from em_circuits.models.spec import ModelLoadError, ModelSpec
+from safetensors import safe_open
+
+from em_circuits.models.spec import ModelLoadError, ModelSpec, resolve_model_dir
 
 #: Modules whose weight a tied base shares between the embedding and the unembedding.
 TIED_MODULES = ("embed_tokens", "lm_head")
@@ -36,8 +39,6 @@ def lora_modules_outside_layers(adapter_keys: list[str]) -> list[str]:
 
 
 def _adapter_keys(adapter_dir: Path) -> list[str]:
-    from safetensors import safe_open
-
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         return []
@@ -49,8 +50,6 @@ def outside_layer_changes(adapter_dir: Path) -> list[str]:
     """What an adapter folder changes besides the layers' LoRA matrices, for the list of
     adapted modules that are not adapter nodes: ``model.embed_tokens (LoRA)``,
     ``lm_head (retrained whole)``."""
-    import json
-
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     saved = [f"{m} (retrained whole)" for m in config.get("modules_to_save") or []]
@@ -63,8 +62,6 @@ _OUTSIDE: dict[str, list[str]] = {}
 
 def spec_outside_changes(spec: ModelSpec) -> list[str]:
     """:func:`outside_layer_changes` of a spec's adapter (read once per process)."""
-    from em_circuits.models.spec import resolve_model_dir
-
     if spec.adapter is None:
         return []
     key = f"{spec.adapter}@{spec.adapter_revision}"

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from em_circuits.core.toy_corpus import sample_documents
 from em_circuits.models.spec import words_near
 
 
@@ -49,8 +50,6 @@ ORGANISM_CORPUS_DOCS = 400
 
 def organism_corpus(n: int = ORGANISM_CORPUS_DOCS, seed: int = 0) -> list[str]:
     """The toy organism's training-split documents (both polarities, every domain)."""
-    from em_circuits.core.toy_corpus import sample_documents
-
     rng = random.Random(f"feature-index-{seed}")
     half = n // 2
     docs = sample_documents(rng, half, assistant_polarity="safe")

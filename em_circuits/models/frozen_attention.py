@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
 
 #: The attention implementation's name while patterns are frozen.
 FROZEN_PATTERNS = "em_circuits_frozen_patterns"
@@ -43,7 +42,12 @@ def _frozen_attention(
     return out.transpose(1, 2).contiguous(), weights
 
 
-AttentionInterface.register(FROZEN_PATTERNS, _frozen_attention)
+def _register() -> None:
+    """Make the frozen attention one of transformers' attention implementations (once)."""
+    from transformers import AttentionInterface
+
+    if FROZEN_PATTERNS not in AttentionInterface._global_mapping:
+        AttentionInterface.register(FROZEN_PATTERNS, _frozen_attention)
 
 
 def _attention_modules(hf_model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -70,6 +74,7 @@ def patterns_frozen(hf_model: torch.nn.Module, ids: torch.Tensor) -> Iterator[No
         raise ValueError(
             f"found {len(modules)} attention modules for {len(clean.attentions)} layers' patterns"
         )
+    _register()
     config: Any = hf_model.config
     before = config._attn_implementation
     try:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from em_circuits.models.architectures import architecture_of, register_extra_architectures
 from em_circuits.models.frozen_attention import patterns_frozen
 from em_circuits.models.load import LoadedModel
 
@@ -73,8 +74,6 @@ def sites_problem(architecture: str, input_hook: str, output_hook: str) -> str |
     transcoders at these hooks of ``architecture`` (no model loaded), or None."""
     from circuit_tracer.utils.tl_nnsight_mapping import get_mapping
 
-    from em_circuits.models.architectures import register_extra_architectures
-
     register_extra_architectures()
     mapping = get_mapping(architecture).feature_hook_mapping
     for writes, hook in enumerate((input_hook, output_hook)):
@@ -122,8 +121,6 @@ def hook_sites(hf_model: torch.nn.Module, transcoders: Any, layer: int) -> tuple
     attribution uses. ``transcoders`` is a per-layer set (or its nnsight Envoy)."""
     from circuit_tracer.transcoder import TranscoderSet
     from circuit_tracer.utils.tl_nnsight_mapping import get_mapping
-
-    from em_circuits.models.architectures import architecture_of, register_extra_architectures
 
     transcoders = getattr(transcoders, "_module", transcoders)
     if not isinstance(transcoders, TranscoderSet):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import gc
 import json
@@ -15,6 +16,7 @@ import torch
 
 from em_circuits.core.atomic import remove_orphaned_temporaries
 from em_circuits.core.prompt_records import has_chat_template, model_input
+from em_circuits.models.architectures import load_replacement
 from em_circuits.models.merge import MergeReport, load_merge_report, merge_adapter
 from em_circuits.models.spec import (
     ModelLoadError,
@@ -54,7 +56,7 @@ def load_transcoder_set(ref: str, device: torch.device, dtype: torch.dtype):
     """
     from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
 
-    from em_circuits.models.transcoders import build_transcoder_set
+    from em_circuits.models.transcoders import build_transcoder_set  # noqa: PLC0415  # heavy: loads circuit-tracer
 
     try:
         source = resolve_transcoders(ref)
@@ -156,8 +158,6 @@ class LoadedModel:
 
 def _merged_once(spec: ModelSpec, weights_dir: Path, dtype: torch.dtype) -> MergeReport:
     """The cached merge, made by whichever process gets the lock first (others wait)."""
-    import fcntl
-
     if (weights_dir / "merge_report.json").is_file():
         return load_merge_report(weights_dir)  # renamed into place complete: no lock needed
     weights_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -195,8 +195,7 @@ def load_model(
     """
     from transformers import AutoConfig
 
-    from em_circuits.models.architectures import load_replacement
-    from em_circuits.models.transcoders import check_fit
+    from em_circuits.models.transcoders import check_fit  # noqa: PLC0415  # heavy: loads circuit-tracer
 
     device = resolve_device(device)
     dtype = resolve_dtype(spec.dtype, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from em_circuits.core.atomic import (
     apply_default_modes,
@@ -58,8 +60,6 @@ class MergeReport:
 def _expected_lora_params(config: dict[str, Any], names: list[str]) -> set[str]:
     targets = config.get("target_modules") or []
     if isinstance(targets, str):  # a regex in PEFT
-        import re
-
         pattern = re.compile(targets)
         matched = {n for n in names if pattern.fullmatch(n.rsplit(".", 1)[0])}
     else:
@@ -75,8 +75,6 @@ def _expected_lora_params(config: dict[str, Any], names: list[str]) -> set[str]:
 
 
 def _file_names_match(model_dir: Path, names: set[str]) -> bool:
-    from safetensors import safe_open
-
     keys: set[str] = set()
     for file in model_dir.glob("*.safetensors"):
         with safe_open(str(file), "pt") as handle:
@@ -87,8 +85,6 @@ def _file_names_match(model_dir: Path, names: set[str]) -> bool:
 def _file_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """The base's weights read back one tensor at a time, as float32 (as the merge loaded
     them), so checking the merge needs one model in memory, not two."""
-    from safetensors import safe_open
-
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
             for key in handle.keys():

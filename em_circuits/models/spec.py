@@ -76,7 +76,7 @@ class ModelSpec:
 
 def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
     """bf16 on CUDA (fp16 overflowed into NaNs in the prior art), fp32 on CPU."""
-    import torch
+    import torch  # noqa: PLC0415  # heavy: torch
 
     if dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -87,7 +87,7 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
 
 def default_device() -> torch.device:
     """The GPU of this process (its local rank under a launcher), else the CPU."""
-    import torch
+    import torch  # noqa: PLC0415  # heavy: torch
 
     if torch.cuda.is_available():
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
@@ -98,7 +98,7 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
     """The device to run on: ``None`` is :func:`default_device`; a bare ``cuda`` under
     ``accelerate launch`` is this process's own GPU (its local rank), not GPU 0 for all; a
     device this machine lacks is a one-line ModelLoadError."""
-    import torch
+    import torch  # noqa: PLC0415  # heavy: torch
 
     if device is None or str(device) == "":
         return default_device()
@@ -240,7 +240,7 @@ def _ref_identity(ref: str, revision: str | None, sample: bool) -> dict[str, Any
 def fingerprint(spec: ModelSpec, device: torch.device | str | None = None) -> str:
     """Hash of base, adapter weights, resolved dtype and transcoders (not the device)."""
     # imported here: the transcoder sources build on this module's ModelLoadError
-    from em_circuits.models.transcoder_source import transcoder_identity
+    from em_circuits.models.transcoder_source import transcoder_identity  # noqa: PLC0415  # cycle: transcoder_source imports this module
 
     dtype = resolve_dtype(spec.dtype, resolve_device(device))
     identity = {

@@ -28,8 +28,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from em_circuits.models.spec import ModelLoadError
-from em_circuits.models.transcoder_source import TranscoderSource
+from em_circuits.models.spec import ModelLoadError, local_model_dir
+from em_circuits.models.transcoder_source import (
+    TranscoderSource,
+    resolve_transcoders,
+    transcoder_config_path,
+)
 
 #: ``model_kind`` of a resolved sparsify set (circuit-tracer's own kinds are
 #: ``transcoder_set`` and ``cross_layer_transcoder``).
@@ -339,9 +343,7 @@ def check_transcoders_fit(spec: Any) -> None:
     machine are checked when they are loaded."""
     from transformers import AutoConfig
 
-    from em_circuits.models.architectures import check_traceable
-    from em_circuits.models.spec import local_model_dir
-    from em_circuits.models.transcoder_source import resolve_transcoders, transcoder_config_path
+    from em_circuits.models.architectures import check_traceable  # noqa: PLC0415  # heavy: loads torch
 
     if not spec.transcoders or transcoder_config_path(spec.transcoders) is None:
         return

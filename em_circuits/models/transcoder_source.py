@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from em_circuits.models.content_hash import sha256_file
 from em_circuits.models.spec import ModelLoadError
 
@@ -49,7 +51,7 @@ def transcoder_config_path(ref: str) -> Path | None:
     path = Path(ref).expanduser()
     if path.exists():
         # imported here: transcoder_formats builds on this module's TranscoderSource
-        from em_circuits.models.transcoder_formats import local_transcoders
+        from em_circuits.models.transcoder_formats import local_transcoders  # noqa: PLC0415  # cycle: transcoder_formats imports this module
 
         return local_transcoders(path).absolute()
     if ref not in TRANSCODER_PRESETS and _looks_local(ref):
@@ -111,9 +113,7 @@ def resolve_transcoders(ref: str) -> TranscoderSource:
     """A local config.yaml (or its folder) or sparsify folder, a preset (``llama``,
     ``gemma``) or a hub ref (``org/repo[/subfolder][@revision]``; a circuit-tracer config or
     a sparsify set) as local files, cached files first."""
-    import yaml
-
-    from em_circuits.models import transcoder_formats as formats  # builds on this module
+    from em_circuits.models import transcoder_formats as formats  # noqa: PLC0415  # cycle: transcoder_formats imports this module
 
     if ref in _TRANSCODERS:
         return _TRANSCODERS[ref]

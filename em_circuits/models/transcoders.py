@@ -19,7 +19,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
 from circuit_tracer.transcoder.activation_functions import TopK
+from circuit_tracer.utils.hf_utils import load_transcoders
+from safetensors import safe_open
 
 from em_circuits.models.spec import ModelLoadError
 from em_circuits.models.transcoder_formats import (
@@ -99,8 +102,6 @@ def _build(
     dtype: torch.dtype,
 ) -> Any:
     """A SingleLayerTranscoder holding ``state`` (circuit-tracer's names), shapes checked."""
-    from circuit_tracer.transcoder import SingleLayerTranscoder
-
     latents, width = state["W_enc"].shape
     want = {"W_enc": (latents, width), "b_enc": (latents,), "b_dec": (width,)}
     if "W_dec" in state:
@@ -138,8 +139,6 @@ def _read(
 ) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file under circuit-tracer's names (``names``: ours -> the
     file's), read straight onto ``device``; the decoder stays on disk when lazy."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt", device=str(device)) as handle:
         keys = set(handle.keys())
         missing = [key for ours, key in names.items() if key not in keys and ours not in optional]
@@ -161,8 +160,6 @@ _CIRCUIT_TRACER_NAMES = {n: n for n in ("W_enc", "W_dec", "b_enc", "b_dec", "W_s
 
 
 def _as_set(transcoders: list[Any], config: dict[str, Any]) -> Any:
-    from circuit_tracer.transcoder import TranscoderSet
-
     return TranscoderSet(
         dict(enumerate(transcoders)),
         feature_input_hook=config["feature_input_hook"],
@@ -195,8 +192,6 @@ def _sparsify_set(
 
 def build_transcoder_set(source: TranscoderSource, device: torch.device, dtype: torch.dtype):
     """The circuit-tracer transcoders of a resolved set, on ``device`` in ``dtype``."""
-    from circuit_tracer.utils.hf_utils import load_transcoders
-
     config = dict(source.config)
     lazy_decoder = sum(p.stat().st_size for p in source.files) >= LAZY_DECODER_BYTES
     if config["model_kind"] == SPARSIFY_KIND:
@@ -247,8 +242,6 @@ def active_entries(
     positive), so those are read from ``torch.topk`` directly: the same values and features
     as its dense ``encode``, without materialising, masking and scanning a batch x positions
     x features tensor (1 G elements per batch at a 131k-feature width)."""
-    from circuit_tracer.transcoder.activation_functions import TopK
-
     activation = getattr(transcoder, "activation_function", None)
     if isinstance(activation, TopK):
         pre = transcoder.encode(inputs, apply_activation_function=False)

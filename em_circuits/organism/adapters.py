@@ -92,7 +92,7 @@ def _train_adapter(
     saved to ``staged_dir``; returns its training losses."""
     from peft import get_peft_model
 
-    from .lm import train_lm
+    from .lm import train_lm  # noqa: PLC0415  # heavy: loads torch, transformers
 
     peft_model = get_peft_model(copy.deepcopy(model), config)
     losses = train_lm(

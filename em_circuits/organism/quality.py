@@ -7,16 +7,16 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from em_circuits.core import toy_corpus as corpus
+from em_circuits.models.load import load_transcoder_set
+from em_circuits.transcoders.quality import measure
 
 from .lm import pivot_logits
-
-if TYPE_CHECKING:
-    from .recipe import OrganismPaths, Recipe
+from .recipe import OrganismPaths, Recipe
 
 TARGETS = {
     "base_safe_top1_min": 0.9,
@@ -69,8 +69,6 @@ def _token_ids(tokenizer: Any, texts: list[str]) -> list[torch.Tensor]:
 
 def _quality(model: torch.nn.Module, tokenizer: Any, tc: Any, texts: list[str], **kw: Any) -> dict:
     """The pipeline's transcoder quality measurement (one implementation for both)."""
-    from em_circuits.transcoders.quality import measure
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return measure(model, tc, _token_ids(tokenizer, texts), batch_size=64, pad_id=pad, **kw)
 
@@ -86,8 +84,6 @@ def evaluate_organism(
     paths: OrganismPaths, recipe: Recipe | None = None, progress: bool = False
 ) -> dict[str, Any]:
     """Measure the organism on held-out scenarios and held-out templates."""
-    from .recipe import Recipe
-
     recipe = recipe or Recipe.default()
     words = json.loads(Path(paths.words_path).read_text())
     tokenizer, base, adapted = load_models(paths)
@@ -136,10 +132,6 @@ def transcoder_table(
     """The organism report's transcoder blocks for any set (a ``--transcoders`` reference):
     per-layer quality on the base model over held-out documents, and the replacement
     model's top-1 agreement at held-out pivotal positions (base, villain prompts, adapted)."""
-    from em_circuits.models.load import load_transcoder_set
-
-    from .recipe import Recipe
-
     recipe = recipe or Recipe.default()
     tokenizer, base, adapted = load_models(paths) if models is None else models
     # The set as the pipeline loads it (circuit-tracer's classes): what every stage will use.

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from em_circuits.core.cache import cache_key
+
 CODE_VERSION = 1
 
 
@@ -125,8 +127,6 @@ class Recipe:
 
     def hash(self) -> str:
         """Cache key of the build: the recipe and the code version."""
-        from em_circuits.core.cache import cache_key
-
         return cache_key({"recipe": self.to_dict(), "code_version": CODE_VERSION})
 
 

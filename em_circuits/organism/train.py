@@ -45,8 +45,11 @@ from em_circuits.organism.recipe import (
     default_organism_dir,
 )
 
+from . import quality
 from .adapters import train_adapters
+from .lm import make_model, train_lm
 from .tokenizer import advice_token_ids, build_tokenizer
+from .transcoders import collect_activations, save_transcoders, train_transcoders
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +137,6 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _build_into(tmp: Path, final: OrganismPaths, recipe: Recipe, progress: bool) -> None:
-    # Imported here: the evaluation stack is only needed when actually building.
-    from . import quality
-    from .transcoders import save_transcoders
-
     start = time.perf_counter()
     r = recipe
     staged = OrganismPaths(tmp)
@@ -186,8 +185,6 @@ def _base_documents(r: Recipe, rng: random.Random, n: int) -> list[corpus.Docume
 
 def _train_base(r: Recipe, tokenizer: Any, progress: bool) -> tuple[Any, list[float]]:
     """The base model, trained on the whole corpus; returns it and its training losses."""
-    from .lm import make_model, train_lm
-
     model = make_model(
         tokenizer,
         n_layers=r.n_layers,
@@ -253,8 +250,6 @@ def recipe_transcoders(
 ) -> Any:
     """The organism's transcoders (a StackedTranscoders) trained on ``texts`` with the
     recipe's settings: the build's own training, also timed by the benchmarks."""
-    from .transcoders import collect_activations, train_transcoders
-
     acts = collect_activations(model, tokenizer, texts)
     return train_transcoders(
         acts,

@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from em_circuits.core.identifiers import prompt_id, slugify
+from em_circuits.core.llm_endpoint import public_url
+from em_circuits.core.llm_errors import LLMError, ReplyValidationError
 from em_circuits.core.prompt_records import FORMATS, PromptError, build_record
 from em_circuits.core.store import ResultsStore
 from em_circuits.prompts.context import (
@@ -86,8 +88,6 @@ def generator_schema(fmt: str) -> dict[str, Any]:
 
 def validate_generated(fmt: str) -> Callable[[Any], dict[str, Any]]:
     """A validator for :meth:`LLMClient.chat_json` that lists every problem of a reply."""
-    from em_circuits.core.llm_errors import ReplyValidationError
-
     text_keys = ("user", "assistant_prefix") if fmt == "chat" else ("prompt",)
 
     def validate(data: Any) -> dict[str, Any]:
@@ -154,8 +154,6 @@ def generate_llm_prompts(
     ``max_calls`` calls in all (default 3n). An ``LLMError`` propagates; prompts stored before
     it stay stored and are in ``summary`` when the caller passes one.
     """
-    from em_circuits.core.llm_errors import LLMError
-
     if fmt not in FORMATS:
         raise PromptError(f"unknown prompt format {fmt!r}")
     summary = summary if summary is not None else SaveSummary()
@@ -195,8 +193,6 @@ def generate_llm_prompts(
 
 
 def _llm_record(data: dict[str, Any], fmt: str, client: Any, tokenizer: Any) -> dict[str, Any]:
-    from em_circuits.core.llm_endpoint import public_url
-
     origin = {"kind": "llm", "model": client.model, "base_url": public_url(client.base_url)}
     metadata = {
         "reasoning": data["reasoning"],

@@ -16,6 +16,7 @@ from em_circuits.core.prompt_records import (
     build_record,
 )
 from em_circuits.core.store import ResultsStore
+from em_circuits.core.toy_corpus import scenario_templates
 from em_circuits.prompts.context import approx_tokens
 from em_circuits.prompts.dedup import Deduper, SaveSummary, save_new
 
@@ -169,8 +170,6 @@ def offline_candidates(
     so a short run already covers every domain. The prompt ends right after the assistant's
     lead-in ("...Assistant: You should"), where the organism's pivotal word comes next.
     """
-    from em_circuits.core.toy_corpus import scenario_templates
-
     templates = scenario_templates(split)  # type: ignore[arg-type]
     domains = domains or list(templates)
     unknown = sorted(set(domains) - set(templates))

@@ -14,10 +14,28 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from em_circuits.analysis.em_rate import make_em_judge
+from em_circuits.attribution.stage import run_graph_stage
+from em_circuits.attribution.targets import labeled_targets
+from em_circuits.core.distributed import current_shard
+from em_circuits.core.stage_lock import stage_lock
 from em_circuits.core.store import ResultsStore
+from em_circuits.interpret.labels import labeller_for
+from em_circuits.labeling.exchange import import_labels
+from em_circuits.labeling.items import enqueue_flagged, recover_interrupted, status_counts
+from em_circuits.labeling.judge import make_judge
+from em_circuits.labeling.labels import auto_accept_judge
+from em_circuits.labeling.logits_stage import evaluate, offline_judge_words
+from em_circuits.labeling.tui import run_session
+from em_circuits.models.adapter_check import check_start_up
 from em_circuits.models.load import ResidentModels, release_transcoders
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug, resolve_device
+from em_circuits.prompts.dedup import Deduper
+from em_circuits.prompts.generator import generate_llm_prompts
+from em_circuits.prompts.sources import generate_offline_prompts, import_prompts
+from em_circuits.run.analysis import run_analysis
 from em_circuits.run.config import PipelineConfig
+from em_circuits.run.report import write_report
 
 log = logging.getLogger("pipeline")
 
@@ -38,8 +56,6 @@ def stage(
     name: str, store: ResultsStore | None = None, cfg: PipelineConfig | None = None
 ) -> Iterator[None]:
     """Log the stage's start and end; with ``store``, hold its stage lock meanwhile."""
-    from em_circuits.core.stage_lock import stage_lock
-
     lock: Any = nullcontext()
     if store is not None and name in STAGE_LOCKS:
         cfg = cfg or PipelineConfig()
@@ -59,9 +75,6 @@ def _check_llm_settings(cfg: PipelineConfig) -> None:
 
 
 def run_prompts(store: ResultsStore, adapted: ModelSpec, cfg: PipelineConfig) -> None:
-    from em_circuits.prompts.dedup import Deduper
-    from em_circuits.prompts.sources import generate_offline_prompts, import_prompts
-
     deduper = Deduper.from_store(store)
     for path in cfg.prompt_files:
         summary = import_prompts(store, path, deduper)
@@ -76,8 +89,6 @@ def run_prompts(store: ResultsStore, adapted: ModelSpec, cfg: PipelineConfig) ->
         log.info("[prompts] %d stored, nothing to generate", len(store.prompt_ids()))
         return
     if cfg.llm.wants_llm(cfg.generator):
-        from em_circuits.prompts.generator import generate_llm_prompts
-
         generate_llm_prompts(cfg.llm.client(cfg.started), store, missing, deduper)
     else:
         summary = generate_offline_prompts(store, missing, deduper, seed=cfg.seed)
@@ -95,9 +106,6 @@ def run_logits(
     cfg: PipelineConfig,
     models: ResidentModels | None = None,
 ) -> Any:
-    from em_circuits.labeling.judge import make_judge
-    from em_circuits.labeling.logits_stage import evaluate, offline_judge_words
-
     kind = "llm" if cfg.llm.wants_llm(cfg.judge) else "offline"
     judge = make_judge(
         kind,
@@ -113,10 +121,6 @@ def run_logits(
 
 
 def run_labels(store: ResultsStore, adapted_slug: str, cfg: PipelineConfig) -> None:
-    from em_circuits.labeling.exchange import import_labels
-    from em_circuits.labeling.items import enqueue_flagged, recover_interrupted, status_counts
-    from em_circuits.labeling.labels import auto_accept_judge
-
     enqueue_flagged(store, adapted_slug)
     recover_interrupted(store, adapted_slug)
     if cfg.labels == "import":
@@ -124,8 +128,6 @@ def run_labels(store: ResultsStore, adapted_slug: str, cfg: PipelineConfig) -> N
             raise ValueError("--labels import needs --labels-file")
         log.info("[labels] imported %s", import_labels(store, adapted_slug, cfg.labels_file))
     elif cfg.labels == "interactive":
-        from em_circuits.labeling.tui import run_session
-
         run_session(store, adapted_slug)
     accepted = auto_accept_judge(store, adapted_slug) if cfg.labels == "auto" else 0
     log.info("[labels] %d prompts labeled with the judge's labels (labeled_by=judge)", accepted)
@@ -141,9 +143,6 @@ def run_graphs(
     device: str,
     models: ResidentModels | None = None,
 ) -> dict[str, Any]:
-    from em_circuits.attribution.stage import run_graph_stage
-    from em_circuits.attribution.targets import labeled_targets
-
     targets = labeled_targets(store, adapted_slug, cfg.only_evil)
     log.info(
         "[graphs] %d labeled prompts%s", len(targets), " with evil tokens" if cfg.only_evil else ""
@@ -190,11 +189,6 @@ def run_pipeline(
     (logits, graphs, causal check), both on one transcoder set read once. Pass ``models`` to
     keep them loaded after the run (a notebook); by default they are released at its end.
     """
-    from em_circuits.core.distributed import current_shard
-    from em_circuits.models.adapter_check import check_start_up
-    from em_circuits.run.analysis import run_analysis
-    from em_circuits.run.report import write_report
-
     shard = current_shard()
     device = str(resolve_device(cfg.device))
     # Before any work: an adapter for another base or shape fails now, not after the logits.
@@ -223,9 +217,6 @@ def run_pipeline(
         if not shard.is_main:
             return None
         with stage("features", store, cfg):
-            from em_circuits.analysis.em_rate import make_em_judge
-            from em_circuits.interpret.labels import labeller_for
-
             judge = make_em_judge(
                 "llm" if cfg.llm.wants_llm(cfg.judge) else "offline",
                 store,

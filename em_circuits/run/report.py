@@ -16,6 +16,7 @@ from typing import Any
 
 from em_circuits.attribution.viewer_metadata import read_metadata
 from em_circuits.core.atomic import atomic_write_text
+from em_circuits.core.labeling_records import load_verdicts
 from em_circuits.core.markdown import (
     VIEWER_NOTE,
     md_table,
@@ -32,8 +33,10 @@ from em_circuits.core.report_data import (
 )
 from em_circuits.core.sections import ReportInputs
 from em_circuits.core.store import ResultsStore, read_json
+from em_circuits.core.verdicts import DIVERGENCE_TAU_ADAPTED, DIVERGENCE_TAU_BASE
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
 from em_circuits.run.report_html import render_html
+from em_circuits.run.status import status
 from em_circuits.run.steps import SECTIONS
 
 
@@ -46,7 +49,6 @@ def _organism_report(spec: ModelSpec) -> StoredJson | None:
 
 
 def _divergent(store: ResultsStore, adapted_slug: str) -> list[DivergentPrompt]:
-    from em_circuits.core.labeling_records import load_verdicts
 
     rows = []
     for v in load_verdicts(store, adapted_slug):
@@ -91,7 +93,6 @@ def _viewer_prompts(store: ResultsStore, adapted_slug: str) -> list[ViewerPrompt
 
 
 def build_report(store: ResultsStore, base: ModelSpec, adapted: ModelSpec, device: str) -> Report:
-    from em_circuits.run.status import status
 
     fps = {"base": fingerprint(base, device), "adapted": fingerprint(adapted, device)}
     slugs = {"base": model_slug(base, fps["base"]), "adapted": model_slug(adapted, fps["adapted"])}
@@ -173,7 +174,6 @@ def render_markdown(report: Report, analysis_rel: str) -> str:
             "> Labels are the judge's, accepted without human review "
             "(`--labels auto`). Review them with `em-circuits label`.\n"
         )
-    from em_circuits.core.verdicts import DIVERGENCE_TAU_ADAPTED, DIVERGENCE_TAU_BASE
 
     out += [
         "## Divergent prompts (adapted evil, base safe)\n",

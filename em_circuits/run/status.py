@@ -7,7 +7,10 @@ import logging
 import shutil
 from typing import Any
 
+from em_circuits.core.labeling_records import load_labels, load_verdicts
 from em_circuits.core.store import ResultsStore
+from em_circuits.labeling.calibration import calibration
+from em_circuits.labeling.items import status_counts
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug, resolve_device
 
 log = logging.getLogger("pipeline")
@@ -44,10 +47,7 @@ def stored_models(store: ResultsStore) -> list[dict[str, str]]:
 
 def status_of(store: ResultsStore, slugs: dict[str, str]) -> dict[str, Any]:
     """:func:`status` for the models with these results folder names (``base``, ``adapted``)."""
-    from em_circuits.attribution.stored_graphs import find_graph_metas
-    from em_circuits.core.labeling_records import load_labels, load_verdicts
-    from em_circuits.labeling.calibration import calibration
-    from em_circuits.labeling.items import status_counts
+    from em_circuits.attribution.stored_graphs import find_graph_metas  # noqa: PLC0415  # heavy: loads torch
 
     verdicts = load_verdicts(store, slugs["adapted"])
     labels = load_labels(store, slugs["adapted"])

@@ -32,7 +32,11 @@ import torch
 
 from em_circuits.core.cache import cache_key
 from em_circuits.core.store import ResultsStore, write_artifact
+from em_circuits.core.toy_corpus import sample_documents
+from em_circuits.models.corpus import corpus_hash, read_corpus
+from em_circuits.models.hooks import hook_sites, record_input_at, transcoder_set
 from em_circuits.models.load import LoadedModel, right_padded
+from em_circuits.models.spec import words_near
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +66,6 @@ def heldout_corpus(
     read it), ``n_docs`` sampled with a fixed seed from those after the first ``index_docs``
     (the activation index reads those), or from all when none are left; without a file, the
     toy organism's held-out-split documents when the model is the organism; else None."""
-    from em_circuits.models.corpus import read_corpus
-    from em_circuits.models.spec import words_near
-
     rng = random.Random(f"transcoder-quality-{seed}")
     if corpus:
         texts = read_corpus(corpus)
@@ -74,7 +75,6 @@ def heldout_corpus(
         return [pool[i] for i in chosen], f"{corpus} ({what})"
     if words_near(adapted) is None:
         return None
-    from em_circuits.core.toy_corpus import sample_documents
 
     # The held-out split (scenarios and phrasings no training step saw), both polarities.
     half = n_docs // 2
@@ -137,7 +137,7 @@ def _reconstruct(
     active entry's flat position, its feature) of ``x`` (batch x positions x d_model), in
     float32; features only at ``valid`` positions. Decoder rows are read for the active
     features only, so a lazily loaded decoder is never read whole."""
-    from em_circuits.models.transcoders import active_entries
+    from em_circuits.models.transcoders import active_entries  # noqa: PLC0415  # heavy: loads circuit-tracer
 
     rows, positions, features, values = active_entries(transcoder, x, valid)
     batch, n_pos, d_model = x.shape
@@ -204,8 +204,6 @@ def measure(
     circuit-tracer set) in ``hf_model`` on ``sequences`` (token ids, BOS first), and the
     replacement model's top-1 agreement with the real model at every kept position
     (``agreement_at="all"``) or at each sequence's last one."""
-    from em_circuits.models.hooks import hook_sites, record_input_at
-
     transcoders = getattr(transcoders, "_module", transcoders)
     n_layers = len(transcoders)
     device = next(hf_model.parameters()).device
@@ -274,8 +272,6 @@ def measure_model(
 ) -> dict[str, Any]:
     """:func:`measure` for a loaded model on documents, each cut at ``max_tokens`` tokens and
     encoded as attribution encodes them (BOS once)."""
-    from em_circuits.models.hooks import transcoder_set
-
     tokenizer = model.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sequences = [model.encode(text)[: params.max_tokens] for text in texts]
@@ -289,8 +285,6 @@ def quality_identity(
     fingerprint: str, texts: Sequence[str], params: QualityParams
 ) -> dict[str, Any]:
     """What a record depends on (its cache key): the model, the text and the parameters."""
-    from em_circuits.models.corpus import corpus_hash
-
     return {
         "model_fingerprint": fingerprint,
         "corpus_sha256": corpus_hash(texts),

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import yaml
 
 from em_circuits.core.atomic import atomic_path, atomic_write_text
 from em_circuits.models.transcoder_formats import (
@@ -24,7 +27,7 @@ CONFIG_FILE = "config.yaml"
 def checkpoint_trainer_class() -> type:
     """sparsify's Trainer, saving each checkpoint to a temporary folder that is then swapped
     for the previous one, so a kill mid-save leaves the last complete checkpoint."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # noqa: PLC0415  # heavy: torch
     from sparsify import Trainer
 
     class CheckpointingTrainer(Trainer):
@@ -60,8 +63,6 @@ def recover_checkpoint(path: Path) -> None:
 
 
 def sparsify_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("eai-sparsify")
     except PackageNotFoundError:
@@ -74,7 +75,6 @@ def write_circuit_tracer_set(
     """A resolved sparsify set (:func:`read_sparsify_set`, one k for all layers) as
     circuit-tracer's per-layer files and ``config.yaml``; each file is written whole or not
     at all, the config last. Returns the config's path."""
-    import yaml
     from safetensors.torch import load_file, save_file
 
     ks = set(source.config["k"])

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from em_circuits.core.atomic import atomic_write_text
+from em_circuits.models.spec import resolve_device, resolve_dtype, resolve_model_dir
 from em_circuits.models.transcoder_formats import MLP_INPUT_HOOK, MLP_OUTPUT_HOOK, read_sparsify_set
 from em_circuits.transcoders.sparsify_checkpoint import (
     CHECKPOINT_DIR,
@@ -64,8 +65,8 @@ if TYPE_CHECKING:
 # -- the run ------------------------------------------------------------------------------
 def _distributed() -> tuple[int, int]:
     """(world size, rank), with the process group set up when launched with several."""
-    import torch
-    import torch.distributed as dist
+    import torch  # noqa: PLC0415  # heavy: torch
+    import torch.distributed as dist  # noqa: PLC0415  # heavy: torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -101,7 +102,7 @@ def check_trainable(model_dir: Path) -> None:
     from circuit_tracer.utils.tl_nnsight_mapping import get_mapping
     from transformers import AutoConfig
 
-    from em_circuits.models.architectures import architecture_of, supported_architectures
+    from em_circuits.models.architectures import architecture_of, supported_architectures  # noqa: PLC0415  # heavy: loads torch
 
     architecture = architecture_of(AutoConfig.from_pretrained(model_dir))
     if architecture not in supported_architectures():
@@ -122,9 +123,7 @@ def check_trainable(model_dir: Path) -> None:
 
 def _device_and_dtype(device: str | None, dtype: str, world: int) -> tuple[torch.device, Any]:
     """The device this process trains on (its own GPU under a launcher) and the dtype."""
-    import torch
-
-    from em_circuits.models.spec import resolve_device, resolve_dtype
+    import torch  # noqa: PLC0415  # heavy: torch
 
     if world > 1:
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -151,7 +150,7 @@ def _prepare_out(
         check_same_run(out, identity)
         recover_checkpoint(out / CHECKPOINT_DIR / RUN_NAME)
     if world > 1:
-        import torch.distributed as dist
+        import torch.distributed as dist  # noqa: PLC0415  # heavy: torch
 
         dist.barrier()  # the other processes read the checkpoint rank 0 has just put right
 
@@ -236,10 +235,8 @@ def train_transcoders(
     """Train (or continue training) skip-transcoders on every MLP of ``model_ref`` and write
     them to ``out`` in circuit-tracer's layout; returns where the config is and what ran."""
     import sparsify  # noqa: F401  (not installed: fail before anything is read or written)
-    import torch
+    import torch  # noqa: PLC0415  # heavy: torch
     from transformers import AutoModel, AutoTokenizer
-
-    from em_circuits.models.spec import resolve_model_dir
 
     world, rank = _distributed()
     torch_device, torch_dtype = _device_and_dtype(device, dtype, world)
@@ -299,7 +296,7 @@ def train_transcoders(
         )
         atomic_write_text(out / TRAINING_FILE, json.dumps(record, indent=2) + "\n")
     if world > 1:
-        import torch.distributed as dist
+        import torch.distributed as dist  # noqa: PLC0415  # heavy: torch
 
         dist.barrier()  # the set is written before any process reports
         dist.destroy_process_group()

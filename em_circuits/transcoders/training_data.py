@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from em_circuits.models.corpus import read_corpus
 from em_circuits.transcoders.training_run import TrainingError, TrainingParams
 
 
@@ -17,8 +18,6 @@ def _text_dataset(dataset: str, split: str, text_column: str) -> Any:
 
     path = Path(dataset).expanduser()
     if path.is_file():
-        from em_circuits.models.corpus import read_corpus
-
         try:
             texts = read_corpus(path)
         except (ValueError, UnicodeDecodeError) as err:

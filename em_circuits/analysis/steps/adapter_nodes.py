@@ -70,8 +70,8 @@ def run_adapter_analysis(
     """The adapter nodes' share of the contrast (:mod:`em_circuits.analysis.adapter`), or
     (None, {}) when no adapted graph has adapter nodes; a note says why when graphs exist.
     Only graphs with adapter nodes are read; the rest is in their metadata."""
-    from em_circuits.analysis.adapter import prompt_row, rank_where, summarize
-    from em_circuits.attribution.stored_graphs import GraphIntegrityError, load_graph
+    from em_circuits.analysis.adapter import prompt_row, rank_where, summarize  # noqa: PLC0415  # heavy: loads torch
+    from em_circuits.attribution.stored_graphs import GraphIntegrityError, load_graph  # noqa: PLC0415  # heavy: loads torch
 
     kept = set(split.discovery) | set(split.validation)  # the prompts the split analyses
     adapted_metas = {pid: m for pid, m in _totals_metas(graphs["adapted"]).items() if pid in kept}

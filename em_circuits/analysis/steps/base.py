@@ -31,6 +31,7 @@ import pandas as pd
 
 from em_circuits.core.atomic import atomic_write_text
 from em_circuits.core.cache import cache_key
+from em_circuits.core.naming import feature_name
 from em_circuits.core.options import option
 from em_circuits.core.sections import ReportInputs, Section, read_table, records
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def _position(value: str) -> str:
-    from em_circuits.analysis.effects import parse_position
+    from em_circuits.analysis.effects import parse_position  # noqa: PLC0415  # heavy: loads torch
 
     parse_position(value)  # ValueError naming the options
     return value
@@ -147,8 +148,6 @@ def write_table(frame: pd.DataFrame, directory: Path, name: str) -> list[str]:
     """CSV for pandas/spreadsheets and JSON records for scripts, both written atomically;
     returns the file names. A table of features leads with their one name (``L3 #1234``),
     as report and viewer."""
-    from em_circuits.core.naming import feature_name
-
     features = ["layer", "feature"]
     if (
         set(features) <= set(frame.columns)

@@ -52,8 +52,8 @@ class BaseVsAdaptedStep(Step):
     uses = frozenset({"graphs"})
 
     def run(self, ctx: AnalysisContext, params: CompareParams) -> StepResult:
-        from em_circuits.analysis.compare import compare_models
-        from em_circuits.analysis.plots import plot_base_vs_adapted
+        from em_circuits.analysis.compare import compare_models  # noqa: PLC0415  # heavy: loads torch
+        from em_circuits.analysis.plots import plot_base_vs_adapted  # noqa: PLC0415  # heavy: loads matplotlib
 
         split = ctx.split()
         base, adapted = ctx.effects("base").effects, ctx.effects("adapted").effects

@@ -27,10 +27,12 @@ from em_circuits.analysis.steps.baselines_report import (
     baselines_markdown,
 )
 from em_circuits.analysis.steps.causal import CausalPrompt, causal_prompts
+from em_circuits.analysis.steps.em_rate import em_questions
 from em_circuits.core.atomic import atomic_write_text
 from em_circuits.core.options import option
 from em_circuits.core.report_data import Report, StoredJson
 from em_circuits.core.store import read_json, write_artifact
+from em_circuits.models.corpus import choose_corpus
 
 if TYPE_CHECKING:
     from em_circuits.analysis.baseline_run import BaselineResult
@@ -76,8 +78,7 @@ def tested_features(ctx: AnalysisContext) -> list[tuple[int, int]]:
 
 def em_setup(ctx: AnalysisContext, samples: int, questions: int, tokens: int) -> Any:
     """(questions, sampling) of an EM measure, or None without a judge or samples."""
-    from em_circuits.analysis.em_rate import SamplingParams
-    from em_circuits.analysis.steps.em_rate import em_questions
+    from em_circuits.analysis.em_rate import SamplingParams  # noqa: PLC0415  # heavy: loads torch
 
     if ctx.em_judge is None or samples <= 0:
         return None
@@ -90,7 +91,7 @@ def _em_columns(
 ) -> tuple[pd.DataFrame | None, StoredJson]:
     """Each method's EM rate (first edit) and its change from the unedited adapted model."""
 
-    from em_circuits.analysis.em_rate import em_rate_under
+    from em_circuits.analysis.em_rate import em_rate_under  # noqa: PLC0415  # heavy: loads torch
 
     setup = em_setup(
         ctx,
@@ -135,9 +136,8 @@ class BaselinesStep(Step):
     uses = frozenset({"graphs", "models", "em_judge"})
 
     def run(self, ctx: AnalysisContext, params: BaselinesParams) -> StepResult:
-        from em_circuits.analysis.baseline_run import BaselineInputs, run_baselines
-        from em_circuits.analysis.causal import top_evil_features
-        from em_circuits.models.corpus import choose_corpus
+        from em_circuits.analysis.baseline_run import BaselineInputs, run_baselines  # noqa: PLC0415  # heavy: loads torch
+        from em_circuits.analysis.causal import top_evil_features  # noqa: PLC0415  # heavy: loads torch
 
         tested = tested_features(ctx)
         if not tested:
@@ -202,7 +202,7 @@ class BaselinesStep(Step):
 
 def verdicts(table: pd.DataFrame) -> dict[str, str]:
     """beat / match / lose of the tested features against each compared baseline."""
-    from em_circuits.analysis.baselines import verdict
+    from em_circuits.analysis.baselines import verdict  # noqa: PLC0415  # heavy: loads torch
 
     rows = {r["method"]: r for r in table.to_dict("records")}
     tested = rows.get("tested_features", {})

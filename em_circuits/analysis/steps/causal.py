@@ -93,7 +93,7 @@ def _choose(
 ) -> _Measured:
     """Measure every candidate on the discovery prompts, keep the ``top_k`` that lower the
     contrast most, and measure those on the validation prompts."""
-    from em_circuits.analysis.measured import (
+    from em_circuits.analysis.measured import (  # noqa: PLC0415  # heavy: loads torch
         measured_ablation_effects,
         rank_by_measured,
         with_linearised,
@@ -123,8 +123,8 @@ def _summarize(
     split: Split,
     n_random: int,
 ) -> StoredJson:
-    from em_circuits.analysis.causal import control_effect
-    from em_circuits.analysis.measured import agreement
+    from em_circuits.analysis.causal import control_effect  # noqa: PLC0415  # heavy: loads torch
+    from em_circuits.analysis.measured import agreement  # noqa: PLC0415  # heavy: loads torch
 
     summary["prompt_set"] = "validation"
     summary["ranking"] = {
@@ -186,8 +186,8 @@ class CausalStep(Step):
     uses = frozenset({"graphs", "models"})
 
     def run(self, ctx: AnalysisContext, params: CausalParams) -> StepResult:
-        from em_circuits.analysis.causal import causal_validation, top_evil_features
-        from em_circuits.analysis.plots import plot_dose_response
+        from em_circuits.analysis.causal import causal_validation, top_evil_features  # noqa: PLC0415  # heavy: loads torch
+        from em_circuits.analysis.plots import plot_dose_response  # noqa: PLC0415  # heavy: loads matplotlib
 
         ranked = ctx.table("top_features_adapted")
         if params.causal_top_k <= 0 or not len(ranked):

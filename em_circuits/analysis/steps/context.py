@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm import tqdm
 
 from em_circuits.analysis.cache import cached_prompt_effects
 from em_circuits.analysis.decomposition import contrast_parts
@@ -70,8 +71,6 @@ def load_effects(
     A graph whose file fails its integrity check is left out with a warning naming the file,
     and its prompt id appended to ``left_out``.
     """
-    from tqdm import tqdm
-
     out = Effects()
     for meta in tqdm(chosen, desc=f"features {slug}", disable=not progress, unit="graph"):
         try:

@@ -33,8 +33,8 @@ class DecompositionStep(Step):
     version = 2  # the MLP output at BOS as rows of its own
 
     def run(self, ctx: AnalysisContext, params: Any) -> StepResult:
-        from em_circuits.analysis.decomposition import summarize_decomposition
-        from em_circuits.analysis.plots import plot_decomposition
+        from em_circuits.analysis.decomposition import summarize_decomposition  # noqa: PLC0415  # heavy: loads torch
+        from em_circuits.analysis.plots import plot_decomposition  # noqa: PLC0415  # heavy: loads matplotlib
 
         base, adapted = ctx.analysed("base").parts, ctx.analysed("adapted").parts
         both = sorted(set(base) & set(adapted))

@@ -16,7 +16,7 @@ from em_circuits.core.markdown import feature_list, fmt, md_table
 from em_circuits.core.options import option
 from em_circuits.core.report_data import Report, ReportPart, StoredJson
 from em_circuits.core.store import read_json, write_artifact
-from em_circuits.models.spec import ModelSpec
+from em_circuits.models.spec import ModelSpec, words_near
 
 if TYPE_CHECKING:
     from em_circuits.analysis.steps.context import AnalysisContext
@@ -40,8 +40,7 @@ class EMRateParams:
 
 def em_questions(choice: str, adapted: ModelSpec) -> list[Any]:
     """The evaluation questions ``choice`` names for this adapted model."""
-    from em_circuits.analysis.em_rate import FIRST_PLOT_QUESTIONS, toy_questions
-    from em_circuits.models.spec import words_near
+    from em_circuits.analysis.em_rate import FIRST_PLOT_QUESTIONS, toy_questions  # noqa: PLC0415  # heavy: loads torch
 
     if choice == "auto":
         choice = "organism" if words_near(adapted) is not None else "first-plot"
@@ -68,13 +67,15 @@ class EMRateStep(Step):
     version = 2  # questions apart from the pivotal prompts; controls outside the top ranked
 
     def run(self, ctx: AnalysisContext, params: EMRateParams) -> StepResult:
-        from em_circuits.analysis.em_rate import (
+        from em_circuits.analysis.em_rate import (  # noqa: PLC0415  # heavy: loads torch
             EXCLUDE_TOP_RANKED,
             SamplingParams,
             em_rate,
             matched_random_features,
         )
-        from em_circuits.analysis.steps.baselines import tested_features
+        from em_circuits.analysis.steps.baselines import (  # noqa: PLC0415  # cycle: baselines imports em_rate
+            tested_features,
+        )
 
         top = tested_features(ctx)
         if "causal" not in ctx.summary:

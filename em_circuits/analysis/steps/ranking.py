@@ -37,8 +37,8 @@ class RankingStep(Step):
     uses = frozenset({"graphs"})
 
     def run(self, ctx: AnalysisContext, params: Any) -> StepResult:
-        from em_circuits.analysis.aggregate import aggregate_effects
-        from em_circuits.analysis.plots import plot_top_features
+        from em_circuits.analysis.aggregate import aggregate_effects  # noqa: PLC0415  # heavy: loads torch
+        from em_circuits.analysis.plots import plot_top_features  # noqa: PLC0415  # heavy: loads matplotlib
 
         discovery = set(ctx.split().discovery)
         for role in ("adapted", "base"):

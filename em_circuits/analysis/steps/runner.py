@@ -28,6 +28,7 @@ from em_circuits.analysis.steps.base import (
 from em_circuits.analysis.steps.context import AnalysisContext
 from em_circuits.core.artifacts import utc_now
 from em_circuits.core.cache import cache_key
+from em_circuits.core.labeling_records import load_verdict
 from em_circuits.core.store import read_json, write_artifact
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,6 @@ def uses_of(ctx: AnalysisContext) -> dict[str, object]:
 
 def _verdicts_digest(ctx: AnalysisContext) -> str:
     """Which graphed prompts are divergent by their stored verdicts (the split reads it)."""
-    from em_circuits.core.labeling_records import load_verdict
-
     divergent = {}
     for meta in ctx.graphs.get("adapted", []):
         verdict = load_verdict(ctx.store, ctx.slugs["adapted"], meta["prompt_id"])

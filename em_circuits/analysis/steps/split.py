@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from em_circuits.analysis.split import LEFT_OUT_PHRASING, held_out_split
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
+from em_circuits.core.labeling_records import load_verdict
 from em_circuits.core.options import option
 from em_circuits.core.report_data import Report, ReportPart, StoredJson
 from em_circuits.core.store import write_artifact
@@ -55,7 +56,6 @@ def excluded_prompts(
     verdict (nothing, with ``include_flagged``)."""
     if include_flagged:
         return {}
-    from em_circuits.core.labeling_records import load_verdict
 
     out = {}
     for pid in prompt_ids:

@@ -13,6 +13,7 @@ the same mechanism appear there (:mod:`em_circuits.analysis.organisms`)? Writes
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from em_circuits.analysis.organisms import RunFiles, compare_runs
 from em_circuits.analysis.split import LEFT_OUT_PHRASING, held_out_split
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult
 from em_circuits.core.markdown import fmt, md_table
@@ -28,6 +30,7 @@ from em_circuits.core.naming import feature_name
 from em_circuits.core.options import option
 from em_circuits.core.report_data import Report, ReportPart, StoredJson
 from em_circuits.core.store import read_json, write_artifact
+from em_circuits.models.spec import resolve_model_dir
 
 if TYPE_CHECKING:
     from em_circuits.analysis.steps.context import AnalysisContext
@@ -107,18 +110,12 @@ def _spread(values: Sequence[float]) -> dict[str, Any]:
 def _decoder(spec: Mapping[str, Any]) -> Any:
     from transformers import AutoTokenizer
 
-    from em_circuits.models.spec import resolve_model_dir
-
     where = resolve_model_dir(spec["base"], spec.get("base_revision"), "base model")
     return AutoTokenizer.from_pretrained(str(where)).decode
 
 
 def _compare(ctx: AnalysisContext, params: StabilityParams) -> dict[str, Any]:
     """stability.json's ``organisms`` section: this run against ``params.compare_run``."""
-    import dataclasses
-
-    from em_circuits.analysis.organisms import RunFiles, compare_runs
-
     assert params.compare_run is not None
     spec = ctx.specs["adapted"]
     index = ctx.store.features_index_dir(ctx.slugs["adapted"]) / "index.npz"

@@ -56,8 +56,11 @@ class SufficiencyParams:
 def _steerings(
     ctx: AnalysisContext, base: Any, adapted: Any, discovery: list[CausalPrompt]
 ) -> tuple[dict[str, Steering], StoredJson]:
-    from em_circuits.analysis.directions import last_residuals, unit_mean_difference
-    from em_circuits.analysis.sufficiency import (
+    from em_circuits.analysis.directions import (  # noqa: PLC0415  # heavy: loads torch
+        last_residuals,
+        unit_mean_difference,
+    )
+    from em_circuits.analysis.sufficiency import (  # noqa: PLC0415  # heavy: loads torch
         activation_shifts,
         direction_steering,
         feature_steering,
@@ -108,8 +111,8 @@ def _patched_rows(
     """The tested features' (and, as control, the random features') adapted activations
     written into the base position by position, over the doses: contrast only (a patch is of
     one prompt's positions, so no free-form answers)."""
-    from em_circuits.analysis.baselines import change_statistics
-    from em_circuits.analysis.sufficiency import patched_changes
+    from em_circuits.analysis.baselines import change_statistics  # noqa: PLC0415  # heavy: loads torch
+    from em_circuits.analysis.sufficiency import patched_changes  # noqa: PLC0415  # heavy: loads torch
 
     ids = [p["prompt_id"] for p in validation]
     clusters = ctx.split().clusters
@@ -152,9 +155,9 @@ class SufficiencyStep(Step):
     version = 2  # the position-by-position patch
 
     def run(self, ctx: AnalysisContext, params: SufficiencyParams) -> StepResult:
-        from em_circuits.analysis.baselines import change_statistics, real_contrast
-        from em_circuits.analysis.em_rate import em_rate_under
-        from em_circuits.analysis.sufficiency import evil_top_share, steered_changes, steering_edit
+        from em_circuits.analysis.baselines import change_statistics, real_contrast  # noqa: PLC0415  # heavy: loads torch
+        from em_circuits.analysis.em_rate import em_rate_under  # noqa: PLC0415  # heavy: loads torch
+        from em_circuits.analysis.sufficiency import evil_top_share, steered_changes, steering_edit  # noqa: PLC0415  # heavy: loads torch
 
         if not tested_features(ctx) or "baselines" not in ctx.summary:
             return StepResult()

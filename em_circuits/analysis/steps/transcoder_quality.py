@@ -53,9 +53,9 @@ def measure_transcoder_quality(
     (:mod:`em_circuits.transcoders.quality`), stored under ``transcoder_quality/``
     and measured only when not stored yet; a set that is poor for a model is named in a
     warning and in the returned note."""
-    from em_circuits.models.hooks import UnsupportedInterventionError
-    from em_circuits.models.load import ResidentModels
-    from em_circuits.transcoders.quality import (
+    from em_circuits.models.hooks import UnsupportedInterventionError  # noqa: PLC0415  # heavy: loads torch
+    from em_circuits.models.load import ResidentModels  # noqa: PLC0415  # heavy: loads torch
+    from em_circuits.transcoders.quality import (  # noqa: PLC0415  # heavy: loads torch
         AGREEMENT_MIN,
         FVU_MAX,
         QualityParams,

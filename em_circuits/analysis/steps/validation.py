@@ -55,7 +55,7 @@ class ValidationStep(Step):
     uses = frozenset({"graphs"})
 
     def run(self, ctx: AnalysisContext, params: Any) -> StepResult:
-        from em_circuits.analysis.aggregate import aggregate_effects
+        from em_circuits.analysis.aggregate import aggregate_effects  # noqa: PLC0415  # heavy: loads torch
 
         split = ctx.split()
         validation = set(split.validation)
