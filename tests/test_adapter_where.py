@@ -9,7 +9,7 @@ import torch
 from test_features import hand_graph
 
 from em_circuits.analysis.adapter import prompt_row, rank_where
-from em_circuits.analysis.steps.adapter_report import adapter_markdown
+from em_circuits.analysis.steps.adapter_report import AdapterNodes, adapter_markdown
 
 TOKENS = ["<bos>", "User", ":", " my", " headache"]
 
@@ -47,11 +47,11 @@ def test_positions_and_tokens_are_ranked_by_effect_not_activation():
     assert tokens.set_index("token").loc["User", "share"] < 0.1
     by_end = rank_where(positions, clusters, "from_end")
     assert list(by_end["from_end"][:2]) == [0, 1]
-    entry = {
-        "summary": {"n_prompts": 3},
-        "positions": by_end.to_dict("records"),
-        "tokens": tokens.to_dict("records"),
-    }
+    entry = AdapterNodes(
+        summary={"n_prompts": 3},
+        positions=by_end.to_dict("records"),
+        tokens=tokens.to_dict("records"),
+    )
     text = "".join(adapter_markdown(entry, "runs/main"))
     section = text.split("Where the LoRA writes")[1]
     assert section.index("' headache'") < section.index("'User'")
