@@ -160,8 +160,9 @@ def test_a_graph_stored_without_bos_mlp_loads_and_says_it_is_unavailable(graphs,
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from em_circuits.analysis.steps.decomposition import STEP
+    from em_circuits.analysis.steps.decomposition import STEP, DecompositionReport
     from em_circuits.attribution.storage import load_compact, save_compact
+    from em_circuits.core.report_data import Report
 
     _model, _pt, graph, _ = graphs[1]
     graph.bos_mlp, kept = None, graph.bos_mlp
@@ -190,6 +191,7 @@ def test_a_graph_stored_without_bos_mlp_loads_and_says_it_is_unavailable(graphs,
     assert parts[(CONSTANTS_WITH_BOS, -1)] == pytest.approx(together, abs=1e-5)
     summary = summarize_decomposition({"q0": table}, {"q0": table}, n_perm=9)
     records = json.loads(summary.to_json(orient="records"))
-    text = "\n".join(STEP.section({"contrast_decomposition": records}, "analysis"))
+    report = Report({}, None, {}, [], [], "analysis", None, (DecompositionReport(records),))
+    text = "\n".join(STEP.section(report, "analysis"))
     assert "`bos_mlp`) is unavailable" in text
     assert np.isnan(summary[summary["part"] == BOS_MLP]["mean_shift"]).all()
