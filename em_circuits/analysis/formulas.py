@@ -76,8 +76,11 @@ safe set `S`) and the contrast direction `c = mean_{e in E} logit(e) - mean_{s i
   interval; the parts add up to the shift of the value. No part is divided by the contrast.
 * **Causal tests**: the top `causal_candidates` features by discovery mean total effect are
   each ablated alone on the discovery prompts; the change of the contrast is measured with
-  attention frozen (circuit-tracer's intervention) and in the real model with nothing frozen
-  (the MLP output of the feature's layer loses `(0 - a) W_dec[f]` at each active position);
+  attention frozen (circuit-tracer's intervention: each layer's pattern keeps its clean value)
+  and in the real model with nothing frozen (the MLP output of the feature's layer loses
+  `(0 - a) W_dec[f]` at each active position); a prompt's ablations run as batch rows of a few
+  forward passes of the real model, the frozen ones with the clean run's patterns
+  (`models/frozen_attention.py`, equal to circuit-tracer's `feature_intervention` to 1e-4);
   the `causal_top_k` with the most negative measured change are tested on the validation
   prompts: single-feature measured changes next to the linearised prediction `-total[c, f]`
   (Pearson r, median ratio measured / linearised, same-sign share), the joint ablation

@@ -183,24 +183,27 @@ def remove_stale_frontends(tmp_dir: Path | None = None) -> int:
 
 def serve_forever(viewer_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     """Serve ``viewer_dir`` until Ctrl-C; prints the page's URL."""
-    server = start_viewer(viewer_dir, host, port)
-    print(f"Graph viewer for {server.viewer_dir}: {server.url}  (Ctrl-C stops)", flush=True)
-    print(full_graph_listing(server.viewer_dir), flush=True)
-    if is_loopback(server.host):
-        print(
-            f"From another machine: ssh -L {server.port}:127.0.0.1:{server.port} <this host>",
-            flush=True,
-        )
-    # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so the frontend copy is removed.
+    # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so the frontend copy is removed;
+    # the handler is in place before the URL is printed, which is when callers may stop us.
     in_main = threading.current_thread() is threading.main_thread()  # signals need main
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+    server = None
     try:
+        server = start_viewer(viewer_dir, host, port)
+        print(f"Graph viewer for {server.viewer_dir}: {server.url}  (Ctrl-C stops)", flush=True)
+        print(full_graph_listing(server.viewer_dir), flush=True)
+        if is_loopback(server.host):
+            print(
+                f"From another machine: ssh -L {server.port}:127.0.0.1:{server.port} <this host>",
+                flush=True,
+            )
         while server.thread.is_alive():
             server.thread.join(timeout=0.5)  # short waits keep Ctrl-C responsive
     except KeyboardInterrupt:
         print("\nstopping the viewer", flush=True)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         if in_main:
             signal.signal(signal.SIGTERM, previous)
 
