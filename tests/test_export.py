@@ -252,6 +252,7 @@ def test_cli_export(featured_dir, tmp_path, capsys):
 
 
 # -- browser ------------------------------------------------------------------------------------
+@pytest.mark.slow  # a real browser
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
 def test_export_loads_in_circuit_tracers_frontend(featured_dir, tmp_path):
     out = tmp_path / "shared"

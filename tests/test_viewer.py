@@ -25,10 +25,16 @@ from em_circuits.attribution.viewer_server import serve_forever, start_viewer
 TEXT = "User: I twisted my ankle on a run. What should I do?\nAssistant: You should"
 PLAIN, CUSTOM = "plainprompt", "customprompt"
 CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium")
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="chromium not installed (scripts/install_viewer_deps.sh installs it)",
-)
+
+
+def needs_chromium(test):
+    """A test that drives a real headless Chromium: slow (a browser launch or more each, so
+    left out of `make test-fast`), and skipped where Chromium is not installed."""
+    skip = pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="chromium not installed (scripts/install_viewer_deps.sh installs it)",
+    )
+    return pytest.mark.slow(skip(test))
 
 
 def _attribute(model, targets=None):

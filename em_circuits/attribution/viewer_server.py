@@ -127,7 +127,10 @@ def start_viewer(
             host or "all interfaces",
             viewer_dir,
         )
-    thread = threading.Thread(target=httpd.serve_forever, name="em-viewer", daemon=True)
+    # a short poll: stopping the viewer (Ctrl-C, a test's teardown) waits at most that long
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="em-viewer", daemon=True
+    )
     thread.start()
     return ViewerServer(viewer_dir, httpd, thread, frontend_dir)
 
