@@ -499,3 +499,34 @@ def test_plots_write_pngs(tmp_path):
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Formulas" in FORMULAS
+
+
+def test_keys_with_positions_from_the_end_aggregate_by_key():
+    """Position keys relative to the end are negative: each key's values still meet across
+    prompts (mean of the hand-made values), and keys come back with their own signs."""
+    rows = [
+        # layer, feature, position, contrast per prompt
+        (0, 7, -1, [1.0, 3.0]),
+        (0, 7, -2, [2.0, 2.0]),
+        (1, 3, 0, [-1.0, -3.0]),
+        (2, 131071, -300, [0.5, 1.5]),
+    ]
+    frames = {
+        f"p{j}": pd.DataFrame(
+            {
+                "layer": [r[0] for r in rows],
+                "feature": [r[1] for r in rows],
+                "position": [r[2] for r in rows],
+                "metric": "total",
+                "contrast": [r[3][j] for r in rows],
+                "activation": 1.0,
+            }
+        )
+        for j in range(2)
+    }
+    table = aggregate_effects(frames, metrics=("total",), min_support=1, n_perm=9)
+    means = {(r.layer, r.feature, r.position): r.mean for r in table.itertuples()}
+    assert means == pytest.approx(
+        {(0, 7, -1): 2.0, (0, 7, -2): 2.0, (1, 3, 0): -2.0, (2, 131071, -300): 1.0}
+    )
+    assert len(table) == len(rows)

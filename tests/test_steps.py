@@ -127,11 +127,19 @@ def test_one_step_parameter_recomputes_that_step_and_its_readers_only(
     done = _analyze(results, micro_organism)  # the same parameters: nothing recomputed
     assert _computed(results) == before, done.stderr[-2000:]
     # The causal step's parameter: causal and the steps that read it (baselines, sufficiency,
-    # EM rate, cards) only.
+    # EM rate, cards, and stability, whose comparison with another run reads the causal
+    # results) only.
     _analyze(results, micro_organism, "--n-random", "2")
     after = _computed(results)
     changed = {name for name in before if after[name] != before[name]}
-    assert changed == {"causal", "baselines", "sufficiency", "em_rate", "feature_cards"}
+    assert changed == {
+        "causal",
+        "baselines",
+        "sufficiency",
+        "em_rate",
+        "feature_cards",
+        "stability",
+    }
     # A leaf step's parameter: that step only.
     _analyze(results, micro_organism, "--n-random", "2", "--em-max-new-tokens", "10")
     again = _computed(results)

@@ -25,14 +25,15 @@ def _key_columns_of(frames: Mapping[str, pd.DataFrame]) -> list[str]:
 
 #: Bits of a packed key (layer, feature, position): 12 + 31 + 20 = 63, one int64.
 _FEATURE_BITS, _POSITION_BITS = 31, 20
+_POSITION_SHIFT = 1 << (_POSITION_BITS - 1)
 
 
 def _packed_keys(rows: pd.DataFrame, keys: list[str]) -> np.ndarray:
     """Each row's key as one int64 that sorts as the (layer, feature[, position]) tuple."""
     packed = rows["layer"].to_numpy(dtype=np.int64) << (_FEATURE_BITS + _POSITION_BITS)
     packed |= rows["feature"].to_numpy(dtype=np.int64) << _POSITION_BITS
-    if "position" in keys:
-        packed |= rows["position"].to_numpy(dtype=np.int64)
+    if "position" in keys:  # offsets from the end are negative: shifted into [0, 2^20)
+        packed |= rows["position"].to_numpy(dtype=np.int64) + _POSITION_SHIFT
     return packed
 
 
@@ -41,7 +42,7 @@ def unpack_keys(packed: np.ndarray, keys: list[str]) -> pd.MultiIndex:
     arrays = [
         packed >> (_FEATURE_BITS + _POSITION_BITS),
         (packed >> _POSITION_BITS) & ((1 << _FEATURE_BITS) - 1),
-        packed & ((1 << _POSITION_BITS) - 1),
+        (packed & ((1 << _POSITION_BITS) - 1)) - _POSITION_SHIFT,
     ]
     return pd.MultiIndex.from_arrays(arrays[: len(keys)], names=keys)
 
@@ -87,9 +88,14 @@ def _value_matrix(
         if len(rows) and rows[value].isna().all():
             log.warning("prompt %s: %s is undefined (missing labels); left out", pid, value)
             continue
-        for column, bits in (("layer", 12), ("feature", _FEATURE_BITS), ("position", 20)):
+        ranges = {
+            "layer": (0, 1 << 12),
+            "feature": (0, 1 << _FEATURE_BITS),
+            "position": (-_POSITION_SHIFT, _POSITION_SHIFT),
+        }
+        for column, (low, high) in ranges.items():
             if column in keys and len(rows):
-                if rows[column].min() < 0 or rows[column].max() >= 1 << bits:
+                if rows[column].min() < low or rows[column].max() >= high:
                     raise ValueError(f"prompt {pid}: {column} out of range in its effects table")
         packed = _packed_keys(rows, keys)
         order = np.argsort(packed, kind="stable")
