@@ -78,17 +78,26 @@ def adapter_nodes(records: list[Record]) -> str:
         "nodes_split_reads": f"adapter nodes + split ({rec['split_features']} features) + "
         f"reads ({rec['read_nodes']} nodes)",
     }
+    # records of one engine (before --engines) name its variants plainly; later engines'
+    # variants are "<variant>@<engine>"
+    engines = rec.get("engines") or [None]
     n = len(rec["prompts"])
-    rows = [
-        [
-            label,
-            f"{rec['median_s'][key]:.3f}",
-            f"{rec['ratio_to_no_nodes'].get(key, 1.0):.2f}",
-            f"{rec['stored_bytes_median'][key] / 1e6:.1f}",
-        ]
-        for key, label in labels.items()
-    ]
+    rows = []
+    for number, engine in enumerate(engines):
+        for key, label in labels.items():
+            name = key if number == 0 else f"{key}@{engine}"
+            rows.append(
+                ([engine] if engine else [])
+                + [
+                    label,
+                    f"{rec['median_s'][name]:.3f}",
+                    f"{rec['ratio_to_no_nodes'].get(name, 1.0):.2f}",
+                    f"{rec['stored_bytes_median'][name] / 1e6:.1f}",
+                ]
+            )
     header = ["graph", f"median s per graph ({n} prompts)", "ratio to no nodes"]
+    if engines != [None]:
+        header = ["engine", *header[:2], "ratio to the engine's graph without nodes"]
     return table(header + ["stored MB (median)"], rows)
 
 
