@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from em_circuits.attribution.targets import (
     PromptTargets,
 )
 from em_circuits.attribution.totals_graph import totals_prompts
-from em_circuits.core.background import BackgroundJobs
 from em_circuits.core.claims import read_holder, try_claim
 from em_circuits.core.distributed import current_shard
 from em_circuits.core.schemas import GraphMetaRecord
@@ -218,7 +216,6 @@ def _graphs_for(
     last_wait_log = float("-inf")
     desc = "graphs" if params.mode == "totals" else "full graphs"
     bar = tqdm(total=len(pending), desc=desc, disable=not progress, unit="graph")
-    writer = BackgroundJobs("graph-writer")
     try:
         while pending:
             progressed = False
@@ -260,21 +257,10 @@ def _graphs_for(
                 except BaseException:
                     held.close()
                     raise
-                # this batch's files are written while the next batch computes; the claims
-                # are released once they are
-                writer.submit(
-                    functools.partial(
-                        _store_batch,
-                        store,
-                        models,
-                        computed,
-                        params,
-                        save_full_graph,
-                        viewer_dir,
-                        results,
-                        bar,
-                        held,
-                    )
+                # written here, before the next batch: with a writer thread beside the one
+                # launching the GPU's work, the stage measured slower (benchmarks/RESULTS.md)
+                _store_batch(
+                    store, models, computed, params, save_full_graph, viewer_dir, results, bar, held
                 )
             if pending and not progressed:
                 if time.monotonic() - last_wait_log >= WAIT_LOG_SECONDS:
@@ -289,12 +275,9 @@ def _graphs_for(
                     )
                 time.sleep(CLAIM_POLL_SECONDS)
     finally:
-        try:
-            writer.close()  # the files of the batch in flight are finished first
-        finally:
-            bar.close()
-            if resident is None:
-                models.release()
+        bar.close()
+        if resident is None:
+            models.release()
     return results
 
 
