@@ -39,7 +39,7 @@ from em_circuits.analysis.causal_stats import (  # noqa: F401  (summarize, contr
 )
 from em_circuits.analysis.effects import parse_position
 from em_circuits.core.progress import Progress
-from em_circuits.models.hooks import real_model_last_logits, unsupported_reason
+from em_circuits.models.hooks import Intervention, real_model_last_logits, unsupported_reason
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,9 @@ def _intervened_contrast(
 def set_contrasts(
     model: LoadedModel,
     ids: torch.Tensor,
-    sets: list[list[tuple[int, int, int, float]]],
+    sets: list[list[Intervention]],
     prompt: dict[str, Any],
+    *,
     freeze_attention: bool,
     batched: bool,
 ) -> list[float]:
@@ -235,7 +236,7 @@ def _prompt_rows(
     draws = matched_controls(active, top, is_top, n_random, rng, pool)
     groups = [("top", -1, list(top))] + [("random", d, idx) for d, idx in enumerate(draws)]
     rows: list[dict[str, Any]] = []
-    sets: list[list[tuple[int, int, int, float]]] = [[]]  # the clean run first
+    sets: list[list[Intervention]] = [[]]  # the clean run first
     for group, draw, index in groups:
         for scale in scales:
             sets.append(active.interventions(index, scale))
@@ -249,8 +250,12 @@ def _prompt_rows(
                     "activation_sum": float(active.activation[index].sum()),
                 }
             )
-    frozen = set_contrasts(model, ids, sets, prompt, True, batched=unfrozen)
-    real = set_contrasts(model, ids, sets, prompt, False, batched=True) if unfrozen else frozen
+    frozen = set_contrasts(model, ids, sets, prompt, freeze_attention=True, batched=unfrozen)
+    real = (
+        set_contrasts(model, ids, sets, prompt, freeze_attention=False, batched=True)
+        if unfrozen
+        else frozen
+    )
     for row, value, value_frozen in zip(rows, real[1:], frozen[1:]):
         row.update(
             baseline=real[0],

@@ -24,7 +24,7 @@ from em_circuits.analysis.causal import (
     set_contrasts,
 )
 from em_circuits.core.progress import Progress
-from em_circuits.models.hooks import unsupported_reason
+from em_circuits.models.hooks import Intervention, unsupported_reason
 from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def measured_ablation_effects(
         active = active_instances(acts)
         allowed = allowed_positions(active, len(ids), position)
         found: list[dict[str, Any]] = []
-        sets: list[list[tuple[int, int, int, float]]] = [[]]  # the clean run first
+        sets: list[list[Intervention]] = [[]]  # the clean run first
         for layer, feature in features:
             index = np.flatnonzero(
                 (active.layer == layer) & (active.feature == feature) & allowed
@@ -85,8 +85,12 @@ def measured_ablation_effects(
             continue
         # every ablation of the prompt beside its clean run, several per forward pass
         batched = unsupported is None
-        frozen = set_contrasts(model, ids, sets, prompt, True, batched=batched)
-        real = set_contrasts(model, ids, sets, prompt, False, batched=True) if batched else None
+        frozen = set_contrasts(model, ids, sets, prompt, freeze_attention=True, batched=batched)
+        real = (
+            set_contrasts(model, ids, sets, prompt, freeze_attention=False, batched=True)
+            if batched
+            else None
+        )
         for i, row in enumerate(found, 1):
             row["delta_frozen"] = frozen[i] - frozen[0]
             if real is not None:

@@ -235,20 +235,6 @@ def _edits(
             handle.remove()
 
 
-def _set_to(transcoder: Any, changes: list[tuple[int, int, float]]):
-    """The MLP-output change that sets each (position, feature) to its value."""
-
-    def change(x: torch.Tensor) -> torch.Tensor:
-        acts = transcoder.encode(x[0])  # (positions, d_transcoder), live
-        out = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
-        for pos, feature, value in changes:
-            decoder = transcoder._get_decoder_vectors(torch.tensor([feature]))[0]
-            out[pos] += (value - acts[pos, feature].float()) * decoder.float()
-        return out.to(x.dtype)[None]
-
-    return change
-
-
 def _zeroed(transcoder: Any, features: list[int]):
     """The MLP-output change that ablates these features at every position but BOS."""
     index = torch.tensor(features)
@@ -270,12 +256,7 @@ def real_model_logits(
 ) -> torch.Tensor:
     """Next-token logits (positions x vocabulary) of the real model with each listed
     feature instance set to its value; an empty list gives the clean logits."""
-    by_layer: dict[int, list[tuple[int, int, float]]] = defaultdict(list)
-    for layer, pos, feature, value in interventions:
-        by_layer[int(layer)].append((int(pos), int(feature), float(value)))
-    transcoders = transcoder_set(model)
-    changes = {layer: _set_to(transcoders[layer], items) for layer, items in by_layer.items()}
-    with _edits(model, changes):
+    with _edits(model, _set_in_rows(model, [interventions])):
         logits = model.hf_model(ids[None].to(model.device)).logits[0]
     return logits.float()
 
@@ -308,24 +289,29 @@ def _last_logits(
     intervention_sets: Sequence[Sequence[Intervention]],
     rows_per_pass: int,
 ) -> torch.Tensor:
-    transcoders = transcoder_set(model)
     out = []
-    for start in range(0, len(intervention_sets), max(1, rows_per_pass)):
-        chunk = intervention_sets[start : start + max(1, rows_per_pass)]
-        by_layer: dict[int, list[tuple[int, int, int, float]]] = defaultdict(list)
-        for row, interventions in enumerate(chunk):
-            for layer, pos, feature, value in interventions:
-                by_layer[int(layer)].append((row, int(pos), int(feature), float(value)))
-        changes = {
-            layer: _set_rows_to(transcoders[layer], items) for layer, items in by_layer.items()
-        }
+    step = max(1, rows_per_pass)
+    for start in range(0, len(intervention_sets), step):
+        chunk = intervention_sets[start : start + step]
         batch = ids.reshape(1, -1).expand(len(chunk), -1).to(model.device)
-        with _edits(model, changes):
+        with _edits(model, _set_in_rows(model, chunk)):
             logits = model.hf_model(batch, logits_to_keep=1).logits[:, -1]
         out.append(logits.float())
     if not out:
         return torch.zeros(0, 0)
     return torch.cat(out)
+
+
+def _set_in_rows(
+    model: LoadedModel, intervention_sets: Sequence[Sequence[Intervention]]
+) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
+    """By layer, the MLP-output change that applies intervention set ``i`` in batch row ``i``."""
+    by_layer: dict[int, list[tuple[int, int, int, float]]] = defaultdict(list)
+    for row, interventions in enumerate(intervention_sets):
+        for layer, pos, feature, value in interventions:
+            by_layer[int(layer)].append((row, int(pos), int(feature), float(value)))
+    transcoders = transcoder_set(model)
+    return {layer: _set_rows_to(transcoders[layer], items) for layer, items in by_layer.items()}
 
 
 def _set_rows_to(transcoder: Any, changes: list[tuple[int, int, int, float]]):
