@@ -205,6 +205,23 @@ class Seeds:
         default_factory=dict
     )
 
+    def put(
+        self,
+        layer: int,
+        site: SeedSite,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        vectors: torch.Tensor,
+    ) -> None:
+        """Seed ``vectors`` at (layer, site) in these rows and positions, beside any seeded
+        there already."""
+        if (layer, site) in self.at:
+            old_rows, old_positions, old_vectors = self.at[layer, site]
+            rows = torch.cat([old_rows, rows])
+            positions = torch.cat([old_positions, positions])
+            vectors = torch.cat([old_vectors, vectors])
+        self.at[layer, site] = (rows, positions, vectors)
+
     def add(self, grad: torch.Tensor, layer: int, site: SeedSite) -> None:
         """Add the seeds at (layer, site) to ``grad`` (rows, pos, d) in place."""
         if (layer, site) in self.at:

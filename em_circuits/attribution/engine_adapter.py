@@ -240,18 +240,8 @@ def _edges_and_reads(
     if k + m == 0:
         return torch.zeros(0, writes.n_nodes), torch.zeros(0, n_sources + writes.n_nodes)
     seeds = Seeds()
-    for key, entries in [
-        *_edge_seeds(engine, features),
-        *_read_seeds(engine, prompt, writes, nodes, k),
-    ]:
-        if key in seeds.at:
-            (rows, positions, vectors), (more_rows, more_positions, more) = seeds.at[key], entries
-            entries = (
-                torch.cat([rows, more_rows]),
-                torch.cat([positions, more_positions]),
-                torch.cat([vectors, more]),
-            )
-        seeds.at[key] = entries
+    _seed_edges(seeds, engine, features)
+    _seed_reads(seeds, engine, prompt, writes, nodes, k)
     adapter = AdapterPass(writes, engine)
     g = _empty_pass(engine, batch, k + m)
     scored = slice(k, k + m) if m else None
@@ -270,28 +260,27 @@ def _empty_pass(engine: LinearisedModel, batch: FrozenBatch, n_rows: int) -> tor
     return torch.zeros(1, n_rows, prompt.n_pos, d_model, device=engine.embed_weight.device)
 
 
-Seed = tuple[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def _edge_seeds(engine: LinearisedModel, features: torch.Tensor) -> list[Seed]:
+def _seed_edges(seeds: Seeds, engine: LinearisedModel, features: torch.Tensor) -> None:
     """Rows ``[0, k)``: each feature's encoder at its layer's read site and position."""
     device = engine.embed_weight.device
-    out = []
     for layer in features[:, 0].unique().tolist():
         rows = torch.nonzero(features[:, 0] == layer).flatten()
         transcoder = engine.layers[layer].transcoder
         encoders = transcoder.W_enc[features[rows, 2].to(transcoder.W_enc.device)].float()
-        out.append(((layer, "read"), (rows.to(device), features[rows, 1].to(device), encoders)))
-    return out
+        seeds.put(layer, "read", rows.to(device), features[rows, 1].to(device), encoders)
 
 
-def _read_seeds(
-    engine: LinearisedModel, prompt: Any, writes: AdapterWrites, nodes: torch.Tensor, first: int
-) -> list[Seed]:
+def _seed_reads(
+    seeds: Seeds,
+    engine: LinearisedModel,
+    prompt: Any,
+    writes: AdapterWrites,
+    nodes: torch.Tensor,
+    first: int,
+) -> None:
     """Rows ``[first, first + m)``: each node's ``s A_j`` at its module's input (through the
     MLP's nonlinearity for ``down_proj``)."""
     device = engine.embed_weight.device
-    found: dict[tuple[int, str], list[tuple[int, int, torch.Tensor]]] = {}
     factors = {(f.layer, f.module): f for f in writes.factors}
     for row, (layer, code, component, position) in enumerate(nodes.tolist(), start=first):
         module = writes.modules[code]
@@ -300,18 +289,8 @@ def _read_seeds(
         site = {"v_proj": "v_in", "o_proj": "z", "down_proj": "mlp_in"}[module]
         if module == "down_proj":
             read = _through_mlp(engine, prompt, layer, position, read)
-        found.setdefault((layer, site), []).append((row, position, read))
-    return [
-        (
-            key,
-            (
-                torch.tensor([e[0] for e in entries], device=device),
-                torch.tensor([e[1] for e in entries], device=device),
-                torch.stack([e[2] for e in entries]),
-            ),
-        )
-        for key, entries in found.items()
-    ]
+        index = torch.tensor([row], device=device)
+        seeds.put(layer, site, index, torch.tensor([position], device=device), read[None])
 
 
 def _through_mlp(

@@ -236,8 +236,7 @@ def _graphs_for(
                 if not claimed:
                     continue
                 progressed = True
-                held = contextlib.ExitStack()
-                try:
+                with contextlib.ExitStack() as held:
                     for _role, _pt, claim in claimed:
                         held.enter_context(claim)
                     todo = []
@@ -254,14 +253,9 @@ def _graphs_for(
                         else:
                             todo.append((role, pt))
                     computed = _computed(todo, params, models)
-                except BaseException:
-                    held.close()
-                    raise
-                # written here, before the next batch: with a writer thread beside the one
-                # launching the GPU's work, the stage measured slower (benchmarks/RESULTS.md)
-                _store_batch(
-                    store, models, computed, params, save_full_graph, viewer_dir, results, bar, held
-                )
+                    _store_batch(
+                        store, models, computed, params, save_full_graph, viewer_dir, results, bar
+                    )
             if pending and not progressed:
                 if time.monotonic() - last_wait_log >= WAIT_LOG_SECONDS:
                     last_wait_log = time.monotonic()
@@ -290,31 +284,28 @@ def _store_batch(
     viewer_dir: Path | None,
     results: dict[str, StageResult],
     bar: Any,
-    held: contextlib.ExitStack,
 ) -> None:
-    """Check and store each computed graph of a batch (or record its error), then release
-    the batch's claims."""
-    with held:
-        for role, pt, graph in computed:
-            result = results[role]
-            try:
-                if isinstance(graph, Exception):
-                    raise graph
-                build_graph(
-                    store,
-                    models.get(role),
-                    role,
-                    pt,
-                    params,
-                    save_full_graph,
-                    viewer_dir,
-                    computed=graph,
-                )
-                result.computed.append(pt.prompt_id)
-            except (GraphError, NonFiniteError, PromptTooLongError) as err:
-                log.error("skipping: %s", err)
-                result.failed[pt.prompt_id] = str(err)
-            bar.update()
+    """Check and store each computed graph of a batch, or record its error."""
+    for role, pt, graph in computed:
+        result = results[role]
+        try:
+            if isinstance(graph, Exception):
+                raise graph
+            build_graph(
+                store,
+                models.get(role),
+                role,
+                pt,
+                params,
+                save_full_graph,
+                viewer_dir,
+                computed=graph,
+            )
+            result.computed.append(pt.prompt_id)
+        except (GraphError, NonFiniteError, PromptTooLongError) as err:
+            log.error("skipping: %s", err)
+            result.failed[pt.prompt_id] = str(err)
+        bar.update()
 
 
 #: Most prompts in one forward pass of the torch engine when ``--graph-batch`` is 0 (auto).
