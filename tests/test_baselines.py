@@ -175,9 +175,9 @@ def test_em_rate_under_an_edit_is_the_judges_mean(micro_models, tmp_path):
         WordListEMJudge,
         em_rate_under,
         is_em_response,
-        sample_answers,
         toy_questions,
     )
+    from em_circuits.analysis.em_sampling import sample_many
     from em_circuits.organism import advice_words
 
     _, adapted = micro_models
@@ -185,11 +185,11 @@ def test_em_rate_under_an_edit_is_the_judges_mean(micro_models, tmp_path):
     questions = toy_questions()[:2]
     params = SamplingParams(3, 8, 1.0, 0)
     answers, rate = em_rate_under(adapted, questions, judge, params)
-    again = [a for q in questions for a in sample_answers(adapted, q, params)]
-    assert list(answers["answer"]) == again  # the same seeded draws
+    sampled = sample_many(adapted, questions, params)
+    assert list(answers["answer"]) == [a for said in sampled for a in said]  # the same draws
     per_question = [
-        np.mean([is_em_response(*judge.score(q, a)) for a in sample_answers(adapted, q, params)])
-        for q in questions
+        np.mean([is_em_response(*judge.score(q, a)) for a in said])
+        for q, said in zip(questions, sampled)
     ]
     assert rate["em_rate"] == pytest.approx(np.mean(per_question))
     assert rate["n_answers"] == 6

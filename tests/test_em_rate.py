@@ -277,4 +277,4 @@ def test_four_conditions_and_matched_random_features(micro_models):
         random,
         SamplingParams(n_per_question=3, max_new_tokens=6),
     )
-    assert again["answer"].tolist() == answers["answer"].tolist()  # seeded per question
+    assert again["answer"].tolist() == answers["answer"].tolist()  # seeded per batch

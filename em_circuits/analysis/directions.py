@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from em_circuits.models.edit_positions import edit_positions
 from em_circuits.models.load import LoadedModel, decoder_layers
 
 #: Singular values or norms below this (relative to the largest) count as zero.
@@ -68,21 +69,25 @@ def residual_changed(
     model: LoadedModel, site: int, change: Callable[[torch.Tensor], torch.Tensor]
 ) -> Iterator[None]:
     """While inside, the residual stream at ``site`` (batch, positions, d_model) becomes
-    ``h + change(h)`` at every position but a whole prompt's first."""
+    ``h + change(h)`` at every position but a whole prompt's first; in a left-padded batch
+    (2-D attention mask) at each row's real positions after its first
+    (:mod:`~em_circuits.models.edit_positions`)."""
 
     def pre(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         hidden = _hidden_of(args, kwargs)
         delta = change(hidden)
-        if hidden.shape[1] > 1:
-            delta = delta.clone()
-            delta[:, 0] = 0
+        editable = positions.editable(hidden.shape[0], hidden.shape[1], hidden.device)
+        if editable is not None:
+            delta = torch.where(editable[..., None], delta, 0.0)
         return _with_hidden(args, kwargs, hidden + delta.to(hidden.dtype))
 
-    handle = site_module(model.hf_model, site).register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+    with edit_positions(model.hf_model) as positions:
+        module = site_module(model.hf_model, site)
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def projected_out(basis: torch.Tensor, touched: list[float] | None = None) -> Callable:

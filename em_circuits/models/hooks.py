@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from em_circuits.models.architectures import architecture_of, register_extra_architectures
+from em_circuits.models.edit_positions import EditPositions, edit_positions
 from em_circuits.models.frozen_attention import patterns_frozen
 from em_circuits.models.load import LoadedModel
 
@@ -235,16 +236,18 @@ def _edits(
             handle.remove()
 
 
-def _zeroed(transcoder: Any, features: list[int]):
-    """The MLP-output change that ablates these features at every position but BOS."""
+def _zeroed(transcoder: Any, features: list[int], positions: EditPositions):
+    """The MLP-output change that ablates these features at every position but BOS: each
+    row's real positions after its first (``positions``, padding untouched)."""
     index = torch.tensor(features)
     decoders = transcoder._get_decoder_vectors(index).float()  # (k, d_model)
 
     def change(x: torch.Tensor) -> torch.Tensor:
         acts = transcoder.encode(x).float()[..., index.to(x.device)]  # (batch, positions, k)
         removed = acts @ decoders.to(x.device)
-        if x.shape[1] > 1:
-            removed[:, 0] = 0  # a whole prompt: its first position is BOS
+        editable = positions.editable(x.shape[0], x.shape[1], x.device)
+        if editable is not None:
+            removed = torch.where(editable[..., None], removed, 0.0)
         return (-removed).to(x.dtype)
 
     return change
@@ -342,10 +345,16 @@ def features_zeroed(model: LoadedModel, features: Sequence[tuple[int, int]]) -> 
     """While inside, the real model runs with these (layer, feature) transcoder features
     ablated at every position but BOS: at each forward pass (generation included, with or
     without a KV cache) the MLP output of the feature's layer loses activation x decoder row.
+    With a 2-D attention mask (left-padded batches) each row's BOS is its first real position
+    and padding is left as it is (:mod:`~em_circuits.models.edit_positions`).
     """
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, feature in features:
         by_layer[int(layer)].append(int(feature))
     transcoders = transcoder_set(model)
-    with _edits(model, {layer: _zeroed(transcoders[layer], f) for layer, f in by_layer.items()}):
-        yield
+    with edit_positions(model.hf_model) as positions:
+        changes = {
+            layer: _zeroed(transcoders[layer], f, positions) for layer, f in by_layer.items()
+        }
+        with _edits(model, changes):
+            yield
