@@ -18,9 +18,9 @@ from em_circuits.analysis.em_sampling import (
 )
 
 
-@pytest.fixture(scope="module", params=["micro-organism", "llama", "qwen2"])
+@pytest.fixture(scope="module", params=["micro-organism", "llama", "qwen2", "qwen3", "gemma2"])
 def model(request, tmp_path_factory):
-    """The micro organism's adapted model, and Hugging Face stand-ins with and without BOS."""
+    """The micro organism's adapted model and every stand-in family (Qwen has no BOS)."""
     if request.param == "micro-organism":
         return request.getfixturevalue("micro_models")[1]
     from em_circuits.models.load import load_model
