@@ -188,7 +188,7 @@ class CausalStep(Step):
         ctx.write_table(dose, "dose_response")
         ctx.write_table(dose_base, "dose_response_base")
         plot_dose_response(
-            dose_response,
+            dose,
             ctx.directory / "dose_response.png",
             title=f"adapted model ({summary['measure']}), {summary['n_prompts']} validation "
             f"prompts, top {len(measured.top)} features",

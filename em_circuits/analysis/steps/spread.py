@@ -17,6 +17,7 @@ alone too, so one process and several merge exactly the same values.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from em_circuits.core.atomic import atomic_write_text
 from em_circuits.core.cache import cache_key
 from em_circuits.core.distributed import Shard
 
+log = logging.getLogger(__name__)
 U = TypeVar("U")
 
 #: The analysis folder's subfolder of spread steps' finished units (a dot: never a table).
@@ -52,10 +54,13 @@ def spread(
         raise ValueError(f"spread units need distinct keys: {len(keys) - len(set(keys))} repeat")
     paths = [folder / f"{cache_key({'unit': k})}.json" for k in keys]
     folder.mkdir(parents=True, exist_ok=True)
+    mine = 0
     for index, unit in shard.claim(units, [cost(unit) for unit in units]):
         if not paths[index].is_file():  # not finished before a relaunch
             result = {"key": keys[index], "result": compute(unit)}
             atomic_write_text(paths[index], json.dumps(result))
+            mine += 1
+    log.info("process %d: %s, %d of %d units computed", shard.index, folder.name, mine, len(units))
     shard.wait()
     return [json.loads(path.read_text(encoding="utf-8"))["result"] for path in paths]
 
