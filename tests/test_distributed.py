@@ -1,9 +1,11 @@
-"""Barriers between the processes of a launch over two "nodes": two torchrun launchers on this
-machine with a static rendezvous, as on a cluster. A failure or a lost node in one stops the
-other promptly instead of leaving it in a barrier for the 12-hour collective timeout."""
+"""Barriers and shared work between the processes of a launch over two "nodes": two torchrun
+launchers on this machine with a static rendezvous, as on a cluster. A failure or a lost node
+in one stops the other promptly instead of leaving it in a barrier for the 12-hour collective
+timeout; work units claimed from both are each computed exactly once."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -46,19 +48,57 @@ WORKER = textwrap.dedent(
 )
 
 
+CLAIMING_WORKER = textwrap.dedent(
+    """
+    import json, os, time
+    from pathlib import Path
+    from em_circuits.core.distributed import current_shard
+
+    shard = current_shard()
+    units = [f"unit{i}" for i in range(24)]
+    costs = [float(i % 5) for i in range(24)]
+    first = []
+    for index, unit in shard.claim(units, costs):
+        time.sleep(0.01 * costs[index])  # work of the unit's cost
+        first.append([index, unit])
+    batches = list(shard.claim_batches(list(range(30)), lambda n: n % 7, 3))
+    # a spread whose unit "u3" was finished before a relaunch: kept, not computed again
+    from em_circuits.analysis.steps.spread import spread
+    from em_circuits.core.cache import cache_key
+
+    folder = Path(os.environ["OUT"], "work")
+    if shard.is_main:
+        folder.mkdir()
+        kept = {"key": "u3", "result": "kept"}
+        (folder / (cache_key({"unit": "u3"}) + ".json")).write_text(json.dumps(kept))
+    shard.wait()
+    merged = spread(
+        shard, folder, [f"u{i}" for i in range(8)], lambda u: [u, shard.index],
+        cost=lambda u: float(u[1:]), key=lambda u: u,
+    )
+    Path(os.environ["OUT"], f"rank{shard.index}.json").write_text(
+        json.dumps({"first": first, "batches": batches, "merged": merged})
+    )
+    shard.wait()
+    print(f"rank {shard.index} passed", flush=True)
+    """
+)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _launch_two_nodes(tmp_path: Path, mode: str) -> tuple[list[str], float]:
+def _launch_two_nodes(tmp_path: Path, mode: str, worker: str = WORKER) -> tuple[list[str], float]:
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     port = _free_port()
     env = {
         **os.environ,
         "MODE": mode,
+        "OUT": str(tmp_path),
         "EM_CIRCUITS_PEER_TIMEOUT": "6",
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
@@ -136,3 +176,29 @@ def test_a_failed_or_lost_process_stops_the_others(tmp_path, mode, reason):
     assert "raise PeerFailedError" not in node0 and "distributed.py" not in node0, node0[-3000:]
     assert "rank 0 passed" not in node0
     assert elapsed < 90, f"node 0 took {elapsed:.0f} s to stop"
+
+
+def test_work_claimed_on_two_nodes_is_done_once_costliest_first(tmp_path):
+    from em_circuits.core.distributed import cost_order
+
+    (node0, node1), _ = _launch_two_nodes(tmp_path, "ok", CLAIMING_WORKER)
+    assert "rank 0 passed" in node0 and "rank 1 passed" in node1, node0[-3000:] + node1[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # every unit exactly once, each with its own position (which node takes how many depends
+    # on their speed: not checked)
+    claimed = [tuple(pair) for rank in ranks for pair in rank["first"]]
+    assert sorted(claimed) == sorted((i, f"unit{i}") for i in range(24))
+    # each node took its units in the one claiming order: costliest first
+    order = cost_order([float(i % 5) for i in range(24)])
+    for rank in ranks:
+        taken = [index for index, _ in rank["first"]]
+        assert taken == sorted(taken, key=order.index)
+    # a second list has its own counter: all of it shared again, in batches of similar cost
+    batches = [batch for rank in ranks for batch in rank["batches"]]
+    assert sorted(n for batch in batches for n in batch) == list(range(30))
+    assert all(1 <= len(batch) <= 3 for batch in batches)
+    # a spread's results merged in the units' order on both nodes, the kept unit reused
+    assert ranks[0]["merged"] == ranks[1]["merged"]
+    merged = ranks[0]["merged"]
+    assert merged[3] == "kept"
+    assert [unit for unit, _ in merged[:3] + merged[4:]] == [f"u{i}" for i in range(8) if i != 3]

@@ -331,12 +331,15 @@ def test_two_processes_write_the_same_artifacts_and_resume_after_a_kill(
 def test_two_processes_batching_graphs_write_the_same_artifacts(
     reference, micro_organism, tmp_path
 ):
-    # Each process claims prompts one by one and runs the ones it holds two per forward pass
-    # of the torch engine (the default on a GPU; forced here on the CPU).
+    # Each process claims prompts in pairs of similar length and runs each pair in one forward
+    # pass of the torch engine (the default on a GPU; forced here on the CPU); the causal
+    # step's ablations are shared too, and every table must equal one process's.
     results = tmp_path / "results"
     done = _run([*_launch(micro_organism, results), "--graph-batch", "2"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "process 1" in done.stderr
+    # the second process took part in the causal step's measurements too (claiming prompts)
+    assert "process 1: discovery-" in done.stderr and "process 1: dose-" in done.stderr
     ours, single = _snapshot(results), _snapshot(reference)
     assert ours.keys() == single.keys()
 

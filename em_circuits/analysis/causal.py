@@ -23,6 +23,7 @@ clusters; every mean a mean of cluster means)?
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -231,7 +232,6 @@ def _prompt_rows(
     )
     top = np.flatnonzero(is_top & allowed_positions(active, len(ids), position))
     if len(top) == 0:
-        log.info("prompt %s: no top feature is active; skipped", prompt["prompt_id"])
         return []
     draws = matched_controls(active, top, is_top, n_random, rng, pool)
     groups = [("top", -1, list(top))] + [("random", d, idx) for d, idx in enumerate(draws)]
@@ -268,6 +268,30 @@ def _prompt_rows(
     return rows
 
 
+def prompt_rng(seed: int, prompt_id: str) -> np.random.Generator:
+    """A prompt's own random draws: the same whichever prompts come before it and whichever
+    process of a launch measures it."""
+    return np.random.default_rng([seed, zlib.crc32(prompt_id.encode("utf-8"))])
+
+
+def dose_rows(
+    model: LoadedModel,
+    prompt: dict[str, Any],
+    top_features: Sequence[tuple[int, int]],
+    scales: Sequence[float] = DEFAULT_SCALES,
+    n_random: int = 5,
+    seed: int = 0,
+    position: str = "any",
+    pool: int = 8,
+) -> list[dict[str, Any]]:
+    """One prompt's rows of the dose table (:data:`DOSE_COLUMNS`; none when no top feature
+    is active there): see :func:`causal_validation`."""
+    top_keys = {(int(layer), int(feature)) for layer, feature in top_features}
+    rng = prompt_rng(seed, prompt["prompt_id"])
+    unfrozen = unsupported_reason(model) is None
+    return _prompt_rows(model, prompt, top_keys, scales, n_random, rng, position, pool, unfrozen)
+
+
 def causal_validation(
     model: LoadedModel,
     prompts: list[dict[str, Any]],
@@ -289,7 +313,8 @@ def causal_validation(
     (:func:`~em_circuits.models.hooks.real_model_logits`; the headline ``delta_contrast``)
     and with attention frozen as attribution assumes (circuit-tracer's intervention;
     ``delta_frozen``). Where the transcoders cannot be intervened on outside circuit-tracer
-    the headline is the frozen figure, and the summary's ``measure`` says so.
+    the headline is the frozen figure, and the summary's ``measure`` says so. Each prompt's
+    random controls are drawn from its own generator (:func:`prompt_rng`).
 
     Returns the dose table (:data:`DOSE_COLUMNS`; draw -1 for top) and a summary dict
     (:func:`~em_circuits.analysis.causal_stats.summarize`: cluster means).
@@ -297,25 +322,55 @@ def causal_validation(
     unsupported = unsupported_reason(model)
     if unsupported is not None:
         log.warning("causal check with attention frozen only: %s", unsupported)
-    rng = np.random.default_rng(seed)
-    top_keys = {(int(layer), int(feature)) for layer, feature in top_features}
-    rows: list[dict[str, Any]] = []
-    skipped = []
+    per_prompt = []
     progress = Progress("causal check: prompts", len(prompts), logger=log)
     for prompt in prompts:
-        prompt_rows = _prompt_rows(
-            model, prompt, top_keys, scales, n_random, rng, position, pool, unsupported is None
+        per_prompt.append(
+            dose_rows(model, prompt, top_features, scales, n_random, seed, position, pool)
         )
-        if not prompt_rows:
-            skipped.append(prompt["prompt_id"])
-        rows.extend(prompt_rows)
         progress.step()
     progress.finish()
+    return dose_summary(
+        model,
+        prompts,
+        per_prompt,
+        top_features,
+        scales,
+        n_random,
+        seed,
+        position,
+        pool,
+        alpha=alpha,
+        clusters=clusters,
+    )
+
+
+def dose_summary(
+    model: LoadedModel,
+    prompts: list[dict[str, Any]],
+    per_prompt: list[list[dict[str, Any]]],
+    top_features: Sequence[tuple[int, int]],
+    scales: Sequence[float],
+    n_random: int,
+    seed: int,
+    position: str,
+    pool: int = 8,
+    *,
+    alpha: float = 0.05,
+    clusters: Mapping[str, str] | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The dose table and summary of :func:`causal_validation` from each prompt's
+    :func:`dose_rows` (in the order of ``prompts``)."""
+    unsupported = unsupported_reason(model)
+    rows = [row for prompt_rows in per_prompt for row in prompt_rows]
+    skipped = [prompt["prompt_id"] for prompt, found in zip(prompts, per_prompt) if not found]
+    for prompt_id in skipped:
+        log.info("prompt %s: no top feature is active; skipped", prompt_id)
     dose = pd.DataFrame.from_records(rows, columns=DOSE_COLUMNS)
     measure = UNFROZEN if unsupported is None else f"{FROZEN}; unfrozen: {unsupported}"
     summary = summarize(dose, alpha=alpha, clusters=clusters, measure=measure)
     summary.update(
-        top_features=[list(key) for key in sorted(top_keys)],
+        top_features=[list(key) for key in sorted({(int(la), int(f)) for la, f in top_features})],
         scales=[float(s) for s in scales],
         n_random=n_random,
         seed=seed,

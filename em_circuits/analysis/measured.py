@@ -29,6 +29,18 @@ from em_circuits.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
 
+#: The columns of :func:`measured_ablation_effects`' table.
+MEASURED_COLUMNS = [
+    "prompt_id",
+    "layer",
+    "feature",
+    "n_instances",
+    "activation_sum",
+    "baseline",
+    "delta_frozen",
+    "delta_unfrozen",
+]
+
 
 def measured_ablation_effects(
     model: LoadedModel,
@@ -96,19 +108,7 @@ def measured_ablation_effects(
             if real is not None:
                 row["delta_unfrozen"] = real[i] - real[0]
     progress.finish()
-    return pd.DataFrame.from_records(
-        rows,
-        columns=[
-            "prompt_id",
-            "layer",
-            "feature",
-            "n_instances",
-            "activation_sum",
-            "baseline",
-            "delta_frozen",
-            "delta_unfrozen",
-        ],
-    )
+    return pd.DataFrame.from_records(rows, columns=MEASURED_COLUMNS)
 
 
 def with_linearised(measured: pd.DataFrame, effects: dict[str, pd.DataFrame]) -> pd.DataFrame:

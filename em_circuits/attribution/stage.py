@@ -23,7 +23,7 @@ from em_circuits.attribution.targets import (
 )
 from em_circuits.attribution.totals_graph import totals_prompts
 from em_circuits.core.claims import read_holder, try_claim
-from em_circuits.core.distributed import current_shard
+from em_circuits.core.distributed import Shard, current_shard
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.load import (
@@ -73,8 +73,10 @@ def run_graph_stage(
     (a notebook, a benchmark); by default they are loaded on the first graph to compute and
     released at the end.
 
-    Under ``accelerate launch`` each process takes every n-th prompt and the call returns when
-    all processes are done; each result then lists that process's prompts only.
+    Under ``accelerate launch`` / ``torchrun`` the processes claim batches of similar-length
+    prompts, longest first (:meth:`~em_circuits.core.distributed.Shard.claim_batches`), and the
+    call returns when all processes are done; each result then lists that process's prompts
+    only.
 
     Processes that share the results directory otherwise (two pipelines started on it) claim
     each graph before computing it (:mod:`em_circuits.core.claims`): a graph another live
@@ -82,40 +84,46 @@ def run_graph_stage(
     """
     shard = current_shard()
     full_mode = params.mode == "full"
-    results = _graphs_for(
-        store,
-        specs,
-        shard.take(targets),
-        params,
-        device,
-        force=force,
-        save_full_graph=save_full_graph and full_mode,
-        viewer_dir=viewer_dir if full_mode else None,
-        progress=progress,
-        resident=resident,
-    )
-    shard.wait()
-    if full_graphs and not full_mode:
-        # Ranking needs every prompt's totals, so it runs after all processes are done.
-        chosen = choose_full_graph_prompts(store, specs, targets, params, device, full_graphs)
-        log.info(
-            "full graphs for %d prompt(s): %s", len(chosen), ", ".join(p.prompt_id for p in chosen)
-        )
-        full = _graphs_for(
+    models = resident or ResidentModels(specs, device, store.merged_cache_dir)
+    options: dict[str, Any] = {"force": force, "progress": progress, "models": models}
+    try:
+        results = _shared_graphs(
+            shard,
             store,
             specs,
-            shard.take(chosen),
-            params.full(),
+            targets,
+            params,
             device,
-            force=force,
-            save_full_graph=save_full_graph,
-            viewer_dir=viewer_dir,
-            progress=progress,
-            resident=resident,
+            save_full_graph=save_full_graph and full_mode,
+            viewer_dir=viewer_dir if full_mode else None,
+            **options,
         )
-        for role, result in results.items():
-            result.full = full[role]
         shard.wait()
+        if full_graphs and not full_mode:
+            # Ranking needs every prompt's totals, so it runs after all processes are done.
+            chosen = choose_full_graph_prompts(store, specs, targets, params, device, full_graphs)
+            log.info(
+                "full graphs for %d prompt(s): %s",
+                len(chosen),
+                ", ".join(p.prompt_id for p in chosen),
+            )
+            full = _shared_graphs(
+                shard,
+                store,
+                specs,
+                chosen,
+                params.full(),
+                device,
+                save_full_graph=save_full_graph,
+                viewer_dir=viewer_dir,
+                **options,
+            )
+            for role, result in results.items():
+                result.full = full[role]
+            shard.wait()
+    finally:
+        if resident is None:
+            models.release()
     return results
 
 
@@ -179,6 +187,50 @@ def model_identities(
     return identities
 
 
+def graph_batch_limit(params: AttributionParams, device: torch.device | str) -> int:
+    """Most prompts one forward pass of the torch engine may batch; 1 where nothing is
+    batched (each process claims prompts in batches of similar length, up to this many)."""
+    batched = params.mode == "totals" and params.engine == "torch" and params.graph_batch != 1
+    if not batched or (torch.device(device).type != "cuda" and not params.graph_batch):
+        return 1
+    return params.graph_batch or MAX_GRAPH_BATCH
+
+
+def _shared_graphs(
+    shard: Shard,
+    store: ResultsStore,
+    specs: dict[str, Any],
+    targets: list[PromptTargets],
+    params: AttributionParams,
+    device: torch.device | str,
+    *,
+    progress: bool,
+    **options: Any,
+) -> dict[str, StageResult]:
+    """This process's share of the graphs: batches of similar-length prompts claimed longest
+    first (a prompt's cost: its length), each batch's graphs computed as :func:`_graphs_for`
+    does; every list of the results in the order of ``targets``."""
+    results = {role: StageResult([], [], {}) for role in specs}
+    desc = "graphs" if params.mode == "totals" else "full graphs"
+    # the total is known only alone: under a launch each process claims as it goes
+    total = len(targets) * len(specs) if shard.count == 1 else None
+    with tqdm(total=total, desc=desc, disable=not progress, unit="graph") as bar:
+        size = graph_batch_limit(params, device)
+        for unit in shard.claim_batches(targets, lambda pt: len(pt.text), size):
+            done = _graphs_for(store, specs, unit, params, device, bar=bar, **options)
+            for role, result in done.items():
+                results[role].computed += result.computed
+                results[role].cached += result.cached
+                results[role].failed.update(result.failed)
+    position = {pt.prompt_id: i for i, pt in enumerate(targets)}
+    for role, result in results.items():
+        result.computed.sort(key=position.__getitem__)
+        result.cached.sort(key=position.__getitem__)
+        if result.cached and not result.computed and not result.failed:
+            log.info("%s: all %d %s graphs cached", role, len(result.cached), params.mode)
+    return results
+
+
 def _graphs_for(
     store: ResultsStore,
     specs: dict[str, Any],
@@ -189,8 +241,8 @@ def _graphs_for(
     force: bool,
     save_full_graph: bool,
     viewer_dir: Path | None,
-    progress: bool,
-    resident: ResidentModels | None = None,
+    models: ResidentModels,
+    bar: Any,
 ) -> dict[str, StageResult]:
     """Each prompt's graphs, model by model, each under a claim; cached ones are skipped.
 
@@ -206,72 +258,61 @@ def _graphs_for(
                 results[role].cached.append(pt.prompt_id)
             else:
                 pending.append((role, pt))
-    if not pending:
-        for role, (slug, _) in identities.items():
-            log.info("%s: all %d %s graphs cached", slug, len(results[role].cached), params.mode)
-        return results
-    models = resident or ResidentModels(specs, device, store.merged_cache_dir)
+    bar.update(len(targets) * len(identities) - len(pending))
     deferred: set[tuple[str, str]] = set()  # graphs found claimed by another process
     lengths: dict[tuple[str, str], int] = {}  # prompt tokens by (role, prompt), for batches
     last_wait_log = float("-inf")
-    desc = "graphs" if params.mode == "totals" else "full graphs"
-    bar = tqdm(total=len(pending), desc=desc, disable=not progress, unit="graph")
-    try:
-        while pending:
-            progressed = False
-            for item in list(pending):
-                if item not in pending:  # taken with an earlier item's batch
+    while pending:
+        progressed = False
+        for item in list(pending):
+            if item not in pending:  # taken with an earlier item's batch
+                continue
+            group = _batch_of(item, pending, params, models, specs, device, lengths)
+            claimed = []
+            for role, pt in group:
+                claim = try_claim(
+                    store.graph_claim_path(identities[role][0], pt.prompt_id, pt.key(params))
+                )
+                if claim is None:
+                    deferred.add((role, pt.prompt_id))
                     continue
-                group = _batch_of(item, pending, params, models, specs, device, lengths)
-                claimed = []
-                for role, pt in group:
-                    claim = try_claim(
-                        store.graph_claim_path(identities[role][0], pt.prompt_id, pt.key(params))
-                    )
-                    if claim is None:
-                        deferred.add((role, pt.prompt_id))
-                        continue
-                    pending.remove((role, pt))
-                    claimed.append((role, pt, claim))
-                if not claimed:
-                    continue
-                progressed = True
-                with contextlib.ExitStack() as held:
-                    for _role, _pt, claim in claimed:
-                        held.enter_context(claim)
-                    todo = []
-                    for role, pt, _claim in claimed:
-                        slug, fp = identities[role]
-                        # Checked again under the claim: another process may have finished
-                        # this graph since the cache was first checked (with --force only if
-                        # it was seen claimed, i.e. computed during this run).
-                        if (not force or (role, pt.prompt_id) in deferred) and cached_graph_meta(
-                            store, slug, fp, pt, params, warn=False
-                        ) is not None:
-                            results[role].cached.append(pt.prompt_id)
-                            bar.update()
-                        else:
-                            todo.append((role, pt))
-                    computed = _computed(todo, params, models)
-                    _store_batch(
-                        store, models, computed, params, save_full_graph, viewer_dir, results, bar
-                    )
-            if pending and not progressed:
-                if time.monotonic() - last_wait_log >= WAIT_LOG_SECONDS:
-                    last_wait_log = time.monotonic()
-                    log.info(
-                        "waiting for %d graph(s) that other processes are computing: %s",
-                        len(pending),
-                        "; ".join(
-                            _claimed_by(store, identities[role][0], pt, params)
-                            for role, pt in pending[:5]
-                        ),
-                    )
-                time.sleep(CLAIM_POLL_SECONDS)
-    finally:
-        bar.close()
-        if resident is None:
-            models.release()
+                pending.remove((role, pt))
+                claimed.append((role, pt, claim))
+            if not claimed:
+                continue
+            progressed = True
+            with contextlib.ExitStack() as held:
+                for _role, _pt, claim in claimed:
+                    held.enter_context(claim)
+                todo = []
+                for role, pt, _claim in claimed:
+                    slug, fp = identities[role]
+                    # Checked again under the claim: another process may have finished
+                    # this graph since the cache was first checked (with --force only if
+                    # it was seen claimed, i.e. computed during this run).
+                    if (not force or (role, pt.prompt_id) in deferred) and cached_graph_meta(
+                        store, slug, fp, pt, params, warn=False
+                    ) is not None:
+                        results[role].cached.append(pt.prompt_id)
+                        bar.update()
+                    else:
+                        todo.append((role, pt))
+                computed = _computed(todo, params, models)
+                _store_batch(
+                    store, models, computed, params, save_full_graph, viewer_dir, results, bar
+                )
+        if pending and not progressed:
+            if time.monotonic() - last_wait_log >= WAIT_LOG_SECONDS:
+                last_wait_log = time.monotonic()
+                log.info(
+                    "waiting for %d graph(s) that other processes are computing: %s",
+                    len(pending),
+                    "; ".join(
+                        _claimed_by(store, identities[role][0], pt, params)
+                        for role, pt in pending[:5]
+                    ),
+                )
+            time.sleep(CLAIM_POLL_SECONDS)
     return results
 
 

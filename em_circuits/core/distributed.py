@@ -1,10 +1,14 @@
-"""Several processes under ``accelerate launch``: which prompts are mine, and barriers.
+"""Several processes under ``accelerate launch`` / ``torchrun``: who does which work, barriers.
 
-The model stages (logits, graphs) give each process every ``count``-th prompt; each writes
-its own per-prompt artifacts atomically, so the files are those of a single-process run and a
-re-launch skips whatever any process finished. The judge, the queue, the analysis and the
-report stay on the main process. Without a launcher everything is one process and the
-barriers do nothing.
+Work is shared by *claiming*: every process holds the same list of work units with their
+costs, orders it costliest first (ties by position), and takes the next unclaimed unit from
+a counter in the process group's key-value store (:meth:`Shard.claim`). A process that
+finishes early takes the next unit, so the load balances by cost and no straggler holds up a
+barrier with a backlog fixed in advance; the costliest units go first, so the last ones to
+finish are short. Each process writes its units' artifacts atomically, so the files are those
+of a single-process run and a re-launch skips whatever any process finished. The judge, the
+queue and the report stay on the main process. Without a launcher everything is one process,
+claiming is plain iteration and the barriers do nothing.
 
 On GPUs accelerate's ``PartialState`` sets up the process group (NCCL). Launched on CPUs
 (``accelerate launch --multi_gpu`` on a machine without GPUs runs torchrun, whose environment
@@ -27,7 +31,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,6 +43,8 @@ HEARTBEAT_SECONDS = 2.0
 POLL_SECONDS = 0.25
 #: Seconds without a heartbeat after which a waiting process gives a peer up for lost.
 DEFAULT_PEER_TIMEOUT = 120.0
+#: Batches each process should be able to claim at least, so that claiming evens out the load.
+BATCHES_PER_PROCESS = 4
 _PREFIX = "em_circuits/"
 _FAILED = _PREFIX + "failed"
 
@@ -65,6 +71,7 @@ class _Coordinator:
         self.rank = rank
         self.count = count
         self.epoch = 0
+        self.work_lists = 0
         self.stopped = threading.Event()
         beat_store = store.clone() if hasattr(store, "clone") else store
         threading.Thread(target=self._beat, args=(beat_store,), daemon=True).start()
@@ -96,6 +103,31 @@ class _Coordinator:
         except Exception:
             pass  # the store itself is gone; the others find that out by themselves
 
+    def _raise_if_failed(self) -> None:
+        if self.store.check([_FAILED]):
+            message = self.store.get(_FAILED).decode(errors="replace")
+            raise PeerFailedError(f"stopping: {message}")
+
+    def next_work_list(self) -> str:
+        """The counter key of this process's next work list: every process calls
+        :meth:`Shard.claim` for the same lists in the same order, so the n-th list of each
+        process shares the n-th counter."""
+        self.work_lists += 1
+        return f"{_PREFIX}work/{self.work_lists}"
+
+    def claim_next(self, key: str) -> int:
+        """The position (in claiming order) of the next unit nobody has claimed yet."""
+        try:
+            self._raise_if_failed()  # a failed peer stops the others between units too
+            return int(self.store.add(key, 1)) - 1
+        except PeerFailedError:
+            raise
+        except Exception as err:  # the store's host (the main process) is gone
+            raise PeerFailedError(
+                f"stopping: lost contact with the main process ({type(err).__name__}: {err}); "
+                "relaunch to resume, finished work is kept"
+            ) from err
+
     def barrier(self) -> None:
         self.epoch += 1
         arrived_key = f"{_PREFIX}barrier/{self.epoch}"
@@ -104,9 +136,7 @@ class _Coordinator:
             self.store.add(arrived_key, 1)
             beats = {r: (-1, time.monotonic()) for r in range(self.count) if r != self.rank}
             while self.store.add(arrived_key, 0) < self.count:
-                if self.store.check([_FAILED]):
-                    message = self.store.get(_FAILED).decode(errors="replace")
-                    raise PeerFailedError(f"stopping: {message}")
+                self._raise_if_failed()
                 now = time.monotonic()
                 for rank, (seen, since) in beats.items():
                     value = self.store.add(f"{_PREFIX}beat/{rank}", 0)
@@ -171,9 +201,35 @@ class Shard:
     def is_main(self) -> bool:
         return self.index == 0
 
-    def take(self, items: Sequence[T]) -> list[T]:
-        """Every ``count``-th item starting at ``index``: disjoint, and together all items."""
-        return list(items[self.index :: self.count])
+    def claim(self, units: Sequence[T], costs: Sequence[float]) -> Iterator[tuple[int, T]]:
+        """The units this process computes, each with its position in ``units``: claimed one
+        at a time, costliest first, so that together the processes compute every unit exactly
+        once (see the module's docstring). Every process must call this with the same units
+        and costs, as many times and in the same order as the others. Alone: every unit, in
+        the same order. Raises :class:`PeerFailedError` when another process failed."""
+        if len(costs) != len(units):
+            raise ValueError(f"{len(units)} work units but {len(costs)} costs")
+        order = cost_order(costs)
+        if self.count <= 1:
+            yield from ((i, units[i]) for i in order)
+            return
+        coordinator = _coordinator(self.index, self.count)
+        key = coordinator.next_work_list()
+        while (taken := coordinator.claim_next(key)) < len(order):
+            yield order[taken], units[order[taken]]
+
+    def claim_batches(
+        self, items: Sequence[T], cost: Callable[[T], float], size: int
+    ) -> Iterator[list[T]]:
+        """The batches of items this process computes (see :meth:`claim`): the items sorted
+        by cost and cut into batches of up to ``size`` similar ones (sized down so that every
+        process can claim :data:`BATCHES_PER_PROCESS`), costliest batch first."""
+        fair = -(-len(items) // (BATCHES_PER_PROCESS * self.count))
+        size = max(1, min(size, fair))
+        ordered = sorted(items, key=cost)
+        units = [ordered[start : start + size] for start in range(0, len(ordered), size)]
+        for _, unit in self.claim(units, [float(sum(cost(item) for item in u)) for u in units]):
+            yield unit
 
     def wait(self) -> None:
         """Block until every process arrives (no-op for a single process); raise
@@ -185,6 +241,12 @@ class Shard:
         """Tell the other processes to stop (they raise in their next or current barrier)."""
         if self.count > 1:
             _coordinator(self.index, self.count).report_failure(message)
+
+
+def cost_order(costs: Sequence[float]) -> list[int]:
+    """Positions of ``costs``, costliest first, ties in their given order: the longest units
+    start first, so the processes finish close together."""
+    return sorted(range(len(costs)), key=lambda i: (-costs[i], i))
 
 
 def report_failure_to_peers(message: str) -> None:

@@ -359,19 +359,25 @@ def evaluate(
     }
     shard = current_shard()
     if shard.count > 1:
-        # Under accelerate launch every process computes its share of the logits; then the
-        # main process alone reads them all back (no model loaded) and runs the judge.
-        mine = shard.take(records)
-        logits_for_spec(base_spec, store, mine, **opts)
-        logits_for_spec(adapted_spec, store, mine, **opts)
+        # The processes claim batches of prompts, longest first, and compute their logits;
+        # then the main process alone reads them all back (no model loaded) and judges.
+        owned = models is None and loader is load_model
+        if owned:  # each model loaded once for all the batches this process claims
+            opts["models"] = ResidentModels({}, resolve_device(device), store.merged_cache_dir)
+        mine = 0  # prompts
+        try:
+            for batch in shard.claim_batches(records, lambda r: len(r["text"]), batch_size):
+                logits_for_spec(base_spec, store, batch, **opts)
+                logits_for_spec(adapted_spec, store, batch, **opts)
+                mine += len(batch)
+        finally:
+            if owned:
+                opts["models"].release()
         shard.wait()
         if not shard.is_main:
-            log.info(
-                "process %d: logits for %d prompts done; the main process judges",
-                shard.index,
-                len(mine),
-            )
+            log.info("process %d: %d prompts' logits done; the main judges", shard.index, mine)
             return summary
+        opts["models"] = models
         opts["force"] = False
     summary.base = logits_for_spec(base_spec, store, records, **opts)
     summary.adapted = logits_for_spec(adapted_spec, store, records, **opts)

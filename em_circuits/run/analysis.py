@@ -19,6 +19,7 @@ from em_circuits.analysis.steps.base import Step
 from em_circuits.analysis.steps.context import AnalysisContext, chosen_graphs
 from em_circuits.analysis.steps.runner import run_steps
 from em_circuits.core.cache import cache_key
+from em_circuits.core.distributed import current_shard
 from em_circuits.core.store import ResultsStore, read_json, write_artifact
 from em_circuits.models.load import ResidentModels
 from em_circuits.models.spec import ModelSpec, fingerprint, model_slug
@@ -86,6 +87,10 @@ def run_analysis(
     ``prompt_ids`` only those prompts' graphs are analysed, in a subfolder ``prompts-<hash>``
     that never replaces the analysis of all prompts. ``steps`` (default: every step of
     :data:`~em_circuits.run.steps.STEPS`) runs another list, e.g. with a step of your own.
+
+    Under ``accelerate launch`` / ``torchrun`` every process calls this: the spread steps
+    share their heavy work among them, the others run on the main process (see
+    :mod:`~em_circuits.analysis.steps.spread`); every process returns the summary.
     """
     specs = {"base": base, "adapted": adapted}
     fps = {role: fingerprint(spec, device) for role, spec in specs.items()}
@@ -106,6 +111,7 @@ def run_analysis(
         models=models,
         em_judge=em_judge,
         labeller=labeller,
+        shard=current_shard(),
     )
     chosen = run_order(STEPS if steps is None else steps)
     own = {s.name: params.steps.get(s.name) or s.Params() for s in chosen}
@@ -120,8 +126,10 @@ def run_analysis(
             f for entry in entries.values() for f in entry.files if f.endswith(".csv")
         ),
     }
-    stored = _write_summary(directory, summary)
-    if prompt_ids is None:
-        _point_latest(store, slugs["adapted"], directory, params)
-    log.info("analysis in %s", directory)
-    return stored
+    if ctx.is_main:
+        stored = _write_summary(directory, summary)
+        if prompt_ids is None:
+            _point_latest(store, slugs["adapted"], directory, params)
+        log.info("analysis in %s", directory)
+    ctx.shard.wait()
+    return stored if ctx.is_main else read_json(directory / "summary.json")

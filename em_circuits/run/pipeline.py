@@ -182,8 +182,10 @@ def run_pipeline(
 ) -> Path | None:
     """Every stage in order; returns the report's path (None on non-main processes).
 
-    Under ``accelerate launch`` the logits and graph stages are split across processes; the
-    prompts, judge, labels, analysis and report run on the main process while the others wait.
+    Under ``accelerate launch`` / ``torchrun`` the processes share the logits, the graphs and
+    the heavy steps of the analysis (claiming work, longest first); the prompts, judge,
+    labels, the other analysis steps and the report run on the main process while the others
+    wait.
 
     Each model is loaded once, when a stage first needs it, and kept for the later stages
     (logits, graphs, causal check), both on one transcoder set read once. Pass ``models`` to
@@ -214,8 +216,6 @@ def run_pipeline(
             shard.wait()
         with stage("graphs", store, cfg):
             run_graphs(store, base, adapted, adapted_slug, cfg, device, resident)
-        if not shard.is_main:
-            return None
         with stage("features", store, cfg):
             judge = make_em_judge(
                 "llm" if cfg.llm.wants_llm(cfg.judge) else "offline",
@@ -241,6 +241,8 @@ def run_pipeline(
         if models is None:
             resident.release()
             release_transcoders()
+    if not shard.is_main:
+        return None
     with stage("report", store, cfg):
         report = write_report(store, base, adapted, device)
     return report

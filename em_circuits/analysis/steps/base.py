@@ -115,6 +115,10 @@ class Step(Section):
     needs_prompts: ClassVar[bool] = True
     #: raised when what the step computes changes, so stored results are recomputed
     version: ClassVar[int] = 1
+    #: runs on every process of a launch, its heavy work shared through
+    #: :meth:`~em_circuits.analysis.steps.context.AnalysisContext.spread` (only the main
+    #: process writes its files); any other step runs on the main process alone
+    spread: ClassVar[bool] = False
 
     def run(self, ctx: Any, params: Any) -> StepResult:
         raise NotImplementedError

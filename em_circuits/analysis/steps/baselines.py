@@ -26,7 +26,7 @@ from em_circuits.analysis.steps.baselines_report import (
     baselines_finding,
     baselines_markdown,
 )
-from em_circuits.analysis.steps.causal import CausalPrompt, causal_prompts
+from em_circuits.analysis.steps.causal_measure import CausalPrompt, causal_prompts
 from em_circuits.analysis.steps.em_rate import em_questions
 from em_circuits.core.atomic import atomic_write_text
 from em_circuits.core.options import option

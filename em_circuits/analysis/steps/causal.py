@@ -24,10 +24,16 @@ import pandas as pd
 
 from em_circuits.analysis.split import Split
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
+from em_circuits.analysis.steps.causal_measure import (
+    Measured,
+    causal_prompts,
+    choose,
+    dose_response,
+)
 from em_circuits.core.markdown import feature_list, fmt, md_table, with_feature_links
 from em_circuits.core.options import option
 from em_circuits.core.report_data import Report, ReportPart, StoredJson, TableRecord
-from em_circuits.core.store import ResultsStore, read_json, write_artifact
+from em_circuits.core.store import read_json, write_artifact
 
 if TYPE_CHECKING:
     from em_circuits.analysis.steps.context import AnalysisContext
@@ -48,74 +54,9 @@ class CausalParams:
     )
 
 
-#: A stored prompt record with its labeled evil and safe token ids (``evil_ids``,
-#: ``safe_ids``): what :mod:`em_circuits.analysis.causal`'s interventions take.
-CausalPrompt = dict[str, Any]
-
-
-def causal_prompts(
-    store: ResultsStore, metas: Mapping[str, Mapping[str, Any]]
-) -> list[CausalPrompt]:
-    """The stored prompt records (the model renders them as the attribution did: chat prompts
-    through the chat template) with their labeled evil and safe token ids."""
-    prompts = []
-    for pid, meta in metas.items():
-        targets = meta["targets"]
-        prompts.append(
-            {
-                **store.load_prompt(pid),
-                "evil_ids": [t["token_id"] for t in targets if t["label"] == "evil"],
-                "safe_ids": [t["token_id"] for t in targets if t["label"] == "safe"],
-            }
-        )
-    return prompts
-
-
-@dataclass
-class _Measured:
-    """The single-feature ablations and the features they choose."""
-
-    discovery: pd.DataFrame
-    validation: pd.DataFrame
-    ranking: pd.DataFrame
-    column: str
-    top: list[tuple[int, int]]
-    none_lowered: bool
-
-
-def _choose(
-    adapted: Any,
-    prompts: dict[str, list[CausalPrompt]],
-    candidates: list[tuple[int, int]],
-    effects: dict[str, pd.DataFrame],
-    top_k: int,
-    position: str,
-) -> _Measured:
-    """Measure every candidate on the discovery prompts, keep the ``top_k`` that lower the
-    contrast most, and measure those on the validation prompts."""
-    from em_circuits.analysis.measured import (  # noqa: PLC0415  # heavy: loads torch
-        measured_ablation_effects,
-        rank_by_measured,
-        with_linearised,
-    )
-
-    discovery = with_linearised(
-        measured_ablation_effects(adapted, prompts["discovery"], candidates, position), effects
-    )
-    column = "delta_unfrozen" if discovery["delta_unfrozen"].notna().any() else "delta_frozen"
-    ranking = rank_by_measured(discovery, column)
-    lowering = ranking[ranking["measured_delta"] < 0]
-    chosen = lowering if len(lowering) else ranking
-    top = [(int(la), int(f)) for la, f in zip(chosen["layer"], chosen["feature"])][:top_k]
-    validation = with_linearised(
-        measured_ablation_effects(adapted, prompts["validation"], top, position), effects
-    )
-    return _Measured(discovery, validation, ranking, column, top, bool(len(lowering) == 0))
-
-
 def _summarize(
     summary: StoredJson,
-    measured: _Measured,
+    measured: Measured,
     candidates: list[tuple[int, int]],
     n_discovery: int,
     dose_base: pd.DataFrame,
@@ -184,9 +125,11 @@ class CausalStep(Step):
     shared = ("position", "seed")
     reads = ("split", "ranking")
     uses = frozenset({"graphs", "models"})
+    version = 2  # each prompt's random controls drawn from its own generator
+    spread = True  # the measured ablations and the dose-response, prompt by prompt
 
     def run(self, ctx: AnalysisContext, params: CausalParams) -> StepResult:
-        from em_circuits.analysis.causal import causal_validation, top_evil_features  # noqa: PLC0415  # heavy: loads torch
+        from em_circuits.analysis.causal import top_evil_features  # noqa: PLC0415  # heavy: loads torch
         from em_circuits.analysis.plots import plot_dose_response  # noqa: PLC0415  # heavy: loads matplotlib
 
         ranked = ctx.table("top_features_adapted")
@@ -204,33 +147,33 @@ class CausalStep(Step):
         }
         if not candidates or not prompts["discovery"] or not prompts["validation"]:
             return StepResult()
-        position, seed = ctx.shared.position, ctx.shared.seed
         control_scales = sorted({0.0, 1.0, *params.scales})
         with ctx.model_pool() as pool:
-            model = pool.load(ctx.specs["adapted"])
-            measured = _choose(
-                model, prompts, candidates, adapted.effects, params.causal_top_k, position
+
+            def adapted_model() -> Any:
+                return pool.load(ctx.specs["adapted"])
+
+            def base_model() -> Any:
+                return pool.load(ctx.specs["base"])
+
+            measured = choose(
+                ctx,
+                adapted_model,
+                prompts,
+                candidates,
+                adapted.effects,
+                params.causal_top_k,
+                ctx.shared.position,
             )
-            dose, summary = causal_validation(
-                model,
-                prompts["validation"],
-                measured.top,
-                scales=params.scales,
-                n_random=params.n_random,
-                seed=seed,
-                position=position,
-                clusters=split.clusters,
+            validation = prompts["validation"]
+            dose, summary = dose_response(
+                ctx, "dose", adapted_model, validation, measured.top, params.scales, params.n_random
             )
-            dose_base, _ = causal_validation(
-                pool.load(ctx.specs["base"]),
-                prompts["validation"],
-                measured.top,
-                scales=control_scales,
-                n_random=0,
-                seed=seed,
-                position=position,
-                clusters=split.clusters,
+            dose_base, _ = dose_response(
+                ctx, "dose_base", base_model, validation, measured.top, control_scales, 0
             )
+        if not ctx.is_main:  # every process has the merged results; the main one writes them
+            return StepResult()
         ctx.write_table(
             pd.concat(
                 [

@@ -7,11 +7,11 @@ all up to date reads no graph.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 from tqdm import tqdm
@@ -20,11 +20,13 @@ from em_circuits.analysis.cache import cached_prompt_effects
 from em_circuits.analysis.decomposition import contrast_parts
 from em_circuits.analysis.split import Split
 from em_circuits.analysis.steps.base import SharedParams, StepSummary, read_table, write_table
+from em_circuits.analysis.steps.spread import spread, work_folder
 from em_circuits.attribution.stored_graphs import (
     GraphIntegrityError,
     find_graph_metas,
     load_graph,
 )
+from em_circuits.core.distributed import Shard
 from em_circuits.core.schemas import GraphMetaRecord
 from em_circuits.core.store import ResultsStore, read_json
 from em_circuits.models.load import ResidentModels
@@ -33,6 +35,7 @@ from em_circuits.models.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 ROLES = ("base", "adapted")
+U = TypeVar("U")
 
 
 def chosen_graphs(
@@ -110,6 +113,10 @@ class AnalysisContext:
     labeller: Any = None
     #: entries of summary.json the steps so far returned (a later step may read them)
     summary: StepSummary = field(default_factory=dict)
+    #: this process's place in a launch (alone by default)
+    shard: Shard = field(default_factory=lambda: Shard(0, 1, 0))
+    #: the running step's name and key (set by the step runner)
+    running: tuple[str, str] = ("", "")
     _effects: dict[str, Effects] | None = None
     _left_out: list[str] = field(default_factory=list)
     _written: list[str] = field(default_factory=list)
@@ -153,6 +160,27 @@ class AnalysisContext:
             {p: e for p, e in every.parts.items() if p in kept},
             {p: m for p, m in every.metas.items() if p in kept},
         )
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the step's files (a spread step runs on every one)."""
+        return self.shard.is_main
+
+    def spread(
+        self,
+        name: str,
+        units: Sequence[U],
+        compute: Callable[[U], Any],
+        *,
+        cost: Callable[[U], float],
+        key: Callable[[U], str],
+    ) -> list[Any]:
+        """Every unit's result, in the order of ``units``, on every process, each unit
+        computed by one process (:func:`~em_circuits.analysis.steps.spread.spread`); ``name``
+        tells this step's spreads apart."""
+        step, step_key = self.running
+        folder = work_folder(self.directory, step, step_key, name)
+        return spread(self.shard, folder, units, compute, cost=cost, key=key)
 
     def table(self, name: str) -> pd.DataFrame:
         return read_table(self.directory, name)

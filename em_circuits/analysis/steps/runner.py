@@ -26,6 +26,7 @@ from em_circuits.analysis.steps.base import (
     step_key,
 )
 from em_circuits.analysis.steps.context import AnalysisContext
+from em_circuits.analysis.steps.spread import remove_work
 from em_circuits.core.artifacts import utc_now
 from em_circuits.core.cache import cache_key
 from em_circuits.core.labeling_records import load_verdict
@@ -121,6 +122,7 @@ def run_steps(
     """Run (or reuse) every step; returns each step's entry. ``params`` holds each step's
     parameters by name."""
     record = read_record(ctx)
+    ctx.shard.wait()  # every process has read the record before the main process changes it
     uses = uses_of(ctx)
     keys: dict[str, str] = {}
     prompts = True
@@ -131,10 +133,7 @@ def run_steps(
         if entry is not None and _stored(entry, key, ctx):
             log.info("%s: up to date", step.name)
         else:
-            entry = _run_one(ctx, step, own, key, skip=step.needs_prompts and not prompts)
-            record[step.name] = entry
-            steps_json = {name: r.to_json() for name, r in record.items()}
-            write_artifact(ctx.directory / STEPS_FILE, "table", {"steps": steps_json})
+            entry = _run_shared(ctx, step, own, key, record, step.needs_prompts and not prompts)
         keys[step.name] = entry.key
         ctx.summary.update(entry.summary)
         if step.name == "split":
@@ -142,9 +141,42 @@ def run_steps(
     return {step.name: record[step.name] for step in steps}
 
 
+def _run_shared(
+    ctx: AnalysisContext,
+    step: Step,
+    params: Any,
+    key: str,
+    record: dict[str, StepRecord],
+    skip: bool,
+) -> StepRecord:
+    """Run one step where it runs (a spread step on every process, any other on the main
+    one), record it in steps.json, and return its entry on every process."""
+    shard = ctx.shard
+    entry = None
+    if step.spread and not skip:
+        entry = _run_one(ctx, step, params, key, skip)
+        shard.wait()  # every process's units computed and merged
+    elif shard.is_main:
+        entry = _run_one(ctx, step, params, key, skip)
+    if shard.is_main and entry is not None:
+        record[step.name] = entry
+        steps_json = {name: r.to_json() for name, r in record.items()}
+        write_artifact(ctx.directory / STEPS_FILE, "table", {"steps": steps_json})
+        remove_work(ctx.directory, step.name)
+    shard.wait()  # the entry is in steps.json (the others wait here for an unspread step)
+    if not shard.is_main:
+        entry = read_record(ctx).get(step.name)
+        if entry is None:
+            raise RuntimeError(f"step {step.name}: no entry in {ctx.directory / STEPS_FILE}")
+        record[step.name] = entry
+    assert entry is not None
+    return entry
+
+
 def _run_one(ctx: AnalysisContext, step: Step, params: Any, key: str, skip: bool) -> StepRecord:
     started = time.monotonic()
     ctx.take_written()
+    ctx.running = (step.name, key)
     if skip:
         result = StepResult()
     else:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from em_circuits.analysis.steps.base import ReportInputs, Step, StepResult, records
 from em_circuits.analysis.steps.baselines import em_setup, tested_features, validation_and_discovery
-from em_circuits.analysis.steps.causal import CausalPrompt
+from em_circuits.analysis.steps.causal_measure import CausalPrompt
 from em_circuits.core.markdown import fmt, md_table
 from em_circuits.core.options import option
 from em_circuits.core.report_data import Report, ReportPart, StoredJson, TableRecord
