@@ -134,6 +134,7 @@ class BaselinesStep(Step):
     shared = ("seed", "n_perm", "corpus")
     reads = ("split", "ranking", "causal")
     uses = frozenset({"graphs", "models", "em_judge"})
+    version = 2  # EM answers sampled many questions per generate call (em_sampling)
 
     def run(self, ctx: AnalysisContext, params: BaselinesParams) -> StepResult:
         from em_circuits.analysis.baseline_run import BaselineInputs, run_baselines  # noqa: PLC0415  # heavy: loads torch

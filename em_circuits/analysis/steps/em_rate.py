@@ -64,7 +64,7 @@ class EMRateStep(Step):
     shared = ("seed",)
     reads = ("causal", "ranking")
     uses = frozenset({"models", "em_judge"})
-    version = 2  # questions apart from the pivotal prompts; controls outside the top ranked
+    version = 3  # answers sampled many questions per generate call (em_sampling)
 
     def run(self, ctx: AnalysisContext, params: EMRateParams) -> StepResult:
         from em_circuits.analysis.em_rate import (  # noqa: PLC0415  # heavy: loads torch

@@ -152,7 +152,7 @@ class SufficiencyStep(Step):
     shared = ("seed", "n_perm")
     reads = ("split", "causal", "baselines")
     uses = frozenset({"graphs", "models", "em_judge"})
-    version = 2  # the position-by-position patch
+    version = 3  # EM answers sampled many questions per generate call (em_sampling)
 
     def run(self, ctx: AnalysisContext, params: SufficiencyParams) -> StepResult:
         from em_circuits.analysis.baselines import change_statistics, real_contrast  # noqa: PLC0415  # heavy: loads torch
