@@ -187,8 +187,13 @@ def adapted_standin(request, tmp_path_factory):
 
 
 def test_adapter_nodes_edges_and_reads_equal_the_nnsight_engines(adapted_standin):
-    from em_circuits.attribution.engine import effects_with_adapter
-    from em_circuits.attribution.prompt_adapter_nodes import prompt_adapter_writes
+    from em_circuits.attribution.adapter_nodes import AdapterWrites
+    from em_circuits.attribution.engine import effects_recording_adapter, effects_with_adapter
+    from em_circuits.attribution.prompt_adapter_nodes import (
+        AdapterPlan,
+        adapter_plan,
+        prompt_adapter_writes,
+    )
 
     model = adapted_standin
     ids = model.encode(TEXT)
@@ -211,6 +216,18 @@ def test_adapter_nodes_edges_and_reads_equal_the_nnsight_engines(adapted_standin
         assert _close(getattr(got, name), getattr(want, name)), name
     assert torch.equal(got.adapter_edge_features, want.adapter_edge_features)
     assert torch.equal(got.adapter_read_nodes, want.adapter_read_nodes)
+    # the graph stage records the nodes from the graph's own frozen pass: the same nodes
+    plan = adapter_plan(model)
+    assert isinstance(plan, AdapterPlan)
+    recording = plan.recording(model.hf_model)
+    folded, recorded = effects_recording_adapter(
+        model, ids, lambda _l: directions, recording, **wanted
+    )
+    assert isinstance(recorded, AdapterWrites)
+    assert torch.equal(recorded.nodes, writes.nodes)
+    assert _close(recorded.activations, writes.activations)
+    for name in ("direct", "total", "adapter_direct", "adapter_total", "adapter_edges"):
+        assert _close(getattr(folded, name), getattr(got, name)), name
     kinds = {writes.modules[c] for c in writes.nodes[:, 1].tolist()}
     if model.spec.adapter and len(kinds) > 1:  # the all-module adapter has every kind
         assert {"down_proj", "o_proj", "v_proj", "q_proj", "gate_proj"} <= kinds

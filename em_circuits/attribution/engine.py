@@ -43,6 +43,7 @@ from em_circuits.attribution.engine_model import (
     FrozenBatch,
     LayerFeatures,
     LinearisedModel,
+    PassRecording,
     frozen_forward,
 )
 from em_circuits.attribution.exact import ExactEffects, check_unit_slope
@@ -123,23 +124,99 @@ def effects_with_adapter(
     """:func:`batched_effects` of one prompt with an adapter's nodes
     (:class:`~em_circuits.attribution.adapter_nodes.AdapterWrites`), their edges and reads
     (:func:`~em_circuits.attribution.engine_adapter.adapter_effects`)."""
+    effects, _ = _with_adapter(
+        model,
+        ids,
+        directions_for,
+        writes,
+        None,
+        AdapterPasses(split_target, split_features, read_nodes),
+        precision,
+        feature_budget,
+        where,
+    )
+    return effects
+
+
+def effects_recording_adapter(
+    model: LoadedModel,
+    ids: torch.Tensor,
+    directions_for: DirectionsFor,
+    recording: PassRecording,
+    split_target: int | None = None,
+    split_features: int = 0,
+    read_nodes: int = 0,
+    precision: str = "float32",
+    feature_budget: int = 1 << 26,
+    where: str = "prompt",
+) -> tuple[ExactEffects, Any]:
+    """:func:`effects_with_adapter` with the adapter's nodes recorded from the graph's own
+    frozen forward pass (``recording``, e.g.
+    :meth:`~em_circuits.attribution.prompt_adapter_nodes.AdapterPlan.recording`) instead of
+    a pass of their own; returns the effects and the nodes, or why the prompt has none (its
+    effects then have no adapter rows)."""
+    return _with_adapter(
+        model,
+        ids,
+        directions_for,
+        None,
+        recording,
+        AdapterPasses(split_target, split_features, read_nodes),
+        precision,
+        feature_budget,
+        where,
+    )
+
+
+@dataclass(frozen=True)
+class AdapterPasses:
+    """The adapter nodes' extra passes: their edges into the ``split_features`` features with
+    the largest total effects on target ``split_target`` and the ``read_nodes`` reads."""
+
+    split_target: int | None = None
+    split_features: int = 0
+    read_nodes: int = 0
+
+
+def _with_adapter(
+    model: LoadedModel,
+    ids: torch.Tensor,
+    directions_for: DirectionsFor,
+    writes: Any,
+    recording: PassRecording | None,
+    passes: AdapterPasses,
+    precision: str,
+    feature_budget: int,
+    where: str,
+) -> tuple[ExactEffects, Any]:
     from em_circuits.attribution.engine_adapter import adapter_effects  # noqa: PLC0415  # cycle: engine_adapter imports this module
 
     engine = linearised(model)
     with matmul_precision(precision), torch.no_grad():
         batch, (directions,) = _forward(
-            engine, [ids], [directions_for], [where], keep_mlp_inputs=read_nodes > 0
+            engine,
+            [ids],
+            [directions_for],
+            [where],
+            keep_mlp_inputs=passes.read_nodes > 0,
+            recording=recording,
         )
-        return adapter_effects(
+        if recording is not None:
+            writes = batch.recorded
+        if isinstance(writes, str):  # no nodes on this prompt: the plain graph
+            (effects,) = _backward(engine, batch, [directions], feature_budget)
+            return effects, writes
+        effects = adapter_effects(
             engine,
             batch,
             directions,
             writes,
             feature_budget,
-            split_target,
-            split_features,
-            read_nodes,
+            passes.split_target,
+            passes.split_features,
+            passes.read_nodes,
         )
+        return effects, writes
 
 
 def _forward(
@@ -148,10 +225,11 @@ def _forward(
     directions_for: Sequence[DirectionsFor],
     where: Sequence[str],
     keep_mlp_inputs: bool = False,
+    recording: PassRecording | None = None,
 ) -> tuple[FrozenBatch, list[torch.Tensor]]:
     """The frozen forward pass of ``sequences``, each prompt checked finite, and each
     prompt's target directions chosen from its logits."""
-    batch = frozen_forward(engine, sequences, keep_mlp_inputs=keep_mlp_inputs)
+    batch = frozen_forward(engine, sequences, keep_mlp_inputs=keep_mlp_inputs, recording=recording)
     directions = []
     for label, fn, prompt in zip(where, directions_for, batch.prompts):
         _check_finite(prompt.errors, prompt.layer_features, prompt.logits, label)

@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from safetensors import safe_open
@@ -239,6 +240,8 @@ class FrozenBatch:
     prompts: list[FrozenPrompt]
     patterns: list[torch.Tensor]  # per layer (batch, heads, pos, pos)
     scales: dict[int, torch.Tensor] = field(default_factory=dict)  # id(norm) -> (batch, pos, 1)
+    #: what the pass's recording made of it (see :func:`frozen_forward`)
+    recorded: Any = None
 
     @property
     def n_pos(self) -> int:
@@ -255,14 +258,27 @@ def _scale_hook(norm: torch.nn.Module, scales: dict[int, torch.Tensor]) -> Any:
     return norm.register_forward_pre_hook(hook)
 
 
+class PassRecording(Protocol):
+    """Something else recorded from the frozen forward pass of one prompt (an adapter's nodes,
+    :class:`~em_circuits.attribution.prompt_adapter_nodes.AdapterRecording`)."""
+
+    def hooks(self) -> AbstractContextManager[None]: ...
+
+    def writes(self) -> Any: ...
+
+
 def frozen_forward(
     model: LinearisedModel,
     sequences: Sequence[torch.Tensor],
     position_chunk: int = 512,
     keep_mlp_inputs: bool = False,
+    recording: PassRecording | None = None,
 ) -> FrozenBatch:
     """One forward pass over ``sequences`` (right-padded), encoding every layer's transcoder
-    on each prompt's own positions ``position_chunk`` at a time (bounded memory)."""
+    on each prompt's own positions ``position_chunk`` at a time (bounded memory).
+
+    ``recording`` (one prompt) has its hooks open during the pass and its ``writes()``
+    taken while the attention is still eager; they are the batch's ``recorded``."""
     hf: Any = model.hf_model
     device = model.embed_weight.device
     ids, mask = right_padded([s.cpu() for s in sequences], pad_id=0)
@@ -283,19 +299,25 @@ def frozen_forward(
     keep = sorted({n - 1 for n in lengths})
     implementation = hf.config._attn_implementation
     hf.config._attn_implementation = "eager"  # the patterns themselves, as circuit-tracer reads
+    recorded = None
     try:
-        with torch.no_grad():
-            out = hf(
-                input_ids=ids,
-                attention_mask=mask,
-                output_attentions=True,
-                use_cache=False,
-                logits_to_keep=torch.tensor(keep, device=device),
-            )
+        try:
+            with torch.no_grad(), recording.hooks() if recording else nullcontext():
+                out = hf(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    output_attentions=True,
+                    use_cache=False,
+                    logits_to_keep=torch.tensor(keep, device=device),
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        if recording is not None:
+            # after this pass's hooks are gone (it runs modules again), attention still eager
+            recorded = recording.writes()
     finally:
         hf.config._attn_implementation = implementation
-        for handle in handles:
-            handle.remove()
     prompts = []
     for row, length in enumerate(lengths):
         logits = out.logits[row, keep.index(length - 1)].detach().float()
@@ -324,7 +346,7 @@ def frozen_forward(
             pattern.mul_(valid)  # in place: at 2,048 tokens the patterns take GiBs
         for k in list(scales):
             scales[k] = scales[k] * mask[:, :, None].float()
-    return FrozenBatch(prompts, patterns, scales)
+    return FrozenBatch(prompts, patterns, scales, recorded)
 
 
 #: Lazy decoders read whole onto the GPU, by transcoder set: a list per layer, or None where

@@ -80,17 +80,16 @@ class _Recorded:
     calls: dict[int, tuple[tuple, dict, torch.Tensor | None]] = field(default_factory=dict)
     #: each pattern layer's value projection input
     value_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: each MLP layer's value at the transcoders' output site, to check it is the MLP's
+    sites: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-@torch.no_grad()
-def _recorded_forward(
-    hf_model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    node_factors: list[LoraFactor],
-    mlp_output_site: Any,
-) -> _Recorded:
-    """One forward pass of ``input_ids`` that keeps what every node kind needs; checks that
-    the MLP output is the one the transcoders replace (:func:`_check_replaced_output`)."""
+@contextmanager
+def _recording_hooks(
+    hf_model: torch.nn.Module, node_factors: list[LoraFactor], mlp_output_site: Any
+) -> Iterator[_Recorded]:
+    """While open, every forward pass of ``hf_model`` (one prompt) records what every node
+    kind needs into the yielded record."""
     recorded = _Recorded()
     inputs, mlp_io, calls = recorded.inputs, recorded.mlp_io, recorded.calls
 
@@ -107,9 +106,6 @@ def _recorded_forward(
 
         return hook
 
-    site_outputs: dict[int, torch.Tensor] = {}
-    handles = []
-
     def keep_input(key: tuple[int, str]):
         def hook(_module, args, _output):
             inputs[key] = args[0][0]
@@ -125,6 +121,7 @@ def _recorded_forward(
     mlp_modules = MLP_LINEAR + MLP_NONLINEAR
     mlp_layers = sorted({f.layer for f in node_factors if f.module in mlp_modules})
     pattern_layers = sorted({f.layer for f in node_factors if f.module in ATTENTION_PATTERN})
+    handles = []
     try:
         for f in node_factors:
             if f.module not in ATTENTION_PATTERN:
@@ -138,15 +135,25 @@ def _recorded_forward(
         for layer in mlp_layers:
             handles.append(layer_mlp(hf_model, layer).register_forward_hook(keep_mlp(layer)))
             if mlp_output_site is not None:
-                handles.append(record_input_at(mlp_output_site(layer), layer, site_outputs))
-        device = next(hf_model.parameters()).device
-        # no cache: the attention calls made again must not extend one
-        hf_model(input_ids.reshape(1, -1).to(device), use_cache=False)
+                handles.append(record_input_at(mlp_output_site(layer), layer, recorded.sites))
+        yield recorded
     finally:
         for handle in handles:
             handle.remove()
-    for layer in mlp_layers:
-        _check_replaced_output(layer, mlp_io[layer][1][0].float(), site_outputs.get(layer))
+
+
+@torch.no_grad()
+def _recorded_forward(
+    hf_model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    node_factors: list[LoraFactor],
+    mlp_output_site: Any,
+) -> _Recorded:
+    """One forward pass of ``input_ids`` of its own that keeps what every node kind needs."""
+    with _recording_hooks(hf_model, node_factors, mlp_output_site) as recorded:
+        device = next(hf_model.parameters()).device
+        # no cache: the attention calls made again must not extend one
+        hf_model(input_ids.reshape(1, -1).to(device), use_cache=False)
     return recorded
 
 
@@ -170,6 +177,22 @@ def adapter_writes(
             torch.zeros(0, 4, dtype=torch.long), torch.zeros(0), not_nodes=not_nodes
         )
     recorded = _recorded_forward(hf_model, input_ids, node_factors, mlp_output_site)
+    return writes_from_recording(hf_model, recorded, factors, zero_positions)
+
+
+@torch.no_grad()
+def writes_from_recording(
+    hf_model: torch.nn.Module,
+    recorded: _Recorded,
+    factors: list[LoraFactor],
+    zero_positions: int = 1,
+) -> AdapterWrites:
+    """:func:`adapter_writes` from a forward pass recorded by :func:`_recording_hooks` (the
+    attention implementation still eager where pattern nodes are asked for)."""
+    node_factors = [f for f in factors if f.module in NODE_MODULES]
+    not_nodes = _modules_at_layers([f for f in factors if f.module not in NODE_MODULES])
+    for layer, (_, output) in sorted(recorded.mlp_io.items()):
+        _check_replaced_output(layer, output[0].float(), recorded.sites.get(layer))
     inputs, mlp_io = recorded.inputs, recorded.mlp_io
 
     acts_by_layer: dict[int, list[torch.Tensor]] = {}
@@ -302,8 +325,71 @@ def _check_replaced_output(
         )
 
 
-def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites | str:
-    """A loaded adapted model's adapter nodes for one prompt, or why it has none."""
+@dataclass
+class AdapterPlan:
+    """What a loaded adapted model's adapter nodes are, before any prompt: the factors whose
+    writes are nodes, where the transcoders write each MLP's output, and the modules left
+    out (with why)."""
+
+    factors: list[LoraFactor]
+    #: (module, side) of the transcoders' output per MLP layer, checked against the MLP's own
+    sites: dict[int, Any]
+    zero_positions: int
+    #: the adapted modules that are not nodes beyond those the writes name
+    not_nodes: list[str]
+
+    @property
+    def node_factors(self) -> list[LoraFactor]:
+        return [f for f in self.factors if f.module in NODE_MODULES]
+
+    def recording(self, hf_model: torch.nn.Module) -> AdapterRecording:
+        """Hooks that record one forward pass for :meth:`AdapterRecording.writes` (the torch
+        engine opens them around its own frozen forward pass: no pass of their own)."""
+        return AdapterRecording(self, hf_model)
+
+    def finish(self, writes: AdapterWrites) -> AdapterWrites | str:
+        writes.not_nodes += self.not_nodes
+        if not writes.n_nodes:
+            adapted = ", ".join(writes.not_nodes) or "none"
+            return (
+                f"no adapted module writes nodes (adapted: {adapted}; nodes: "
+                f"{', '.join(NODE_MODULES)})"
+            )
+        return writes
+
+
+class AdapterRecording:
+    """One prompt's forward pass, recorded for its adapter nodes: open :meth:`hooks` around
+    the pass (one prompt, eager attention where there are pattern nodes), then call
+    :meth:`writes` while the attention is still eager."""
+
+    def __init__(self, plan: AdapterPlan, hf_model: torch.nn.Module) -> None:
+        self.plan = plan
+        self.hf_model = hf_model
+        self.recorded: _Recorded | None = None
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        sites = self.plan.sites.__getitem__ if self.plan.sites else None
+        with _recording_hooks(self.hf_model, self.plan.node_factors, sites) as recorded:
+            yield
+        self.recorded = recorded
+
+    def writes(self) -> AdapterWrites | str:
+        """The prompt's adapter nodes, or why it has none."""
+        if self.recorded is None:
+            raise RuntimeError("no forward pass was recorded")
+        try:
+            found = writes_from_recording(
+                self.hf_model, self.recorded, self.plan.factors, self.plan.zero_positions
+            )
+        except (UnsupportedAdapterError, UnsupportedInterventionError) as err:
+            return str(err)
+        return self.plan.finish(found)
+
+
+def adapter_plan(model: Any) -> AdapterPlan | str:
+    """A loaded adapted model's :class:`AdapterPlan`, or why it has no adapter nodes."""
     try:
         factors = model_lora_factors(model)
         transcoders = transcoder_set(model)
@@ -324,26 +410,39 @@ def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites 
             if not any(f.module in ATTENTION_LINEAR + ATTENTION_PATTERN for f in factors):
                 return unplaced
             sites = {}
-        kept = [f for f in factors if not (unplaced and f.module in mlp_modules)]
-        writes = adapter_writes(
-            model.hf_model,
-            input_ids,
-            kept,
-            mlp_output_site=sites.__getitem__ if sites else None,
-            zero_positions=_zero_positions(model),
-        )
-        if unplaced:
-            left_out = [f for f in factors if f.module in mlp_modules]
-            writes.not_nodes += _modules_at_layers(left_out)
     except (UnsupportedAdapterError, UnsupportedInterventionError) as err:
         return str(err)  # also a cross-layer set: its output sites are not one MLP's
-    writes.not_nodes += spec_outside_changes(model.spec)
-    if not writes.n_nodes:
-        adapted = ", ".join(writes.not_nodes) or "none"
-        return (
-            f"no adapted module writes nodes (adapted: {adapted}; nodes: {', '.join(NODE_MODULES)})"
+    kept = [f for f in factors if not (unplaced and f.module in mlp_modules)]
+    left_out = [f for f in factors if f.module in mlp_modules] if unplaced else []
+    return AdapterPlan(
+        factors=kept,
+        sites=sites,
+        zero_positions=_zero_positions(model),
+        not_nodes=_modules_at_layers(left_out) + spec_outside_changes(model.spec),
+    )
+
+
+def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites | str:
+    """A loaded adapted model's adapter nodes for one prompt, or why it has none (a forward
+    pass of its own; the torch engine records its frozen pass instead, see
+    :meth:`AdapterPlan.recording`)."""
+    plan = adapter_plan(model)
+    if isinstance(plan, str):
+        return plan
+    if not plan.node_factors:
+        not_nodes = _modules_at_layers([f for f in plan.factors if f.module not in NODE_MODULES])
+        return plan.finish(
+            AdapterWrites(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0), not_nodes=not_nodes)
         )
-    return writes
+    recording = plan.recording(model.hf_model)
+    try:
+        with torch.no_grad(), recording.hooks():
+            device = next(model.hf_model.parameters()).device
+            # no cache: the attention calls made again must not extend one
+            model.hf_model(input_ids.reshape(1, -1).to(device), use_cache=False)
+    except (UnsupportedAdapterError, UnsupportedInterventionError) as err:
+        return str(err)
+    return recording.writes()
 
 
 def _zero_positions(model: Any) -> int:

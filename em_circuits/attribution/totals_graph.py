@@ -30,8 +30,17 @@ from em_circuits.attribution.attribute import (
     target_rows,
     target_table,
 )
-from em_circuits.attribution.engine import batched_effects, effects_with_adapter, unsupported_reason
-from em_circuits.attribution.prompt_adapter_nodes import prompt_adapter_writes
+from em_circuits.attribution.engine import (
+    batched_effects,
+    effects_recording_adapter,
+    effects_with_adapter,
+    unsupported_reason,
+)
+from em_circuits.attribution.prompt_adapter_nodes import (
+    AdapterPlan,
+    adapter_plan,
+    prompt_adapter_writes,
+)
 from em_circuits.attribution.storage import CompactGraph, target_fields
 from em_circuits.attribution.targets import AttributionParams, GraphError, PromptTargets, TargetRow
 from em_circuits.attribution.totals import exact_effects
@@ -67,7 +76,9 @@ class TotalsRequest:
     pt: PromptTargets
     ids: torch.Tensor
     where: str
-    adapter: AdapterWrites | str | None
+    #: the adapter's nodes (on the torch engine: their plan, until the graph's own forward
+    #: pass records them), why there are none, or None without an adapter
+    adapter: AdapterWrites | AdapterPlan | str | None
     engine: str
     directions_for: Callable[[torch.Tensor], torch.Tensor]
     chosen: dict[str, list[TargetRow]]
@@ -75,6 +86,11 @@ class TotalsRequest:
     @property
     def writes(self) -> AdapterWrites | None:
         return self.adapter if isinstance(self.adapter, AdapterWrites) else None
+
+    @property
+    def has_adapter_nodes(self) -> bool:
+        """Whether the graph has adapter nodes (or may: a plan not yet recorded)."""
+        return isinstance(self.adapter, (AdapterWrites, AdapterPlan))
 
     def adapter_passes(self, params: AttributionParams) -> dict[str, Any]:
         """The adapter nodes' extra passes, split on the contrast (which comes first when the
@@ -94,9 +110,13 @@ def totals_request(
     pre-pass included)."""
     where = f"prompt {pt.prompt_id}, model {model.slug}"
     ids = prompt_ids(model, pt)
-    adapter: AdapterWrites | str | None = None
+    engine = totals_engine(model, params)
+    adapter: AdapterWrites | AdapterPlan | str | None = None
     if params.adapter_nodes and model.spec.adapter is not None:
-        adapter = prompt_adapter_writes(model, ids)
+        plan = adapter_plan(model) if engine == "torch" else None
+        # the torch engine records the nodes from the graph's own forward pass
+        usable = isinstance(plan, AdapterPlan) and plan.node_factors
+        adapter = plan if usable else prompt_adapter_writes(model, ids)
     unembed = model.replacement.unembed_proj.detach()
     chosen: dict[str, list[TargetRow]] = {}
 
@@ -107,7 +127,6 @@ def totals_request(
         chosen["rows"] = rows
         return torch.stack([target_direction(unembed, pt, row) for row in rows])
 
-    engine = totals_engine(model, params)
     return TotalsRequest(pt, ids, where, adapter, engine, directions_for, chosen)
 
 
@@ -117,7 +136,7 @@ def _effects(
     """The requests' exact effects: one batch on the torch engine, or one nnsight pass."""
     first = requests[0]
     try:
-        if first.engine == "torch" and first.writes is None:
+        if first.engine == "torch" and not first.has_adapter_nodes:
             return batched_effects(
                 model,
                 [r.ids for r in requests],
@@ -126,7 +145,17 @@ def _effects(
                 where=[r.where for r in requests],
             )
         (request,) = requests
-        if request.engine == "torch":
+        if request.engine == "torch" and isinstance(request.adapter, AdapterPlan):
+            effects, request.adapter = effects_recording_adapter(
+                model,
+                request.ids,
+                request.directions_for,
+                request.adapter.recording(model.hf_model),
+                **request.adapter_passes(params),
+                precision=params.precision,
+                where=request.where,
+            )
+        elif request.engine == "torch":
             effects = effects_with_adapter(
                 model,
                 request.ids,
@@ -184,7 +213,7 @@ def totals_prompts(
     one by one, so that each error belongs to its own prompt)."""
     started = time.perf_counter()
     requests = [totals_request(model, pt, params) for pt in pts]
-    batched = [r for r in requests if r.engine == "torch" and r.writes is None]
+    batched = [r for r in requests if r.engine == "torch" and not r.has_adapter_nodes]
     out: dict[str, Any] = {}
     if len(batched) > 1:
         try:
@@ -220,6 +249,7 @@ def totals_graph(
 ) -> tuple[CompactGraph, None, dict[str, Any]]:
     """The stored graph of one request's effects (checked finite), and its info."""
     pt, where, writes, adapter = request.pt, request.where, request.writes, request.adapter
+    assert not isinstance(adapter, AdapterPlan), "the effects record the adapter's nodes"
     for name in (
         "direct",
         "total",
