@@ -4,12 +4,18 @@ dense adjacency and viewer JSON when asked, and last its metadata artifact."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from em_circuits.attribution.attribute import attribute_prompt, check_labels_against_graph
-from em_circuits.attribution.storage import CompactGraph, content_fingerprint, write_compact
+from em_circuits.attribution.storage import (
+    CompactGraph,
+    content_fingerprint,
+    serialize_compact,
+    write_bytes_hashed,
+)
 from em_circuits.attribution.storage_full import save_full
 from em_circuits.attribution.stored_graphs import graph_paths
 from em_circuits.attribution.targets import AttributionParams, PromptTargets
@@ -37,7 +43,43 @@ def build_graph(
 
     Only a full-mode graph has a dense adjacency (``save_full_graph``) and viewer JSON.
     """
-    compact, graph, info = computed or attribute_prompt(model, pt, params, role)
+    computed = computed or attribute_prompt(model, pt, params, role)
+    return start_storing(
+        store, model, role, pt, params, computed, save_full_graph, viewer_dir
+    ).finish()
+
+
+@dataclass
+class StoringGraph:
+    """A graph whose compact file is being written (by ``write``, e.g. a thread's future);
+    :meth:`finish` waits for it and writes the metadata, which marks the graph complete."""
+
+    meta_path: Path
+    record: dict[str, Any]
+    file_written: Callable[[], tuple[int, str]]
+
+    def finish(self) -> GraphMetaRecord:
+        compact_bytes, compact_sha256 = self.file_written()
+        self.record["files"] |= {"compact_bytes": compact_bytes, "compact_sha256": compact_sha256}
+        # The meta file is written last: its presence marks a complete graph.
+        return write_artifact(self.meta_path, "graph_meta", self.record)
+
+
+def start_storing(
+    store: ResultsStore,
+    model: LoadedModel,
+    role: str,
+    pt: PromptTargets,
+    params: AttributionParams,
+    computed: tuple[CompactGraph, Any, dict[str, Any]],
+    save_full_graph: bool = False,
+    viewer_dir: Path | None = None,
+    write_file: Callable[[Path, bytes], Callable[[], tuple[int, str]]] | None = None,
+) -> StoringGraph:
+    """Check one computed graph and start storing it: its compact file is handed to
+    ``write_file(path, data)`` (which returns a wait for its size and sha256; default: written
+    here and now), its dense adjacency and viewer JSON written, its metadata prepared."""
+    compact, graph, info = computed
     paths = graph_paths(store, model.slug, pt, params)
     mismatches = check_labels_against_graph(pt, role, info["logits"], model.dtype)
     for m in mismatches:
@@ -49,7 +91,7 @@ def build_graph(
             m["stored_logit"],
             m["graph_logit"],
         )
-    compact_bytes, compact_sha256 = write_compact(compact, paths["compact"])
+    file_written = (write_file or _written_now)(paths["compact"], serialize_compact(compact))
     full_bytes = None
     if save_full_graph and info["dense"] is not None:
         full_bytes = save_full(paths["full"], info["dense"])
@@ -59,44 +101,45 @@ def build_graph(
         {"token_id": int(t), "token": model.tokenizer.decode([int(t)]), "logit": float(v)}
         for t, v in zip(compact.top_token_ids, compact.top_logits)
     ]
-    # The meta file is written last: its presence marks a complete graph.
-    return write_artifact(
-        paths["meta"],
-        "graph_meta",
-        {
-            "prompt_id": pt.prompt_id,
-            "role": role,
-            **model.identity(),
-            "params_key": pt.key(params),
-            "params": asdict(params),
-            "targets": _target_records(compact),
-            "top_logits": top,
-            "label_check": {
-                "checked": len(pt.stored_logits.get(role, {})),
-                "mismatches": mismatches,
-            },
-            "files": {
-                "compact": paths["compact"].name,
-                "compact_bytes": compact_bytes,
-                "compact_sha256": compact_sha256,
-                "full": paths["full"].name if full_bytes else None,
-                "full_bytes": full_bytes,
-            },
-            "graph_fingerprint": content_fingerprint(compact),
-            "input_format": model.input_format,
-            "n_features_active": info["n_active_features"],
-            "n_features_selected": info["n_selected_features"],
-            "n_pos": compact.n_pos,
-            "n_layers": compact.n_layers,
-            "seconds": round(info["seconds"], 3),
-            # how many adapter nodes the graph holds, or why none (read without the graph)
-            **(
-                {"adapter_nodes": compact.meta["adapter_nodes"]}
-                if "adapter_nodes" in compact.meta
-                else {}
-            ),
+    record = {
+        "prompt_id": pt.prompt_id,
+        "role": role,
+        **model.identity(),
+        "params_key": pt.key(params),
+        "params": asdict(params),
+        "targets": _target_records(compact),
+        "top_logits": top,
+        "label_check": {
+            "checked": len(pt.stored_logits.get(role, {})),
+            "mismatches": mismatches,
         },
-    )
+        "files": {
+            "compact": paths["compact"].name,
+            "compact_bytes": None,  # set once the file is written
+            "compact_sha256": None,
+            "full": paths["full"].name if full_bytes else None,
+            "full_bytes": full_bytes,
+        },
+        "graph_fingerprint": content_fingerprint(compact),
+        "input_format": model.input_format,
+        "n_features_active": info["n_active_features"],
+        "n_features_selected": info["n_selected_features"],
+        "n_pos": compact.n_pos,
+        "n_layers": compact.n_layers,
+        "seconds": round(info["seconds"], 3),
+        # how many adapter nodes the graph holds, or why none (read without the graph)
+        **(
+            {"adapter_nodes": compact.meta["adapter_nodes"]}
+            if "adapter_nodes" in compact.meta
+            else {}
+        ),
+    }
+    return StoringGraph(paths["meta"], record, file_written)
+
+
+def _written_now(path: Path, data: bytes) -> Callable[[], tuple[int, str]]:
+    written = write_bytes_hashed(path, data)
+    return lambda: written
 
 
 def _write_viewer(

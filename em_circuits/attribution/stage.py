@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from em_circuits.attribution.attribute import attribute_prompt, prompt_ids
-from em_circuits.attribution.graph_build import build_graph
+from em_circuits.attribution.graph_build import StoringGraph, start_storing
 from em_circuits.attribution.stored_graphs import cached_graph_meta
 from em_circuits.attribution.targets import (
     AttributionParams,
@@ -22,6 +22,7 @@ from em_circuits.attribution.targets import (
     PromptTargets,
 )
 from em_circuits.attribution.totals_graph import totals_prompts
+from em_circuits.attribution.write_behind import WriteBehind
 from em_circuits.core.claims import read_holder, try_claim
 from em_circuits.core.distributed import Shard, current_shard
 from em_circuits.core.schemas import GraphMetaRecord
@@ -214,10 +215,13 @@ def _shared_graphs(
     desc = "graphs" if params.mode == "totals" else "full graphs"
     # the total is known only alone: under a launch each process claims as it goes
     total = len(targets) * len(specs) if shard.count == 1 else None
-    with tqdm(total=total, desc=desc, disable=not progress, unit="graph") as bar:
+    writes = WriteBehind()
+    with tqdm(total=total, desc=desc, disable=not progress, unit="graph") as bar, writes:
         size = graph_batch_limit(params, device)
         for unit in shard.claim_batches(targets, lambda pt: len(pt.text), size):
-            done = _graphs_for(store, specs, unit, params, device, bar=bar, **options)
+            done = _graphs_for(
+                store, specs, unit, params, device, bar=bar, writes=writes, **options
+            )
             for role, result in done.items():
                 results[role].computed += result.computed
                 results[role].cached += result.cached
@@ -243,8 +247,10 @@ def _graphs_for(
     viewer_dir: Path | None,
     models: ResidentModels,
     bar: Any,
+    writes: WriteBehind,
 ) -> dict[str, StageResult]:
     """Each prompt's graphs, model by model, each under a claim; cached ones are skipped.
+    Each batch's files are written by ``writes`` while the next batch computes.
 
     Models are loaded on the first graph this process computes, so a process whose graphs all
     turn out to be cached or another's work never loads them.
@@ -298,10 +304,22 @@ def _graphs_for(
                     else:
                         todo.append((role, pt))
                 computed = _computed(todo, params, models)
-                _store_batch(
-                    store, models, computed, params, save_full_graph, viewer_dir, results, bar
+                # the previous batch's files were written while this one computed
+                writes.finish()
+                storing = _start_storing(
+                    store,
+                    models,
+                    computed,
+                    params,
+                    save_full_graph,
+                    viewer_dir,
+                    results,
+                    bar,
+                    writes,
                 )
+                writes.hand_over(held.pop_all(), storing)
         if pending and not progressed:
+            writes.finish()  # release this process's claims before waiting for others'
             if time.monotonic() - last_wait_log >= WAIT_LOG_SECONDS:
                 last_wait_log = time.monotonic()
                 log.info(
@@ -316,7 +334,7 @@ def _graphs_for(
     return results
 
 
-def _store_batch(
+def _start_storing(
     store: ResultsStore,
     models: ResidentModels,
     computed: list[tuple[str, PromptTargets, Any]],
@@ -325,28 +343,34 @@ def _store_batch(
     viewer_dir: Path | None,
     results: dict[str, StageResult],
     bar: Any,
-) -> None:
-    """Check and store each computed graph of a batch, or record its error."""
+    writes: WriteBehind,
+) -> list[StoringGraph]:
+    """Check each computed graph of a batch and start storing it, or record its error."""
+    storing = []
     for role, pt, graph in computed:
         result = results[role]
         try:
             if isinstance(graph, Exception):
                 raise graph
-            build_graph(
-                store,
-                models.get(role),
-                role,
-                pt,
-                params,
-                save_full_graph,
-                viewer_dir,
-                computed=graph,
+            storing.append(
+                start_storing(
+                    store,
+                    models.get(role),
+                    role,
+                    pt,
+                    params,
+                    graph,
+                    save_full_graph,
+                    viewer_dir,
+                    write_file=writes.write_file,
+                )
             )
             result.computed.append(pt.prompt_id)
         except (GraphError, NonFiniteError, PromptTooLongError) as err:
             log.error("skipping: %s", err)
             result.failed[pt.prompt_id] = str(err)
         bar.update()
+    return storing
 
 
 #: Most prompts in one forward pass of the torch engine when ``--graph-batch`` is 0 (auto).

@@ -234,6 +234,20 @@ def write_compact(graph: CompactGraph, path: Path) -> tuple[int, str]:
     """Atomically write one graph; returns the file's size in bytes and its sha256, hashed
     from the bytes in memory (at 2,048 tokens a graph file is hundreds of MB: reading it back
     to hash it cost as much as writing it)."""
+    return write_bytes_hashed(path, serialize_compact(graph))
+
+
+def write_bytes_hashed(path: Path, data: bytes) -> tuple[int, str]:
+    """Atomically write ``data``; returns its size and sha256. Hashing and writing run
+    without the interpreter lock, so a thread can do this while the GPU computes."""
+    digest = hashlib.sha256(data).hexdigest()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return len(data), digest
+
+
+def serialize_compact(graph: CompactGraph) -> bytes:
+    """A graph's file bytes (safetensors, the format :func:`load_compact` reads)."""
     tensors = {
         "features": graph.features.to(torch.int64).contiguous(),
         "activations": graph.activations.float().contiguous(),
@@ -268,10 +282,7 @@ def write_compact(graph: CompactGraph, path: Path) -> tuple[int, str]:
         "target_kinds": json.dumps(graph.target_kinds),
         "meta": json.dumps(graph.meta, ensure_ascii=False, default=str),
     }
-    data = save(tensors, metadata=header)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return len(data), hashlib.sha256(data).hexdigest()
+    return save(tensors, metadata=header)
 
 
 def load_compact(path: Path) -> CompactGraph:
