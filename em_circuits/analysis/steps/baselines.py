@@ -8,7 +8,9 @@ with, where an EM judge exists, the EM rate of free-form answers under each edit
 the features add over the subspace (:mod:`em_circuits.analysis.baseline_run`).
 
 Writes ``baselines`` (one row per method), ``baselines_overlap``, ``baseline_directions.json``,
-``baselines_em_answers.csv`` (with a judge) and ``baselines_summary.json``.
+``baselines_em_answers.csv`` (with a judge) and ``baselines_summary.json``. Under a launch
+the prompt-by-prompt passes and the EM answers are shared among the processes
+(:mod:`em_circuits.analysis.baseline_run`, :mod:`em_circuits.analysis.em_answers`).
 """
 
 from __future__ import annotations

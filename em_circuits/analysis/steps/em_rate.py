@@ -2,7 +2,9 @@
 
 The EM rate of base, adapted, adapted with the tested features ablated and with matched random
 features ablated (:mod:`em_circuits.analysis.em_rate`), judged by the EM judge. Writes
-``em_rate.json`` and ``em_answers.csv``.
+``em_rate.json`` and ``em_answers.csv``. Under a launch each condition's chunks of answers
+(sampled and judged) are units shared among the processes
+(:mod:`~em_circuits.analysis.em_answers`).
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def spread(
             result = {"key": keys[index], "result": compute(unit)}
             atomic_write_text(paths[index], json.dumps(result))
             mine += 1
-    log.info("process %d: %s, %d of %d units computed", shard.index, folder.name, mine, len(units))
+    where = f"{folder.parent.name}/{folder.name}"  # step/spread-key
+    log.info("process %d: %s, %d of %d units computed", shard.index, where, mine, len(units))
     shard.wait()
     return [json.loads(path.read_text(encoding="utf-8"))["result"] for path in paths]
 

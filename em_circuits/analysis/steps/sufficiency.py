@@ -5,6 +5,10 @@ mean-diff direction, the misalignment direction and random features, over a dose
 (:mod:`em_circuits.analysis.sufficiency`); measures the contrast change on the causal step's
 validation prompts, the share of them whose top token turns evil, and, with an EM judge, the
 EM and coherent rates of free-form answers. Writes ``sufficiency`` and ``sufficiency.json``.
+
+Under a launch each validation prompt (every steering and patch at every dose) and each
+condition's chunk of answers is a unit shared among the processes; the steering vectors, from
+a few passes per discovery prompt, each process computes for itself.
 """
 
 from __future__ import annotations
