@@ -111,8 +111,8 @@ def _directions(
     base: LoadedModel, adapted: LoadedModel, inputs: BaselineInputs, spread: Spreader
 ) -> dict[str, Any]:
     """The mean-diff subspace and the misalignment direction, each at the site whose
-    projection lowers the contrast most on the discovery prompts (:func:`choose_site`; the
-    prompts are units of ``spread``, the directions computed by every process)."""
+    projection lowers the contrast most on average over the discovery prompts (the prompts
+    are units of ``spread``; the directions every process computes for itself)."""
     sites = list(range(n_sites(adapted)))
     subspaces = mean_diff_subspaces(base, adapted, inputs.discovery, sites, len(inputs.tested))
     directions, grouping = misalignment_directions(adapted, inputs.discovery, sites)

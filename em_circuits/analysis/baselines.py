@@ -61,25 +61,6 @@ def real_contrast(model: LoadedModel, prompt: Mapping[str, Any], edit: Edit | No
     return contrast_of(logits, prompt["evil_ids"], prompt["safe_ids"])
 
 
-def contrast_changes(
-    model: LoadedModel,
-    prompts: Sequence[Mapping[str, Any]],
-    edit: Edit,
-    clean: Sequence[float] | None = None,
-    progress: Progress | None = None,
-) -> np.ndarray:
-    """Per prompt: contrast with ``edit`` minus the clean contrast (``progress``: a caller's
-    progress over many such calls, stepped once per prompt)."""
-    if clean is None:
-        clean = [real_contrast(model, p) for p in prompts]
-    changes = []
-    for prompt, before in zip(prompts, clean):
-        changes.append(real_contrast(model, prompt, edit) - before)
-        if progress is not None:
-            progress.step()
-    return np.array(changes)
-
-
 def projection_edit(
     model: LoadedModel, site: int, basis: np.ndarray, touched: list[float] | None = None
 ) -> Edit:
@@ -154,23 +135,6 @@ def misalignment_directions(
         if np.linalg.norm(direction) > 0:
             out[site] = direction[None]
     return out, info
-
-
-def choose_site(
-    adapted: LoadedModel,
-    prompts: Sequence[Mapping[str, Any]],
-    bases: Mapping[int, np.ndarray],
-    clean: Sequence[float],
-) -> tuple[int | None, dict[int, float]]:
-    """The site whose projection lowers the contrast most on ``prompts`` (the discovery
-    prompts), and each site's mean change."""
-    changes = {
-        site: float(
-            contrast_changes(adapted, prompts, projection_edit(adapted, site, b), clean).mean()
-        )
-        for site, b in bases.items()
-    }
-    return (min(changes, key=lambda s: changes[s]) if changes else None), changes
 
 
 # -- feature choices ---------------------------------------------------------------------------
