@@ -305,3 +305,44 @@ def test_patching_the_adapted_activations_equals_one_done_by_hand(micro_models, 
         unchanged, _ = patched_changes(base, adapted, [prompt], keys, 0.0, [clean])
         assert unchanged[0] == pytest.approx(0.0, abs=1e-6)
     assert max(moved) > 1e-4  # the patch moved the contrast: the comparison is not vacuous
+
+
+def test_baselines_with_units_in_any_order_are_one_processs(micro_models, prompts):
+    """The baselines' prompt-by-prompt passes computed last prompt first (as other processes
+    might claim them) give one process's tables; without a corpus the activation-diff row is
+    empty (not another method's numbers)."""
+    from test_em_sampling import _backwards
+
+    from em_circuits.analysis.baseline_run import BaselineInputs, run_baselines
+
+    base, adapted = micro_models
+    ranked = pd.DataFrame(
+        {
+            "layer": [0, 0, 0, 1, 1, 1],
+            "feature": [1, 2, 3, 1, 2, 3],
+            "mean": [3.0, 2.0, 1.0, 2.5, 1.5, 0.5],
+            "mean_activation": [1.0, 1.2, 0.8, 1.0, 0.9, 1.1],
+        }
+    )
+    inputs = BaselineInputs(
+        discovery=prompts[:3],
+        validation=prompts[3:],
+        clusters={p["prompt_id"]: p["prompt_id"] for p in prompts},
+        tested=[(0, 1), (1, 1)],
+        linearised=[(0, 1), (0, 2)],
+        measured=[(1, 1), (0, 2)],
+        ranked=ranked,
+        excluded=set(),
+        corpus=None,
+        n_perm=99,
+        random_draws=2,
+    )
+    one = run_baselines(base, adapted, inputs)
+    shared = run_baselines(base, adapted, inputs, _backwards)
+    pd.testing.assert_frame_equal(shared.table, one.table)
+    pd.testing.assert_frame_equal(shared.overlap, one.overlap)
+    assert shared.summary == one.summary
+    rows = one.table.set_index("method")
+    assert np.isnan(rows.loc["activation_diff_features", "contrast_change"])
+    assert rows.drop(index="activation_diff_features")["contrast_change"].notna().all()
+    assert list(one.edits) == [m for m in rows.index if m != "activation_diff_features"]

@@ -157,3 +157,35 @@ def test_ablation_in_a_left_padded_batch_changes_exactly_the_real_positions_afte
         assert torch.equal(change[row, : first + 1], torch.zeros_like(change[row, : first + 1]))
         torch.testing.assert_close(change[row, first:], alone_change, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(logits[row, first:], alone_logits[0], atol=1e-4, rtol=1e-4)
+
+
+def _backwards(name, units, compute, *, cost, key):
+    """A spreader that computes the units last first (as another process might claim them),
+    each result through JSON as from another process's file, merged in the units' order."""
+    import json
+
+    done = {i: json.dumps(compute(units[i])) for i in reversed(range(len(units)))}
+    return [json.loads(done[i]) for i in range(len(units))]
+
+
+def test_chunks_of_answers_sampled_in_any_order_are_one_processs_answers(micro_models):
+    """Shared among processes, each condition's chunks of answers are sampled by whichever
+    process claims them, in any order: the rows are those of one process, in its order."""
+    from em_circuits.analysis.em_answers import EMCondition, judged_answers
+    from em_circuits.analysis.em_rate import WordListEMJudge
+    from em_circuits.organism import advice_words
+
+    base, adapted = micro_models
+    questions = toy_questions()[:3]
+    # 4 rows a chunk, 3 answers a question: chunks cut a question's answers apart
+    params = SamplingParams(3, 6, 1.0, 5, max_batch_rows=4)
+    judge = WordListEMJudge(advice_words(), "test")
+    conditions = [EMCondition("base", base), EMCondition("adapted", adapted)]
+    one = judged_answers(conditions, questions, judge, params)
+    assert judged_answers(conditions, questions, judge, params, _backwards) == one
+    said = sample_many(adapted, questions, params)
+    assert [r["answer"] for r in one[1]] == [a for answers in said for a in answers]
+    assert [(r["question_id"], r["sample"]) for r in one[1]] == [
+        (q.id, i) for q in questions for i in range(3)
+    ]
+    assert {r["condition"] for r in one[0]} == {"base"}

@@ -333,13 +333,26 @@ def test_two_processes_batching_graphs_write_the_same_artifacts(
 ):
     # Each process claims prompts in pairs of similar length and runs each pair in one forward
     # pass of the torch engine (the default on a GPU; forced here on the CPU); the causal
-    # step's ablations are shared too, and every table must equal one process's.
+    # step's ablations, the EM answers (sampled and judged), the baselines' and the
+    # sufficiency's passes are shared too, and every table must equal one process's (the EM
+    # answers' text included: each chunk of answers is seeded by its own rows).
     results = tmp_path / "results"
     done = _run([*_launch(micro_organism, results), "--graph-batch", "2"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "process 1" in done.stderr
-    # the second process took part in the causal step's measurements too (claiming prompts)
-    assert "process 1: discovery-" in done.stderr and "process 1: dose-" in done.stderr
+    # the second process took part in every spread step's shared work too (claiming units)
+    for spread in (
+        "causal/discovery-",
+        "causal/dose-",
+        "em_rate/answers-",
+        "baselines/discovery-",
+        "baselines/validation-",
+        "baselines/answers-",
+        "sufficiency/validation-",
+        "sufficiency/answers-",
+    ):
+        assert f"process 1: {spread}" in done.stderr, spread
+    assert not list(results.glob("analysis/**/.work"))  # the shared units are cleaned up
     ours, single = _snapshot(results), _snapshot(reference)
     assert ours.keys() == single.keys()
 

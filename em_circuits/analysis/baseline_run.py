@@ -4,6 +4,14 @@ See :mod:`em_circuits.analysis.baselines` for the methods. Besides the table, wh
 features add over the mean-diff subspace: how much of the subspace their decoder vectors span,
 the subspace's effect with their span projected out of it (and theirs with the subspace
 projected out), and how many positions each edit touches.
+
+Under a launch the prompt-by-prompt passes are shared among the processes (a
+:class:`~em_circuits.analysis.steps.spread.Spreader`): the site choice (each discovery prompt
+under every site's projection, the costliest part: sites x prompts passes) and the
+measurements (each validation prompt under every edit). What every unit needs (the
+directions, from a few passes per discovery prompt, and the activation-diff features, from
+the corpus) each process computes for itself; they are the same computation on the same
+inputs, so the same edits.
 """
 
 from __future__ import annotations
@@ -22,9 +30,7 @@ from em_circuits.analysis.baselines import (
     Edit,
     Key,
     change_statistics,
-    choose_site,
-    contrast_changes,
-    feature_edit_sizes,
+    edit_sizes,
     features_edit,
     matched_random,
     mean_diff_subspaces,
@@ -32,11 +38,13 @@ from em_circuits.analysis.baselines import (
     misalignment_directions,
     projection_edit,
     projection_sizes,
+    prompt_edit_size,
     real_contrast,
     top_activation_diff,
 )
 from em_circuits.analysis.directions import cosines, n_sites, orthonormal, span_share, without_span
-from em_circuits.core.progress import Progress
+from em_circuits.analysis.steps.spread import Spreader, alone
+from em_circuits.core.progress import shared
 from em_circuits.models.hooks import transcoder_set
 from em_circuits.models.load import LoadedModel
 
@@ -80,16 +88,49 @@ def decoder_vectors(model: LoadedModel, keys: Sequence[Key]) -> np.ndarray:
     return np.asarray(rows, np.float64)
 
 
+def _discovery_changes(
+    adapted: LoadedModel, prompt: dict[str, Any], bases: Sequence[Mapping[int, np.ndarray]]
+) -> list[list[float]]:
+    """One discovery prompt's contrast change with each basis of each map projected out at
+    its site (a unit of the site choice)."""
+    clean = real_contrast(adapted, prompt)
+    progress = shared("baselines: discovery prompts measured", log)
+    out = []
+    for by_site in bases:
+        out.append(
+            [
+                real_contrast(adapted, prompt, projection_edit(adapted, s, b)) - clean
+                for s, b in by_site.items()
+            ]
+        )
+    progress.step()
+    return out
+
+
 def _directions(
-    base: LoadedModel, adapted: LoadedModel, inputs: BaselineInputs, clean: list[float]
+    base: LoadedModel, adapted: LoadedModel, inputs: BaselineInputs, spread: Spreader
 ) -> dict[str, Any]:
-    """The mean-diff subspace and the misalignment direction, each at its chosen site."""
+    """The mean-diff subspace and the misalignment direction, each at the site whose
+    projection lowers the contrast most on average over the discovery prompts (the prompts
+    are units of ``spread``; the directions every process computes for itself)."""
     sites = list(range(n_sites(adapted)))
-    k = len(inputs.tested)
-    subspaces = mean_diff_subspaces(base, adapted, inputs.discovery, sites, k)
-    sub_site, sub_changes = choose_site(adapted, inputs.discovery, subspaces, clean)
+    subspaces = mean_diff_subspaces(base, adapted, inputs.discovery, sites, len(inputs.tested))
     directions, grouping = misalignment_directions(adapted, inputs.discovery, sites)
-    mis_site, mis_changes = choose_site(adapted, inputs.discovery, directions, clean)
+    per_prompt = spread(
+        "discovery",
+        inputs.discovery,
+        lambda p: _discovery_changes(adapted, p, (subspaces, directions)),
+        cost=prompt_cost,
+        key=lambda p: str(p["prompt_id"]),
+    )
+    chosen = []
+    for i, by_site in enumerate((subspaces, directions)):
+        changes = {
+            site: float(np.array([r[i][j] for r in per_prompt]).mean())
+            for j, site in enumerate(by_site)
+        }
+        chosen.append(((min(changes, key=lambda s: changes[s]) if changes else None), changes))
+    (sub_site, sub_changes), (mis_site, mis_changes) = chosen
     return {
         "subspace": subspaces.get(sub_site) if sub_site is not None else None,
         "subspace_site": sub_site,
@@ -127,55 +168,101 @@ def _feature_sets(
     return sets, notes
 
 
+@dataclass
+class _Plan:
+    """What each validation prompt is measured under (every process holds the same)."""
+
+    feature_sets: dict[str, list[list[Key]]]
+    #: method -> (site, orthonormal basis) of the projection methods that found one
+    projections: dict[str, tuple[int, np.ndarray]]
+    #: the overlap's projections at the subspace's site (empty without a subspace)
+    overlap: dict[str, np.ndarray]
+    overlap_site: int | None
+
+
+def _measure_prompt(adapted: LoadedModel, plan: _Plan, prompt: dict[str, Any]) -> dict[str, Any]:
+    """One validation prompt under every edit (a unit of the validation measurements):
+    contrast changes per method and edit, the edits' sizes, the overlap's changes."""
+    progress = shared("baselines: edited prompts measured", log)
+    clean = real_contrast(adapted, prompt)
+    deltas: dict[str, list[float]] = {}
+    sizes: dict[str, Any] = {}
+    for method, sets in plan.feature_sets.items():
+        deltas[method] = []
+        for keys in sets:
+            deltas[method].append(
+                real_contrast(adapted, prompt, features_edit(adapted, keys)) - clean
+            )
+            progress.step()
+        sizes[method] = prompt_edit_size(adapted, prompt, sets[0])
+    for method, (site, basis) in plan.projections.items():
+        touched: list[float] = []
+        edit = projection_edit(adapted, site, basis, touched)
+        deltas[method] = [real_contrast(adapted, prompt, edit) - clean]
+        sizes[method] = touched
+        progress.step()
+    overlap = {}
+    for name, basis in plan.overlap.items():
+        if len(basis):
+            assert plan.overlap_site is not None
+            edit = projection_edit(adapted, plan.overlap_site, basis)
+            overlap[name] = real_contrast(adapted, prompt, edit) - clean
+            progress.step()
+    return {"deltas": deltas, "sizes": sizes, "overlap": overlap}
+
+
 def run_baselines(
-    base: LoadedModel, adapted: LoadedModel, inputs: BaselineInputs
+    base: LoadedModel, adapted: LoadedModel, inputs: BaselineInputs, spread: Spreader = alone
 ) -> BaselineResult:
     """Every method measured on the validation prompts (contrast changes with statistics),
-    the overlap of the tested features with the subspace, and the edits' sizes."""
+    the overlap of the tested features with the subspace, and the edits' sizes; the prompts
+    of the site choice and of the measurements are units of ``spread`` (every process gets
+    the same result)."""
     k = len(inputs.tested)
-    clean = {
-        side: [real_contrast(adapted, p) for p in prompts]
-        for side, prompts in (("discovery", inputs.discovery), ("validation", inputs.validation))
-    }
-    found = _directions(base, adapted, inputs, clean["discovery"])
+    found = _directions(base, adapted, inputs, spread)
     feature_sets, notes = _feature_sets(base, adapted, inputs)
+    projections = {
+        method: (found[site], found[key])
+        for method, key, site in (
+            ("mean_diff_subspace", "subspace", "subspace_site"),
+            ("misalignment_direction", "direction", "direction_site"),
+        )
+        if found[key] is not None
+    }
+    bases, share = _overlap_bases(adapted, inputs, found)
+    plan = _Plan(feature_sets, projections, bases, found["subspace_site"])
     validation, ids = inputs.validation, [p["prompt_id"] for p in inputs.validation]
+    measured = spread(
+        "validation",
+        validation,
+        lambda p: _measure_prompt(adapted, plan, p),
+        cost=prompt_cost,
+        key=lambda p: str(p["prompt_id"]),
+    )
     n_positions = [len(adapted.encode_prompt(dict(p))) - 1 for p in validation]
     rows: list[dict[str, Any]] = []
     sizes: dict[str, Any] = {}
-    edits: dict[str, list[Edit]] = {}
-    progress = Progress("baselines: edited prompts measured", logger=log)
     for method in METHODS:
         row: dict[str, Any] = {"method": method, "k": k}
         if method in feature_sets:
-            edits[method] = [features_edit(adapted, keys) for keys in feature_sets[method]]
-            sizes[method] = feature_edit_sizes(adapted, validation, feature_sets[method][0])
             row["k"] = len(feature_sets[method][0])
-        else:
-            key, site = ("subspace", "subspace_site")
-            if method == "misalignment_direction":
-                key, site = ("direction", "direction_site")
-            if found[key] is None:
-                rows.append(row)
-                continue
-            touched: list[float] = []
-            edits[method] = [projection_edit(adapted, found[site], found[key])]
-            measured = projection_edit(adapted, found[site], found[key], touched)
-            contrast_changes(adapted, validation, measured, clean["validation"], progress)
+            sizes[method] = edit_sizes([m["sizes"][method] for m in measured])
+        elif method in projections:
+            row["k"] = len(projections[method][1])
+            touched = [n for m in measured for n in m["sizes"][method]]
             sizes[method] = projection_sizes(touched, n_positions, len(validation))
-            row["k"] = len(found[key])
-        deltas = np.mean(
-            [
-                contrast_changes(adapted, validation, e, clean["validation"], progress)
-                for e in edits[method]
-            ],
-            axis=0,
-        )
+        else:
+            rows.append(row)
+            continue
+        n_edits = len(feature_sets[method]) if method in feature_sets else 1
+        per_edit = [[m["deltas"][method][e] for m in measured] for e in range(n_edits)]
+        deltas = np.mean(per_edit, axis=0)  # the random draws averaged per prompt
         row.update(change_statistics(deltas, ids, inputs.clusters, inputs.n_perm, inputs.seed))
         rows.append(row)
     table = pd.DataFrame.from_records(rows).reindex(columns=[*COLUMNS, "p_method"])
-    overlap, share = _overlap(adapted, inputs, found, clean["validation"], progress)
-    progress.finish()
+    overlap = _overlap_table(bases, found["subspace_site"], measured, inputs)
+    if len(overlap):
+        share["subspace_effect_share_of_feature_span"] = _effect_share(overlap)
     summary = {
         "k": k,
         "prompts": {"discovery": len(inputs.discovery), "validation": len(validation)},
@@ -191,6 +278,13 @@ def run_baselines(
         **share,
         **notes,
     }
+    edits: dict[str, list[Edit]] = {
+        method: [features_edit(adapted, keys) for keys in sets]
+        for method, sets in feature_sets.items()
+    }
+    for method, (site, basis) in projections.items():
+        edits[method] = [projection_edit(adapted, site, basis)]
+    edits = {method: edits[method] for method in METHODS if method in edits}
     vectors = {
         name: np.asarray(found[key])
         for name, key in (("subspace", "subspace"), ("direction", "direction"))
@@ -203,19 +297,15 @@ def _keyed(changes: Mapping[int, float]) -> dict[str, float]:
     return {str(site): value for site, value in changes.items()}
 
 
-def _overlap(
-    adapted: LoadedModel,
-    inputs: BaselineInputs,
-    found: Mapping[str, Any],
-    clean: list[float],
-    progress: Progress | None = None,
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """What the tested features add over the subspace: cosines of their decoder vectors with
-    it, the share of it their span covers, and projections with one span removed from the
-    other, at the subspace's site."""
-    subspace, site = found["subspace"], found["subspace_site"]
+def _overlap_bases(
+    adapted: LoadedModel, inputs: BaselineInputs, found: Mapping[str, Any]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """What the tested features add over the subspace: the projections that remove one span
+    from the other at the subspace's site (measured per validation prompt), the cosines of
+    the features' decoder vectors with the subspace and the share of it their span covers."""
+    subspace = found["subspace"]
     if subspace is None:
-        return pd.DataFrame(), {}
+        return {}, {}
     decoders = decoder_vectors(adapted, inputs.tested)
     cos = cosines(decoders, subspace)
     direction = found["direction"]
@@ -233,29 +323,48 @@ def _overlap(
         }
         for i, (layer, feature) in enumerate(inputs.tested)
     ]
-    ids = [p["prompt_id"] for p in inputs.validation]
-    edits = {
+    bases = {
         "mean_diff_subspace": subspace,
         "feature_decoder_span": orthonormal(decoders),
         "subspace_without_feature_span": without_span(subspace, decoders),
         "feature_span_without_subspace": without_span(decoders, subspace),
     }
-    rows = []
-    for name, basis in edits.items():
-        row: dict[str, Any] = {"edit": name, "site": site, "dims": len(basis)}
-        if len(basis):
-            edit = projection_edit(adapted, site, basis)
-            deltas = contrast_changes(adapted, inputs.validation, edit, clean, progress)
-            row.update(change_statistics(deltas, ids, inputs.clusters, inputs.n_perm, inputs.seed))
-        rows.append(row)
-    overlap = pd.DataFrame.from_records(rows)
-    full = overlap.loc[overlap["edit"] == "mean_diff_subspace", "contrast_change"]
-    without = overlap.loc[overlap["edit"] == "subspace_without_feature_span", "contrast_change"]
-    effect_share = None
-    if len(full) and len(without) and abs(float(full.iloc[0])) > 0:
-        effect_share = 1.0 - float(without.fillna(0.0).iloc[0]) / float(full.iloc[0])
-    return overlap, {
+    return bases, {
         "feature_overlap": feature_rows,
         "subspace_share_in_feature_span": span_share(subspace, decoders),
-        "subspace_effect_share_of_feature_span": effect_share,
+        "subspace_effect_share_of_feature_span": None,
     }
+
+
+def _overlap_table(
+    bases: Mapping[str, np.ndarray],
+    site: int | None,
+    measured: Sequence[Mapping[str, Any]],
+    inputs: BaselineInputs,
+) -> pd.DataFrame:
+    """The overlap's projections, each with its change statistics over the prompts."""
+    if not bases:
+        return pd.DataFrame()
+    ids = [p["prompt_id"] for p in inputs.validation]
+    rows = []
+    for name, basis in bases.items():
+        row: dict[str, Any] = {"edit": name, "site": site, "dims": len(basis)}
+        if len(basis):
+            deltas = np.array([m["overlap"][name] for m in measured])
+            row.update(change_statistics(deltas, ids, inputs.clusters, inputs.n_perm, inputs.seed))
+        rows.append(row)
+    return pd.DataFrame.from_records(rows)
+
+
+def _effect_share(overlap: pd.DataFrame) -> float | None:
+    """1 - the subspace's effect without the features' span / its whole effect."""
+    full = overlap.loc[overlap["edit"] == "mean_diff_subspace", "contrast_change"]
+    without = overlap.loc[overlap["edit"] == "subspace_without_feature_span", "contrast_change"]
+    if len(full) and len(without) and abs(float(full.iloc[0])) > 0:
+        return 1.0 - float(without.fillna(0.0).iloc[0]) / float(full.iloc[0])
+    return None
+
+
+def prompt_cost(prompt: Mapping[str, Any]) -> float:
+    """What one prompt's passes cost, relative to the others': its length."""
+    return float(len(prompt["text"]))

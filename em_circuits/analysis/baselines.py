@@ -61,25 +61,6 @@ def real_contrast(model: LoadedModel, prompt: Mapping[str, Any], edit: Edit | No
     return contrast_of(logits, prompt["evil_ids"], prompt["safe_ids"])
 
 
-def contrast_changes(
-    model: LoadedModel,
-    prompts: Sequence[Mapping[str, Any]],
-    edit: Edit,
-    clean: Sequence[float] | None = None,
-    progress: Progress | None = None,
-) -> np.ndarray:
-    """Per prompt: contrast with ``edit`` minus the clean contrast (``progress``: a caller's
-    progress over many such calls, stepped once per prompt)."""
-    if clean is None:
-        clean = [real_contrast(model, p) for p in prompts]
-    changes = []
-    for prompt, before in zip(prompts, clean):
-        changes.append(real_contrast(model, prompt, edit) - before)
-        if progress is not None:
-            progress.step()
-    return np.array(changes)
-
-
 def projection_edit(
     model: LoadedModel, site: int, basis: np.ndarray, touched: list[float] | None = None
 ) -> Edit:
@@ -154,23 +135,6 @@ def misalignment_directions(
         if np.linalg.norm(direction) > 0:
             out[site] = direction[None]
     return out, info
-
-
-def choose_site(
-    adapted: LoadedModel,
-    prompts: Sequence[Mapping[str, Any]],
-    bases: Mapping[int, np.ndarray],
-    clean: Sequence[float],
-) -> tuple[int | None, dict[int, float]]:
-    """The site whose projection lowers the contrast most on ``prompts`` (the discovery
-    prompts), and each site's mean change."""
-    changes = {
-        site: float(
-            contrast_changes(adapted, prompts, projection_edit(adapted, site, b), clean).mean()
-        )
-        for site, b in bases.items()
-    }
-    return (min(changes, key=lambda s: changes[s]) if changes else None), changes
 
 
 # -- feature choices ---------------------------------------------------------------------------
@@ -278,31 +242,41 @@ def change_statistics(
 
 
 @torch.no_grad()
+def prompt_edit_size(
+    model: LoadedModel, prompt: Mapping[str, Any], keys: Sequence[Key]
+) -> tuple[int, int, list[float]]:
+    """What zeroing ``keys`` touches on one prompt: (positions but BOS where any of them is
+    active, positions but BOS, the norms of the removed MLP output (activation x decoder) at
+    the touched positions)."""
+    transcoders = transcoder_set(model)
+    layers = sorted({layer for layer, _ in keys})
+    ids = model.encode_prompt(dict(prompt)).to(model.device)
+    seen = transcoder_inputs(model, ids, layers)
+    removed = torch.zeros(len(ids) - 1, seen[layers[0]].shape[-1]) if layers else None
+    for layer in layers:
+        index = torch.tensor([f for la, f in keys if la == layer])
+        acts = transcoders[layer].encode(seen[layer][0, 1:]).float().cpu()[:, index]
+        decoders = transcoders[layer]._get_decoder_vectors(index).float().cpu()
+        removed = removed + acts @ decoders if removed is not None else None
+    size = removed.norm(dim=-1) if removed is not None else torch.zeros(len(ids) - 1)
+    hit = size > 0
+    return int(hit.sum()), len(ids) - 1, size[hit].tolist()
+
+
 def feature_edit_sizes(
     model: LoadedModel, prompts: Sequence[Mapping[str, Any]], keys: Sequence[Key]
 ) -> dict[str, float]:
     """How much zeroing ``keys`` touches: mean per prompt of positions (BOS excluded) where
     any of them is active, of all positions, and the mean norm of the removed MLP output
     (activation x decoder) at the touched positions."""
-    transcoders = transcoder_set(model)
-    layers = sorted({layer for layer, _ in keys})
-    touched: list[int] = []
-    total: list[int] = []
-    norms: list[float] = []
-    for prompt in prompts:
-        ids = model.encode_prompt(dict(prompt)).to(model.device)
-        seen = transcoder_inputs(model, ids, layers)
-        removed = torch.zeros(len(ids) - 1, seen[layers[0]].shape[-1]) if layers else None
-        for layer in layers:
-            index = torch.tensor([f for la, f in keys if la == layer])
-            acts = transcoders[layer].encode(seen[layer][0, 1:]).float().cpu()[:, index]
-            decoders = transcoders[layer]._get_decoder_vectors(index).float().cpu()
-            removed = removed + acts @ decoders if removed is not None else None
-        size = removed.norm(dim=-1) if removed is not None else torch.zeros(len(ids) - 1)
-        hit = size > 0
-        touched.append(int(hit.sum()))
-        total.append(len(ids) - 1)
-        norms.extend(size[hit].tolist())
+    return edit_sizes([prompt_edit_size(model, prompt, keys) for prompt in prompts])
+
+
+def edit_sizes(per_prompt: Sequence[Sequence[Any]]) -> dict[str, float]:
+    """:func:`feature_edit_sizes` from each prompt's :func:`prompt_edit_size`."""
+    touched = [int(p[0]) for p in per_prompt]
+    total = [int(p[1]) for p in per_prompt]
+    norms = [float(n) for p in per_prompt for n in p[2]]
     return _sizes(touched, total, norms)
 
 

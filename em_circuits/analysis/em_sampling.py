@@ -8,6 +8,10 @@ they have unpadded). Edits active while sampling (feature ablations, projections
 read that mask to spare each row's own first position and its padding
 (:mod:`~em_circuits.models.edit_positions`).
 
+Each chunk is one unit of work (:func:`chunk_starts`, :func:`sample_chunk`): processes of a
+launch that share the sampling (:mod:`~em_circuits.analysis.em_answers`) sample the same
+chunks with the same seeds as one process.
+
 Reproducibility and pairing: each chunk seeds the global torch generator from ``seed``, its
 first row and its rows' question ids, so the same seed, questions and sampling parameters give
 the same answers on the same device. Sampling draws its noise row by row in a fixed layout
@@ -83,7 +87,44 @@ def _decoding(params: SamplingParams) -> dict[str, Any]:
     return {"do_sample": True, "temperature": params.temperature, "top_p": 1.0, "top_k": 0}
 
 
+def chunk_starts(n_questions: int, params: SamplingParams) -> list[int]:
+    """The first row of each chunk (one ``generate`` call) that ``n_questions`` questions'
+    rows are cut into: the same chunks however many processes sample them."""
+    return list(range(0, n_questions * params.n_per_question, max(1, params.max_batch_rows)))
+
+
 @torch.no_grad()
+def sample_chunk(
+    model: LoadedModel, questions: Sequence[EvalQuestion], params: SamplingParams, start: int
+) -> list[tuple[int, int, str]]:
+    """The chunk of rows from ``start`` (:func:`chunk_starts`) sampled in one ``generate``
+    call: (question index, answer index within the question, answer) per row, in row order."""
+    tokenizer = model.tokenizer
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    n = params.n_per_question
+    end = min(start + max(1, params.max_batch_rows), len(questions) * n)
+    chunk = [divmod(row, n) for row in range(start, end)]
+    prompts = {
+        q: question_prompt_ids(model, questions[q]) for q in dict.fromkeys(q for q, _ in chunk)
+    }
+    ids, mask = left_padded([prompts[q] for q, _ in chunk], pad_id)
+    torch.manual_seed(_chunk_seed(params.seed, start, [questions[q].id for q, _ in chunk]))
+    hf_model: Any = model.hf_model
+    out = hf_model.generate(
+        ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        max_new_tokens=params.max_new_tokens,
+        pad_token_id=pad_id,
+        **_decoding(params),
+    )
+    return [
+        (q, i, tokenizer.decode(row, skip_special_tokens=True))
+        for (q, i), row in zip(chunk, out[:, ids.shape[1] :])
+    ]
+
+
 def sample_many(
     model: LoadedModel,
     questions: Sequence[EvalQuestion],
@@ -93,28 +134,11 @@ def sample_many(
     """``n_per_question`` answers to each question (a list per question, in order), sampled
     ``max_batch_rows`` rows per ``generate`` call (see the module's note on seeds and
     pairing); ``on_chunk(rows)`` is called after each call."""
-    tokenizer = model.tokenizer
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    prompts = [question_prompt_ids(model, q) for q in questions]
-    rows = [q for q in range(len(questions)) for _ in range(params.n_per_question)]
     answers: list[list[str]] = [[] for _ in questions]
-    step = max(1, params.max_batch_rows)
-    hf_model: Any = model.hf_model
-    for start in range(0, len(rows), step):
-        chunk = rows[start : start + step]
-        ids, mask = left_padded([prompts[q] for q in chunk], pad_id)
-        torch.manual_seed(_chunk_seed(params.seed, start, [questions[q].id for q in chunk]))
-        out = hf_model.generate(
-            ids.to(model.device),
-            attention_mask=mask.to(model.device),
-            max_new_tokens=params.max_new_tokens,
-            pad_token_id=pad_id,
-            **_decoding(params),
-        )
-        for q, row in zip(chunk, out[:, ids.shape[1] :]):
-            answers[q].append(tokenizer.decode(row, skip_special_tokens=True))
+    for start in chunk_starts(len(questions), params):
+        chunk = sample_chunk(model, questions, params, start)
+        for q, _, answer in chunk:
+            answers[q].append(answer)
         if on_chunk is not None:
             on_chunk(len(chunk))
     return answers

@@ -120,36 +120,49 @@ def steering_edit(
 
 
 @torch.no_grad()
-def evil_top_share(
-    model: LoadedModel, prompts: Sequence[Mapping[str, Any]], edit: Callable | None
-) -> float:
-    """Share of prompts whose top next token (under ``edit``) is evil-labeled."""
-    hits = 0
-    progress = shared("sufficiency: prompts measured", logging.getLogger(__name__))
-    for prompt in prompts:
-        progress.step()
-        ids = model.encode_prompt(dict(prompt))
-        with edit() if edit is not None else ExitStack():
-            logits = model.hf_model(ids[None].to(model.device)).logits[0, -1]
-        hits += int(int(logits.argmax()) in prompt["evil_ids"])
-    return hits / max(len(prompts), 1)
+def contrast_and_top(
+    model: LoadedModel, prompt: Mapping[str, Any], edit: Callable | None = None
+) -> tuple[float, bool]:
+    """The real model's contrast on one prompt with ``edit`` active (None: clean), and
+    whether its top next token is evil-labeled (one forward pass)."""
+    ids = model.encode_prompt(dict(prompt))
+    with edit() if edit is not None else ExitStack():
+        logits = model.hf_model(ids[None].to(model.device)).logits[0]
+    evil = int(logits[-1].argmax()) in prompt["evil_ids"]
+    return contrast_of(logits, prompt["evil_ids"], prompt["safe_ids"]), evil
 
 
-def steered_changes(
+def measure_prompt(
     base: LoadedModel,
-    prompts: Sequence[Mapping[str, Any]],
-    steering: Steering,
-    scale: float,
-    clean: Sequence[float],
-) -> np.ndarray:
-    """Per prompt: the base's contrast steered minus clean."""
-    edit = steering_edit(base, steering, scale)
+    adapted: LoadedModel,
+    prompt: Mapping[str, Any],
+    steerings: Mapping[str, Steering],
+    patched: Mapping[str, Sequence[Key]],
+    scales: Sequence[float],
+) -> dict[str, Any]:
+    """One validation prompt, every measurement of the sufficiency step: the base's clean
+    contrast, the adapted model's contrast and top token, and per steering (and per patched
+    feature set) and dose the base's contrast change and whether its top token is evil."""
     progress = shared("sufficiency: prompts measured", logging.getLogger(__name__))
-    changes = []
-    for prompt, before in zip(prompts, clean):
-        changes.append(real_contrast(base, prompt, edit) - before)
-        progress.step()
-    return np.array(changes)
+    clean = real_contrast(base, prompt)
+    adapted_contrast, adapted_evil = contrast_and_top(adapted, prompt)
+    steered: dict[str, list[list[Any]]] = {}
+    for name, steering in steerings.items():
+        steered[name] = []
+        for scale in scales:
+            contrast, evil = contrast_and_top(base, prompt, steering_edit(base, steering, scale))
+            steered[name].append([contrast - clean, evil])
+    patches = {
+        name: patched_prompt(base, adapted, prompt, keys, scales, clean)
+        for name, keys in patched.items()
+    }
+    progress.step()
+    return {
+        "clean": clean,
+        "adapted": [adapted_contrast, adapted_evil],
+        "steered": steered,
+        "patched": patches,
+    }
 
 
 @torch.no_grad()
@@ -165,6 +178,37 @@ def feature_activations(
 
 
 @torch.no_grad()
+def patched_prompt(
+    base: LoadedModel,
+    adapted: LoadedModel,
+    prompt: Mapping[str, Any],
+    keys: Sequence[Key],
+    scales: Sequence[float],
+    clean: float,
+) -> list[list[Any]]:
+    """Per dose: the base's contrast on one prompt with each feature's activation moved, at
+    every position but BOS, from its base value toward its value in the adapted model on the
+    same prompt (dose 1: the adapted activations written into the base; 0: unchanged), minus
+    the clean contrast, and whether its top next token is then evil-labeled. What the adapter
+    does through these features, position by position, in the base."""
+    own = feature_activations(base, prompt, keys)
+    target = feature_activations(adapted, prompt, keys)
+    ids = base.encode_prompt(dict(prompt))
+    out = []
+    for scale in scales:
+        values = own + scale * (target - own)
+        interventions = [
+            (layer, pos, feature, float(values[pos, i]))
+            for i, (layer, feature) in enumerate(keys)
+            for pos in range(1, values.shape[0])  # BOS is never a feature node
+            if values[pos, i] != own[pos, i]
+        ]
+        logits = real_model_logits(base, ids, interventions)
+        change = contrast_of(logits, prompt["evil_ids"], prompt["safe_ids"]) - clean
+        out.append([change, int(logits[-1].argmax()) in prompt["evil_ids"]])
+    return out
+
+
 def patched_changes(
     base: LoadedModel,
     adapted: LoadedModel,
@@ -173,28 +217,10 @@ def patched_changes(
     scale: float,
     clean: Sequence[float],
 ) -> tuple[np.ndarray, float]:
-    """Per prompt: the base's contrast with each feature's activation moved, at every position
-    but BOS, from its base value toward its value in the adapted model on the same prompt
-    (``scale`` 1: the adapted activations written into the base; 0: unchanged), minus the
-    clean contrast; and the share of prompts whose top next token is then evil-labeled. What
-    the adapter does through these features, position by position, in the base."""
-    progress = shared("sufficiency: prompts patched", logging.getLogger(__name__))
-    changes, hits = [], 0
-    for prompt, before in zip(prompts, clean):
-        own, target = (
-            feature_activations(base, prompt, keys),
-            feature_activations(adapted, prompt, keys),
-        )
-        values = own + scale * (target - own)
-        interventions = [
-            (layer, pos, feature, float(values[pos, i]))
-            for i, (layer, feature) in enumerate(keys)
-            for pos in range(1, values.shape[0])  # BOS is never a feature node
-            if values[pos, i] != own[pos, i]
-        ]
-        ids = base.encode_prompt(dict(prompt))
-        logits = real_model_logits(base, ids, interventions)
-        changes.append(contrast_of(logits, prompt["evil_ids"], prompt["safe_ids"]) - before)
-        hits += int(int(logits[-1].argmax()) in prompt["evil_ids"])
-        progress.step()
-    return np.array(changes), hits / max(len(prompts), 1)
+    """Per prompt, :func:`patched_prompt` at one dose; and the share of prompts whose top next
+    token is then evil-labeled."""
+    measured = [
+        patched_prompt(base, adapted, p, keys, [scale], c)[0] for p, c in zip(prompts, clean)
+    ]
+    hits = sum(int(evil) for _, evil in measured)
+    return np.array([change for change, _ in measured]), hits / max(len(prompts), 1)

@@ -6,9 +6,9 @@ a counter in the process group's key-value store (:meth:`Shard.claim`). A proces
 finishes early takes the next unit, so the load balances by cost and no straggler holds up a
 barrier with a backlog fixed in advance; the costliest units go first, so the last ones to
 finish are short. Each process writes its units' artifacts atomically, so the files are those
-of a single-process run and a re-launch skips whatever any process finished. The judge, the
-queue and the report stay on the main process. Without a launcher everything is one process,
-claiming is plain iteration and the barriers do nothing.
+of a single-process run and a re-launch skips whatever any process finished. The labeling
+judge, the queue and the report stay on the main process. Without a launcher everything is
+one process, claiming is plain iteration and the barriers do nothing.
 
 On GPUs accelerate's ``PartialState`` sets up the process group (NCCL). Launched on CPUs
 (``accelerate launch --multi_gpu`` on a machine without GPUs runs torchrun, whose environment

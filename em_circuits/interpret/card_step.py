@@ -196,6 +196,8 @@ class FeatureCardsStep(Step):
     shared = ("corpus", "corpus_docs")
     reads = ("ranking", "base_vs_adapted", "adapter_nodes", "causal")
     uses = frozenset({"graphs", "models", "labeller"})
+    # Not spread: the activation index reads --corpus-docs documents once per model (400 by
+    # default, seconds on a GPU: README "Many prompts") and is kept under features_index/.
 
     def run(self, ctx: AnalysisContext, params: CardParams) -> StepResult:
         ranked = ctx.table("top_features_adapted")

@@ -8,7 +8,9 @@ with, where an EM judge exists, the EM rate of free-form answers under each edit
 the features add over the subspace (:mod:`em_circuits.analysis.baseline_run`).
 
 Writes ``baselines`` (one row per method), ``baselines_overlap``, ``baseline_directions.json``,
-``baselines_em_answers.csv`` (with a judge) and ``baselines_summary.json``.
+``baselines_em_answers.csv`` (with a judge) and ``baselines_summary.json``. Under a launch
+the prompt-by-prompt passes and the EM answers are shared among the processes
+(:mod:`em_circuits.analysis.baseline_run`, :mod:`em_circuits.analysis.em_answers`).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def _em_columns(
 ) -> tuple[pd.DataFrame | None, StoredJson]:
     """Each method's EM rate (first edit) and its change from the unedited adapted model."""
 
-    from em_circuits.analysis.em_rate import em_rate_under  # noqa: PLC0415  # heavy: loads torch
+    from em_circuits.analysis.em_answers import EMCondition, judged_answers, rates_of  # noqa: PLC0415  # heavy: loads torch
 
     setup = em_setup(
         ctx,
@@ -103,13 +105,14 @@ def _em_columns(
         why = "no EM judge" if ctx.em_judge is None else "baseline_em_samples is 0"
         return None, {"em": f"not measured: {why}"}
     questions, sampling = setup
-    frames = []
-    rates: dict[str, float | None] = {}
-    conditions: list[tuple[str, list[Any]]] = [("adapted", [None]), *result.edits.items()]
-    for name, edits in conditions:
-        answers, rate = em_rate_under(adapted, questions, ctx.em_judge, sampling, edits[0], name)
-        frames.append(answers)
-        rates[name] = rate.get("em_rate")
+    conditions = [EMCondition("adapted", adapted)] + [
+        EMCondition(name, adapted, edits[0]) for name, edits in result.edits.items()
+    ]
+    answered = judged_answers(
+        conditions, questions, ctx.em_judge, sampling, ctx.spread, "baselines' EM rates"
+    )
+    frames = [pd.DataFrame.from_records(rows) for rows in answered]
+    rates = {name: rate.get("em_rate") for name, rate in rates_of(conditions, answered).items()}
     clean = rates.pop("adapted")
     table = result.table
     table["em_rate"] = [rates.get(m) for m in table["method"]]
@@ -134,7 +137,10 @@ class BaselinesStep(Step):
     shared = ("seed", "n_perm", "corpus")
     reads = ("split", "ranking", "causal")
     uses = frozenset({"graphs", "models", "em_judge"})
-    version = 2  # EM answers sampled many questions per generate call (em_sampling)
+    # 3: a method without features or direction (no corpus, no random draw) is an empty row,
+    # not the subspace's
+    version = 3
+    spread = True  # the site choice, the measured prompts and the EM answers
 
     def run(self, ctx: AnalysisContext, params: BaselinesParams) -> StepResult:
         from em_circuits.analysis.baseline_run import BaselineInputs, run_baselines  # noqa: PLC0415  # heavy: loads torch
@@ -165,8 +171,10 @@ class BaselinesStep(Step):
         )
         with ctx.model_pool() as pool:
             base, adapted = pool.load(ctx.specs["base"]), pool.load(ctx.specs["adapted"])
-            result = run_baselines(base, adapted, inputs)
+            result = run_baselines(base, adapted, inputs, ctx.spread)
             answers, em = _em_columns(ctx, adapted, result, params)
+        if not ctx.is_main:  # every process has the merged results; the main one writes them
+            return StepResult()
         ctx.write_table(result.table, "baselines")
         ctx.write_table(result.overlap, "baselines_overlap")
         if answers is not None:

@@ -2,7 +2,9 @@
 
 The EM rate of base, adapted, adapted with the tested features ablated and with matched random
 features ablated (:mod:`em_circuits.analysis.em_rate`), judged by the EM judge. Writes
-``em_rate.json`` and ``em_answers.csv``.
+``em_rate.json`` and ``em_answers.csv``. Under a launch each condition's chunks of answers
+(sampled and judged) are units shared among the processes
+(:mod:`~em_circuits.analysis.em_answers`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class EMRateStep(Step):
     reads = ("causal", "ranking")
     uses = frozenset({"models", "em_judge"})
     version = 3  # answers sampled many questions per generate call (em_sampling)
+    spread = True  # each condition's chunks of answers, sampled and judged
 
     def run(self, ctx: AnalysisContext, params: EMRateParams) -> StepResult:
         from em_circuits.analysis.em_rate import (  # noqa: PLC0415  # heavy: loads torch
@@ -98,7 +101,11 @@ class EMRateStep(Step):
         questions = em_questions(params.em_questions, ctx.specs["adapted"])
         with ctx.model_pool() as pool:
             loaded = {role: pool.load(spec) for role, spec in ctx.specs.items()}
-            answers, summary = em_rate(loaded, questions, ctx.em_judge, top, random, sampling)
+            answers, summary = em_rate(
+                loaded, questions, ctx.em_judge, top, random, sampling, ctx.spread
+            )
+        if not ctx.is_main:  # every process has the merged answers; the main one writes them
+            return StepResult()
         summary["random_excludes_top"] = EXCLUDE_TOP_RANKED
         atomic_write_text(ctx.directory / "em_answers.csv", answers.to_csv(index=False))
         path = ctx.directory / "em_rate.json"

@@ -21,7 +21,7 @@ import logging
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from em_circuits.core.atomic import atomic_write_text
 from em_circuits.core.cache import cache_key
@@ -60,9 +60,40 @@ def spread(
             result = {"key": keys[index], "result": compute(unit)}
             atomic_write_text(paths[index], json.dumps(result))
             mine += 1
-    log.info("process %d: %s, %d of %d units computed", shard.index, folder.name, mine, len(units))
+    where = f"{folder.parent.name}/{folder.name}"  # step/spread-key
+    log.info("process %d: %s, %d of %d units computed", shard.index, where, mine, len(units))
     shard.wait()
     return [json.loads(path.read_text(encoding="utf-8"))["result"] for path in paths]
+
+
+class Spreader(Protocol):
+    """Where a step's units are computed: :meth:`AnalysisContext.spread
+    <em_circuits.analysis.steps.context.AnalysisContext.spread>` (shared among the processes of
+    a launch) or :func:`alone` (this process, every unit). ``name`` tells a step's spreads
+    apart; see :func:`spread` for the rest."""
+
+    def __call__(
+        self,
+        name: str,
+        units: Sequence[U],
+        compute: Callable[[U], Any],
+        *,
+        cost: Callable[[U], float],
+        key: Callable[[U], str],
+    ) -> list[Any]: ...
+
+
+def alone(
+    name: str,
+    units: Sequence[U],
+    compute: Callable[[U], Any],
+    *,
+    cost: Callable[[U], float],
+    key: Callable[[U], str],
+) -> list[Any]:
+    """Every unit computed here, in order, its result through JSON as a spread's (a
+    :class:`Spreader` outside a launch, e.g. from Python)."""
+    return [json.loads(json.dumps(compute(unit))) for unit in units]
 
 
 def work_folder(directory: Path, step: str, step_key: str, name: str) -> Path:

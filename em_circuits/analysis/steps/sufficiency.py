@@ -5,6 +5,10 @@ mean-diff direction, the misalignment direction and random features, over a dose
 (:mod:`em_circuits.analysis.sufficiency`); measures the contrast change on the causal step's
 validation prompts, the share of them whose top token turns evil, and, with an EM judge, the
 EM and coherent rates of free-form answers. Writes ``sufficiency`` and ``sufficiency.json``.
+
+Under a launch each validation prompt (every steering and patch at every dose) and each
+condition's chunk of answers is a unit shared among the processes; the steering vectors, from
+a few passes per discovery prompt, each process computes for itself.
 """
 
 from __future__ import annotations
@@ -100,33 +104,90 @@ def _steerings(
     return out, info
 
 
-def _patched_rows(
-    ctx: AnalysisContext,
-    base: Any,
-    adapted: Any,
-    validation: list[CausalPrompt],
-    clean: list[float],
-    scales: tuple[float, ...],
-) -> list[TableRecord]:
-    """The tested features' (and, as control, the random features') adapted activations
-    written into the base position by position, over the doses: contrast only (a patch is of
+def _patch_sets(ctx: AnalysisContext) -> dict[str, list[tuple[int, int]]]:
+    """The feature sets whose adapted activations are written into the base: the tested
+    features and, as control, the baselines' random features (contrast only: a patch is of
     one prompt's positions, so no free-form answers)."""
-    from em_circuits.analysis.baselines import change_statistics  # noqa: PLC0415  # heavy: loads torch
-    from em_circuits.analysis.sufficiency import patched_changes  # noqa: PLC0415  # heavy: loads torch
-
-    ids = [p["prompt_id"] for p in validation]
-    clusters = ctx.split().clusters
     sets = {"tested_features_patched": tested_features(ctx)}
     random = ((ctx.summary.get("baselines") or {}).get("features") or {}).get("random_features")
     if random:
         sets["random_features_patched"] = [(int(a), int(b)) for a, b in random]
-    rows = []
-    for name, keys in sets.items():
-        for scale in scales:
-            deltas, evil = patched_changes(base, adapted, validation, keys, scale, clean)
-            row = {"method": name, "model": "base", "scale": float(scale), "evil_top_share": evil}
-            row.update(change_statistics(deltas, ids, clusters, ctx.shared.n_perm, 0))
-            rows.append(row)
+    return sets
+
+
+def _steered_name(name: str, scale: float) -> str:
+    return f"{name} x{float(scale)!r}"
+
+
+def _em_rates(
+    ctx: AnalysisContext,
+    base: Any,
+    adapted: Any,
+    steerings: dict[str, Steering],
+    scales: tuple[float, ...],
+    em: Any,
+) -> dict[str, dict[str, Any]]:
+    """The EM and coherent rates of the adapted model, the base, and the base under each
+    steering at each dose but 0 (the base itself), by condition name; every condition's
+    chunks of answers are units of the step's spread."""
+    from em_circuits.analysis.em_answers import EMCondition, judged_answers, rates_of  # noqa: PLC0415  # heavy: loads torch
+    from em_circuits.analysis.sufficiency import steering_edit  # noqa: PLC0415  # heavy: loads torch
+
+    if em is None:
+        return {}
+    conditions = [EMCondition("adapted", adapted), EMCondition("base", base)]
+    for name, steering in steerings.items():
+        for scale in dict.fromkeys(s for s in scales if s != 0):
+            edit = steering_edit(base, steering, scale)
+            conditions.append(EMCondition(_steered_name(name, scale), base, edit))
+    answered = judged_answers(conditions, em[0], ctx.em_judge, em[1], ctx.spread, "sufficiency")
+    return {
+        name: {"em_rate": rate.get("em_rate"), "coherent_rate": rate.get("coherent_rate")}
+        for name, rate in rates_of(conditions, answered).items()
+    }
+
+
+def _rows(
+    ctx: AnalysisContext,
+    validation: list[CausalPrompt],
+    measured: list[dict[str, Any]],
+    em_rates: dict[str, dict[str, Any]],
+    scales: tuple[float, ...],
+) -> list[TableRecord]:
+    """The table's rows from every prompt's measurements and the EM rates: the adapted model
+    against the base, each steering per dose, each patched set per dose."""
+    from em_circuits.analysis.baselines import change_statistics  # noqa: PLC0415  # heavy: loads torch
+
+    ids = [p["prompt_id"] for p in validation]
+    clusters = ctx.split().clusters
+
+    def statistics(deltas: list[float]) -> dict[str, Any]:
+        return change_statistics(np.array(deltas), ids, clusters, ctx.shared.n_perm, 0)
+
+    def share(flags: list[bool]) -> float:
+        return sum(int(f) for f in flags) / max(len(flags), 1)
+
+    rows: list[TableRecord] = [
+        {
+            "method": "adapted_reference",
+            "model": "adapted",
+            "scale": 1.0,
+            **statistics([m["adapted"][0] - m["clean"] for m in measured]),
+            "evil_top_share": share([m["adapted"][1] for m in measured]),
+            **em_rates.get("adapted", {}),
+        }
+    ]
+    for kind in ("steered", "patched"):
+        for name in measured[0][kind] if measured else []:
+            for j, scale in enumerate(scales):
+                row = {"method": name, "model": "base", "scale": float(scale)}
+                row.update(statistics([m[kind][name][j][0] for m in measured]))
+                row["evil_top_share"] = share([m[kind][name][j][1] for m in measured])
+                if kind == "steered":
+                    row.update(
+                        em_rates.get("base" if scale == 0 else _steered_name(name, scale), {})
+                    )
+                rows.append(row)
     return rows
 
 
@@ -153,58 +214,38 @@ class SufficiencyStep(Step):
     reads = ("split", "causal", "baselines")
     uses = frozenset({"graphs", "models", "em_judge"})
     version = 3  # EM answers sampled many questions per generate call (em_sampling)
+    spread = True  # the validation prompts' passes and the EM answers
 
     def run(self, ctx: AnalysisContext, params: SufficiencyParams) -> StepResult:
-        from em_circuits.analysis.baselines import change_statistics, real_contrast  # noqa: PLC0415  # heavy: loads torch
-        from em_circuits.analysis.em_rate import em_rate_under  # noqa: PLC0415  # heavy: loads torch
-        from em_circuits.analysis.sufficiency import evil_top_share, steered_changes, steering_edit  # noqa: PLC0415  # heavy: loads torch
+        from em_circuits.analysis.baseline_run import prompt_cost  # noqa: PLC0415  # heavy: loads torch
+        from em_circuits.analysis.sufficiency import measure_prompt  # noqa: PLC0415  # heavy: loads torch
 
         if not tested_features(ctx) or "baselines" not in ctx.summary:
             return StepResult()
         prompts = validation_and_discovery(ctx)
         validation = prompts["validation"]
-        ids = [p["prompt_id"] for p in validation]
-        clusters = ctx.split().clusters
         em = em_setup(
             ctx,
             params.sufficiency_em_samples,
             params.sufficiency_em_questions,
             params.sufficiency_em_max_new_tokens,
         )
-        rows = []
+        scales = params.sufficiency_scales
         with ctx.model_pool() as pool:
             base, adapted = pool.load(ctx.specs["base"]), pool.load(ctx.specs["adapted"])
             steerings, info = _steerings(ctx, base, adapted, prompts["discovery"])
-            clean = [real_contrast(base, p) for p in validation]
-
-            def em_of(model: Any, edit: Any) -> dict[str, float | None]:
-                if em is None:
-                    return {}
-                _, rate = em_rate_under(model, em[0], ctx.em_judge, em[1], edit)
-                return {"em_rate": rate.get("em_rate"), "coherent_rate": rate.get("coherent_rate")}
-
-            gap = [real_contrast(adapted, p) - c for p, c in zip(validation, clean)]
-            rows.append(
-                {
-                    "method": "adapted_reference",
-                    "model": "adapted",
-                    "scale": 1.0,
-                    **change_statistics(np.array(gap), ids, clusters, ctx.shared.n_perm, 0),
-                    "evil_top_share": evil_top_share(adapted, validation, None),
-                    **em_of(adapted, None),
-                }
+            patched = _patch_sets(ctx)
+            measured = ctx.spread(
+                "validation",
+                validation,
+                lambda p: measure_prompt(base, adapted, p, steerings, patched, scales),
+                cost=prompt_cost,
+                key=lambda p: str(p["prompt_id"]),
             )
-            unsteered = em_of(base, None)
-            for name, steering in steerings.items():
-                for scale in params.sufficiency_scales:
-                    deltas = steered_changes(base, validation, steering, scale, clean)
-                    edit = steering_edit(base, steering, scale)
-                    row = {"method": name, "model": "base", "scale": float(scale)}
-                    row.update(change_statistics(deltas, ids, clusters, ctx.shared.n_perm, 0))
-                    row["evil_top_share"] = evil_top_share(base, validation, edit)
-                    row.update(unsteered if scale == 0 else em_of(base, edit))
-                    rows.append(row)
-            rows += _patched_rows(ctx, base, adapted, validation, clean, params.sufficiency_scales)
+            em_rates = _em_rates(ctx, base, adapted, steerings, scales, em)
+        if not ctx.is_main:  # every process has the merged results; the main one writes them
+            return StepResult()
+        rows = _rows(ctx, validation, measured, em_rates, scales)
         table = pd.DataFrame.from_records(rows).reindex(columns=COLUMNS)
         ctx.write_table(table, "sufficiency")
         summary = {
