@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"   {tokens} tokens failed: {type(err).__name__}: {err}")
                 rows.append({"tokens": tokens, "error": f"{type(err).__name__}: {err}"[:600]})
                 harness.free_memory()
-        if budget.left() > 60 and "torch-tf32" in args.runs.split(","):
+        wanted = args.agreement_graphs > 0 and "torch-tf32" in args.runs.split(",")
+        if wanted and budget.left() > 60:
             cfg = random_workload_config(args)
             prompts, _ = random_prompts(
                 cfg, args.agreement_graphs, 0, args.agreement_length, args.targets
