@@ -18,7 +18,17 @@ from em_circuits.analysis.em_sampling import (
 )
 
 
-@pytest.fixture(scope="module", params=["micro-organism", "llama", "qwen2", "qwen3", "gemma2"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "micro-organism",
+        "llama",
+        # the other families in the whole suite only: make test-fast stays under 90 s
+        pytest.param("qwen2", marks=pytest.mark.slow),
+        pytest.param("qwen3", marks=pytest.mark.slow),
+        pytest.param("gemma2", marks=pytest.mark.slow),
+    ],
+)
 def model(request, tmp_path_factory):
     """The micro organism's adapted model and every stand-in family (Qwen has no BOS)."""
     if request.param == "micro-organism":

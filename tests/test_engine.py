@@ -172,7 +172,11 @@ def test_graph_stage_batches_prompts_and_each_keeps_its_own_graph_and_error(
         assert _relative_error(batched.direct, alone.direct) <= TOLERANCE
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama"])
+@pytest.fixture(
+    scope="module",
+    # the all-module adapter's graph is the suite's slowest fast test: whole suite only
+    params=[pytest.param("qwen2", marks=pytest.mark.slow), "llama"],
+)
 def adapted_standin(request, tmp_path_factory):
     """A stand-in with its EM-shaped adapter: Qwen2.5's rank-32 LoRA on all seven modules
     (MLP-output, attention and attention-pattern nodes), Llama's rank-1 down_proj."""
