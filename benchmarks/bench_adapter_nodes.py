@@ -78,8 +78,9 @@ def _no_nodes(name: str) -> str:
     return "no_nodes" + (name[name.index("@") :] if "@" in name else "")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def adapted_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The workload's adapted model, loaded (and built first where it is not on disk), and
+    what was built."""
     device = torch.device(args.device)
     root = args.workdir / (args.shape + ("-tiny" if args.tiny else ""))
     root.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         name="bench-adapter-nodes",
         dtype=args.dtype,
     )
-    model = load_model(spec, device, root / "merged")
+    return load_model(spec, device, root / "merged"), built
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model, built = adapted_model(args)
     gen = torch.Generator().manual_seed(0)
     token_ids = torch.randint(0, int(built["tokenizer_ids"]), (4,), generator=gen).tolist()
     shapes = {
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             continue  # warm-up
         for name, graph in graphs.items():
             rows[name].append(measured[name])
-            stored[name].append(save_compact(graph, root / f"{name}.safetensors"))
+            stored[name].append(save_compact(graph, args.workdir / f"{name}.safetensors"))
         graph = graphs["nodes_split_reads"]
         sizes.append(
             {

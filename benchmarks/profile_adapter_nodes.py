@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Where does an adapted graph's time go once adapter nodes are on? The phases of one torch
-engine graph (the adapter's pre-pass, the frozen forward, the main backward with the nodes'
-scores, the edges-and-reads pass, building the graph), timed with device synchronisation,
-on the workload of bench_adapter_nodes.py, then a cProfile of whole graphs by own time.
+engine graph (the frozen forward, which records the adapter's nodes; the main backward with
+the nodes' scores; the edges-and-reads pass; building the graph), timed with device
+synchronisation, on the workload of bench_adapter_nodes.py, then a cProfile of whole graphs
+by own time.
 
     python benchmarks/profile_adapter_nodes.py --prompts 4
 """
@@ -20,19 +21,14 @@ from typing import Any
 
 import bench_adapter_nodes
 import harness  # the offline switches and the import path first
-import torch
-from bench_pipeline import build_organism
 
 from em_circuits.attribution import engine, engine_adapter, totals_graph
 from em_circuits.attribution.attribute import attribute_prompt
 from em_circuits.attribution.targets import AttributionParams, PromptTargets
-from em_circuits.models.load import load_model
-from em_circuits.models.spec import ModelSpec
 
 #: module, function name, phase: the functions timed (wrapped in place for this process)
 PHASES = (
-    (totals_graph, "prompt_adapter_writes", "pre-pass (adapter writes)"),
-    (engine, "frozen_forward", "frozen forward"),
+    (engine, "frozen_forward", "frozen forward (the adapter's nodes recorded in it)"),
     (engine_adapter, "carry", "backward carries (main + edges/reads)"),
     (engine_adapter, "_edges_and_reads", "edges and reads pass"),
     (totals_graph, "totals_graph", "graph record"),
@@ -56,19 +52,7 @@ def timed_phases(seconds: dict[str, list[float]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = bench_adapter_nodes.parse_args(argv)
-    device = torch.device(args.device)
-    root = args.workdir / (args.shape + ("-tiny" if args.tiny else ""))
-    root.mkdir(parents=True, exist_ok=True)
-    built = build_organism(args.shape, root, device, args.tiny)
-    paths = built["paths"]
-    spec = ModelSpec(
-        base=paths["base"],
-        adapter=paths["adapter"],
-        transcoders=paths["transcoders"],
-        name="profile-adapter-nodes",
-        dtype=args.dtype,
-    )
-    model = load_model(spec, device, root / "merged")
+    model, _ = bench_adapter_nodes.adapted_model(args)
     ids = [5, 9, 11, 17]
     pts = [
         PromptTargets(

@@ -36,3 +36,21 @@ def load_stacked_transcoders(config_path: Path) -> StackedTranscoders:
                 tc.threshold[i] = s["activation_function.threshold"]
     tc.use_threshold = True
     return tc
+
+
+def micro_prompt_targets(model, prompts: list[dict], prefix: str = "p") -> list:
+    """Targets on the micro organism's pivotal prompts: two harmful and two safe advice words
+    (single tokens) as the evil and safe labels."""
+    from em_circuits.attribution.targets import PromptTargets
+    from em_circuits.organism import advice_words
+    from em_circuits.organism.tokenizer import advice_token_ids
+
+    words = advice_words()
+    evil = advice_token_ids(model.tokenizer, words["harmful"])[:2]
+    safe = advice_token_ids(model.tokenizer, words["safe"])[:2]
+    assert evil and safe, "the organism's advice words must be single tokens"
+    names = {t: model.tokenizer.decode([t]) for t in evil + safe}
+    return [
+        PromptTargets(f"{prefix}{i}", p["prompt"], evil, safe, names, {"base": {}, "adapted": {}})
+        for i, p in enumerate(prompts)
+    ]

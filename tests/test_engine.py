@@ -192,7 +192,7 @@ def adapted_standin(request, tmp_path_factory):
 
 def test_adapter_nodes_edges_and_reads_equal_the_nnsight_engines(adapted_standin):
     from em_circuits.attribution.adapter_nodes import AdapterWrites
-    from em_circuits.attribution.engine import effects_recording_adapter, effects_with_adapter
+    from em_circuits.attribution.engine import effects_with_adapter
     from em_circuits.attribution.prompt_adapter_nodes import (
         AdapterPlan,
         adapter_plan,
@@ -207,7 +207,8 @@ def test_adapter_nodes_edges_and_reads_equal_the_nnsight_engines(adapted_standin
     directions = torch.stack([unembed[t] - unembed.mean(0) for t in (5, 50, 120)])
     # every linear node is read, so reads of down_proj, o_proj and v_proj nodes are compared
     wanted = {"split_target": 0, "split_features": 8, "read_nodes": 10_000}
-    got = effects_with_adapter(model, ids, lambda _l: directions, writes, **wanted)
+    got, same = effects_with_adapter(model, ids, lambda _l: directions, writes, **wanted)
+    assert same is writes
     want = exact_effects(model.replacement, ids, lambda _l: directions, adapter=writes, **wanted)
     for name in (
         "direct",
@@ -224,9 +225,7 @@ def test_adapter_nodes_edges_and_reads_equal_the_nnsight_engines(adapted_standin
     plan = adapter_plan(model)
     assert isinstance(plan, AdapterPlan)
     recording = plan.recording(model.hf_model)
-    folded, recorded = effects_recording_adapter(
-        model, ids, lambda _l: directions, recording, **wanted
-    )
+    folded, recorded = effects_with_adapter(model, ids, lambda _l: directions, recording, **wanted)
     assert isinstance(recorded, AdapterWrites)
     assert torch.equal(recorded.nodes, writes.nodes)
     assert _close(recorded.activations, writes.activations)

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import micro_prompt_targets
 from safetensors.torch import load_file, save_file
 
 from em_circuits.attribution.attribute import attribute_prompt
@@ -16,7 +17,6 @@ from em_circuits.attribution.stored_graphs import find_graph_metas, load_graph
 from em_circuits.attribution.targets import AttributionParams, PromptTargets
 from em_circuits.core.store import ResultsStore
 from em_circuits.models.spec import ModelSpec
-from em_circuits.organism.tokenizer import advice_token_ids
 
 #: Full graphs (feature-to-feature edges, dense adjacency); tests/test_totals.py covers the
 #: default totals mode.
@@ -26,19 +26,10 @@ TOTALS = AttributionParams()
 
 @pytest.fixture(scope="module")
 def prompt_targets(micro_models):
-    from em_circuits.organism import advice_words, heldout_pivotal_prompts
+    from em_circuits.organism import heldout_pivotal_prompts
 
-    base, _ = micro_models
-    words = advice_words()
-    evil = advice_token_ids(base.tokenizer, words["harmful"])[:2]
-    safe = advice_token_ids(base.tokenizer, words["safe"])[:2]
-    assert evil and safe, "the organism's advice words must be single tokens"
     prompts = [p for p in heldout_pivotal_prompts() if p["domain"] == "medical"][:2]
-    names = {t: base.tokenizer.decode([t]) for t in evil + safe}
-    return [
-        PromptTargets(f"p{i}", p["prompt"], evil, safe, names, {"base": {}, "adapted": {}})
-        for i, p in enumerate(prompts)
-    ]
+    return micro_prompt_targets(micro_models[0], prompts)
 
 
 def _constant_vectors(model, ids):

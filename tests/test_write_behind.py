@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+from helpers import micro_prompt_targets
 
 from em_circuits.attribution.attribute import attribute_prompt
 from em_circuits.attribution.graph_build import start_storing
@@ -15,25 +16,15 @@ from em_circuits.attribution.targets import AttributionParams, PromptTargets
 from em_circuits.attribution.write_behind import WriteBehind
 from em_circuits.core.claims import try_claim
 from em_circuits.core.store import ResultsStore
-from em_circuits.organism.tokenizer import advice_token_ids
 
 PARAMS = AttributionParams(adapter_nodes=False)
 
 
 @pytest.fixture(scope="module")
 def two_prompts(micro_models):
-    from em_circuits.organism import advice_words, heldout_pivotal_prompts
+    from em_circuits.organism import heldout_pivotal_prompts
 
-    base, _ = micro_models
-    words = advice_words()
-    evil = advice_token_ids(base.tokenizer, words["harmful"])[:2]
-    safe = advice_token_ids(base.tokenizer, words["safe"])[:2]
-    names = {t: base.tokenizer.decode([t]) for t in evil + safe}
-    prompts = heldout_pivotal_prompts()[:2]
-    return [
-        PromptTargets(f"w{i}", p["prompt"], evil, safe, names, {"base": {}, "adapted": {}})
-        for i, p in enumerate(prompts)
-    ]
+    return micro_prompt_targets(micro_models[0], heldout_pivotal_prompts()[:2], prefix="w")
 
 
 def _claim(store: ResultsStore, model, pt: PromptTargets):

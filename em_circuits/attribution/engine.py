@@ -113,36 +113,7 @@ def effects_with_adapter(
     model: LoadedModel,
     ids: torch.Tensor,
     directions_for: DirectionsFor,
-    writes: Any,
-    split_target: int | None = None,
-    split_features: int = 0,
-    read_nodes: int = 0,
-    precision: str = "float32",
-    feature_budget: int = 1 << 26,
-    where: str = "prompt",
-) -> ExactEffects:
-    """:func:`batched_effects` of one prompt with an adapter's nodes
-    (:class:`~em_circuits.attribution.adapter_nodes.AdapterWrites`), their edges and reads
-    (:func:`~em_circuits.attribution.engine_adapter.adapter_effects`)."""
-    effects, _ = _with_adapter(
-        model,
-        ids,
-        directions_for,
-        writes,
-        None,
-        AdapterPasses(split_target, split_features, read_nodes),
-        precision,
-        feature_budget,
-        where,
-    )
-    return effects
-
-
-def effects_recording_adapter(
-    model: LoadedModel,
-    ids: torch.Tensor,
-    directions_for: DirectionsFor,
-    recording: PassRecording,
+    adapter: Any,
     split_target: int | None = None,
     split_features: int = 0,
     read_nodes: int = 0,
@@ -150,16 +121,22 @@ def effects_recording_adapter(
     feature_budget: int = 1 << 26,
     where: str = "prompt",
 ) -> tuple[ExactEffects, Any]:
-    """:func:`effects_with_adapter` with the adapter's nodes recorded from the graph's own
-    frozen forward pass (``recording``, e.g.
-    :meth:`~em_circuits.attribution.prompt_adapter_nodes.AdapterPlan.recording`) instead of
-    a pass of their own; returns the effects and the nodes, or why the prompt has none (its
-    effects then have no adapter rows)."""
+    """:func:`batched_effects` of one prompt with an adapter's nodes, their edges and reads
+    (:func:`~em_circuits.attribution.engine_adapter.adapter_effects`); returns the effects
+    and the nodes.
+
+    ``adapter`` is the nodes (:class:`~em_circuits.attribution.adapter_nodes.AdapterWrites`)
+    or a recording that takes them from the graph's own frozen forward pass (a
+    :class:`~em_circuits.attribution.engine_model.PassRecording`, e.g.
+    :meth:`~em_circuits.attribution.prompt_adapter_nodes.AdapterPlan.recording`), instead of
+    a pass of their own; a recording may find that the prompt has none (the nodes returned
+    are then why, and the effects have no adapter rows)."""
+    recording = None if hasattr(adapter, "nodes") else adapter
     return _with_adapter(
         model,
         ids,
         directions_for,
-        None,
+        adapter if recording is None else None,
         recording,
         AdapterPasses(split_target, split_features, read_nodes),
         precision,

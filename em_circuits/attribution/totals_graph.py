@@ -32,7 +32,6 @@ from em_circuits.attribution.attribute import (
 )
 from em_circuits.attribution.engine import (
     batched_effects,
-    effects_recording_adapter,
     effects_with_adapter,
     unsupported_reason,
 )
@@ -145,22 +144,15 @@ def _effects(
                 where=[r.where for r in requests],
             )
         (request,) = requests
-        if request.engine == "torch" and isinstance(request.adapter, AdapterPlan):
-            effects, request.adapter = effects_recording_adapter(
+        if request.engine == "torch":
+            plan = request.adapter
+            # a plan's nodes are recorded from the graph's own frozen forward pass
+            nodes = plan.recording(model.hf_model) if isinstance(plan, AdapterPlan) else plan
+            effects, request.adapter = effects_with_adapter(
                 model,
                 request.ids,
                 request.directions_for,
-                request.adapter.recording(model.hf_model),
-                **request.adapter_passes(params),
-                precision=params.precision,
-                where=request.where,
-            )
-        elif request.engine == "torch":
-            effects = effects_with_adapter(
-                model,
-                request.ids,
-                request.directions_for,
-                request.writes,
+                nodes,
                 **request.adapter_passes(params),
                 precision=params.precision,
                 where=request.where,

@@ -26,6 +26,7 @@ uncaught exception, Ctrl-C) or stops beating for ``EM_CIRCUITS_PEER_TIMEOUT`` se
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import os
 import sys
@@ -117,22 +118,15 @@ class _Coordinator:
 
     def claim_next(self, key: str) -> int:
         """The position (in claiming order) of the next unit nobody has claimed yet."""
-        try:
+        with _main_process_reachable():
             self._raise_if_failed()  # a failed peer stops the others between units too
             return int(self.store.add(key, 1)) - 1
-        except PeerFailedError:
-            raise
-        except Exception as err:  # the store's host (the main process) is gone
-            raise PeerFailedError(
-                f"stopping: lost contact with the main process ({type(err).__name__}: {err}); "
-                "relaunch to resume, finished work is kept"
-            ) from err
 
     def barrier(self) -> None:
         self.epoch += 1
         arrived_key = f"{_PREFIX}barrier/{self.epoch}"
         timeout = peer_timeout()
-        try:
+        with _main_process_reachable():
             self.store.add(arrived_key, 1)
             beats = {r: (-1, time.monotonic()) for r in range(self.count) if r != self.rank}
             while self.store.add(arrived_key, 0) < self.count:
@@ -150,13 +144,6 @@ class _Coordinator:
                         )
                 time.sleep(POLL_SECONDS)
             self.store.add(f"{_PREFIX}passed/{self.epoch}", 1)
-        except PeerFailedError:
-            raise
-        except Exception as err:  # the store's host (the main process) is gone
-            raise PeerFailedError(
-                f"stopping: lost contact with the main process ({type(err).__name__}: {err}); "
-                "relaunch to resume, finished work is kept"
-            ) from err
 
     def _at_exit(self) -> None:
         # The main process hosts the store: it stays until every process has left the last
@@ -172,6 +159,20 @@ class _Coordinator:
             except Exception:
                 pass
         self.stopped.set()
+
+
+@contextlib.contextmanager
+def _main_process_reachable() -> Iterator[None]:
+    """A failure of the store itself means its host, the main process, is gone."""
+    try:
+        yield
+    except PeerFailedError:
+        raise
+    except Exception as err:
+        raise PeerFailedError(
+            f"stopping: lost contact with the main process ({type(err).__name__}: {err}); "
+            "relaunch to resume, finished work is kept"
+        ) from err
 
 
 def _verbose() -> bool:
