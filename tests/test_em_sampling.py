@@ -11,11 +11,11 @@ from standins import build_standin
 from em_circuits.analysis.em_rate import toy_questions
 from em_circuits.analysis.em_sampling import (
     SamplingParams,
-    left_padded,
     question_prompt_ids,
     sample_answers,
     sample_many,
 )
+from em_circuits.models.load import left_padded
 
 
 @pytest.fixture(

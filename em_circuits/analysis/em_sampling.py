@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from em_circuits.models.load import LoadedModel
+from em_circuits.models.load import LoadedModel, left_padded, pad_id_of
 
 
 @dataclass(frozen=True)
@@ -65,17 +65,6 @@ def question_prompt_ids(model: LoadedModel, question: EvalQuestion) -> torch.Ten
     return model.encode_prompt(record)
 
 
-def left_padded(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), each rows x the longest row's length, the rows right-aligned."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = row
-        mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
 def _chunk_seed(seed: int, first_row: int, question_ids: Sequence[str]) -> int:
     digest = hashlib.sha256(f"{seed}:{first_row}:{'|'.join(question_ids)}".encode()).hexdigest()
     return int(digest[:8], 16)
@@ -99,10 +88,7 @@ def sample_chunk(
 ) -> list[tuple[int, int, str]]:
     """The chunk of rows from ``start`` (:func:`chunk_starts`) sampled in one ``generate``
     call: (question index, answer index within the question, answer) per row, in row order."""
-    tokenizer = model.tokenizer
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad_id = pad_id_of(model.tokenizer)
     n = params.n_per_question
     end = min(start + max(1, params.max_batch_rows), len(questions) * n)
     chunk = [divmod(row, n) for row in range(start, end)]
@@ -120,7 +106,7 @@ def sample_chunk(
         **_decoding(params),
     )
     return [
-        (q, i, tokenizer.decode(row, skip_special_tokens=True))
+        (q, i, model.tokenizer.decode(row, skip_special_tokens=True))
         for (q, i), row in zip(chunk, out[:, ids.shape[1] :])
     ]
 

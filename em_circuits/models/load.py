@@ -308,6 +308,28 @@ def release(model: LoadedModel | None) -> None:
         torch.cuda.empty_cache()
 
 
+def pad_id_of(tokenizer: Any) -> int:
+    """The token id that pads a batch: the tokenizer's pad token, else its end of sequence,
+    else 0 (padding is masked out, so only its being a valid id matters)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id or 0)
+
+
+def left_padded(
+    sequences: Sequence[torch.Tensor], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token-id sequences padded on the left into one batch, each
+    ending at the last position (where generation continues and the next token is read)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        ids[row, width - len(tokens) :] = torch.as_tensor(tokens, dtype=torch.long)
+        mask[row, width - len(tokens) :] = 1
+    return ids, mask
+
+
 def right_padded(
     sequences: Sequence[torch.Tensor], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

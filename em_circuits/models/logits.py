@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from em_circuits.models.load import LoadedModel
+from em_circuits.models.load import LoadedModel, left_padded, pad_id_of
 
 #: How many of the most probable tokens are kept to compute KL between stored runs.
 SUPPORT_SIZE = 256
@@ -26,20 +26,13 @@ def next_token_logits(
     """Last-position logits (float32, on CPU) for each text (or token ids from
     ``model.encode_prompt``), batched with left padding."""
     rows: list[torch.Tensor] = []
-    pad_id = model.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = model.tokenizer.eos_token_id or 0
+    pad_id = pad_id_of(model.tokenizer)
     for start in range(0, len(texts), batch_size):
         encoded = [
             (text if isinstance(text, torch.Tensor) else model.encode(text)).cpu()
             for text in texts[start : start + batch_size]
         ]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, ids in enumerate(encoded):
-            input_ids[i, width - len(ids) :] = ids
-            mask[i, width - len(ids) :] = 1
+        input_ids, mask = left_padded(encoded, pad_id)
         # Positions must count from each prompt's first real token, as in an unpadded run.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model.hf_model(
