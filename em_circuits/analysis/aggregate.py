@@ -11,7 +11,13 @@ import numpy as np
 import pandas as pd
 
 from em_circuits.analysis.effects import METRICS
-from em_circuits.core.stats import bh_qvalues, cluster_rows, sign_flip_test, t_mean_ci
+from em_circuits.core.stats import (
+    bh_qvalues,
+    cluster_rows,
+    row_means,
+    sign_flip_test,
+    t_mean_ci,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +142,7 @@ def cluster_statistics(
     """
     names = [clusters.get(p, p) if clusters else p for p in prompts]
     rows, n_clusters = cluster_rows(values, used, names)
-    mean = np.array([row.mean() if len(row) else np.nan for row in rows])
+    mean = row_means(rows)
     low, high = t_mean_ci(rows, ci)
     p, method = sign_flip_test(rows, n_perm, seed, alternative=alternative, alpha=alpha)
     return {
