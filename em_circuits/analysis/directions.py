@@ -75,10 +75,7 @@ def residual_changed(
 
     def pre(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         hidden = _hidden_of(args, kwargs)
-        delta = change(hidden)
-        editable = positions.editable(hidden.shape[0], hidden.shape[1], hidden.device)
-        if editable is not None:
-            delta = torch.where(editable[..., None], delta, 0.0)
+        delta = positions.spare(change(hidden))
         return _with_hidden(args, kwargs, hidden + delta.to(hidden.dtype))
 
     with edit_positions(model.hf_model) as positions:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from em_circuits.attribution.adapter_nodes import AdapterWrites
 from em_circuits.attribution.engine_features import feature_groups, feature_scores, reinject
 from em_circuits.attribution.engine_model import (
     EngineUnsupportedError,
@@ -131,43 +132,9 @@ def effects_with_adapter(
     :meth:`~em_circuits.attribution.prompt_adapter_nodes.AdapterPlan.recording`), instead of
     a pass of their own; a recording may find that the prompt has none (the nodes returned
     are then why, and the effects have no adapter rows)."""
-    recording = None if hasattr(adapter, "nodes") else adapter
-    return _with_adapter(
-        model,
-        ids,
-        directions_for,
-        adapter if recording is None else None,
-        recording,
-        AdapterPasses(split_target, split_features, read_nodes),
-        precision,
-        feature_budget,
-        where,
-    )
-
-
-@dataclass(frozen=True)
-class AdapterPasses:
-    """The adapter nodes' extra passes: their edges into the ``split_features`` features with
-    the largest total effects on target ``split_target`` and the ``read_nodes`` reads."""
-
-    split_target: int | None = None
-    split_features: int = 0
-    read_nodes: int = 0
-
-
-def _with_adapter(
-    model: LoadedModel,
-    ids: torch.Tensor,
-    directions_for: DirectionsFor,
-    writes: Any,
-    recording: PassRecording | None,
-    passes: AdapterPasses,
-    precision: str,
-    feature_budget: int,
-    where: str,
-) -> tuple[ExactEffects, Any]:
     from em_circuits.attribution.engine_adapter import adapter_effects  # noqa: PLC0415  # cycle: engine_adapter imports this module
 
+    recording = None if isinstance(adapter, AdapterWrites) else adapter
     engine = linearised(model)
     with matmul_precision(precision), torch.no_grad():
         batch, (directions,) = _forward(
@@ -175,11 +142,10 @@ def _with_adapter(
             [ids],
             [directions_for],
             [where],
-            keep_mlp_inputs=passes.read_nodes > 0,
+            keep_mlp_inputs=read_nodes > 0,
             recording=recording,
         )
-        if recording is not None:
-            writes = batch.recorded
+        writes = adapter if recording is None else batch.recorded
         if isinstance(writes, str):  # no nodes on this prompt: the plain graph
             (effects,) = _backward(engine, batch, [directions], feature_budget)
             return effects, writes
@@ -189,9 +155,9 @@ def _with_adapter(
             directions,
             writes,
             feature_budget,
-            passes.split_target,
-            passes.split_features,
-            passes.read_nodes,
+            split_target,
+            split_features,
+            read_nodes,
         )
         return effects, writes
 

@@ -51,8 +51,9 @@ def build_graph(
 
 @dataclass
 class StoringGraph:
-    """A graph whose compact file is being written (by ``write``, e.g. a thread's future);
-    :meth:`finish` waits for it and writes the metadata, which marks the graph complete."""
+    """A graph whose compact file is being written (``file_written`` waits for it, e.g. a
+    thread's future); :meth:`finish` waits and writes the metadata, which marks the graph
+    complete."""
 
     meta_path: Path
     record: dict[str, Any]

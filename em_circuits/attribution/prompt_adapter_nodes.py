@@ -4,7 +4,7 @@ it has none (:func:`prompt_adapter_writes`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -342,12 +342,31 @@ class AdapterPlan:
     def node_factors(self) -> list[LoraFactor]:
         return [f for f in self.factors if f.module in NODE_MODULES]
 
+    @property
+    def site_of(self) -> Any:
+        """``layer -> (module, side)`` of the transcoders' output, or None (not checked)."""
+        return self.sites.__getitem__ if self.sites else None
+
     def recording(self, hf_model: torch.nn.Module) -> AdapterRecording:
         """Hooks that record one forward pass for :meth:`AdapterRecording.writes` (the torch
         engine opens them around its own frozen forward pass: no pass of their own)."""
         return AdapterRecording(self, hf_model)
 
-    def finish(self, writes: AdapterWrites) -> AdapterWrites | str:
+    def writes_for(self, hf_model: torch.nn.Module, input_ids: torch.Tensor) -> AdapterWrites | str:
+        """One prompt's adapter nodes from a forward pass of their own, or why it has none."""
+        return self.finished(
+            lambda: adapter_writes(
+                hf_model, input_ids, self.factors, self.site_of, self.zero_positions
+            )
+        )
+
+    def finished(self, compute: Callable[[], AdapterWrites]) -> AdapterWrites | str:
+        """The nodes ``compute`` finds, with the modules left out named, or why there are
+        none (an unsupported adapter or intervention, or no module that writes nodes)."""
+        try:
+            writes = compute()
+        except (UnsupportedAdapterError, UnsupportedInterventionError) as err:
+            return str(err)
         writes.not_nodes += self.not_nodes
         if not writes.n_nodes:
             adapted = ", ".join(writes.not_nodes) or "none"
@@ -370,22 +389,22 @@ class AdapterRecording:
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
-        sites = self.plan.sites.__getitem__ if self.plan.sites else None
-        with _recording_hooks(self.hf_model, self.plan.node_factors, sites) as recorded:
+        factors = self.plan.node_factors
+        with _recording_hooks(self.hf_model, factors, self.plan.site_of) as recorded:
             yield
         self.recorded = recorded
 
     def writes(self) -> AdapterWrites | str:
         """The prompt's adapter nodes, or why it has none."""
-        if self.recorded is None:
+        recorded = self.recorded
+        if recorded is None:
             raise RuntimeError("no forward pass was recorded")
-        try:
-            found = writes_from_recording(
-                self.hf_model, self.recorded, self.plan.factors, self.plan.zero_positions
+        plan = self.plan
+        return plan.finished(
+            lambda: writes_from_recording(
+                self.hf_model, recorded, plan.factors, plan.zero_positions
             )
-        except (UnsupportedAdapterError, UnsupportedInterventionError) as err:
-            return str(err)
-        return self.plan.finish(found)
+        )
 
 
 def adapter_plan(model: Any) -> AdapterPlan | str:
@@ -427,22 +446,7 @@ def prompt_adapter_writes(model: Any, input_ids: torch.Tensor) -> AdapterWrites 
     pass of its own; the torch engine records its frozen pass instead, see
     :meth:`AdapterPlan.recording`)."""
     plan = adapter_plan(model)
-    if isinstance(plan, str):
-        return plan
-    if not plan.node_factors:
-        not_nodes = _modules_at_layers([f for f in plan.factors if f.module not in NODE_MODULES])
-        return plan.finish(
-            AdapterWrites(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0), not_nodes=not_nodes)
-        )
-    recording = plan.recording(model.hf_model)
-    try:
-        with torch.no_grad(), recording.hooks():
-            device = next(model.hf_model.parameters()).device
-            # no cache: the attention calls made again must not extend one
-            model.hf_model(input_ids.reshape(1, -1).to(device), use_cache=False)
-    except (UnsupportedAdapterError, UnsupportedInterventionError) as err:
-        return str(err)
-    return recording.writes()
+    return plan if isinstance(plan, str) else plan.writes_for(model.hf_model, input_ids)
 
 
 def _zero_positions(model: Any) -> int:

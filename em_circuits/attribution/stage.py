@@ -409,9 +409,7 @@ def _batch_of(
     """``item`` and the pending prompts of the same model that join it in one forward pass
     of the torch engine (totals graphs without adapter nodes; one item otherwise)."""
     role, pt = item
-    if params.mode != "totals" or params.engine != "torch" or params.graph_batch == 1:
-        return [item]
-    if torch.device(device).type != "cuda" and not params.graph_batch:
+    if graph_batch_limit(params, device) == 1:
         return [item]
     if params.adapter_nodes and specs[role].adapter is not None:
         return [item]

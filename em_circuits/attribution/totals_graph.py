@@ -35,11 +35,7 @@ from em_circuits.attribution.engine import (
     effects_with_adapter,
     unsupported_reason,
 )
-from em_circuits.attribution.prompt_adapter_nodes import (
-    AdapterPlan,
-    adapter_plan,
-    prompt_adapter_writes,
-)
+from em_circuits.attribution.prompt_adapter_nodes import AdapterPlan, adapter_plan
 from em_circuits.attribution.storage import CompactGraph, target_fields
 from em_circuits.attribution.targets import AttributionParams, GraphError, PromptTargets, TargetRow
 from em_circuits.attribution.totals import exact_effects
@@ -112,10 +108,11 @@ def totals_request(
     engine = totals_engine(model, params)
     adapter: AdapterWrites | AdapterPlan | str | None = None
     if params.adapter_nodes and model.spec.adapter is not None:
-        plan = adapter_plan(model) if engine == "torch" else None
-        # the torch engine records the nodes from the graph's own forward pass
-        usable = isinstance(plan, AdapterPlan) and plan.node_factors
-        adapter = plan if usable else prompt_adapter_writes(model, ids)
+        plan = adapter_plan(model)
+        if isinstance(plan, str) or (engine == "torch" and plan.node_factors):
+            adapter = plan  # the torch engine records the nodes in the graph's own pass
+        else:
+            adapter = plan.writes_for(model.hf_model, ids)
     unembed = model.replacement.unembed_proj.detach()
     chosen: dict[str, list[TargetRow]] = {}
 

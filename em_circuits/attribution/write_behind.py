@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from em_circuits.attribution.graph_build import StoringGraph
@@ -24,7 +24,7 @@ from em_circuits.attribution.storage import write_bytes_hashed
 @dataclass
 class _Batch:
     claims: contextlib.ExitStack
-    graphs: list[StoringGraph] = field(default_factory=list)
+    graphs: list[StoringGraph]
 
 
 class WriteBehind:

@@ -55,6 +55,12 @@ class EditPositions:
         first = real.int().argmax(dim=1)  # each row's first real position (left padding)
         return real[:, at] & (at[None, :] > first[:, None])
 
+    def spare(self, change: torch.Tensor) -> torch.Tensor:
+        """``change`` (batch x length x d, this pass's hidden states) with the positions an
+        edit may not change (:meth:`editable`) set to 0."""
+        editable = self.editable(change.shape[0], change.shape[1], change.device)
+        return change if editable is None else torch.where(editable[..., None], change, 0.0)
+
 
 def _decoder_stack(hf_model: torch.nn.Module) -> torch.nn.Module:
     """The module holding the decoder layers (``hf_model.model``), which every pass enters."""

@@ -244,10 +244,7 @@ def _zeroed(transcoder: Any, features: list[int], positions: EditPositions):
 
     def change(x: torch.Tensor) -> torch.Tensor:
         acts = transcoder.encode(x).float()[..., index.to(x.device)]  # (batch, positions, k)
-        removed = acts @ decoders.to(x.device)
-        editable = positions.editable(x.shape[0], x.shape[1], x.device)
-        if editable is not None:
-            removed = torch.where(editable[..., None], removed, 0.0)
+        removed = positions.spare(acts @ decoders.to(x.device))
         return (-removed).to(x.dtype)
 
     return change
